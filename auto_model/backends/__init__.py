@@ -1,0 +1,99 @@
+"""Backend registry and the ``"auto"`` resolver.
+
+Backends are registered by import path so that listing them imports no engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+from auto_model.backends.base import Backend, Completion, GenerationRequest, SamplingParams
+from auto_model.errors import MissingDependencyError, UnknownBackendError
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    target: str  # "module:Class"
+    extra: str  # the pip extra that installs its engine
+    requires: tuple[str, ...]  # import names that must be importable
+
+    def installed(self) -> bool:
+        return all(importlib.util.find_spec(mod) is not None for mod in self.requires)
+
+
+REGISTRY: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("transformers", "auto_model.backends.transformers:TransformersBackend", "hf", ("torch", "transformers")),
+    )
+}
+
+# Model names served by the OpenAI API.
+OPENAI_MODEL_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-davinci", "davinci-", "babbage-")
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends (installed or not)."""
+    return sorted(REGISTRY)
+
+
+def is_openai_model_name(model_name: str) -> bool:
+    return model_name.lower().startswith(OPENAI_MODEL_PREFIXES)
+
+
+def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool = False) -> str:
+    """Pick the backend for a model.
+
+    ``"auto"``: OpenAI model names or ``open_ai_model=True`` go to ``openai``; else ``vllm`` when it
+    is importable; else ``transformers``. Only registered backends can be chosen.
+
+    Raises:
+        UnknownBackendError: listing the valid names.
+    """
+    if not isinstance(backend, str):
+        raise UnknownBackendError(f"backend must be a string, got {type(backend).__name__}.", ["auto", *available_backends()])
+    name = backend.lower().strip()
+    if name != "auto":
+        if name not in REGISTRY:
+            raise UnknownBackendError(f"Unknown backend {backend!r}.", ["auto", *available_backends()])
+        return name
+    if open_ai_model or is_openai_model_name(model_name):
+        if "openai" in REGISTRY:
+            return "openai"
+        why = "open_ai_model=True" if open_ai_model else f"{model_name!r} is an OpenAI model name"
+        raise UnknownBackendError(
+            f"{why}, but this version of auto-model has no OpenAI backend; run a local model instead.",
+            ["auto", *available_backends()],
+        )
+    if "vllm" in REGISTRY and REGISTRY["vllm"].installed():
+        return "vllm"
+    return "transformers"
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    """Import and return the backend class registered under ``name``."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise UnknownBackendError(f"Unknown backend {name!r}.", ["auto", *available_backends()])
+    if not spec.installed():
+        missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
+        raise MissingDependencyError(missing[0], spec.extra, purpose=f"for the {name} backend")
+    module_name, cls_name = spec.target.split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+__all__ = [
+    "Backend",
+    "BackendSpec",
+    "Completion",
+    "GenerationRequest",
+    "REGISTRY",
+    "SamplingParams",
+    "available_backends",
+    "get_backend_class",
+    "is_openai_model_name",
+    "resolve_backend_name",
+]

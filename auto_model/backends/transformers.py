@@ -1,0 +1,309 @@
+"""The transformers engine: the CPU fallback that runs the embedded default model.
+
+Loads a local Hugging Face folder, a GGUF file (materialised once into a plain folder in the
+cache, see :func:`auto_model.resolve.materialize_gguf`) or a Hub id. A batch is generated in
+micro-batches of similar length with left padding; temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+from auto_model import constants
+from auto_model.backends.base import Backend, Completion, CompletionCallback, GenerationRequest, SamplingParams
+from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from auto_model.resolve import ModelSource, materialize_gguf
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def _import_torch_transformers() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError("transformers", "hf", purpose="for the transformers backend") from exc
+    return torch, transformers
+
+
+class TransformersBackend(Backend):
+    """Local generation with ``transformers``.
+
+    Args:
+        source: the resolved model.
+        dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: CUDA when available, else CPU.
+        num_gpus: on CUDA, how many of the visible devices to spread the model over.
+        cuda_visible_devices: on CUDA, which device indices to use (``"0,1"``); no environment is changed.
+        gpu_memory_utilization: on CUDA, the fraction of each device's memory the weights may take.
+        max_model_len: longest prompt + answer allowed (default: the model's context length).
+        prompt_format: ``"auto"`` (chat if the model has a chat template and is not a known base
+            model), ``"chat"`` or ``"base"``.
+        batch_size: requests per forward batch.
+        materialize_gguf: convert GGUF once to a cached folder (fast reloads) instead of
+            de-quantising it on every load.
+        trust_remote_code: run code shipped with a Hub model; off unless you ask.
+        **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` unchanged.
+    """
+
+    name = "transformers"
+    supports_chat = False  # chat is rendered locally with the tokenizer's template
+    supports_completion = True
+    supports_streaming = False
+
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        num_gpus: int = 1,
+        cuda_visible_devices: str | int | Sequence[int] | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        prompt_format: str = "auto",
+        batch_size: int = 8,
+        materialize_gguf: bool = True,
+        trust_remote_code: bool = False,
+        **from_pretrained_kwargs: Any,
+    ):
+        torch, transformers = _import_torch_transformers()
+        self._torch = torch
+        self.model_id = source.model_id
+        self.source = source
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.batch_size = batch_size
+        torch_dtype = self._dtype(dtype)
+        load_kwargs: dict[str, Any] = dict(from_pretrained_kwargs)
+        if trust_remote_code:
+            load_kwargs["trust_remote_code"] = True
+        load_kwargs.update(self._placement(device, num_gpus, cuda_visible_devices, gpu_memory_utilization))
+
+        path, tok_kwargs = self._weights(source, materialize_gguf)
+        if source.kind == "hub" and constants.offline():
+            tok_kwargs["local_files_only"] = True
+            load_kwargs["local_files_only"] = True
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs, **(
+                {"trust_remote_code": True} if trust_remote_code else {}))
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **tok_kwargs, **load_kwargs)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"Could not load {source.name!r} with transformers: {exc}. Pass a local folder or .gguf file, "
+                "a packaged model (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), or a Hub id that is in your cache."
+            ) from exc
+        self.model.eval()
+        if "device_map" not in load_kwargs:
+            self.model.to(self.device)
+        self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.eos_ids = self._eos_ids()
+        self.context_length = max_model_len or getattr(self.model.config, "max_position_embeddings", None)
+        self.prompt_style = self._prompt_style(prompt_format, source)
+        logger.info(
+            "Loaded %s with transformers on %s (%s, %s prompts)",
+            source.model_id, self.device, self.model.dtype, self.prompt_style,
+        )
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _dtype(self, dtype: Any) -> Any:
+        if dtype is None or dtype == "auto":
+            return "auto"
+        if isinstance(dtype, self._torch.dtype):
+            return dtype
+        name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
+        if name is None:
+            raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
+        return getattr(self._torch, name)
+
+    def _placement(self, device: str | None, num_gpus: int, cuda_visible_devices: Any, gpu_memory_utilization: float) -> dict[str, Any]:
+        torch = self._torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not device.startswith("cuda"):
+            ignored = {
+                "num_gpus": num_gpus if num_gpus != 1 else None,
+                "cuda_visible_devices": cuda_visible_devices,
+                "gpu_memory_utilization": gpu_memory_utilization if gpu_memory_utilization != 0.9 else None,
+            }
+            ignored = {k: v for k, v in ignored.items() if v is not None}
+            if ignored:
+                logger.debug("Running on %s: GPU-only arguments %s are ignored", device, ignored)
+            self.device = device
+            return {}
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(f"device={device!r} was asked for but CUDA is not available; use device='cpu'.")
+        count = torch.cuda.device_count()
+        if cuda_visible_devices is None:
+            ids = list(range(count))
+        elif isinstance(cuda_visible_devices, int):
+            ids = [cuda_visible_devices]
+        elif isinstance(cuda_visible_devices, str):
+            ids = [int(x) for x in cuda_visible_devices.replace(" ", "").split(",") if x]
+        else:
+            ids = [int(x) for x in cuda_visible_devices]
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad:
+            raise InvalidRequestError(f"cuda_visible_devices names devices {bad}, but only {count} CUDA device(s) are visible.")
+        if not isinstance(num_gpus, int) or num_gpus < 1 or num_gpus > len(ids):
+            raise InvalidRequestError(f"num_gpus must be between 1 and {len(ids)} (the devices available), got {num_gpus!r}.")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}.")
+        ids = ids[:num_gpus]
+        self.device = f"cuda:{ids[0]}"
+        if device.startswith("cuda:") and len(ids) == 1 and cuda_visible_devices is None:
+            self.device = device
+            return {}
+        max_memory = {i: int(torch.cuda.get_device_properties(i).total_memory * gpu_memory_utilization) for i in ids}
+        return {"device_map": "auto" if len(ids) > 1 else {"": ids[0]}, "max_memory": max_memory}
+
+    @staticmethod
+    def _weights(source: ModelSource, materialize: bool) -> tuple[str, dict[str, Any]]:
+        if source.kind != "gguf":
+            return source.path, {}
+        if materialize:
+            return str(materialize_gguf(source.path)), {}
+        from pathlib import Path
+
+        gguf = Path(source.path)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        return ids
+
+    def _prompt_style(self, prompt_format: str, source: ModelSource) -> str:
+        if prompt_format not in ("auto", "chat", "base"):
+            raise InvalidRequestError(f"prompt_format must be 'auto', 'chat' or 'base', got {prompt_format!r}.")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if prompt_format == "chat":
+            if not has_template:
+                raise InvalidRequestError(f"{source.model_id} has no chat template; use prompt_format='base'.")
+            return "chat"
+        if prompt_format == "base":
+            return "base"
+        return "chat" if has_template and source.chat is not False else "base"
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, on_completion: CompletionCallback | None = None
+    ) -> list[Completion]:
+        texts = []
+        for i, req in enumerate(requests):
+            if not isinstance(req.prompt, str):
+                raise InvalidRequestError(
+                    f"Request {i}: the transformers backend takes rendered text prompts, not message lists; "
+                    "assemble with format='chat' and the backend's tokenizer."
+                )
+            texts.append(req.prompt)
+        encoded = [self._encode(t) for t in texts]
+        self._check_lengths(encoded, requests)
+
+        results: list[Completion | None] = [None] * len(requests)
+        # Group identical sampling settings, then batch neighbours in length so padding stays small.
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(_sampling_key(req.sampling), []).append(i)
+        for indices in groups.values():
+            indices.sort(key=lambda i: len(encoded[i]))
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                outs = self._generate_batch([encoded[i] for i in chunk], requests[chunk[0]].sampling)
+                for i, completion in zip(chunk, outs):
+                    results[i] = completion
+                    if on_completion is not None:
+                        on_completion(i, completion)
+        return [r for r in results if r is not None]
+
+    def _encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        # A chat template already wrote its own special tokens; a base prompt gets the usual ones.
+        add_special = not (bos and text.startswith(bos)) and self.prompt_style == "base"
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _check_lengths(self, encoded: list[list[int]], requests: Sequence[GenerationRequest]) -> None:
+        if not self.context_length:
+            return
+        for i, (ids, req) in enumerate(zip(encoded, requests)):
+            if len(ids) + req.sampling.max_new_tokens > self.context_length:
+                raise InvalidRequestError(
+                    f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
+                    f"the context length {self.context_length}; shorten the query, lower max_new_tokens or num_optimized_icl."
+                )
+
+    def _generate_batch(self, batch: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        torch = self._torch
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "pad_token_id": pad,
+            "eos_token_id": sorted(self.eos_ids) or None,
+        }
+        if sampling.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        kwargs.update(sampling.extra)
+        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else nullcontext()
+        try:
+            with rng, torch.inference_mode():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)  # inside fork_rng: the caller's RNG state is restored
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise GenerationError(f"transformers generation failed: {exc}") from exc
+        completions = []
+        for row, ids in zip(out, batch):
+            completions.append(self._completion(row[width:].tolist(), len(ids), sampling))
+        return completions
+
+    def _completion(self, generated: list[int], prompt_tokens: int, sampling: SamplingParams) -> Completion:
+        pad = self.tokenizer.pad_token_id
+        n, ended = len(generated), False
+        for j, tok in enumerate(generated):
+            if tok in self.eos_ids:
+                n, ended = j + 1, True
+                break
+            if tok == pad:  # finished early by a stop string; the rest is padding
+                n = j
+                break
+        text = self.tokenizer.decode(generated[:n], skip_special_tokens=True)
+        cut = [text.find(s) for s in sampling.stop if s and s in text]
+        if cut:
+            text = text[: min(cut)]
+            ended = True
+        finish = "stop" if ended or n < sampling.max_new_tokens else "length"
+        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=n)
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+def _sampling_key(sampling: SamplingParams) -> str:
+    return json.dumps(
+        [sampling.temperature, sampling.top_p, sampling.max_new_tokens, list(sampling.stop), sampling.seed, sampling.extra],
+        sort_keys=True, default=repr,
+    )

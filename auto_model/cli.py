@@ -1,0 +1,157 @@
+"""``auto-model``: the command line.
+
+    auto-model generate "How do I brew tea?" "Another question" --temperature 0
+    auto-model generate --input queries.jsonl --output answers.jsonl
+
+Known errors print one readable line (exit 2); set ``AUTO_MODEL_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from auto_model import constants
+from auto_model.errors import AutoModelError, InvalidRequestError
+
+logger = logging.getLogger("auto_model.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="auto-model", description="Aligned answers from any LLM, without fine-tuning.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="answer queries with the optimized prompt and in-context examples")
+    gen.add_argument("queries", nargs="*", metavar="QUERY", help="queries to answer (or use --input)")
+    gen.add_argument("--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})")
+    gen.add_argument("--backend", default="auto", help="engine: auto or a registered backend name")
+    gen.add_argument("--system-prompt", default=None, help="your own system prompt (replaces the optimized one)")
+    gen.add_argument("--no-optimized-prompt", action="store_true", help="do not inject the optimized system prompt")
+    gen.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (0 disables; default 3)")
+    gen.add_argument("--prompt-path", default=None, help="prompt artifact (.json) or plain-text prompt (.txt)")
+    gen.add_argument("--icl-path", default=None, help="ICL pool JSON to retrieve examples from")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--input", default=None, metavar="FILE.jsonl",
+                     help="queries, one per line: a JSON string or an object with a 'query' field")
+    gen.add_argument("--output", default=None, metavar="FILE.jsonl", help="write answers as JSON lines (default: print)")
+    return parser
+
+
+def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Queries from a JSONL file, plus one error row per bad line (bad lines never stop the good ones)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidRequestError(f"Cannot read --input {path}: {exc.strerror or exc}") from exc
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append({"line": number, "error": f"not valid JSON: {exc.msg}"})
+            continue
+        query = item.get("query") if isinstance(item, dict) else item
+        if not isinstance(query, str) or not query.strip():
+            rows.append({"line": number, "error": "expected a non-empty string or an object with a non-empty 'query'"})
+            continue
+        rows.append({"line": number, "query": query})
+    return [r["query"] for r in rows if "query" in r], rows
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from auto_model.model import AutoModel
+
+    rows: list[dict[str, Any]]
+    if args.input:
+        if args.queries:
+            raise InvalidRequestError("Pass queries either as arguments or with --input, not both.")
+        queries, rows = _read_input(args.input)
+    else:
+        queries = list(args.queries)
+        rows = [{"query": q} for q in queries]
+    if not queries:
+        raise InvalidRequestError("No queries to answer: pass QUERY arguments or --input FILE.jsonl.")
+    extra = {"seed": args.seed} if args.seed is not None else {}
+    model = AutoModel(
+        args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path,
+    )
+    query_rows = [r for r in rows if "query" in r]
+    output = Path(args.output) if args.output else None
+    progress = None
+    if args.input:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(queries), desc="generating", unit="query", file=sys.stderr)
+
+    def finished(i: int, completion: Any) -> None:
+        query_rows[i].update(answer=completion.text, finish_reason=completion.finish_reason,
+                             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+        if progress is not None:
+            progress.update(1)
+        if output is not None:  # keep finished answers on disk as they arrive: a crash loses nothing done
+            _write_jsonl(output, [r for r in rows if "answer" in r or "error" in r])
+
+    try:
+        model._complete(
+            queries, args.system_prompt, not args.no_optimized_prompt, args.icl > 0, max(args.icl, 0),
+            args.temperature, args.top_p, args.max_new_tokens, None, extra, on_completion=finished,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    if output is not None:
+        _write_jsonl(output, rows)
+        errors = sum(1 for r in rows if "error" in r)
+        print(f"wrote {len(rows) - errors} answers to {output}" + (f" ({errors} bad input lines)" if errors else ""),
+              file=sys.stderr)
+    else:
+        for row in rows:
+            if "error" in row:
+                print(f"[line {row['line']}] error: {row['error']}\n")
+            else:
+                print(f">>> {row['query']}\n{row['answer']}\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    debug = (os.environ.get("AUTO_MODEL_DEBUG") or "").lower() in {"1", "true", "yes"}
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except AutoModelError as exc:
+        if debug:
+            raise
+        print(f"auto-model: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("auto-model: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

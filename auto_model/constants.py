@@ -1,0 +1,50 @@
+"""The one place that reads ``AUTO_MODEL_*`` environment variables.
+
+Values are read when asked for (not frozen at import) so that a process, or a test, can point
+them elsewhere before building a model; nothing in the SDK writes to ``os.environ``.
+
+| variable                      | meaning                                          | default                        |
+|-------------------------------|--------------------------------------------------|--------------------------------|
+| ``AUTO_MODEL_CACHE``          | cache folder (materialised models, embeddings)   | ``$XDG_CACHE_HOME/auto_model`` |
+| ``AUTO_MODEL_DEFAULT_MODEL``  | model used when none is named                    | SmolLM2-135M-Instruct          |
+| ``AUTO_MODEL_EMBEDDING_MODEL``| sentence-transformers model for ICL retrieval    | all-MiniLM-L6-v2               |
+| ``AUTO_MODEL_OFFLINE``        | never contact the Hugging Face Hub (``1``)       | ``HF_HUB_OFFLINE``             |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def cache_dir() -> Path:
+    """Root cache folder for auto_model (created on demand by callers)."""
+    explicit = _env("AUTO_MODEL_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = _env("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "auto_model"
+
+
+def default_model() -> str:
+    return _env("AUTO_MODEL_DEFAULT_MODEL") or DEFAULT_MODEL
+
+
+def default_embedding_model() -> str:
+    return _env("AUTO_MODEL_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL
+
+
+def offline() -> bool:
+    value = _env("AUTO_MODEL_OFFLINE") or _env("HF_HUB_OFFLINE") or ""
+    return value.lower() in _TRUE

@@ -1,0 +1,165 @@
+"""The one function that turns (system prompt, in-context examples, query) into a prompt.
+
+The SDK and the trainer both assemble prompts here, so a prompt optimized in training is the
+prompt served in inference. Three formats:
+
+* ``"base"``: plain text for base (non-chat) models. The system prompt, then each example as a
+  ``# Query:`` / ``# Answer:`` block with the answer between ``<START>`` and ``<END>``, then the
+  user's query with an open ``<START>``. Generation stops at ``<END>``.
+* ``"chat"``: the same conversation rendered through the tokenizer's own chat template: a system
+  turn, one user/assistant pair per example, then the query. A template that rejects the system
+  role gets the system text folded into the first user turn instead.
+* ``"messages"``: the OpenAI-style list of ``{"role", "content"}`` dicts behind ``"chat"``.
+
+The optimized system prompt always comes first: it is the same for every request, so engines
+with prefix caching reuse it across a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Protocol, Sequence, Union
+
+from auto_model.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+START = "<START>"
+END = "<END>"
+QUERY_HEADER = "# Query:"
+ANSWER_HEADER = "# Answer:"
+# "<END>" closes an answer; a model that forgets it and starts inventing the next example is
+# cut at the next query header instead.
+BASE_STOP: tuple[str, ...] = (END, "\n" + QUERY_HEADER)
+
+PromptFormat = Literal["base", "chat", "messages"]
+Message = dict[str, str]
+Prompt = Union[str, list[Message]]
+
+
+class Example(Protocol):
+    query: str
+    answer: str
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: list[Message], **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class AssembledPrompt:
+    """A prompt ready for an engine, with the stop strings its format needs."""
+
+    prompt: Prompt
+    format: PromptFormat
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+def answer_body(answer: str) -> str:
+    """An example answer without its ``<START>``/``<END>`` markers."""
+    return strip_markers(answer)
+
+
+def strip_markers(text: str) -> str:
+    """Remove the answer markers from generated or stored text.
+
+    Everything from the first ``<END>`` on is dropped (the model closed its answer there), a
+    leading ``<START>`` is removed, and surrounding white space is trimmed.
+    """
+    end = text.find(END)
+    if end != -1:
+        text = text[:end]
+    text = text.strip()
+    if text.startswith(START):
+        text = text[len(START):]
+    return text.strip()
+
+
+def format_answer(body: str) -> str:
+    """Wrap an answer body in the markers used by the pool and the base format."""
+    return f"{START}\n{strip_markers(body)}\n{END}"
+
+
+def build_base_prompt(system_prompt: str | None, examples: Sequence[Example], query: str) -> str:
+    parts = [system_prompt.strip()] if system_prompt and system_prompt.strip() else []
+    for ex in examples:
+        parts.append(f"{QUERY_HEADER}\n{ex.query.strip()}\n\n{ANSWER_HEADER}\n{format_answer(ex.answer)}")
+    parts.append(f"{QUERY_HEADER}\n{query.strip()}\n\n{ANSWER_HEADER}\n{START}\n")
+    return "\n\n".join(parts)
+
+
+def build_messages(system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]) -> list[Message]:
+    """System turn, example turns, then the query (a string or the user's own conversation)."""
+    messages: list[Message] = []
+    if system_prompt and system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt.strip()})
+    for ex in examples:
+        messages.append({"role": "user", "content": ex.query.strip()})
+        messages.append({"role": "assistant", "content": answer_body(ex.answer)})
+    if isinstance(query, str):
+        messages.append({"role": "user", "content": query.strip()})
+    else:
+        messages.extend({"role": m["role"], "content": m["content"]} for m in query)
+    return messages
+
+
+def fold_system_into_first_user(messages: Iterable[Message]) -> list[Message]:
+    """Merge system turns into the first user turn, for templates that reject the system role."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if not system:
+        return rest
+    head = "\n\n".join(system)
+    for m in rest:
+        if m["role"] == "user":
+            m["content"] = f"{head}\n\n{m['content']}"
+            return rest
+    return [{"role": "user", "content": head}, *rest]
+
+
+def render_chat(messages: list[Message], tokenizer: ChatTokenizer) -> str:
+    """Render messages with the tokenizer's chat template, ending with the assistant's turn opened."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 TemplateError from raise_exception(...) in the template
+        if not any(m["role"] == "system" for m in messages):
+            raise
+        logger.debug("Chat template rejected the system role (%s); folding it into the first user turn", exc)
+        return tokenizer.apply_chat_template(
+            fold_system_into_first_user(messages), tokenize=False, add_generation_prompt=True
+        )
+
+
+def assemble(
+    system_prompt: str | None,
+    examples: Sequence[Example],
+    query: str | Sequence[Message],
+    *,
+    format: PromptFormat,
+    tokenizer: ChatTokenizer | None = None,
+) -> AssembledPrompt:
+    """Assemble one request.
+
+    Args:
+        system_prompt: the system prompt (optimized or the user's), or None for none.
+        examples: in-context examples, most relevant first; each has ``query`` and ``answer``.
+        query: the user's query; for ``"chat"``/``"messages"`` also a list of messages (a conversation).
+        format: ``"base"``, ``"chat"`` or ``"messages"``.
+        tokenizer: required for ``"chat"``; anything with ``apply_chat_template``.
+
+    Returns:
+        The prompt (text, or messages for ``"messages"``) and the stop strings it needs.
+    """
+    if format == "base":
+        if not isinstance(query, str):
+            raise InvalidRequestError("The base prompt format takes a single query string, not a conversation.")
+        return AssembledPrompt(build_base_prompt(system_prompt, examples, query), "base", BASE_STOP)
+    messages = build_messages(system_prompt, examples, query)
+    if format == "messages":
+        return AssembledPrompt(messages, "messages")
+    if format == "chat":
+        if tokenizer is None:
+            raise InvalidRequestError("The chat prompt format needs a tokenizer with a chat template.")
+        return AssembledPrompt(render_chat(messages, tokenizer), "chat")
+    raise InvalidRequestError(f"Unknown prompt format {format!r}; use 'base', 'chat' or 'messages'.")

@@ -1,0 +1,254 @@
+"""In-context example pool and retrieval (sentence-transformers embeddings + a FAISS index).
+
+The pool is versioned JSON (``"format": "auto_model.icl_pool/v1"``); the seed's flat
+``{query: answer}`` file is accepted too. Pool embeddings are cached on disk, keyed by the pool's
+content hash and the embedder, so a second process answers its first query without re-embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from auto_model import constants
+from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
+from auto_model.prompting import END, START, format_answer, strip_markers
+
+logger = logging.getLogger(__name__)
+
+POOL_FORMAT = "auto_model.icl_pool/v1"
+_EMBED_CACHE_FORMAT = "auto_model.embeddings/v1"
+
+
+@dataclass(frozen=True)
+class ICLExample:
+    """One in-context example: a query and the answer to imitate (kept in ``<START>…<END>``)."""
+
+    query: str
+    answer: str
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def body(self) -> str:
+        """The answer without its markers."""
+        return strip_markers(self.answer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "answer": self.answer, "tags": list(self.tags)}
+
+
+def packaged_pool_path() -> Path:
+    """The ICL pool shipped inside the wheel."""
+    return Path(str(resources.files("auto_model").joinpath("data/ICL_examples.json")))
+
+
+def _example(raw: Any, where: str) -> ICLExample:
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{where}: expected an object with 'query' and 'answer', got {type(raw).__name__}.")
+    query, answer, tags = raw.get("query"), raw.get("answer"), raw.get("tags", [])
+    if not isinstance(query, str) or not query.strip():
+        raise ArtifactError(f"{where}: 'query' must be a non-empty string.")
+    if not isinstance(answer, str) or not strip_markers(answer):
+        raise ArtifactError(f"{where}: 'answer' must be a non-empty string.")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ArtifactError(f"{where}: 'tags' must be a list of strings.")
+    return ICLExample(query.strip(), format_answer(answer), tuple(tags))
+
+
+def parse_icl_pool(data: Any, source: str = "<pool>") -> list[ICLExample]:
+    """Validate pool JSON (versioned, or the seed's flat ``{query: answer}``) into examples."""
+    if isinstance(data, dict) and "format" in data:
+        if data["format"] != POOL_FORMAT:
+            raise ArtifactError(
+                f"{source}: unknown ICL pool format {data['format']!r}; this version reads {POOL_FORMAT!r}. "
+                "Upgrade auto-model or convert the file."
+            )
+        items = data.get("examples")
+        if not isinstance(items, list):
+            raise ArtifactError(f"{source}: 'examples' must be a list.")
+        examples = [_example(item, f"{source} examples[{i}]") for i, item in enumerate(items)]
+    elif isinstance(data, dict):  # the seed's flat {query: answer}
+        examples = [_example({"query": q, "answer": a}, f"{source} [{q[:40]!r}]") for q, a in data.items()]
+    elif isinstance(data, list):
+        examples = [_example(item, f"{source} [{i}]") for i, item in enumerate(data)]
+    else:
+        raise ArtifactError(f"{source}: an ICL pool is a JSON object or list, got {type(data).__name__}.")
+    if not examples:
+        raise ArtifactError(f"{source}: the ICL pool is empty.")
+    return examples
+
+
+def load_icl_pool(path: str | os.PathLike[str] | None = None) -> list[ICLExample]:
+    """Load an ICL pool: the packaged one by default, or a user's JSON file."""
+    path = Path(path).expanduser() if path is not None else packaged_pool_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"ICL pool {path} does not exist; pass icl_path= an existing JSON file.") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"ICL pool {path} is not valid JSON: {exc}") from exc
+    return parse_icl_pool(data, str(path))
+
+
+def save_icl_pool(examples: Sequence[ICLExample], path: str | os.PathLike[str], **metadata: Any) -> None:
+    """Write a pool in the versioned format (atomically)."""
+    payload = {"format": POOL_FORMAT, **metadata, "examples": [ex.to_dict() for ex in examples]}
+    _atomic_write(Path(path), json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def load_embedder(name: str | None = None, *, device: str | None = None) -> Any:
+    """A sentence-transformers model, resolved offline first (the packaged MiniLM by default)."""
+    from auto_model.resolve import resolve_model
+
+    name = name or constants.default_embedding_model()
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise MissingDependencyError("sentence-transformers", "retrieval", purpose="to embed ICL examples") from exc
+    source = resolve_model(name)
+    if source.kind == "gguf":
+        raise InvalidRequestError(f"{name} is a GGUF file; an embedding model must be a sentence-transformers folder or Hub id.")
+    return SentenceTransformer(source.path, device=device or "cpu", trust_remote_code=False)
+
+
+class ICLRetriever:
+    """Top-k most similar pool examples for each query.
+
+    Args:
+        pool: the examples to search.
+        embedding_model: a sentence-transformers name or path (default: all-MiniLM-L6-v2, packaged);
+            or pass ``embedder=`` an already-loaded model.
+        cache_dir: where pool embeddings are cached (default: ``<AUTO_MODEL_CACHE>/embeddings``);
+            ``False`` disables the cache.
+
+    Example:
+        >>> retriever = ICLRetriever(load_icl_pool())  # doctest: +SKIP
+        >>> [ex.query for ex in retriever.search(["How to make tea?"], k=2)[0]]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pool: Sequence[ICLExample],
+        embedding_model: str | None = None,
+        *,
+        embedder: Any = None,
+        cache_dir: str | os.PathLike[str] | bool | None = None,
+    ):
+        if not pool:
+            raise ArtifactError("The ICL pool is empty; retrieval needs at least one example.")
+        self.pool = list(pool)
+        self.embedding_model = embedding_model or constants.default_embedding_model()
+        self._embedder = embedder
+        if cache_dir is False:
+            self._cache_dir: Path | None = None
+        elif cache_dir is None or cache_dir is True:
+            self._cache_dir = constants.cache_dir() / "embeddings"
+        else:
+            self._cache_dir = Path(cache_dir)
+        self._index: Any = None
+        self.embeddings_from_cache: bool | None = None  # set once the index is built
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            self._embedder = load_embedder(self.embedding_model)
+        return self._embedder
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def cache_key(self) -> str:
+        """Hash of the pool's queries and the embedder: what the cached embeddings depend on."""
+        digest = hashlib.sha256()
+        digest.update(_EMBED_CACHE_FORMAT.encode())
+        digest.update(self.embedding_model.encode())
+        for ex in self.pool:
+            digest.update(b"\x00" + ex.query.encode("utf-8"))
+        return digest.hexdigest()[:32]
+
+    def _embed(self, texts: Sequence[str]) -> Any:
+        import numpy as np
+
+        vectors = self.embedder.encode(
+            list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+        return np.ascontiguousarray(vectors, dtype="float32")
+
+    def _pool_embeddings(self) -> Any:
+        import numpy as np
+
+        path = self._cache_dir / f"{self.cache_key()}.npy" if self._cache_dir else None
+        if path is not None and path.exists():
+            try:
+                vectors = np.load(path, allow_pickle=False)  # never unpickle a cache file
+                if vectors.ndim == 2 and vectors.shape[0] == len(self.pool) and vectors.dtype == np.float32:
+                    logger.debug("Loaded %d cached pool embeddings from %s", len(vectors), path)
+                    self.embeddings_from_cache = True
+                    return vectors
+                logger.warning("Ignoring cached embeddings %s: shape %s does not fit the pool", path, vectors.shape)
+            except (OSError, ValueError) as exc:
+                logger.warning("Ignoring unreadable embedding cache %s: %s", path, exc)
+        vectors = self._embed([ex.query for ex in self.pool])
+        self.embeddings_from_cache = False
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, vectors, allow_pickle=False)
+            os.replace(tmp, path)
+            logger.debug("Cached %d pool embeddings in %s", len(vectors), path)
+        return vectors
+
+    @property
+    def index(self) -> Any:
+        if self._index is None:
+            try:
+                import faiss
+            except ImportError as exc:
+                raise MissingDependencyError("faiss-cpu", "retrieval", purpose="to index ICL examples") from exc
+            vectors = self._pool_embeddings()
+            index = faiss.IndexFlatIP(vectors.shape[1])  # inner product of unit vectors = cosine
+            index.add(vectors)
+            self._index = index
+        return self._index
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[ICLExample]]:
+        """The ``k`` most similar examples for each query, most similar first (one batched search)."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k > len(self.pool):
+            raise InvalidRequestError(
+                f"num_optimized_icl must be an integer from 0 to {len(self.pool)} (the pool size), got {k!r}."
+            )
+        if k == 0 or not queries:
+            return [[] for _ in queries]
+        index = self.index
+        _, ids = index.search(self._embed(queries), k)
+        return [[self.pool[i] for i in row if i >= 0] for row in ids]
+
+
+__all__ = [
+    "END",
+    "ICLExample",
+    "ICLRetriever",
+    "POOL_FORMAT",
+    "START",
+    "load_embedder",
+    "load_icl_pool",
+    "packaged_pool_path",
+    "parse_icl_pool",
+    "save_icl_pool",
+]
