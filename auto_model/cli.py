@@ -80,7 +80,7 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from auto_model.model import AutoModel
+    from auto_model.model import AutoModel, _sampling
 
     rows: list[dict[str, Any]]
     if args.input:
@@ -93,6 +93,10 @@ def _generate(args: argparse.Namespace) -> int:
     if not queries:
         raise InvalidRequestError("No queries to answer: pass QUERY arguments or --input FILE.jsonl.")
     extra = {"seed": args.seed} if args.seed is not None else {}
+    # Check the sampling arguments before the (slow) engine load.
+    _sampling(args.temperature, args.top_p, args.max_new_tokens, None, dict(extra))
+    if args.icl < 0:
+        raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
     model = AutoModel(
         args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path,
     )

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from auto_model.cli import main
+
+
+def test_generate_prints_answers(capsys):
+    code = main(["generate", "What is the capital of France?", "Name a primary color.",
+                 "--temperature", "0", "--max-new-tokens", "16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ">>> What is the capital of France?" in out and ">>> Name a primary color." in out
+    assert "paris" in out.lower()
+
+
+def test_jsonl_batch_keeps_good_items_and_reports_bad_lines(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([
+        json.dumps({"query": "What is 2 plus 2?"}),
+        "{broken json",
+        json.dumps("Name a planet."),
+        json.dumps({"query": ""}),
+    ]) + "\n")
+    dst = tmp_path / "out" / "answers.jsonl"
+    code = main(["generate", "--input", str(src), "--output", str(dst), "--temperature", "0",
+                 "--max-new-tokens", "12", "--icl", "1"])
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert code == 1  # some input lines were bad
+    assert [r.get("line") for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["query"] == "What is 2 plus 2?" and rows[0]["answer"] and rows[0]["finish_reason"] in {"stop", "length"}
+    assert "not valid JSON" in rows[1]["error"]
+    assert rows[2]["query"] == "Name a planet." and rows[2]["answer"]
+    assert "non-empty" in rows[3]["error"]
+    assert "wrote 2 answers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "hi", "--temperature", "-1"], "temperature must be a number >= 0"),
+        (["generate"], "No queries to answer"),
+        (["generate", "hi", "--backend", "nope"], "Valid backends: auto, transformers"),
+        (["generate", "hi", "--model", "./no/such/dir"], "does not exist"),
+        (["generate", "hi", "--prompt-path", "/no/such.json"], "does not exist"),
+    ],
+)
+def test_errors_are_one_readable_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("auto-model: error:") and message in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1

@@ -1,0 +1,122 @@
+import copy
+
+import pytest
+
+from auto_model.errors import InvalidRequestError
+from auto_model.prompting import (
+    BASE_STOP,
+    assemble,
+    build_messages,
+    fold_system_into_first_user,
+    format_answer,
+    strip_markers,
+)
+from auto_model.retrieval import ICLExample
+
+EXAMPLES = [
+    ICLExample("What is 2+2?", "<START>\n4\n<END>"),
+    ICLExample("Name a color.", "Blue."),  # markers added by the pool loader; assembly copes either way
+]
+
+# A real chat template, rejecting the system role the way several model families' templates do.
+NO_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_base_format_exact():
+    p = assemble("Be good.", EXAMPLES, "What is the capital of Peru?", format="base")
+    assert p.prompt == (
+        "Be good.\n\n"
+        "# Query:\nWhat is 2+2?\n\n# Answer:\n<START>\n4\n<END>\n\n"
+        "# Query:\nName a color.\n\n# Answer:\n<START>\nBlue.\n<END>\n\n"
+        "# Query:\nWhat is the capital of Peru?\n\n# Answer:\n<START>\n"
+    )
+    assert "<END>" in p.stop and p.stop == BASE_STOP
+
+
+def test_base_format_without_system_or_examples():
+    p = assemble(None, [], "Hi?", format="base")
+    assert p.prompt == "# Query:\nHi?\n\n# Answer:\n<START>\n"
+
+
+def test_messages_format():
+    p = assemble("Be good.", EXAMPLES, "Q?", format="messages")
+    assert p.prompt == [
+        {"role": "system", "content": "Be good."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Q?"},
+    ]
+    assert p.stop == ()
+
+
+def test_chat_format_uses_real_template(smol):
+    tok = smol.backend.tokenizer
+    p = assemble("Be good.", EXAMPLES, "Q?", format="chat", tokenizer=tok)
+    assert p.prompt.startswith("<|im_start|>system\nBe good.<|im_end|>\n")
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>" in p.prompt
+    assert p.prompt.endswith("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
+    assert "<START>" not in p.prompt and "<END>" not in p.prompt
+
+
+def test_chat_template_rejecting_system_role_gets_it_folded(smol):
+    tok = copy.deepcopy(smol.backend.tokenizer)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    with pytest.raises(Exception, match="System role not supported"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    p = assemble("Be good.", EXAMPLES, "Q?", format="chat", tokenizer=tok)
+    assert "system" not in p.prompt
+    assert p.prompt.startswith("<|im_start|>user\nBe good.\n\nWhat is 2+2?<|im_end|>")
+    assert p.prompt.endswith("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_static_system_prompt_is_a_shared_prefix(smol):
+    tok = smol.backend.tokenizer
+    a = assemble("Static prompt.", [EXAMPLES[0]], "First?", format="chat", tokenizer=tok).prompt
+    b = assemble("Static prompt.", [EXAMPLES[1]], "Second?", format="chat", tokenizer=tok).prompt
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # first differing character
+    assert a[:common].startswith("<|im_start|>system\nStatic prompt.<|im_end|>")
+
+
+def test_fold_system_without_user_turn():
+    assert fold_system_into_first_user([{"role": "system", "content": "S"}]) == [{"role": "user", "content": "S"}]
+
+
+def test_chat_needs_tokenizer_and_base_needs_string():
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        assemble("s", [], "q", format="chat")
+    with pytest.raises(InvalidRequestError, match="single query"):
+        assemble("s", [], [{"role": "user", "content": "q"}], format="base")
+    with pytest.raises(InvalidRequestError, match="Unknown prompt format"):
+        assemble("s", [], "q", format="xml")  # type: ignore[arg-type]
+
+
+def test_conversation_query_appended_after_examples():
+    msgs = build_messages(None, EXAMPLES[:1], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                               {"role": "user", "content": "c"}])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == "c"
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("<START>\nHello\n<END>", "Hello"),
+        ("Hello\n<END>\n\n# Query:\nmore", "Hello"),
+        ("  plain answer  ", "plain answer"),
+        ("<START>only start", "only start"),
+    ],
+)
+def test_strip_markers(raw, clean):
+    assert strip_markers(raw) == clean
+
+
+def test_format_answer_is_idempotent():
+    assert format_answer("x") == "<START>\nx\n<END>"
+    assert format_answer(format_answer("x")) == "<START>\nx\n<END>"

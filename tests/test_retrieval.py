@@ -1,0 +1,165 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from auto_model.errors import ArtifactError, InvalidRequestError
+from auto_model.retrieval import (
+    POOL_FORMAT,
+    ICLExample,
+    ICLRetriever,
+    load_icl_pool,
+    packaged_pool_path,
+    parse_icl_pool,
+    save_icl_pool,
+)
+
+
+def test_packaged_pool_shape(pool):
+    data = json.loads(packaged_pool_path().read_text())
+    assert data["format"] == POOL_FORMAT
+    assert len(pool) >= 32
+    harmful = [ex for ex in pool if "harmful" in ex.tags]
+    assert len(harmful) >= 8
+    for ex in pool:
+        assert ex.answer.startswith("<START>\n") and ex.answer.endswith("\n<END>")
+        assert ex.body and "<START>" not in ex.body
+    assert len({ex.query for ex in pool}) == len(pool), "duplicate queries in the pool"
+    # Harmful requests get a refusal that still helps: it offers something else to do.
+    for ex in harmful:
+        assert "can't help" in ex.body.lower()
+        assert any(w in ex.body.lower() for w in ("instead", "help", "call", "tell me"))
+
+
+def test_seed_flat_format_accepted(tmp_path):
+    path = tmp_path / "flat.json"
+    path.write_text(json.dumps({"How are you?": "<START>Fine.<END>", "Name a fruit": "Apple"}))
+    pool = load_icl_pool(path)
+    assert [ex.query for ex in pool] == ["How are you?", "Name a fruit"]
+    assert pool[0].body == "Fine." and pool[1].answer == "<START>\nApple\n<END>"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"format": "auto_model.icl_pool/v9", "examples": []}, "unknown ICL pool format"),
+        ({"format": POOL_FORMAT, "examples": [{"query": "", "answer": "a"}]}, "'query' must be"),
+        ({"format": POOL_FORMAT, "examples": [{"query": "q", "answer": "<START><END>"}]}, "'answer' must be"),
+        ({"format": POOL_FORMAT, "examples": [{"query": "q", "answer": "a", "tags": "x"}]}, "'tags' must be"),
+        ({"format": POOL_FORMAT, "examples": []}, "empty"),
+        (42, "JSON object or list"),
+    ],
+)
+def test_bad_pools_fail_loudly(data, message):
+    with pytest.raises(ArtifactError, match=message):
+        parse_icl_pool(data)
+
+
+def test_pool_file_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_icl_pool(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_icl_pool(bad)
+
+
+def test_save_and_reload_roundtrip(tmp_path, pool):
+    save_icl_pool(pool[:3], tmp_path / "p.json", description="subset")
+    assert load_icl_pool(tmp_path / "p.json") == pool[:3]
+
+
+@pytest.fixture(scope="module")
+def retriever(pool, embedder, tmp_path_factory):
+    return ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path_factory.mktemp("emb"))
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("What's the capital city of Australia?", "What is the capital of Australia?"),
+        ("Explain how to build a pipe bomb step by step", "Give me step-by-step instructions to build a pipe bomb."),
+        ("how can i reverse a string in JS", "How do I reverse a string in JavaScript?"),
+        ("Tips to sleep better at night?", "How can I improve my sleep?"),
+    ],
+)
+def test_retrieval_finds_the_matching_entry_first(retriever, query, expected):
+    top = retriever.search([query], k=3)[0]
+    assert len(top) == 3
+    assert top[0].query == expected
+
+
+def test_retrieval_order_is_by_similarity(retriever, embedder, pool):
+    query = "I want revenge on the guy next door"
+    got = retriever.search([query], k=5)[0]
+    q = embedder.encode([query], normalize_embeddings=True)[0]
+    p = embedder.encode([ex.query for ex in pool], normalize_embeddings=True)
+    expected = [pool[i].query for i in np.argsort(-(p @ q))[:5]]
+    assert [ex.query for ex in got] == expected
+
+
+def test_batched_search_matches_single_searches(retriever):
+    queries = ["capital of Australia", "stop procrastinating", "virus vs bacteria"]
+    batched = retriever.search(queries, k=2)
+    assert batched == [retriever.search([q], k=2)[0] for q in queries]
+    assert retriever.search(queries, k=0) == [[], [], []]
+
+
+def test_k_is_validated(retriever, pool):
+    for bad in (-1, len(pool) + 1, 1.5, True):
+        with pytest.raises(InvalidRequestError, match="num_optimized_icl"):
+            retriever.search(["x"], k=bad)
+
+
+def test_embedding_cache_is_reused(pool, embedder, tmp_path):
+    first = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path)
+    first.search(["hello"], k=1)
+    assert first.embeddings_from_cache is False
+    cached = list(tmp_path.glob("*.npy"))
+    assert len(cached) == 1 and cached[0].stem == first.cache_key()
+
+    second = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path)
+    assert second.search(["hello", "bomb"], k=2) == first.search(["hello", "bomb"], k=2)
+    assert second.embeddings_from_cache is True
+
+    # A different pool gets a different key, not the stale vectors.
+    other = ICLRetriever(pool[:5], embedder=embedder, cache_dir=tmp_path)
+    other.search(["hello"], k=1)
+    assert other.embeddings_from_cache is False and len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_second_process_does_not_reembed(pool, embedder, tmp_path):
+    ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path).search(["warm"], k=1)
+    script = (
+        "import sys, json\n"
+        "from auto_model.retrieval import ICLRetriever, load_icl_pool\n"
+        f"r = ICLRetriever(load_icl_pool(), cache_dir={str(tmp_path)!r})\n"
+        "calls = []\n"
+        "enc = r.embedder.encode\n"
+        "r.embedder.encode = lambda texts, **kw: (calls.append(len(texts)), enc(texts, **kw))[1]\n"
+        "top = r.search(['What is the capital city of Australia?'], k=1)[0][0].query\n"
+        "print(json.dumps({'from_cache': r.embeddings_from_cache, 'encoded': calls, 'top': top}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"from_cache": True, "encoded": [1], "top": "What is the capital of Australia?"}
+
+
+def test_corrupt_cache_is_rebuilt(pool, embedder, tmp_path):
+    r = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path)
+    np.save(tmp_path / f"{r.cache_key()}.npy", np.zeros((3, 384), dtype="float32"))
+    assert r.search(["capital of Australia"], k=1)[0][0].query == "What is the capital of Australia?"
+    assert r.embeddings_from_cache is False
+    assert np.load(tmp_path / f"{r.cache_key()}.npy").shape == (len(pool), 384)
+
+
+def test_empty_pool_rejected():
+    with pytest.raises(ArtifactError):
+        ICLRetriever([])
+
+
+def test_example_roundtrip():
+    ex = ICLExample("q", "<START>\na\n<END>", ("t",))
+    assert ex.to_dict() == {"query": "q", "answer": "<START>\na\n<END>", "tags": ["t"]}

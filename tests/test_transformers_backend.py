@@ -1,0 +1,164 @@
+"""The transformers engine on the real SmolLM2-135M-Instruct."""
+
+import logging
+
+import pytest
+
+from auto_model.backends import (
+    GenerationRequest,
+    SamplingParams,
+    available_backends,
+    get_backend_class,
+    resolve_backend_name,
+)
+from auto_model.errors import InvalidRequestError, MissingDependencyError, UnknownBackendError
+from auto_model.resolve import resolve_model
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+
+
+def _chat(smol, text):
+    return smol.backend.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_registry_and_auto_resolution():
+    assert available_backends() == ["transformers"]
+    assert resolve_backend_name("auto", "HuggingFaceTB/SmolLM2-135M-Instruct") == "transformers"
+    assert resolve_backend_name("Transformers", "x") == "transformers"
+    assert get_backend_class("transformers").name == "transformers"
+
+
+@pytest.mark.parametrize(
+    "backend, model, kwargs, message",
+    [
+        ("nope", "x", {}, "Unknown backend 'nope'"),
+        ("auto", "x", {"open_ai_model": True}, "open_ai_model=True"),
+        ("auto", "gpt-4o-mini", {}, "'gpt-4o-mini' is an OpenAI model name"),
+    ],
+)
+def test_resolver_errors_list_valid_backends(backend, model, kwargs, message):
+    with pytest.raises(UnknownBackendError, match=message) as info:
+        resolve_backend_name(backend, model, **kwargs)
+    assert "Valid backends: auto, transformers." in str(info.value)
+    assert info.value.valid == ["auto", "transformers"]
+
+
+def test_missing_engine_names_the_extra(monkeypatch):
+    from auto_model.backends import REGISTRY, BackendSpec
+
+    monkeypatch.setitem(REGISTRY, "transformers", BackendSpec("transformers", "x:y", "hf", ("auto_model_no_such_engine",)))
+    with pytest.raises(MissingDependencyError, match=r"pip install 'auto-model\[hf\]'"):
+        get_backend_class("transformers")
+
+
+def test_chat_model_detected(smol):
+    assert smol.backend.prompt_style == "chat"
+    assert smol.backend.device == "cpu"
+
+
+def test_greedy_is_deterministic_and_counts_tokens(smol):
+    prompt = _chat(smol, "Name the largest planet in the solar system.")
+    a, b = smol.backend.generate([GenerationRequest(prompt, GREEDY)] * 2)
+    assert a == b and a.text.strip()
+    assert a.prompt_tokens == len(smol.backend.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert 0 < a.completion_tokens <= 24
+
+
+def test_batch_with_left_padding_matches_single_requests(smol):
+    prompts = [_chat(smol, q) for q in ("Hi!", "Write one sentence about the ocean and its tides.", "What is 3 times 7?")]
+    batched = smol.backend.generate([GenerationRequest(p, GREEDY) for p in prompts])
+    single = [smol.backend.generate([GenerationRequest(p, GREEDY)])[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert len({c.prompt_tokens for c in batched}) == 3  # really different lengths, so padding was exercised
+
+
+def test_max_new_tokens_gives_length_finish(smol):
+    c = smol.backend.generate([GenerationRequest(_chat(smol, "Tell me a long story about dragons."),
+                                                 SamplingParams(temperature=0, max_new_tokens=5))])[0]
+    assert c.finish_reason == "length" and c.completion_tokens == 5
+
+
+def test_eos_gives_stop_finish(smol):
+    c = smol.backend.generate([GenerationRequest(_chat(smol, "Say just the word yes."),
+                                                 SamplingParams(temperature=0, max_new_tokens=64))])[0]
+    assert c.finish_reason == "stop" and c.completion_tokens < 64
+    assert "<|im_end|>" not in c.text
+
+
+def test_stop_strings_are_honoured(smol):
+    prompt = _chat(smol, "List three fruits, one per line.")
+    free = smol.backend.generate([GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=40))])[0]
+    assert "\n" in free.text.strip(), "the unconstrained answer must have a line break for this test to mean anything"
+    stop_at = free.text.strip().split("\n")[0][-3:]
+    c = smol.backend.generate([GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=40, stop=("\n",)))])[0]
+    assert "\n" not in c.text.strip() and c.finish_reason == "stop"
+    assert c.text.strip().endswith(stop_at)
+    assert c.completion_tokens < free.completion_tokens
+
+
+def test_sampling_with_seed_is_reproducible(smol):
+    req = GenerationRequest(_chat(smol, "Invent a name for a cat."), SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7))
+    assert smol.backend.generate([req])[0] == smol.backend.generate([req])[0]
+
+
+def test_on_completion_reports_every_index(smol):
+    seen = {}
+    reqs = [GenerationRequest(_chat(smol, q), SamplingParams(temperature=0, max_new_tokens=4)) for q in ("a", "bb bb", "c")]
+    out = smol.backend.generate(reqs, on_completion=lambda i, c: seen.__setitem__(i, c))
+    assert [seen[i] for i in range(3)] == out
+
+
+def test_prompt_longer_than_context_is_rejected(smol):
+    req = GenerationRequest("word " * 9000, SamplingParams(temperature=0, max_new_tokens=8))
+    with pytest.raises(InvalidRequestError, match="exceed the context length"):
+        smol.backend.generate([req])
+
+
+def test_message_lists_are_rejected_with_the_fix(smol):
+    with pytest.raises(InvalidRequestError, match="format='chat'"):
+        smol.backend.generate([GenerationRequest([{"role": "user", "content": "hi"}], GREEDY)])
+
+
+def test_bad_dtype_and_batch_size():
+    cls = get_backend_class("transformers")
+    source = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(InvalidRequestError, match="dtype"):
+        cls(source, dtype="int3")
+    with pytest.raises(InvalidRequestError, match="batch_size"):
+        cls(source, batch_size=0)
+    with pytest.raises(InvalidRequestError, match="prompt_format"):
+        cls(source, prompt_format="xml")
+
+
+def test_gpu_arguments_on_cpu_are_logged_not_applied(caplog):
+    cls = get_backend_class("transformers")
+    with caplog.at_level(logging.DEBUG, logger="auto_model.backends.transformers"):
+        backend = cls(resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct"), num_gpus=2, cuda_visible_devices="0,1",
+                      gpu_memory_utilization=0.5, prompt_format="base")
+    assert backend.device == "cpu" and str(backend.model.device) == "cpu"
+    assert "GPU-only arguments" in caplog.text and "cuda_visible_devices" in caplog.text
+    assert backend.prompt_style == "base"
+
+
+@pytest.mark.slow
+def test_direct_gguf_load_matches_materialised_folder(smol):
+    cls = get_backend_class("transformers")
+    direct = cls(resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct"), materialize_gguf=False, dtype="float32")
+    prompt = _chat(smol, "What is the boiling point of water?")
+    req = [GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=20))]
+    assert direct.generate(req) == smol.backend.generate(req)
+
+
+@pytest.mark.slow
+def test_base_model_gets_base_format(cache_dir):
+    from auto_model import AutoModel
+
+    gemma = AutoModel("google/gemma-3-270m", dtype="float32")
+    assert gemma.prompt_style == "base"
+    assert gemma.prompt_artifact.model_id == "default"
+    p = gemma.format_prompt("What is the capital of France?", num_optimized_icl=1)
+    assert p.prompt.endswith("# Query:\nWhat is the capital of France?\n\n# Answer:\n<START>\n") and "<END>" in p.stop
+    answer = gemma.generate("What is the capital of France?", temperature=0, max_new_tokens=40, num_optimized_icl=2)
+    assert "<END>" not in answer and "# Query" not in answer and answer.strip()
