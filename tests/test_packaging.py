@@ -1,0 +1,39 @@
+"""The built wheel carries the prompts and the ICL pool, and reads them without the source tree."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    wheel = next((tmp_path / "dist").glob("auto_model-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "auto_model/data/ICL_examples.json" in names
+    assert "auto_model/optimized_prompts/default.json" in names
+    assert any(n.startswith("auto_model-") and n.endswith("entry_points.txt") for n in names)
+
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    script = (
+        "import json, auto_model.artifacts as a, auto_model.retrieval as r\n"
+        "print(json.dumps([a.__file__, len(r.load_icl_pool()), sorted(x.model_id for x in a.packaged_artifacts())]))"
+    )
+    # Run from an empty folder with only the unpacked wheel on the path: no source tree to fall back on.
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r})\n" + script],
+                         cwd=tmp_path, capture_output=True, text=True, check=True)
+    module_file, pool_size, ids = json.loads(out.stdout)
+    assert module_file.startswith(str(target))
+    assert pool_size >= 32 and "default" in ids
+
+
+def test_top_level_folders_point_at_the_package_data():
+    assert (ROOT / "optimized_prompts").resolve() == (ROOT / "auto_model" / "optimized_prompts").resolve()
+    assert (ROOT / "data" / "ICL_examples.json").resolve() == (ROOT / "auto_model" / "data" / "ICL_examples.json").resolve()
