@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+from dataclasses import replace
 from typing import Any, Sequence
 
 from auto_model import constants
@@ -193,7 +194,7 @@ class AutoModel:
         sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
         prompts = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
         requests = [
-            GenerationRequest(p.prompt, SamplingParams(**{**sampling.__dict__, "stop": tuple(dict.fromkeys(sampling.stop + p.stop))}))
+            GenerationRequest(p.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + p.stop))))
             for p in prompts
         ]
 
