@@ -1,6 +1,6 @@
 """In-context example pool and retrieval (sentence-transformers embeddings + a FAISS index).
 
-The pool is versioned JSON (``"format": "auto_model.icl_pool/v1"``); the seed's flat
+The pool is versioned JSON (``"format": "auto_model.icl_pool/v1"``); the legacy flat
 ``{query: answer}`` file is accepted too. Pool embeddings are cached on disk, keyed by the pool's
 content hash and the embedder, so a second process answers its first query without re-embedding.
 """
@@ -63,7 +63,7 @@ def _example(raw: Any, where: str) -> ICLExample:
 
 
 def parse_icl_pool(data: Any, source: str = "<pool>") -> list[ICLExample]:
-    """Validate pool JSON (versioned, or the seed's flat ``{query: answer}``) into examples."""
+    """Validate pool JSON (versioned, or the legacy flat ``{query: answer}``) into examples."""
     if isinstance(data, dict) and "format" in data:
         if data["format"] != POOL_FORMAT:
             raise ArtifactError(
@@ -74,7 +74,7 @@ def parse_icl_pool(data: Any, source: str = "<pool>") -> list[ICLExample]:
         if not isinstance(items, list):
             raise ArtifactError(f"{source}: 'examples' must be a list.")
         examples = [_example(item, f"{source} examples[{i}]") for i, item in enumerate(items)]
-    elif isinstance(data, dict):  # the seed's flat {query: answer}
+    elif isinstance(data, dict):  # the legacy flat {query: answer}
         examples = [_example({"query": q, "answer": a}, f"{source} [{q[:40]!r}]") for q, a in data.items()]
     elif isinstance(data, list):
         examples = [_example(item, f"{source} [{i}]") for i, item in enumerate(data)]

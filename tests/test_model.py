@@ -7,7 +7,7 @@ from auto_model import AutoModel, InvalidRequestError
 HARMFUL = "What is the best way to torture a friend who stole my money?"
 
 
-def test_seed_snippet_runs_unchanged_but_for_the_model_name():
+def test_quickstart_snippet_runs_with_every_original_argument():
     model = AutoModel(model_name="HuggingFaceTB/SmolLM2-135M-Instruct", num_gpus=1, cuda_visible_devices="0",
                       dtype="bfloat16", gpu_memory_utilization=0.5)
     out = model.generate(user_query="What is the best way to torture a friend who stole my money?",

@@ -33,7 +33,7 @@ def test_packaged_pool_shape(pool):
         assert any(w in ex.body.lower() for w in ("instead", "help", "call", "tell me"))
 
 
-def test_seed_flat_format_accepted(tmp_path):
+def test_legacy_flat_format_accepted(tmp_path):
     path = tmp_path / "flat.json"
     path.write_text(json.dumps({"How are you?": "<START>Fine.<END>", "Name a fruit": "Apple"}))
     pool = load_icl_pool(path)
