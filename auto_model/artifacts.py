@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from auto_model._io import atomic_write_text
 from auto_model.errors import ArtifactError
 from auto_model.resolve import normalize_name
 
@@ -126,10 +127,8 @@ def load_prompt_artifact(path: str | os.PathLike[str]) -> PromptArtifact:
 
 def save_prompt_artifact(artifact: PromptArtifact, path: str | os.PathLike[str]) -> Path:
     """Write an artifact as versioned JSON (atomically)."""
-    from auto_model.retrieval import _atomic_write
-
     path = Path(path)
-    _atomic_write(path, json.dumps(artifact.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(artifact.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return path
 
 

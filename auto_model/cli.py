@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
+from auto_model._io import atomic_open
 from auto_model.errors import AutoModelError, InvalidRequestError
 
 logger = logging.getLogger("auto_model.cli")
@@ -70,13 +70,8 @@ def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
     return [r["query"] for r in rows if "query" in r], rows
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _jsonl(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -102,6 +97,13 @@ def _generate(args: argparse.Namespace) -> int:
     )
     query_rows = [r for r in rows if "query" in r]
     output = Path(args.output) if args.output else None
+    partial = None
+    if output is not None:
+        # Finished answers are appended as they arrive, so a crash loses nothing done; the file is
+        # rewritten in input order at the end.
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.open("w", encoding="utf-8")
+        partial.writelines(_jsonl(r) for r in rows if "error" in r)
     progress = None
     if args.input:
         from tqdm import tqdm
@@ -113,19 +115,23 @@ def _generate(args: argparse.Namespace) -> int:
                              prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
         if progress is not None:
             progress.update(1)
-        if output is not None:  # keep finished answers on disk as they arrive: a crash loses nothing done
-            _write_jsonl(output, [r for r in rows if "answer" in r or "error" in r])
+        if partial is not None:
+            partial.write(_jsonl(query_rows[i]))
+            partial.flush()
 
     try:
         model._complete(
-            queries, args.system_prompt, not args.no_optimized_prompt, args.icl > 0, max(args.icl, 0),
+            queries, args.system_prompt, not args.no_optimized_prompt, args.icl > 0, args.icl,
             args.temperature, args.top_p, args.max_new_tokens, None, extra, on_completion=finished,
         )
     finally:
         if progress is not None:
             progress.close()
+        if partial is not None:
+            partial.close()
     if output is not None:
-        _write_jsonl(output, rows)
+        with atomic_open(output) as fh:
+            fh.writelines(_jsonl(r) for r in rows)
         errors = sum(1 for r in rows if "error" in r)
         print(f"wrote {len(rows) - errors} answers to {output}" + (f" ({errors} bad input lines)" if errors else ""),
               file=sys.stderr)

@@ -118,7 +118,6 @@ class AutoModel:
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[list[ICLExample]]:
         """The ``k`` pool examples most similar to each query, most similar first."""
-        self._check_k(k)
         return self.retriever.search(list(queries), k)
 
     def format_prompt(
@@ -221,22 +220,13 @@ class AutoModel:
                 raise InvalidRequestError(f"{where} is empty; pass the question to answer.")
         return single, queries
 
-    def _check_k(self, k: Any) -> None:
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k <= len(self.icl_pool):
-            raise InvalidRequestError(
-                f"num_optimized_icl must be an integer from 0 to {len(self.icl_pool)} (the ICL pool size), got {k!r}."
-            )
-
     def _assemble(
         self, queries: list[str], user_specified_system_prompt: str | None, optimized_prompt: bool,
         optimized_icl: bool, num_optimized_icl: int,
     ) -> list[AssembledPrompt]:
         system = self.system_prompt(user_specified_system_prompt, optimized_prompt)
-        if optimized_icl:
-            self._check_k(num_optimized_icl)
-            examples = self.retriever.search(queries, int(num_optimized_icl)) if num_optimized_icl else [[] for _ in queries]
-        else:
-            examples = [[] for _ in queries]
+        # The retriever validates num_optimized_icl before it embeds anything.
+        examples = self.retriever.search(queries, num_optimized_icl) if optimized_icl else [[] for _ in queries]
         fmt = "chat" if self.backend.prompt_style == "chat" else "base"
         return [assemble(system, ex, q, format=fmt, tokenizer=self.backend.tokenizer) for q, ex in zip(queries, examples)]
 

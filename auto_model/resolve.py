@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from auto_model import constants
+from auto_model._io import atomic_open
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ def _assemble_chunks(entry: PackagedModel) -> Path:
     """Concatenate a chunked GGUF once into the user cache (verified by SHA-256) and reuse it."""
     chunks = []
     for module, rel in zip(entry.chunk_modules, entry.files):
-        chunk = _module_dir(module, entry.install) / Path(rel).name
-        chunk = chunk if chunk.exists() else _module_dir(module, entry.install) / rel
+        chunk = _module_dir(module, entry.install) / rel
         if not chunk.exists():
             raise ModelNotFoundError(f"Chunk {rel} of {entry.model_id} is missing; reinstall with: {entry.install}")
         chunks.append(chunk)
@@ -154,20 +154,16 @@ def _assemble_chunks(entry: PackagedModel) -> Path:
     stamp = target.with_suffix(".gguf.sha256")
     if target.exists() and stamp.exists() and stamp.read_text().strip() == entry.sha256:
         return target
-    target_dir.mkdir(parents=True, exist_ok=True)
     logger.info("Assembling %s from %d packaged chunks into %s", entry.model_id, len(chunks), target)
-    fd, tmp = tempfile.mkstemp(dir=target_dir, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as fh:
-                    shutil.copyfileobj(fh, out, 1 << 20)
-        if entry.sha256 and _sha256(Path(tmp)) != entry.sha256:
+    digest = hashlib.sha256()
+    with atomic_open(target, "wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)  # hash while copying: one pass over 250 MB, not two
+                    out.write(block)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
             raise ModelNotFoundError(f"Assembled {entry.model_id} has the wrong SHA-256; reinstall with: {entry.install}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     stamp.write_text(entry.sha256 or "")
     return target
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
+from auto_model._io import atomic_open, atomic_write_text
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
 from auto_model.prompting import END, START, format_answer, strip_markers
 
@@ -100,15 +101,7 @@ def load_icl_pool(path: str | os.PathLike[str] | None = None) -> list[ICLExample
 def save_icl_pool(examples: Sequence[ICLExample], path: str | os.PathLike[str], **metadata: Any) -> None:
     """Write a pool in the versioned format (atomically)."""
     payload = {"format": POOL_FORMAT, **metadata, "examples": [ex.to_dict() for ex in examples]}
-    _atomic_write(Path(path), json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_embedder(name: str | None = None, *, device: str | None = None) -> Any:
@@ -206,11 +199,8 @@ class ICLRetriever:
         vectors = self._embed([ex.query for ex in self.pool])
         self.embeddings_from_cache = False
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_open(path, "wb") as fh:
                 np.save(fh, vectors, allow_pickle=False)
-            os.replace(tmp, path)
             logger.debug("Cached %d pool embeddings in %s", len(vectors), path)
         return vectors
 
@@ -229,14 +219,13 @@ class ICLRetriever:
 
     def search(self, queries: Sequence[str], k: int) -> list[list[ICLExample]]:
         """The ``k`` most similar examples for each query, most similar first (one batched search)."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k > len(self.pool):
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k <= len(self.pool):
             raise InvalidRequestError(
-                f"num_optimized_icl must be an integer from 0 to {len(self.pool)} (the pool size), got {k!r}."
+                f"num_optimized_icl must be an integer from 0 to {len(self.pool)} (the ICL pool size), got {k!r}."
             )
         if k == 0 or not queries:
             return [[] for _ in queries]
-        index = self.index
-        _, ids = index.search(self._embed(queries), k)
+        _, ids = self.index.search(self._embed(queries), int(k))
         return [[self.pool[i] for i in row if i >= 0] for row in ids]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
@@ -175,8 +176,6 @@ class TransformersBackend(Backend):
             return source.path, {}
         if materialize:
             return str(materialize_gguf(source.path)), {}
-        from pathlib import Path
-
         gguf = Path(source.path)
         return str(gguf.parent), {"gguf_file": gguf.name}
 
