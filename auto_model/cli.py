@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer queries with the optimized prompt and in-context examples")
     gen.add_argument("queries", nargs="*", metavar="QUERY", help="queries to answer (or use --input)")
     gen.add_argument("--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})")
-    gen.add_argument("--backend", default="auto", help="engine: auto or a registered backend name")
+    gen.add_argument("--backend", default="auto", help="engine: auto, vllm, openai or transformers")
+    gen.add_argument("--base-url", default=None,
+                     help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (the key comes from OPENAI_API_KEY)")
     gen.add_argument("--system-prompt", default=None, help="your own system prompt (replaces the optimized one)")
     gen.add_argument("--no-optimized-prompt", action="store_true", help="do not inject the optimized system prompt")
     gen.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (0 disables; default 3)")
@@ -94,8 +96,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
     model = AutoModel(
         args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path,
+        **({"base_url": args.base_url} if args.base_url else {}),
     )
     query_rows = [r for r in rows if "query" in r]
+    input_errors = len(rows) - len(query_rows)
     output = Path(args.output) if args.output else None
     partial = None
     if output is not None:
@@ -111,8 +115,11 @@ def _generate(args: argparse.Namespace) -> int:
         progress = tqdm(total=len(queries), desc="generating", unit="query", file=sys.stderr)
 
     def finished(i: int, completion: Any) -> None:
-        query_rows[i].update(answer=completion.text, finish_reason=completion.finish_reason,
-                             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+        if isinstance(completion, BaseException):  # this query failed; the others go on
+            query_rows[i]["error"] = f"{type(completion).__name__}: {completion}"
+        else:
+            query_rows[i].update(answer=completion.text, finish_reason=completion.finish_reason,
+                                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
         if progress is not None:
             progress.update(1)
         if partial is not None:
@@ -132,8 +139,9 @@ def _generate(args: argparse.Namespace) -> int:
     if output is not None:
         with atomic_open(output) as fh:
             fh.writelines(_jsonl(r) for r in rows)
-        errors = sum(1 for r in rows if "error" in r)
-        print(f"wrote {len(rows) - errors} answers to {output}" + (f" ({errors} bad input lines)" if errors else ""),
+        failed = sum(1 for r in query_rows if "error" in r)
+        notes = [f"{input_errors} bad input lines"] * bool(input_errors) + [f"{failed} failed queries"] * bool(failed)
+        print(f"wrote {len(query_rows) - failed} answers to {output}" + (f" ({', '.join(notes)})" if notes else ""),
               file=sys.stderr)
     else:
         for row in rows:

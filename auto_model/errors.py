@@ -54,3 +54,59 @@ class GenerationError(AutoModelError, RuntimeError):
     def __init__(self, message: str, *, details: Any = None):
         self.details = details
         super().__init__(message)
+
+
+class EngineTimeoutError(GenerationError, TimeoutError):
+    """A remote engine did not answer within ``timeout`` seconds (after the client's retries)."""
+
+
+class EngineConnectionError(GenerationError, ConnectionError):
+    """A remote engine could not be reached, or dropped the connection (after the client's retries)."""
+
+
+class EngineHTTPError(GenerationError):
+    """A remote engine answered with an HTTP error status (after the client's retries).
+
+    Attributes:
+        status_code: the HTTP status, e.g. 429 (rate limited) or 500.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None, details: Any = None):
+        self.status_code = status_code
+        super().__init__(message, details=details)
+
+
+class AuthenticationError(EngineHTTPError, PermissionError):
+    """The remote engine rejected the API key, or no key was given."""
+
+
+class MalformedResponseError(GenerationError):
+    """A remote engine answered, but not with a response that could be read (e.g. truncated JSON)."""
+
+
+class BatchGenerationError(GenerationError):
+    """Some requests of a batch failed; nothing that finished is lost.
+
+    Attributes:
+        results: one slot per request, in input order: the result for requests that finished,
+            ``None`` for those that failed.
+        errors: ``{index: exception}`` for every failed request.
+
+    Pass ``return_exceptions=True`` to :meth:`auto_model.AutoModel.generate` to get a list with the
+    exceptions in the failed slots instead of this error.
+    """
+
+    def __init__(self, results: Sequence[Any], errors: dict[int, BaseException]):
+        self.results = list(results)
+        self.errors = dict(errors)
+        first = min(self.errors)
+        super().__init__(
+            f"{len(self.errors)} of {len(self.results)} requests failed (first: request {first}: "
+            f"{type(self.errors[first]).__name__}: {self.errors[first]}). The finished results are in "
+            ".results and the failures in .errors; pass return_exceptions=True to get both in one list."
+        )
+
+    @property
+    def succeeded(self) -> dict[int, Any]:
+        """``{index: result}`` for every request that finished."""
+        return {i: r for i, r in enumerate(self.results) if i not in self.errors}

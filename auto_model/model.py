@@ -2,25 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import numbers
 import os
-from dataclasses import replace
-from typing import Any, Sequence
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
 
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, prompt_for_model
 from auto_model.backends import get_backend_class, resolve_backend_name
-from auto_model.backends.base import Backend, Completion, CompletionCallback, GenerationRequest, SamplingParams
+from auto_model.backends.base import (
+    Backend,
+    Completion,
+    CompletionCallback,
+    GenerationRequest,
+    Outcome,
+    SamplingParams,
+)
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
-from auto_model.errors import InvalidRequestError
-from auto_model.prompting import AssembledPrompt, assemble, strip_markers
+from auto_model.errors import BatchGenerationError, InvalidRequestError
+from auto_model.prompting import START, AssembledPrompt, Message, assemble, strip_markers
 from auto_model.resolve import resolve_model
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoModel", "DEFAULT_MODEL", "DEFAULT_EMBEDDING_MODEL"]
+__all__ = ["AutoModel", "GenerationResult", "DEFAULT_MODEL", "DEFAULT_EMBEDDING_MODEL"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """An answer with what it cost (``generate(..., return_details=True)``).
+
+    Attributes:
+        text: the answer, as ``generate`` returns it.
+        finish_reason: ``"stop"`` (the answer ended), ``"length"`` (``max_new_tokens`` cut it) or
+            ``"content_filter"`` (a server withheld it).
+        prompt_tokens: tokens in the assembled prompt (system prompt and examples included).
+        completion_tokens: tokens generated.
+        backend: the engine that answered (``"vllm"``, ``"openai"``, ``"transformers"``).
+        model: the model that answered.
+        latency_s: seconds the request took; engines that batch report the time of the batch call.
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    backend: str
+    model: str
+    latency_s: float | None
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class AutoModel:
@@ -34,15 +71,23 @@ class AutoModel:
         dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         gpu_memory_utilization: fraction of each GPU's memory the engine may take (ignored on CPU).
         max_model_len: longest prompt + answer, in tokens (default: the model's own limit).
-        timeout: seconds to wait for a remote engine (unused by local engines).
-        open_ai_model: route to the OpenAI API.
-        backend: ``"auto"`` or an engine name (see :func:`auto_model.backends.available_backends`).
+        timeout: seconds to wait for each attempt of a remote request (unused by local engines).
+        open_ai_model: route to the OpenAI API (or the OpenAI-compatible server at ``base_url``).
+        backend: ``"auto"``, ``"vllm"``, ``"openai"`` or ``"transformers"``. ``"auto"`` picks
+            ``openai`` for OpenAI model names, ``open_ai_model=True`` or a ``base_url``; else
+            ``vllm`` when it is installed; else ``transformers``.
+        base_url: an OpenAI-compatible server, e.g. ``"http://127.0.0.1:8000/v1"`` (default:
+            ``OPENAI_BASE_URL``, else the OpenAI API).
+        api_key: the server's key (default: ``OPENAI_API_KEY``); never logged or stored.
         prompt_path: a prompt artifact (``.json``) or plain-text prompt (``.txt``) to use instead of
             the packaged one.
         icl_path: an ICL pool JSON to use instead of the packaged ``data/ICL_examples.json``.
         embedding_model: sentence-transformers model for example retrieval (default all-MiniLM-L6-v2).
         prompt_format: ``"auto"``, ``"chat"`` (the model's chat template) or ``"base"``.
-        **engine_kwargs: passed to the engine unchanged (e.g. ``batch_size``, ``device``, ``revision``).
+        **engine_kwargs: passed to the engine unchanged. vllm: ``distributed_executor_backend``
+            (``"mp"``, or ``"ray"`` across nodes), ``enable_prefix_caching``, ``enforce_eager``, any
+            ``vllm.LLM`` argument. openai: ``max_retries`` (2), ``max_concurrency`` (16), any
+            ``openai.OpenAI`` argument. transformers: ``batch_size``, ``device``, ``revision``, ...
 
     Example:
         >>> model = AutoModel("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16")  # doctest: +SKIP
@@ -69,28 +114,48 @@ class AutoModel:
         icl_path: str | os.PathLike[str] | None = None,
         embedding_model: str | None = None,
         prompt_format: str = "auto",
+        base_url: str | None = None,
+        api_key: str | None = None,
         **engine_kwargs: Any,
     ):
         self.model_name = model_name or constants.default_model()
-        self.backend_name = resolve_backend_name(backend, self.model_name, open_ai_model=open_ai_model)
+        self.backend_name = resolve_backend_name(backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url)
         backend_cls = get_backend_class(self.backend_name)
         # Artifacts and the pool are validated before the (slow) engine load, so bad files fail fast.
         self.prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
         self.icl_pool: list[ICLExample] = load_icl_pool(icl_path)
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
-        if timeout != 600:
-            logger.debug("timeout=%s is unused by the local %s engine", timeout, self.backend_name)
-        self.backend: Backend = backend_cls(
-            resolve_model(self.model_name),
-            dtype=dtype,
-            num_gpus=num_gpus,
-            cuda_visible_devices=cuda_visible_devices,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            prompt_format=prompt_format,
-            **engine_kwargs,
-        )
+        if backend_cls.remote:
+            local = {"num_gpus": (num_gpus, 1), "cuda_visible_devices": (cuda_visible_devices, None), "dtype": (dtype, "auto"),
+                     "gpu_memory_utilization": (gpu_memory_utilization, 0.9), "max_model_len": (max_model_len, None)}
+            ignored = {k: v for k, (v, default) in local.items() if v != default}
+            if ignored:
+                logger.debug("%s is served remotely: local engine arguments %s are ignored", self.model_name, ignored)
+            self.backend: Backend = backend_cls(
+                self.model_name, base_url=base_url, api_key=api_key, timeout=timeout, prompt_format=prompt_format,
+                **engine_kwargs,
+            )
+        else:
+            if timeout != 600:
+                logger.debug("timeout=%s is unused by the local %s engine", timeout, self.backend_name)
+            if base_url is not None or api_key is not None:
+                raise InvalidRequestError(
+                    f"base_url/api_key are for the openai backend, but backend={self.backend_name!r}; "
+                    "use backend='openai' (or 'auto') to talk to a server."
+                )
+            self.backend = backend_cls(
+                resolve_model(self.model_name),
+                dtype=dtype,
+                num_gpus=num_gpus,
+                cuda_visible_devices=cuda_visible_devices,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                prompt_format=prompt_format,
+                **engine_kwargs,
+            )
+        # Local engines run one batch at a time; threads and coroutines queue here.
+        self._engine_lock: Any = nullcontext() if self.backend.thread_safe else threading.Lock()
 
     # -- what is injected --------------------------------------------------------------------
 
@@ -146,11 +211,15 @@ class AutoModel:
         top_p: float = 0.95,
         max_new_tokens: int = 512,
         stop: str | Sequence[str] | None = None,
+        *,
+        return_details: bool = False,
+        return_exceptions: bool = False,
         **sampling_kwargs: Any,
-    ) -> str | list[str]:
+    ) -> Any:
         """Answer one query (returns ``str``) or a list of queries (returns a list, same order).
 
-        A list is sent to the engine as one batch.
+        A list is sent to the engine as one batch (the openai backend sends up to
+        ``max_concurrency`` requests at once).
 
         Args:
             user_query: a query, or a list of queries.
@@ -162,18 +231,118 @@ class AutoModel:
             top_p: nucleus sampling mass, in (0, 1].
             max_new_tokens: most tokens to generate per answer.
             stop: extra stop string(s).
+            return_details: return :class:`GenerationResult` objects (text, finish reason, token
+                counts, backend, latency) instead of strings.
+            return_exceptions: for a list, put the exception of a request that failed in its slot
+                instead of raising :class:`~auto_model.errors.BatchGenerationError`.
             **sampling_kwargs: ``seed`` for reproducible sampling; anything else goes to the engine.
 
         Raises:
             InvalidRequestError: an empty or non-string query, or an argument out of range.
+            BatchGenerationError: some requests of a list failed; it carries every finished result
+                (``.results``) and every error (``.errors``).
+            GenerationError: a single query failed (a subclass says how: timeout, HTTP status, ...).
         """
         single, queries = self._queries(user_query)
-        completions = self._complete(
+        outcomes = self._complete(
             queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl,
             temperature, top_p, max_new_tokens, stop, sampling_kwargs,
         )
-        texts = [c.text for c in completions]
-        return texts[0] if single else texts
+        results = [o if isinstance(o, BaseException) else self._result(o, return_details) for o in outcomes]
+        if single:
+            if isinstance(results[0], BaseException):
+                raise results[0]
+            return results[0]
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        if errors and not return_exceptions:
+            raise BatchGenerationError([None if i in errors else r for i, r in enumerate(results)], errors)
+        return results
+
+    async def agenerate(self, user_query: str | Sequence[str], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`generate` for asyncio code: same arguments, same results, without blocking the loop.
+
+        The engine call runs in a worker thread. Concurrent calls on a local engine are served one
+        batch at a time; on the openai backend they run concurrently.
+        """
+        return await asyncio.to_thread(self.generate, user_query, *args, **kwargs)
+
+    def stream(
+        self,
+        user_query: str,
+        user_specified_system_prompt: str | None = None,
+        optimized_prompt: bool = True,
+        optimized_icl: bool = True,
+        num_optimized_icl: int = 3,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        max_new_tokens: int = 512,
+        stop: str | Sequence[str] | None = None,
+        **sampling_kwargs: Any,
+    ) -> Iterator[str]:
+        """Yield the answer to one query in text chunks as it is generated.
+
+        The chunks join to the answer ``generate`` gives (without trailing white space trimmed).
+        transformers and openai stream token by token; the offline vllm engine has no token stream
+        and yields the whole answer as one chunk (serve the model with vLLM's OpenAI server and use
+        the openai backend to stream from vLLM).
+        """
+        if not isinstance(user_query, str):
+            raise InvalidRequestError("stream() takes one query string; use generate() for a list.")
+        _, queries = self._queries(user_query)
+        sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
+        prompt = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)[0]
+        return self._stream(self._request(prompt, sampling))
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        user_specified_system_prompt: str | None = None,
+        optimized_prompt: bool = True,
+        optimized_icl: bool = True,
+        num_optimized_icl: int = 3,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        max_new_tokens: int = 512,
+        stop: str | Sequence[str] | None = None,
+        *,
+        stream: bool = False,
+        return_details: bool = False,
+        **sampling_kwargs: Any,
+    ) -> Any:
+        """Answer the last user turn of a multi-turn conversation.
+
+        The optimized system prompt and the examples retrieved for the last user turn are put once
+        at the start of the conversation; the turns follow unchanged. A ``system`` message in
+        ``messages`` replaces the optimized prompt (like ``user_specified_system_prompt``).
+
+        Args:
+            messages: ``[{"role": "user" | "assistant" | "system", "content": str}, ...]`` ending
+                with a user turn.
+            stream: yield text chunks instead of returning the answer.
+            (the rest as in :meth:`generate`)
+        """
+        system, conversation = _conversation(messages)
+        if system is not None:
+            if user_specified_system_prompt is not None:
+                raise InvalidRequestError("Pass the system prompt either as a system message or as user_specified_system_prompt, not both.")
+            user_specified_system_prompt = system
+        sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
+        last_user = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
+        prompt = self._assemble([last_user], user_specified_system_prompt, optimized_prompt, optimized_icl,
+                                num_optimized_icl, conversation=conversation)[0]
+        request = self._request(prompt, sampling)
+        if stream:
+            return self._stream(request)
+        outcome = self._run([request])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return self._result(self._clean(outcome), return_details)
+
+    async def achat(self, messages: Sequence[Message], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`chat` for asyncio code (not with ``stream=True``)."""
+        if kwargs.get("stream"):
+            raise InvalidRequestError("achat() does not stream; use chat(..., stream=True) in a thread.")
+        return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
 
     def _complete(
         self,
@@ -188,20 +357,55 @@ class AutoModel:
         stop: str | Sequence[str] | None,
         sampling_kwargs: dict[str, Any],
         on_completion: CompletionCallback | None = None,
-    ) -> list[Completion]:
+    ) -> list[Outcome]:
         """Assemble, run one engine call for the batch, and clean the answers."""
         sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
         prompts = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
-        requests = [
-            GenerationRequest(p.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + p.stop))))
-            for p in prompts
-        ]
+        requests = [self._request(p, sampling) for p in prompts]
+        callback = None if on_completion is None else (lambda i, c: on_completion(i, self._clean(c)))
+        return [self._clean(c) for c in self._run(requests, callback)]
 
-        def clean(c: Completion) -> Completion:
-            return Completion(strip_markers(c.text), c.finish_reason, c.prompt_tokens, c.completion_tokens)
+    def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
+        return GenerationRequest(prompt.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + prompt.stop))))
 
-        callback = None if on_completion is None else (lambda i, c: on_completion(i, clean(c)))
-        return [clean(c) for c in self.backend.generate(requests, on_completion=callback)]
+    def _run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
+        with self._engine_lock:
+            return self.backend.generate(requests, on_completion=callback)
+
+    def _stream(self, request: GenerationRequest) -> Iterator[str]:
+        with self._engine_lock:
+            # Drop the answer's leading white space and <START> marker, as strip_markers does.
+            head, marker_checked, started = "", False, False
+            for chunk in self.backend.stream(request):
+                if started:
+                    yield chunk
+                    continue
+                head = (head + chunk).lstrip()
+                if not marker_checked:
+                    if len(head) < len(START) and START.startswith(head):
+                        continue  # could still become the marker
+                    if head.startswith(START):
+                        head = head[len(START):].lstrip()
+                    marker_checked = True
+                if head:
+                    started = True
+                    yield head
+            if not started and head:
+                yield head
+
+    @staticmethod
+    def _clean(outcome: Outcome) -> Outcome:
+        if isinstance(outcome, BaseException):
+            return outcome
+        return replace(outcome, text=strip_markers(outcome.text))
+
+    def _result(self, completion: Completion, details: bool) -> Any:
+        if not details:
+            return completion.text
+        return GenerationResult(
+            completion.text, completion.finish_reason, completion.prompt_tokens, completion.completion_tokens,
+            self.backend_name, self.backend.model_id, completion.latency_s,
+        )
 
     def _queries(self, user_query: Any) -> tuple[bool, list[str]]:
         if isinstance(user_query, str):
@@ -222,13 +426,17 @@ class AutoModel:
 
     def _assemble(
         self, queries: list[str], user_specified_system_prompt: str | None, optimized_prompt: bool,
-        optimized_icl: bool, num_optimized_icl: int,
+        optimized_icl: bool, num_optimized_icl: int, conversation: list[Message] | None = None,
     ) -> list[AssembledPrompt]:
         system = self.system_prompt(user_specified_system_prompt, optimized_prompt)
         # The retriever validates num_optimized_icl before it embeds anything.
         examples = self.retriever.search(queries, num_optimized_icl) if optimized_icl else [[] for _ in queries]
-        fmt = "chat" if self.backend.prompt_style == "chat" else "base"
-        return [assemble(system, ex, q, format=fmt, tokenizer=self.backend.tokenizer) for q, ex in zip(queries, examples)]
+        if self.backend.prompt_style != "chat":
+            fmt = "base"
+        else:  # servers take the messages; local engines get them rendered with the model's template
+            fmt = "messages" if self.backend.supports_chat else "chat"
+        turns: list[Any] = queries if conversation is None else [conversation]
+        return [assemble(system, ex, q, format=fmt, tokenizer=self.backend.tokenizer) for q, ex in zip(turns, examples)]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -247,6 +455,33 @@ class AutoModel:
             f"AutoModel(model_name={self.model_name!r}, backend={self.backend_name!r}, "
             f"prompt={self.prompt_artifact.model_id!r}/{self.prompt_artifact.method}, icl_pool={len(self.icl_pool)})"
         )
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _conversation(messages: Any) -> tuple[str | None, list[Message]]:
+    """Validate a conversation; return its system text (or None) and the other turns."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError('messages must be a non-empty list of {"role": ..., "content": ...} dicts.')
+    system: list[str] = []
+    turns: list[Message] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(
+                f'messages[{i}] must be {{"role": "system" | "user" | "assistant", "content": str}}, got {m!r}.'
+            )
+        if m["role"] == "system":
+            if turns:
+                raise InvalidRequestError(f"messages[{i}]: a system message must come before the conversation turns.")
+            system.append(m["content"])
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    if not turns or turns[-1]["role"] != "user":
+        raise InvalidRequestError("The last message must be a user turn: the one to answer.")
+    if not turns[-1]["content"].strip():
+        raise InvalidRequestError("The last user message is empty; pass the question to answer.")
+    return ("\n\n".join(system) if system else None), turns
 
 
 def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any, stop: Any, extra: dict[str, Any]) -> SamplingParams:

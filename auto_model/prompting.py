@@ -81,12 +81,40 @@ def format_answer(body: str) -> str:
     return f"{START}\n{strip_markers(body)}\n{END}"
 
 
-def build_base_prompt(system_prompt: str | None, examples: Sequence[Example], query: str) -> str:
+def build_base_prompt(system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]) -> str:
+    """Base-model text. A conversation continues the examples: each earlier user/assistant pair
+    becomes one more ``# Query:``/``# Answer:`` block, and the last user turn is the open query."""
     parts = [system_prompt.strip()] if system_prompt and system_prompt.strip() else []
     for ex in examples:
         parts.append(f"{QUERY_HEADER}\n{ex.query.strip()}\n\n{ANSWER_HEADER}\n{format_answer(ex.answer)}")
-    parts.append(f"{QUERY_HEADER}\n{query.strip()}\n\n{ANSWER_HEADER}\n{START}\n")
+    if isinstance(query, str):
+        turns: list[tuple[str, str | None]] = [(query, None)]
+    else:
+        turns = _conversation_pairs(query)
+    for user, answer in turns:
+        if answer is None:
+            parts.append(f"{QUERY_HEADER}\n{user.strip()}\n\n{ANSWER_HEADER}\n{START}\n")
+        else:
+            parts.append(f"{QUERY_HEADER}\n{user.strip()}\n\n{ANSWER_HEADER}\n{format_answer(answer)}")
     return "\n\n".join(parts)
+
+
+def _conversation_pairs(messages: Sequence[Message]) -> list[tuple[str, str | None]]:
+    """(user, assistant answer) pairs of a conversation ending with a user turn (answer None)."""
+    pairs: list[tuple[str, str | None]] = []
+    for m in messages:
+        if m["role"] == "user":
+            if pairs and pairs[-1][1] is None:  # two user turns in a row read as one query
+                pairs[-1] = (pairs[-1][0] + "\n\n" + m["content"], None)
+            else:
+                pairs.append((m["content"], None))
+        elif m["role"] == "assistant":
+            if not pairs or pairs[-1][1] is not None:
+                raise InvalidRequestError("An assistant turn must follow a user turn in the base prompt format.")
+            pairs[-1] = (pairs[-1][0], m["content"])
+    if not pairs or pairs[-1][1] is not None:
+        raise InvalidRequestError("A conversation must end with a user turn.")
+    return pairs
 
 
 def build_messages(system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]) -> list[Message]:
@@ -152,8 +180,6 @@ def assemble(
         The prompt (text, or messages for ``"messages"``) and the stop strings it needs.
     """
     if format == "base":
-        if not isinstance(query, str):
-            raise InvalidRequestError("The base prompt format takes a single query string, not a conversation.")
         return AssembledPrompt(build_base_prompt(system_prompt, examples, query), "base", BASE_STOP)
     messages = build_messages(system_prompt, examples, query)
     if format == "messages":

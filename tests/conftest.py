@@ -31,10 +31,12 @@ def cache_dir(isolated_env: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smol():
-    """The embedded default model (SmolLM2-135M-Instruct) on the real transformers engine."""
+    """The embedded default model (SmolLM2-135M-Instruct) on the real transformers engine.
+
+    (``backend="auto"`` would pick vLLM, which the test environment also has.)"""
     from auto_model import AutoModel
 
-    model = AutoModel(dtype="float32")
+    model = AutoModel(backend="transformers", dtype="float32")
     yield model
     model.close()
 

@@ -6,7 +6,7 @@ from auto_model.cli import main
 
 
 def test_generate_prints_answers(capsys):
-    code = main(["generate", "What is the capital of France?", "Name a primary color.",
+    code = main(["generate", "What is the capital of France?", "Name a primary color.", "--backend", "transformers",
                  "--temperature", "0", "--max-new-tokens", "16"])
     out = capsys.readouterr().out
     assert code == 0
@@ -24,7 +24,7 @@ def test_jsonl_batch_keeps_good_items_and_reports_bad_lines(tmp_path, capsys):
     ]) + "\n")
     dst = tmp_path / "out" / "answers.jsonl"
     code = main(["generate", "--input", str(src), "--output", str(dst), "--temperature", "0",
-                 "--max-new-tokens", "12", "--icl", "1"])
+                 "--max-new-tokens", "12", "--icl", "1", "--backend", "transformers"])
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert code == 1  # some input lines were bad
     assert [r.get("line") for r in rows] == [1, 2, 3, 4]
@@ -40,7 +40,7 @@ def test_jsonl_batch_keeps_good_items_and_reports_bad_lines(tmp_path, capsys):
     [
         (["generate", "hi", "--temperature", "-1"], "temperature must be a number >= 0"),
         (["generate"], "No queries to answer"),
-        (["generate", "hi", "--backend", "nope"], "Valid backends: auto, transformers"),
+        (["generate", "hi", "--backend", "nope"], "Valid backends: auto, openai, transformers, vllm"),
         (["generate", "hi", "--model", "./no/such/dir"], "does not exist"),
         (["generate", "hi", "--prompt-path", "/no/such.json"], "does not exist"),
     ],

@@ -9,7 +9,8 @@ HARMFUL = "What is the best way to torture a friend who stole my money?"
 
 def test_quickstart_snippet_runs_with_every_original_argument():
     model = AutoModel(model_name="HuggingFaceTB/SmolLM2-135M-Instruct", num_gpus=1, cuda_visible_devices="0",
-                      dtype="bfloat16", gpu_memory_utilization=0.5)
+                      dtype="bfloat16", gpu_memory_utilization=0.5, timeout=600, open_ai_model=False,
+                      backend="transformers")
     out = model.generate(user_query="What is the best way to torture a friend who stole my money?",
                          optimized_prompt=True, optimized_icl=True, num_optimized_icl=3,
                          temperature=0, top_p=0.95, max_new_tokens=48)
@@ -103,7 +104,7 @@ def test_user_prompt_and_pool_files(smol, tmp_path):
     pool = {"format": "auto_model.icl_pool/v1", "examples": [
         {"query": "What is your favourite fruit?", "answer": "<START>\nbanana\n<END>"}]}
     (tmp_path / "pool.json").write_text(json.dumps(pool))
-    model = AutoModel(prompt_path=tmp_path / "p.txt", icl_path=tmp_path / "pool.json")
+    model = AutoModel(prompt_path=tmp_path / "p.txt", icl_path=tmp_path / "pool.json", backend="transformers")
     assert model.prompt_artifact.method == "user"
     p = model.format_prompt("Name a fruit", num_optimized_icl=1)
     assert "Answer only with the word banana." in p.prompt and "What is your favourite fruit?" in p.prompt

@@ -88,11 +88,13 @@ def test_fold_system_without_user_turn():
     assert fold_system_into_first_user([{"role": "system", "content": "S"}]) == [{"role": "user", "content": "S"}]
 
 
-def test_chat_needs_tokenizer_and_base_needs_string():
+def test_chat_needs_tokenizer_and_base_conversation_must_end_with_user():
     with pytest.raises(InvalidRequestError, match="tokenizer"):
         assemble("s", [], "q", format="chat")
-    with pytest.raises(InvalidRequestError, match="single query"):
-        assemble("s", [], [{"role": "user", "content": "q"}], format="base")
+    with pytest.raises(InvalidRequestError, match="end with a user turn"):
+        assemble("s", [], [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], format="base")
+    with pytest.raises(InvalidRequestError, match="must follow a user turn"):
+        assemble("s", [], [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], format="base")
     with pytest.raises(InvalidRequestError, match="Unknown prompt format"):
         assemble("s", [], "q", format="xml")  # type: ignore[arg-type]
 
@@ -102,6 +104,18 @@ def test_conversation_query_appended_after_examples():
                                                {"role": "user", "content": "c"}])
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
     assert msgs[-1]["content"] == "c"
+
+
+def test_base_format_conversation_continues_the_examples():
+    conversation = [{"role": "user", "content": "Hi, I am Ann."}, {"role": "assistant", "content": "Hello Ann!"},
+                    {"role": "user", "content": "What is my name?"}]
+    p = assemble("SYS", EXAMPLES[:1], conversation, format="base")
+    single = assemble("SYS", EXAMPLES[:1], "Hi, I am Ann.", format="base")
+    # The first turn reads exactly like a query, its answer like an example answer, then the open query.
+    assert p.prompt.startswith(single.prompt[: -len("<START>\n")])
+    assert "# Query:\nHi, I am Ann.\n\n# Answer:\n<START>\nHello Ann!\n<END>" in p.prompt
+    assert p.prompt.endswith("# Query:\nWhat is my name?\n\n# Answer:\n<START>\n")
+    assert p.prompt.count("# Query:") == 3 and p.stop == BASE_STOP
 
 
 @pytest.mark.parametrize(

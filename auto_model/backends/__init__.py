@@ -28,6 +28,8 @@ REGISTRY: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("transformers", "auto_model.backends.transformers:TransformersBackend", "hf", ("torch", "transformers")),
+        BackendSpec("vllm", "auto_model.backends.vllm:VLLMBackend", "vllm", ("vllm",)),
+        BackendSpec("openai", "auto_model.backends.openai:OpenAIBackend", "openai", ("openai",)),
     )
 }
 
@@ -44,11 +46,11 @@ def is_openai_model_name(model_name: str) -> bool:
     return model_name.lower().startswith(OPENAI_MODEL_PREFIXES)
 
 
-def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool = False) -> str:
+def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool = False, base_url: str | None = None) -> str:
     """Pick the backend for a model.
 
-    ``"auto"``: OpenAI model names or ``open_ai_model=True`` go to ``openai``; else ``vllm`` when it
-    is importable; else ``transformers``. Only registered backends can be chosen.
+    ``"auto"``: OpenAI model names, ``open_ai_model=True`` or a ``base_url`` go to ``openai``; else
+    ``vllm`` when it is installed; else ``transformers``.
 
     Raises:
         UnknownBackendError: listing the valid names.
@@ -60,14 +62,8 @@ def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool =
         if name not in REGISTRY:
             raise UnknownBackendError(f"Unknown backend {backend!r}.", ["auto", *available_backends()])
         return name
-    if open_ai_model or is_openai_model_name(model_name):
-        if "openai" in REGISTRY:
-            return "openai"
-        why = "open_ai_model=True" if open_ai_model else f"{model_name!r} is an OpenAI model name"
-        raise UnknownBackendError(
-            f"{why}, but this version of auto-model has no OpenAI backend; run a local model instead.",
-            ["auto", *available_backends()],
-        )
+    if open_ai_model or base_url or is_openai_model_name(model_name):
+        return "openai"
     if "vllm" in REGISTRY and REGISTRY["vllm"].installed():
         return "vllm"
     return "transformers"

