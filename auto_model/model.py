@@ -8,7 +8,7 @@ import numbers
 import os
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from auto_model import constants
@@ -54,7 +54,7 @@ class GenerationResult:
     completion_tokens: int
     backend: str
     model: str
-    latency_s: float | None
+    latency_s: float | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return self.text

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,12 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("HF_HOME", str(cache / "hf_home"))
         mp.delenv("AUTO_MODEL_DEFAULT_MODEL", raising=False)
         mp.delenv("AUTO_MODEL_EMBEDDING_MODEL", raising=False)
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        mp.delenv("OPENAI_BASE_URL", raising=False)
+        # vLLM on CPU: a 1 GiB KV cache is plenty for SmolLM2 and fits the CI machine; the engine
+        # core runs in-process (starts in ~13 s instead of ~20 s).
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         yield cache
 
 
@@ -39,6 +50,71 @@ def smol():
     model = AutoModel(backend="transformers", dtype="float32")
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def smol_folder(isolated_env: Path) -> Path:
+    """The embedded SmolLM2 GGUF, materialised once into a plain HF folder (what vLLM loads)."""
+    from auto_model.constants import DEFAULT_MODEL
+    from auto_model.resolve import materialize_gguf, resolve_model
+
+    return materialize_gguf(resolve_model(DEFAULT_MODEL).path)
+
+
+@pytest.fixture(scope="session")
+def smol_vllm(smol_folder: Path):
+    """SmolLM2 on the real vLLM engine (vllm-cpu), float32 so greedy outputs compare exactly."""
+    from auto_model import AutoModel
+
+    model = AutoModel(backend="vllm", dtype="float32", max_model_len=2048, enforce_eager=True)
+    yield model
+    model.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smol_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM OpenAI-compatible server for SmolLM2 on 127.0.0.1; yields its base URL."""
+    from auto_model.constants import DEFAULT_MODEL
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smol_folder),
+        "--served-model-name", DEFAULT_MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not ready after 240 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

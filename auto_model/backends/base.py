@@ -53,7 +53,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    latency_s: float | None = None
+    latency_s: float | None = field(default=None, compare=False)  # timing is not part of the answer
 
 
 #: What a backend returns per request: the completion, or the exception that request failed with.

@@ -1,0 +1,76 @@
+"""The openai backend against a real vLLM OpenAI-compatible server on 127.0.0.1 (SmolLM2, float32).
+
+Greedy answers through the server must equal the offline vLLM engine's answers to the same
+assembled prompts: the backend adds nothing and loses nothing on the way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from auto_model import AutoModel
+from auto_model.backends import GenerationRequest, SamplingParams
+from auto_model.constants import DEFAULT_MODEL
+from tests.test_vllm_backend import QUERIES
+
+pytestmark = pytest.mark.vllm
+
+GREEDY = dict(temperature=0, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def served(vllm_server):
+    model = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, max_concurrency=8)
+    yield model
+    model.close()
+
+
+def test_chat_completions_match_the_offline_engine(served, smol_vllm):
+    assert served.backend_name == "openai" and served.prompt_style == "chat"
+    prompt = served.format_prompt(QUERIES[1]).prompt
+    assert isinstance(prompt, list) and prompt[0] == {"role": "system", "content": served.prompt_artifact.text}
+    remote = served.generate(QUERIES[1], return_details=True, **GREEDY)
+    local = smol_vllm.generate(QUERIES[1], return_details=True, **GREEDY)
+    assert remote.text == local.text and remote.text.lower().startswith("sorry")
+    # The server rendered the same messages with the same template: the same prompt, token for token.
+    assert remote.prompt_tokens == local.prompt_tokens
+    assert (remote.finish_reason, remote.completion_tokens) == (local.finish_reason, local.completion_tokens)
+
+
+def test_base_completions_match_the_offline_engine(vllm_server, smol_vllm):
+    base = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="base")
+    assert base.prompt_style == "base"
+    prompt = base.format_prompt("Name three prime numbers.", num_optimized_icl=2)
+    assert isinstance(prompt.prompt, str) and prompt.prompt.endswith("# Answer:\n<START>\n")
+    remote = base.generate("Name three prime numbers.", num_optimized_icl=2, return_details=True, **GREEDY)
+    local = smol_vllm.backend.generate([GenerationRequest(prompt.prompt, SamplingParams(temperature=0, max_new_tokens=24, stop=prompt.stop))])[0]
+    assert remote.text == local.text.strip() and remote.text
+    assert remote.prompt_tokens == local.prompt_tokens
+
+
+def test_streaming_joins_to_the_greedy_answer(served):
+    query = "Give me a tip for sleeping better."
+    chunks = list(served.stream(query, temperature=0, max_new_tokens=32))
+    assert len(chunks) > 3  # really streamed, token by token
+    assert "".join(chunks).strip() == served.generate(query, temperature=0, max_new_tokens=32)
+    chat_chunks = list(served.chat([{"role": "user", "content": query}], temperature=0, max_new_tokens=32, stream=True))
+    assert "".join(chat_chunks) == "".join(chunks)
+
+
+def test_a_batch_of_32_concurrently_matches_the_offline_engine(served, smol_vllm):
+    queries = QUERIES * 2
+    t0 = time.perf_counter()
+    remote = served.generate(queries, temperature=0, max_new_tokens=16, return_details=True)
+    wall = time.perf_counter() - t0
+    local = smol_vllm.generate(queries, temperature=0, max_new_tokens=16)
+    assert [r.text for r in remote] == local
+    # Requests overlapped: their latencies add up to well over the batch's wall time.
+    assert sum(r.latency_s for r in remote) > 2 * wall
+
+
+def test_multi_turn_chat_matches_the_offline_engine(served, smol_vllm):
+    conversation = [{"role": "user", "content": "My name is Ann."}, {"role": "assistant", "content": "Nice to meet you, Ann!"},
+                    {"role": "user", "content": "What is the capital of Japan?"}]
+    assert served.chat(conversation, **GREEDY) == smol_vllm.chat(conversation, **GREEDY)
