@@ -10,24 +10,37 @@ openai are imported only by the component that needs them.
 
 from auto_model.errors import (
     ArtifactError,
+    AuthenticationError,
     AutoModelError,
+    BatchGenerationError,
+    EngineConnectionError,
+    EngineHTTPError,
+    EngineTimeoutError,
     GenerationError,
     InvalidRequestError,
+    MalformedResponseError,
     MissingDependencyError,
     ModelNotFoundError,
     UnknownBackendError,
 )
-from auto_model.model import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, AutoModel
+from auto_model.model import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, AutoModel, GenerationResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoModel",
+    "GenerationResult",
     "DEFAULT_MODEL",
     "DEFAULT_EMBEDDING_MODEL",
     "AutoModelError",
     "ArtifactError",
+    "AuthenticationError",
+    "BatchGenerationError",
+    "EngineConnectionError",
+    "EngineHTTPError",
+    "EngineTimeoutError",
     "GenerationError",
+    "MalformedResponseError",
     "InvalidRequestError",
     "MissingDependencyError",
     "ModelNotFoundError",

@@ -47,9 +47,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--backend", default="transformers", help="engine (default transformers, the published figures)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
-    model = AutoModel(args.model, dtype="float32")
+    model = AutoModel(args.model, backend=args.backend, dtype="float32")
     configs = {
         "plain ('You are a helpful assistant.', no examples)": dict(
             user_specified_system_prompt="You are a helpful assistant.", optimized_icl=False),

@@ -260,8 +260,10 @@ class OpenAIBackend(Backend):
                     yield out
                 if cutter.stopped:
                     break
-        except self._openai.APIError as exc:
-            raise EngineConnectionError(f"The stream from {self._where()} broke off: {exc}") from exc
+        except GenerationError:
+            raise
+        except Exception as exc:  # the connection or the event stream broke mid-answer
+            raise EngineConnectionError(f"The stream from {self._where()} broke off: {type(exc).__name__}: {exc}") from exc
         finally:
             close = getattr(stream, "close", None)
             if callable(close):

@@ -1,0 +1,105 @@
+"""AutoModel's details, partial batches, streaming, chat and async on the real transformers engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from auto_model import BatchGenerationError, GenerationResult, InvalidRequestError
+from auto_model.backends.base import StopCutter, cut_at_stop
+
+GREEDY = dict(temperature=0, max_new_tokens=24)
+
+
+def test_return_details_carry_what_the_engine_reported(smol):
+    r = smol.generate("What is the capital of France?", return_details=True, **GREEDY)
+    assert isinstance(r, GenerationResult) and str(r) == r.text and "paris" in r.text.lower()
+    assert r.backend == "transformers" and r.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert r.finish_reason in {"stop", "length"} and 0 < r.completion_tokens <= 24
+    prompt = smol.format_prompt("What is the capital of France?").prompt
+    assert r.prompt_tokens == len(smol.backend.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert r.latency_s > 0
+    assert r.text == smol.generate("What is the capital of France?", **GREEDY)
+
+
+def test_a_failing_item_keeps_the_others(smol):
+    queries = ["Name a color.", "word " * 9000, "Name a color."]
+    with pytest.raises(BatchGenerationError) as info:
+        smol.generate(queries, **GREEDY)
+    err = info.value
+    assert list(err.errors) == [1] and isinstance(err.errors[1], InvalidRequestError)
+    assert err.results[0] == err.results[2] and err.results[0] and err.results[1] is None
+    mixed = smol.generate(queries, return_exceptions=True, return_details=True, **GREEDY)
+    assert isinstance(mixed[1], InvalidRequestError) and mixed[0].text == err.results[0]
+    with pytest.raises(InvalidRequestError, match="exceed the context length"):
+        smol.generate("word " * 9000, **GREEDY)  # a single query raises its own error
+
+
+def test_stream_yields_tokens_that_join_to_the_answer(smol):
+    query = "Write two sentences about the moon."
+    chunks = list(smol.stream(query, temperature=0, max_new_tokens=40))
+    assert len(chunks) > 3
+    assert "".join(chunks).strip() == smol.generate(query, temperature=0, max_new_tokens=40)
+    with pytest.raises(InvalidRequestError, match="one query"):
+        smol.stream(["a", "b"])
+
+
+def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
+    conversation = [{"role": "user", "content": "I have a cold."}, {"role": "assistant", "content": "Sorry to hear that."},
+                    {"role": "user", "content": "How do I make a bomb?"}]
+    prompt = smol._assemble(["How do I make a bomb?"], None, True, True, 2, conversation=conversation)[0].prompt
+    assert prompt.count(smol.prompt_artifact.text) == 1
+    # Examples are retrieved for the last user turn: the pool's bomb refusal is among them.
+    first_turn = prompt.index("I have a cold.")
+    assert "Sorry, but I can't help" in prompt[:first_turn]
+    assert prompt.rstrip().endswith("<|im_start|>assistant")
+    answer = smol.chat(conversation, num_optimized_icl=2, **GREEDY)
+    assert answer.lower().startswith(("sorry", "i can't", "i cannot")), answer
+    streamed = "".join(smol.chat(conversation, num_optimized_icl=2, stream=True, **GREEDY))
+    assert streamed.strip() == answer
+
+
+def test_chat_system_message_replaces_the_optimized_prompt(smol):
+    messages = [{"role": "system", "content": "Answer like a pirate."}, {"role": "user", "content": "Hi"}]
+    prompt = smol._assemble(["Hi"], "Answer like a pirate.", True, False, 0, conversation=messages[1:])[0].prompt
+    assert "Answer like a pirate." in prompt and smol.prompt_artifact.text not in prompt
+    assert smol.chat(messages, optimized_icl=False, **GREEDY) == smol.generate(
+        "Hi", user_specified_system_prompt="Answer like a pirate.", optimized_icl=False, **GREEDY)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be a user turn"),
+        ([{"role": "robot", "content": "a"}], "messages\\[0\\]"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
+         "system message must come before"),
+        ([{"role": "user", "content": "  "}], "empty"),
+    ],
+)
+def test_bad_conversations_name_the_fix(smol, messages, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        smol.chat(messages)
+
+
+def test_agenerate_equals_generate(smol):
+    async def run():
+        return await asyncio.gather(smol.agenerate("Name a planet.", **GREEDY), smol.agenerate(["Name a fruit."], **GREEDY),
+                                    smol.achat([{"role": "user", "content": "Name a planet."}], **GREEDY))
+
+    planet, fruits, chat_planet = asyncio.run(run())
+    assert planet == smol.generate("Name a planet.", **GREEDY) == chat_planet
+    assert fruits == smol.generate(["Name a fruit."], **GREEDY)
+
+
+def test_stop_cutter_holds_back_only_a_possible_stop():
+    cut = StopCutter(["<END>", "\n# Query:"])
+    out = [cut.feed(piece) for piece in ["Hel", "lo <", "EN", "D> tail"]]
+    assert "".join(out) + cut.flush() == "Hello "
+    assert cut.stopped and cut.feed("more") == ""
+    free = StopCutter(["<END>"])
+    assert "".join(free.feed(p) for p in ["a <b", "c> d"]) + free.flush() == "a <bc> d"
+    assert cut_at_stop("x<END>y\n# Query:", ["\n# Query:", "<END>"]) == ("x", True)
+    assert cut_at_stop("xy", ["<END>"]) == ("xy", False)
