@@ -116,6 +116,17 @@ class Backend(ABC):
         return f"{type(self).__name__}(model_id={getattr(self, 'model_id', None)!r})"
 
 
+def encode_prompt(tokenizer: Any, text: str, prompt_style: str) -> list[int]:
+    """Token ids of an assembled prompt, the same way for every local engine.
+
+    A chat template already wrote its own special tokens; a base prompt gets the tokenizer's usual
+    ones (e.g. BOS), unless it already starts with them.
+    """
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos)) and prompt_style == "base"
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
 def choose_prompt_style(prompt_format: str, has_chat_template: bool, chat: bool | None, model_id: str) -> Literal["base", "chat"]:
     """How to assemble prompts for a model.
 

@@ -26,6 +26,7 @@ from auto_model.backends.base import (
     StopCutter,
     choose_prompt_style,
     cut_at_stop,
+    encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
 from auto_model.resolve import ModelSource, materialize_gguf
@@ -287,10 +288,7 @@ class TransformersBackend(Backend):
         return ids
 
     def _encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        # A chat template already wrote its own special tokens; a base prompt gets the usual ones.
-        add_special = not (bos and text.startswith(bos)) and self.prompt_style == "base"
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return encode_prompt(self.tokenizer, text, self.prompt_style)
 
     def _generate_batch(self, batch: list[list[int]], sampling: SamplingParams, streamer: Any = None) -> list[Completion]:
         torch = self._torch

@@ -27,6 +27,7 @@ from auto_model.backends.base import (
     SamplingParams,
     choose_prompt_style,
     cut_at_stop,
+    encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
 from auto_model.resolve import ModelSource, materialize_gguf
@@ -204,9 +205,7 @@ class VLLMBackend(Backend):
         return self.llm.llm_engine.vllm_config
 
     def _encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos)) and self.prompt_style == "base"
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return encode_prompt(self.tokenizer, text, self.prompt_style)
 
     def _sampling_params(self, sampling: SamplingParams) -> Any:
         kwargs: dict[str, Any] = {
@@ -257,8 +256,13 @@ class VLLMBackend(Backend):
                 outputs = [failure] * len(ready)
             latency = time.perf_counter() - t0
             for i, out in zip(ready, outputs):
-                results[i] = out if isinstance(out, BaseException) else self._completion(out, requests[i].sampling, latency)
-        if on_completion is not None:
+                if isinstance(out, BaseException):
+                    results[i] = out
+                elif out.outputs[0].finish_reason == "abort":
+                    results[i] = GenerationError(f"Request {i}: vLLM aborted the request before it finished.")
+                else:
+                    results[i] = self._completion(out, requests[i].sampling, latency)
+        if on_completion is not None:  # vLLM returns the whole batch at once
             for i, outcome in enumerate(results):
                 on_completion(i, outcome)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
