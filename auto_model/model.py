@@ -393,6 +393,31 @@ class AutoModel:
             if not started and head:
                 yield head
 
+    # -- building blocks for tools built on the SDK (the trainer, evaluation) ------------------
+
+    @property
+    def prompt_format(self) -> str:
+        """The assembly format this model's engine takes: ``"base"``, ``"chat"`` or ``"messages"``."""
+        if self.backend.prompt_style != "chat":
+            return "base"
+        return "messages" if self.backend.supports_chat else "chat"
+
+    def build_request(
+        self, system_prompt: str | None, examples: Sequence[ICLExample], query: str | Sequence[Message],
+        sampling: SamplingParams,
+    ) -> GenerationRequest:
+        """One engine request assembled exactly as :meth:`generate` assembles it, with the given
+        system prompt and examples (no lookup, no retrieval)."""
+        prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
+        return self._request(prompt, sampling)
+
+    def run_requests(
+        self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
+    ) -> list[Outcome]:
+        """Run prepared requests in one engine call; a completion or an exception per request."""
+        callback = None if on_completion is None else (lambda i, c: on_completion(i, self._clean(c)))
+        return [self._clean(c) for c in self._run(list(requests), callback)]
+
     @staticmethod
     def _clean(outcome: Outcome) -> Outcome:
         if isinstance(outcome, BaseException):
@@ -431,10 +456,7 @@ class AutoModel:
         system = self.system_prompt(user_specified_system_prompt, optimized_prompt)
         # The retriever validates num_optimized_icl before it embeds anything.
         examples = self.retriever.search(queries, num_optimized_icl) if optimized_icl else [[] for _ in queries]
-        if self.backend.prompt_style != "chat":
-            fmt = "base"
-        else:  # servers take the messages; local engines get them rendered with the model's template
-            fmt = "messages" if self.backend.supports_chat else "chat"
+        fmt: Any = self.prompt_format  # servers take messages; local engines get them rendered with the template
         turns: list[Any] = queries if conversation is None else [conversation]
         return [assemble(system, ex, q, format=fmt, tokenizer=self.backend.tokenizer) for q, ex in zip(turns, examples)]
 

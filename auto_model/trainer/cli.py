@@ -1,0 +1,377 @@
+"""``auto-model-train``: DRPO, Dynamic Rewarding with Prompt Optimization.
+
+    auto-model-train [prompt] --base_model_name M --eval_model_name J --log_dir runs/m   # stage 2
+    auto-model-train icl --eval_model_name J --log_dir runs/icl                          # stage 1
+    auto-model-train --config run.json --resume
+
+The parameters keep the names of the original DRPO scripts; ``--config`` reads them from a JSON
+(or TOML) file, and flags given on the command line win. Every model is reached through the SDK,
+so any backend works for any role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from auto_model import constants
+from auto_model._io import atomic_write_text
+from auto_model.artifacts import PromptArtifact, save_prompt_artifact
+from auto_model.errors import AutoModelError, InvalidRequestError
+
+logger = logging.getLogger("auto_model.trainer")
+
+ORIGINAL_DEFAULT_PROMPT = "You are a helpful assistant."
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in {"1", "true", "yes", "on"}:
+        return True
+    if v in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="auto-model-train", description="DRPO: optimize a model's system prompt (stage 2, "
+                                "'prompt', the default) or its in-context examples (stage 1, 'icl').")
+    add = p.add_argument
+    # The original parameters, same names.
+    add("--base_model_name", default=None, help=f"the model to optimize for (default {constants.DEFAULT_MODEL})")
+    add("--base_model_family", default=None, help="accepted for compatibility; the family is detected")
+    add("--eval_model_name", default=None, help="scores answers (default: the base model)")
+    add("--metrics_model_name", default=None, help="picks the aspects per query (default: the eval model)")
+    add("--optimize_model_name", default=None, help="rewrites prompts and answers (default: the eval model)")
+    add("--initial_system_prompt", default=ORIGINAL_DEFAULT_PROMPT, help="text, or a path to a text file")
+    add("--n_actions", type=int, default=3, help="rewrites per candidate and level")
+    add("--temperature", type=float, default=0.2, help="the optimizer's sampling temperature")
+    add("--depth", type=int, default=20, help="levels of the search (one training query each)")
+    add("--max_depth_increase", type=int, default=10, help="extra levels a path may get by keeping good prompts")
+    add("--beam_size", type=int, default=2)
+    add("--log_dir", default=None, help="where outputs, the checkpoint and the request cache go (default runs/<model>)")
+    add("--disable_log", action="store_true", help="no log.txt")
+    add("--disable_tqdm", action="store_true", help="no progress bars")
+    add("--base_model_download_dir", default=None, help="download folder for Hub models (vLLM download_dir)")
+    add("--data_dir", default=None, help="folder with train.jsonl (default: the packaged training queries)")
+    add("--metrics_cache_path", default=None, help="aspect choices per query (default <log_dir>/metrics_cache.json)")
+    add("--num_training_examples", type=int, default=180)
+    add("--logging_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--ret_icl", type=_bool, default=True, help="retrieve in-context examples for the base model (true/false)")
+    add("--is_GPT", type=_bool, default=False, help="the base model is served by the OpenAI API (true/false)")
+    add("--k", type=int, default=2, help="in-context examples retrieved per query")
+    add("--cuda_visible_devices", default=None)
+    add("--num_gpus", type=int, default=1)
+    # Additions.
+    add("--config", default=None, help="JSON or TOML file with any of these parameters")
+    add("--seed", type=int, default=42, help="fixes the training sample and the optimizer's sampling")
+    add("--resume", action="store_true", help="continue the run in --log_dir from its checkpoint")
+    add("--max_calls", type=int, default=None, help="stop cleanly (resumable) before sending more LLM requests")
+    add("--max_new_tokens", type=int, default=512, help="longest answer of the base model")
+    add("--judge_max_new_tokens", type=int, default=512, help="longest reply of the metrics, eval and optimize models")
+    add("--dry_run", action="store_true", help="print the planned number of calls and exit")
+    add("--output", default=None, help="where the artifact (or the new ICL pool) goes")
+    add("--backend", default="auto", help="engine for every role: auto, vllm, openai or transformers")
+    add("--base_url", default=None, help="OpenAI-compatible server for the roles that use the openai backend")
+    add("--dtype", default="auto")
+    add("--skip_threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
+    add("--num_iters", type=int, default=3, help="icl: rewrite rounds per example")
+    add("--icl_path", default=None, help="icl: the pool to improve (default: the packaged pool)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "prompt"
+    if argv and argv[0] in ("prompt", "icl"):
+        command = argv.pop(0)
+    p = parser()
+    first, _ = p.parse_known_args(argv)
+    if first.config:
+        config = _read_config(first.config)
+        known = {a.dest for a in p._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise InvalidRequestError(f"{first.config}: unknown parameters {unknown}; see auto-model-train --help.")
+        p.set_defaults(**config)
+    args = p.parse_args(argv)
+    _validate(args)
+    return command, args
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.exists():
+        raise InvalidRequestError(f"--config {path} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"--config {path} must hold an object of parameter names to values.")
+    return data
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name in ("n_actions", "depth", "beam_size", "num_training_examples", "max_new_tokens", "judge_max_new_tokens",
+                 "num_gpus", "num_iters"):
+        if getattr(args, name) < 1:
+            raise InvalidRequestError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_depth_increase", "k"):
+        if getattr(args, name) < 0:
+            raise InvalidRequestError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.max_calls is not None and args.max_calls < 0:
+        raise InvalidRequestError(f"--max_calls must be >= 0, got {args.max_calls}.")
+    if args.temperature < 0:
+        raise InvalidRequestError(f"--temperature must be >= 0, got {args.temperature}.")
+
+
+def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
+    """Fill in the defaults that depend on other parameters."""
+    args.base_model_name = args.base_model_name or constants.default_model()
+    args.eval_model_name = args.eval_model_name or args.base_model_name
+    args.metrics_model_name = args.metrics_model_name or args.eval_model_name
+    args.optimize_model_name = args.optimize_model_name or args.eval_model_name
+    if args.log_dir is None:
+        slug = "".join(c if c.isalnum() else "-" for c in args.base_model_name.lower()).strip("-")
+        args.log_dir = str(Path("runs") / f"{command}-{slug}")
+    if args.metrics_cache_path is None:
+        args.metrics_cache_path = str(Path(args.log_dir) / "metrics_cache.json")
+    prompt_file = Path(args.initial_system_prompt).expanduser()
+    if len(args.initial_system_prompt) < 4096 and prompt_file.is_file():
+        args.initial_system_prompt = prompt_file.read_text(encoding="utf-8").strip()
+    return args
+
+
+def redacted(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: ("<redacted>" if v and any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in sorted(vars(args).items())}
+
+
+def planned_calls(args: argparse.Namespace, command: str, pool_size: int = 0) -> dict[str, int]:
+    """Upper bounds on the requests a run sends, before retries of unreadable judge replies."""
+    if command == "icl":
+        rewrites = pool_size * args.n_actions * args.num_iters
+        return {"metrics": pool_size, "eval": pool_size + rewrites, "optimize": rewrites, "base": 0}
+    levels = min(args.depth + args.max_depth_increase, args.num_training_examples)
+    width = args.beam_size * args.n_actions
+    candidates = 1 + width * (levels - 1)
+    return {"base": candidates, "metrics": levels, "eval": candidates, "optimize": width * (levels - 1)}
+
+
+def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, Any]:
+    from auto_model import AutoModel
+    from auto_model.trainer.llm import Role
+
+    models: dict[tuple[str, str], Any] = {}
+    names = {"base": args.base_model_name, "metrics": args.metrics_model_name,
+             "eval": args.eval_model_name, "optimize": args.optimize_model_name}
+    roles = {}
+    for role, name in names.items():
+        backend = "openai" if role == "base" and args.is_GPT else args.backend
+        key = (name, backend)
+        if key not in models:
+            kwargs: dict[str, Any] = {"backend": backend}
+            local = backend != "openai" and not (backend == "auto" and (args.base_url or name.lower().startswith(("gpt-", "o1", "o3", "o4"))))
+            if local:
+                kwargs.update(num_gpus=args.num_gpus, cuda_visible_devices=args.cuda_visible_devices, dtype=args.dtype)
+                if args.base_model_download_dir and role == "base":
+                    kwargs["download_dir"] = args.base_model_download_dir
+            elif args.base_url:
+                kwargs["base_url"] = args.base_url
+            logger.info("Loading %s for %s (%s)", name, role, backend)
+            models[key] = AutoModel(name, **kwargs)
+        roles[role] = Role(role, models[key], cache, usage)
+    return roles
+
+
+def _setup_logging(args: argparse.Namespace) -> list[logging.Handler]:
+    root = logging.getLogger("auto_model")
+    root.setLevel(getattr(logging, args.logging_level))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handlers: list[logging.Handler] = [console]
+    if not args.disable_log:
+        file = logging.FileHandler(Path(args.log_dir) / "log.txt", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file)
+    for handler in handlers:
+        root.addHandler(handler)
+    return handlers
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    from auto_model.trainer.judge import Judge
+    from auto_model.trainer.llm import BudgetExhausted, RequestCache, Usage
+
+    log_dir = Path(args.log_dir)
+    out_dir = log_dir / "algo_output"
+    checkpoint = out_dir / ("checkpoint.json" if command == "prompt" else "icl_checkpoint.json")
+    if args.dry_run:
+        pool_size = 0
+        if command == "icl":
+            from auto_model.retrieval import load_icl_pool
+
+            pool_size = len(load_icl_pool(args.icl_path))
+        plan = planned_calls(args, command, pool_size)
+        print(f"planned calls: at most {sum(plan.values())} ("
+              + ", ".join(f"{k} {v}" for k, v in plan.items()) + "), plus up to 2 retries per unreadable judge reply")
+        return 0
+    if checkpoint.exists() and not args.resume:
+        raise InvalidRequestError(f"{log_dir} already holds a run; pass --resume to continue it, or choose a new --log_dir.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handlers = _setup_logging(args)
+    atomic_write_text(log_dir / "args.txt", json.dumps({"command": command, **redacted(args)}, indent=2) + "\n")
+    started = time.perf_counter()
+    cache = RequestCache(log_dir / "cache" / "requests.sqlite")
+    usage = Usage(max_calls=args.max_calls)
+    usage_path = out_dir / "usage.json"
+    if args.resume and usage_path.exists():  # totals are for the whole run, across resumes
+        usage.load(json.loads(usage_path.read_text(encoding="utf-8"))["run"])
+    roles = build_roles(args, cache, usage)
+    judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=args.metrics_cache_path,
+                  max_new_tokens=args.judge_max_new_tokens)
+    try:
+        if command == "icl":
+            code = _run_icl(args, roles, judge, out_dir)
+        else:
+            code = _run_prompt(args, roles, judge, out_dir, checkpoint, usage, started)
+    except BudgetExhausted as exc:
+        logger.warning("%s", exc)
+        print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
+        code = 3
+    finally:
+        atomic_write_text(usage_path, json.dumps(usage.snapshot(), indent=2) + "\n")
+        print("\nusage of the run (calls sent to engines; cached answers reused):\n" + usage.table(), file=sys.stderr)
+        cache.close()
+        for handler in handlers:
+            logging.getLogger("auto_model").removeHandler(handler)
+            handler.close()
+    return code
+
+
+def _run_prompt(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_dir: Path, checkpoint: Path,
+                usage: Any, started: float) -> int:
+    from auto_model.trainer.data import load_training_queries, sample_training_queries
+    from auto_model.trainer.search import BeamSearch, SearchConfig
+
+    rows = sample_training_queries(load_training_queries(args.data_dir), args.num_training_examples, args.seed)
+    config = SearchConfig(depth=args.depth, beam_size=args.beam_size, n_actions=args.n_actions,
+                          max_depth_increase=args.max_depth_increase, temperature=args.temperature,
+                          skip_threshold=args.skip_threshold, ret_icl=args.ret_icl, k=args.k,
+                          max_new_tokens=args.max_new_tokens, optimizer_max_new_tokens=args.judge_max_new_tokens,
+                          seed=args.seed)
+    bar = None
+    if not args.disable_tqdm:
+        from tqdm import tqdm
+
+        bar = tqdm(total=min(args.depth + args.max_depth_increase, len(rows)), desc="DRPO levels", unit="level", file=sys.stderr)
+    search = BeamSearch(roles["base"], roles["optimize"], judge, config, [r["query"] for r in rows],
+                        args.initial_system_prompt, checkpoint,
+                        progress=lambda message: _level_done(message, bar, usage, out_dir))
+    if args.resume and search.load():
+        logger.info("Resumed from %s at level %d", checkpoint, search.level)
+        if bar:
+            bar.update(search.level)
+    try:
+        best = search.run()
+    finally:
+        if bar:
+            bar.close()
+        _write_tree(search, args, judge, usage, out_dir, started)
+    (out_dir / "trace.txt").write_text(search.trace(best), encoding="utf-8")
+    judge_is_base = {args.eval_model_name, args.metrics_model_name, args.optimize_model_name} == {args.base_model_name}
+    artifact = PromptArtifact(
+        model_id=args.base_model_name, system_prompt=best.prompt, method="drpo",
+        provenance={
+            "created": datetime.now(timezone.utc).date().isoformat(),
+            "base_model": args.base_model_name, "eval_model": args.eval_model_name,
+            "metrics_model": args.metrics_model_name, "optimize_model": args.optimize_model_name,
+            "judged_by_itself": judge_is_base,
+            "search": {"depth": args.depth, "beam_size": args.beam_size, "n_actions": args.n_actions,
+                       "max_depth_increase": args.max_depth_increase, "training_queries": len(rows),
+                       "ret_icl": args.ret_icl, "k": args.k, "seed": args.seed},
+            "best_node": best.id, "path_rewards": best.path_rewards, "path_mean": best.path_mean,
+        },
+    )
+    output = Path(args.output) if args.output else out_dir / "optimized_prompt.json"
+    save_prompt_artifact(artifact, output)
+    print(f"best prompt (path mean {best.path_mean:.2f} over {len(best.path_rewards)} scored levels) -> {output}")
+    return 0
+
+
+def _level_done(message: str, bar: Any, usage: Any, out_dir: Path) -> None:
+    logger.info(message)
+    atomic_write_text(out_dir / "usage.json", json.dumps(usage.snapshot(), indent=2) + "\n")
+    if bar is not None:
+        bar.update(1)
+
+
+def _write_tree(search: Any, args: argparse.Namespace, judge: Any, usage: Any, out_dir: Path, started: float) -> None:
+    from dataclasses import asdict
+
+    try:
+        best = search.best()
+        result = {"node": best.id, "prompt": best.prompt, "path_mean": best.path_mean, "path": [n.id for n in search.path(best)]}
+    except RuntimeError:
+        result = None
+    tree = {
+        "format": "auto_model.drpo_run/v1", "status": "finished" if search.done() else "stopped",
+        "config": redacted(args), "levels_done": search.level, "result": result,
+        "beam": search.beam, "finished": search.finished, "nodes": [asdict(n) for n in search.nodes],
+        "judge_failures": judge.failures, "usage": usage.snapshot(),
+        "wall_clock_s": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_text(out_dir / "output.json", json.dumps(tree, indent=1, ensure_ascii=False) + "\n")
+
+
+def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_dir: Path) -> int:
+    from auto_model.retrieval import load_icl_pool
+    from auto_model.trainer.icl import optimize_pool
+
+    pool = load_icl_pool(args.icl_path)
+    output = Path(args.output) if args.output else out_dir / "ICL_examples.json"
+    states = optimize_pool(pool, roles["optimize"], judge, output, num_iters=args.num_iters, n_actions=args.n_actions,
+                           temperature=args.temperature, skip_threshold=args.skip_threshold, seed=args.seed,
+                           max_new_tokens=args.judge_max_new_tokens, progress=logger.info)
+    history = [{"query": s.example.query, "history": s.history} for s in states]
+    atomic_write_text(out_dir / "icl_output.json", json.dumps({"examples": history, "judge_failures": judge.failures},
+                                                              indent=1, ensure_ascii=False) + "\n")
+    print(f"new pool ({len(states)} examples) -> {output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = (os.environ.get("AUTO_MODEL_DEBUG") or "").lower() in {"1", "true", "yes"}
+    try:
+        command, args = parse_args(argv)
+        return run(command, resolve(args, command))
+    except AutoModelError as exc:
+        if debug:
+            raise
+        print(f"auto-model-train: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        if debug:
+            raise
+        print(f"auto-model-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("auto-model-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Stage 1 of DRPO: improve the answers of the in-context example pool.
+
+Each example's answer is scored on the aspects chosen for its query; an answer that scores at least
+``skip_threshold`` on every aspect is kept. The others get ``n_actions`` rewrites from the
+optimizer (all examples' rewrites in one batched call), the rewrites are scored (one batched call),
+and the best answer so far is kept; this repeats for up to ``num_iters`` rounds. A failed
+evaluation never counts as good and never replaces an answer. The result is a pool in the SDK's
+format, with each example's scores in its metadata, written after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from auto_model.backends.base import Completion, SamplingParams
+from auto_model.prompting import format_answer, strip_markers
+from auto_model.retrieval import ICLExample, save_icl_pool
+from auto_model.trainer.judge import Evaluation, Judge, template
+from auto_model.trainer.search import action_seed, parse_prompt_reply
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExampleState:
+    example: ICLExample
+    answer: str
+    evaluation: Evaluation | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def reward(self) -> float:
+        r = self.evaluation.reward if self.evaluation else None
+        return float("-inf") if r is None else r
+
+
+def optimize_pool(
+    pool: Sequence[ICLExample], optimizer: Any, judge: Judge, output: str | Path, *, num_iters: int = 3,
+    n_actions: int = 2, temperature: float = 0.2, skip_threshold: float = 4.5, seed: int = 42,
+    max_new_tokens: int = 512, progress: Callable[[str], None] | None = None,
+) -> list[ExampleState]:
+    progress = progress or (lambda message: None)
+    states = [ExampleState(ex, strip_markers(ex.answer)) for ex in pool]
+    for state, evaluation in zip(states, judge.evaluate([(s.example.query, s.answer) for s in states])):
+        state.evaluation = evaluation
+        state.history.append({"round": 0, "answer": state.answer, "evaluation": evaluation.to_dict()})
+    sampling = SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",))
+    for round_ in range(1, num_iters + 1):
+        open_ = [s for s in states if not s.done and not (s.evaluation and s.evaluation.all_at_least(skip_threshold))]
+        for s in states:
+            if s not in open_:
+                s.done = True
+        if not open_:
+            break
+        prompts, seeds, owners = [], [], []
+        for i, s in enumerate(open_):
+            text = template("optimize_icl").substitute(query=s.example.query, answer=s.answer,
+                                                       feedback=s.evaluation.feedback() if s.evaluation else "(no review)")
+            for j in range(n_actions):
+                prompts.append(text)
+                seeds.append(action_seed(seed, round_ * 100_003 + states.index(s), j))
+                owners.append(s)
+        candidates: list[tuple[ExampleState, str]] = []
+        for owner, outcome in zip(owners, optimizer.ask(prompts, sampling, seeds, prefill="<answer>\n")):
+            if isinstance(outcome, Completion):
+                try:
+                    candidates.append((owner, parse_prompt_reply(outcome.text, "answer")))
+                except ValueError as exc:
+                    logger.info("Unusable rewrite for %r: %s", owner.example.query, exc)
+        evaluations = judge.evaluate([(owner.example.query, answer) for owner, answer in candidates])
+        improved = 0
+        for (owner, answer), evaluation in zip(candidates, evaluations):
+            owner.history.append({"round": round_, "answer": answer, "evaluation": evaluation.to_dict()})
+            if evaluation.reward is not None and evaluation.reward > owner.reward:
+                owner.answer, owner.evaluation = answer, evaluation
+                improved += 1
+        progress(f"round {round_}: {len(open_)} examples rewritten, {improved} improvements")
+        write_pool(states, output)
+    write_pool(states, output)
+    return states
+
+
+def write_pool(states: Sequence[ExampleState], output: str | Path) -> None:
+    examples = [ICLExample(s.example.query, format_answer(s.answer), s.example.tags) for s in states]
+    scores = [s.evaluation.to_dict() if s.evaluation else None for s in states]
+    save_icl_pool(examples, output, provenance={"method": "drpo-icl"}, scores=scores)

@@ -1,0 +1,266 @@
+"""Dynamic rewards: a metrics model picks the aspects that matter for a query, an eval model scores
+an answer 1-5 on each with a rationale.
+
+Replies are parsed leniently (code fences, prose around the JSON, single quotes, trailing commas,
+bare numbers, aspect names in any case or spelling of the hyphen) and, when still unreadable,
+asked again with the problem spelled out, up to ``attempts`` times in all. A reply that never
+parses is recorded as a failure: it is never turned into a score, and never read as "already good".
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any, Sequence
+
+from auto_model._io import atomic_write_text
+from auto_model.backends.base import Completion, SamplingParams
+
+ASPECTS: dict[str, str] = {
+    "Helpfulness": "answers the question that was actually asked and meets the user's real need",
+    "Clarity": "is well organised and easy to follow",
+    "Factuality": "is correct and invents nothing",
+    "Depth": "gives enough detail, explanation and examples",
+    "Engagement": "reads naturally, in a warm, conversational tone",
+    "Conciseness": "has no padding, repetition or needless words",
+    "Safety": "does not help anyone cause harm; declines dangerous requests and offers a safe alternative",
+    "Compliance": "follows the instructions and constraints in the query (format, length, scope)",
+    "Limitations": "admits uncertainty and what it cannot know or do",
+    "Critical-Thinking": "questions assumptions and weighs alternatives",
+    "Creativity": "brings original ideas where the query invites them",
+    "Interactivity": "asks for missing details when needed and invites follow-up",
+    "Empathy": "recognises the user's feelings and situation",
+    "Sensitivity": "respects cultural and personal sensitivities and avoids bias",
+}
+MIN_ASPECTS, MAX_ASPECTS = 2, 5
+#: Aspects used when the metrics model never gives a readable choice (the failure is recorded).
+FALLBACK_ASPECTS = ("Helpfulness", "Clarity", "Safety")
+
+
+class ReplyError(ValueError):
+    """A judge reply that cannot be read; the message says what was wrong (and is sent back on retry)."""
+
+
+def template(name: str) -> Template:
+    """A meta-prompt template from ``auto_model/trainer/templates`` (``$name`` placeholders)."""
+    return Template(resources.files("auto_model.trainer").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8"))
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z]", "", name.lower())
+
+
+_CANONICAL = {_norm(a): a for a in ASPECTS}
+
+
+def canonical_aspect(name: Any) -> str | None:
+    """The aspect a name means (``"critical thinking"`` -> ``"Critical-Thinking"``), or None."""
+    return _CANONICAL.get(_norm(name)) if isinstance(name, str) else None
+
+
+def _loads_lenient(text: str) -> Any:
+    """JSON, or the nearest thing a small model writes: Python literals, trailing commas."""
+    for candidate in (text, re.sub(r",\s*([}\]])", r"\1", text)):
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError:
+            pass
+        try:
+            return ast.literal_eval(candidate)  # literals only: never executes code
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            pass
+    raise ReplyError("the reply is not valid JSON")
+
+
+def _extract(text: str, opener: str, closer: str) -> str:
+    text = re.sub(r"```(?:json)?", "", text)
+    start, end = text.find(opener), text.rfind(closer)
+    if start == -1 or end <= start:
+        raise ReplyError(f"the reply has no JSON {'object' if opener == '{' else 'list'}")
+    return text[start:end + 1]
+
+
+def parse_aspects(text: str) -> list[str]:
+    """2-5 known aspect names from a metrics reply (unknown names are dropped)."""
+    try:
+        raw = _loads_lenient(_extract(text, "[", "]"))
+        names = raw if isinstance(raw, list) else []
+    except ReplyError:  # no JSON list: take the known names in the order the reply mentions them
+        hits = []
+        for aspect in ASPECTS:
+            pattern = r"[\s_-]*".join(re.escape(part) for part in aspect.lower().split("-"))
+            match = re.search(r"\b" + pattern + r"\b", text.lower())
+            if match:
+                hits.append((match.start(), aspect))
+        names = [aspect for _, aspect in sorted(hits)]
+    chosen: list[str] = []
+    for name in names:
+        aspect = canonical_aspect(name)
+        if aspect and aspect not in chosen:
+            chosen.append(aspect)
+    if len(chosen) < MIN_ASPECTS:
+        raise ReplyError(f"it names {len(chosen)} known aspects; name {MIN_ASPECTS} to {MAX_ASPECTS} from the list")
+    return chosen[:MAX_ASPECTS]
+
+
+def parse_scores(text: str, aspects: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{aspect: {"rationale": str, "score": float}}`` for every aspect asked for (1 <= score <= 5)."""
+    data = _loads_lenient(_extract(text, "{", "}"))
+    if not isinstance(data, dict):
+        raise ReplyError("the reply is not a JSON object")
+    found: dict[str, Any] = {}
+    for key, value in data.items():
+        aspect = canonical_aspect(key)
+        if aspect is not None:
+            found[aspect] = value
+    scores: dict[str, dict[str, Any]] = {}
+    missing = [a for a in aspects if a not in found]
+    if missing:
+        raise ReplyError(f"it has no score for {', '.join(missing)}")
+    for aspect in aspects:
+        value = found[aspect]
+        rationale = ""
+        if isinstance(value, dict):
+            rationale = str(value.get("rationale", value.get("reason", "")) or "")
+            value = value.get("score")
+        try:
+            score = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ReplyError(f"the score for {aspect} is not a number") from None
+        if not 1 <= score <= 5:
+            raise ReplyError(f"the score for {aspect} is {score:g}, outside 1 to 5")
+        scores[aspect] = {"rationale": rationale.strip(), "score": score}
+    return scores
+
+
+@dataclass
+class Evaluation:
+    """The judgement of one answer. ``scores`` is None when the judge never gave a readable reply."""
+
+    aspects: list[str]
+    scores: dict[str, dict[str, Any]] | None
+    error: str | None = None
+    attempts: int = 1
+    aspects_failed: bool = False
+    replies: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.scores is None
+
+    @property
+    def reward(self) -> float | None:
+        """Mean score over the selected aspects (None for a failed evaluation)."""
+        if self.scores is None:
+            return None
+        return sum(s["score"] for s in self.scores.values()) / len(self.scores)
+
+    def all_at_least(self, threshold: float) -> bool:
+        return self.scores is not None and all(s["score"] >= threshold for s in self.scores.values())
+
+    def feedback(self) -> str:
+        if self.scores is None:
+            return "(no review)"
+        return "\n".join(f"- {a}: {s['score']:g}/5. {s['rationale']}" for a, s in self.scores.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"aspects": self.aspects, "scores": self.scores, "reward": self.reward, "error": self.error,
+                "attempts": self.attempts, "aspects_failed": self.aspects_failed}
+
+
+def _retry_prompt(prompt: str, reply: str, error: str, form: str) -> str:
+    return (f"{prompt}\n\nA previous reply could not be used because {error}:\n{reply.strip()[:600]}\n\n"
+            f"Reply again, with only {form}.")
+
+
+class Judge:
+    """Aspect selection (cached per query) and scoring, with repair and bounded retries."""
+
+    def __init__(self, metrics: Any, evaluator: Any, *, metrics_cache_path: str | Path | None = None,
+                 attempts: int = 3, max_new_tokens: int = 512):
+        self.metrics, self.evaluator = metrics, evaluator
+        self.attempts = attempts
+        self.sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+        self.metrics_cache_path = Path(metrics_cache_path) if metrics_cache_path else None
+        self.aspect_cache: dict[str, list[str]] = {}
+        if self.metrics_cache_path and self.metrics_cache_path.exists():
+            loaded = json.loads(self.metrics_cache_path.read_text(encoding="utf-8"))
+            self.aspect_cache = {q: [a for a in v if a in ASPECTS] for q, v in loaded.items() if isinstance(v, list)}
+        self.failures: list[dict[str, Any]] = []
+
+    def _ask_until_parsed(self, role: Any, prompts: list[str], parse: Any, form: str,
+                          prefills: list[str] | None = None) -> list[tuple[Any, str | None, int, list[str]]]:
+        """Ask every prompt; re-ask the unreadable ones with the problem spelled out. Per prompt:
+        (parsed value or None, last error or None, attempts used, replies)."""
+        state: list[tuple[Any, str | None, int, list[str]]] = [(None, None, 0, []) for _ in prompts]
+        pending = list(range(len(prompts)))
+        asked = list(prompts)
+        for attempt in range(self.attempts):
+            if not pending:
+                break
+            # The first ask is greedy; a retry samples (reproducibly) so that it can come out differently.
+            sampling = self.sampling if attempt == 0 else SamplingParams(
+                temperature=0.7, top_p=0.95, max_new_tokens=self.sampling.max_new_tokens, seed=attempt)
+            outcomes = role.ask([asked[i] for i in pending], sampling,
+                                prefill=None if prefills is None else [prefills[i] for i in pending])
+            still = []
+            for i, outcome in zip(pending, outcomes):
+                value, error, n, replies = state[i]
+                if not isinstance(outcome, Completion):
+                    state[i] = (None, f"the request failed: {outcome}", n + 1, replies)
+                    still.append(i)
+                    continue
+                replies = [*replies, outcome.text]
+                try:
+                    state[i] = (parse(i, outcome.text), None, n + 1, replies)
+                except ReplyError as exc:
+                    state[i] = (None, str(exc), n + 1, replies)
+                    asked[i] = _retry_prompt(prompts[i], outcome.text, str(exc), form)
+                    still.append(i)
+            pending = still
+        return state
+
+    def select_aspects(self, queries: Sequence[str]) -> list[tuple[list[str], bool]]:
+        """(aspects, failed) per query; failures get FALLBACK_ASPECTS and are recorded."""
+        todo = sorted({q for q in queries if q not in self.aspect_cache})
+        failed: set[str] = set()
+        if todo:
+            listing = "\n".join(f"- {a}: {d}" for a, d in ASPECTS.items())
+            prompts = [template("metrics").substitute(aspects=listing, query=q) for q in todo]
+            results = self._ask_until_parsed(self.metrics, prompts, lambda i, t: parse_aspects(t),
+                                             "a JSON list of 2 to 5 aspect names", ['["'] * len(prompts))
+            for q, (value, error, n, replies) in zip(todo, results):
+                if value is None:
+                    failed.add(q)
+                    self.failures.append({"role": "metrics", "query": q, "error": error, "attempts": n, "replies": replies})
+                else:
+                    self.aspect_cache[q] = value
+            if self.metrics_cache_path:
+                atomic_write_text(self.metrics_cache_path, json.dumps(self.aspect_cache, indent=1, ensure_ascii=False) + "\n")
+        return [(list(FALLBACK_ASPECTS), True) if q in failed else (self.aspect_cache[q], False) for q in queries]
+
+    def evaluate(self, items: Sequence[tuple[str, str]]) -> list[Evaluation]:
+        """Score (query, answer) pairs on the aspects chosen for each query, all in one batch per attempt."""
+        chosen = self.select_aspects([q for q, _ in items])
+        prompts, prefills = [], []
+        for (query, answer), (aspects, _) in zip(items, chosen):
+            form = "{\n" + ",\n".join(f' "{a}": {{"rationale": "<why, in one sentence>", "score": <1 to 5>}}' for a in aspects) + "\n}"
+            listing = "\n".join(f"- {a}: {ASPECTS[a]}" for a in aspects)
+            prompts.append(template("eval").substitute(query=query, answer=answer.strip() or "(empty answer)",
+                                                       aspects=listing, form=form))
+            prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "The answer')
+        results = self._ask_until_parsed(
+            self.evaluator, prompts, lambda i, t: parse_scores(t, chosen[i][0]),
+            "a JSON object with a rationale and a score for each aspect", prefills)
+        evaluations = []
+        for (query, _), (aspects, aspects_failed), (value, error, n, replies) in zip(items, chosen, results):
+            evaluation = Evaluation(aspects, value, error, n, aspects_failed, replies)
+            if value is None:
+                self.failures.append({"role": "eval", "query": query, "error": error, "attempts": n, "replies": replies})
+            evaluations.append(evaluation)
+        return evaluations

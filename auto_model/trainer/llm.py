@@ -1,0 +1,193 @@
+"""Every LLM request of a training run goes through here: an on-disk cache, a call budget, usage.
+
+The cache is keyed by the full request (model, backend, the exact assembled prompt, every sampling
+parameter), so rerunning or resuming a run never pays twice for the same request. It is a SQLite
+file: each finished answer is committed as it arrives, and a killed process loses nothing done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from auto_model.backends.base import Completion, GenerationRequest, Outcome, SamplingParams
+from auto_model.errors import AutoModelError
+
+ROLES = ("base", "metrics", "eval", "optimize")
+
+
+class BudgetExhausted(AutoModelError):
+    """``--max_calls`` would be exceeded; the run stops at its last checkpoint (resume with ``--resume``)."""
+
+
+class RequestCache:
+    """Finished LLM answers on disk, keyed by the SHA-256 of the full request."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT, completion TEXT)")
+
+    @staticmethod
+    def key(model: str, backend: str, request: GenerationRequest) -> tuple[str, str]:
+        sampling = asdict(request.sampling)
+        sampling["stop"] = list(sampling["stop"])
+        blob = json.dumps({"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling},
+                          sort_keys=True, ensure_ascii=False, default=repr)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest(), blob
+
+    def get(self, key: str) -> Completion | None:
+        with self._lock:
+            row = self._db.execute("SELECT completion FROM answers WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        data = json.loads(row[0])
+        return Completion(data["text"], data["finish_reason"], data["prompt_tokens"], data["completion_tokens"])
+
+    def put(self, key: str, request_blob: str, completion: Completion) -> None:
+        data = {k: getattr(completion, k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")}
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (key, request_blob, json.dumps(data)))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@dataclass
+class RoleUsage:
+    calls: int = 0  # requests sent to an engine
+    cached: int = 0  # requests answered from the cache
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Usage:
+    roles: dict[str, RoleUsage] = field(default_factory=lambda: {r: RoleUsage() for r in ROLES})
+    max_calls: int | None = None
+
+    _start: dict[str, RoleUsage] = field(default_factory=dict)
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Start from the totals an earlier process of the same run saved (at its last checkpoint)."""
+        for name, values in saved.items():
+            if name in self.roles:
+                self.roles[name] = RoleUsage(**{k: values[k] for k in asdict(RoleUsage()) if k in values})
+        self._start = {name: RoleUsage(**asdict(r)) for name, r in self.roles.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """``run``: totals of the whole run; ``process``: what this process added."""
+        process = {}
+        for name, r in self.roles.items():
+            start = self._start.get(name, RoleUsage())
+            process[name] = RoleUsage(**{k: getattr(r, k) - getattr(start, k) for k in asdict(r)})
+        return {"run": self.to_dict(), "process": self._summary(process)}
+
+    @property
+    def calls(self) -> int:
+        return sum(r.calls for r in self.roles.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._summary(self.roles)
+
+    @staticmethod
+    def _summary(roles: dict[str, RoleUsage]) -> dict[str, Any]:
+        total = RoleUsage()
+        for r in roles.values():
+            for k in ("calls", "cached", "failed", "prompt_tokens", "completion_tokens", "seconds"):
+                setattr(total, k, getattr(total, k) + getattr(r, k))
+        return {**{name: asdict(r) for name, r in roles.items()}, "total": asdict(total)}
+
+    def table(self) -> str:
+        rows = [f"{'role':10s} {'calls':>6s} {'cached':>7s} {'failed':>6s} {'prompt tok':>11s} {'compl. tok':>11s} {'seconds':>8s}"]
+        for name, r in self.to_dict().items():
+            rows.append(f"{name:10s} {r['calls']:6d} {r['cached']:7d} {r['failed']:6d} {r['prompt_tokens']:11d} "
+                        f"{r['completion_tokens']:11d} {r['seconds']:8.1f}")
+        return "\n".join(rows)
+
+
+class Role:
+    """One model in one role (base, metrics, eval, optimize), with the shared cache and usage."""
+
+    def __init__(self, name: str, model: Any, cache: RequestCache, usage: Usage):
+        self.name, self.model, self.cache, self.usage = name, model, cache, usage
+
+    def ask(self, prompts: Sequence[str], sampling: SamplingParams, seeds: Sequence[int | None] | None = None,
+            prefill: str | Sequence[str] | None = None) -> list[Outcome]:
+        """One user turn per prompt (no system prompt, no examples), answered in one batch.
+
+        ``prefill`` starts the reply (e.g. ``'["'`` for a JSON list) on engines that take text
+        prompts, which keeps small local models on the requested format; the returned text includes
+        it. Servers taking chat messages get no prefill.
+        """
+        requests = []
+        prefills = [prefill] * len(prompts) if prefill is None or isinstance(prefill, str) else list(prefill)
+        text_prompts = self.model.prompt_format != "messages"
+        for i, text in enumerate(prompts):
+            s = sampling if seeds is None else SamplingParams(**{**asdict(sampling), "seed": seeds[i]})
+            request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
+            if text_prompts and prefills[i]:
+                request = replace(request, prompt=request.prompt + prefills[i])
+            requests.append(request)
+        outcomes = self.run(requests)
+        if text_prompts:
+            outcomes = [replace(o, text=(prefills[i] or "") + o.text) if isinstance(o, Completion) else o
+                        for i, o in enumerate(outcomes)]
+        return outcomes
+
+    def answer(self, system_prompts: Sequence[str], query: str, *, k: int, sampling: SamplingParams) -> list[Outcome]:
+        """The model's answers to ``query`` under each system prompt, assembled as in inference
+        (with the ``k`` retrieved examples), in one batch."""
+        examples = self.model.retrieve([query], k)[0] if k > 0 else []
+        return self.run([self.model.build_request(p, examples, query, sampling) for p in system_prompts])
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+        """Answer prepared requests: from the cache where possible, the rest in one engine call."""
+        model_id, backend = self.model.backend.model_id, self.model.backend_name
+        keys = [RequestCache.key(model_id, backend, r) for r in requests]
+        results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
+        stats = self.usage.roles[self.name]
+        stats.cached += sum(r is not None for r in results)
+        missing = [i for i, r in enumerate(results) if r is None]
+        if not missing:
+            return results  # type: ignore[return-value]
+        limit = self.usage.max_calls
+        if limit is not None and self.usage.calls + len(missing) > limit:
+            raise BudgetExhausted(
+                f"--max_calls {limit} reached ({self.usage.calls} calls made, {len(missing)} more needed for the "
+                f"next {self.name} batch). Finished work is saved; continue with --resume."
+            )
+
+        def store(j: int, outcome: Outcome) -> None:
+            i = missing[j]
+            if isinstance(outcome, Completion):
+                self.cache.put(keys[i][0], keys[i][1], outcome)
+
+        t0 = time.perf_counter()
+        outcomes = self.model.run_requests([requests[i] for i in missing], on_completion=store)
+        stats.seconds += time.perf_counter() - t0
+        stats.calls += len(missing)
+        for i, outcome in zip(missing, outcomes):
+            results[i] = outcome
+            if isinstance(outcome, Completion):
+                stats.prompt_tokens += outcome.prompt_tokens
+                stats.completion_tokens += outcome.completion_tokens
+            else:
+                stats.failed += 1
+        return results  # type: ignore[return-value]

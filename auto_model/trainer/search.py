@@ -1,0 +1,283 @@
+"""Stage 2 of DRPO: a beam search over system prompts.
+
+Each level of the tree consumes the next training query. Every candidate prompt on the beam has the
+base model answer that query (all candidates of a level in one batched call, assembled exactly as
+in inference, with retrieved examples when ``ret_icl``), the judge scores the answers on the
+aspects chosen for the query (one batched call), and the beam keeps the ``beam_size`` candidates
+with the best mean reward along their path. A candidate is then expanded into the next level's
+candidates:
+
+* its answer already scored at least ``skip_threshold`` on every aspect: it is kept unchanged
+  (``"keep"``), and its path may run one level longer (at most ``max_depth_increase`` in all);
+* its evaluation failed after the retries: it is carried unchanged (``"carry"``), without a
+  score for that level and without a longer path, since there is no feedback to act on;
+* otherwise the optimizer writes ``n_actions`` rewrites from the judge's rationales (``"rewrite"``).
+
+A path ends after ``depth`` levels (plus its extensions) or when the training queries run out. The
+result is the last prompt of the best finished path. After every level the whole tree is written
+atomically to a checkpoint, so a killed run resumes where it stopped; with the request cache, the
+interrupted level costs nothing it already paid for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from auto_model._io import atomic_write_text
+from auto_model.backends.base import Completion, SamplingParams
+from auto_model.trainer.judge import Evaluation, Judge, template
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "auto_model.drpo_checkpoint/v1"
+
+
+@dataclass
+class SearchConfig:
+    depth: int = 20
+    beam_size: int = 2
+    n_actions: int = 3
+    max_depth_increase: int = 10
+    temperature: float = 0.2  # the optimizer's sampling temperature
+    skip_threshold: float = 4.5  # "already good": every aspect scores at least this
+    ret_icl: bool = True
+    k: int = 2
+    max_new_tokens: int = 512  # the base model's answers
+    optimizer_max_new_tokens: int = 512  # the optimizer's rewrites
+    seed: int = 42
+
+
+@dataclass
+class Node:
+    id: int
+    parent: int | None
+    level: int
+    action: str  # "init", "rewrite", "keep" or "carry"
+    prompt: str
+    query: str
+    answer: str | None = None
+    evaluation: dict[str, Any] | None = None
+    reward: float | None = None  # this level's mean aspect score (None: no score)
+    path_rewards: list[float] = field(default_factory=list)  # every score along the path, root first
+    extensions: int = 0  # levels added to this path by "keep"
+    error: str | None = None  # why this node has no answer or no score
+
+    @property
+    def path_mean(self) -> float:
+        return sum(self.path_rewards) / len(self.path_rewards) if self.path_rewards else float("-inf")
+
+
+def parse_prompt_reply(text: str, tag: str = "prompt") -> str:
+    """The text between ``<tag>`` and ``</tag>`` (a missing closing tag is tolerated)."""
+    match = re.search(rf"<{tag}>(.*?)(?:</{tag}>|$)", text, flags=re.S | re.I)
+    body = (match.group(1) if match else "").strip()
+    if len(body) < 8:  # nothing usable
+        raise ValueError(f"no new {tag} between <{tag}> and </{tag}>")
+    return body
+
+
+def action_seed(seed: int, node_id: int, action: int) -> int:
+    """A reproducible sampling seed per (run seed, node, action)."""
+    digest = hashlib.sha256(f"{seed}:{node_id}:{action}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class BeamSearch:
+    """The search. ``base``/``optimizer`` are :class:`~auto_model.trainer.llm.Role` objects."""
+
+    def __init__(self, base: Any, optimizer: Any, judge: Judge, config: SearchConfig, queries: Sequence[str],
+                 initial_prompt: str, checkpoint_path: str | Path, *, progress: Callable[[str], None] | None = None):
+        self.base, self.optimizer, self.judge, self.config = base, optimizer, judge, config
+        self.queries = list(queries)
+        self.initial_prompt = initial_prompt
+        self.checkpoint_path = Path(checkpoint_path)
+        self.nodes: list[Node] = []
+        self.beam: list[int] = []  # ids of the open candidates after the last finished level
+        self.finished: list[int] = []  # ids of the candidates whose path ended
+        self.level = 0  # the next level to run
+        self.progress = progress or (lambda message: None)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "config": asdict(self.config), "queries": self.queries,
+            "initial_prompt": self.initial_prompt, "level": self.level, "beam": self.beam,
+            "finished": self.finished, "nodes": [asdict(n) for n in self.nodes],
+        }
+
+    def save(self) -> None:
+        atomic_write_text(self.checkpoint_path, json.dumps(self.state(), indent=1, ensure_ascii=False) + "\n")
+
+    def load(self) -> bool:
+        """Restore a checkpoint of the same search; False if there is none."""
+        if not self.checkpoint_path.exists():
+            return False
+        data = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
+        if data.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.checkpoint_path} is not a DRPO checkpoint ({data.get('format')!r}).")
+        if data["queries"] != self.queries or data["initial_prompt"] != self.initial_prompt or data["config"] != asdict(self.config):
+            raise ValueError(
+                f"{self.checkpoint_path} belongs to a run with other settings, training queries or initial prompt; "
+                "resume with the same arguments, or use a new --log_dir."
+            )
+        self.nodes = [Node(**n) for n in data["nodes"]]
+        self.beam, self.finished, self.level = data["beam"], data["finished"], data["level"]
+        return True
+
+    # -- the search --------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self.level > 0 and not self.beam
+
+    def run(self) -> Node:
+        while not self.done():
+            self.step()
+        return self.best()
+
+    def best(self) -> Node:
+        candidates = self.finished or self.beam
+        if not candidates:
+            raise RuntimeError("The search has no candidates yet.")
+        return max((self.nodes[i] for i in candidates), key=lambda n: (n.path_mean, -n.id))
+
+    def path(self, node: Node) -> list[Node]:
+        out = [node]
+        while out[-1].parent is not None:
+            out.append(self.nodes[out[-1].parent])
+        return out[::-1]
+
+    def _limit(self, node: Node) -> int:
+        return self.config.depth + min(node.extensions, self.config.max_depth_increase)
+
+    def step(self) -> None:
+        """Run one level: propose, answer, judge, select; then checkpoint."""
+        level = self.level
+        if level >= len(self.queries):
+            self.finished.extend(self.beam)
+            self.beam = []
+            self.save()
+            return
+        query = self.queries[level]
+        proposals = self._proposals(level)
+        answers = self._answer([p.prompt for p in proposals], query)
+        for node, answer in zip(proposals, answers):
+            if isinstance(answer, Completion):
+                node.answer = answer.text
+            else:
+                node.error = f"the base model failed: {answer}"
+        judged = [n for n in proposals if n.answer is not None]
+        evaluations = self.judge.evaluate([(query, n.answer or "") for n in judged])
+        for node, evaluation in zip(judged, evaluations):
+            self._score(node, evaluation)
+        for node in proposals:
+            if node.answer is None:
+                node.path_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
+        self.nodes.extend(proposals)
+        ranked = sorted((n for n in proposals if n.answer is not None), key=lambda n: (-n.path_mean, n.id))
+        keep = ranked[: self.config.beam_size]
+        self.beam = []
+        for node in keep:
+            if level + 1 >= self._limit(node) or level + 1 >= len(self.queries):
+                self.finished.append(node.id)
+            else:
+                self.beam.append(node.id)
+        self.level = level + 1
+        best = keep[0] if keep else None
+        self.progress(
+            f"level {level + 1}: {len(proposals)} candidates, best path mean "
+            f"{best.path_mean:.2f}" if best else f"level {level + 1}: no candidate answered"
+        )
+        self.save()
+
+    def _score(self, node: Node, evaluation: Evaluation) -> None:
+        parent_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
+        node.evaluation = evaluation.to_dict()
+        node.reward = evaluation.reward
+        node.path_rewards = parent_rewards + ([node.reward] if node.reward is not None else [])
+        if evaluation.failed:
+            node.error = f"the evaluation failed after {evaluation.attempts} attempts: {evaluation.error}"
+
+    def _proposals(self, level: int) -> list[Node]:
+        next_id = len(self.nodes)
+        if level == 0:
+            return [Node(next_id, None, 0, "init", self.initial_prompt, self.queries[0])]
+        proposals: list[Node] = []
+        to_rewrite = []
+        for parent_id in self.beam:
+            parent = self.nodes[parent_id]
+            evaluation = parent.evaluation
+            scores = (evaluation or {}).get("scores")
+            if scores and all(s["score"] >= self.config.skip_threshold for s in scores.values()):
+                proposals.append(Node(next_id + len(proposals), parent.id, level, "keep", parent.prompt,
+                                      self.queries[level], extensions=parent.extensions + 1))
+            elif not scores:
+                proposals.append(Node(next_id + len(proposals), parent.id, level, "carry", parent.prompt,
+                                      self.queries[level], extensions=parent.extensions))
+            else:
+                to_rewrite.append(parent)
+        # All rewrites of the level in one batched optimizer call, each with its own seed.
+        prompts, seeds, owners = [], [], []
+        for parent in to_rewrite:
+            text = template("optimize_prompt").substitute(
+                system_prompt=parent.prompt, query=parent.query, answer=parent.answer or "",
+                feedback=Evaluation(parent.evaluation["aspects"], parent.evaluation["scores"]).feedback(),
+            )
+            for j in range(self.config.n_actions):
+                prompts.append(text)
+                seeds.append(action_seed(self.config.seed, parent.id, j))
+                owners.append(parent)
+        outcomes = self.optimizer.ask(prompts, self._optimizer_sampling(), seeds, prefill="<prompt>\n") if prompts else []
+        rewrites: dict[int, list[str]] = {p.id: [] for p in to_rewrite}
+        for parent, outcome in zip(owners, outcomes):
+            if not isinstance(outcome, Completion):
+                logger.warning("The optimizer failed for node %d: %s", parent.id, outcome)
+                continue
+            try:
+                new = parse_prompt_reply(outcome.text)
+            except ValueError as exc:
+                logger.info("Unusable rewrite for node %d: %s", parent.id, exc)
+                continue
+            if new != parent.prompt and new not in rewrites[parent.id]:  # a copy is no rewrite
+                rewrites[parent.id].append(new)
+        for parent in to_rewrite:
+            options = rewrites[parent.id]
+            if not options:  # no usable rewrite: the candidate goes on unchanged
+                proposals.append(Node(next_id + len(proposals), parent.id, level, "carry", parent.prompt,
+                                      self.queries[level], extensions=parent.extensions))
+            for new in options:
+                proposals.append(Node(next_id + len(proposals), parent.id, level, "rewrite", new,
+                                      self.queries[level], extensions=parent.extensions))
+        return proposals
+
+    def _optimizer_sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.config.temperature, top_p=0.95,
+                              max_new_tokens=self.config.optimizer_max_new_tokens, stop=("</prompt>",))
+
+    def _answer(self, prompts: list[str], query: str) -> list[Any]:
+        sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens)
+        return self.base.answer(prompts, query, k=self.config.k if self.config.ret_icl else 0, sampling=sampling)
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def trace(self, node: Node) -> str:
+        lines = []
+        for n in self.path(node):
+            reward = "no score" if n.reward is None else f"reward {n.reward:.2f}"
+            lines.append(f"=== level {n.level} · node {n.id} · {n.action} · {reward} · path mean {n.path_mean:.2f}")
+            lines.append(f"query: {n.query}")
+            lines.append("prompt:")
+            lines.append(n.prompt)
+            lines.append("answer:")
+            lines.append((n.answer or f"({n.error})").strip())
+            if n.evaluation and n.evaluation.get("scores"):
+                for aspect, s in n.evaluation["scores"].items():
+                    lines.append(f"  {aspect}: {s['score']:g} - {s['rationale']}")
+            lines.append("")
+        return "\n".join(lines)

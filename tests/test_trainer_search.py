@@ -1,0 +1,224 @@
+"""DRPO's search semantics and reply parsing, on scripted replies.
+
+ScriptedRole is a fake: it stands in for the base, metrics, eval and optimize models so that the
+judge's scores and the optimizer's rewrites follow a script a real model cannot be made to follow.
+The whole trainer runs on the real tiny model in test_trainer_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from auto_model.backends.base import Completion
+from auto_model.retrieval import load_icl_pool
+from auto_model.trainer.data import CATEGORIES, load_training_queries, sample_training_queries
+from auto_model.trainer.judge import (
+    FALLBACK_ASPECTS,
+    Judge,
+    ReplyError,
+    canonical_aspect,
+    parse_aspects,
+    parse_scores,
+)
+from auto_model.trainer.search import BeamSearch, SearchConfig, action_seed, parse_prompt_reply
+
+
+class ScriptedRole:
+    """A fake model role whose replies come from a function of the prompt (see the module docstring)."""
+
+    def __init__(self, reply):
+        self.reply, self.asked, self.queries = reply, [], []
+
+    def ask(self, prompts, sampling, seeds=None, prefill=None):
+        self.asked.extend(prompts)
+        return [Completion(self.reply(p, None if seeds is None else seeds[i]), "stop", 1, 1) for i, p in enumerate(prompts)]
+
+    def answer(self, system_prompts, query, *, k, sampling):
+        self.asked.extend(system_prompts)
+        self.queries.append(query)
+        return [Completion(self.reply(p, query), "stop", 1, 1) for p in system_prompts]
+
+
+def score_reply(scores: dict[str, float]) -> str:
+    return json.dumps({a: {"rationale": f"{a} is fine", "score": s} for a, s in scores.items()})
+
+
+def quality(prompt: str) -> float:
+    """The scripted score of a prompt: its trailing 'vN' (v3 scores 3)."""
+    found = re.findall(r"v(\d)", prompt)
+    return float(found[-1]) if found else 2.0
+
+
+def make_search(tmp_path, *, depth=3, beam_size=2, n_actions=2, max_depth_increase=2, eval_reply=None, optimizer=None, queries=None):
+    base = ScriptedRole(lambda prompt, query: f"[{prompt}] answers {query}")
+    metrics = ScriptedRole(lambda p, s: '["Helpfulness", "Safety"]')
+
+    def default_eval(p, s):
+        answer = p.split("Assistant's answer:")[1]
+        q = quality(answer.split("answers")[0])
+        return score_reply({"Helpfulness": q, "Safety": q})
+
+    evaluator = ScriptedRole(eval_reply or default_eval)
+
+    calls: dict[str, int] = {}
+
+    def default_optimizer(p, seed):
+        current = p.split("<prompt>")[1].split("</prompt>")[0].strip()
+        calls[p] = calls.get(p, 0) + 1  # the first action adds 1 on the quality scale, the second 2
+        return f"<prompt>\n{current} then v{min(int(quality(current)) + calls[p], 5)}\n</prompt>"
+
+    optimizer_role = ScriptedRole(optimizer or default_optimizer)
+    judge = Judge(metrics, evaluator, metrics_cache_path=tmp_path / "metrics.json")
+    config = SearchConfig(depth=depth, beam_size=beam_size, n_actions=n_actions, max_depth_increase=max_depth_increase, seed=1)
+    queries = queries or [f"query {i}" for i in range(8)]
+    search = BeamSearch(base, optimizer_role, judge, config, queries, "start v1", tmp_path / "ckpt.json")
+    return search, optimizer_role, evaluator
+
+
+def seeds_for(node_id, n, seed=1):
+    return [action_seed(seed, node_id, j) for j in range(n)]
+
+
+def test_beam_keeps_the_best_paths_and_returns_the_best_finished_prompt(tmp_path):
+    search, optimizer, _ = make_search(tmp_path, depth=3, beam_size=2, n_actions=2)
+    best = search.run()
+    level1 = [n for n in search.nodes if n.level == 1]
+    assert {n.action for n in level1} == {"rewrite"} and len(level1) == 2  # root expanded into n_actions rewrites
+    level2 = [n for n in search.nodes if n.level == 2]
+    assert len(level2) == 4  # beam 2 x 2 actions
+    # The beam ranks by mean reward along the path, so the result's path mean is the highest finished.
+    finished = [search.nodes[i] for i in search.finished]
+    assert best.path_mean == max(n.path_mean for n in finished)
+    assert best.path_rewards == [1.0, 3.0, 5.0]  # start v1 -> +2 -> +2: the best path the script allows
+    assert all(len(search.path(n)) == 3 for n in finished)
+    # The path rewards are the scripted qualities of the prompts along it.
+    assert [quality(n.prompt) for n in search.path(best)] == best.path_rewards
+
+
+def test_a_good_answer_is_kept_unrewritten_and_extends_the_path(tmp_path):
+    # Every answer scores 5: nothing is rewritten, and the path runs max_depth_increase levels longer.
+    search, optimizer, _ = make_search(tmp_path, depth=2, max_depth_increase=2,
+                                       eval_reply=lambda p, s: score_reply({"Helpfulness": 5, "Safety": 4.5}))
+    best = search.run()
+    assert optimizer.asked == []
+    assert [n.action for n in search.path(best)] == ["init", "keep", "keep", "keep"]
+    assert len(search.path(best)) == 2 + 2 and best.prompt == "start v1"
+    assert best.extensions == 3 and best.path_mean == 4.75
+
+
+def test_a_malformed_reply_is_retried_then_repaired(tmp_path):
+    replies = iter(["no json here", "{'Helpfulness': {'rationale': 'ok', 'score': '4',}, 'Safety': 3.5,}"])
+    search, _, evaluator = make_search(tmp_path, depth=1, eval_reply=lambda p, s: next(replies))
+    best = search.run()
+    assert best.reward == 3.75 and best.evaluation["attempts"] == 2
+    assert "could not be used because the reply has no JSON object" in evaluator.asked[1]
+
+
+def test_an_evaluation_that_never_parses_is_a_recorded_failure_not_a_score(tmp_path):
+    search, optimizer, evaluator = make_search(tmp_path, depth=2, eval_reply=lambda p, s: '{"Helpfulness": {"score": 9}, "Safety": 2}')
+    best = search.run()
+    root = search.nodes[0]
+    assert root.reward is None and root.evaluation["scores"] is None and root.path_rewards == []
+    assert "after 3 attempts" in root.error and "outside 1 to 5" in root.evaluation["error"]
+    assert len(evaluator.asked) == 2 * 3  # two levels, three attempts each
+    # Never read as "already good": the failed node is carried, not kept, and its path is not extended.
+    assert [n.action for n in search.path(best)] == ["init", "carry"] and best.extensions == 0
+    assert optimizer.asked == []  # no feedback to rewrite from
+    assert [f["role"] for f in search.judge.failures] == ["eval", "eval"]
+
+
+def test_failed_aspect_selection_uses_the_fallback_and_is_recorded(tmp_path):
+    metrics = ScriptedRole(lambda p, s: "I think it depends.")
+    judge = Judge(metrics, ScriptedRole(lambda p, s: score_reply({a: 3 for a in FALLBACK_ASPECTS})))
+    [(aspects, failed)] = judge.select_aspects(["How do I tie a tie?"])
+    assert failed and aspects == list(FALLBACK_ASPECTS) and len(metrics.asked) == 3
+    assert judge.failures[0]["role"] == "metrics"
+
+
+def test_aspect_choices_are_cached_per_query(tmp_path):
+    metrics = ScriptedRole(lambda p, s: '["Clarity", "Depth"]')
+    judge = Judge(metrics, ScriptedRole(lambda p, s: ""), metrics_cache_path=tmp_path / "m.json")
+    judge.select_aspects(["q1", "q2", "q1"])
+    judge.select_aspects(["q1"])
+    assert len(metrics.asked) == 2
+    again = Judge(ScriptedRole(lambda p, s: "unused"), None, metrics_cache_path=tmp_path / "m.json")
+    assert again.select_aspects(["q2"]) == [(["Clarity", "Depth"], False)]
+
+
+def test_resume_from_a_checkpoint_ends_with_the_same_prompt(tmp_path):
+    whole, _, _ = make_search(tmp_path / "a", depth=4)
+    expected = whole.run()
+    first, _, _ = make_search(tmp_path / "b", depth=4)
+    first.step()
+    first.step()  # two levels done, then the process "dies"
+    resumed, optimizer, _ = make_search(tmp_path / "b", depth=4)
+    assert resumed.load() and resumed.level == 2
+    result = resumed.run()
+    assert (result.prompt, result.path_rewards) == (expected.prompt, expected.path_rewards)
+    assert resumed.base.queries[0] == "query 2" and not {"query 0", "query 1"} & set(resumed.base.queries)  # not redone
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    search, _, _ = make_search(tmp_path, depth=2)
+    search.step()
+    other, _, _ = make_search(tmp_path, depth=3)
+    with pytest.raises(ValueError, match="other settings"):
+        other.load()
+
+
+def test_running_out_of_queries_ends_the_paths(tmp_path):
+    search, _, _ = make_search(tmp_path, depth=5, queries=["only one", "and two"])
+    best = search.run()
+    assert search.level == 2 and len(search.path(best)) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('["Helpfulness", "safety", "Made-Up"]', ["Helpfulness", "Safety"]),
+    ("```json\n[\"Clarity\", \"critical thinking\", \"Depth\"]\n```", ["Clarity", "Critical-Thinking", "Depth"]),
+    ("I would pick empathy and then Sensitivity.", ["Empathy", "Sensitivity"]),
+    ('["A", "B", "Helpfulness", "Clarity", "Depth", "Safety", "Empathy", "Creativity"]',
+     ["Helpfulness", "Clarity", "Depth", "Safety", "Empathy"]),
+])
+def test_parse_aspects(text, expected):
+    assert parse_aspects(text) == expected
+
+
+def test_parse_aspects_needs_two_known_names():
+    with pytest.raises(ReplyError, match="1 known aspects"):
+        parse_aspects('["Helpfulness", "Vibes"]')
+
+
+def test_parse_scores_repairs_and_validates():
+    reply = "Sure! ```json\n{'helpfulness': {'rationale': 'Clear.', 'score': 4.5}, 'Safety': 5, 'Humor': 1,}\n```"
+    assert parse_scores(reply, ["Helpfulness", "Safety"]) == {
+        "Helpfulness": {"rationale": "Clear.", "score": 4.5}, "Safety": {"rationale": "", "score": 5.0}}
+    with pytest.raises(ReplyError, match="no score for Safety"):
+        parse_scores('{"Helpfulness": 3}', ["Helpfulness", "Safety"])
+    with pytest.raises(ReplyError, match="not a number"):
+        parse_scores('{"Helpfulness": {"score": "great"}}', ["Helpfulness"])
+    with pytest.raises(ReplyError, match="not valid JSON"):
+        parse_scores('{"Helpfulness": {"score": 3}', ["Helpfulness"])  # truncated
+    assert canonical_aspect("critical_thinking") == "Critical-Thinking" and canonical_aspect("Humor") is None
+
+
+def test_parse_prompt_reply():
+    assert parse_prompt_reply("Here:\n<prompt>\nBe kind and precise in every answer.\n</prompt> done") == "Be kind and precise in every answer."
+    assert parse_prompt_reply("<prompt>Be kind and precise in every answer.") == "Be kind and precise in every answer."
+    with pytest.raises(ValueError):
+        parse_prompt_reply("I don't know")
+
+
+def test_training_data_is_sampled_reproducibly_and_is_disjoint_from_the_pool():
+    rows = load_training_queries()
+    assert len(rows) == 180 and len({r["id"] for r in rows}) == 180
+    counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+    assert counts == {"everyday": 90, "open-ended": 45, "harmful": 45}
+    pool = {ex.query.strip().lower() for ex in load_icl_pool()}
+    assert not pool & {r["query"].strip().lower() for r in rows}
+    a, b = sample_training_queries(rows, 20, seed=7), sample_training_queries(rows, 20, seed=7)
+    assert a == b and len({r["id"] for r in a}) == 20
+    assert [r["id"] for r in sample_training_queries(rows, 20, seed=8)] != [r["id"] for r in a]
+    assert len(sample_training_queries(rows, 500, seed=1)) == 180
