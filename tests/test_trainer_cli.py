@@ -1,0 +1,149 @@
+"""auto-model-train end to end on the real tiny model (SmolLM2 answers, judges and rewrites itself)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from auto_model import AutoModel
+from auto_model.artifacts import load_prompt_artifact
+from auto_model.trainer.cli import main
+
+SMALL = ["--backend", "transformers", "--dtype", "float32", "--beam_size", "2", "--n_actions", "2",
+         "--num_training_examples", "4", "--max_new_tokens", "24", "--judge_max_new_tokens", "96",
+         "--disable_tqdm", "--seed", "3"]
+
+
+def usage(run: Path) -> dict:
+    return json.loads((run / "algo_output" / "usage.json").read_text())
+
+
+def cache_rows(run: Path) -> int:
+    with sqlite3.connect(run / "cache" / "requests.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run: depth 2, beam 2, 2 actions, 4 training queries, short generations."""
+    run = tmp_path_factory.mktemp("drpo") / "run"
+    assert main([*SMALL, "--depth", "2", "--log_dir", str(run)]) == 0
+    return run
+
+
+def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(finished_run, capsys):
+    run = finished_run
+    out = run / "algo_output"
+    for name in ("args.txt", "log.txt", "metrics_cache.json", "algo_output/output.json", "algo_output/trace.txt",
+                 "algo_output/optimized_prompt.json", "algo_output/checkpoint.json", "algo_output/usage.json"):
+        assert (run / name).is_file(), name
+    tree = json.loads((out / "output.json").read_text())
+    assert tree["status"] == "finished" and tree["levels_done"] == 2
+    assert tree["nodes"][0]["action"] == "init" and tree["nodes"][0]["prompt"] == "You are a helpful assistant."
+    assert all(n["answer"] for n in tree["nodes"]) and {n["level"] for n in tree["nodes"]} == {0, 1}
+    calls = tree["usage"]["run"]
+    assert calls["base"]["calls"] == len(tree["nodes"]) and calls["metrics"]["calls"] >= 2 and calls["eval"]["calls"] >= 2
+    assert calls["total"]["prompt_tokens"] > 0 and tree["wall_clock_s"] > 0
+    args = json.loads((run / "args.txt").read_text())
+    assert args["depth"] == 2 and args["command"] == "prompt"
+    assert "level 0" in (out / "trace.txt").read_text()
+
+    artifact = load_prompt_artifact(out / "optimized_prompt.json")
+    assert artifact.method == "drpo" and artifact.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert artifact.provenance["judged_by_itself"] is True
+    assert artifact.text == tree["result"]["prompt"]
+    model = AutoModel(backend="transformers", prompt_path=out / "optimized_prompt.json")
+    assert model.system_prompt() == artifact.text
+    assert model.format_prompt("Hi", optimized_icl=False).prompt.startswith(f"<|im_start|>system\n{artifact.text}")
+
+    # A rerun of the finished run answers everything from the request cache: no new requests.
+    assert main([*SMALL, "--depth", "2", "--log_dir", str(run), "--resume"]) == 0
+    assert usage(run)["process"]["total"]["calls"] == 0
+
+
+def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_run, tmp_path):
+    whole = finished_run
+    expected = load_prompt_artifact(whole / "algo_output" / "optimized_prompt.json").text
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "auto_model.trainer.cli", *SMALL, "--depth", "2", "--log_dir", str(killed)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "algo_output" / "checkpoint.json"
+    deadline, rows_at_checkpoint = time.monotonic() + 300, None
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if rows_at_checkpoint is None and checkpoint.exists() and json.loads(checkpoint.read_text())["level"] >= 1:
+                rows_at_checkpoint = cache_rows(killed)
+            if rows_at_checkpoint is not None and cache_rows(killed) > rows_at_checkpoint:
+                break  # inside the second level: some of its requests are done, the level is not
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed mid-search"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = cache_rows(killed)
+    assert not (killed / "algo_output" / "optimized_prompt.json").exists()
+
+    assert main([*SMALL, "--depth", "2", "--log_dir", str(killed), "--resume"]) == 0
+    assert load_prompt_artifact(killed / "algo_output" / "optimized_prompt.json").text == expected
+    # Nothing finished before the kill was asked again, and nothing the whole run did not ask was asked.
+    resumed_calls = usage(killed)["process"]["total"]["calls"]
+    assert resumed_calls == cache_rows(whole) - done_before
+    assert cache_rows(killed) == cache_rows(whole)
+
+
+def test_dry_run_prints_the_plan(capsys):
+    assert main(["--depth", "3", "--max_depth_increase", "0", "--beam_size", "2", "--n_actions", "3", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    # 1 root + 2 levels x (2 x 3) candidates, each answered and judged; 3 levels of aspect choices.
+    assert "base 13" in out and "eval 13" in out and "optimize 12" in out and "metrics 3" in out
+
+
+def test_config_file_and_errors(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"depth": 5, "beam_size": 3, "n_actions": 1, "max_depth_increase": 0}))
+    assert main(["--config", str(config), "--depth", "2", "--dry_run"]) == 0
+    assert "base 4" in capsys.readouterr().out  # depth 2 from the command line, beam 3 x 1 action from the file
+    config.write_text(json.dumps({"dpeth": 5}))
+    assert main(["--config", str(config), "--dry_run"]) == 2
+    assert "unknown parameters ['dpeth']" in capsys.readouterr().err
+    assert main(["--depth", "0", "--dry_run"]) == 2
+    assert "--depth must be >= 1" in capsys.readouterr().err
+    (tmp_path / "busy" / "algo_output").mkdir(parents=True)
+    (tmp_path / "busy" / "algo_output" / "checkpoint.json").write_text("{}")
+    assert main(["--log_dir", str(tmp_path / "busy")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_secrets_are_redacted_in_args(tmp_path):
+    from argparse import Namespace
+
+    from auto_model.trainer.cli import redacted
+
+    assert redacted(Namespace(api_key="sk-123", depth=2, hf_token=None)) == {"api_key": "<redacted>", "depth": 2, "hf_token": None}
+
+
+@pytest.mark.slow
+def test_icl_stage_writes_a_pool_automodel_loads(tmp_path):
+    from auto_model.retrieval import load_icl_pool, save_icl_pool
+
+    small_pool = tmp_path / "pool.json"
+    save_icl_pool(load_icl_pool()[:2], small_pool)
+    run = tmp_path / "icl"
+    assert main(["icl", *SMALL, "--n_actions", "1", "--num_iters", "1", "--icl_path", str(small_pool),
+                 "--log_dir", str(run)]) == 0
+    pool = load_icl_pool(run / "algo_output" / "ICL_examples.json")
+    assert [ex.query for ex in pool] == [ex.query for ex in load_icl_pool(small_pool)]
+    history = json.loads((run / "algo_output" / "icl_output.json").read_text())
+    assert len(history["examples"]) == 2 and all(h["history"][0]["round"] == 0 for h in history["examples"])
+    model = AutoModel(backend="transformers", icl_path=run / "algo_output" / "ICL_examples.json")
+    assert len(model.icl_pool) == 2
