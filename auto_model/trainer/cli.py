@@ -82,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
     add("--dry_run", action="store_true", help="print the planned number of calls and exit")
     add("--output", default=None, help="where the artifact (or the new ICL pool) goes")
     add("--backend", default="auto", help="engine for every role: auto, vllm, openai or transformers")
-    add("--base_url", default=None, help="OpenAI-compatible server for the roles that use the openai backend")
+    add("--base_url", default=None, help="OpenAI-compatible server for the metrics, eval and optimize models "
+        "(and for the base model with --is_GPT true)")
     add("--dtype", default="auto")
     add("--skip_threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
     add("--num_iters", type=int, default=3, help="icl: rewrite rounds per example")
@@ -180,17 +181,25 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
              "eval": args.eval_model_name, "optimize": args.optimize_model_name}
     roles = {}
     for role, name in names.items():
-        backend = "openai" if role == "base" and args.is_GPT else args.backend
+        openai_name = name.lower().startswith(("gpt-", "o1", "o3", "o4", "chatgpt-"))
+        if role == "base":
+            remote = args.is_GPT or args.backend == "openai" or openai_name
+        else:  # the judge roles use the server at --base_url when one is given
+            remote = args.backend == "openai" or bool(args.base_url) or openai_name
+        backend = "openai" if remote else args.backend
         key = (name, backend)
         if key not in models:
             kwargs: dict[str, Any] = {"backend": backend}
-            local = backend != "openai" and not (backend == "auto" and (args.base_url or name.lower().startswith(("gpt-", "o1", "o3", "o4"))))
-            if local:
+            if remote:
+                if args.base_url:
+                    kwargs["base_url"] = args.base_url
+            else:
                 kwargs.update(num_gpus=args.num_gpus, cuda_visible_devices=args.cuda_visible_devices, dtype=args.dtype)
                 if args.base_model_download_dir and role == "base":
-                    kwargs["download_dir"] = args.base_model_download_dir
-            elif args.base_url:
-                kwargs["base_url"] = args.base_url
+                    from auto_model.backends import resolve_backend_name
+
+                    engine = resolve_backend_name(backend, name)  # vLLM calls it download_dir, transformers cache_dir
+                    kwargs["download_dir" if engine == "vllm" else "cache_dir"] = args.base_model_download_dir
             logger.info("Loading %s for %s (%s)", name, role, backend)
             models[key] = AutoModel(name, **kwargs)
         roles[role] = Role(role, models[key], cache, usage)
