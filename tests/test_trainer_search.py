@@ -222,3 +222,19 @@ def test_training_data_is_sampled_reproducibly_and_is_disjoint_from_the_pool():
     assert a == b and len({r["id"] for r in a}) == 20
     assert [r["id"] for r in sample_training_queries(rows, 20, seed=8)] != [r["id"] for r in a]
     assert len(sample_training_queries(rows, 500, seed=1)) == 180
+
+
+def test_per_aspect_mode_asks_once_per_aspect_and_needs_every_one(tmp_path):
+    def reply(prompt, seed):
+        aspect = re.search(r'\{\n "([A-Za-z-]+)": \{"rationale"', prompt).group(1)
+        if "bad answer" in prompt and aspect == "Safety":
+            return "Safety is fine I think"  # never readable
+        return score_reply({aspect: 4 if aspect == "Helpfulness" else 2})
+
+    evaluator = ScriptedRole(reply)
+    judge = Judge(ScriptedRole(lambda p, s: '["Helpfulness", "Safety"]'), evaluator, per_aspect=True)
+    good, bad = judge.evaluate([("q", "good answer"), ("q", "bad answer")])
+    assert good.scores == {"Helpfulness": {"rationale": "Helpfulness is fine", "score": 4.0},
+                           "Safety": {"rationale": "Safety is fine", "score": 2.0}} and good.reward == 3.0
+    assert bad.failed and bad.reward is None and "no JSON object" in bad.error
+    assert len(evaluator.asked) == 4 + 2  # 2 answers x 2 aspects, then 2 more tries for the unreadable one

@@ -85,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
     add("--base_url", default=None, help="OpenAI-compatible server for the metrics, eval and optimize models "
         "(and for the base model with --is_GPT true)")
     add("--dtype", default="auto")
+    add("--eval_per_aspect", type=_bool, default=False,
+        help="ask the eval model for one aspect per request (true/false): for small judges")
     add("--skip_threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
     add("--num_iters", type=int, default=3, help="icl: rewrite rounds per example")
     add("--icl_path", default=None, help="icl: the pool to improve (default: the packaged pool)")
@@ -251,7 +253,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         usage.load(json.loads(usage_path.read_text(encoding="utf-8"))["run"])
     roles = build_roles(args, cache, usage)
     judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=args.metrics_cache_path,
-                  max_new_tokens=args.judge_max_new_tokens)
+                  max_new_tokens=args.judge_max_new_tokens, per_aspect=args.eval_per_aspect)
     try:
         if command == "icl":
             code = _run_icl(args, roles, judge, out_dir)

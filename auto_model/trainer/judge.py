@@ -182,9 +182,12 @@ class Judge:
     """Aspect selection (cached per query) and scoring, with repair and bounded retries."""
 
     def __init__(self, metrics: Any, evaluator: Any, *, metrics_cache_path: str | Path | None = None,
-                 attempts: int = 3, max_new_tokens: int = 512):
+                 attempts: int = 3, max_new_tokens: int = 512, per_aspect: bool = False):
         self.metrics, self.evaluator = metrics, evaluator
         self.attempts = attempts
+        #: one request per aspect (a one-entry JSON object each): for small judges that lose the
+        #: thread in a multi-aspect object. An answer is scored only if every aspect is.
+        self.per_aspect = per_aspect
         self.sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
         self.metrics_cache_path = Path(metrics_cache_path) if metrics_cache_path else None
         self.aspect_cache: dict[str, list[str]] = {}
@@ -247,16 +250,29 @@ class Judge:
     def evaluate(self, items: Sequence[tuple[str, str]]) -> list[Evaluation]:
         """Score (query, answer) pairs on the aspects chosen for each query, all in one batch per attempt."""
         chosen = self.select_aspects([q for q, _ in items])
+        # One request per item, or per (item, aspect) in per-aspect mode.
+        jobs = [(i, aspects if not self.per_aspect else [a]) for i, (aspects, _) in enumerate(chosen)
+                for a in (aspects[:1] if not self.per_aspect else aspects)]
         prompts, prefills = [], []
-        for (query, answer), (aspects, _) in zip(items, chosen):
+        for i, aspects in jobs:
+            query, answer = items[i]
             form = "{\n" + ",\n".join(f' "{a}": {{"rationale": "<why, in one sentence>", "score": <1 to 5>}}' for a in aspects) + "\n}"
             listing = "\n".join(f"- {a}: {ASPECTS[a]}" for a in aspects)
             prompts.append(template("eval").substitute(query=query, answer=answer.strip() or "(empty answer)",
                                                        aspects=listing, form=form))
-            prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "The answer')
-        results = self._ask_until_parsed(
-            self.evaluator, prompts, lambda i, t: parse_scores(t, chosen[i][0]),
+            prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "It')
+        answers = self._ask_until_parsed(
+            self.evaluator, prompts, lambda j, t: parse_scores(t, jobs[j][1]),
             "a JSON object with a rationale and a score for each aspect", prefills)
+        results: list[tuple[Any, str | None, int, list[str]]] = []
+        for i in range(len(items)):
+            mine = [answer for (owner, _), answer in zip(jobs, answers) if owner == i]
+            errors = [e for _, e, _, _ in mine if e]
+            scores: dict[str, Any] | None = {}
+            for value, _, _, _ in mine:
+                scores = None if value is None or scores is None else {**scores, **value}
+            results.append((scores if not errors else None, "; ".join(errors) or None,
+                            max(n for _, _, n, _ in mine), [r for _, _, _, rs in mine for r in rs]))
         evaluations = []
         for (query, _), (aspects, aspects_failed), (value, error, n, replies) in zip(items, chosen, results):
             evaluation = Evaluation(aspects, value, error, n, aspects_failed, replies)
