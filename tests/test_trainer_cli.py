@@ -93,6 +93,11 @@ def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_
     done_before = cache_rows(killed)
     assert not (killed / "algo_output" / "optimized_prompt.json").exists()
 
+    # A budget too small for the next batch stops cleanly, sends nothing, and leaves the run resumable.
+    spent = usage(killed)["run"]["total"]["calls"]
+    assert main([*SMALL, "--depth", "2", "--log_dir", str(killed), "--resume", "--max_calls", str(spent)]) == 3
+    assert cache_rows(killed) == done_before and usage(killed)["process"]["total"]["calls"] == 0
+
     assert main([*SMALL, "--depth", "2", "--log_dir", str(killed), "--resume"]) == 0
     assert load_prompt_artifact(killed / "algo_output" / "optimized_prompt.json").text == expected
     # Nothing finished before the kill was asked again, and nothing the whole run did not ask was asked.
