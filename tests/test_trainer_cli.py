@@ -44,7 +44,11 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
     for name in ("args.txt", "log.txt", "metrics_cache.json", "algo_output/output.json", "algo_output/trace.txt",
                  "algo_output/optimized_prompt.json", "algo_output/checkpoint.json", "algo_output/usage.json"):
         assert (run / name).is_file(), name
-    tree = json.loads((out / "output.json").read_text())
+    def strict(constant):  # NaN and Infinity are not JSON: other tools could not read the file
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    tree = json.loads((out / "output.json").read_text(), parse_constant=strict)
+    json.loads((out / "optimized_prompt.json").read_text(), parse_constant=strict)
     assert tree["status"] == "finished" and tree["levels_done"] == 2
     assert tree["nodes"][0]["action"] == "init" and tree["nodes"][0]["prompt"] == "You are a helpful assistant."
     assert all(n["answer"] for n in tree["nodes"]) and {n["level"] for n in tree["nodes"]} == {0, 1}

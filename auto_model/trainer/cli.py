@@ -314,12 +314,14 @@ def _run_prompt(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out
             "search": {"depth": args.depth, "beam_size": args.beam_size, "n_actions": args.n_actions,
                        "max_depth_increase": args.max_depth_increase, "training_queries": len(rows),
                        "ret_icl": args.ret_icl, "k": args.k, "seed": args.seed},
-            "best_node": best.id, "path_rewards": best.path_rewards, "path_mean": best.path_mean,
+            "best_node": best.id, "path_rewards": best.path_rewards,
+            "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
         },
     )
     output = Path(args.output) if args.output else out_dir / "optimized_prompt.json"
     save_prompt_artifact(artifact, output)
-    print(f"best prompt (path mean {best.path_mean:.2f} over {len(best.path_rewards)} scored levels) -> {output}")
+    mean = f"path mean {best.path_mean:.2f}" if best.path_rewards else "no scored level"
+    print(f"best prompt ({mean} over {len(best.path_rewards)} scored levels) -> {output}")
     return 0
 
 
@@ -335,7 +337,8 @@ def _write_tree(search: Any, args: argparse.Namespace, judge: Any, usage: Any, o
 
     try:
         best = search.best()
-        result = {"node": best.id, "prompt": best.prompt, "path_mean": best.path_mean, "path": [n.id for n in search.path(best)]}
+        result = {"node": best.id, "prompt": best.prompt, "path_mean": best.path_mean if best.path_rewards else None,
+                  "path": [n.id for n in search.path(best)]}
     except RuntimeError:
         result = None
     tree = {
