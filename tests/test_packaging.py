@@ -18,20 +18,27 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "auto_model/data/ICL_examples.json" in names
     assert "auto_model/optimized_prompts/default.json" in names
+    for data in ("auto_model/trainer/templates/eval.txt", "auto_model/trainer/templates/optimize_prompt.txt",
+                 "auto_model/data/train/train.jsonl", "auto_model/data/eval/eval.jsonl",
+                 "auto_model/optimized_prompts/candidates/smollm2-135m-instruct.drpo.json"):
+        assert data in names, data
     assert any(n.startswith("auto_model-") and n.endswith("entry_points.txt") for n in names)
 
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     script = (
-        "import json, auto_model.artifacts as a, auto_model.retrieval as r\n"
-        "print(json.dumps([a.__file__, len(r.load_icl_pool()), sorted(x.model_id for x in a.packaged_artifacts())]))"
+        "import json, auto_model.artifacts as a, auto_model.retrieval as r, auto_model.trainer.data as d\n"
+        "from auto_model.trainer.judge import template\n"
+        "print(json.dumps([a.__file__, len(r.load_icl_pool()), sorted(x.model_id for x in a.packaged_artifacts()),\n"
+        "                  len(d.load_training_queries()), '$answer' in template('eval').template]))"
     )
     # Run from an empty folder with only the unpacked wheel on the path: no source tree to fall back on.
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r})\n" + script],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
-    module_file, pool_size, ids = json.loads(out.stdout)
+    module_file, pool_size, ids, train_size, template_ok = json.loads(out.stdout)
     assert module_file.startswith(str(target))
-    assert pool_size >= 32 and "default" in ids
+    assert pool_size >= 32 and "default" in ids and train_size == 180 and template_ok
+    assert len(ids) == 2  # the candidates folder is shipped, but a candidate is not a default
 
 
 def test_top_level_folders_point_at_the_package_data():
