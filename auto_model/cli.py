@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from auto_model import constants
 from auto_model._io import atomic_open
@@ -152,23 +152,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def run_reporting_errors(prog: str, body: Callable[[], int], *, expected: tuple[type[BaseException], ...] = (AutoModelError,),
+                         interrupted: str = "interrupted") -> int:
+    """Run a command; known errors print one line and exit 2 (``AUTO_MODEL_DEBUG=1``: the traceback)."""
+    debug = (os.environ.get("AUTO_MODEL_DEBUG") or "").lower() in {"1", "true", "yes"}
+    try:
+        return body()
+    except expected as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    debug = (os.environ.get("AUTO_MODEL_DEBUG") or "").lower() in {"1", "true", "yes"}
-    try:
-        if args.command == "generate":
-            return _generate(args)
-    except AutoModelError as exc:
-        if debug:
-            raise
-        print(f"auto-model: error: {exc}", file=sys.stderr)
+    if args.command != "generate":
         return 2
-    except KeyboardInterrupt:
-        print("auto-model: interrupted", file=sys.stderr)
-        return 130
-    return 2
+    return run_reporting_errors("auto-model", lambda: _generate(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

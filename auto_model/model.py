@@ -361,9 +361,7 @@ class AutoModel:
         """Assemble, run one engine call for the batch, and clean the answers."""
         sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
         prompts = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
-        requests = [self._request(p, sampling) for p in prompts]
-        callback = None if on_completion is None else (lambda i, c: on_completion(i, self._clean(c)))
-        return [self._clean(c) for c in self._run(requests, callback)]
+        return self.run_requests([self._request(p, sampling) for p in prompts], on_completion)
 
     def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
         return GenerationRequest(prompt.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + prompt.stop))))

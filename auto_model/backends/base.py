@@ -116,6 +116,23 @@ class Backend(ABC):
         return f"{type(self).__name__}(model_id={getattr(self, 'model_id', None)!r})"
 
 
+_DTYPE_NAMES = {
+    "auto": "auto",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"`` for any spelling of them
+    (``"bf16"``, ``"half"``, ``torch.bfloat16``, None for auto)."""
+    name = _DTYPE_NAMES.get("auto" if dtype is None else str(dtype).lower().replace("torch.", ""))
+    if name is None:
+        raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
+    return name
+
+
 def encode_prompt(tokenizer: Any, text: str, prompt_style: str) -> list[int]:
     """Token ids of an assembled prompt, the same way for every local engine.
 

@@ -11,7 +11,6 @@ slot; the other requests of the batch are unaffected.
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 import os
@@ -181,7 +180,7 @@ class OpenAIBackend(Backend):
                 f"{self._where()} answered HTTP {exc.status_code}{note}: {_short(exc.message)}",
                 status_code=exc.status_code,
             ) from exc
-        except (ValueError, json.JSONDecodeError) as exc:  # a 200 whose body is not valid JSON
+        except ValueError as exc:  # a 200 whose body is not valid JSON (json.JSONDecodeError)
             raise MalformedResponseError(f"{self._where()} sent a response that is not valid JSON: {exc}") from exc
 
     def _where(self) -> str:

@@ -26,19 +26,13 @@ from auto_model.backends.base import (
     StopCutter,
     choose_prompt_style,
     cut_at_stop,
+    dtype_name,
     encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
 from auto_model.resolve import ModelSource, materialize_gguf
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-}
-
 
 def _import_torch_transformers() -> tuple[Any, Any]:
     try:
@@ -135,14 +129,8 @@ class TransformersBackend(Backend):
     # -- loading -----------------------------------------------------------------------------
 
     def _dtype(self, dtype: Any) -> Any:
-        if dtype is None or dtype == "auto":
-            return "auto"
-        if isinstance(dtype, self._torch.dtype):
-            return dtype
-        name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
-        if name is None:
-            raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
-        return getattr(self._torch, name)
+        name = dtype_name(dtype)
+        return "auto" if name == "auto" else getattr(self._torch, name)
 
     def _placement(self, device: str | None, num_gpus: int, cuda_visible_devices: Any, gpu_memory_utilization: float) -> dict[str, Any]:
         torch = self._torch

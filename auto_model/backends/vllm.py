@@ -27,6 +27,7 @@ from auto_model.backends.base import (
     SamplingParams,
     choose_prompt_style,
     cut_at_stop,
+    dtype_name,
     encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
@@ -34,7 +35,6 @@ from auto_model.resolve import ModelSource, materialize_gguf
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"auto", "float32", "bfloat16", "float16", "half", "float", "fp16", "bf16", "fp32"}
 _EXECUTORS = {"mp", "ray", "uni", "external_launcher"}
 
 
@@ -98,8 +98,6 @@ def engine_arguments(
     """The keyword arguments ``vllm.LLM`` gets for the SDK's arguments (validated)."""
     if not isinstance(num_gpus, numbers.Integral) or isinstance(num_gpus, bool) or num_gpus < 1:
         raise InvalidRequestError(f"num_gpus must be an integer >= 1, got {num_gpus!r}.")
-    if not isinstance(dtype, str) or dtype.lower().replace("torch.", "") not in _DTYPES:
-        raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
     if not isinstance(gpu_memory_utilization, numbers.Real) or not 0 < gpu_memory_utilization <= 1:
         raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}.")
     if max_model_len is not None and (not isinstance(max_model_len, numbers.Integral) or max_model_len < 1):
@@ -111,7 +109,7 @@ def engine_arguments(
         )
     args: dict[str, Any] = {
         "model": model,
-        "dtype": dtype.lower().replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "tensor_parallel_size": int(num_gpus),
         "gpu_memory_utilization": float(gpu_memory_utilization),
         "enable_prefix_caching": enable_prefix_caching,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -176,6 +175,7 @@ def planned_calls(args: argparse.Namespace, command: str, pool_size: int = 0) ->
 
 def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, Any]:
     from auto_model import AutoModel
+    from auto_model.backends import resolve_backend_name
     from auto_model.trainer.llm import Role
 
     models: dict[tuple[str, str], Any] = {}
@@ -183,25 +183,19 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
              "eval": args.eval_model_name, "optimize": args.optimize_model_name}
     roles = {}
     for role, name in names.items():
-        openai_name = name.lower().startswith(("gpt-", "o1", "o3", "o4", "chatgpt-"))
-        if role == "base":
-            remote = args.is_GPT or args.backend == "openai" or openai_name
-        else:  # the judge roles use the server at --base_url when one is given
-            remote = args.backend == "openai" or bool(args.base_url) or openai_name
-        backend = "openai" if remote else args.backend
+        # The judge roles use the server at --base_url when one is given; the base model only with --is_GPT.
+        url = args.base_url if role != "base" or args.is_GPT else None
+        backend = resolve_backend_name("openai" if role == "base" and args.is_GPT else args.backend, name, base_url=url)
         key = (name, backend)
         if key not in models:
             kwargs: dict[str, Any] = {"backend": backend}
-            if remote:
-                if args.base_url:
-                    kwargs["base_url"] = args.base_url
+            if backend == "openai":
+                if url:
+                    kwargs["base_url"] = url
             else:
                 kwargs.update(num_gpus=args.num_gpus, cuda_visible_devices=args.cuda_visible_devices, dtype=args.dtype)
-                if args.base_model_download_dir and role == "base":
-                    from auto_model.backends import resolve_backend_name
-
-                    engine = resolve_backend_name(backend, name)  # vLLM calls it download_dir, transformers cache_dir
-                    kwargs["download_dir" if engine == "vllm" else "cache_dir"] = args.base_model_download_dir
+                if args.base_model_download_dir and role == "base":  # vLLM calls it download_dir, transformers cache_dir
+                    kwargs["download_dir" if backend == "vllm" else "cache_dir"] = args.base_model_download_dir
             logger.info("Loading %s for %s (%s)", name, role, backend)
             models[key] = AutoModel(name, **kwargs)
         roles[role] = Role(role, models[key], cache, usage)
@@ -368,23 +362,14 @@ def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = (os.environ.get("AUTO_MODEL_DEBUG") or "").lower() in {"1", "true", "yes"}
-    try:
+    from auto_model.cli import run_reporting_errors
+
+    def body() -> int:
         command, args = parse_args(argv)
         return run(command, resolve(args, command))
-    except AutoModelError as exc:
-        if debug:
-            raise
-        print(f"auto-model-train: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        if debug:
-            raise
-        print(f"auto-model-train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("auto-model-train: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+
+    return run_reporting_errors("auto-model-train", body, expected=(AutoModelError, ValueError, OSError),
+                                interrupted="interrupted; continue with --resume")
 
 
 if __name__ == "__main__":  # pragma: no cover

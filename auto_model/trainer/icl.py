@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExampleState:
+    index: int  # position in the pool
     example: ICLExample
     answer: str
     evaluation: Evaluation | None = None
@@ -44,7 +45,7 @@ def optimize_pool(
     max_new_tokens: int = 512, progress: Callable[[str], None] | None = None,
 ) -> list[ExampleState]:
     progress = progress or (lambda message: None)
-    states = [ExampleState(ex, strip_markers(ex.answer)) for ex in pool]
+    states = [ExampleState(i, ex, strip_markers(ex.answer)) for i, ex in enumerate(pool)]
     for state, evaluation in zip(states, judge.evaluate([(s.example.query, s.answer) for s in states])):
         state.evaluation = evaluation
         state.history.append({"round": 0, "answer": state.answer, "evaluation": evaluation.to_dict()})
@@ -57,12 +58,12 @@ def optimize_pool(
         if not open_:
             break
         prompts, seeds, owners = [], [], []
-        for i, s in enumerate(open_):
+        for s in open_:
             text = template("optimize_icl").substitute(query=s.example.query, answer=s.answer,
                                                        feedback=s.evaluation.feedback() if s.evaluation else "(no review)")
             for j in range(n_actions):
                 prompts.append(text)
-                seeds.append(action_seed(seed, round_ * 100_003 + states.index(s), j))
+                seeds.append(action_seed(seed, round_ * 100_003 + s.index, j))
                 owners.append(s)
         candidates: list[tuple[ExampleState, str]] = []
         for owner, outcome in zip(owners, optimizer.ask(prompts, sampling, seeds, prefill="<answer>\n")):

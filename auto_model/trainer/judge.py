@@ -264,9 +264,11 @@ class Judge:
         answers = self._ask_until_parsed(
             self.evaluator, prompts, lambda j, t: parse_scores(t, jobs[j][1]),
             "a JSON object with a rationale and a score for each aspect", prefills)
+        by_item: list[list[tuple[Any, str | None, int, list[str]]]] = [[] for _ in items]
+        for (owner, _), answer in zip(jobs, answers):
+            by_item[owner].append(answer)
         results: list[tuple[Any, str | None, int, list[str]]] = []
-        for i in range(len(items)):
-            mine = [answer for (owner, _), answer in zip(jobs, answers) if owner == i]
+        for mine in by_item:
             errors = [e for _, e, _, _ in mine if e]
             scores: dict[str, Any] | None = {}
             for value, _, _, _ in mine:

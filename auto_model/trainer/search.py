@@ -209,32 +209,34 @@ class BeamSearch:
         if level == 0:
             return [Node(next_id, None, 0, "init", self.initial_prompt, self.queries[0])]
         proposals: list[Node] = []
-        to_rewrite = []
+
+        def child(parent: Node, action: str, prompt: str, extensions: int) -> None:
+            proposals.append(Node(next_id + len(proposals), parent.id, level, action, prompt,
+                                  self.queries[level], extensions=extensions))
+
+        to_rewrite: list[tuple[Node, Evaluation]] = []
         for parent_id in self.beam:
             parent = self.nodes[parent_id]
-            evaluation = parent.evaluation
-            scores = (evaluation or {}).get("scores")
-            if scores and all(s["score"] >= self.config.skip_threshold for s in scores.values()):
-                proposals.append(Node(next_id + len(proposals), parent.id, level, "keep", parent.prompt,
-                                      self.queries[level], extensions=parent.extensions + 1))
-            elif not scores:
-                proposals.append(Node(next_id + len(proposals), parent.id, level, "carry", parent.prompt,
-                                      self.queries[level], extensions=parent.extensions))
+            evaluation = Evaluation(parent.evaluation["aspects"], parent.evaluation["scores"]) if parent.evaluation else None
+            if evaluation is not None and evaluation.all_at_least(self.config.skip_threshold):
+                child(parent, "keep", parent.prompt, parent.extensions + 1)
+            elif evaluation is None or evaluation.failed:
+                child(parent, "carry", parent.prompt, parent.extensions)
             else:
-                to_rewrite.append(parent)
+                to_rewrite.append((parent, evaluation))
         # All rewrites of the level in one batched optimizer call, each with its own seed.
         prompts, seeds, owners = [], [], []
-        for parent in to_rewrite:
+        for parent, evaluation in to_rewrite:
             text = template("optimize_prompt").substitute(
                 system_prompt=parent.prompt, query=parent.query, answer=parent.answer or "",
-                feedback=Evaluation(parent.evaluation["aspects"], parent.evaluation["scores"]).feedback(),
+                feedback=evaluation.feedback(),
             )
             for j in range(self.config.n_actions):
                 prompts.append(text)
                 seeds.append(action_seed(self.config.seed, parent.id, j))
                 owners.append(parent)
         outcomes = self.optimizer.ask(prompts, self._optimizer_sampling(), seeds, prefill="<prompt>\n") if prompts else []
-        rewrites: dict[int, list[str]] = {p.id: [] for p in to_rewrite}
+        rewrites: dict[int, list[str]] = {p.id: [] for p, _ in to_rewrite}
         for parent, outcome in zip(owners, outcomes):
             if not isinstance(outcome, Completion):
                 logger.warning("The optimizer failed for node %d: %s", parent.id, outcome)
@@ -246,14 +248,12 @@ class BeamSearch:
                 continue
             if new != parent.prompt and new not in rewrites[parent.id]:  # a copy is no rewrite
                 rewrites[parent.id].append(new)
-        for parent in to_rewrite:
+        for parent, _ in to_rewrite:
             options = rewrites[parent.id]
             if not options:  # no usable rewrite: the candidate goes on unchanged
-                proposals.append(Node(next_id + len(proposals), parent.id, level, "carry", parent.prompt,
-                                      self.queries[level], extensions=parent.extensions))
+                child(parent, "carry", parent.prompt, parent.extensions)
             for new in options:
-                proposals.append(Node(next_id + len(proposals), parent.id, level, "rewrite", new,
-                                      self.queries[level], extensions=parent.extensions))
+                child(parent, "rewrite", new, parent.extensions)
         return proposals
 
     def _optimizer_sampling(self) -> SamplingParams:
