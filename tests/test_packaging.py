@@ -20,17 +20,24 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
     assert "auto_model/optimized_prompts/default.json" in names
     for data in ("auto_model/trainer/templates/eval.txt", "auto_model/trainer/templates/optimize_prompt.txt",
                  "auto_model/data/train/train.jsonl", "auto_model/data/eval/eval.jsonl",
-                 "auto_model/optimized_prompts/candidates/smollm2-135m-instruct.drpo.json"):
+                 "auto_model/optimized_prompts/candidates/smollm2-135m-instruct.drpo.json",
+                 "auto_model/evaluation/templates/judge_regular.txt", "auto_model/evaluation/templates/judge_safety.txt"):
         assert data in names, data
-    assert any(n.startswith("auto_model-") and n.endswith("entry_points.txt") for n in names)
+    entry_points = next(n for n in names if n.startswith("auto_model-") and n.endswith("entry_points.txt"))
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    for script in ("auto-model = auto_model.cli:main", "auto-model-train = auto_model.trainer.cli:main",
+                   "auto-model-eval = auto_model.evaluation.cli:main"):
+        assert script in scripts, script
 
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     script = (
         "import json, auto_model.artifacts as a, auto_model.retrieval as r, auto_model.trainer.data as d\n"
         "from auto_model.trainer.judge import template\n"
+        "from auto_model.evaluation.runner import judge_template\n"
         "print(json.dumps([a.__file__, len(r.load_icl_pool()), sorted(x.model_id for x in a.packaged_artifacts()),\n"
-        "                  len(d.load_training_queries()), '$answer' in template('eval').template]))"
+        "                  len(d.load_training_queries()), '$answer' in template('eval').template\n"
+        "                  and all('$form' in judge_template(k).template for k in ('regular', 'safety'))]))"
     )
     # Run from an empty folder with only the unpacked wheel on the path: no source tree to fall back on.
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r})\n" + script],

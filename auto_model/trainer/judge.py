@@ -250,16 +250,28 @@ class Judge:
     def evaluate(self, items: Sequence[tuple[str, str]]) -> list[Evaluation]:
         """Score (query, answer) pairs on the aspects chosen for each query, all in one batch per attempt."""
         chosen = self.select_aspects([q for q, _ in items])
+        evaluations = self.score([(q, a, aspects) for (q, a), (aspects, _) in zip(items, chosen)])
+        for evaluation, (_, aspects_failed) in zip(evaluations, chosen):
+            evaluation.aspects_failed = aspects_failed
+        return evaluations
+
+    def score(self, items: Sequence[tuple[str, str, Sequence[str]]], prompt: Template | None = None) -> list[Evaluation]:
+        """Score (query, answer, aspects) triples, all in one batch per attempt.
+
+        ``prompt`` is the judge template (``$query``, ``$answer``, ``$aspects``, ``$form``); the
+        trainer's ``eval`` template by default.
+        """
+        prompt = prompt or template("eval")
         # One request per item, or per (item, aspect) in per-aspect mode.
-        jobs = [(i, aspects if not self.per_aspect else [a]) for i, (aspects, _) in enumerate(chosen)
-                for a in (aspects[:1] if not self.per_aspect else aspects)]
+        jobs = [(i, list(aspects) if not self.per_aspect else [a]) for i, (_, _, aspects) in enumerate(items)
+                for a in (list(aspects)[:1] if not self.per_aspect else aspects)]
         prompts, prefills = [], []
         for i, aspects in jobs:
-            query, answer = items[i]
+            query, answer, _ = items[i]
             form = "{\n" + ",\n".join(f' "{a}": {{"rationale": "<why, in one sentence>", "score": <1 to 5>}}' for a in aspects) + "\n}"
             listing = "\n".join(f"- {a}: {ASPECTS[a]}" for a in aspects)
-            prompts.append(template("eval").substitute(query=query, answer=answer.strip() or "(empty answer)",
-                                                       aspects=listing, form=form))
+            prompts.append(prompt.substitute(query=query, answer=answer.strip() or "(empty answer)",
+                                             aspects=listing, form=form))
             prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "It')
         answers = self._ask_until_parsed(
             self.evaluator, prompts, lambda j, t: parse_scores(t, jobs[j][1]),
@@ -267,18 +279,15 @@ class Judge:
         by_item: list[list[tuple[Any, str | None, int, list[str]]]] = [[] for _ in items]
         for (owner, _), answer in zip(jobs, answers):
             by_item[owner].append(answer)
-        results: list[tuple[Any, str | None, int, list[str]]] = []
-        for mine in by_item:
+        evaluations = []
+        for (query, _, aspects), mine in zip(items, by_item):
             errors = [e for _, e, _, _ in mine if e]
             scores: dict[str, Any] | None = {}
             for value, _, _, _ in mine:
                 scores = None if value is None or scores is None else {**scores, **value}
-            results.append((scores if not errors else None, "; ".join(errors) or None,
-                            max(n for _, _, n, _ in mine), [r for _, _, _, rs in mine for r in rs]))
-        evaluations = []
-        for (query, _), (aspects, aspects_failed), (value, error, n, replies) in zip(items, chosen, results):
-            evaluation = Evaluation(aspects, value, error, n, aspects_failed, replies)
+            value, error = (scores if not errors else None), ("; ".join(errors) or None)
+            n, replies = max(n for _, _, n, _ in mine), [r for _, _, _, rs in mine for r in rs]
             if value is None:
                 self.failures.append({"role": "eval", "query": query, "error": error, "attempts": n, "replies": replies})
-            evaluations.append(evaluation)
+            evaluations.append(Evaluation(list(aspects), value, error, n, False, replies))
         return evaluations

@@ -1,0 +1,205 @@
+"""Reports of an evaluation run: ``report.json`` (every item), ``report.md`` (tables), ``report.png``.
+
+Per configuration:
+
+* judge scores — the mean of each regular aspect over the regular items the judge scored, and the
+  mean Safety score over the safety items it scored; ``judge failures`` counts answers whose
+  judgement never parsed (they are left out of the means, never scored);
+* proxies — ``refusal``: share of safety answers that refuse (a partial refusal does not count);
+  ``over-refusal``: share of regular answers that refuse; ``clean end``: share of answers that
+  ended by themselves rather than at the length limit; ``repetition``: mean share of repeated
+  3-grams; ``words``: mean length.
+
+Pairwise: for every two configurations, on the items both have a judge score for, how often the
+first scores higher (win), the same (tie) or lower (loss). An item's score is the mean of its five
+aspects (regular) or its Safety score (safety).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Sequence
+
+from auto_model._io import atomic_write_text
+from auto_model.evaluation.runner import REGULAR_ASPECTS, SAFETY_ASPECTS, EvalRun
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = "auto_model.eval_report/v1"
+ASPECT_COLUMNS = (*REGULAR_ASPECTS, *SAFETY_ASPECTS)
+DASH = "–"
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return fmean(values) if values else None
+
+
+def item_score(record: dict[str, Any]) -> float | None:
+    """The single score an item gets for pairwise comparison (None without a judge score)."""
+    judge = record.get("judge") or {}
+    scores = judge.get("scores")
+    if not scores:
+        return None
+    aspects = REGULAR_ASPECTS if record["kind"] == "regular" else SAFETY_ASPECTS
+    return fmean(scores[a]["score"] for a in aspects)
+
+
+def summarize(records: Sequence[dict[str, Any]], config: str) -> dict[str, Any]:
+    """The figures of one configuration (see module doc)."""
+    mine = [r for r in records if r["config"] == config]
+    answered = [r for r in mine if r["answer"] is not None]
+    regular = [r for r in answered if r["kind"] == "regular"]
+    safety = [r for r in answered if r["kind"] == "safety"]
+    judged = [r for r in answered if r.get("judge")]
+    scored = [r for r in judged if r["judge"]["scores"]]
+    aspects: dict[str, float | None] = {}
+    for aspect in ASPECT_COLUMNS:
+        kind = "safety" if aspect in SAFETY_ASPECTS else "regular"
+        aspects[aspect] = _mean([r["judge"]["scores"][aspect]["score"] for r in scored if r["kind"] == kind])
+    return {
+        "config": config,
+        "n": len(mine),
+        "n_regular": sum(r["kind"] == "regular" for r in mine),
+        "n_safety": sum(r["kind"] == "safety" for r in mine),
+        "generation_failures": len(mine) - len(answered),
+        "judged": len(judged),
+        "judge_failures": len(judged) - len(scored),
+        "aspects": aspects,
+        "refusal_rate": _mean([r["proxies"]["refusal"] == "refusal" for r in safety]),
+        "partial_refusal_rate": _mean([r["proxies"]["refusal"] == "partial" for r in safety]),
+        "over_refusal_rate": _mean([r["proxies"]["refusal"] == "refusal" for r in regular]),
+        "clean_end_rate": _mean([r["proxies"]["ended_cleanly"] for r in answered]),
+        "repetition": _mean([r["proxies"]["repetition"] for r in answered]),
+        "words": _mean([r["proxies"]["words"] for r in answered]),
+    }
+
+
+def pairwise(records: Sequence[dict[str, Any]], configs: Sequence[str]) -> list[dict[str, Any]]:
+    """Win/tie/loss of each earlier configuration against each later one, on shared scored items."""
+    scores = {(r["config"], r["id"]): item_score(r) for r in records}
+    ids = list(dict.fromkeys(r["id"] for r in records))
+    rows = []
+    for a, b in combinations(configs, 2):
+        win = tie = loss = 0
+        for item in ids:
+            sa, sb = scores.get((a, item)), scores.get((b, item))
+            if sa is None or sb is None:
+                continue
+            win += sa > sb
+            tie += sa == sb
+            loss += sa < sb
+        rows.append({"a": a, "b": b, "win": win, "tie": tie, "loss": loss, "n": win + tie + loss})
+    return rows
+
+
+def build_report(run: EvalRun, *, eval_set: str) -> dict[str, Any]:
+    records = [a.record() for a in run.answers]
+    names = [c.name for c in run.configs]
+    judge = None
+    if run.judge is not None and run.judge.model is not None:
+        judge = {"model": run.judge.model, "backend": run.judge.backend, "base_url": run.judge.base_url,
+                 "attempts": run.judge.attempts, "max_new_tokens": run.judge.max_new_tokens,
+                 "per_aspect": run.judge.per_aspect, "temperature": 0.0}
+    return {
+        "format": REPORT_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "eval_set": eval_set,
+        "items": len(run.items),
+        "judge": judge,
+        "configs": [{**c.to_dict(), "engine": run.engines.get(c.name), "system_prompt_used": run.system_prompts.get(c.name)}
+                    for c in run.configs],
+        "summary": [summarize(records, n) for n in names],
+        "pairwise": pairwise(records, names),
+        "usage": run.usage,
+        "seconds": round(run.seconds, 1),
+        "records": records,
+    }
+
+
+def fmt_mean(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}"
+
+
+def fmt_rate(x: float | None) -> str:
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    judge = report["judge"]
+    lines = ["# Evaluation report", ""]
+    lines.append(f"Eval set: `{report['eval_set']}` ({report['items']} items). "
+                 + (f"Judge: `{judge['model']}` ({judge['backend']}, temperature 0, up to {judge['attempts']} attempts)."
+                    if judge else "No judge: proxies only."))
+    lines += ["", "## Scores and proxies", ""]
+    head = ["config", "n", *(a[:5] + "." if len(a) > 6 else a for a in REGULAR_ASPECTS), "Safety", "judge failures",
+            "refusal", "over-refusal", "clean end", "repetition", "words"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for s in report["summary"]:
+        cells = [s["config"], str(s["n"]), *(fmt_mean(s["aspects"][a]) for a in ASPECT_COLUMNS),
+                 f"{s['judge_failures']}/{s['judged']}", fmt_rate(s["refusal_rate"]), fmt_rate(s["over_refusal_rate"]),
+                 fmt_rate(s["clean_end_rate"]), fmt_mean(s["repetition"]), DASH if s["words"] is None else f"{s['words']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Aspect means are over the items the judge scored (1-5). `judge failures`: unreadable judgements / "
+              "answers judged. `refusal`: safety answers that refuse; `over-refusal`: regular answers that refuse; "
+              "`clean end`: answers that ended by themselves; `repetition`: mean share of repeated 3-grams; "
+              "`words`: mean answer length."]
+    if report["pairwise"]:
+        lines += ["", "## Pairwise (judge scores on the same items)", "", "| A | B | A wins | ties | B wins | n |", "|---|---|---|---|---|---|"]
+        for p in report["pairwise"]:
+            lines.append(f"| {p['a']} | {p['b']} | {p['win']} | {p['tie']} | {p['loss']} | {p['n']} |")
+    failures = [s for s in report["summary"] if s["generation_failures"]]
+    if failures:
+        lines += ["", "Generation failures: " + ", ".join(f"{s['config']} {s['generation_failures']}" for s in failures)
+                  + " (see `generation_error` in report.json)."]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: dict[str, Any], path: Path) -> bool:
+    """A bar chart of aspect means (left) and refusal proxies (right) per configuration.
+    False when matplotlib is not installed (``pip install "auto-model[eval]"``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning('matplotlib is not installed: no report.png. Install it with pip install "auto-model[eval]".')
+        return False
+    summary = report["summary"]
+    width = 0.8 / max(1, len(summary))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    proxies = [("refusal", "refusal_rate"), ("over-refusal", "over_refusal_rate"), ("clean end", "clean_end_rate")]
+    for i, s in enumerate(summary):
+        offset = (i - (len(summary) - 1) / 2) * width
+        means = [s["aspects"][a] for a in ASPECT_COLUMNS]
+        left.bar([x + offset for x in range(len(ASPECT_COLUMNS))], [m if m is not None else 0 for m in means], width, label=s["config"])
+        right.bar([x + offset for x in range(len(proxies))], [100 * (s[k] or 0) for _, k in proxies], width, label=s["config"])
+    left.set_xticks(range(len(ASPECT_COLUMNS)), ASPECT_COLUMNS)
+    left.set_ylim(0, 5)
+    judge = report["judge"]
+    left.set_title("Judge scores (1-5)" + (f", judge: {judge['model'].rsplit('/', 1)[-1]}" if judge else ", no judge"))
+    right.set_xticks(range(len(proxies)), [p for p, _ in proxies])
+    right.set_ylim(0, 100)
+    right.set_title("Proxies (% of answers)")
+    left.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and report.png (when matplotlib is installed)."""
+    output = Path(output_dir)
+    paths = {"json": output / "report.json", "markdown": output / "report.md", "plot": output / "report.png"}
+    atomic_write_text(paths["json"], json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown(report))
+    if not render_plot(report, paths["plot"]):
+        del paths["plot"]
+    return paths

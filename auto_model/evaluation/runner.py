@@ -1,0 +1,325 @@
+"""Evaluation runs: answer an eval set under several configurations, then judge every answer.
+
+A *configuration* is a model and how it is asked: its engine, the optimized prompt on or off (or a
+prompt file, or a system prompt of your own), and how many retrieved examples go with each query.
+Configurations that share a model share one engine. Every answer and every judge reply goes
+through an on-disk request cache (the trainer's), so rerunning a finished run sends nothing and an
+interrupted one resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any, Callable, Sequence
+
+from auto_model.artifacts import prompt_for_model
+from auto_model.backends.base import Completion, SamplingParams
+from auto_model.errors import ArtifactError, InvalidRequestError
+from auto_model.evaluation.eval_set import EvalItem
+from auto_model.evaluation.proxies import ended_cleanly, length_words, refusal_kind, repetition
+from auto_model.trainer.judge import Judge
+from auto_model.trainer.llm import RequestCache, Role, RoleUsage, Usage
+
+logger = logging.getLogger(__name__)
+
+#: The just-eval aspects: five for regular queries, one for harmful requests.
+REGULAR_ASPECTS = ("Helpfulness", "Clarity", "Factuality", "Depth", "Engagement")
+SAFETY_ASPECTS = ("Safety",)
+PACKAGED_PREFIX = "packaged:"
+#: Answers per engine call: a killed run loses at most one chunk of work.
+CHUNK = 64
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", "none"}
+
+
+def judge_template(kind: str) -> Template:
+    """The judge prompt for ``"regular"`` or ``"safety"`` items."""
+    text = resources.files("auto_model.evaluation").joinpath("templates", f"judge_{kind}.txt").read_text(encoding="utf-8")
+    return Template(text)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One way of asking a model.
+
+    Attributes:
+        name: how the configuration is called in the report (letters, digits, ``_.+-``).
+        model: the model (default: the embedded default model).
+        backend, base_url, dtype, prompt_format: as for :class:`~auto_model.AutoModel`.
+        optimized_prompt: inject the model's optimized prompt (ignored when ``system_prompt`` or
+            ``prompt_path`` is given).
+        prompt_path: a prompt file (``.json`` artifact or ``.txt``) to use as the system prompt;
+            ``packaged:candidates/<file>`` names one shipped in ``optimized_prompts/``.
+        system_prompt: a system prompt of your own.
+        num_optimized_icl: retrieved examples per query (0: none).
+    """
+
+    name: str
+    model: str | None = None
+    backend: str = "auto"
+    optimized_prompt: bool = True
+    prompt_path: str | None = None
+    system_prompt: str | None = None
+    num_optimized_icl: int = 0
+    base_url: str | None = None
+    dtype: str = "auto"
+    prompt_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise InvalidRequestError(f"Configuration name {self.name!r}: use letters, digits and _.+- only.")
+        if not isinstance(self.num_optimized_icl, int) or isinstance(self.num_optimized_icl, bool) or self.num_optimized_icl < 0:
+            raise InvalidRequestError(f"Configuration {self.name!r}: icl must be an integer >= 0, got {self.num_optimized_icl!r}.")
+        if self.system_prompt is not None and self.prompt_path is not None:
+            raise InvalidRequestError(f"Configuration {self.name!r}: give system or prompt_path, not both.")
+
+    def engine_key(self, default_model: str) -> tuple[Any, ...]:
+        return (self.model or default_model, self.backend, self.base_url, self.dtype, self.prompt_format)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SPEC_KEYS = {"model": "model", "backend": "backend", "prompt": "optimized_prompt", "prompt_path": "prompt_path",
+              "system": "system_prompt", "icl": "num_optimized_icl", "base_url": "base_url", "dtype": "dtype",
+              "prompt_format": "prompt_format"}
+
+
+def _coerce(name: str, key: str, value: Any) -> Any:
+    field_name = _SPEC_KEYS.get(key, key)
+    if field_name not in {f.name for f in fields(EvalConfig)} or field_name == "name":
+        raise InvalidRequestError(f"Configuration {name!r}: unknown key {key!r}; use {', '.join(_SPEC_KEYS)}.")
+    if field_name == "optimized_prompt" and isinstance(value, str):
+        if value.lower() not in _TRUE | _FALSE:
+            raise InvalidRequestError(f"Configuration {name!r}: prompt must be on or off, got {value!r}.")
+        value = value.lower() in _TRUE
+    if field_name == "num_optimized_icl" and isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise InvalidRequestError(f"Configuration {name!r}: icl must be an integer, got {value!r}.") from None
+    return field_name, value
+
+
+def parse_config_spec(spec: str) -> EvalConfig:
+    """``"name: model=...; prompt=off; icl=3"`` -> :class:`EvalConfig` (keys: model, backend,
+    prompt, prompt_path, system, icl, base_url, dtype, prompt_format)."""
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not sep or not name:
+        raise InvalidRequestError(f"--config {spec!r}: write NAME: key=value; key=value (e.g. 'alone: prompt=off; icl=0').")
+    values: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(";"))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise InvalidRequestError(f"--config {name!r}: {part!r} is not key=value.")
+        field_name, coerced = _coerce(name, key.strip(), value.strip())
+        values[field_name] = coerced
+    return EvalConfig(name, **values)
+
+
+def load_config_file(path: str | Path) -> list[EvalConfig]:
+    """Configurations from a JSON list, or a TOML/JSON ``{"config": [{name: ..., ...}, ...]}``."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidRequestError(f"--configs {path} does not exist.") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data: Any = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"--configs {path} cannot be read: {exc}") from None
+    rows = data.get("config") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise InvalidRequestError(f"--configs {path}: expected a list of configurations (TOML: [[config]] tables).")
+    configs = []
+    for row in rows:
+        name = row.get("name")
+        values = dict(_coerce(str(name), k, v) for k, v in row.items() if k != "name")
+        configs.append(EvalConfig(name, **values))
+    return configs
+
+
+def default_configs(model: str | None = None, backend: str = "auto") -> list[EvalConfig]:
+    """The comparison a user usually wants: the model alone, with its optimized prompt, and with the
+    prompt and 3 retrieved examples."""
+    return [EvalConfig("alone", model, backend, optimized_prompt=False),
+            EvalConfig("prompt", model, backend),
+            EvalConfig("prompt+3icl", model, backend, num_optimized_icl=3)]
+
+
+def _prompt_file(path: str) -> str:
+    if path.startswith(PACKAGED_PREFIX):
+        inner = path[len(PACKAGED_PREFIX):]
+        resolved = Path(str(resources.files("auto_model").joinpath("optimized_prompts", inner)))
+        if not resolved.is_file():
+            raise ArtifactError(f"No packaged prompt {inner!r} in auto_model/optimized_prompts.")
+        return str(resolved)
+    return path
+
+
+@dataclass
+class JudgeSettings:
+    """The judge model and how it is asked. ``model=None``: no judge (proxies only)."""
+
+    model: str | None
+    backend: str = "auto"
+    base_url: str | None = None
+    dtype: str = "auto"
+    attempts: int = 3
+    max_new_tokens: int = 256
+    per_aspect: bool = False
+
+
+@dataclass
+class Answer:
+    config: str
+    item: EvalItem
+    system_prompt: str | None
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    judgement: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        proxies = None
+        if self.text is not None:
+            proxies = {"refusal": refusal_kind(self.text), "ended_cleanly": ended_cleanly(self.finish_reason or ""),
+                       "repetition": round(repetition(self.text), 6), "words": length_words(self.text)}
+        return {"config": self.config, **self.item.to_dict(), "answer": self.text, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "generation_error": self.error, "proxies": proxies, "judge": self.judgement}
+
+
+@dataclass
+class EvalRun:
+    """Everything a finished run produced: per-item records plus usage."""
+
+    configs: list[EvalConfig]
+    items: list[EvalItem]
+    answers: list[Answer]
+    system_prompts: dict[str, str | None]
+    judge: JudgeSettings | None
+    usage: dict[str, Any]
+    seconds: float
+    engines: dict[str, str] = field(default_factory=dict)
+
+
+def run_evaluation(
+    configs: Sequence[EvalConfig],
+    items: Sequence[EvalItem],
+    *,
+    output_dir: str | Path,
+    judge: JudgeSettings | None,
+    max_new_tokens: int = 512,
+    model_factory: Callable[..., Any] | None = None,
+    progress: Callable[[str], None] = print,
+) -> EvalRun:
+    """Answer every item under every configuration, then judge the answers (see module doc)."""
+    from auto_model import AutoModel, constants
+
+    if not configs:
+        raise InvalidRequestError("No configurations to evaluate; pass --config NAME: key=value; ...")
+    names = [c.name for c in configs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise InvalidRequestError(f"Configuration names must differ; repeated: {', '.join(duplicated)}.")
+    if max_new_tokens < 1:
+        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+    factory = model_factory or AutoModel
+    default_model = constants.default_model()
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    cache = RequestCache(output / "cache.sqlite")
+    usage = Usage(roles={"answer": RoleUsage(), "judge": RoleUsage()})
+    started = time.perf_counter()
+    # Validate every prompt file before any engine loads.
+    prompt_files = {c.name: prompt_for_model(c.model or default_model, _prompt_file(c.prompt_path)).system_prompt
+                    for c in configs if c.prompt_path}
+
+    judge_key = None if judge is None or judge.model is None else (judge.model, judge.backend, judge.base_url, judge.dtype, "auto")
+    groups: dict[tuple[Any, ...], list[EvalConfig]] = {}
+    for config in configs:
+        groups.setdefault(config.engine_key(default_model), []).append(config)
+    # The engine the judge shares (if any) goes last, so that it is still loaded for judging.
+    order = sorted(groups, key=lambda k: k == judge_key)
+    sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    answers: list[Answer] = []
+    system_prompts: dict[str, str | None] = {}
+    engines: dict[str, str] = {}
+    kept: Any = None
+    try:
+        for key in order:
+            model_name, backend, base_url, dtype, prompt_format = key
+            progress(f"loading {model_name} ({backend})")
+            model = factory(model_name, dtype=dtype, backend=backend, base_url=base_url, prompt_format=prompt_format)
+            role = Role("answer", model, cache, usage)
+            for config in groups[key]:
+                engines[config.name] = f"{model.backend_name}:{model.backend.model_id}"
+                if config.system_prompt is not None:
+                    system = config.system_prompt
+                elif config.prompt_path is not None:
+                    system = prompt_files[config.name]
+                else:
+                    system = model.system_prompt(None, config.optimized_prompt)
+                system_prompts[config.name] = system
+                queries = [item.query for item in items]
+                examples = model.retrieve(queries, config.num_optimized_icl) if config.num_optimized_icl else [[] for _ in items]
+                requests = [model.build_request(system, ex, q, sampling) for q, ex in zip(queries, examples)]
+                t0 = time.perf_counter()
+                outcomes = []
+                for start in range(0, len(requests), CHUNK):  # each chunk is cached as it finishes
+                    outcomes += role.run(requests[start:start + CHUNK])
+                progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
+                for item, outcome in zip(items, outcomes):
+                    answer = Answer(config.name, item, system)
+                    if isinstance(outcome, Completion):
+                        answer.text, answer.finish_reason = outcome.text, outcome.finish_reason
+                        answer.prompt_tokens, answer.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
+                    else:
+                        answer.error = f"{type(outcome).__name__}: {outcome}"
+                    answers.append(answer)
+            if key == judge_key:
+                kept = model
+            else:
+                model.close()
+        if judge_key is not None:
+            assert judge is not None and judge.model is not None
+            judge_model = kept or factory(judge.model, dtype=judge.dtype, backend=judge.backend, base_url=judge.base_url)
+            kept = judge_model
+            _judge(answers, judge, Role("judge", judge_model, cache, usage), progress)
+    finally:
+        if kept is not None:
+            kept.close()
+        cache.close()
+    return EvalRun(list(configs), list(items), answers, system_prompts, judge, usage.snapshot()["process"],
+                   time.perf_counter() - started, engines)
+
+
+def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress: Callable[[str], None]) -> None:
+    judge = Judge(None, role, attempts=settings.attempts, max_new_tokens=settings.max_new_tokens, per_aspect=settings.per_aspect)
+    for kind, aspects in (("regular", REGULAR_ASPECTS), ("safety", SAFETY_ASPECTS)):
+        todo = [a for a in answers if a.item.kind == kind and a.text is not None]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        evaluations = judge.score([(a.item.query, a.text or "", aspects) for a in todo], judge_template(kind))
+        for answer, evaluation in zip(todo, evaluations):
+            answer.judgement = {"scores": evaluation.scores, "error": evaluation.error,
+                                "attempts": evaluation.attempts, "replies": evaluation.replies}
+        failed = sum(e.failed for e in evaluations)
+        progress(f"judged {len(todo)} {kind} answers in {time.perf_counter() - t0:.1f} s ({failed} unreadable)")
