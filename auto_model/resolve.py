@@ -214,6 +214,23 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, name, "hub", name)
 
 
+#: Bumped when the conversion changes, so that folders made by an older conversion are remade.
+_MATERIALIZE_VERSION = 2
+
+
+def gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
+    """``add_bos_token``/``add_eos_token`` as the GGUF file records them (absent flags are left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    flags = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            flags[flag] = bool(field.contents())
+    return flags
+
+
 def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     """Convert a GGUF file once into a plain Hugging Face folder in the cache and return the folder.
 
@@ -223,7 +240,7 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     """
     gguf_path = Path(gguf_path)
     key = _sha256(gguf_path)[:16]
-    target = constants.cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    target = constants.cache_dir() / "models" / f"{gguf_path.stem}-{key}-v{_MATERIALIZE_VERSION}"
     if (target / "config.json").exists():
         return target
     try:
@@ -236,6 +253,9 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # transformers drops the GGUF's BOS/EOS flags; without its BOS token Gemma writes nonsense.
+        for flag, value in gguf_special_token_flags(gguf_path).items():
+            setattr(tokenizer, flag, value)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )

@@ -11,6 +11,7 @@ from auto_model.backends import (
     get_backend_class,
     resolve_backend_name,
 )
+from auto_model.backends.base import encode_prompt
 from auto_model.errors import InvalidRequestError, MissingDependencyError, UnknownBackendError
 from auto_model.resolve import resolve_model
 
@@ -165,5 +166,8 @@ def test_base_model_gets_base_format(cache_dir):
     assert gemma.prompt_artifact.model_id == "default"
     p = gemma.format_prompt("What is the capital of France?", num_optimized_icl=1)
     assert p.prompt.endswith("# Query:\nWhat is the capital of France?\n\n# Answer:\n<START>\n") and "<END>" in p.stop
+    # The GGUF says Gemma needs its BOS token; without it the model writes nonsense.
+    tokenizer = gemma.backend.tokenizer
+    assert encode_prompt(tokenizer, p.prompt, "base")[:1] == [tokenizer.bos_token_id] == [2]
     answer = gemma.generate("What is the capital of France?", temperature=0, max_new_tokens=40, num_optimized_icl=2)
-    assert "<END>" not in answer and "# Query" not in answer and answer.strip()
+    assert "<END>" not in answer and "# Query" not in answer and "Paris" in answer

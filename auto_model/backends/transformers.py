@@ -30,7 +30,7 @@ from auto_model.backends.base import (
     encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
-from auto_model.resolve import ModelSource, materialize_gguf
+from auto_model.resolve import ModelSource, gguf_special_token_flags, materialize_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class TransformersBackend(Backend):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs, **(
                 {"trust_remote_code": True} if trust_remote_code else {}))
             self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **tok_kwargs, **load_kwargs)
+            if "gguf_file" in tok_kwargs:  # read straight from GGUF: restore the BOS/EOS flags it records
+                for flag, value in gguf_special_token_flags(Path(source.path)).items():
+                    setattr(self.tokenizer, flag, value)
         except OSError as exc:
             raise ModelNotFoundError(
                 f"Could not load {source.name!r} with transformers: {exc}. Pass a local folder or .gguf file, "

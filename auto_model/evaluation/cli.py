@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from auto_model.errors import InvalidRequestError
 
@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
+    """The command; ``model_factory`` (default :class:`AutoModel`) builds the engines."""
     from auto_model import constants
     from auto_model.evaluation.eval_set import load_eval_set, packaged_eval_path, take
     from auto_model.evaluation.report import build_report, render_markdown, write_report
@@ -84,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"auto-model-eval: {len(configs)} configurations x {len(items)} items"
           + (f", judge {judge.model}" if judge else ", no judge"), flush=True)
     run = run_evaluation(configs, items, output_dir=args.output, judge=judge, max_new_tokens=args.max_new_tokens,
+                         model_factory=model_factory,
                          progress=lambda m: print(f"  {m}", flush=True))
     report = build_report(run, eval_set=str(args.eval_set or packaged_eval_path()))
     paths = write_report(report, args.output)
