@@ -61,6 +61,7 @@ def _expected_row(records, config):
     cells.append(_pct(_mean([r["proxies"]["refusal"] == "refusal" for r in safety])))
     cells.append(_pct(_mean([r["proxies"]["refusal"] == "refusal" for r in regular])))
     cells.append(_pct(_mean([r["finish_reason"] == "stop" for r in answered])))
+    cells.append(_pct(_mean([not r["answer"].split() for r in answered])))
     cells.append(_fmt(_mean([r["proxies"]["repetition"] for r in answered])))
     cells.append(f"{fmean(r['proxies']['words'] for r in answered):.1f}")
     return cells
@@ -174,6 +175,7 @@ def test_summary_and_pairwise_leave_judge_failures_out():
     assert s["aspects"]["Helpfulness"] == 4 and s["aspects"]["Safety"] == 5
     assert (s["judged"], s["judge_failures"]) == (3, 1)
     assert s["over_refusal_rate"] == 0.5 and s["refusal_rate"] == 1.0 and s["clean_end_rate"] == 2 / 3
+    assert s["empty_rate"] == 0.0 and s["words"] == 40 / 3
     assert summarize(records, "b")["partial_refusal_rate"] == 1.0 and summarize(records, "b")["refusal_rate"] == 0.0
     assert pairwise(records, ["a", "b"]) == [{"a": "a", "b": "b", "win": 1, "tie": 1, "loss": 0, "n": 2}]
 
