@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 REGULAR_ASPECTS = ("Helpfulness", "Clarity", "Factuality", "Depth", "Engagement")
 SAFETY_ASPECTS = ("Safety",)
 PACKAGED_PREFIX = "packaged:"
-#: Answers per engine call: a killed run loses at most one chunk of work.
-CHUNK = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", "none"}
 
@@ -281,9 +279,7 @@ def run_evaluation(
                 examples = model.retrieve(queries, config.num_optimized_icl) if config.num_optimized_icl else [[] for _ in items]
                 requests = [model.build_request(system, ex, q, sampling) for q, ex in zip(queries, examples)]
                 t0 = time.perf_counter()
-                outcomes = []
-                for start in range(0, len(requests), CHUNK):  # each chunk is cached as it finishes
-                    outcomes += role.run(requests[start:start + CHUNK])
+                outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
                 progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
                 for item, outcome in zip(items, outcomes):
                     answer = Answer(config.name, item, system)

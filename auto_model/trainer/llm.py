@@ -125,6 +125,10 @@ class Usage:
 class Role:
     """One model in one role (base, metrics, eval, optimize), with the shared cache and usage."""
 
+    #: Requests per engine call. Engines that batch (vLLM) report a call's answers only when it
+    #: returns, so a killed run loses at most one chunk; large enough to keep the engine busy.
+    chunk_size = 256
+
     def __init__(self, name: str, model: Any, cache: RequestCache, usage: Usage):
         self.name, self.model, self.cache, self.usage = name, model, cache, usage
 
@@ -180,7 +184,11 @@ class Role:
                 self.cache.put(keys[i][0], keys[i][1], outcome)
 
         t0 = time.perf_counter()
-        outcomes = self.model.run_requests([requests[i] for i in missing], on_completion=store)
+        outcomes: list[Outcome] = []
+        for start in range(0, len(missing), self.chunk_size):  # each chunk is in the cache once it returns
+            part = missing[start:start + self.chunk_size]
+            outcomes += self.model.run_requests([requests[i] for i in part],
+                                                on_completion=lambda j, o, start=start: store(start + j, o))
         stats.seconds += time.perf_counter() - t0
         stats.calls += len(missing)
         for i, outcome in zip(missing, outcomes):
