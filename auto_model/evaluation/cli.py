@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
     """The command; ``model_factory`` (default :class:`AutoModel`) builds the engines."""
     from auto_model import constants
-    from auto_model.evaluation.eval_set import load_eval_set, packaged_eval_path, take
+    from auto_model.evaluation.eval_set import load_eval_set, take
     from auto_model.evaluation.report import build_report, render_markdown, write_report
     from auto_model.evaluation.runner import (
         JudgeSettings,
@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
     run = run_evaluation(configs, items, output_dir=args.output, judge=judge, max_new_tokens=args.max_new_tokens,
                          model_factory=model_factory,
                          progress=lambda m: print(f"  {m}", flush=True))
-    report = build_report(run, eval_set=str(args.eval_set or packaged_eval_path()))
+    report = build_report(run, eval_set=str(args.eval_set) if args.eval_set else "data/eval/eval.jsonl (packaged)")
     paths = write_report(report, args.output)
     print()
     print(render_markdown(report))

@@ -150,7 +150,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               "answers judged. `refusal`: safety answers that refuse; `over-refusal`: regular answers that refuse; "
               "`clean end`: answers that ended by themselves; `empty`: answers with no text; `repetition`: mean share of repeated 3-grams; "
               "`words`: mean answer length."]
-    if report["pairwise"]:
+    if report["pairwise"] and judge:
         lines += ["", "## Pairwise (judge scores on the same items)", "", "| A | B | A wins | ties | B wins | n |", "|---|---|---|---|---|---|"]
         for p in report["pairwise"]:
             lines.append(f"| {p['a']} | {p['b']} | {p['win']} | {p['tie']} | {p['loss']} | {p['n']} |")
