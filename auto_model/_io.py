@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of either."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never half of either),
+and reading JSONL files of queries."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -27,3 +29,20 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_open(path) as fh:
         fh.write(text)
+
+
+def read_query_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file of queries. A line that is not
+    JSON, or not an object with a non-empty ``query``, raises ArtifactError naming ``file:line``."""
+    from auto_model.errors import ArtifactError
+
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not row["query"].strip():
+            raise ArtifactError(f"{path}:{number}: expected an object with a non-empty 'query'.")
+        yield number, row

@@ -7,12 +7,12 @@ the same fields works, e.g. a converted just-eval-instruct file. ``kind`` defaul
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from auto_model._io import read_query_rows
 from auto_model.errors import ArtifactError
 
 KINDS = ("regular", "safety")
@@ -42,16 +42,8 @@ def load_eval_set(path: str | Path | None = None) -> list[EvalItem]:
         raise ArtifactError(f"No eval set at {path}; pass --eval-set a JSONL file (id, query, kind, tags).")
     items: list[EvalItem] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in read_query_rows(path):
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{where}: not valid JSON ({exc.msg}).") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not row["query"].strip():
-            raise ArtifactError(f"{where}: expected an object with a non-empty 'query'.")
         kind = row.get("kind", "regular")
         if kind not in KINDS:
             raise ArtifactError(f"{where}: kind must be 'regular' or 'safety', got {kind!r}.")

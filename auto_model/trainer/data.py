@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from auto_model._io import read_query_rows
 from auto_model.errors import ArtifactError
 
 CATEGORIES = ("everyday", "open-ended", "harmful")
@@ -25,15 +25,7 @@ def load_training_queries(data_dir: str | Path | None = None) -> list[dict[str, 
     if not path.exists():
         raise ArtifactError(f"No training data at {path}; pass --data_dir a folder with a train.jsonl.")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not row["query"].strip():
-            raise ArtifactError(f"{path}:{number}: expected an object with a non-empty 'query'.")
+    for number, row in read_query_rows(path):
         row.setdefault("id", f"line-{number}")
         rows.append(row)
     if not rows:
