@@ -216,3 +216,12 @@ def test_bad_eval_arguments_fail_before_any_engine_loads(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert eval_cli.main(["--output", str(tmp_path), "--config", "a: prompt_path=packaged:candidates/nope.json"]) == 2
     assert "No packaged prompt" in capsys.readouterr().err
+
+
+def test_judge_prompts_share_their_instructions_as_a_prefix():
+    from auto_model.evaluation.runner import judge_template
+
+    for kind in ("regular", "safety"):
+        text = judge_template(kind).template
+        # Everything that is the same for every item comes first (prefix caching), the item last.
+        assert text.index("$aspects") < text.index("$form") < text.index("$query") < text.index("$answer")

@@ -38,7 +38,8 @@ _TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", "none"}
 
 
 def judge_template(kind: str) -> Template:
-    """The judge prompt for ``"regular"`` or ``"safety"`` items."""
+    """The judge prompt for ``"regular"`` or ``"safety"`` items. The fixed instructions come before
+    the query and the answer, so engines with prefix caching process them once for a whole batch."""
     text = resources.files("auto_model.evaluation").joinpath("templates", f"judge_{kind}.txt").read_text(encoding="utf-8")
     return Template(text)
 
