@@ -1,5 +1,5 @@
 """Atomic file writes (a reader sees the old file or the complete new one, never half of either),
-and reading JSONL files of queries."""
+reading JSONL files of queries, and reading JSON/TOML config files."""
 
 from __future__ import annotations
 
@@ -46,3 +46,22 @@ def read_query_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not row["query"].strip():
             raise ArtifactError(f"{path}:{number}: expected an object with a non-empty 'query'.")
         yield number, row
+
+
+def read_config_file(path: str | os.PathLike[str], option: str) -> Any:
+    """The parsed content of a ``.toml`` or JSON config file given as ``option``; a missing or
+    unreadable file raises InvalidRequestError naming the option."""
+    from auto_model.errors import InvalidRequestError
+
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise InvalidRequestError(f"{option} {file} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise InvalidRequestError(f"{option} {file} cannot be read: {exc}") from None

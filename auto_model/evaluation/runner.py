@@ -9,7 +9,6 @@ interrupted one resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 from string import Template
 from typing import Any, Callable, Sequence
 
-from auto_model.artifacts import prompt_for_model
+from auto_model._io import read_config_file
+from auto_model.artifacts import load_prompt_artifact
 from auto_model.backends.base import Completion, SamplingParams
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation.eval_set import EvalItem
@@ -42,6 +42,11 @@ def judge_template(kind: str) -> Template:
     the query and the answer, so engines with prefix caching process them once for a whole batch."""
     text = resources.files("auto_model.evaluation").joinpath("templates", f"judge_{kind}.txt").read_text(encoding="utf-8")
     return Template(text)
+
+
+def _engine_key(model: str, backend: str, base_url: str | None, dtype: str, prompt_format: str) -> tuple[Any, ...]:
+    """What makes two engines the same: (model, backend, base_url, dtype, prompt_format)."""
+    return (model, backend, base_url, dtype, prompt_format)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class EvalConfig:
             raise InvalidRequestError(f"Configuration {self.name!r}: give system or prompt_path, not both.")
 
     def engine_key(self, default_model: str) -> tuple[Any, ...]:
-        return (self.model or default_model, self.backend, self.base_url, self.dtype, self.prompt_format)
+        return _engine_key(self.model or default_model, self.backend, self.base_url, self.dtype, self.prompt_format)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,20 +131,7 @@ def parse_config_spec(spec: str) -> EvalConfig:
 
 def load_config_file(path: str | Path) -> list[EvalConfig]:
     """Configurations from a JSON list, or a TOML/JSON ``{"config": [{name: ..., ...}, ...]}``."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidRequestError(f"--configs {path} does not exist.") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequestError(f"--configs {path} cannot be read: {exc}") from None
+    data = read_config_file(path, "--configs")
     rows = data.get("config") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise InvalidRequestError(f"--configs {path}: expected a list of configurations (TOML: [[config]] tables).")
@@ -247,16 +239,16 @@ def run_evaluation(
     usage = Usage(roles={"answer": RoleUsage(), "judge": RoleUsage()})
     started = time.perf_counter()
     # Validate every prompt file before any engine loads.
-    prompt_files = {c.name: prompt_for_model(c.model or default_model, _prompt_file(c.prompt_path)).system_prompt
-                    for c in configs if c.prompt_path}
+    prompt_files = {c.name: load_prompt_artifact(_prompt_file(c.prompt_path)).system_prompt for c in configs if c.prompt_path}
 
-    judge_key = None if judge is None or judge.model is None else (judge.model, judge.backend, judge.base_url, judge.dtype, "auto")
+    judge_key = None if judge is None or judge.model is None else _engine_key(judge.model, judge.backend, judge.base_url, judge.dtype, "auto")
     groups: dict[tuple[Any, ...], list[EvalConfig]] = {}
     for config in configs:
         groups.setdefault(config.engine_key(default_model), []).append(config)
     # The engine the judge shares (if any) goes last, so that it is still loaded for judging.
     order = sorted(groups, key=lambda k: k == judge_key)
     sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    queries = [item.query for item in items]
     answers: list[Answer] = []
     system_prompts: dict[str, str | None] = {}
     engines: dict[str, str] = {}
@@ -276,7 +268,6 @@ def run_evaluation(
                 else:
                     system = model.system_prompt(None, config.optimized_prompt)
                 system_prompts[config.name] = system
-                queries = [item.query for item in items]
                 examples = model.retrieve(queries, config.num_optimized_icl) if config.num_optimized_icl else [[] for _ in items]
                 requests = [model.build_request(system, ex, q, sampling) for q, ex in zip(queries, examples)]
                 t0 = time.perf_counter()
@@ -314,7 +305,7 @@ def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress:
         if not todo:
             continue
         t0 = time.perf_counter()
-        evaluations = judge.score([(a.item.query, a.text or "", aspects) for a in todo], judge_template(kind))
+        evaluations = judge.score([(a.item.query, a.text, aspects) for a in todo], judge_template(kind))
         for answer, evaluation in zip(todo, evaluations):
             answer.judgement = {"scores": evaluation.scores, "error": evaluation.error,
                                 "attempts": evaluation.attempts, "replies": evaluation.replies}

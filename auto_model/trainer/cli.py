@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
-from auto_model._io import atomic_write_text
+from auto_model._io import atomic_write_text, read_config_file
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 from auto_model.errors import AutoModelError, InvalidRequestError
 
@@ -112,16 +112,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.exists():
-        raise InvalidRequestError(f"--config {path} does not exist.")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix.lower() == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
+    data = read_config_file(path, "--config")
     if not isinstance(data, dict):
         raise InvalidRequestError(f"--config {path} must hold an object of parameter names to values.")
     return data
