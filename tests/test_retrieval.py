@@ -163,3 +163,45 @@ def test_empty_pool_rejected():
 def test_example_roundtrip():
     ex = ICLExample("q", "<START>\na\n<END>", ("t",))
     assert ex.to_dict() == {"query": "q", "answer": "<START>\na\n<END>", "tags": ["t"]}
+
+
+def _large_pool(n):
+    topics = ["cooking", "taxes", "gardening", "python code", "history", "travel", "sleep", "chemistry"]
+    return [ICLExample(f"Question {i} about {topics[i % len(topics)]}: how does item {i} work?", f"Answer {i}.")
+            for i in range(n)]
+
+
+def test_pools_above_the_threshold_get_a_cached_ivf_index(embedder, tmp_path, caplog):
+    import faiss
+
+    pool = _large_pool(300)
+    small = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path)
+    assert small.exact and isinstance(small.index, faiss.IndexFlatIP)
+
+    r = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path, exact_search_max=100, nprobe=3)
+    assert not r.exact
+    with caplog.at_level("INFO", logger="auto_model.retrieval"):
+        assert isinstance(r.index, faiss.IndexIVFFlat) and r.index.nlist == 17 and r.index.nprobe == 3
+    assert [rec for rec in caplog.records if "Building an IVF index (17 cells)" in rec.getMessage()]
+    caplog.clear()
+    # A pool query's own vector lies in the cell searched first, so it is always its own top hit.
+    picks = [0, 57, 123, 299]
+    top = r.search([pool[i].query for i in picks], k=2)
+    assert [hits[0] for hits in top] == [pool[i] for i in picks]
+    saved = list(tmp_path.glob("*.ivf17.faiss"))
+    assert len(saved) == 1
+
+    # A second retriever reads the index file instead of training a new one.
+    written = saved[0].stat().st_mtime_ns
+    again = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path, exact_search_max=100, nprobe=3)
+    with caplog.at_level("INFO", logger="auto_model.retrieval"):
+        assert again.search([pool[i].query for i in picks], k=2) == top
+    assert not [rec for rec in caplog.records if "Building an IVF index" in rec.getMessage()]
+    assert again.index.ntotal == 300 and again.index.nprobe == 3
+    assert saved[0].stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("kwargs", [{"exact_search_max": 0}, {"nprobe": 0}, {"nprobe": 2.5}])
+def test_index_settings_are_validated(kwargs):
+    with pytest.raises(InvalidRequestError):
+        ICLRetriever(_large_pool(3), **kwargs)
