@@ -127,6 +127,8 @@ def test_config_file_and_errors(tmp_path, capsys):
     assert "unknown parameters ['dpeth']" in capsys.readouterr().err
     assert main(["--depth", "0", "--dry_run"]) == 2
     assert "--depth must be >= 1" in capsys.readouterr().err
+    assert main(["--batch_size", "0", "--dry_run"]) == 2
+    assert "--batch_size must be >= 1" in capsys.readouterr().err
     (tmp_path / "busy" / "algo_output").mkdir(parents=True)
     (tmp_path / "busy" / "algo_output" / "checkpoint.json").write_text("{}")
     assert main(["--log_dir", str(tmp_path / "busy")]) == 2

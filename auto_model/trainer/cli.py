@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     add("--max_calls", type=int, default=None, help="stop cleanly (resumable) before sending more LLM requests")
     add("--max_new_tokens", type=int, default=512, help="longest answer of the base model")
     add("--judge_max_new_tokens", type=int, default=512, help="longest reply of the metrics, eval and optimize models")
+    add("--batch_size", type=int, default=256,
+        help="most requests per engine call (1 sends them one at a time, as the original scripts did)")
     add("--dry_run", action="store_true", help="print the planned number of calls and exit")
     add("--output", default=None, help="where the artifact (or the new ICL pool) goes")
     add("--backend", default="auto", help="engine for every role: auto, vllm, openai or transformers")
@@ -120,7 +122,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 def _validate(args: argparse.Namespace) -> None:
     for name in ("n_actions", "depth", "beam_size", "num_training_examples", "max_new_tokens", "judge_max_new_tokens",
-                 "num_gpus", "num_iters"):
+                 "num_gpus", "num_iters", "batch_size"):
         if getattr(args, name) < 1:
             raise InvalidRequestError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     for name in ("max_depth_increase", "k"):
@@ -189,7 +191,7 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
                     kwargs["download_dir" if backend == "vllm" else "cache_dir"] = args.base_model_download_dir
             logger.info("Loading %s for %s (%s)", name, role, backend)
             models[key] = AutoModel(name, **kwargs)
-        roles[role] = Role(role, models[key], cache, usage)
+        roles[role] = Role(role, models[key], cache, usage, chunk_size=args.batch_size)
     return roles
 
 

@@ -125,12 +125,16 @@ class Usage:
 class Role:
     """One model in one role (base, metrics, eval, optimize), with the shared cache and usage."""
 
-    #: Requests per engine call. Engines that batch (vLLM) report a call's answers only when it
-    #: returns, so a killed run loses at most one chunk; large enough to keep the engine busy.
+    #: Requests per engine call by default. Engines that batch (vLLM) report a call's answers only
+    #: when it returns, so a killed run loses at most one chunk; large enough to keep the engine busy.
     chunk_size = 256
 
-    def __init__(self, name: str, model: Any, cache: RequestCache, usage: Usage):
+    def __init__(self, name: str, model: Any, cache: RequestCache, usage: Usage, chunk_size: int | None = None):
         self.name, self.model, self.cache, self.usage = name, model, cache, usage
+        if chunk_size is not None:
+            if chunk_size < 1:
+                raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            self.chunk_size = chunk_size  # 1: one request per engine call, as the original scripts sent them
 
     def ask(self, prompts: Sequence[str], sampling: SamplingParams, seeds: Sequence[int | None] | None = None,
             prefill: str | Sequence[str] | None = None) -> list[Outcome]:
