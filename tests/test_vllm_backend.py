@@ -189,3 +189,18 @@ def test_chat_turns_on_vllm(smol_vllm):
     prompt = smol_vllm._assemble(["How do I boil an egg?"], None, True, True, 3, conversation=conversation)[0].prompt
     assert prompt.count(smol_vllm.prompt_artifact.text) == 1
     assert prompt.index("Nice to meet you, Ann!") > prompt.index(smol_vllm.prompt_artifact.text)
+
+
+def test_auto_dtype_is_float32_on_cpus_without_native_bf16():
+    from auto_model.backends.vllm import cpu_dtype, cpu_has_native_bf16
+
+    x86_plain = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx512_bf16\n"
+    x86_bf16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n"
+    arm_bf16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert cpu_has_native_bf16(x86_plain) is False  # the first processor speaks for all
+    assert cpu_has_native_bf16(x86_bf16) is True and cpu_has_native_bf16(arm_bf16) is True
+    assert cpu_has_native_bf16("no flags here") is None
+    assert cpu_dtype("auto", False) == "float32"
+    assert cpu_dtype(None, False) == "float32"
+    assert cpu_dtype("auto", True) == "auto" and cpu_dtype("auto", None) == "auto"
+    assert cpu_dtype("bf16", False) == "bfloat16"  # an explicit choice is kept

@@ -83,6 +83,35 @@ def apply_cuda_visible_devices(value: str | int | Sequence[int] | None) -> str |
     return wanted
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes in bfloat16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16).
+
+    Reads ``/proc/cpuinfo`` (or the text given); None where that says nothing (not Linux).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # the first processor speaks for all
+            return bool(set(value.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return None
+
+
+def cpu_dtype(dtype: str, native_bf16: bool | None) -> str:
+    """The dtype vLLM gets on a CPU: ``"auto"`` becomes float32 where the CPU has no native bfloat16.
+
+    vLLM's own ``auto`` picks bfloat16 on every x86 CPU; without hardware support each bfloat16
+    operation is converted in software, and SmolLM2-135M generates about 4x fewer tokens per second
+    than in float32.
+    """
+    name = dtype_name(dtype)
+    return "float32" if name == "auto" and native_bf16 is False else name
+
+
 def engine_arguments(
     model: str,
     *,
@@ -129,7 +158,8 @@ class VLLMBackend(Backend):
     Args:
         source: the resolved model. GGUF models are materialised once into a plain folder in the
             cache (vLLM on CPU cannot read GGUF) and reused.
-        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``. On a CPU without native
+            bfloat16, ``"auto"`` means float32 (see :func:`cpu_dtype`); elsewhere it is vLLM's choice.
         num_gpus: tensor-parallel size (GPUs the model is split over).
         cuda_visible_devices: GPUs to use, e.g. ``"0,1"``; applied only before CUDA starts.
         gpu_memory_utilization: fraction of each GPU's memory vLLM may take.
@@ -177,6 +207,11 @@ class VLLMBackend(Backend):
         if current_platform.is_cpu():
             if cuda_visible_devices is not None:
                 logger.debug("vLLM runs on CPU here: cuda_visible_devices=%r is ignored", cuda_visible_devices)
+            chosen = cpu_dtype(dtype, cpu_has_native_bf16())
+            if chosen != self.engine_args["dtype"]:
+                logger.info("This CPU has no native bfloat16: dtype='auto' runs float32, several times faster here "
+                            "(pass dtype='bfloat16' to halve the memory instead)")
+                self.engine_args["dtype"] = chosen
         else:
             apply_cuda_visible_devices(cuda_visible_devices)
 
