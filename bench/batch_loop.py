@@ -1,0 +1,136 @@
+"""2. Batch vs. the original's loop: the same queries sent one by one vs. in one batched call.
+
+One by one is how the original ``AutoModel.generate`` worked: one ``generate`` call per query. The
+same comparison runs on vLLM-CPU and on the transformers backend, and intermediate batch sizes
+(``--sweep``) give the throughput-vs-batch-size curve of BENCHMARKS.md, for the SDK and for the
+vLLM engine called directly. Every answer is exactly ``--new-tokens`` tokens (``ignore_eos``, or
+``min_new_tokens`` on transformers).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from bench._common import Ratio, Record, finish, load_vllm, log, parser, queries, smoke_done, timed
+
+TARGET_VLLM = 10.0
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _sweep_queries(qs: list[str], batch: int) -> list[str]:
+    """Enough queries for a steady figure at this batch size: two batches, at least 16, at most all."""
+    return qs[:min(len(qs), max(2 * batch, 16))]
+
+
+def _run(generate: Callable[[list[str]], int], qs: list[str], batch: int) -> tuple[int, float]:
+    def go() -> int:
+        return sum(generate(part) for part in _chunks(qs, batch))
+
+    return timed(go)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--sweep", default="4,16", help="extra batch sizes for the plot (comma-separated; '' for none)")
+    p.add_argument("--backends", default="vllm,transformers")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args(argv)
+    qs = queries(args.queries)
+    sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.smoke:
+        import transformers  # noqa: F401
+        import vllm  # noqa: F401
+
+        return smoke_done("batch_loop", f"{len(qs)} queries one by one vs. batched on {backends}, sweep {sweep}")
+
+    rows: list[list[Any]] = []
+    ratios: list[Ratio] = []
+    points: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for backend in backends:
+        if backend == "vllm":
+            model = load_vllm(args.dtype)
+            extra: dict[str, Any] = {"ignore_eos": True}
+        else:
+            from auto_model import AutoModel
+
+            model = AutoModel(backend="transformers", dtype=args.dtype)
+            extra = {"min_new_tokens": args.new_tokens}
+        kwargs = dict(temperature=0, max_new_tokens=args.new_tokens, return_details=True, **extra)
+
+        def sdk(part: list[str], model: Any = model, kwargs: dict[str, Any] = kwargs) -> int:
+            if len(part) == 1:  # the original's way: one call per query, a string in and out
+                return model.generate(part[0], **kwargs).completion_tokens
+            return sum(r.completion_tokens for r in model.generate(part, **kwargs))
+
+        log(f"batch_loop: {backend}: warm-up")
+        sdk(qs[:2])
+        n_loop, t_loop = _run(sdk, qs, 1)
+        log(f"batch_loop: {backend}: one by one: {n_loop} tokens in {t_loop:.1f} s")
+        n_batch, t_batch = _run(sdk, qs, len(qs))
+        log(f"batch_loop: {backend}: one batch: {n_batch} tokens in {t_batch:.1f} s")
+        label = {"vllm": "vLLM-CPU", "transformers": "transformers"}[backend]
+        rows.append([f"{label}: one query per call (the original)", len(qs), 1, n_loop, t_loop, n_loop / t_loop])
+        rows.append([f"{label}: one batched call", len(qs), len(qs), n_batch, t_batch, n_batch / t_batch])
+        speedup = (n_batch / t_batch) / (n_loop / t_loop)
+        ratios.append(Ratio(f"{label}: batched / one by one", speedup, TARGET_VLLM if backend == "vllm" else 1.0))
+        series = f"SDK on {label}"
+        points += [{"series": series, "batch": 1, "tokens_per_s": n_loop / t_loop},
+                   {"series": series, "batch": len(qs), "tokens_per_s": n_batch / t_batch}]
+        for batch in sweep:
+            part = _sweep_queries(qs, batch)
+            n, t = _run(sdk, part, batch)
+            log(f"batch_loop: {backend}: batch {batch}: {n} tokens in {t:.1f} s")
+            points.append({"series": series, "batch": batch, "tokens_per_s": n / t})
+        if backend == "vllm":
+            points += _engine_curve(model, qs, [1, *sweep, len(qs)], args.new_tokens)
+            notes.append(f"vLLM dtype {str(model.backend.config.model_config.dtype).replace('torch.', '')}")
+        else:
+            notes.append(f"transformers dtype {str(model.backend.model.dtype).replace('torch.', '')}, "
+                         f"batch_size {model.backend.batch_size}")
+        model.close()
+
+    notes.append("the transformers target is only that batching helps (> 1x); the issue sets >= 10x for vLLM-CPU")
+    record = Record(
+        "batch_loop", "2. Batch vs. the original's one-query-at-a-time loop (SmolLM2-135M-Instruct)",
+        {"queries": len(qs), "new_tokens": args.new_tokens, "sweep": sweep, "backends": backends},
+        ["path", "queries", "batch", "tokens", "seconds", "tokens/s"], rows, ratios, notes, points,
+    )
+    return finish(record, args)
+
+
+def _engine_curve(model: Any, qs: list[str], batches: list[int], new_tokens: int) -> list[dict[str, Any]]:
+    """``vllm.LLM.generate`` itself at each batch size, on the prompts the SDK assembles."""
+    import vllm
+
+    prompts = model.format_prompt(qs)
+    llm = model.backend.llm
+    out = []
+    for batch in batches:
+        part = prompts if batch >= len(qs) else prompts[:min(len(qs), max(2 * batch, 16))]
+
+        def go(part: Any = part, batch: int = batch) -> int:
+            total = 0
+            for start in range(0, len(part), batch):
+                chunk = part[start:start + batch]
+                params = [vllm.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                              stop=list(pr.stop) or None) for pr in chunk]
+                outs = llm.generate([pr.prompt for pr in chunk], params, use_tqdm=False)
+                total += sum(len(o.outputs[0].token_ids) for o in outs)
+            return total
+
+        n, t = timed(go)
+        log(f"batch_loop: vLLM engine direct: batch {batch}: {n} tokens in {t:.1f} s")
+        out.append({"series": "vLLM engine direct", "batch": batch, "tokens_per_s": n / t})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
