@@ -13,6 +13,7 @@ import pytest
 from auto_model import AutoModel
 from auto_model.backends import GenerationRequest, SamplingParams
 from auto_model.constants import DEFAULT_MODEL
+from auto_model.errors import GenerationError
 from tests.test_vllm_backend import QUERIES
 
 pytestmark = pytest.mark.vllm
@@ -74,3 +75,15 @@ def test_multi_turn_chat_matches_the_offline_engine(served, smol_vllm):
     conversation = [{"role": "user", "content": "My name is Ann."}, {"role": "assistant", "content": "Nice to meet you, Ann!"},
                     {"role": "user", "content": "What is the capital of Japan?"}]
     assert served.chat(conversation, **GREEDY) == smol_vllm.chat(conversation, **GREEDY)
+
+
+def test_server_specific_sampling_arguments_reach_the_server(served):
+    # vLLM's own extensions (here top_k and min_tokens) go into the request body unchanged.
+    answer = served.generate("Name a colour.", temperature=0.8, top_k=1, min_tokens=12, max_new_tokens=12,
+                             return_details=True)
+    assert answer.completion_tokens == 12  # min_tokens held the answer to exactly 12 tokens
+    greedy = served.generate("Name a colour.", temperature=0, max_new_tokens=12)
+    assert answer.text == greedy or greedy.startswith(answer.text) or answer.text.startswith(greedy)
+    # And an argument the server rejects is its typed error, naming the status.
+    with pytest.raises(GenerationError, match="400"):
+        served.generate("Name a colour.", max_new_tokens=4, min_tokens=-3)
