@@ -122,6 +122,32 @@ def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tmp_p
     assert answers == smol_vllm.generate(queries, temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
 
+INPROC_SCRIPT = """
+import json, os, sys
+from auto_model import AutoModel
+
+model = AutoModel(backend="vllm", dtype="float32", max_model_len=1024, enforce_eager=True)
+client = type(model.backend.llm.llm_engine.engine_core).__name__
+answer = model.generate(sys.argv[1], temperature=0, max_new_tokens=12, num_optimized_icl=1)
+print("RESULT " + json.dumps([os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), client, answer]))
+model.close()
+"""
+
+
+def test_on_cpu_the_engine_runs_in_process_by_default(smol_vllm, tmp_path):
+    # vLLM's own engine process busy-waits on a core; on CPUs the SDK keeps the engine in the
+    # caller's process unless told otherwise. No __main__ guard is needed then: nothing is spawned.
+    script = tmp_path / "inproc.py"
+    script.write_text(INPROC_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    proc = subprocess.run([sys.executable, str(script), QUERIES[0]], env=env, capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    flag, client, answer = json.loads(lines[-1][len("RESULT "):])
+    assert (flag, client) == ("0", "InprocClient")
+    assert answer == smol_vllm.generate(QUERIES[0], temperature=0, max_new_tokens=12, num_optimized_icl=1)
+
+
 def test_engine_arguments_mapping():
     args = engine_arguments("/m", num_gpus=4, distributed_executor_backend="ray", dtype="bfloat16",
                             gpu_memory_utilization=0.8, max_model_len=4096, swap_space=2)

@@ -207,6 +207,12 @@ class VLLMBackend(Backend):
         if current_platform.is_cpu():
             if cuda_visible_devices is not None:
                 logger.debug("vLLM runs on CPU here: cuda_visible_devices=%r is ignored", cuda_visible_devices)
+            if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+                # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
+                # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64).
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+                logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
+                            "set VLLM_ENABLE_V1_MULTIPROCESSING=1 before loading to keep vLLM's engine process")
             chosen = cpu_dtype(dtype, cpu_has_native_bf16())
             if chosen != self.engine_args["dtype"]:
                 logger.info("This CPU has no native bfloat16: dtype='auto' runs float32, several times faster here "
