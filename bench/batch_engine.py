@@ -3,7 +3,9 @@
 The SDK's side includes everything it adds: query embedding and example retrieval, prompt assembly,
 tokenization and cleaning of the answers. The engine's side gets the prompts the SDK assembled,
 already rendered, on the same engine object. Every answer is exactly ``--new-tokens`` tokens
-(``ignore_eos``), so both sides do the same work; runs alternate and the median is kept.
+(``ignore_eos``), so both sides do the same work; runs alternate and the median is kept. Both
+sides share one engine, loaded with ``enforce_eager`` (torch.compile would change both alike and
+costs two minutes to load on a small CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="auto")
+    p.set_defaults(reps=2)
     args = p.parse_args(argv)
     qs = queries(args.queries)
     if args.smoke:
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import vllm
 
-    model = load_vllm(args.dtype)
+    model = load_vllm(args.dtype, enforce_eager=True)
     llm = model.backend.llm
     sdk_kwargs = dict(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True, return_details=True)
     prompts = model.format_prompt(qs)

@@ -5,7 +5,8 @@ Every figure comes from a fresh Python process. ``import auto_model`` is timed i
 measured from the start of ``AutoModel(...)`` to the first token of the first answer: engine load,
 then the first ``generate`` (which also loads the embedder and builds the example index) with one
 new token; vLLM is loaded as a user gets it (torch.compile included). The openai backend talks to a
-real vLLM OpenAI server on 127.0.0.1, started first (its start-up is reported, not counted).
+real vLLM OpenAI server on 127.0.0.1 (``--enforce-eager``), started first (its start-up is reported,
+not counted).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _start_vllm_server() -> tuple[subprocess.Popen[bytes], str, float, Path]:
     port = _free_port()
     log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-           "--served-model-name", DEFAULT_MODEL, "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
+           "--served-model-name", DEFAULT_MODEL, "--max-model-len", "2048", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
     t0 = time.perf_counter()
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
