@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         series = f"SDK on {label}"
         points += [{"series": series, "batch": 1, "tokens_per_s": n_loop / t_loop},
                    {"series": series, "batch": len(qs), "tokens_per_s": n_batch / t_batch}]
-        for batch in sweep:
+        for batch in (b for b in sweep if 1 < b < len(qs)):
             part = _sweep_queries(qs, batch)
             n, t = _run(sdk, part, batch)
             log(f"batch_loop: {backend}: batch {batch}: {n} tokens in {t:.1f} s")
             points.append({"series": series, "batch": batch, "tokens_per_s": n / t})
         if backend == "vllm":
-            curve = _engine_curve(model, qs, [1, *sweep, len(qs)], args.new_tokens)
+            curve = _engine_curve(model, qs, [1, *(b for b in sweep if 1 < b < len(qs)), len(qs)], args.new_tokens)
             points += curve
             engine_gain = curve[-1]["tokens_per_s"] / curve[0]["tokens_per_s"]
             notes.append(f"vLLM dtype {str(model.backend.config.model_config.dtype).replace('torch.', '')}; the engine "
