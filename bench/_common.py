@@ -187,5 +187,13 @@ def load_vllm(dtype: str = "auto", **kwargs: Any) -> Any:
     return AutoModel(backend="vllm", dtype=dtype, max_model_len=2048, **kwargs)
 
 
+def forget_prompts(model: Any) -> None:
+    """Empty a vLLM engine's prefix cache, so that a timed run does not reuse the prompts an earlier
+    run computed (within a run, the shared system prompt is still computed once, as in real use)."""
+    llm = getattr(model.backend, "llm", None)
+    if llm is not None and not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM could not empty its prefix cache")
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

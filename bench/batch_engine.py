@@ -3,7 +3,8 @@
 The SDK's side includes everything it adds: query embedding and example retrieval, prompt assembly,
 tokenization and cleaning of the answers. The engine's side gets the prompts the SDK assembled,
 already rendered, on the same engine object. Every answer is exactly ``--new-tokens`` tokens
-(``ignore_eos``), so both sides do the same work; runs alternate and the median is kept. Both
+(``ignore_eos``), so both sides do the same work; runs alternate and the median is kept, each
+starting from an empty prefix cache (the same prompts run again would skip their prefill). Both
 sides share one engine, loaded with ``enforce_eager`` (torch.compile would change both alike and
 costs two minutes to load on a small CPU).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from bench._common import Ratio, Record, finish, load_vllm, log, median, parser, queries, smoke_done, timed
+from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log, median, parser, queries, smoke_done, timed
 
 TARGET = 0.97
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens: dict[str, int] = {}
     for rep in range(args.reps):
         for name, fn in (("engine", engine), ("sdk", sdk)) if rep % 2 == 0 else (("sdk", sdk), ("engine", engine)):
+            forget_prompts(model)
             n, dt = timed(fn)
             tokens[name] = n
             rates[name].append(n / dt)

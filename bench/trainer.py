@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench._common import Ratio, Record, finish, load_vllm, log, parser, smoke_done, timed
+from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log, parser, smoke_done, timed
 
 TARGET = 3.0
 
@@ -27,6 +27,7 @@ def _search(model: Any, log_dir: Path, batch_size: int | None, args: Any, querie
     from auto_model.trainer.llm import ROLES, RequestCache, Role, Usage
     from auto_model.trainer.search import BeamSearch, SearchConfig
 
+    forget_prompts(model)  # the second run asks what the first asked: no prefill reused across runs
     cache = RequestCache(log_dir / "cache" / "requests.sqlite")
     usage = Usage()
     roles = {r: Role(r, model, cache, usage, chunk_size=batch_size) for r in ROLES}
