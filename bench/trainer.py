@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     per_call = (seq[2] / max(seq[1].calls, 1)) / (bat[2] / max(bat[1].calls, 1))
     ratios = [Ratio("wall-clock, one request per call / batched", seq[2] / bat[2], TARGET),
               Ratio("requests sent by the rerun", float(rows[-1][1]), 0.0, False, "")]
-    notes = [f"requests per role: {bat[1].to_dict()['total']['calls']} batched vs. {seq[1].to_dict()['total']['calls']} one by one"
+    def per_role(usage: Any) -> str:
+        return ", ".join(f"{name} {v['calls']}" for name, v in usage.to_dict().items() if name != "total")
+
+    notes = [f"requests per role: {per_role(bat[1])} batched; {per_role(seq[1])} one by one"
              + ("" if seq[1].calls == bat[1].calls else
                 f" (the counts differ: the judge's retries of unreadable replies depend on the replies; "
                 f"per request the batched run is {per_call:.2f}x faster)"),

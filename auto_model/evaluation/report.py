@@ -188,8 +188,10 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
     right.set_xticks(range(len(proxies)), [p for p, _ in proxies])
     right.set_ylim(0, 100)
     right.set_title("Proxies (% of answers)")
-    left.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    handles, labels = left.get_legend_handles_labels()
+    rows = -(-len(labels) // 4)  # the legend goes under the charts, four configurations a row
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
