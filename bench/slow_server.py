@@ -41,19 +41,6 @@ class SlowServer(ThreadingHTTPServer):
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-    def start(self) -> "SlowServer":
-        threading.Thread(target=self.serve_forever, name="slow-server", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-    def reset_counts(self) -> None:
-        with self._lock:
-            self.max_in_flight = 0
-            self.served = 0
-
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
