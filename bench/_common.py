@@ -152,9 +152,9 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        from auto_model.backends.vllm import cpu_has_native_bf16
+        from auto_model.backends.vllm import cpu_flags, cpu_has_native_bf16
 
-        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        flags = cpu_flags(text) or set()
         info["simd"] = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
         info["native_bf16"] = cpu_has_native_bf16(text)
     except OSError:
@@ -185,6 +185,17 @@ def load_vllm(dtype: str = "auto", **kwargs: Any) -> Any:
     from auto_model import AutoModel
 
     return AutoModel(backend="vllm", dtype=dtype, max_model_len=2048, **kwargs)
+
+
+def engine_generate(llm: Any, prompts: Sequence[Any], new_tokens: int) -> int:
+    """``vllm.LLM.generate`` itself on assembled prompts (greedy, exactly ``new_tokens`` each, the
+    prompts' own stop strings); returns the tokens generated."""
+    import vllm
+
+    params = [vllm.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, stop=list(pr.stop) or None)
+              for pr in prompts]
+    outs = llm.generate([pr.prompt for pr in prompts], params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
 def forget_prompts(model: Any) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log, median, parser, queries, smoke_done, timed
+from bench._common import Ratio, Record, engine_generate, finish, forget_prompts, load_vllm, log, median, parser, queries, smoke_done, timed
 
 TARGET = 0.97
 
@@ -31,26 +31,20 @@ def main(argv: list[str] | None = None) -> int:
 
         return smoke_done("batch_engine", f"{len(qs)} queries x {args.new_tokens} tokens, SDK vs. vllm.LLM.generate")
 
-    import vllm
-
     model = load_vllm(args.dtype, enforce_eager=True)
     llm = model.backend.llm
     sdk_kwargs = dict(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True, return_details=True)
     prompts = model.format_prompt(qs)
-    texts = [pr.prompt for pr in prompts]
-    params = [vllm.SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, stop=list(pr.stop) or None)
-              for pr in prompts]
 
     def engine() -> int:
-        outs = llm.generate(texts, params, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+        return engine_generate(llm, prompts, args.new_tokens)
 
     def sdk() -> int:
         return sum(r.completion_tokens for r in model.generate(qs, **sdk_kwargs))
 
     log("batch_engine: warm-up")
     model.generate(qs[:4], **sdk_kwargs)
-    llm.generate(texts[:4], params[:4], use_tqdm=False)
+    engine_generate(llm, prompts[:4], args.new_tokens)
     rates: dict[str, list[float]] = {"engine": [], "sdk": []}
     seconds: dict[str, list[float]] = {"engine": [], "sdk": []}
     tokens: dict[str, int] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log, parser, queries, smoke_done, timed
+from bench._common import Ratio, Record, engine_generate, finish, forget_prompts, load_vllm, log, parser, queries, smoke_done, timed
 
 TARGET_VLLM = 10.0
 
@@ -120,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _engine_curve(model: Any, qs: list[str], batches: list[int], new_tokens: int) -> list[dict[str, Any]]:
     """``vllm.LLM.generate`` itself at each batch size, on the prompts the SDK assembles."""
-    import vllm
-
     prompts = model.format_prompt(qs)
     llm = model.backend.llm
     out = []
@@ -129,14 +127,7 @@ def _engine_curve(model: Any, qs: list[str], batches: list[int], new_tokens: int
         part = prompts if batch >= len(qs) else prompts[:min(len(qs), max(2 * batch, 16))]
 
         def go(part: Any = part, batch: int = batch) -> int:
-            total = 0
-            for start in range(0, len(part), batch):
-                chunk = part[start:start + batch]
-                params = [vllm.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
-                                              stop=list(pr.stop) or None) for pr in chunk]
-                outs = llm.generate([pr.prompt for pr in chunk], params, use_tqdm=False)
-                total += sum(len(o.outputs[0].token_ids) for o in outs)
-            return total
+            return sum(engine_generate(llm, part[start:start + batch], new_tokens) for start in range(0, len(part), batch))
 
         forget_prompts(model)
         n, t = timed(go)

@@ -83,10 +83,10 @@ def apply_cuda_visible_devices(value: str | int | Sequence[int] | None) -> str |
     return wanted
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU computes in bfloat16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16).
+def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (or the text given); None where it has none.
 
-    Reads ``/proc/cpuinfo`` (or the text given); None where that says nothing (not Linux).
+    The first processor speaks for all.
     """
     if cpuinfo is None:
         try:
@@ -96,9 +96,18 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
             return None
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # the first processor speaks for all
-            return bool(set(value.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+        if key.strip().lower() in ("flags", "features"):  # x86 names them flags, Arm features
+            return set(value.split())
     return None
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes in bfloat16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16).
+
+    Reads ``/proc/cpuinfo`` (or the text given); None where that says nothing (not Linux).
+    """
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def cpu_dtype(dtype: str, native_bf16: bool | None) -> str:
