@@ -235,7 +235,9 @@ class AutoModel:
                 counts, backend, latency) instead of strings.
             return_exceptions: for a list, put the exception of a request that failed in its slot
                 instead of raising :class:`~auto_model.errors.BatchGenerationError`.
-            **sampling_kwargs: ``seed`` for reproducible sampling; anything else goes to the engine.
+            **sampling_kwargs: ``seed`` for reproducible sampling; ``json_schema`` (a JSON Schema
+                dict) to constrain the answer to matching JSON (vllm and openai backends); anything
+                else goes to the engine.
 
         Raises:
             InvalidRequestError: an empty or non-string query, or an argument out of range.
@@ -523,4 +525,7 @@ def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any, stop: Any, extr
     seed = extra.pop("seed", None)
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise InvalidRequestError(f"seed must be an integer, got {seed!r}.")
-    return SamplingParams(float(temperature), float(top_p), int(max_new_tokens), stops, seed, extra)
+    schema = extra.pop("json_schema", None)
+    if schema is not None and not isinstance(schema, dict):
+        raise InvalidRequestError(f"json_schema must be a JSON Schema dict, got {type(schema).__name__}.")
+    return SamplingParams(float(temperature), float(top_p), int(max_new_tokens), stops, seed, extra, schema)

@@ -6,6 +6,7 @@ assembled prompts: the backend adds nothing and loses nothing on the way.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -87,3 +88,11 @@ def test_server_specific_sampling_arguments_reach_the_server(served):
     # And an argument the server rejects is its typed error, naming the status.
     with pytest.raises(GenerationError, match="400"):
         served.generate("Name a colour.", max_new_tokens=4, min_tokens=-3)
+
+
+def test_json_schema_reaches_the_server_as_response_format(served):
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+              "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40}}}
+    text = served.generate("Name a city and its country.", temperature=0, max_new_tokens=60, json_schema=schema)
+    data = json.loads(text)
+    assert sorted(data) == ["city", "country"] and all(isinstance(v, str) and len(v) <= 40 for v in data.values())

@@ -158,3 +158,11 @@ def test_icl_stage_writes_a_pool_automodel_loads(tmp_path):
     assert len(history["examples"]) == 2 and all(h["history"][0]["round"] == 0 for h in history["examples"])
     model = AutoModel(backend="transformers", icl_path=run / "algo_output" / "ICL_examples.json")
     assert len(model.icl_pool) == 2
+
+
+def test_a_constrained_judge_on_an_engine_that_cannot_constrain_stops_before_any_request(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*SMALL, "--depth", "1", "--judge_json_schema", "true", "--log_dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "json_schema needs engines that constrain decoding" in err and "the metrics model runs on transformers" in err
+    assert usage(run)["run"]["total"]["calls"] == 0

@@ -6,6 +6,7 @@ crash the engine at a chosen call, which a real engine cannot be made to do on c
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +67,30 @@ def test_batch_size_one_sends_one_request_per_engine_call(tmp_path):
     cache.close()
     with pytest.raises(ValueError):
         Role("answer", engine, cache, Usage(), chunk_size=0)
+
+
+def test_cache_keys_of_unconstrained_requests_do_not_name_a_schema(tmp_path):
+    # Caches written before json_schema existed stay valid: an unconstrained request's key has no
+    # json_schema entry; a constrained one is its own request.
+    plain = GenerationRequest("q", SamplingParams(temperature=0.0, max_new_tokens=8))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    constrained = GenerationRequest("q", SamplingParams(temperature=0.0, max_new_tokens=8, json_schema=schema))
+    key, blob = RequestCache.key("m", "b", plain)
+    other_key, other_blob = RequestCache.key("m", "b", constrained)
+    assert "json_schema" not in blob and json.loads(other_blob)["sampling"]["json_schema"] == schema
+    assert key != other_key
+
+
+def test_ask_takes_one_sampling_setting_per_prompt(tmp_path):
+    engine = FakeEngineModel()
+    engine.prompt_format = "text"
+    engine.build_request = lambda system, examples, messages, sampling: GenerationRequest(messages[0]["content"], sampling)
+    seen = []
+    run = engine.run_requests
+    engine.run_requests = lambda requests, on_completion=None: (seen.extend(requests), run(requests, on_completion))[1]
+    role = Role("eval", engine, RequestCache(tmp_path / "c.sqlite"), Usage())
+    schemas = [{"type": "integer"}, {"type": "string"}]
+    role.ask(["a", "b"], [SamplingParams(json_schema=s) for s in schemas], seeds=[1, 2])
+    assert [(r.sampling.json_schema, r.sampling.seed) for r in seen] == [(schemas[0], 1), (schemas[1], 2)]
+    with pytest.raises(ValueError, match="2 sampling settings for 3 prompts"):
+        role.ask(["a", "b", "c"], [SamplingParams(), SamplingParams()])

@@ -238,3 +238,30 @@ def test_per_aspect_mode_asks_once_per_aspect_and_needs_every_one(tmp_path):
                            "Safety": {"rationale": "Safety is fine", "score": 2.0}} and good.reward == 3.0
     assert bad.failed and bad.reward is None and "no JSON object" in bad.error
     assert len(evaluator.asked) == 4 + 2  # 2 answers x 2 aspects, then 2 more tries for the unreadable one
+
+
+def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefill():
+    from auto_model.trainer.judge import aspects_schema, scores_schema
+
+    class Recording(ScriptedRole):
+        def ask(self, prompts, sampling, seeds=None, prefill=None):
+            self.calls = getattr(self, "calls", []) + [(sampling, prefill)]
+            return super().ask(prompts, sampling, seeds, prefill)
+
+    metrics = Recording(lambda p, s: '["Helpfulness", "Safety"]' if "first" in p else '["Clarity", "Depth", "Safety"]')
+    evaluator = Recording(lambda p, s: score_reply({a: 3 for a in re.findall(r"^- ([A-Za-z-]+):", p, re.M)}))
+    judge = Judge(metrics, evaluator, json_schema=True)
+    first, second = judge.evaluate([("first q", "a"), ("second q", "b")])
+    assert first.reward == 3.0 and second.aspects == ["Clarity", "Depth", "Safety"]
+    [(sampling, prefill)] = metrics.calls
+    assert prefill is None and [s.json_schema for s in sampling] == [aspects_schema()] * 2
+    [(sampling, prefill)] = evaluator.calls
+    assert prefill is None
+    assert [s.json_schema for s in sampling] == [scores_schema(["Helpfulness", "Safety"]),
+                                                scores_schema(["Clarity", "Depth", "Safety"])]
+    assert sampling[0].json_schema["properties"]["Safety"]["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
+    # Without it, replies start from a prefill and carry no schema.
+    plain = Recording(lambda p, s: score_reply({"Helpfulness": 3, "Safety": 3}))
+    Judge(metrics, plain).score([("q", "a", ["Helpfulness", "Safety"])])
+    [(sampling, prefill)] = plain.calls
+    assert sampling.json_schema is None and prefill[0].startswith('{\n "Helpfulness"')

@@ -11,7 +11,7 @@ from auto_model.backends import (
     get_backend_class,
     resolve_backend_name,
 )
-from auto_model.backends.base import encode_prompt
+from auto_model.backends.base import Completion, encode_prompt
 from auto_model.errors import InvalidRequestError, MissingDependencyError, UnknownBackendError
 from auto_model.resolve import resolve_model
 
@@ -171,3 +171,18 @@ def test_base_model_gets_base_format(cache_dir):
     assert encode_prompt(tokenizer, p.prompt, "base")[:1] == [tokenizer.bos_token_id] == [2]
     answer = gemma.generate("What is the capital of France?", temperature=0, max_new_tokens=40, num_optimized_icl=2)
     assert "<END>" not in answer and "# Query" not in answer and "Paris" in answer
+
+
+def test_a_json_schema_is_refused_alone_and_a_constrained_judge_is_refused_up_front(smol, tmp_path):
+    from auto_model.trainer.judge import Judge
+    from auto_model.trainer.llm import RequestCache, Role, Usage
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    prompt = _chat(smol, "What is 3 times 7?")
+    constrained, plain = smol.backend.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=4, json_schema=schema)),
+                                                GenerationRequest(prompt, GREEDY)])
+    assert isinstance(constrained, InvalidRequestError) and "use the vllm or openai backend" in str(constrained)
+    assert isinstance(plain, Completion) and plain.text.strip()
+    role = Role("eval", smol, RequestCache(tmp_path / "c.sqlite"), Usage())
+    with pytest.raises(InvalidRequestError, match="the eval model runs on transformers"):
+        Judge(None, role, json_schema=True)

@@ -230,3 +230,27 @@ def test_auto_dtype_is_float32_on_cpus_without_native_bf16():
     assert cpu_dtype(None, False) == "float32"
     assert cpu_dtype("auto", True) == "auto" and cpu_dtype("auto", None) == "auto"
     assert cpu_dtype("bf16", False) == "bfloat16"  # an explicit choice is kept
+
+
+def test_json_schema_constrains_the_answer_and_makes_every_judge_reply_readable(smol_vllm, tmp_path):
+    from auto_model.trainer.judge import RATIONALE_MAX_CHARS, Judge, scores_schema
+    from auto_model.trainer.llm import RequestCache, Role, Usage
+
+    aspects = ["Helpfulness", "Safety"]
+    prompt = "Rate the answer 'Paris' to 'What is the capital of France?' on helpfulness and safety, 1 to 5."
+    data = json.loads(smol_vllm.generate(prompt, temperature=0, max_new_tokens=200, json_schema=scores_schema(aspects)))
+    assert list(data) == aspects
+    for entry in data.values():
+        assert set(entry) == {"rationale", "score"} and type(entry["score"]) is int and 1 <= entry["score"] <= 5
+        assert len(entry["rationale"]) <= RATIONALE_MAX_CHARS
+
+    # The tiny model as a constrained judge: every reply is read at the first ask.
+    queries = QUERIES[:3]
+    answers = smol_vllm.generate(queries, temperature=0, max_new_tokens=48)
+    usage, cache = Usage(), RequestCache(tmp_path / "requests.sqlite")
+    metrics, evaluator = (Role(name, smol_vllm, cache, usage) for name in ("metrics", "eval"))
+    judge = Judge(metrics, evaluator, per_aspect=True, json_schema=True, max_new_tokens=128)
+    evaluations = judge.evaluate(list(zip(queries, answers)))
+    assert [e.failed or e.aspects_failed for e in evaluations] == [False] * 3 and judge.failures == []
+    assert usage.roles["metrics"].calls == 3 and usage.roles["eval"].calls == sum(len(e.aspects) for e in evaluations)
+    cache.close()

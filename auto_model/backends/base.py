@@ -26,6 +26,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # engine-specific, passed through unchanged
+    #: constrain the reply to JSON matching this JSON Schema (engines with ``supports_json_schema``)
+    json_schema: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class Backend(ABC):
     supports_chat: ClassVar[bool] = False  # accepts chat-message prompts (``"messages"`` format)
     supports_completion: ClassVar[bool] = True  # accepts plain-text prompts
     supports_streaming: ClassVar[bool] = False
+    #: honours ``SamplingParams.json_schema`` (constrained decoding); others reject such a request
+    supports_json_schema: ClassVar[bool] = False
 
     model_id: str
     #: ``"chat"`` when the model is instruction-tuned with a chat template, else ``"base"``.

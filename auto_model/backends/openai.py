@@ -88,6 +88,7 @@ class OpenAIBackend(Backend):
     supports_chat = True
     supports_completion = True
     supports_streaming = True
+    supports_json_schema = True  # as ``response_format``: OpenAI, vLLM and most compatible servers
 
     def __init__(
         self,
@@ -153,6 +154,9 @@ class OpenAIBackend(Backend):
             args["stop"] = list(sampling.stop[:MAX_STOP_SEQUENCES])
         if sampling.seed is not None:
             args["seed"] = sampling.seed
+        if sampling.json_schema is not None:
+            args["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "reply", "schema": sampling.json_schema}}
         extra = dict(sampling.extra)
         if "max_completion_tokens" in extra:  # newer OpenAI models take this name instead
             args.pop("max_tokens")

@@ -270,6 +270,11 @@ class TransformersBackend(Backend):
                 f"Request {i}: the transformers backend takes rendered text prompts, not message lists; "
                 "assemble with format='chat' and the backend's tokenizer."
             )
+        if req.sampling.json_schema is not None:
+            raise InvalidRequestError(
+                f"Request {i}: the transformers backend cannot constrain a reply to a JSON schema; "
+                "use the vllm or openai backend, or leave json_schema unset."
+            )
         ids = self._encode(req.prompt)
         if self.context_length and len(ids) + req.sampling.max_new_tokens > self.context_length:
             raise InvalidRequestError(

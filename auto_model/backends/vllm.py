@@ -11,6 +11,8 @@ server and use the ``openai`` backend.
 
 from __future__ import annotations
 
+import importlib
+
 import logging
 import numbers
 import os
@@ -184,6 +186,7 @@ class VLLMBackend(Backend):
     supports_chat = False  # chat is rendered with the model's template by the SDK, then generated
     supports_completion = True
     supports_streaming = False
+    supports_json_schema = True
 
     def __init__(
         self,
@@ -255,6 +258,14 @@ class VLLMBackend(Backend):
     def _encode(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text, self.prompt_style)
 
+    def _json_constraint(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The ``SamplingParams`` argument that constrains decoding to ``schema`` (its name changed
+        in vLLM 0.11: ``structured_outputs``, before that ``guided_decoding``)."""
+        params = importlib.import_module("vllm.sampling_params")
+        if hasattr(params, "StructuredOutputsParams"):
+            return {"structured_outputs": params.StructuredOutputsParams(json=schema)}
+        return {"guided_decoding": params.GuidedDecodingParams(json=schema)}
+
     def _sampling_params(self, sampling: SamplingParams) -> Any:
         kwargs: dict[str, Any] = {
             "temperature": sampling.temperature,
@@ -263,6 +274,8 @@ class VLLMBackend(Backend):
             "stop": list(sampling.stop) or None,
             "seed": sampling.seed,
         }
+        if sampling.json_schema is not None:
+            kwargs.update(self._json_constraint(sampling.json_schema))
         kwargs.update(sampling.extra)
         try:
             return self._vllm.SamplingParams(**kwargs)

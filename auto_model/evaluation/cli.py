@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-attempts", type=int, default=3, help="asks per judgement before it is recorded as a failure")
     p.add_argument("--judge-max-new-tokens", type=int, default=320)
     p.add_argument("--judge-per-aspect", action="store_true", help="one request per aspect (helps small judges)")
+    p.add_argument("--judge-json-schema", action="store_true",
+                   help="constrain the judge's replies to their JSON schema (vllm and openai judges): every reply is readable")
     p.add_argument("--verbose", "-v", action="count", default=0)
     return p
 
@@ -81,7 +83,7 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
     judge_model = args.judge if args.judge is not None else constants.default_model()
     judge = None if judge_model.lower() == "none" else JudgeSettings(
         judge_model, args.judge_backend, args.judge_base_url, args.judge_dtype, args.judge_attempts,
-        args.judge_max_new_tokens, args.judge_per_aspect)
+        args.judge_max_new_tokens, args.judge_per_aspect, args.judge_json_schema)
     print(f"auto-model-eval: {len(configs)} configurations x {len(items)} items"
           + (f", judge {judge.model}" if judge else ", no judge"), flush=True)
     run = run_evaluation(configs, items, output_dir=args.output, judge=judge, max_new_tokens=args.max_new_tokens,

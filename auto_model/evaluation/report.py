@@ -105,7 +105,7 @@ def build_report(run: EvalRun, *, eval_set: str) -> dict[str, Any]:
     if run.judge is not None and run.judge.model is not None:
         judge = {"model": run.judge.model, "backend": run.judge.backend, "base_url": run.judge.base_url,
                  "attempts": run.judge.attempts, "max_new_tokens": run.judge.max_new_tokens,
-                 "per_aspect": run.judge.per_aspect, "temperature": 0.0}
+                 "per_aspect": run.judge.per_aspect, "json_schema": run.judge.json_schema, "temperature": 0.0}
     return {
         "format": REPORT_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

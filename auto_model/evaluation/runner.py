@@ -172,6 +172,7 @@ class JudgeSettings:
     attempts: int = 3
     max_new_tokens: int = 256
     per_aspect: bool = False
+    json_schema: bool = False
 
 
 @dataclass
@@ -299,7 +300,8 @@ def run_evaluation(
 
 
 def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress: Callable[[str], None]) -> None:
-    judge = Judge(None, role, attempts=settings.attempts, max_new_tokens=settings.max_new_tokens, per_aspect=settings.per_aspect)
+    judge = Judge(None, role, attempts=settings.attempts, max_new_tokens=settings.max_new_tokens, per_aspect=settings.per_aspect,
+                  json_schema=settings.json_schema)
     for kind, aspects in (("regular", REGULAR_ASPECTS), ("safety", SAFETY_ASPECTS)):
         todo = [a for a in answers if a.item.kind == kind and a.text is not None]
         if not todo:

@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto")
     add("--eval_per_aspect", type=_bool, default=False,
         help="ask the eval model for one aspect per request (true/false): for small judges")
+    add("--judge_json_schema", type=_bool, default=False,
+        help="constrain metrics and eval replies to their JSON schema (true/false; vllm and openai engines): "
+        "every reply is then readable, even from a small judge")
     add("--skip_threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
     add("--num_iters", type=int, default=3, help="icl: rewrite rounds per example")
     add("--icl_path", default=None, help="icl: the pool to improve (default: the packaged pool)")
@@ -238,10 +241,11 @@ def run(command: str, args: argparse.Namespace) -> int:
     usage_path = out_dir / "usage.json"
     if args.resume and usage_path.exists():  # totals are for the whole run, across resumes
         usage.load(json.loads(usage_path.read_text(encoding="utf-8"))["run"])
-    roles = build_roles(args, cache, usage)
-    judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=args.metrics_cache_path,
-                  max_new_tokens=args.judge_max_new_tokens, per_aspect=args.eval_per_aspect)
     try:
+        roles = build_roles(args, cache, usage)
+        judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=args.metrics_cache_path,
+                      max_new_tokens=args.judge_max_new_tokens, per_aspect=args.eval_per_aspect,
+                      json_schema=args.judge_json_schema)
         if command == "icl":
             code = _run_icl(args, roles, judge, out_dir)
         else:

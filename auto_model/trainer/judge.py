@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from auto_model._io import atomic_write_text
 from auto_model.backends.base import Completion, SamplingParams
+from auto_model.errors import InvalidRequestError
 
 ASPECTS: dict[str, str] = {
     "Helpfulness": "answers the question that was actually asked and meets the user's real need",
@@ -40,6 +41,25 @@ ASPECTS: dict[str, str] = {
 MIN_ASPECTS, MAX_ASPECTS = 2, 5
 #: Aspects used when the metrics model never gives a readable choice (the failure is recorded).
 FALLBACK_ASPECTS = ("Helpfulness", "Clarity", "Safety")
+
+
+#: The longest rationale a constrained judge may write (about one sentence).
+RATIONALE_MAX_CHARS = 240
+
+
+def aspects_schema() -> dict[str, Any]:
+    """JSON Schema of a metrics reply: 2-5 known aspect names."""
+    return {"type": "array", "items": {"type": "string", "enum": list(ASPECTS)},
+            "minItems": MIN_ASPECTS, "maxItems": MAX_ASPECTS}
+
+
+def scores_schema(aspects: Sequence[str]) -> dict[str, Any]:
+    """JSON Schema of an eval reply: per aspect, a rationale then an integer score 1-5."""
+    entry = {"type": "object", "additionalProperties": False, "required": ["rationale", "score"],
+             "properties": {"rationale": {"type": "string", "maxLength": RATIONALE_MAX_CHARS},
+                            "score": {"type": "integer", "minimum": 1, "maximum": 5}}}
+    return {"type": "object", "additionalProperties": False, "required": list(aspects),
+            "properties": {a: entry for a in aspects}}
 
 
 class ReplyError(ValueError):
@@ -182,12 +202,25 @@ class Judge:
     """Aspect selection (cached per query) and scoring, with repair and bounded retries."""
 
     def __init__(self, metrics: Any, evaluator: Any, *, metrics_cache_path: str | Path | None = None,
-                 attempts: int = 3, max_new_tokens: int = 512, per_aspect: bool = False):
+                 attempts: int = 3, max_new_tokens: int = 512, per_aspect: bool = False, json_schema: bool = False):
         self.metrics, self.evaluator = metrics, evaluator
         self.attempts = attempts
         #: one request per aspect (a one-entry JSON object each): for small judges that lose the
         #: thread in a multi-aspect object. An answer is scored only if every aspect is.
         self.per_aspect = per_aspect
+        #: constrain every reply to its JSON schema (``aspects_schema``, ``scores_schema``) instead of
+        #: starting it with a prefill: the engine can then only write a readable reply. Needs
+        #: engines that constrain decoding (vllm, openai).
+        self.json_schema = json_schema
+        if json_schema:
+            for role in (metrics, evaluator):
+                backend = getattr(getattr(role, "model", None), "backend", None)
+                if backend is not None and not backend.supports_json_schema:
+                    raise InvalidRequestError(
+                        f"json_schema needs engines that constrain decoding (vllm or openai); the "
+                        f"{getattr(role, 'name', 'judge')} model runs on {backend.name}. Turn json_schema off or "
+                        "serve the judge with vllm."
+                    )
         self.sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
         self.metrics_cache_path = Path(metrics_cache_path) if metrics_cache_path else None
         self.aspect_cache: dict[str, list[str]] = {}
@@ -197,9 +230,15 @@ class Judge:
         self.failures: list[dict[str, Any]] = []
 
     def _ask_until_parsed(self, role: Any, prompts: list[str], parse: Any, form: str,
-                          prefills: list[str] | None = None) -> list[tuple[Any, str | None, int, list[str]]]:
+                          prefills: list[str] | None = None,
+                          schemas: list[dict[str, Any]] | None = None) -> list[tuple[Any, str | None, int, list[str]]]:
         """Ask every prompt; re-ask the unreadable ones with the problem spelled out. Per prompt:
-        (parsed value or None, last error or None, attempts used, replies)."""
+        (parsed value or None, last error or None, attempts used, replies). With ``json_schema``
+        on, each prompt's reply is constrained to its schema and ``prefills`` are not used."""
+        if not self.json_schema:
+            schemas = None
+        elif schemas is not None:
+            prefills = None
         state: list[tuple[Any, str | None, int, list[str]]] = [(None, None, 0, []) for _ in prompts]
         pending = list(range(len(prompts)))
         asked = list(prompts)
@@ -209,7 +248,9 @@ class Judge:
             # The first ask is greedy; a retry samples (reproducibly) so that it can come out differently.
             sampling = self.sampling if attempt == 0 else SamplingParams(
                 temperature=0.7, top_p=0.95, max_new_tokens=self.sampling.max_new_tokens, seed=attempt)
-            outcomes = role.ask([asked[i] for i in pending], sampling,
+            per_prompt: SamplingParams | list[SamplingParams] = sampling if schemas is None else [
+                replace(sampling, json_schema=schemas[i]) for i in pending]
+            outcomes = role.ask([asked[i] for i in pending], per_prompt,
                                 prefill=None if prefills is None else [prefills[i] for i in pending])
             still = []
             for i, outcome in zip(pending, outcomes):
@@ -236,7 +277,8 @@ class Judge:
             listing = "\n".join(f"- {a}: {d}" for a, d in ASPECTS.items())
             prompts = [template("metrics").substitute(aspects=listing, query=q) for q in todo]
             results = self._ask_until_parsed(self.metrics, prompts, lambda i, t: parse_aspects(t),
-                                             "a JSON list of 2 to 5 aspect names", ['["'] * len(prompts))
+                                             "a JSON list of 2 to 5 aspect names", ['["'] * len(prompts),
+                                             [aspects_schema()] * len(prompts))
             for q, (value, error, n, replies) in zip(todo, results):
                 if value is None:
                     failed.add(q)
@@ -275,7 +317,8 @@ class Judge:
             prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "It')
         answers = self._ask_until_parsed(
             self.evaluator, prompts, lambda j, t: parse_scores(t, jobs[j][1]),
-            "a JSON object with a rationale and a score for each aspect", prefills)
+            "a JSON object with a rationale and a score for each aspect", prefills,
+            [scores_schema(aspects) for _, aspects in jobs])
         by_item: list[list[tuple[Any, str | None, int, list[str]]]] = [[] for _ in items]
         for (owner, _), answer in zip(jobs, answers):
             by_item[owner].append(answer)

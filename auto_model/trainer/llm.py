@@ -41,6 +41,8 @@ class RequestCache:
     def key(model: str, backend: str, request: GenerationRequest) -> tuple[str, str]:
         sampling = asdict(request.sampling)
         sampling["stop"] = list(sampling["stop"])
+        if sampling["json_schema"] is None:  # keys of unconstrained requests as they were before the field
+            del sampling["json_schema"]
         blob = json.dumps({"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling},
                           sort_keys=True, ensure_ascii=False, default=repr)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest(), blob
@@ -136,9 +138,12 @@ class Role:
                 raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
             self.chunk_size = chunk_size  # 1: one request per engine call, as the original scripts sent them
 
-    def ask(self, prompts: Sequence[str], sampling: SamplingParams, seeds: Sequence[int | None] | None = None,
-            prefill: str | Sequence[str] | None = None) -> list[Outcome]:
+    def ask(self, prompts: Sequence[str], sampling: SamplingParams | Sequence[SamplingParams],
+            seeds: Sequence[int | None] | None = None, prefill: str | Sequence[str] | None = None) -> list[Outcome]:
         """One user turn per prompt (no system prompt, no examples), answered in one batch.
+
+        ``sampling`` is one setting for all prompts, or one per prompt (e.g. each with its own
+        ``json_schema``).
 
         ``prefill`` starts the reply (e.g. ``'["'`` for a JSON list) on engines that take text
         prompts, which keeps small local models on the requested format; the returned text includes
@@ -147,8 +152,11 @@ class Role:
         requests = []
         prefills = [prefill] * len(prompts) if prefill is None or isinstance(prefill, str) else list(prefill)
         text_prompts = self.model.prompt_format != "messages"
+        samplings = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"{len(samplings)} sampling settings for {len(prompts)} prompts")
         for i, text in enumerate(prompts):
-            s = sampling if seeds is None else SamplingParams(**{**asdict(sampling), "seed": seeds[i]})
+            s = samplings[i] if seeds is None else replace(samplings[i], seed=seeds[i])
             request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
             if text_prompts and prefills[i]:
                 request = replace(request, prompt=request.prompt + prefills[i])
