@@ -8,6 +8,11 @@ Pools up to :data:`EXACT_SEARCH_MAX` examples are searched exactly (a flat inner
 Larger pools get an inverted-file index (IVF: k-means cells, a few searched per query), which answers
 in well under a millisecond at 100,000 examples where exact search takes several; it is built once
 and cached next to the embeddings, in FAISS's own file format.
+
+A single query (the common case of ``generate`` on one string) is embedded by a traced, frozen copy
+of the embedder on CPU (:class:`SingleTextEncoder`): for one short text, most of eager PyTorch's
+time is per-operation overhead, and the frozen graph gives the same vector in about two thirds of
+the time. Batches go through sentence-transformers' ``encode``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import json
 import logging
 import numbers
 import os
+import threading
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -127,6 +135,68 @@ def load_embedder(name: str | None = None, *, device: str | None = None) -> Any:
     return SentenceTransformer(source.path, device=device or "cpu", trust_remote_code=False)
 
 
+class SingleTextEncoder:
+    """Embeds one text at a time with a traced, frozen copy of a sentence-transformers model (CPU).
+
+    The copy is traced on a sample text and checked against the model itself on two texts of
+    different lengths (largest difference at most ``tolerance``); a model that cannot be traced or
+    does not match raises ``RuntimeError``, and the caller keeps using ``encode``. The frozen copy
+    holds its own weights (about 90 MB for MiniLM).
+    """
+
+    SAMPLES = ("How do I make a cup of tea?", "Explain, step by step and with an example, how a bill becomes a law.")
+
+    def __init__(self, model: Any, tolerance: float = 1e-4):
+        import numpy as np
+        import torch
+
+        if getattr(model, "device", None) is None or model.device.type != "cpu":
+            raise RuntimeError("the single-text encoder is for CPU embedders")
+        sample = model.tokenize([self.SAMPLES[0]])
+        self.keys = [k for k, v in sample.items() if isinstance(v, torch.Tensor)]
+        constants_ = {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}
+        keys = self.keys
+
+        class Wrapped(torch.nn.Module):  # tensors in, the normalised sentence embedding out
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, *tensors: Any) -> Any:
+                out = self.model({**dict(zip(keys, tensors)), **constants_})["sentence_embedding"]
+                return torch.nn.functional.normalize(out, dim=-1)
+
+        self._torch, self._model = torch, model
+        try:
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")  # the tracer's notes on shapes it treats as constants
+                traced = torch.jit.trace(Wrapped().eval(), tuple(sample[k] for k in keys), strict=False)
+                self._frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        except Exception as exc:  # any model the tracer cannot handle
+            raise RuntimeError(f"the embedder cannot be traced: {type(exc).__name__}: {exc}") from exc
+        for text in self.SAMPLES:
+            expected = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            diff = float(np.abs(self(text) - expected).max())
+            if not diff <= tolerance:
+                raise RuntimeError(f"the traced embedder differs from the model by {diff:g}")
+
+    def __call__(self, text: str) -> Any:
+        """A (1, dim) float32 array: the normalised embedding of ``text``."""
+        import numpy as np
+
+        # No profiling executor: it would re-specialise the graph for every new text length seen
+        # (measured: the first pass over new lengths about 20% slower); the frozen graph is optimised already.
+        with self._torch.inference_mode(), self._torch.jit.optimized_execution(False):
+            features = self._model.tokenize([text])
+            vector = self._frozen(*(features[k] for k in self.keys))
+        return np.ascontiguousarray(vector.float().numpy(), dtype="float32")
+
+
+#: One traced encoder per embedder object (False: it cannot be traced), shared by its retrievers.
+_SINGLE_ENCODERS: "weakref.WeakKeyDictionary[Any, SingleTextEncoder | bool]" = weakref.WeakKeyDictionary()
+_SINGLE_LOCK = threading.Lock()
+
+
 class ICLRetriever:
     """Top-k most similar pool examples for each query.
 
@@ -139,6 +209,8 @@ class ICLRetriever:
         exact_search_max: pools up to this size are searched exactly; larger pools use an IVF
             index (approximate; ``nprobe`` cells of ``sqrt(pool size)`` are searched per query).
         nprobe: IVF cells searched per query (more: better recall, slower); default 16.
+        fast_single_query: embed a lone query with :class:`SingleTextEncoder` (built on first
+            use, about a second; CPU only); ``False`` always uses ``encode``.
 
     Example:
         >>> retriever = ICLRetriever(load_icl_pool())  # doctest: +SKIP
@@ -154,6 +226,7 @@ class ICLRetriever:
         cache_dir: str | os.PathLike[str] | bool | None = None,
         exact_search_max: int = EXACT_SEARCH_MAX,
         nprobe: int = 16,
+        fast_single_query: bool = True,
     ):
         for name, value in (("exact_search_max", exact_search_max), ("nprobe", nprobe)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -172,6 +245,7 @@ class ICLRetriever:
         self.exact_search_max = int(exact_search_max)
         self.nprobe = int(nprobe)
         self._index: Any = None
+        self.fast_single_query = bool(fast_single_query)
         self.embeddings_from_cache: bool | None = None  # set once the index is built
 
     @property
@@ -192,9 +266,34 @@ class ICLRetriever:
             digest.update(b"\x00" + ex.query.encode("utf-8"))
         return digest.hexdigest()[:32]
 
+    def single_encoder(self) -> SingleTextEncoder | None:
+        """The traced encoder for lone queries (built on first call, once per embedder), or None
+        where the embedder cannot be traced."""
+        embedder = self.embedder
+        with _SINGLE_LOCK:
+            try:
+                found = _SINGLE_ENCODERS.get(embedder)
+            except TypeError:  # an embedder that cannot be weakly referenced: not cached
+                found = None
+            if found is None:
+                try:
+                    found = SingleTextEncoder(embedder)
+                except RuntimeError as exc:
+                    logger.debug("Lone queries are embedded with encode: %s", exc)
+                    found = False
+                try:
+                    _SINGLE_ENCODERS[embedder] = found
+                except TypeError:
+                    pass
+        return found or None
+
     def _embed(self, texts: Sequence[str]) -> Any:
         import numpy as np
 
+        if len(texts) == 1 and self.fast_single_query:
+            single = self.single_encoder()
+            if single is not None:
+                return single(texts[0])
         vectors = self.embedder.encode(
             list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
@@ -288,6 +387,7 @@ __all__ = [
     "EXACT_SEARCH_MAX",
     "ICLExample",
     "ICLRetriever",
+    "SingleTextEncoder",
     "POOL_FORMAT",
     "START",
     "load_embedder",

@@ -135,7 +135,7 @@ def test_second_process_does_not_reembed(pool, embedder, tmp_path):
     script = (
         "import sys, json\n"
         "from auto_model.retrieval import ICLRetriever, load_icl_pool\n"
-        f"r = ICLRetriever(load_icl_pool(), cache_dir={str(tmp_path)!r})\n"
+        f"r = ICLRetriever(load_icl_pool(), cache_dir={str(tmp_path)!r}, fast_single_query=False)\n"
         "calls = []\n"
         "enc = r.embedder.encode\n"
         "r.embedder.encode = lambda texts, **kw: (calls.append(len(texts)), enc(texts, **kw))[1]\n"
@@ -205,3 +205,50 @@ def test_pools_above_the_threshold_get_a_cached_ivf_index(embedder, tmp_path, ca
 def test_index_settings_are_validated(kwargs):
     with pytest.raises(InvalidRequestError):
         ICLRetriever(_large_pool(3), **kwargs)
+
+
+def test_a_lone_query_is_embedded_by_the_traced_encoder_with_the_same_vector(retriever, embedder):
+    from auto_model.retrieval import SingleTextEncoder
+
+    single = retriever.single_encoder()
+    assert isinstance(single, SingleTextEncoder)  # the packaged MiniLM traces on CPU
+    texts = ["hi", "What's the capital city of Australia?", "word " * 400]  # the last one is truncated
+    for text in texts:
+        expected = embedder.encode([text], normalize_embeddings=True, convert_to_numpy=True)
+        got = retriever._embed([text])
+        assert got.shape == expected.shape and got.dtype == np.float32
+        assert float(np.abs(got - expected).max()) < 1e-5
+    calls = []
+    encode = embedder.encode
+    embedder.encode = lambda *a, **k: calls.append(len(a[0])) or encode(*a, **k)
+    try:
+        retriever.search(["tips to sleep better"], k=1)
+        assert calls == []  # a lone query does not go through encode
+        retriever.search(["a", "b"], k=1)
+        assert calls == [2]  # a batch does
+    finally:
+        del embedder.encode
+
+
+def test_an_embedder_that_cannot_be_traced_falls_back_to_encode(pool, embedder, tmp_path):
+    class Untraceable:  # a fake embedder: the real model's encode, but no torch module to trace
+        def __init__(self):
+            self.calls = 0
+
+        def encode(self, texts, **kwargs):
+            self.calls += 1
+            return embedder.encode(texts, **kwargs)
+
+    fake = Untraceable()
+    fallback = ICLRetriever(pool, embedder=fake, cache_dir=tmp_path)
+    assert fallback.single_encoder() is None
+    fallback.search(["capital of Australia"], k=1)
+    assert fake.calls == 2  # the pool, then the lone query
+    off = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path, fast_single_query=False)
+    encode_calls = []
+    encode = embedder.encode
+    embedder.encode = lambda *a, **k: encode_calls.append(len(a[0])) or encode(*a, **k)
+    try:
+        assert off._embed(["x"]).shape == (1, 384) and encode_calls == [1]
+    finally:
+        del embedder.encode
