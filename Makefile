@@ -39,7 +39,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
-# Benchmarks (not part of `make test`): about 20 minutes; rewrites BENCHMARKS.md.
+# Benchmarks (not part of `make test`): about 40 minutes on 2 CPU cores; rewrites BENCHMARKS.md.
 bench: venv
 	$(BIN)/python -m bench
 

@@ -96,3 +96,16 @@ def test_json_schema_reaches_the_server_as_response_format(served):
     text = served.generate("Name a city and its country.", temperature=0, max_new_tokens=60, json_schema=schema)
     data = json.loads(text)
     assert sorted(data) == ["city", "country"] and all(isinstance(v, str) and len(v) <= 40 for v in data.values())
+
+
+def test_streams_carry_server_extensions_and_json_schema(served):
+    # The streaming path goes through the client's typed method: what it does not know travels in the body.
+    schema = {"type": "object", "additionalProperties": False, "required": ["colour"],
+              "properties": {"colour": {"type": "string", "maxLength": 20}}}
+    streamed = "".join(served.stream("Name a colour.", temperature=0, max_new_tokens=30, json_schema=schema))
+    assert list(json.loads(streamed)) == ["colour"]
+    assert streamed.strip() == served.generate("Name a colour.", temperature=0, max_new_tokens=30, json_schema=schema)
+    pieces = list(served.stream("Name a colour.", temperature=0.8, top_k=1, min_tokens=12, max_new_tokens=12))
+    assert "".join(pieces).strip()
+    with pytest.raises(GenerationError, match="400"):
+        list(served.stream("Name a colour.", max_new_tokens=4, min_tokens=-3))

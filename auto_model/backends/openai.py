@@ -15,6 +15,7 @@ slot; the other requests of the batch are unaffected.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import numbers
 import os
@@ -171,7 +172,11 @@ class OpenAIBackend(Backend):
         try:
             if args.get("stream"):
                 endpoint = self.client.chat.completions if kind == "chat" else self.client.completions
-                return endpoint.create(**args)
+                # The typed method takes only its own parameters; the rest (a server's extensions,
+                # response_format on the completions endpoint) goes into the body unchanged.
+                known = inspect.signature(endpoint.create).parameters
+                extra = {k: v for k, v in args.items() if k not in known}
+                return endpoint.create(**{k: v for k, v in args.items() if k in known}, extra_body=extra or None)
             path = "/chat/completions" if kind == "chat" else "/completions"
             return self.client.post(path, body=args, cast_to=object)
         except openai.AuthenticationError as exc:
