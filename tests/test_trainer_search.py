@@ -265,3 +265,10 @@ def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefil
     Judge(metrics, plain).score([("q", "a", ["Helpfulness", "Safety"])])
     [(sampling, prefill)] = plain.calls
     assert sampling.json_schema is None and prefill[0].startswith('{\n "Helpfulness"')
+
+
+def test_a_constrained_metrics_reply_is_read_from_its_object():
+    from auto_model.trainer.judge import aspects_schema
+
+    assert aspects_schema()["type"] == "object"
+    assert parse_aspects('{"aspects": ["Safety", "Helpfulness", "Safety"]}') == ["Safety", "Helpfulness"]

@@ -48,9 +48,12 @@ RATIONALE_MAX_CHARS = 240
 
 
 def aspects_schema() -> dict[str, Any]:
-    """JSON Schema of a metrics reply: 2-5 known aspect names."""
-    return {"type": "array", "items": {"type": "string", "enum": list(ASPECTS)},
-            "minItems": MIN_ASPECTS, "maxItems": MAX_ASPECTS}
+    """JSON Schema of a metrics reply: ``{"aspects": [2-5 known aspect names]}`` (an object at the
+    root, which every server that takes ``response_format`` accepts; the list inside is what
+    :func:`parse_aspects` reads)."""
+    names = {"type": "array", "items": {"type": "string", "enum": list(ASPECTS)},
+             "minItems": MIN_ASPECTS, "maxItems": MAX_ASPECTS}
+    return {"type": "object", "additionalProperties": False, "required": ["aspects"], "properties": {"aspects": names}}
 
 
 def scores_schema(aspects: Sequence[str]) -> dict[str, Any]:
