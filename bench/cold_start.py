@@ -70,15 +70,13 @@ def _free_port() -> int:
 
 
 def _start_vllm_server() -> tuple[subprocess.Popen[bytes], str, float, Path]:
-    from auto_model.backends.vllm import cpu_dtype, cpu_has_native_bf16
+    from auto_model.backends.vllm import engine_dtype
     from auto_model.constants import DEFAULT_MODEL
     from auto_model.resolve import materialize_gguf, resolve_model
 
     folder = materialize_gguf(resolve_model(DEFAULT_MODEL).path)
-    from vllm.platforms import current_platform
-
     # The dtype the SDK's own vLLM engine gets here (the server's "auto" is software bfloat16 on CPUs without it).
-    dtype = cpu_dtype("auto", cpu_has_native_bf16()) if current_platform.is_cpu() else "auto"
+    dtype = engine_dtype("auto")
     port = _free_port()
     log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),

@@ -123,6 +123,14 @@ def cpu_dtype(dtype: str, native_bf16: bool | None) -> str:
     return "float32" if name == "auto" and native_bf16 is False else name
 
 
+def engine_dtype(dtype: str) -> str:
+    """The dtype this machine's vLLM engine gets for ``dtype``: :func:`cpu_dtype` on a CPU, else
+    the name as given (vLLM's own choice for ``"auto"``)."""
+    from vllm.platforms import current_platform
+
+    return cpu_dtype(dtype, cpu_has_native_bf16()) if current_platform.is_cpu() else dtype_name(dtype)
+
+
 def engine_arguments(
     model: str,
     *,
@@ -225,7 +233,7 @@ class VLLMBackend(Backend):
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
                 logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
                             "set VLLM_ENABLE_V1_MULTIPROCESSING=1 before loading to keep vLLM's engine process")
-            chosen = cpu_dtype(dtype, cpu_has_native_bf16())
+            chosen = engine_dtype(dtype)
             if chosen != self.engine_args["dtype"]:
                 logger.info("This CPU has no native bfloat16: dtype='auto' runs float32, several times faster here "
                             "(pass dtype='bfloat16' to halve the memory instead)")

@@ -232,16 +232,17 @@ class Judge:
             self.aspect_cache = {q: [a for a in v if a in ASPECTS] for q, v in loaded.items() if isinstance(v, list)}
         self.failures: list[dict[str, Any]] = []
 
+    def _start_or_schema(self, prefills: list[str], schemas: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """(prefills, schemas) for :meth:`_ask_until_parsed`: a reply is either started by its
+        prefill or, with ``json_schema`` on, constrained to its schema."""
+        return (None, schemas) if self.json_schema else (prefills, None)
+
     def _ask_until_parsed(self, role: Any, prompts: list[str], parse: Any, form: str,
                           prefills: list[str] | None = None,
                           schemas: list[dict[str, Any]] | None = None) -> list[tuple[Any, str | None, int, list[str]]]:
         """Ask every prompt; re-ask the unreadable ones with the problem spelled out. Per prompt:
-        (parsed value or None, last error or None, attempts used, replies). With ``json_schema``
-        on, each prompt's reply is constrained to its schema and ``prefills`` are not used."""
-        if not self.json_schema:
-            schemas = None
-        elif schemas is not None:
-            prefills = None
+        (parsed value or None, last error or None, attempts used, replies). ``schemas``: each
+        prompt's reply constrained to its JSON schema (callers pass them instead of ``prefills``)."""
         state: list[tuple[Any, str | None, int, list[str]]] = [(None, None, 0, []) for _ in prompts]
         pending = list(range(len(prompts)))
         asked = list(prompts)
@@ -280,8 +281,8 @@ class Judge:
             listing = "\n".join(f"- {a}: {d}" for a, d in ASPECTS.items())
             prompts = [template("metrics").substitute(aspects=listing, query=q) for q in todo]
             results = self._ask_until_parsed(self.metrics, prompts, lambda i, t: parse_aspects(t),
-                                             "a JSON list of 2 to 5 aspect names", ['["'] * len(prompts),
-                                             [aspects_schema()] * len(prompts))
+                                             "a JSON list of 2 to 5 aspect names",
+                                             *self._start_or_schema(['["'] * len(prompts), [aspects_schema()] * len(prompts)))
             for q, (value, error, n, replies) in zip(todo, results):
                 if value is None:
                     failed.add(q)
@@ -320,8 +321,8 @@ class Judge:
             prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "It')
         answers = self._ask_until_parsed(
             self.evaluator, prompts, lambda j, t: parse_scores(t, jobs[j][1]),
-            "a JSON object with a rationale and a score for each aspect", prefills,
-            [scores_schema(aspects) for _, aspects in jobs])
+            "a JSON object with a rationale and a score for each aspect",
+            *self._start_or_schema(prefills, [scores_schema(aspects) for _, aspects in jobs] if self.json_schema else []))
         by_item: list[list[tuple[Any, str | None, int, list[str]]]] = [[] for _ in items]
         for (owner, _), answer in zip(jobs, answers):
             by_item[owner].append(answer)
