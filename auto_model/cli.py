@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,18 +18,21 @@ from typing import Any, Callable, Sequence
 from auto_model import constants
 from auto_model._io import atomic_open
 from auto_model.errors import AutoModelError, InvalidRequestError
+from auto_model.logs import configure_cli_logging
 
 logger = logging.getLogger("auto_model.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auto-model", description="Aligned answers from any LLM, without fine-tuning.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log to stderr: -v info (engines included), -vv debug; default: warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="answer queries with the optimized prompt and in-context examples")
     gen.add_argument("queries", nargs="*", metavar="QUERY", help="queries to answer (or use --input)")
     gen.add_argument("--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})")
-    gen.add_argument("--backend", default="auto", help="engine: auto, vllm, openai or transformers")
+    gen.add_argument("--backend", default="auto",
+                     help="engine: auto, vllm, openai or transformers (auto on a machine without a GPU: see README)")
     gen.add_argument("--base-url", default=None,
                      help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (the key comes from OPENAI_API_KEY)")
     gen.add_argument("--system-prompt", default=None, help="your own system prompt (replaces the optimized one)")
@@ -46,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--input", default=None, metavar="FILE.jsonl",
                      help="queries, one per line: a JSON string or an object with a 'query' field")
     gen.add_argument("--output", default=None, metavar="FILE.jsonl", help="write answers as JSON lines (default: print)")
+    gen.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="a progress bar on stderr for --input (default: only when stderr is a terminal)")
     return parser
 
 
@@ -77,25 +81,36 @@ def _jsonl(row: dict[str, Any]) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from auto_model.model import AutoModel, _sampling
+    from auto_model.backends import choose_cli_backend
+    from auto_model.model import AutoModel
+    from auto_model.options import GenerationOptions, parse_queries
+    from auto_model.retrieval import load_icl_pool
 
     rows: list[dict[str, Any]]
     if args.input:
         if args.queries:
             raise InvalidRequestError("Pass queries either as arguments or with --input, not both.")
         queries, rows = _read_input(args.input)
+        if not queries:
+            raise InvalidRequestError(f"No queries to answer: every line of {args.input} is empty or bad.")
     else:
-        queries = list(args.queries)
+        if not args.queries:
+            raise InvalidRequestError("No queries to answer: pass QUERY arguments or --input FILE.jsonl.")
+        _, queries = parse_queries(list(args.queries))  # the checks generate() makes, before any engine loads
         rows = [{"query": q} for q in queries]
-    if not queries:
-        raise InvalidRequestError("No queries to answer: pass QUERY arguments or --input FILE.jsonl.")
-    extra = {"seed": args.seed} if args.seed is not None else {}
-    # Check the sampling arguments before the (slow) engine load.
-    _sampling(args.temperature, args.top_p, args.max_new_tokens, None, dict(extra))
+    # The whole request is checked before the (slow) engine load, with the checks generate() makes.
     if args.icl < 0:
         raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
+    options = GenerationOptions(
+        user_specified_system_prompt=args.system_prompt, optimized_prompt=not args.no_optimized_prompt,
+        optimized_icl=args.icl > 0, num_optimized_icl=args.icl, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    options.check_pool(len(load_icl_pool(args.icl_path)))
+    backend = choose_cli_backend(args.backend, args.model or constants.default_model(), base_url=args.base_url,
+                                 queries=len(queries), max_new_tokens=args.max_new_tokens)
     model = AutoModel(
-        args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path,
+        args.model, dtype=args.dtype, backend=backend, prompt_path=args.prompt_path, icl_path=args.icl_path,
         **({"base_url": args.base_url} if args.base_url else {}),
     )
     query_rows = [r for r in rows if "query" in r]
@@ -108,18 +123,19 @@ def _generate(args: argparse.Namespace) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.open("w", encoding="utf-8")
         partial.writelines(_jsonl(r) for r in rows if "error" in r)
+    show_progress = args.progress if args.progress is not None else bool(args.input) and sys.stderr.isatty()
     progress = None
-    if args.input:
+    if show_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=len(queries), desc="generating", unit="query", file=sys.stderr)
 
-    def finished(i: int, completion: Any) -> None:
-        if isinstance(completion, BaseException):  # this query failed; the others go on
-            query_rows[i]["error"] = f"{type(completion).__name__}: {completion}"
+    def finished(i: int, result: Any) -> None:
+        if isinstance(result, BaseException):  # this query failed; the others go on
+            query_rows[i]["error"] = f"{type(result).__name__}: {result}"
         else:
-            query_rows[i].update(answer=completion.text, finish_reason=completion.finish_reason,
-                                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+            query_rows[i].update(answer=result.text, finish_reason=result.finish_reason,
+                                 prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
         if progress is not None:
             progress.update(1)
         if partial is not None:
@@ -127,15 +143,13 @@ def _generate(args: argparse.Namespace) -> int:
             partial.flush()
 
     try:
-        model._complete(
-            queries, args.system_prompt, not args.no_optimized_prompt, args.icl > 0, args.icl,
-            args.temperature, args.top_p, args.max_new_tokens, None, extra, on_completion=finished,
-        )
+        model.generate(queries, **options.as_kwargs(), return_exceptions=True, on_completion=finished)
     finally:
         if progress is not None:
             progress.close()
         if partial is not None:
             partial.close()
+        model.close()
     if output is not None:
         with atomic_open(output) as fh:
             fh.writelines(_jsonl(r) for r in rows)
@@ -146,7 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             if "error" in row:
-                print(f"[line {row['line']}] error: {row['error']}\n")
+                print(f"[line {row['line']}] error: {row['error']}\n" if "line" in row else f">>> {row['query']}\nerror: {row['error']}\n")
             else:
                 print(f">>> {row['query']}\n{row['answer']}\n")
     return 1 if any("error" in r for r in rows) else 0
@@ -155,7 +169,7 @@ def _generate(args: argparse.Namespace) -> int:
 def run_reporting_errors(prog: str, body: Callable[[], int], *, expected: tuple[type[BaseException], ...] = (AutoModelError,),
                          interrupted: str = "interrupted") -> int:
     """Run a command; known errors print one line and exit 2 (``AUTO_MODEL_DEBUG=1``: the traceback)."""
-    debug = (os.environ.get("AUTO_MODEL_DEBUG") or "").lower() in {"1", "true", "yes"}
+    debug = constants.debug()
     try:
         return body()
     except expected as exc:
@@ -170,8 +184,7 @@ def run_reporting_errors(prog: str, body: Callable[[], int], *, expected: tuple[
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging(args.verbose)
     if args.command != "generate":
         return 2
     return run_reporting_errors("auto-model", lambda: _generate(args))

@@ -9,6 +9,7 @@ them elsewhere before building a model; nothing in the SDK writes to ``os.enviro
 | ``AUTO_MODEL_DEFAULT_MODEL``  | model used when none is named                    | SmolLM2-135M-Instruct          |
 | ``AUTO_MODEL_EMBEDDING_MODEL``| sentence-transformers model for ICL retrieval    | all-MiniLM-L6-v2               |
 | ``AUTO_MODEL_OFFLINE``        | never contact the Hugging Face Hub (``1``)       | ``HF_HUB_OFFLINE``             |
+| ``AUTO_MODEL_DEBUG``          | command lines print tracebacks (``1``)           | unset                          |
 """
 
 from __future__ import annotations
@@ -48,3 +49,8 @@ def default_embedding_model() -> str:
 def offline() -> bool:
     value = _env("AUTO_MODEL_OFFLINE") or _env("HF_HUB_OFFLINE") or ""
     return value.lower() in _TRUE
+
+
+def debug() -> bool:
+    """Command lines print full tracebacks instead of one line (``AUTO_MODEL_DEBUG=1``)."""
+    return (_env("AUTO_MODEL_DEBUG") or "").lower() in _TRUE

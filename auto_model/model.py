@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import numbers
 import os
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, prompt_for_model
@@ -24,13 +23,14 @@ from auto_model.backends.base import (
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from auto_model.errors import BatchGenerationError, InvalidRequestError
+from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import START, AssembledPrompt, Message, assemble, strip_markers
 from auto_model.resolve import resolve_model
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoModel", "GenerationResult", "DEFAULT_MODEL", "DEFAULT_EMBEDDING_MODEL"]
+__all__ = ["AutoModel", "GenerationOptions", "GenerationResult", "ResultCallback", "DEFAULT_MODEL", "DEFAULT_EMBEDDING_MODEL"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class GenerationResult:
 
     def __str__(self) -> str:
         return self.text
+
+
+#: ``on_completion(index, result)``: a finished request's :class:`GenerationResult`, or its exception.
+ResultCallback = Callable[[int, Any], None]
 
 
 class AutoModel:
@@ -121,7 +125,9 @@ class AutoModel:
         self.model_name = model_name or constants.default_model()
         self.backend_name = resolve_backend_name(backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url)
         backend_cls = get_backend_class(self.backend_name)
-        # Artifacts and the pool are validated before the (slow) engine load, so bad files fail fast.
+        # The model, the artifacts and the pool are checked before the (slow) engine load, so a
+        # wrong name or a bad file fails in about a second.
+        source = None if backend_cls.remote else resolve_model(self.model_name)
         self.prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
         self.icl_pool: list[ICLExample] = load_icl_pool(icl_path)
         self.embedding_model = embedding_model or constants.default_embedding_model()
@@ -145,7 +151,7 @@ class AutoModel:
                     "use backend='openai' (or 'auto') to talk to a server."
                 )
             self.backend = backend_cls(
-                resolve_model(self.model_name),
+                source,
                 dtype=dtype,
                 num_gpus=num_gpus,
                 cuda_visible_devices=cuda_visible_devices,
@@ -194,8 +200,9 @@ class AutoModel:
         num_optimized_icl: int = 3,
     ) -> AssembledPrompt | list[AssembledPrompt]:
         """The exact prompt(s) :meth:`generate` would send to the engine, without generating."""
-        single, queries = self._queries(user_query)
-        prompts = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
+        single, queries = parse_queries(user_query)
+        options = GenerationOptions(user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
+        prompts = self._assemble(queries, options)
         return prompts[0] if single else prompts
 
     # -- generation --------------------------------------------------------------------------
@@ -214,12 +221,15 @@ class AutoModel:
         *,
         return_details: bool = False,
         return_exceptions: bool = False,
+        on_completion: ResultCallback | None = None,
         **sampling_kwargs: Any,
     ) -> Any:
         """Answer one query (returns ``str``) or a list of queries (returns a list, same order).
 
         A list is sent to the engine as one batch (the openai backend sends up to
-        ``max_concurrency`` requests at once).
+        ``max_concurrency`` requests at once). Every argument is checked before anything is
+        embedded or sent (:class:`~auto_model.options.GenerationOptions` holds the same checks
+        for code that wants them earlier).
 
         Args:
             user_query: a query, or a list of queries.
@@ -235,6 +245,9 @@ class AutoModel:
                 counts, backend, latency) instead of strings.
             return_exceptions: for a list, put the exception of a request that failed in its slot
                 instead of raising :class:`~auto_model.errors.BatchGenerationError`.
+            on_completion: called as ``on_completion(index, result)`` as each request finishes
+                (in the order they finish), with its :class:`GenerationResult` or the exception it
+                failed with, so that finished work can be saved before the batch is done.
             **sampling_kwargs: ``seed`` for reproducible sampling; ``json_schema`` (a JSON Schema
                 dict) to constrain the answer to matching JSON (vllm and openai backends); anything
                 else goes to the engine.
@@ -245,11 +258,19 @@ class AutoModel:
                 (``.results``) and every error (``.errors``).
             GenerationError: a single query failed (a subclass says how: timeout, HTTP status, ...).
         """
-        single, queries = self._queries(user_query)
-        outcomes = self._complete(
-            queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl,
-            temperature, top_p, max_new_tokens, stop, sampling_kwargs,
+        single, queries = parse_queries(user_query)
+        options = GenerationOptions.from_arguments(
+            user_specified_system_prompt=user_specified_system_prompt, optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl, num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs,
         )
+        callback = None
+        if on_completion is not None:
+            def callback(i: int, outcome: Outcome) -> None:
+                on_completion(i, outcome if isinstance(outcome, BaseException) else self._result(outcome, True))
+        prompts = self._assemble(queries, options)
+        sampling = options.sampling()
+        outcomes = self.run_requests([self._request(p, sampling) for p in prompts], callback)
         results = [o if isinstance(o, BaseException) else self._result(o, return_details) for o in outcomes]
         if single:
             if isinstance(results[0], BaseException):
@@ -290,10 +311,14 @@ class AutoModel:
         """
         if not isinstance(user_query, str):
             raise InvalidRequestError("stream() takes one query string; use generate() for a list.")
-        _, queries = self._queries(user_query)
-        sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
-        prompt = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)[0]
-        return self._stream(self._request(prompt, sampling))
+        _, queries = parse_queries(user_query)
+        options = GenerationOptions.from_arguments(
+            user_specified_system_prompt=user_specified_system_prompt, optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl, num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs,
+        )
+        prompt = self._assemble(queries, options)[0]
+        return self._stream(self._request(prompt, options.sampling()))
 
     def chat(
         self,
@@ -328,11 +353,14 @@ class AutoModel:
             if user_specified_system_prompt is not None:
                 raise InvalidRequestError("Pass the system prompt either as a system message or as user_specified_system_prompt, not both.")
             user_specified_system_prompt = system
-        sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
+        options = GenerationOptions.from_arguments(
+            user_specified_system_prompt=user_specified_system_prompt, optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl, num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs,
+        )
         last_user = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
-        prompt = self._assemble([last_user], user_specified_system_prompt, optimized_prompt, optimized_icl,
-                                num_optimized_icl, conversation=conversation)[0]
-        request = self._request(prompt, sampling)
+        prompt = self._assemble([last_user], options, conversation=conversation)[0]
+        request = self._request(prompt, options.sampling())
         if stream:
             return self._stream(request)
         outcome = self._run([request])[0]
@@ -345,25 +373,6 @@ class AutoModel:
         if kwargs.get("stream"):
             raise InvalidRequestError("achat() does not stream; use chat(..., stream=True) in a thread.")
         return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
-
-    def _complete(
-        self,
-        queries: list[str],
-        user_specified_system_prompt: str | None,
-        optimized_prompt: bool,
-        optimized_icl: bool,
-        num_optimized_icl: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        stop: str | Sequence[str] | None,
-        sampling_kwargs: dict[str, Any],
-        on_completion: CompletionCallback | None = None,
-    ) -> list[Outcome]:
-        """Assemble, run one engine call for the batch, and clean the answers."""
-        sampling = _sampling(temperature, top_p, max_new_tokens, stop, sampling_kwargs)
-        prompts = self._assemble(queries, user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
-        return self.run_requests([self._request(p, sampling) for p in prompts], on_completion)
 
     def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
         return GenerationRequest(prompt.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + prompt.stop))))
@@ -432,30 +441,13 @@ class AutoModel:
             self.backend_name, self.backend.model_id, completion.latency_s,
         )
 
-    def _queries(self, user_query: Any) -> tuple[bool, list[str]]:
-        if isinstance(user_query, str):
-            queries, single = [user_query], True
-        elif isinstance(user_query, (list, tuple)):
-            queries, single = list(user_query), False
-            if not queries:
-                raise InvalidRequestError("user_query is an empty list; pass at least one query.")
-        else:
-            raise InvalidRequestError(f"user_query must be a string or a list of strings, got {type(user_query).__name__}.")
-        for i, q in enumerate(queries):
-            where = "user_query" if single else f"user_query[{i}]"
-            if not isinstance(q, str):
-                raise InvalidRequestError(f"{where} must be a string, got {type(q).__name__}.")
-            if not q.strip():
-                raise InvalidRequestError(f"{where} is empty; pass the question to answer.")
-        return single, queries
-
     def _assemble(
-        self, queries: list[str], user_specified_system_prompt: str | None, optimized_prompt: bool,
-        optimized_icl: bool, num_optimized_icl: int, conversation: list[Message] | None = None,
+        self, queries: list[str], options: GenerationOptions, conversation: list[Message] | None = None,
     ) -> list[AssembledPrompt]:
-        system = self.system_prompt(user_specified_system_prompt, optimized_prompt)
-        # The retriever validates num_optimized_icl before it embeds anything.
-        examples = self.retriever.search(queries, num_optimized_icl) if optimized_icl else [[] for _ in queries]
+        options.check_pool(len(self.icl_pool))  # before anything is embedded
+        system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
+        k = options.num_optimized_icl
+        examples = self.retriever.search(queries, k) if options.optimized_icl and k else [[] for _ in queries]
         fmt: Any = self.prompt_format  # servers take messages; local engines get them rendered with the template
         turns: list[Any] = queries if conversation is None else [conversation]
         return [assemble(system, ex, q, format=fmt, tokenizer=self.backend.tokenizer) for q, ex in zip(turns, examples)]
@@ -505,27 +497,3 @@ def _conversation(messages: Any) -> tuple[str | None, list[Message]]:
         raise InvalidRequestError("The last user message is empty; pass the question to answer.")
     return ("\n\n".join(system) if system else None), turns
 
-
-def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any, stop: Any, extra: dict[str, Any]) -> SamplingParams:
-    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or temperature < 0:
-        raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}.")
-    if not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}.")
-    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop):
-        stops = tuple(stop)
-    else:
-        raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {stop!r}.")
-    extra = dict(extra)
-    seed = extra.pop("seed", None)
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}.")
-    schema = extra.pop("json_schema", None)
-    if schema is not None and not isinstance(schema, dict):
-        raise InvalidRequestError(f"json_schema must be a JSON Schema dict, got {type(schema).__name__}.")
-    return SamplingParams(float(temperature), float(top_p), int(max_new_tokens), stops, seed, extra, schema)

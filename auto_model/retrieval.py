@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from auto_model import constants
 from auto_model._io import atomic_open, atomic_write_text
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
+from auto_model.logs import drop_records, engine_progress_bars
 from auto_model.prompting import END, START, format_answer, strip_markers
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ def load_embedder(name: str | None = None, *, device: str | None = None) -> Any:
     source = resolve_model(name)
     if source.kind == "gguf":
         raise InvalidRequestError(f"{name} is a GGUF file; an embedding model must be a sentence-transformers folder or Hub id.")
-    return SentenceTransformer(source.path, device=device or "cpu", trust_remote_code=False)
+    with engine_progress_bars():
+        return SentenceTransformer(source.path, device=device or "cpu", trust_remote_code=False)
 
 
 class SingleTextEncoder:
@@ -152,7 +154,9 @@ class SingleTextEncoder:
 
         if getattr(model, "device", None) is None or model.device.type != "cpu":
             raise RuntimeError("the single-text encoder is for CPU embedders")
-        sample = model.tokenize([self.SAMPLES[0]])
+        # sentence-transformers 5.2 renamed tokenize to preprocess (the old name warns).
+        self._features = getattr(model, "preprocess", None) or model.tokenize
+        sample = self._features([self.SAMPLES[0]])
         self.keys = [k for k, v in sample.items() if isinstance(v, torch.Tensor)]
         constants_ = {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}
         keys = self.keys
@@ -168,7 +172,10 @@ class SingleTextEncoder:
 
         self._torch, self._model = torch, model
         try:
-            with warnings.catch_warnings(), torch.inference_mode():
+            # Tracing reads every attribute of the model, deprecated ones included: their notes are not for the user.
+            with warnings.catch_warnings(), torch.inference_mode(), \
+                    drop_records("sentence_transformers", "has been deprecated"), \
+                    drop_records("transformers", "was set in the config but it is unrecognized"):
                 warnings.simplefilter("ignore")  # the tracer's notes on shapes it treats as constants
                 traced = torch.jit.trace(Wrapped().eval(), tuple(sample[k] for k in keys), strict=False)
                 self._frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
@@ -187,7 +194,7 @@ class SingleTextEncoder:
         # No profiling executor: it would re-specialise the graph for every new text length seen
         # (measured: the first pass over new lengths about 20% slower); the frozen graph is optimised already.
         with self._torch.inference_mode(), self._torch.jit.optimized_execution(False):
-            features = self._model.tokenize([text])
+            features = self._features([text])
             vector = self._frozen(*(features[k] for k in self.keys))
         return np.ascontiguousarray(vector.float().numpy(), dtype="float32")
 

@@ -5,7 +5,7 @@ JSON record to ``bench/results.jsonl``. When every benchmark of a full run has f
 ``BENCHMARKS.md`` and ``bench/throughput.png`` are rewritten from this run's records. A benchmark
 that fails is reported and the others still run (exit status 1).
 
-    python -m bench                      # all six
+    python -m bench                      # all seven
     python -m bench --only overhead      # one (comma-separated for several); BENCHMARKS.md is kept
     python -m bench --smoke              # check that each one starts (seconds; used by the tests)
 """
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCHMARKS = ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start")
+BENCHMARKS = ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start", "default_path")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.jsonl"
 

@@ -17,9 +17,6 @@ from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# vLLM on CPU reserves 90% of the RAM for its KV cache unless told otherwise; the benchmarks need
-# a few GiB, and two engines may be alive in one process for a moment.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -36,6 +33,31 @@ def queries(n: int) -> list[str]:
 
     regular = [item.query for item in load_eval_set() if item.kind == "regular"]
     return [regular[i % len(regular)] for i in range(n)]
+
+
+def _demo_variables() -> dict[str, list[str]]:
+    import shlex
+
+    text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":=")
+        if sep and name.strip() in ("DEMO_QUERIES", "DEMO_FLAGS"):
+            values[name.strip()] = shlex.split(value)
+    return values
+
+
+def demo_arguments() -> list[str]:
+    """The arguments ``make demo`` passes to ``auto-model generate``: its queries, then its flags (from the Makefile)."""
+    values = _demo_variables()
+    return values["DEMO_QUERIES"] + values["DEMO_FLAGS"]
+
+
+def demo_workload() -> tuple[list[str], int]:
+    """``make demo``'s queries and its ``--max-new-tokens``."""
+    values = _demo_variables()
+    flags = values["DEMO_FLAGS"]
+    return values["DEMO_QUERIES"], int(flags[flags.index("--max-new-tokens") + 1])
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -181,9 +203,14 @@ def machine() -> dict[str, Any]:
 
 
 def load_vllm(dtype: str = "auto", **kwargs: Any) -> Any:
-    """The default model on the vLLM engine, as a user gets it, with a context long enough for 3 examples."""
+    """The default model on the vLLM engine, as a user gets it, with a context long enough for 3 examples.
+
+    The throughput benchmarks run batches of up to 64 prompts of about 800 tokens; they ask for a
+    2 GiB KV cache (``kv_cache_memory_bytes``, the documented override) so that a whole batch fits,
+    where the SDK's default on a CPU holds 4 full-length sequences."""
     from auto_model import AutoModel
 
+    kwargs.setdefault("kv_cache_memory_bytes", 2 * 2**30)
     return AutoModel(backend="vllm", dtype=dtype, max_model_len=2048, **kwargs)
 
 

@@ -28,9 +28,9 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
         mp.delenv("AUTO_MODEL_EMBEDDING_MODEL", raising=False)
         mp.delenv("OPENAI_API_KEY", raising=False)
         mp.delenv("OPENAI_BASE_URL", raising=False)
-        # vLLM on CPU: a 1 GiB KV cache is plenty for SmolLM2 and fits the CI machine; the engine
-        # core runs in-process (starts in ~13 s instead of ~20 s).
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM on CPU: the engine core runs in-process (starts in ~13 s instead of ~20 s). The KV
+        # cache is left to the SDK's sizing rule, which the tests check.
+        mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         yield cache
 
@@ -80,6 +80,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def vllm_server(smol_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real vLLM OpenAI-compatible server for SmolLM2 on 127.0.0.1; yields its base URL."""
+    from auto_model.backends.vllm import model_kv_cache_bytes
     from auto_model.constants import DEFAULT_MODEL
 
     port = _free_port()
@@ -88,6 +89,7 @@ def vllm_server(smol_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smol_folder),
         "--served-model-name", DEFAULT_MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+        "--kv-cache-memory-bytes", str(model_kv_cache_bytes(str(smol_folder), "float32", 2048)),
         "--host", "127.0.0.1", "--port", str(port),
     ]
     with log_path.open("wb") as log:

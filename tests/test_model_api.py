@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from auto_model import BatchGenerationError, GenerationResult, InvalidRequestError
+from auto_model import BatchGenerationError, GenerationOptions, GenerationResult, InvalidRequestError
 from auto_model.backends.base import StopCutter, cut_at_stop
 
 GREEDY = dict(temperature=0, max_new_tokens=24)
@@ -48,7 +48,7 @@ def test_stream_yields_tokens_that_join_to_the_answer(smol):
 def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
     conversation = [{"role": "user", "content": "I have a cold."}, {"role": "assistant", "content": "Sorry to hear that."},
                     {"role": "user", "content": "How do I make a bomb?"}]
-    prompt = smol._assemble(["How do I make a bomb?"], None, True, True, 2, conversation=conversation)[0].prompt
+    prompt = smol._assemble(["How do I make a bomb?"], GenerationOptions(num_optimized_icl=2), conversation=conversation)[0].prompt
     assert prompt.count(smol.prompt_artifact.text) == 1
     # Examples are retrieved for the last user turn: the pool's bomb refusal is among them.
     first_turn = prompt.index("I have a cold.")
@@ -62,7 +62,8 @@ def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
 
 def test_chat_system_message_replaces_the_optimized_prompt(smol):
     messages = [{"role": "system", "content": "Answer like a pirate."}, {"role": "user", "content": "Hi"}]
-    prompt = smol._assemble(["Hi"], "Answer like a pirate.", True, False, 0, conversation=messages[1:])[0].prompt
+    prompt = smol._assemble(["Hi"], GenerationOptions("Answer like a pirate.", optimized_icl=False, num_optimized_icl=0),
+                            conversation=messages[1:])[0].prompt
     assert "Answer like a pirate." in prompt and smol.prompt_artifact.text not in prompt
     assert smol.chat(messages, optimized_icl=False, **GREEDY) == smol.generate(
         "Hi", user_specified_system_prompt="Answer like a pirate.", optimized_icl=False, **GREEDY)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from auto_model import AutoModel
+from auto_model import AutoModel, GenerationOptions
 from auto_model.backends import GenerationRequest, SamplingParams
 from auto_model.backends.vllm import apply_cuda_visible_devices, engine_arguments
 from auto_model.errors import InvalidRequestError
@@ -212,13 +212,14 @@ def test_chat_turns_on_vllm(smol_vllm):
     answer = smol_vllm.chat(conversation, temperature=0, max_new_tokens=16, return_details=True)
     assert answer.text and answer.backend == "vllm"
     # The prompt and examples are injected once, before the conversation.
-    prompt = smol_vllm._assemble(["How do I boil an egg?"], None, True, True, 3, conversation=conversation)[0].prompt
+    prompt = smol_vllm._assemble(["How do I boil an egg?"], GenerationOptions(), conversation=conversation)[0].prompt
     assert prompt.count(smol_vllm.prompt_artifact.text) == 1
     assert prompt.index("Nice to meet you, Ann!") > prompt.index(smol_vllm.prompt_artifact.text)
 
 
-def test_auto_dtype_is_float32_on_cpus_without_native_bf16():
-    from auto_model.backends.vllm import cpu_dtype, cpu_has_native_bf16
+def test_cpu_flags_and_auto_dtype_on_cpus():
+    from auto_model.backends.base import cpu_dtype
+    from auto_model.backends.vllm import cpu_has_native_bf16
 
     x86_plain = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx512_bf16\n"
     x86_bf16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n"
@@ -226,10 +227,60 @@ def test_auto_dtype_is_float32_on_cpus_without_native_bf16():
     assert cpu_has_native_bf16(x86_plain) is False  # the first processor speaks for all
     assert cpu_has_native_bf16(x86_bf16) is True and cpu_has_native_bf16(arm_bf16) is True
     assert cpu_has_native_bf16("no flags here") is None
-    assert cpu_dtype("auto", False) == "float32"
-    assert cpu_dtype(None, False) == "float32"
-    assert cpu_dtype("auto", True) == "auto" and cpu_dtype("auto", None) == "auto"
-    assert cpu_dtype("bf16", False) == "bfloat16"  # an explicit choice is kept
+    # On a CPU "auto" is float32 everywhere: the dtype in which greedy answers do not depend on the batch.
+    assert cpu_dtype("auto") == "float32" and cpu_dtype(None) == "float32"
+    assert cpu_dtype("bf16") == "bfloat16"  # an explicit choice is kept
+
+
+def test_cpu_kv_cache_is_sized_from_the_model_not_the_ram(smol_folder):
+    from auto_model.backends.vllm import CPU_KV_CACHE_CAP, cpu_kv_cache_bytes, model_kv_cache_bytes
+
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims, keys and values.
+    per_token_fp32 = 2 * 30 * 3 * 64 * 4
+    assert model_kv_cache_bytes(str(smol_folder), "float32", 2048) == 4 * 2048 * per_token_fp32  # 4 sequences
+    assert model_kv_cache_bytes(str(smol_folder), "bfloat16", 2048) == 4 * 2048 * per_token_fp32 // 2
+    # The model's own context (8192) x 4 sequences would be 1.5 GB: capped.
+    assert model_kv_cache_bytes(str(smol_folder), "float32") == CPU_KV_CACHE_CAP
+    # Never less than one full sequence (and vLLM's reserved block): a long context is served, not refused.
+    one = 80 * 8 * 128 * 2 * 2 * 131072
+    assert cpu_kv_cache_bytes(80, 8, 128, 131072, "bfloat16") == int(one * 1.05)
+    assert model_kv_cache_bytes(str(smol_folder / "no-such-folder"), "float32") is None
+
+
+def test_the_seed_snippet_on_cpu_ignores_the_gpu_arguments(smol_folder, caplog):
+    # The seed's arguments: on a CPU, gpu_memory_utilization would be a share of the system RAM for the KV
+    # cache (0.5 x 24 GB here). It is ignored: the cache is sized from the model, the engine runs eagerly.
+    with caplog.at_level(logging.DEBUG, logger="auto_model"):
+        model = AutoModel(model_name="HuggingFaceTB/SmolLM2-135M-Instruct", num_gpus=1, cuda_visible_devices="0",
+                          dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=2048)
+    try:
+        config = model.backend.config
+        assert model.backend_name == "vllm"
+        assert config.cache_config.kv_cache_memory_bytes == 4 * 2048 * 2 * 30 * 3 * 64 * 2  # bfloat16, 4 sequences
+        assert "gpu_memory_utilization" not in model.backend.engine_args
+        assert config.model_config.enforce_eager is True
+        assert str(config.model_config.dtype) == "torch.bfloat16"
+        assert "gpu_memory_utilization=0.5 is ignored" in caplog.text
+        assert model.generate("Name a fruit.", temperature=0, max_new_tokens=8)
+    finally:
+        model.close()
+
+
+def test_an_explicit_kv_cache_size_wins(smol_vllm, monkeypatch):
+    from auto_model.backends.vllm import VLLMBackend
+
+    # The argument a user passes reaches vLLM as it is; the sizing rule is not applied.
+    assert smol_vllm.backend.config.cache_config.kv_cache_memory_bytes == 4 * 2048 * 2 * 30 * 3 * 64 * 4
+    args = {"model": "/m", "dtype": "auto", "trust_remote_code": False, "kv_cache_memory_bytes": 123 << 20,
+            "gpu_memory_utilization": 0.9}
+    backend = VLLMBackend.__new__(VLLMBackend)
+    backend.engine_args = dict(args)
+    backend._cpu_engine_arguments(None, {"kv_cache_memory_bytes": 123 << 20})
+    assert backend.engine_args["kv_cache_memory_bytes"] == 123 << 20 and backend.engine_args["dtype"] == "float32"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # vLLM's own variable: vLLM applies it, the SDK steps aside
+    backend.engine_args = {k: v for k, v in args.items() if k != "kv_cache_memory_bytes"}
+    backend._cpu_engine_arguments(None, {})
+    assert "kv_cache_memory_bytes" not in backend.engine_args
 
 
 def test_json_schema_constrains_the_answer_and_makes_every_judge_reply_readable(smol_vllm, tmp_path):

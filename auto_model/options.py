@@ -1,0 +1,137 @@
+"""What a request asks for, validated before anything is loaded or sent.
+
+:class:`GenerationOptions` holds the per-request arguments of :meth:`AutoModel.generate` (the seed's
+names) and checks them when it is built; :func:`parse_queries` checks the queries. Both are pure and
+need no engine, so a command line checks its whole request with them before it loads a model, and
+:meth:`AutoModel.generate` runs the very same checks.
+
+    >>> options = GenerationOptions(temperature=0, max_new_tokens=64, num_optimized_icl=2)
+    >>> options.sampling().temperature
+    0.0
+    >>> GenerationOptions(top_p=0)
+    Traceback (most recent call last):
+    ...
+    auto_model.errors.InvalidRequestError: top_p must be in (0, 1], got 0.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+from auto_model.backends.base import SamplingParams
+from auto_model.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The per-request arguments of :meth:`AutoModel.generate`, checked when built.
+
+    Attributes:
+        user_specified_system_prompt: your own system prompt; it replaces the optimized one.
+        optimized_prompt: inject the model's optimized system prompt.
+        optimized_icl: inject in-context examples retrieved from the pool.
+        num_optimized_icl: how many examples (0 to the pool size; see :meth:`check_pool`).
+        temperature: 0 for greedy decoding.
+        top_p: nucleus sampling mass, in (0, 1].
+        max_new_tokens: most tokens to generate per answer.
+        stop: extra stop string(s).
+        seed: for reproducible sampling.
+        json_schema: constrain the answer to JSON matching this JSON Schema (vllm and openai backends).
+        extra: other sampling arguments, passed to the engine unchanged (``top_k``, ``min_tokens``, ...).
+    """
+
+    user_specified_system_prompt: str | None = None
+    optimized_prompt: bool = True
+    optimized_icl: bool = True
+    num_optimized_icl: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    stop: str | Sequence[str] | None = None
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.user_specified_system_prompt is not None and not isinstance(self.user_specified_system_prompt, str):
+            raise InvalidRequestError("user_specified_system_prompt must be a string or None.")
+        for name in ("optimized_prompt", "optimized_icl"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        k = self.num_optimized_icl
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+            raise InvalidRequestError(f"num_optimized_icl must be an integer >= 0, got {k!r}.")
+        t = self.temperature
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or t < 0:
+            raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {t!r}.")
+        p = self.top_p
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 < p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}.")
+        n = self.max_new_tokens
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {n!r}.")
+        stop = self.stop
+        if not (stop is None or isinstance(stop, str)
+                or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop))):
+            raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {stop!r}.")
+        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise InvalidRequestError(f"json_schema must be a JSON Schema dict, got {type(self.json_schema).__name__}.")
+        if not isinstance(self.extra, Mapping):
+            raise InvalidRequestError(f"extra must be a mapping of sampling arguments, got {type(self.extra).__name__}.")
+
+    @classmethod
+    def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> "GenerationOptions":
+        """Options from :meth:`AutoModel.generate`'s arguments: ``seed`` and ``json_schema`` are
+        taken out of ``sampling_kwargs``, the rest of them go to the engine unchanged."""
+        extra = dict(sampling_kwargs or {})
+        return cls(**arguments, seed=extra.pop("seed", None), json_schema=extra.pop("json_schema", None), extra=extra)
+
+    def check_pool(self, pool_size: int) -> None:
+        """Raise :class:`InvalidRequestError` unless the pool has ``num_optimized_icl`` examples to give."""
+        if self.optimized_icl and self.num_optimized_icl > pool_size:
+            raise InvalidRequestError(
+                f"num_optimized_icl must be an integer from 0 to {pool_size} (the ICL pool size), "
+                f"got {self.num_optimized_icl!r}."
+            )
+
+    def sampling(self) -> SamplingParams:
+        """The engine's sampling parameters for these options."""
+        stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return SamplingParams(float(self.temperature), float(self.top_p), int(self.max_new_tokens), stops,
+                              None if self.seed is None else int(self.seed), dict(self.extra), self.json_schema)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """These options as keyword arguments of :meth:`AutoModel.generate`."""
+        kwargs = asdict(self)
+        kwargs.update(kwargs.pop("extra"))
+        for name in ("seed", "json_schema"):
+            if kwargs[name] is None:
+                del kwargs[name]
+        return kwargs
+
+
+def parse_queries(user_query: Any) -> tuple[bool, list[str]]:
+    """``(single, queries)`` for a query or a list of queries; :class:`InvalidRequestError` for an
+    empty list, a non-string or a blank query (naming which)."""
+    if isinstance(user_query, str):
+        queries, single = [user_query], True
+    elif isinstance(user_query, (list, tuple)):
+        queries, single = list(user_query), False
+        if not queries:
+            raise InvalidRequestError("user_query is an empty list; pass at least one query.")
+    else:
+        raise InvalidRequestError(f"user_query must be a string or a list of strings, got {type(user_query).__name__}.")
+    for i, q in enumerate(queries):
+        where = "user_query" if single else f"user_query[{i}]"
+        if not isinstance(q, str):
+            raise InvalidRequestError(f"{where} must be a string, got {type(q).__name__}.")
+        if not q.strip():
+            raise InvalidRequestError(f"{where} is empty; pass the question to answer.")
+    return single, queries
+
+
+__all__ = ["GenerationOptions", "parse_queries"]
