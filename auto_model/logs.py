@@ -13,8 +13,8 @@ has not configured them:
   ``VLLM_LOGGING_CONFIG_PATH`` is set: that is the user's own configuration. vLLM's weight-loading
   progress bar is off unless the level is INFO or lower.
 - **Progress bars** of transformers and huggingface_hub (loading weights, converting GGUF) are
-  switched off while the SDK loads a model (:func:`engine_progress_bars`), and restored after;
-  the SDK's own bars (``auto-model generate --input``) are the only ones drawn.
+  switched off while the SDK loads a model (:func:`engine_progress_bars`, :func:`quiet_tqdm`),
+  and restored after; the SDK's own bars (``auto-model generate --input``) are the only ones drawn.
 - **Records the SDK knows to be noise for its own calls** (vLLM casting the SDK's float32 folder
   to the dtype the user asked for, one line per weight; sentence-transformers' notes on
   deprecated attributes that tracing the embedder touches) are dropped while that call runs
@@ -125,15 +125,17 @@ def tame_vllm_logging() -> None:
 
 
 class _DropMatching(logging.Filter):
-    def __init__(self, fragments: tuple[str, ...]):
+    """Drops the records of one logger hierarchy whose message template contains one of the fragments."""
+
+    def __init__(self, logger_name: str, fragments: tuple[str, ...]):
         super().__init__()
+        self.logger_name = logger_name
         self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = str(record.msg)
-        except Exception:  # a record whose message cannot be read is kept
+        if record.name != self.logger_name and not record.name.startswith(self.logger_name + "."):
             return True
+        message = str(record.msg)
         return not any(fragment in message for fragment in self.fragments)
 
 
@@ -147,17 +149,18 @@ class _KnownNotes(logging.Filter):
 
 @contextmanager
 def drop_records(logger_name: str, *fragments: str) -> Iterator[None]:
-    """Drop records of ``logger_name`` (and its children's, through its handlers) whose message
-    template contains one of ``fragments``, for the duration of the block; nothing else changes."""
-    drop = _DropMatching(fragments)
-    root = logging.getLogger(logger_name)
-    # A logger's filters see only the records created on it: put the filter on the logger, on every
-    # descendant that exists now, and on the logger's handlers (for descendants created meanwhile).
-    loggers = [root] + [
+    """Drop the records of ``logger_name`` and its descendants whose message template contains one
+    of ``fragments``, for the duration of the block; every other record passes."""
+    drop = _DropMatching(logger_name, fragments)
+    top = logging.getLogger(logger_name)
+    # A logger's filters see only the records created on it, so the filter goes on the logger, on
+    # every descendant that exists now, and on the handlers records reach (the logger's and the
+    # root's, for descendants created meanwhile); it passes every other logger's records.
+    loggers = [top] + [
         item for name, item in list(logging.Logger.manager.loggerDict.items())
         if name.startswith(logger_name + ".") and isinstance(item, logging.Logger)
     ]
-    filterers: list[logging.Filterer] = [*loggers, *root.handlers]
+    filterers: list[logging.Filterer] = [*loggers, *top.handlers, *logging.getLogger().handlers]
     for filterer in filterers:
         filterer.addFilter(drop)
     try:
@@ -202,6 +205,23 @@ def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
                 undo()
 
 
+@contextmanager
+def quiet_tqdm(module: Any) -> Iterator[None]:
+    """While :func:`quiet`, make ``module.tqdm`` (a module that imported tqdm's class by name, as
+    transformers' GGUF reader does) draw nothing, for the block; put it back after."""
+    original = getattr(module, "tqdm", None)
+    if original is None or not quiet():
+        yield
+        return
+    import functools
+
+    setattr(module, "tqdm", functools.partial(original, disable=True))
+    try:
+        yield
+    finally:
+        setattr(module, "tqdm", original)
+
+
 def configure_cli_logging(verbosity: int) -> None:
     """Logging for a command line: stderr only; ``0`` WARNING, ``1`` INFO, ``2`` or more DEBUG.
 
@@ -224,6 +244,7 @@ __all__ = [
     "engine_log_level",
     "engine_progress_bars",
     "quiet",
+    "quiet_tqdm",
     "set_engine_log_level",
     "tame_vllm_logging",
     "user_configured_vllm_logging",

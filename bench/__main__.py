@@ -7,6 +7,7 @@ that fails is reported and the others still run (exit status 1).
 
     python -m bench                      # all seven
     python -m bench --only overhead      # one (comma-separated for several); BENCHMARKS.md is kept
+    python -m bench --only cold_start --update   # one, then BENCHMARKS.md from each benchmark's newest record
     python -m bench --smoke              # check that each one starts (seconds; used by the tests)
 """
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--smoke", action="store_true", help="only check that each benchmark starts")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="the report to rewrite after a full run")
+    p.add_argument("--update", action="store_true",
+                   help="with --only: rewrite the report from the newest record of each benchmark (each section names its run)")
     args = p.parse_args(argv)
     names = BENCHMARKS if args.only is None else tuple(n.strip() for n in args.only.split(",") if n.strip())
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         command = "make bench" if os.environ.get("MAKELEVEL") else "python -m bench"
         write_report(records, Path(args.output), ROOT / "bench" / "throughput.png", command, total)
         print(f"\nwrote {args.output} and bench/throughput.png ({total / 60:.1f} min in all)")
+    elif args.update and not failed:
+        from bench.report import newest_records, write_report
+
+        write_report(newest_records(RESULTS, BENCHMARKS), Path(args.output), ROOT / "bench" / "throughput.png",
+                     "make bench", None, newest=True)
+        print(f"\nwrote {args.output} from the newest record of each benchmark")
     elif failed:
         print(f"\nfailed: {', '.join(failed)}; {args.output} is left as it was")
     return 1 if failed else 0

@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import ROOT, Ratio, Record, demo_arguments, finish, log, parser, smoke_done
+from bench._common import ROOT, Ratio, Record, demo_arguments, demo_workload, finish, log, parser, smoke_done
 
 PEAK_TARGET_GIB = 3.0
 WALL_TARGET_S = 30.0
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hog-gib", type=int, default=HOG_GIB, help="memory another process holds in the pressure run")
     args = p.parse_args(argv)
     demo = demo_arguments()
-    queries = [a for a in demo if not a.startswith("--") and not a.replace(".", "").isdigit()]
+    queries, _ = demo_workload()
     cli = [sys.executable, "-m", "auto_model.cli", "generate", *demo]
     if args.smoke:
-        return smoke_done("default_path", f"{' '.join(cli[2:5])} ... ({len(queries)} queries), alone and beside {args.hog_gib} GiB")
+        return smoke_done("default_path", f"{' '.join(cli[1:4])} ... ({len(queries)} queries), alone and beside {args.hog_gib} GiB")
     # Warm the caches (the converted model, the pool embeddings) first, as `make demo` on a warm venv finds them.
     run_measured(cli)
     log("default_path: the seed's snippet")

@@ -47,22 +47,32 @@ def render_plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def write_report(records: Sequence[dict[str, Any]], output: Path, plot: Path, command: str, total_s: float) -> None:
+def _machine_line(machine: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)
+
+
+def write_report(records: Sequence[dict[str, Any]], output: Path, plot: Path, command: str, total_s: float | None,
+                 *, newest: bool = False) -> None:
+    """BENCHMARKS.md from one full run's records, or (``newest``) from the newest record of each
+    benchmark, each section then naming its own run and machine."""
     machine = records[0]["machine"] if records else {}
     when = records[-1]["time"] if records else ""
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Figures of the latest full run of `{command}`, {when[:10]}, {total_s / 60:.0f} minutes in all. Every",
-        "figure below comes from that run; `bench/results.jsonl` keeps the records of every run.",
-        "Reproduce with `make bench` (it sets up `.venv` first) or `python -m bench`; `python -m bench --only NAME`",
-        "runs one benchmark without touching this file.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None),
-        "",
-        "## Summary",
-        "",
-    ]
+    if newest:
+        intro = [
+            "Each section holds the newest record of its benchmark in `bench/results.jsonl` and names the run and",
+            "machine it comes from (`python -m bench --only NAME --update` reruns one and rewrites this file;",
+            f"`{command}` reruns all seven).",
+        ]
+    else:
+        intro = [
+            f"Figures of the latest full run of `{command}`, {when[:10]}, {(total_s or 0) / 60:.0f} minutes in all. Every",
+            "figure below comes from that run; `bench/results.jsonl` keeps the records of every run.",
+            "Reproduce with `make bench` (it sets up `.venv` first) or `python -m bench`; `python -m bench --only NAME`",
+            "runs one benchmark without touching this file.",
+            "",
+            "Machine: " + _machine_line(machine),
+        ]
+    lines = ["# Benchmarks", "", *intro, "", "## Summary", ""]
     summary = []
     for record in records:
         for ratio in record["ratios"]:
@@ -79,5 +89,20 @@ def write_report(records: Sequence[dict[str, Any]], output: Path, plot: Path, co
         for note in record["notes"]:
             lines.append(f"- {note}")
         params = ", ".join(f"{k} {v}" for k, v in record["params"].items())
-        lines += [f"- parameters: {params}", ""]
+        lines += [f"- parameters: {params}"]
+        if newest:
+            lines += [f"- run: {record['time'][:16].replace('T', ' ')} UTC; machine: {_machine_line(record['machine'])}"]
+        lines += [""]
     output.write_text("\n".join(lines), encoding="utf-8")
+
+
+def newest_records(results: Path, order: Sequence[str]) -> list[dict[str, Any]]:
+    """The newest record of each benchmark in ``results`` (a JSONL file), in ``order``."""
+    import json
+
+    newest: dict[str, dict[str, Any]] = {}
+    for line in results.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            newest[record["benchmark"]] = record
+    return [newest[name] for name in order if name in newest]

@@ -32,7 +32,21 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
         # cache is left to the SDK's sizing rule, which the tests check.
         mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        SESSION_ENV.clear()
+        SESSION_ENV.update(os.environ)
         yield cache
+
+
+#: The environment as the session set it up, before any engine ran: an in-process vLLM engine writes
+#: into os.environ (LD_PRELOAD with tcmalloc and libgomp, LOCAL_WORLD_SIZE, ...), which a child
+#: process would inherit and a user's fresh process would not have.
+SESSION_ENV: dict[str, str] = {}
+
+
+@pytest.fixture
+def fresh_env(isolated_env: Path) -> dict[str, str]:
+    """The environment of a user's fresh process (vLLM picks its own engine-process mode there)."""
+    return {k: v for k, v in SESSION_ENV.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_benchmark_starts():
     out = subprocess.run([sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "smoke: 6 of 6 benchmarks start" in out.stdout
-    for name in ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start"):
+    assert "smoke: 7 of 7 benchmarks start" in out.stdout
+    for name in ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start", "default_path"):
         assert f"=== {name}: exit 0" in out.stdout
     # The one benchmark that needs no model runs in miniature against its 50 ms server.
     assert "max_concurrency 8: speed-up / ideal speed-up" in out.stdout
     assert "heavy modules loaded: none" in out.stdout
+    # The default-path benchmark runs exactly make demo's command, read from the Makefile.
+    assert "default_path: starts (smoke): -m auto_model.cli generate ... (2 queries), alone and beside 12 GiB" in out.stdout
 
 
 def test_unknown_benchmark_is_an_error():

@@ -63,9 +63,14 @@ def test_not_a_model(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_hub_ids_are_left_to_the_engine():
+def test_hub_ids_are_left_to_the_engine_online_and_fail_at_once_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("AUTO_MODEL_OFFLINE", raising=False)
     s = resolve_model("mistralai/Mistral-7B-v0.1")
     assert (s.kind, s.path, s.chat) == ("hub", "mistralai/Mistral-7B-v0.1", None)
+    monkeypatch.setenv("AUTO_MODEL_OFFLINE", "1")  # offline: only the Hugging Face cache is looked in
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):
+        resolve_model("mistralai/Mistral-7B-v0.1")
 
 
 def test_missing_model_package_names_the_install_command():

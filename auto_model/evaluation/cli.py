@@ -18,7 +18,6 @@ nothing, and a run that was interrupted goes on where it stopped.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any, Sequence
 
@@ -101,10 +100,10 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from auto_model.cli import run_reporting_errors
+    from auto_model.logs import configure_cli_logging
 
     args = _parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging(args.verbose)
     return run_reporting_errors("auto-model-eval", lambda: _run(args),
                                 interrupted="interrupted; finished answers are cached, rerun the same command to go on")
 
