@@ -15,10 +15,10 @@ has not configured them:
 - **Progress bars** of transformers and huggingface_hub (loading weights, converting GGUF) are
   switched off while the SDK loads a model (:func:`engine_progress_bars`, :func:`quiet_tqdm`),
   and restored after; the SDK's own bars (``auto-model generate --input``) are the only ones drawn.
-- **Records the SDK knows to be noise for its own calls** (vLLM casting the SDK's float32 folder
-  to the dtype the user asked for, one line per weight; sentence-transformers' notes on
-  deprecated attributes that tracing the embedder touches) are dropped while that call runs
-  (:func:`drop_records`).
+- **Records the SDK knows to be noise for its own calls** (vLLM casting the checkpoint to the
+  dtype the user asked for, one warning per weight: 122 lines for SmolLM2 in bfloat16;
+  sentence-transformers' notes on deprecated attributes that tracing the embedder reads) are
+  dropped while that call runs (:func:`drop_records`).
 
 Command lines call :func:`configure_cli_logging` once: one stderr handler, WARNING by default,
 ``-v`` for INFO (engines included), ``-vv`` for DEBUG, and engine warnings of the Python

@@ -32,7 +32,19 @@ def test_jsonl_batch_keeps_good_items_and_reports_bad_lines(tmp_path, capsys):
     assert "not valid JSON" in rows[1]["error"]
     assert rows[2]["query"] == "Name a planet." and rows[2]["answer"]
     assert "non-empty" in rows[3]["error"]
-    assert "wrote 2 answers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "wrote 2 answers" in err
+    assert "generating" not in err  # stderr is not a terminal here: no progress bar unless asked
+
+
+def test_progress_bar_on_stderr_when_asked(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps("Name a planet.") + "\n")
+    code = main(["generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--progress",
+                 "--temperature", "0", "--max-new-tokens", "4", "--icl", "1", "--backend", "transformers"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out == ""
+    assert "generating: 100%" in captured.err and "1/1" in captured.err
 
 
 @pytest.mark.parametrize(
