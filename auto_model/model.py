@@ -134,6 +134,7 @@ class AutoModel:
         self.icl_pool: list[ICLExample] = load_icl_pool(icl_path)
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
+        self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
         if backend_cls.remote:
             local = {"num_gpus": (num_gpus, 1), "cuda_visible_devices": (cuda_visible_devices, None), "dtype": (dtype, "auto"),
                      "gpu_memory_utilization": (gpu_memory_utilization, 0.9), "max_model_len": (max_model_len, None)}
@@ -169,9 +170,11 @@ class AutoModel:
 
     @property
     def retriever(self) -> ICLRetriever:
-        """The ICL retriever over this model's pool (built on first use)."""
+        """The ICL retriever over this model's pool (built on first use, once, also under concurrent calls)."""
         if self._retriever is None:
-            self._retriever = ICLRetriever(self.icl_pool, self.embedding_model)
+            with self._retriever_lock:
+                if self._retriever is None:
+                    self._retriever = ICLRetriever(self.icl_pool, self.embedding_model)
         return self._retriever
 
     @property

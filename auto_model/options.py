@@ -20,7 +20,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from auto_model.backends.base import SamplingParams
+from auto_model.backends.base import SamplingParams, check_one_sample
 from auto_model.errors import InvalidRequestError
 
 
@@ -82,6 +82,7 @@ class GenerationOptions:
             raise InvalidRequestError(f"json_schema must be a JSON Schema dict, got {type(self.json_schema).__name__}.")
         if not isinstance(self.extra, Mapping):
             raise InvalidRequestError(f"extra must be a mapping of sampling arguments, got {type(self.extra).__name__}.")
+        check_one_sample(self.extra)
 
     @classmethod
     def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> "GenerationOptions":

@@ -252,13 +252,17 @@ class ICLRetriever:
         self.exact_search_max = int(exact_search_max)
         self.nprobe = int(nprobe)
         self._index: Any = None
+        # The embedder and the index are built on first use; concurrent first calls wait for one build.
+        self._build_lock = threading.RLock()
         self.fast_single_query = bool(fast_single_query)
         self.embeddings_from_cache: bool | None = None  # set once the index is built
 
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            self._embedder = load_embedder(self.embedding_model)
+            with self._build_lock:
+                if self._embedder is None:
+                    self._embedder = load_embedder(self.embedding_model)
         return self._embedder
 
     def __len__(self) -> int:
@@ -337,18 +341,22 @@ class ICLRetriever:
     def index(self) -> Any:
         """The FAISS index over the pool: flat (exact) for small pools, IVF above ``exact_search_max``."""
         if self._index is None:
-            try:
-                import faiss
-            except ImportError as exc:
-                raise MissingDependencyError("faiss-cpu", "retrieval", purpose="to index ICL examples") from exc
-            vectors = self._pool_embeddings()
-            if self.exact:
-                index = faiss.IndexFlatIP(vectors.shape[1])  # inner product of unit vectors = cosine
-                index.add(vectors)
-            else:
-                index = self._ivf_index(faiss, vectors)
-            self._index = index
+            with self._build_lock:
+                if self._index is None:
+                    self._index = self._build_index()
         return self._index
+
+    def _build_index(self) -> Any:
+        try:
+            import faiss
+        except ImportError as exc:
+            raise MissingDependencyError("faiss-cpu", "retrieval", purpose="to index ICL examples") from exc
+        vectors = self._pool_embeddings()
+        if self.exact:
+            index = faiss.IndexFlatIP(vectors.shape[1])  # inner product of unit vectors = cosine
+            index.add(vectors)
+            return index
+        return self._ivf_index(faiss, vectors)
 
     def _ivf_index(self, faiss: Any, vectors: Any) -> Any:
         cells = max(1, int(len(vectors) ** 0.5))

@@ -26,12 +26,12 @@ def render_plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
             series.setdefault(point["series"], {})[int(point["batch"])] = float(point["tokens_per_s"])
     if not series:
         return False
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = Figure(figsize=(7, 4.2), dpi=110)  # its own canvas: the process's matplotlib backend is left alone
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for name, values in sorted(series.items()):
         batches = sorted(values)
         ax.plot(batches, [values[b] for b in batches], marker="o", label=name)
@@ -43,7 +43,6 @@ def render_plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return True
 
 

@@ -75,3 +75,23 @@ def test_shipped_eval_set_is_disjoint_and_covers_every_topic():
     queries = {norm(r["query"]) for r in rows}
     assert not queries & {norm(ex.query) for ex in load_icl_pool()}
     assert not queries & {norm(r["query"]) for r in load_training_queries()}
+
+
+def test_the_report_chart_leaves_the_matplotlib_backend_alone(tmp_path):
+    import subprocess
+    import sys
+
+    # The user's process chose its own backend; drawing report.png must not switch it (it did, to Agg).
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+from auto_model.evaluation.report import ASPECT_COLUMNS, render_plot
+summary = [{{"config": "c", "aspects": {{a: 3.0 for a in ASPECT_COLUMNS}}, "refusal_rate": 0.5,
+             "over_refusal_rate": 0.1, "clean_end_rate": 0.9}}]
+assert render_plot({{"summary": summary, "judge": None}}, {str(tmp_path / "r.png")!r})
+print(matplotlib.get_backend())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "svg"
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,3 +33,16 @@ def test_public_names():
     assert issubclass(auto_model.InvalidRequestError, ValueError)
     assert issubclass(auto_model.MissingDependencyError, ImportError)
     assert issubclass(auto_model.UnknownBackendError, auto_model.AutoModelError)
+
+
+def test_every_backend_capability_flag_is_read_outside_the_backends():
+    # A flag nothing reads is dead code: each class-level flag of Backend must be read by the SDK above it.
+    from pathlib import Path
+
+    from auto_model.backends.base import Backend
+
+    root = Path(__file__).resolve().parent.parent / "auto_model"
+    flags = [name for name, value in vars(Backend).items() if isinstance(value, bool)]
+    assert "supports_json_schema" in flags and "thread_safe" in flags
+    readers = "\n".join(p.read_text() for p in root.rglob("*.py") if "backends" not in p.parts)
+    assert [flag for flag in flags if f".{flag}" not in readers] == []

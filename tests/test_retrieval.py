@@ -252,3 +252,41 @@ def test_an_embedder_that_cannot_be_traced_falls_back_to_encode(pool, embedder, 
         assert off._embed(["x"]).shape == (1, 384) and encode_calls == [1]
     finally:
         del embedder.encode
+
+
+def test_32_concurrent_first_calls_embed_the_pool_once(monkeypatch, tmp_path, embedder):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from auto_model import AutoModel
+    from auto_model import retrieval
+
+    monkeypatch.setenv("AUTO_MODEL_CACHE", str(tmp_path))  # no cached pool embeddings
+    batches: list[int] = []
+    loads: list[int] = []
+
+    class CountingEmbedder:
+        """The real MiniLM, counting what it is asked to embed."""
+
+        def encode(self, texts, **kwargs):
+            batches.append(len(texts))
+            return embedder.encode(texts, **kwargs)
+
+    def load(*args, **kwargs):
+        loads.append(1)
+        return CountingEmbedder()
+
+    monkeypatch.setattr(retrieval, "load_embedder", load)
+    # A model behind a server: its requests take no engine lock, so nothing serialises the first calls.
+    model = AutoModel("HuggingFaceTB/SmolLM2-135M-Instruct", base_url="http://127.0.0.1:9/v1")
+    barrier = threading.Barrier(32)
+
+    def first_call(i: int):
+        barrier.wait()
+        return model.format_prompt(f"Question number {i}: how do I water a cactus?", num_optimized_icl=2)
+
+    with ThreadPoolExecutor(32) as pool:
+        prompts = list(pool.map(first_call, range(32)))
+    assert len(prompts) == 32 and all(p.prompt for p in prompts)
+    assert loads == [1]
+    assert batches.count(len(model.icl_pool)) == 1  # the pool was embedded once, by one thread

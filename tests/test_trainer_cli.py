@@ -141,6 +141,11 @@ def test_secrets_are_redacted_in_args(tmp_path):
     from auto_model.trainer.cli import redacted
 
     assert redacted(Namespace(api_key="sk-123", depth=2, hf_token=None)) == {"api_key": "<redacted>", "depth": 2, "hf_token": None}
+    # Secrets by name, not by substring: token counts are settings (they were redacted before).
+    shown = redacted(Namespace(max_new_tokens=512, judge_max_new_tokens=256, hf_token="hf_x", client_secret="s",
+                               openai_api_key="sk", keyword="k"))
+    assert shown == {"max_new_tokens": 512, "judge_max_new_tokens": 256, "hf_token": "<redacted>",
+                     "client_secret": "<redacted>", "openai_api_key": "<redacted>", "keyword": "k"}
 
 
 @pytest.mark.slow

@@ -143,7 +143,8 @@ def test_on_cpu_the_engine_runs_in_process_by_default(smol_vllm, tmp_path, fresh
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     flag, client, answer = json.loads(lines[-1][len("RESULT "):])
-    assert (flag, client) == ("0", "InprocClient")
+    # In-process, and the process's environment is left as it was (vLLM reads the variable only while starting).
+    assert (flag, client) == (None, "InprocClient")
     assert answer == smol_vllm.generate(QUERIES[0], temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
 
@@ -301,6 +302,7 @@ def test_an_explicit_kv_cache_size_wins(smol_vllm, monkeypatch):
     args = {"model": "/m", "dtype": "auto", "trust_remote_code": False, "kv_cache_memory_bytes": 123 << 20,
             "gpu_memory_utilization": 0.9}
     backend = VLLMBackend.__new__(VLLMBackend)
+    backend._start_environment = {}
     backend.engine_args = dict(args)
     backend._cpu_engine_arguments(None, {"kv_cache_memory_bytes": 123 << 20})
     assert backend.engine_args["kv_cache_memory_bytes"] == 123 << 20 and backend.engine_args["dtype"] == "float32"

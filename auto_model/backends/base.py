@@ -79,8 +79,6 @@ class Backend(ABC):
     #: ``generate`` may be called from several threads at once
     thread_safe: ClassVar[bool] = False
     supports_chat: ClassVar[bool] = False  # accepts chat-message prompts (``"messages"`` format)
-    supports_completion: ClassVar[bool] = True  # accepts plain-text prompts
-    supports_streaming: ClassVar[bool] = False
     #: honours ``SamplingParams.json_schema`` (constrained decoding); others reject such a request
     supports_json_schema: ClassVar[bool] = False
 
@@ -135,6 +133,22 @@ def dtype_name(dtype: Any) -> str:
     if name is None:
         raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
     return name
+
+
+#: Sampling arguments that ask an engine for several answers to one request.
+MULTI_SAMPLE_ARGUMENTS = ("n", "best_of", "num_return_sequences")
+
+
+def check_one_sample(extra: Any, where: str = "") -> None:
+    """Refuse sampling arguments that ask for several answers per request: a result holds one
+    answer, so the others would be dropped silently. Raises :class:`InvalidRequestError`."""
+    for name in MULTI_SAMPLE_ARGUMENTS:
+        value = extra.get(name) if hasattr(extra, "get") else None
+        if value is not None and value != 1:
+            raise InvalidRequestError(
+                f"{where}{name}={value!r} asks for several answers per request, and a result holds one. Send the "
+                "query several times (with temperature > 0 and a different seed each) to get several answers."
+            )
 
 
 def cpu_dtype(dtype: Any) -> str:

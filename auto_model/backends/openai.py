@@ -33,6 +33,7 @@ from auto_model.backends.base import (
     Outcome,
     SamplingParams,
     StopCutter,
+    check_one_sample,
     choose_prompt_style,
     cut_at_stop,
 )
@@ -87,8 +88,6 @@ class OpenAIBackend(Backend):
     remote = True
     thread_safe = True
     supports_chat = True
-    supports_completion = True
-    supports_streaming = True
     supports_json_schema = True  # as ``response_format``: OpenAI, vLLM and most compatible servers
 
     def __init__(
@@ -145,6 +144,7 @@ class OpenAIBackend(Backend):
 
     def _arguments(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         sampling = request.sampling
+        check_one_sample(sampling.extra)
         args: dict[str, Any] = {
             "model": self.model_id,
             "temperature": sampling.temperature,

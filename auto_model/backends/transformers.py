@@ -24,6 +24,7 @@ from auto_model.backends.base import (
     Outcome,
     SamplingParams,
     StopCutter,
+    check_one_sample,
     choose_prompt_style,
     cpu_dtype,
     cut_at_stop,
@@ -68,8 +69,6 @@ class TransformersBackend(Backend):
 
     name = "transformers"
     supports_chat = False  # chat is rendered locally with the tokenizer's template
-    supports_completion = True
-    supports_streaming = True
 
     def __init__(
         self,
@@ -277,6 +276,7 @@ class TransformersBackend(Backend):
                 f"Request {i}: the transformers backend takes rendered text prompts, not message lists; "
                 "assemble with format='chat' and the backend's tokenizer."
             )
+        check_one_sample(req.sampling.extra, f"Request {i}: ")
         if req.sampling.json_schema is not None:
             raise InvalidRequestError(
                 f"Request {i}: the transformers backend cannot constrain a reply to a JSON schema; "

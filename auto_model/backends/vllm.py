@@ -29,6 +29,7 @@ from auto_model.backends.base import (
     GenerationRequest,
     Outcome,
     SamplingParams,
+    check_one_sample,
     choose_prompt_style,
     cpu_dtype,
     cut_at_stop,
@@ -53,6 +54,22 @@ def _without_vllm_deprecations() -> Iterator[None]:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         yield
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block only (vLLM reads some settings from the environment
+    while an engine starts); the process's environment is as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _import_vllm() -> Any:
@@ -261,8 +278,6 @@ class VLLMBackend(Backend):
 
     name = "vllm"
     supports_chat = False  # chat is rendered with the model's template by the SDK, then generated
-    supports_completion = True
-    supports_streaming = False
     supports_json_schema = True
 
     def __init__(
@@ -295,6 +310,7 @@ class VLLMBackend(Backend):
         from vllm.platforms import current_platform
 
         self.on_cpu = bool(current_platform.is_cpu())
+        self._start_environment: dict[str, str] = {}  # variables vLLM reads only while the engine starts
         if self.on_cpu:
             self._cpu_engine_arguments(cuda_visible_devices, engine_kwargs)
         else:
@@ -317,7 +333,7 @@ class VLLMBackend(Backend):
         try:
             # vLLM warns once per weight when it casts a checkpoint to the dtype the user asked for.
             with drop_records("vllm", "Attempted to load weight %s with dtype"), engine_progress_bars(), \
-                    _without_vllm_deprecations():
+                    _without_vllm_deprecations(), _environment(self._start_environment):
                 self.llm = vllm.LLM(**self.engine_args)
         except (ValueError, TypeError) as exc:  # vLLM validates its configuration with these
             raise InvalidRequestError(f"vLLM rejected the engine arguments: {exc}") from exc
@@ -338,10 +354,11 @@ class VLLMBackend(Backend):
                          "from the model; pass kv_cache_memory_bytes= to set it)", fraction)
         if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
             # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
-            # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64).
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
-                        "set VLLM_ENABLE_V1_MULTIPROCESSING=1 before loading to keep vLLM's engine process")
+            # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64). vLLM reads
+            # the choice from the environment while the engine starts, and only then.
+            self._start_environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it "
+                        "starts); set VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's engine process")
         args["dtype"] = engine_dtype(args["dtype"])
         if "enforce_eager" not in engine_kwargs and "compilation_config" not in engine_kwargs:
             # torch.compile costs about a minute at every start on CPUs (its cache does not reload)
@@ -377,6 +394,7 @@ class VLLMBackend(Backend):
         return {"guided_decoding": params.GuidedDecodingParams(json=schema)}
 
     def _sampling_params(self, sampling: SamplingParams) -> Any:
+        check_one_sample(sampling.extra)
         kwargs: dict[str, Any] = {
             "temperature": sampling.temperature,
             "top_p": sampling.top_p if sampling.temperature > 0 else 1.0,

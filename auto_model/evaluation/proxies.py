@@ -55,10 +55,6 @@ def refusal_kind(text: str) -> RefusalKind:
     return "partial" if _REFUSAL.search(text) else "none"
 
 
-def is_refusal(text: str) -> bool:
-    return refusal_kind(text) == "refusal"
-
-
 def repetition(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier n-gram (0 = none repeats)."""
     words = re.findall(r"\w+", text.lower())

@@ -165,16 +165,17 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
     """A bar chart of aspect means (left) and refusal proxies (right) per configuration.
     False when matplotlib is not installed (``pip install "auto-model[eval]"``)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure drawn on its own Agg canvas: no pyplot, so the process's matplotlib backend is left as it was.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         logger.warning('matplotlib is not installed: no report.png. Install it with pip install "auto-model[eval]".')
         return False
     summary = report["summary"]
     width = 0.8 / max(1, len(summary))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig = Figure(figsize=(13, 4.5))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     proxies = [("refusal", "refusal_rate"), ("over-refusal", "over_refusal_rate"), ("clean end", "clean_end_rate")]
     for i, s in enumerate(summary):
         offset = (i - (len(summary) - 1) / 2) * width
@@ -193,7 +194,6 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,7 +29,14 @@ from auto_model.errors import AutoModelError, InvalidRequestError
 logger = logging.getLogger("auto_model.trainer")
 
 ORIGINAL_DEFAULT_PROMPT = "You are a helpful assistant."
-SECRET_WORDS = ("key", "token", "secret", "password")
+#: A parameter is a secret when one of the words of its name is one of these: ``api_key``,
+#: ``hf_token``, ``client_secret``; not ``max_new_tokens`` or ``keyword``.
+SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credentials"})
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a parameter named ``name`` holds a secret (by the words of its name)."""
+    return any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def _bool(value: str | bool) -> bool:
@@ -155,7 +163,7 @@ def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
 
 
 def redacted(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: ("<redacted>" if v and any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in sorted(vars(args).items())}
+    return {k: ("<redacted>" if v and is_secret_name(k) else v) for k, v in sorted(vars(args).items())}
 
 
 def planned_calls(args: argparse.Namespace, command: str, pool_size: int = 0) -> dict[str, int]:
