@@ -6,9 +6,9 @@ has not configured them:
 
 - **vLLM** installs its own handler on the ``vllm`` logger, writing INFO records to *stdout*, when
   an engine starts. The vllm backend calls :func:`tame_vllm_logging` before it imports vLLM and
-  asks vLLM not to configure logging: the ``vllm`` logger gets one stderr handler at
-  :func:`engine_log_level` (WARNING unless a command line asked for more), which drops vLLM's notes
-  about choices the SDK made for it (:data:`VLLM_KNOWN_NOTES`). vLLM is left alone when any of
+  asks vLLM not to configure logging: the ``vllm`` logger gets one stderr handler at the engine
+  log level (WARNING unless a command line asked for more: :func:`set_engine_log_level`), which
+  drops vLLM's notes about choices the SDK made for it (:data:`VLLM_KNOWN_NOTES`). vLLM is left alone when any of
   ``VLLM_CONFIGURE_LOGGING``, ``VLLM_LOGGING_LEVEL``, ``VLLM_LOGGING_STREAM`` or
   ``VLLM_LOGGING_CONFIG_PATH`` is set: that is the user's own configuration. vLLM's weight-loading
   progress bar is off unless the level is INFO or lower.
@@ -46,11 +46,6 @@ ENGINE_WARNING_MODULES = r"(vllm|transformers|torch|sentence_transformers|huggin
 
 _state_lock = threading.Lock()
 _engine_level = logging.WARNING
-
-
-def engine_log_level() -> int:
-    """The level engine libraries log at: WARNING unless :func:`set_engine_log_level` said otherwise."""
-    return _engine_level
 
 
 def set_engine_log_level(level: int) -> None:
@@ -101,7 +96,7 @@ VLLM_KNOWN_NOTES = (
 
 
 def tame_vllm_logging() -> None:
-    """Give vLLM's ``vllm`` logger one stderr handler at :func:`engine_log_level` (call before
+    """Give vLLM's ``vllm`` logger one stderr handler at the engine log level (call before
     importing vLLM, whose import already logs), unless the user configured vLLM's logging.
 
     vLLM's own default is an INFO handler on stdout, where its lines mix with the answers a program
@@ -241,7 +236,6 @@ __all__ = [
     "ENGINE_LOGGERS",
     "configure_cli_logging",
     "drop_records",
-    "engine_log_level",
     "engine_progress_bars",
     "quiet",
     "quiet_tqdm",
