@@ -13,7 +13,7 @@ has not configured them:
   ``VLLM_LOGGING_CONFIG_PATH`` is set: that is the user's own configuration. vLLM's weight-loading
   progress bar is off unless the level is INFO or lower.
 - **Progress bars** of transformers and huggingface_hub (loading weights, converting GGUF) are
-  switched off while the SDK loads a model (:func:`engine_progress_bars`, :func:`quiet_tqdm`),
+  switched off while the SDK loads a model (:func:`engine_progress_bars`),
   and restored after; the SDK's own bars (``auto-model generate --input``) are the only ones drawn.
 - **Records the SDK knows to be noise for its own calls** (vLLM casting the checkpoint to the
   dtype the user asked for, one warning per weight: 122 lines for SmolLM2 in bfloat16;
@@ -168,12 +168,18 @@ def drop_records(logger_name: str, *fragments: str) -> Iterator[None]:
 @contextmanager
 def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
     """Switch transformers' and huggingface_hub's progress bars off (default: while :func:`quiet`)
-    for the block, and put them back as they were after it."""
+    for the block, and put them back as they were after it.
+
+    transformers' GGUF reader draws its bar with tqdm directly, past transformers' own switch; its
+    ``tqdm`` is replaced by a silent one for the block too.
+    """
     if enabled is None:
         enabled = not quiet()
     if enabled:
         yield
         return
+    import functools
+
     restore: list[Any] = []
     with _state_lock:
         try:
@@ -182,6 +188,12 @@ def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
             if hf_logging.is_progress_bar_enabled():
                 hf_logging.disable_progress_bar()
                 restore.append(hf_logging.enable_progress_bar)
+            import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+            bar = getattr(gguf_reader, "tqdm", None)
+            if bar is not None and not isinstance(bar, functools.partial):
+                gguf_reader.tqdm = functools.partial(bar, disable=True)  # type: ignore[attr-defined]
+                restore.append(functools.partial(setattr, gguf_reader, "tqdm", bar))
         except ImportError:
             pass
         try:
@@ -198,23 +210,6 @@ def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
         with _state_lock:
             for undo in restore:
                 undo()
-
-
-@contextmanager
-def quiet_tqdm(module: Any) -> Iterator[None]:
-    """While :func:`quiet`, make ``module.tqdm`` (a module that imported tqdm's class by name, as
-    transformers' GGUF reader does) draw nothing, for the block; put it back after."""
-    original = getattr(module, "tqdm", None)
-    if original is None or not quiet():
-        yield
-        return
-    import functools
-
-    setattr(module, "tqdm", functools.partial(original, disable=True))
-    try:
-        yield
-    finally:
-        setattr(module, "tqdm", original)
 
 
 def configure_cli_logging(verbosity: int) -> None:
@@ -238,7 +233,6 @@ __all__ = [
     "drop_records",
     "engine_progress_bars",
     "quiet",
-    "quiet_tqdm",
     "set_engine_log_level",
     "tame_vllm_logging",
     "user_configured_vllm_logging",

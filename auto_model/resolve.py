@@ -25,7 +25,7 @@ from typing import Literal
 from auto_model import constants
 from auto_model._io import atomic_open
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
-from auto_model.logs import engine_progress_bars, quiet_tqdm
+from auto_model.logs import engine_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -286,9 +286,7 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
         # transformers drops the GGUF's BOS/EOS flags; without its BOS token Gemma writes nonsense.
         for flag, value in gguf_special_token_flags(gguf_path).items():
             setattr(tokenizer, flag, value)
-        import transformers.modeling_gguf_pytorch_utils as gguf_reader
-
-        with engine_progress_bars(), quiet_tqdm(gguf_reader):  # the GGUF reader draws its own bar
+        with engine_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
             )

@@ -241,10 +241,17 @@ def test_engine_progress_bars_are_restored():
 
     from auto_model.logs import engine_progress_bars
 
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    bar = gguf_reader.tqdm
     assert hf_logging.is_progress_bar_enabled()
     with engine_progress_bars(False):
         assert not hf_logging.is_progress_bar_enabled()
-    assert hf_logging.is_progress_bar_enabled()
+        assert gguf_reader.tqdm is not bar and gguf_reader.tqdm([1, 2]).disable  # the GGUF reader's own bar too
+        with engine_progress_bars(False):  # nested: nothing is undone early
+            pass
+        assert gguf_reader.tqdm is not bar
+    assert hf_logging.is_progress_bar_enabled() and gguf_reader.tqdm is bar
 
 
 def test_no_deprecation_warnings_from_the_sdks_own_calls(smol_folder):

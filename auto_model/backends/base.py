@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 from auto_model.errors import InvalidRequestError
 from auto_model.prompting import Prompt
@@ -139,11 +139,11 @@ def dtype_name(dtype: Any) -> str:
 MULTI_SAMPLE_ARGUMENTS = ("n", "best_of", "num_return_sequences")
 
 
-def check_one_sample(extra: Any, where: str = "") -> None:
+def check_one_sample(extra: Mapping[str, Any], where: str = "") -> None:
     """Refuse sampling arguments that ask for several answers per request: a result holds one
     answer, so the others would be dropped silently. Raises :class:`InvalidRequestError`."""
     for name in MULTI_SAMPLE_ARGUMENTS:
-        value = extra.get(name) if hasattr(extra, "get") else None
+        value = extra.get(name)
         if value is not None and value != 1:
             raise InvalidRequestError(
                 f"{where}{name}={value!r} asks for several answers per request, and a result holds one. Send the "

@@ -32,7 +32,7 @@ from auto_model.backends.base import (
     encode_prompt,
 )
 from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
-from auto_model.logs import engine_progress_bars, quiet_tqdm
+from auto_model.logs import engine_progress_bars
 from auto_model.resolve import ModelSource, gguf_special_token_flags, materialize_gguf
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class TransformersBackend(Backend):
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs, **(
                 {"trust_remote_code": True} if trust_remote_code else {}))
-            import transformers.modeling_gguf_pytorch_utils as gguf_reader
-
-            with engine_progress_bars(), quiet_tqdm(gguf_reader):  # the GGUF reader draws its own bar
+            with engine_progress_bars():
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(
                     path, dtype=torch_dtype, **tok_kwargs, **load_kwargs)
             if "gguf_file" in tok_kwargs:  # read straight from GGUF: restore the BOS/EOS flags it records
