@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from auto_model import constants
-from auto_model._io import atomic_open
-from auto_model.errors import AutoModelError, InvalidRequestError
+from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError
+from auto_model.files import atomic_open, read_query_rows
 from auto_model.logs import configure_cli_logging
 
 logger = logging.getLogger("auto_model.cli")
@@ -56,23 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Queries from a JSONL file, plus one error row per bad line (bad lines never stop the good ones)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InvalidRequestError(f"Cannot read --input {path}: {exc.strerror or exc}") from exc
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rows.append({"line": number, "error": f"not valid JSON: {exc.msg}"})
-            continue
-        query = item.get("query") if isinstance(item, dict) else item
-        if not isinstance(query, str) or not query.strip():
-            rows.append({"line": number, "error": "expected a non-empty string or an object with a non-empty 'query'"})
-            continue
-        rows.append({"line": number, "query": query})
+        rows = [{"line": number, **({"error": row["error"]} if "error" in row else {"query": row["query"]})}
+                for number, row in read_query_rows(path, skip_bad=True)]
+    except ArtifactError as exc:
+        raise InvalidRequestError(f"--input: {exc}") from exc
     return [r["query"] for r in rows if "query" in r], rows
 
 
@@ -143,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
             partial.flush()
 
     try:
-        model.generate(queries, **options.as_kwargs(), return_exceptions=True, on_completion=finished)
+        model.generate(queries, options=options, return_exceptions=True, on_completion=finished)
     finally:
         if progress is not None:
             progress.close()

@@ -177,6 +177,16 @@ class AutoModel:
                     self._retriever = ICLRetriever(self.icl_pool, self.embedding_model)
         return self._retriever
 
+    @retriever.setter
+    def retriever(self, retriever: ICLRetriever) -> None:
+        """Retrieve examples with this retriever (your own pool, embedder or index settings); its
+        pool becomes the model's ``icl_pool``."""
+        if not isinstance(retriever, ICLRetriever):
+            raise InvalidRequestError(f"retriever must be an ICLRetriever, got {type(retriever).__name__}.")
+        with self._retriever_lock:
+            self._retriever = retriever
+            self.icl_pool = list(retriever.pool)
+
     @property
     def prompt_style(self) -> str:
         """``"chat"`` or ``"base"``: how prompts are assembled for this model."""
@@ -203,10 +213,14 @@ class AutoModel:
         optimized_prompt: bool = True,
         optimized_icl: bool = True,
         num_optimized_icl: int = 3,
+        *,
+        options: GenerationOptions | None = None,
     ) -> AssembledPrompt | list[AssembledPrompt]:
         """The exact prompt(s) :meth:`generate` would send to the engine, without generating."""
         single, queries = parse_queries(user_query)
-        options = GenerationOptions(user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
+        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
+                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
+                           num_optimized_icl=num_optimized_icl)
         prompts = self._assemble(queries, options)
         return prompts[0] if single else prompts
 
@@ -224,6 +238,7 @@ class AutoModel:
         max_new_tokens: int = 512,
         stop: str | Sequence[str] | None = None,
         *,
+        options: GenerationOptions | None = None,
         return_details: bool = False,
         return_exceptions: bool = False,
         on_completion: ResultCallback | None = None,
@@ -246,6 +261,8 @@ class AutoModel:
             top_p: nucleus sampling mass, in (0, 1].
             max_new_tokens: most tokens to generate per answer.
             stop: extra stop string(s).
+            options: all of the arguments above (and the sampling ones) as one checked
+                :class:`~auto_model.options.GenerationOptions`, instead of passing them one by one.
             return_details: return :class:`GenerationResult` objects (text, finish reason, token
                 counts, backend, latency) instead of strings.
             return_exceptions: for a list, put the exception of a request that failed in its slot
@@ -264,11 +281,10 @@ class AutoModel:
             GenerationError: a single query failed (a subclass says how: timeout, HTTP status, ...).
         """
         single, queries = parse_queries(user_query)
-        options = GenerationOptions.from_arguments(
-            user_specified_system_prompt=user_specified_system_prompt, optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl, num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs,
-        )
+        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
+                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
+                           num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs)
         callback = None
         if on_completion is not None:
             def callback(i: int, outcome: Outcome) -> None:
@@ -305,6 +321,8 @@ class AutoModel:
         top_p: float = 0.95,
         max_new_tokens: int = 512,
         stop: str | Sequence[str] | None = None,
+        *,
+        options: GenerationOptions | None = None,
         **sampling_kwargs: Any,
     ) -> Iterator[str]:
         """Yield the answer to one query in text chunks as it is generated.
@@ -317,11 +335,10 @@ class AutoModel:
         if not isinstance(user_query, str):
             raise InvalidRequestError("stream() takes one query string; use generate() for a list.")
         _, queries = parse_queries(user_query)
-        options = GenerationOptions.from_arguments(
-            user_specified_system_prompt=user_specified_system_prompt, optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl, num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs,
-        )
+        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
+                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
+                           num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs)
         prompt = self._assemble(queries, options)[0]
         return self._stream(self._request(prompt, options.sampling()))
 
@@ -337,6 +354,7 @@ class AutoModel:
         max_new_tokens: int = 512,
         stop: str | Sequence[str] | None = None,
         *,
+        options: GenerationOptions | None = None,
         stream: bool = False,
         return_details: bool = False,
         **sampling_kwargs: Any,
@@ -354,15 +372,14 @@ class AutoModel:
             (the rest as in :meth:`generate`)
         """
         system, conversation = _conversation(messages)
+        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
+                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
+                           num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs)
         if system is not None:
-            if user_specified_system_prompt is not None:
+            if options.user_specified_system_prompt is not None:
                 raise InvalidRequestError("Pass the system prompt either as a system message or as user_specified_system_prompt, not both.")
-            user_specified_system_prompt = system
-        options = GenerationOptions.from_arguments(
-            user_specified_system_prompt=user_specified_system_prompt, optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl, num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs,
-        )
+            options = replace(options, user_specified_system_prompt=system)
         last_user = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
         prompt = self._assemble([last_user], options, conversation=conversation)[0]
         request = self._request(prompt, options.sampling())
@@ -418,12 +435,15 @@ class AutoModel:
 
     def build_request(
         self, system_prompt: str | None, examples: Sequence[ICLExample], query: str | Sequence[Message],
-        sampling: SamplingParams,
+        options: GenerationOptions,
     ) -> GenerationRequest:
         """One engine request assembled exactly as :meth:`generate` assembles it, with the given
-        system prompt and examples (no lookup, no retrieval)."""
+        system prompt and examples (no lookup, no retrieval: the prompt and example fields of
+        ``options`` are not read, its sampling fields are)."""
+        if not isinstance(options, GenerationOptions):
+            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
-        return self._request(prompt, sampling)
+        return self._request(prompt, options.sampling())
 
     def run_requests(
         self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
@@ -474,6 +494,26 @@ class AutoModel:
             f"AutoModel(model_name={self.model_name!r}, backend={self.backend_name!r}, "
             f"prompt={self.prompt_artifact.model_id!r}/{self.prompt_artifact.method}, icl_pool={len(self.icl_pool)})"
         )
+
+
+_DEFAULTS = GenerationOptions()
+
+
+def _options(options: GenerationOptions | None, *, sampling_kwargs: dict[str, Any] | None = None,
+             **arguments: Any) -> GenerationOptions:
+    """The request's options: ``options`` as given, or built from the individual arguments.
+    Both at once is refused unless the individual ones are all left at their defaults."""
+    if options is None:
+        return GenerationOptions.from_arguments(**arguments, sampling_kwargs=sampling_kwargs)
+    if not isinstance(options, GenerationOptions):
+        raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
+    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)] + list(sampling_kwargs or ())
+    if given:
+        raise InvalidRequestError(
+            f"Pass either options= or {', '.join(given)}, not both: set them in the options "
+            f"(dataclasses.replace(options, {given[0]}=...))."
+        )
+    return options
 
 
 _ROLES = ("system", "user", "assistant")

@@ -17,7 +17,7 @@ need no engine, so a command line checks its whole request with them before it l
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from auto_model.backends.base import SamplingParams, check_one_sample
@@ -104,15 +104,6 @@ class GenerationOptions:
         stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return SamplingParams(float(self.temperature), float(self.top_p), int(self.max_new_tokens), stops,
                               None if self.seed is None else int(self.seed), dict(self.extra), self.json_schema)
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """These options as keyword arguments of :meth:`AutoModel.generate`."""
-        kwargs = asdict(self)
-        kwargs.update(kwargs.pop("extra"))
-        for name in ("seed", "json_schema"):
-            if kwargs[name] is None:
-                del kwargs[name]
-        return kwargs
 
 
 def parse_queries(user_query: Any) -> tuple[bool, list[str]]:

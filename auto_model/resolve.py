@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from auto_model import constants
-from auto_model._io import atomic_open
+from auto_model.files import atomic_open
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
 from auto_model.logs import engine_progress_bars
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
-from auto_model._io import atomic_open, atomic_write_text
+from auto_model.files import atomic_open, atomic_write_text
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
 from auto_model.logs import drop_records, engine_progress_bars
 from auto_model.prompting import END, START, format_answer, strip_markers
@@ -298,7 +298,9 @@ class ICLRetriever:
                     pass
         return found or None
 
-    def _embed(self, texts: Sequence[str]) -> Any:
+    def embed(self, texts: Sequence[str]) -> Any:
+        """The normalised float32 embeddings of ``texts``, as :meth:`search` embeds its queries
+        (a lone text through the traced single-query encoder when it is on)."""
         import numpy as np
 
         if len(texts) == 1 and self.fast_single_query:
@@ -324,7 +326,7 @@ class ICLRetriever:
                 logger.warning("Ignoring cached embeddings %s: shape %s does not fit the pool", path, vectors.shape)
             except (OSError, ValueError) as exc:
                 logger.warning("Ignoring unreadable embedding cache %s: %s", path, exc)
-        vectors = self._embed([ex.query for ex in self.pool])
+        vectors = self.embed([ex.query for ex in self.pool])
         self.embeddings_from_cache = False
         if path is not None:
             with atomic_open(path, "wb") as fh:
@@ -393,7 +395,7 @@ class ICLRetriever:
             )
         if k == 0 or not queries:
             return [[] for _ in queries]
-        _, ids = self.index.search(self._embed(queries), int(k))
+        _, ids = self.index.search(self.embed(queries), int(k))
         return [[self.pool[i] for i in row if i >= 0] for row in ids]
 
 

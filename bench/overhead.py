@@ -26,10 +26,10 @@ SYNTHETIC_SIZE = 100_000
 TOPICS = ["cooking", "taxes", "gardening", "Python", "history", "travel", "sleep", "chemistry", "running", "music"]
 
 
-def _synthetic_pool(size: int, embedder: Any, cache_dir: Path) -> Any:
+def _synthetic_pool(size: int, embedder: Any, cache_dir: Path, timer: _EmbeddingTimer) -> Any:
     import numpy as np
 
-    from auto_model.retrieval import ICLExample, ICLRetriever
+    from auto_model.retrieval import ICLExample
 
     pool = [ICLExample(f"Question {i} about {TOPICS[i % len(TOPICS)]}: how does case {i // len(TOPICS)} work?",
                        f"<START>An answer to question {i}.<END>") for i in range(size)]
@@ -39,29 +39,32 @@ def _synthetic_pool(size: int, embedder: Any, cache_dir: Path) -> Any:
     rng = np.random.default_rng(0)
     vectors = base[np.arange(size) % base_n] + rng.normal(0, 0.02, (size, base.shape[1])).astype("float32")
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    retriever = ICLRetriever(pool, embedder=embedder, cache_dir=cache_dir)
+    retriever = timer.retriever(pool, embedder=embedder, cache_dir=cache_dir)
     np.save(cache_dir / f"{retriever.cache_key()}.npy", np.ascontiguousarray(vectors, dtype="float32"), allow_pickle=False)
     return retriever
 
 
 class _EmbeddingTimer:
-    """Adds up the time a retriever spends embedding queries (its ``_embed`` step, wrapped)."""
+    """Adds up the time the retrievers it made spend embedding queries."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def wrap(self, retriever: Any) -> Any:
-        embed = retriever._embed
+    def retriever(self, *args: Any, **kwargs: Any) -> Any:
+        """An :class:`ICLRetriever` whose :meth:`embed` is timed."""
+        from auto_model.retrieval import ICLRetriever
 
-        def timed(texts: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return embed(texts)
-            finally:
-                self.seconds += time.perf_counter() - t0
+        timer = self
 
-        retriever._embed = timed
-        return retriever
+        class TimedRetriever(ICLRetriever):
+            def embed(self, texts: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return super().embed(texts)
+                finally:
+                    timer.seconds += time.perf_counter() - t0
+
+        return TimedRetriever(*args, **kwargs)
 
 
 def _embedding_alone(retriever: Any, embedder: Any, qs: list[str]) -> str:
@@ -107,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         return smoke_done("overhead", f"{len(qs)} queries x {args.rounds} rounds, packaged pool and {args.synthetic:,} synthetic")
 
     from auto_model import AutoModel
-    from auto_model.retrieval import ICLRetriever
 
     # The engine is not used: format_prompt stops before it. transformers is the quickest to load.
     model = AutoModel(backend="transformers")
@@ -116,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[Any]] = []
     results: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        packaged = timer.wrap(ICLRetriever(model.icl_pool, embedder=embedder, cache_dir=Path(tmp)))
+        packaged = timer.retriever(model.icl_pool, embedder=embedder, cache_dir=Path(tmp))
         t0 = time.perf_counter()
-        synthetic = timer.wrap(_synthetic_pool(args.synthetic, embedder, Path(tmp)))
+        synthetic = _synthetic_pool(args.synthetic, embedder, Path(tmp), timer)
         log(f"overhead: synthetic pool of {args.synthetic:,} vectors ready in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         synthetic.index  # noqa: B018  (build: IVF training and adding the vectors)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"overhead: {'exact' if synthetic.exact else 'IVF'} index built in {build_s:.1f} s")
         for pool_name, retriever in ((f"packaged ({len(model.icl_pool)})", packaged),
                                      (f"synthetic ({args.synthetic:,})", synthetic)):
-            model._retriever = retriever
+            model.retriever = retriever
             _measure(model, timer, qs[:8], 8, 1)  # warm-up (and the traced encoder built)
             _measure(model, timer, qs[:8], 1, 1)
             for mode, batch in (("single", 1), ("batch", len(qs))):

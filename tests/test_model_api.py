@@ -95,6 +95,43 @@ def test_agenerate_equals_generate(smol):
     assert fruits == smol.generate(["Name a fruit."], **GREEDY)
 
 
+def test_one_options_object_serves_every_request_method(smol):
+    options = GenerationOptions(num_optimized_icl=1, **GREEDY)
+    query = "Name a planet."
+    answer = smol.generate(query, num_optimized_icl=1, **GREEDY)
+    assert smol.generate(query, options=options) == answer
+    assert smol.generate([query], options=options) == [answer]
+    assert asyncio.run(smol.agenerate(query, options=options)) == answer
+    assert "".join(smol.stream(query, options=options)).strip() == answer
+    assert smol.chat([{"role": "user", "content": query}], options=options) == answer
+    assert smol.format_prompt(query, options=options) == smol.format_prompt(query, num_optimized_icl=1)
+    # Options and individual arguments that disagree are refused, naming what clashes.
+    with pytest.raises(InvalidRequestError, match="either options= or temperature, seed"):
+        smol.generate(query, options=options, temperature=1.0, seed=3)
+    with pytest.raises(InvalidRequestError, match="options must be a GenerationOptions"):
+        smol.generate(query, options={"temperature": 0})
+
+
+def test_a_retriever_of_your_own_is_set_publicly(smol):
+    from auto_model.retrieval import ICLExample, ICLRetriever
+
+    packaged = smol.retriever
+    pool = [ICLExample("How do I water a cactus?", "<START>Rarely: once the soil is dry.<END>"),
+            ICLExample("What is a prime number?", "<START>A number with exactly two divisors.<END>")]
+    try:
+        smol.retriever = ICLRetriever(pool, embedder=packaged.embedder, cache_dir=False)
+        assert smol.icl_pool == pool
+        prompt = smol.format_prompt("How often should a cactus get water?", num_optimized_icl=1).prompt
+        assert "once the soil is dry" in prompt and "two divisors" not in prompt
+        with pytest.raises(InvalidRequestError, match="from 0 to 2"):
+            smol.generate("hi", num_optimized_icl=3)
+        with pytest.raises(InvalidRequestError, match="must be an ICLRetriever"):
+            smol.retriever = pool
+    finally:
+        smol.retriever = packaged
+    assert len(smol.icl_pool) == len(packaged.pool) > 2
+
+
 def test_stop_cutter_holds_back_only_a_possible_stop():
     cut = StopCutter(["<END>", "\n# Query:"])
     out = [cut.feed(piece) for piece in ["Hel", "lo <", "EN", "D> tail"]]

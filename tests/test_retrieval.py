@@ -215,7 +215,7 @@ def test_a_lone_query_is_embedded_by_the_traced_encoder_with_the_same_vector(ret
     texts = ["hi", "What's the capital city of Australia?", "word " * 400]  # the last one is truncated
     for text in texts:
         expected = embedder.encode([text], normalize_embeddings=True, convert_to_numpy=True)
-        got = retriever._embed([text])
+        got = retriever.embed([text])
         assert got.shape == expected.shape and got.dtype == np.float32
         assert float(np.abs(got - expected).max()) < 1e-5
     calls = []
@@ -249,7 +249,7 @@ def test_an_embedder_that_cannot_be_traced_falls_back_to_encode(pool, embedder, 
     encode = embedder.encode
     embedder.encode = lambda *a, **k: encode_calls.append(len(a[0])) or encode(*a, **k)
     try:
-        assert off._embed(["x"]).shape == (1, 384) and encode_calls == [1]
+        assert off.embed(["x"]).shape == (1, 384) and encode_calls == [1]
     finally:
         del embedder.encode
 

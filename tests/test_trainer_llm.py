@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from auto_model.backends.base import Completion, GenerationRequest, SamplingParams
+from auto_model.options import GenerationOptions
 from auto_model.trainer.llm import RequestCache, Role, RoleUsage, Usage
 
 
@@ -84,13 +85,13 @@ def test_cache_keys_of_unconstrained_requests_do_not_name_a_schema(tmp_path):
 def test_ask_takes_one_sampling_setting_per_prompt(tmp_path):
     engine = FakeEngineModel()
     engine.prompt_format = "text"
-    engine.build_request = lambda system, examples, messages, sampling: GenerationRequest(messages[0]["content"], sampling)
+    engine.build_request = lambda system, examples, messages, options: GenerationRequest(messages[0]["content"], options.sampling())
     seen = []
     run = engine.run_requests
     engine.run_requests = lambda requests, on_completion=None: (seen.extend(requests), run(requests, on_completion))[1]
     role = Role("eval", engine, RequestCache(tmp_path / "c.sqlite"), Usage())
     schemas = [{"type": "integer"}, {"type": "string"}]
-    role.ask(["a", "b"], [SamplingParams(json_schema=s) for s in schemas], seeds=[1, 2])
+    role.ask(["a", "b"], [GenerationOptions(json_schema=s) for s in schemas], seeds=[1, 2])
     assert [(r.sampling.json_schema, r.sampling.seed) for r in seen] == [(schemas[0], 1), (schemas[1], 2)]
     with pytest.raises(ValueError, match="2 sampling settings for 3 prompts"):
-        role.ask(["a", "b", "c"], [SamplingParams(), SamplingParams()])
+        role.ask(["a", "b", "c"], [GenerationOptions(), GenerationOptions()])

@@ -32,11 +32,11 @@ class ScriptedRole:
     def __init__(self, reply):
         self.reply, self.asked, self.queries = reply, [], []
 
-    def ask(self, prompts, sampling, seeds=None, prefill=None):
+    def ask(self, prompts, options, seeds=None, prefill=None):
         self.asked.extend(prompts)
         return [Completion(self.reply(p, None if seeds is None else seeds[i]), "stop", 1, 1) for i, p in enumerate(prompts)]
 
-    def answer(self, system_prompts, query, *, k, sampling):
+    def answer(self, system_prompts, query, *, k, options):
         self.asked.extend(system_prompts)
         self.queries.append(query)
         return [Completion(self.reply(p, query), "stop", 1, 1) for p in system_prompts]
@@ -244,9 +244,9 @@ def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefil
     from auto_model.trainer.judge import aspects_schema, scores_schema
 
     class Recording(ScriptedRole):
-        def ask(self, prompts, sampling, seeds=None, prefill=None):
-            self.calls = getattr(self, "calls", []) + [(sampling, prefill)]
-            return super().ask(prompts, sampling, seeds, prefill)
+        def ask(self, prompts, options, seeds=None, prefill=None):
+            self.calls = getattr(self, "calls", []) + [(options, prefill)]
+            return super().ask(prompts, options, seeds, prefill)
 
     metrics = Recording(lambda p, s: '["Helpfulness", "Safety"]' if "first" in p else '["Clarity", "Depth", "Safety"]')
     evaluator = Recording(lambda p, s: score_reply({a: 3 for a in re.findall(r"^- ([A-Za-z-]+):", p, re.M)}))

@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, Sequence
 
-from auto_model._io import atomic_write_text
+from auto_model.files import atomic_write_text
 from auto_model.evaluation.runner import REGULAR_ASPECTS, SAFETY_ASPECTS, EvalRun
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,10 @@ from pathlib import Path
 from string import Template
 from typing import Any, Callable, Sequence
 
-from auto_model._io import read_config_file
+from auto_model.files import read_config_file
 from auto_model.artifacts import load_prompt_artifact
-from auto_model.backends.base import Completion, SamplingParams
+from auto_model.backends.base import Completion
+from auto_model.options import GenerationOptions
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation.eval_set import EvalItem
 from auto_model.evaluation.proxies import ended_cleanly, length_words, refusal_kind, repetition
@@ -248,7 +249,7 @@ def run_evaluation(
         groups.setdefault(config.engine_key(default_model), []).append(config)
     # The engine the judge shares (if any) goes last, so that it is still loaded for judging.
     order = sorted(groups, key=lambda k: k == judge_key)
-    sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     queries = [item.query for item in items]
     answers: list[Answer] = []
     system_prompts: dict[str, str | None] = {}
@@ -270,7 +271,7 @@ def run_evaluation(
                     system = model.system_prompt(None, config.optimized_prompt)
                 system_prompts[config.name] = system
                 examples = model.retrieve(queries, config.num_optimized_icl) if config.num_optimized_icl else [[] for _ in items]
-                requests = [model.build_request(system, ex, q, sampling) for q, ex in zip(queries, examples)]
+                requests = [model.build_request(system, ex, q, options) for q, ex in zip(queries, examples)]
                 t0 = time.perf_counter()
                 outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
                 progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
-from auto_model._io import atomic_write_text, read_config_file
+from auto_model.files import atomic_write_text, read_config_file
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 from auto_model.errors import AutoModelError, InvalidRequestError
 

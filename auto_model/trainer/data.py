@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from auto_model._io import read_query_rows
+from auto_model.files import read_query_rows
 from auto_model.errors import ArtifactError
 
 CATEGORIES = ("everyday", "open-ended", "harmful")

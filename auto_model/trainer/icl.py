@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from auto_model.backends.base import Completion, SamplingParams
+from auto_model.backends.base import Completion
+from auto_model.options import GenerationOptions
 from auto_model.prompting import format_answer, strip_markers
 from auto_model.retrieval import ICLExample, save_icl_pool
 from auto_model.trainer.judge import Evaluation, Judge, template
@@ -49,7 +50,7 @@ def optimize_pool(
     for state, evaluation in zip(states, judge.evaluate([(s.example.query, s.answer) for s in states])):
         state.evaluation = evaluation
         state.history.append({"round": 0, "answer": state.answer, "evaluation": evaluation.to_dict()})
-    sampling = SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",))
+    sampling = GenerationOptions(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",))
     for round_ in range(1, num_iters + 1):
         open_ = [s for s in states if not s.done and not (s.evaluation and s.evaluation.all_at_least(skip_threshold))]
         for s in states:

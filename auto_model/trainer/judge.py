@@ -18,8 +18,9 @@ from pathlib import Path
 from string import Template
 from typing import Any, Sequence
 
-from auto_model._io import atomic_write_text
-from auto_model.backends.base import Completion, SamplingParams
+from auto_model.files import atomic_write_text
+from auto_model.backends.base import Completion
+from auto_model.options import GenerationOptions
 from auto_model.errors import InvalidRequestError
 
 ASPECTS: dict[str, str] = {
@@ -224,7 +225,7 @@ class Judge:
                         f"{getattr(role, 'name', 'judge')} model runs on {backend.name}. Turn json_schema off or "
                         "serve the judge with vllm."
                     )
-        self.sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+        self.sampling = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
         self.metrics_cache_path = Path(metrics_cache_path) if metrics_cache_path else None
         self.aspect_cache: dict[str, list[str]] = {}
         if self.metrics_cache_path and self.metrics_cache_path.exists():
@@ -250,9 +251,9 @@ class Judge:
             if not pending:
                 break
             # The first ask is greedy; a retry samples (reproducibly) so that it can come out differently.
-            sampling = self.sampling if attempt == 0 else SamplingParams(
+            sampling = self.sampling if attempt == 0 else GenerationOptions(
                 temperature=0.7, top_p=0.95, max_new_tokens=self.sampling.max_new_tokens, seed=attempt)
-            per_prompt: SamplingParams | list[SamplingParams] = sampling if schemas is None else [
+            per_prompt: GenerationOptions | list[GenerationOptions] = sampling if schemas is None else [
                 replace(sampling, json_schema=schemas[i]) for i in pending]
             outcomes = role.ask([asked[i] for i in pending], per_prompt,
                                 prefill=None if prefills is None else [prefills[i] for i in pending])

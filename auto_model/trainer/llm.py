@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from auto_model.backends.base import Completion, GenerationRequest, Outcome, SamplingParams
+from auto_model.backends.base import Completion, GenerationRequest, Outcome
+from auto_model.options import GenerationOptions
 from auto_model.errors import AutoModelError
 
 ROLES = ("base", "metrics", "eval", "optimize")
@@ -138,11 +139,11 @@ class Role:
                 raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
             self.chunk_size = chunk_size  # 1: one request per engine call, as the original scripts sent them
 
-    def ask(self, prompts: Sequence[str], sampling: SamplingParams | Sequence[SamplingParams],
+    def ask(self, prompts: Sequence[str], options: GenerationOptions | Sequence[GenerationOptions],
             seeds: Sequence[int | None] | None = None, prefill: str | Sequence[str] | None = None) -> list[Outcome]:
         """One user turn per prompt (no system prompt, no examples), answered in one batch.
 
-        ``sampling`` is one setting for all prompts, or one per prompt (e.g. each with its own
+        ``options`` is one setting for all prompts, or one per prompt (e.g. each with its own
         ``json_schema``).
 
         ``prefill`` starts the reply (e.g. ``'["'`` for a JSON list) on engines that take text
@@ -152,11 +153,11 @@ class Role:
         requests = []
         prefills = [prefill] * len(prompts) if prefill is None or isinstance(prefill, str) else list(prefill)
         text_prompts = self.model.prompt_format != "messages"
-        samplings = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-        if len(samplings) != len(prompts):
-            raise ValueError(f"{len(samplings)} sampling settings for {len(prompts)} prompts")
+        settings = [options] * len(prompts) if isinstance(options, GenerationOptions) else list(options)
+        if len(settings) != len(prompts):
+            raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
         for i, text in enumerate(prompts):
-            s = samplings[i] if seeds is None else replace(samplings[i], seed=seeds[i])
+            s = settings[i] if seeds is None else replace(settings[i], seed=seeds[i])
             request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
             if text_prompts and prefills[i]:
                 request = replace(request, prompt=request.prompt + prefills[i])
@@ -167,11 +168,11 @@ class Role:
                         for i, o in enumerate(outcomes)]
         return outcomes
 
-    def answer(self, system_prompts: Sequence[str], query: str, *, k: int, sampling: SamplingParams) -> list[Outcome]:
+    def answer(self, system_prompts: Sequence[str], query: str, *, k: int, options: GenerationOptions) -> list[Outcome]:
         """The model's answers to ``query`` under each system prompt, assembled as in inference
         (with the ``k`` retrieved examples), in one batch."""
         examples = self.model.retrieve([query], k)[0] if k > 0 else []
-        return self.run([self.model.build_request(p, examples, query, sampling) for p in system_prompts])
+        return self.run([self.model.build_request(p, examples, query, options) for p in system_prompts])
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
         """Answer prepared requests: from the cache where possible, the rest in one engine call."""

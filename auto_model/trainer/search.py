@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from auto_model._io import atomic_write_text
-from auto_model.backends.base import Completion, SamplingParams
+from auto_model.files import atomic_write_text
+from auto_model.backends.base import Completion
+from auto_model.options import GenerationOptions
 from auto_model.trainer.judge import Evaluation, Judge, template
 
 logger = logging.getLogger(__name__)
@@ -256,13 +257,13 @@ class BeamSearch:
                 child(parent, "rewrite", new, parent.extensions)
         return proposals
 
-    def _optimizer_sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.config.temperature, top_p=0.95,
+    def _optimizer_sampling(self) -> GenerationOptions:
+        return GenerationOptions(temperature=self.config.temperature, top_p=0.95,
                               max_new_tokens=self.config.optimizer_max_new_tokens, stop=("</prompt>",))
 
     def _answer(self, prompts: list[str], query: str) -> list[Any]:
-        sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens)
-        return self.base.answer(prompts, query, k=self.config.k if self.config.ret_icl else 0, sampling=sampling)
+        options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens)
+        return self.base.answer(prompts, query, k=self.config.k if self.config.ret_icl else 0, options=options)
 
     # -- reports -----------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Atomic file writes (a reader sees the old file or the complete new one, never half of either),
-reading JSONL files of queries, and reading JSON/TOML config files."""
+"""Files written and read the same way everywhere: atomic writes (a reader sees the old file or the
+complete new one, never half of either), JSONL files of queries, and JSON/TOML config files."""
 
 from __future__ import annotations
 
@@ -31,21 +31,38 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
-def read_query_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL file of queries. A line that is not
-    JSON, or not an object with a non-empty ``query``, raises ArtifactError naming ``file:line``."""
+def read_query_rows(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file of queries.
+
+    A line is an object with a non-empty ``query`` (other keys are kept), or a bare JSON string.
+    A bad line raises :class:`~auto_model.errors.ArtifactError` naming ``file:line``; with
+    ``skip_bad=True`` it is yielded as ``{"error": why}`` instead, so that one bad line never
+    loses the good ones. An unreadable file raises ArtifactError.
+    """
     from auto_model.errors import ArtifactError
 
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not row["query"].strip():
-            raise ArtifactError(f"{path}:{number}: expected an object with a non-empty 'query'.")
-        yield number, row
+            error = f"not valid JSON ({exc.msg})"
+        else:
+            if isinstance(row, str):
+                row = {"query": row}
+            if isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip():
+                yield number, row
+                continue
+            error = "expected a non-empty string or an object with a non-empty 'query'"
+        if not skip_bad:
+            raise ArtifactError(f"{path}:{number}: {error}.")
+        yield number, {"error": error}
 
 
 def read_config_file(path: str | os.PathLike[str], option: str) -> Any:
