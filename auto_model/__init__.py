@@ -23,7 +23,12 @@ from auto_model.errors import (
     ModelNotFoundError,
     UnknownBackendError,
 )
-from auto_model.model import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, AutoModel, GenerationResult
+from auto_model.model import (
+    DEFAULT_EMBEDDING_MODEL,
+    DEFAULT_MODEL,
+    AutoModel,
+    GenerationResult,
+)
 from auto_model.options import GenerationOptions
 
 __version__ = "0.1.0"

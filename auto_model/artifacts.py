@@ -25,8 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from auto_model.files import atomic_write_text
 from auto_model.errors import ArtifactError
+from auto_model.files import atomic_write_text
 from auto_model.resolve import normalize_name
 
 logger = logging.getLogger(__name__)

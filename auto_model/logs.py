@@ -197,7 +197,11 @@ def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
         except ImportError:
             pass
         try:
-            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+            from huggingface_hub.utils import (
+                are_progress_bars_disabled,
+                disable_progress_bars,
+                enable_progress_bars,
+            )
 
             if not are_progress_bars_disabled():
                 disable_progress_bars()

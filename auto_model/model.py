@@ -24,7 +24,13 @@ from auto_model.backends.base import (
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from auto_model.errors import BatchGenerationError, InvalidRequestError
 from auto_model.options import GenerationOptions, parse_queries
-from auto_model.prompting import START, AssembledPrompt, Message, assemble, strip_markers
+from auto_model.prompting import (
+    START,
+    AssembledPrompt,
+    Message,
+    assemble,
+    strip_markers,
+)
 from auto_model.resolve import resolve_model
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 

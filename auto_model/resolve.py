@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from auto_model import constants
-from auto_model.files import atomic_open
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
+from auto_model.files import atomic_open
 from auto_model.logs import engine_progress_bars
 
 logger = logging.getLogger(__name__)

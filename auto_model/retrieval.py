@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
-from auto_model.files import atomic_open, atomic_write_text
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
+from auto_model.files import atomic_open, atomic_write_text
 from auto_model.logs import drop_records, engine_progress_bars
 from auto_model.prompting import END, START, format_answer, strip_markers
 

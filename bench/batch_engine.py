@@ -13,7 +13,20 @@ from __future__ import annotations
 
 import sys
 
-from bench._common import Ratio, Record, engine_generate, finish, forget_prompts, load_vllm, log, median, parser, queries, smoke_done, timed
+from bench._common import (
+    Ratio,
+    Record,
+    engine_generate,
+    finish,
+    forget_prompts,
+    load_vllm,
+    log,
+    median,
+    parser,
+    queries,
+    smoke_done,
+    timed,
+)
 
 TARGET = 0.97
 

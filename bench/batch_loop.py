@@ -14,7 +14,19 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from bench._common import Ratio, Record, engine_generate, finish, forget_prompts, load_vllm, log, parser, queries, smoke_done, timed
+from bench._common import (
+    Ratio,
+    Record,
+    engine_generate,
+    finish,
+    forget_prompts,
+    load_vllm,
+    log,
+    parser,
+    queries,
+    smoke_done,
+    timed,
+)
 
 TARGET_VLLM = 10.0
 

@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from auto_model.backends import CLI_TRANSFORMERS_MAX_TOKENS
-from bench._common import ROOT, Ratio, Record, demo_workload, finish, log, median, parser
+from bench._common import (
+    ROOT,
+    Ratio,
+    Record,
+    demo_workload,
+    finish,
+    log,
+    median,
+    parser,
+)
 
 HEAVY = ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "openai", "numpy", "matplotlib")
 IMPORT_TARGET_MS = 150.0

@@ -20,7 +20,17 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import ROOT, Ratio, Record, demo_arguments, demo_workload, finish, log, parser, smoke_done
+from bench._common import (
+    ROOT,
+    Ratio,
+    Record,
+    demo_arguments,
+    demo_workload,
+    finish,
+    log,
+    parser,
+    smoke_done,
+)
 
 PEAK_TARGET_GIB = 3.0
 WALL_TARGET_S = 30.0

@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import Ratio, Record, finish, log, parser, percentile, queries, smoke_done, timed
+from bench._common import (
+    Ratio,
+    Record,
+    finish,
+    log,
+    parser,
+    percentile,
+    queries,
+    smoke_done,
+    timed,
+)
 
 SYNTHETIC_SIZE = 100_000
 TOPICS = ["cooking", "taxes", "gardening", "Python", "history", "travel", "sleep", "chemistry", "running", "music"]

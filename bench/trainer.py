@@ -18,23 +18,33 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench._common import Ratio, Record, finish, forget_prompts, load_vllm, log, parser, smoke_done, timed
+from bench._common import (
+    Ratio,
+    Record,
+    finish,
+    forget_prompts,
+    load_vllm,
+    log,
+    parser,
+    smoke_done,
+    timed,
+)
 
 TARGET = 3.0
 
 
 def _search(model: Any, log_dir: Path, batch_size: int | None, args: Any,
             queries: list[str]) -> tuple[Any, Any, float, list[int]]:
+    from auto_model.rewards.judge import Judge
+    from auto_model.rewards.requests import RequestCache, Role, Usage
     from auto_model.trainer.cli import ORIGINAL_DEFAULT_PROMPT
-    from auto_model.trainer.judge import Judge
-    from auto_model.trainer.llm import ROLES, RequestCache, Role, Usage
-    from auto_model.trainer.search import BeamSearch, SearchConfig
+    from auto_model.trainer.search import ROLES, BeamSearch, SearchConfig
 
     forget_prompts(model)  # the second run asks what the first asked: no prefill reused across runs
     cache = RequestCache(log_dir / "cache" / "requests.sqlite")
     usage = Usage()
     roles = {r: Role(r, model, cache, usage, chunk_size=batch_size) for r in ROLES}
-    judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=log_dir / "metrics_cache.json",
+    judge = Judge(roles["eval"], metrics=roles["metrics"], metrics_cache_path=log_dir / "metrics_cache.json",
                   max_new_tokens=args.judge_new_tokens, per_aspect=True, json_schema=True)
     config = SearchConfig(depth=args.depth, beam_size=args.beam, n_actions=args.actions, max_depth_increase=0, temperature=args.temperature,
                           max_new_tokens=args.new_tokens, optimizer_max_new_tokens=args.judge_new_tokens, k=2)

@@ -35,7 +35,9 @@ sys.exit(code)
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 400) -> tuple[subprocess.CompletedProcess[str], float, list[str]]:
-    from conftest import SESSION_ENV  # a user's fresh process: none of what in-process engines wrote into os.environ
+    from conftest import (
+        SESSION_ENV,  # a user's fresh process: none of what in-process engines wrote into os.environ
+    )
 
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CLI, *argv], cwd=ROOT, capture_output=True, text=True,
@@ -90,10 +92,10 @@ def _cache_as_hub_model(folder: Path, hub_home: Path, repo: str) -> Path:
 
 
 def test_offline_a_hub_id_loads_from_the_hub_cache(smol_folder, tmp_path, monkeypatch):
+    from huggingface_hub import constants as hub_constants
+
     from auto_model import AutoModel
     from auto_model.resolve import resolve_model
-
-    from huggingface_hub import constants as hub_constants
 
     # huggingface_hub reads its cache folder from the environment once, at import: point it here.
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -235,11 +237,10 @@ def test_drop_records_is_scoped(caplog):
 
 
 def test_engine_progress_bars_are_restored():
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
     from auto_model.logs import engine_progress_bars
-
-    import transformers.modeling_gguf_pytorch_utils as gguf_reader
 
     bar = gguf_reader.tqdm
     assert hf_logging.is_progress_bar_enabled()

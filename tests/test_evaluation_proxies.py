@@ -7,7 +7,12 @@ from importlib import resources
 
 import pytest
 
-from auto_model.evaluation.proxies import ended_cleanly, length_words, refusal_kind, repetition
+from auto_model.evaluation.proxies import (
+    ended_cleanly,
+    length_words,
+    refusal_kind,
+    repetition,
+)
 from auto_model.retrieval import load_icl_pool
 from auto_model.trainer.data import load_training_queries
 

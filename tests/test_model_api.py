@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 
-from auto_model import BatchGenerationError, GenerationOptions, GenerationResult, InvalidRequestError
+from auto_model import (
+    BatchGenerationError,
+    GenerationOptions,
+    GenerationResult,
+    InvalidRequestError,
+)
 from auto_model.backends.base import StopCutter, cut_at_stop
 
 GREEDY = dict(temperature=0, max_new_tokens=24)

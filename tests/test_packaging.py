@@ -18,7 +18,8 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "auto_model/data/ICL_examples.json" in names
     assert "auto_model/optimized_prompts/default.json" in names
-    for data in ("auto_model/trainer/templates/eval.txt", "auto_model/trainer/templates/optimize_prompt.txt",
+    for data in ("auto_model/rewards/templates/eval.txt", "auto_model/rewards/templates/metrics.txt",
+                 "auto_model/trainer/templates/optimize_prompt.txt", "auto_model/trainer/templates/optimize_icl.txt",
                  "auto_model/data/train/train.jsonl", "auto_model/data/eval/eval.jsonl",
                  "auto_model/optimized_prompts/candidates/smollm2-135m-instruct.drpo.json",
                  "auto_model/evaluation/templates/judge_regular.txt", "auto_model/evaluation/templates/judge_safety.txt"):
@@ -33,10 +34,10 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
     zipfile.ZipFile(wheel).extractall(target)
     script = (
         "import json, auto_model.artifacts as a, auto_model.retrieval as r, auto_model.trainer.data as d\n"
-        "from auto_model.trainer.judge import template\n"
+        "from auto_model.rewards.judge import template\n"
         "from auto_model.evaluation.runner import judge_template\n"
         "print(json.dumps([a.__file__, len(r.load_icl_pool()), sorted(x.model_id for x in a.packaged_artifacts()),\n"
-        "                  len(d.load_training_queries()), '$answer' in template('eval').template\n"
+        "                  len(d.load_training_queries()), '$answer' in template('eval').template and '$query' in template('metrics').template\n"
         "                  and all('$form' in judge_template(k).template for k in ('regular', 'safety'))]))"
     )
     # Run from an empty folder with only the unpacked wheel on the path: no source tree to fall back on.

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
-from auto_model.resolve import PackagedModel, _packaged_source, find_packaged, normalize_name, resolve_model
+from auto_model.resolve import (
+    PackagedModel,
+    _packaged_source,
+    find_packaged,
+    normalize_name,
+    resolve_model,
+)
 
 
 def test_embedded_default_resolves_to_packaged_gguf_without_importing_its_package():

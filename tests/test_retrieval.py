@@ -258,8 +258,7 @@ def test_32_concurrent_first_calls_embed_the_pool_once(monkeypatch, tmp_path, em
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from auto_model import AutoModel
-    from auto_model import retrieval
+    from auto_model import AutoModel, retrieval
 
     monkeypatch.setenv("AUTO_MODEL_CACHE", str(tmp_path))  # no cached pool embeddings
     batches: list[int] = []

@@ -13,7 +13,7 @@ import pytest
 
 from auto_model.backends.base import Completion, GenerationRequest, SamplingParams
 from auto_model.options import GenerationOptions
-from auto_model.trainer.llm import RequestCache, Role, RoleUsage, Usage
+from auto_model.rewards.requests import RequestCache, Role, RoleUsage, Usage
 
 
 class FakeEngineModel:

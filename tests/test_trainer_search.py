@@ -13,9 +13,10 @@ import re
 import pytest
 
 from auto_model.backends.base import Completion
+from auto_model.errors import InvalidRequestError
 from auto_model.retrieval import load_icl_pool
-from auto_model.trainer.data import CATEGORIES, load_training_queries, sample_training_queries
-from auto_model.trainer.judge import (
+from auto_model.rewards.base import Reward, RewardItem, Score
+from auto_model.rewards.judge import (
     FALLBACK_ASPECTS,
     Judge,
     ReplyError,
@@ -23,7 +24,17 @@ from auto_model.trainer.judge import (
     parse_aspects,
     parse_scores,
 )
-from auto_model.trainer.search import BeamSearch, SearchConfig, action_seed, parse_prompt_reply
+from auto_model.trainer.data import (
+    CATEGORIES,
+    load_training_queries,
+    sample_training_queries,
+)
+from auto_model.trainer.search import (
+    BeamSearch,
+    SearchConfig,
+    action_seed,
+    parse_prompt_reply,
+)
 
 
 class ScriptedRole:
@@ -71,7 +82,7 @@ def make_search(tmp_path, *, depth=3, beam_size=2, n_actions=2, max_depth_increa
         return f"<prompt>\n{current} then v{min(int(quality(current)) + calls[p], 5)}\n</prompt>"
 
     optimizer_role = ScriptedRole(optimizer or default_optimizer)
-    judge = Judge(metrics, evaluator, metrics_cache_path=tmp_path / "metrics.json")
+    judge = Judge(evaluator, metrics=metrics, metrics_cache_path=tmp_path / "metrics.json")
     config = SearchConfig(depth=depth, beam_size=beam_size, n_actions=n_actions, max_depth_increase=max_depth_increase, seed=1)
     queries = queries or [f"query {i}" for i in range(8)]
     search = BeamSearch(base, optimizer_role, judge, config, queries, "start v1", tmp_path / "ckpt.json")
@@ -132,7 +143,7 @@ def test_an_evaluation_that_never_parses_is_a_recorded_failure_not_a_score(tmp_p
 
 def test_failed_aspect_selection_uses_the_fallback_and_is_recorded(tmp_path):
     metrics = ScriptedRole(lambda p, s: "I think it depends.")
-    judge = Judge(metrics, ScriptedRole(lambda p, s: score_reply({a: 3 for a in FALLBACK_ASPECTS})))
+    judge = Judge(ScriptedRole(lambda p, s: score_reply({a: 3 for a in FALLBACK_ASPECTS})), metrics=metrics)
     [(aspects, failed)] = judge.select_aspects(["How do I tie a tie?"])
     assert failed and aspects == list(FALLBACK_ASPECTS) and len(metrics.asked) == 3
     assert judge.failures[0]["role"] == "metrics"
@@ -140,11 +151,11 @@ def test_failed_aspect_selection_uses_the_fallback_and_is_recorded(tmp_path):
 
 def test_aspect_choices_are_cached_per_query(tmp_path):
     metrics = ScriptedRole(lambda p, s: '["Clarity", "Depth"]')
-    judge = Judge(metrics, ScriptedRole(lambda p, s: ""), metrics_cache_path=tmp_path / "m.json")
+    judge = Judge(ScriptedRole(lambda p, s: ""), metrics=metrics, metrics_cache_path=tmp_path / "m.json")
     judge.select_aspects(["q1", "q2", "q1"])
     judge.select_aspects(["q1"])
     assert len(metrics.asked) == 2
-    again = Judge(ScriptedRole(lambda p, s: "unused"), None, metrics_cache_path=tmp_path / "m.json")
+    again = Judge(None, metrics=ScriptedRole(lambda p, s: "unused"), metrics_cache_path=tmp_path / "m.json")
     assert again.select_aspects(["q2"]) == [(["Clarity", "Depth"], False)]
 
 
@@ -224,6 +235,28 @@ def test_training_data_is_sampled_reproducibly_and_is_disjoint_from_the_pool():
     assert len(sample_training_queries(rows, 500, seed=1)) == 180
 
 
+def test_the_llm_judge_is_a_reward_scoring_items_with_or_without_aspects():
+    metrics = ScriptedRole(lambda p, s: '["Clarity", "Depth"]')
+    evaluator = ScriptedRole(lambda p, s: score_reply({a: 4 for a in re.findall(r"^- ([A-Za-z-]+):", p, re.M)}))
+    judge = Judge(evaluator, metrics=metrics)
+    assert isinstance(judge, Reward)
+    chosen, given = judge.score([RewardItem("q1", "a1"), RewardItem("q2", "a2", ("safety", "helpfulness"))])
+    assert isinstance(chosen, Score) and chosen.values == {"Clarity": 4.0, "Depth": 4.0}
+    assert given.values == {"Safety": 4.0, "Helpfulness": 4.0} and given.rationales["Safety"] == "Safety is fine"
+    assert len(metrics.asked) == 1  # only the item without aspects needed the metrics model
+    # A judge without a metrics model scores items that name their aspects, and says so otherwise.
+    alone = Judge(evaluator)
+    assert alone.score([RewardItem("q", "a", ("Clarity",))])[0].values == {"Clarity": 4.0}
+    asked = len(evaluator.asked)
+    with pytest.raises(InvalidRequestError, match="no metrics model"):
+        alone.score([RewardItem("q", "a")])
+    with pytest.raises(InvalidRequestError, match=r"items\[1\]: unknown or no aspects \['Vibes'\]"):
+        alone.score([RewardItem("q", "a", ("Clarity",)), RewardItem("q", "a", ("Vibes",))])
+    assert len(evaluator.asked) == asked  # refused before anything was sent
+    failed = Judge(ScriptedRole(lambda p, s: "no idea")).score([RewardItem("q", "a", ("Clarity",))])[0]
+    assert failed.values is None and failed.rationales is None and "JSON" in failed.error
+
+
 def test_per_aspect_mode_asks_once_per_aspect_and_needs_every_one(tmp_path):
     def reply(prompt, seed):
         aspect = re.search(r'\{\n "([A-Za-z-]+)": \{"rationale"', prompt).group(1)
@@ -232,7 +265,7 @@ def test_per_aspect_mode_asks_once_per_aspect_and_needs_every_one(tmp_path):
         return score_reply({aspect: 4 if aspect == "Helpfulness" else 2})
 
     evaluator = ScriptedRole(reply)
-    judge = Judge(ScriptedRole(lambda p, s: '["Helpfulness", "Safety"]'), evaluator, per_aspect=True)
+    judge = Judge(evaluator, metrics=ScriptedRole(lambda p, s: '["Helpfulness", "Safety"]'), per_aspect=True)
     good, bad = judge.evaluate([("q", "good answer"), ("q", "bad answer")])
     assert good.scores == {"Helpfulness": {"rationale": "Helpfulness is fine", "score": 4.0},
                            "Safety": {"rationale": "Safety is fine", "score": 2.0}} and good.reward == 3.0
@@ -241,7 +274,7 @@ def test_per_aspect_mode_asks_once_per_aspect_and_needs_every_one(tmp_path):
 
 
 def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefill():
-    from auto_model.trainer.judge import aspects_schema, scores_schema
+    from auto_model.rewards.judge import aspects_schema, scores_schema
 
     class Recording(ScriptedRole):
         def ask(self, prompts, options, seeds=None, prefill=None):
@@ -250,7 +283,7 @@ def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefil
 
     metrics = Recording(lambda p, s: '["Helpfulness", "Safety"]' if "first" in p else '["Clarity", "Depth", "Safety"]')
     evaluator = Recording(lambda p, s: score_reply({a: 3 for a in re.findall(r"^- ([A-Za-z-]+):", p, re.M)}))
-    judge = Judge(metrics, evaluator, json_schema=True)
+    judge = Judge(evaluator, metrics=metrics, json_schema=True)
     first, second = judge.evaluate([("first q", "a"), ("second q", "b")])
     assert first.reward == 3.0 and second.aspects == ["Clarity", "Depth", "Safety"]
     [(sampling, prefill)] = metrics.calls
@@ -262,13 +295,13 @@ def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefil
     assert sampling[0].json_schema["properties"]["Safety"]["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
     # Without it, replies start from a prefill and carry no schema.
     plain = Recording(lambda p, s: score_reply({"Helpfulness": 3, "Safety": 3}))
-    Judge(metrics, plain).score([("q", "a", ["Helpfulness", "Safety"])])
+    Judge(plain, metrics=metrics).score([RewardItem("q", "a", ("Helpfulness", "Safety"))])
     [(sampling, prefill)] = plain.calls
     assert sampling.json_schema is None and prefill[0].startswith('{\n "Helpfulness"')
 
 
 def test_a_constrained_metrics_reply_is_read_from_its_object():
-    from auto_model.trainer.judge import aspects_schema
+    from auto_model.rewards.judge import aspects_schema
 
     assert aspects_schema()["type"] == "object"
     assert parse_aspects('{"aspects": ["Safety", "Helpfulness", "Safety"]}') == ["Safety", "Helpfulness"]

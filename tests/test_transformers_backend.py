@@ -12,7 +12,11 @@ from auto_model.backends import (
     resolve_backend_name,
 )
 from auto_model.backends.base import Completion, encode_prompt
-from auto_model.errors import InvalidRequestError, MissingDependencyError, UnknownBackendError
+from auto_model.errors import (
+    InvalidRequestError,
+    MissingDependencyError,
+    UnknownBackendError,
+)
 from auto_model.resolve import resolve_model
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
@@ -174,8 +178,8 @@ def test_base_model_gets_base_format(cache_dir):
 
 
 def test_a_json_schema_is_refused_alone_and_a_constrained_judge_is_refused_up_front(smol, tmp_path):
-    from auto_model.trainer.judge import Judge
-    from auto_model.trainer.llm import RequestCache, Role, Usage
+    from auto_model.rewards.judge import Judge
+    from auto_model.rewards.requests import RequestCache, Role, Usage
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     prompt = _chat(smol, "What is 3 times 7?")
@@ -185,4 +189,4 @@ def test_a_json_schema_is_refused_alone_and_a_constrained_judge_is_refused_up_fr
     assert isinstance(plain, Completion) and plain.text.strip()
     role = Role("eval", smol, RequestCache(tmp_path / "c.sqlite"), Usage())
     with pytest.raises(InvalidRequestError, match="the eval model runs on transformers"):
-        Judge(None, role, json_schema=True)
+        Judge(role, json_schema=True)

@@ -233,7 +233,11 @@ def test_cpu_flags_and_auto_dtype_on_cpus():
 
 
 def test_cpu_kv_cache_is_sized_from_the_model_not_the_ram(smol_folder):
-    from auto_model.backends.vllm import CPU_KV_CACHE_CAP, cpu_kv_cache_bytes, model_kv_cache_bytes
+    from auto_model.backends.vllm import (
+        CPU_KV_CACHE_CAP,
+        cpu_kv_cache_bytes,
+        model_kv_cache_bytes,
+    )
 
     # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims, keys and values.
     per_token_fp32 = 2 * 30 * 3 * 64 * 4
@@ -313,8 +317,8 @@ def test_an_explicit_kv_cache_size_wins(smol_vllm, monkeypatch):
 
 
 def test_json_schema_constrains_the_answer_and_makes_every_judge_reply_readable(smol_vllm, tmp_path):
-    from auto_model.trainer.judge import RATIONALE_MAX_CHARS, Judge, scores_schema
-    from auto_model.trainer.llm import RequestCache, Role, Usage
+    from auto_model.rewards.judge import RATIONALE_MAX_CHARS, Judge, scores_schema
+    from auto_model.rewards.requests import RequestCache, Role, Usage
 
     aspects = ["Helpfulness", "Safety"]
     prompt = "Rate the answer 'Paris' to 'What is the capital of France?' on helpfulness and safety, 1 to 5."
@@ -329,7 +333,7 @@ def test_json_schema_constrains_the_answer_and_makes_every_judge_reply_readable(
     answers = [smol_vllm.generate(queries[0], temperature=0, max_new_tokens=32)]
     usage, cache = Usage(), RequestCache(tmp_path / "requests.sqlite")
     metrics, evaluator = (Role(name, smol_vllm, cache, usage) for name in ("metrics", "eval"))
-    judge = Judge(metrics, evaluator, per_aspect=True, json_schema=True, max_new_tokens=96)
+    judge = Judge(evaluator, metrics=metrics, per_aspect=True, json_schema=True, max_new_tokens=96)
     evaluations = judge.evaluate(list(zip(queries, answers)))
     assert [e.failed or e.aspects_failed for e in evaluations] == [False] and judge.failures == []
     assert usage.roles["metrics"].calls == 1 and usage.roles["eval"].calls == sum(len(e.aspects) for e in evaluations)

@@ -9,7 +9,12 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
-from auto_model.backends.base import Backend, Completion, GenerationRequest, SamplingParams
+from auto_model.backends.base import (
+    Backend,
+    Completion,
+    GenerationRequest,
+    SamplingParams,
+)
 from auto_model.errors import MissingDependencyError, UnknownBackendError
 
 

@@ -31,7 +31,12 @@ from auto_model.backends.base import (
     dtype_name,
     encode_prompt,
 )
-from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from auto_model.errors import (
+    GenerationError,
+    InvalidRequestError,
+    MissingDependencyError,
+    ModelNotFoundError,
+)
 from auto_model.logs import engine_progress_bars
 from auto_model.resolve import ModelSource, gguf_special_token_flags, materialize_gguf
 

@@ -12,7 +12,6 @@ server and use the ``openai`` backend.
 from __future__ import annotations
 
 import importlib
-
 import logging
 import numbers
 import os
@@ -36,8 +35,19 @@ from auto_model.backends.base import (
     dtype_name,
     encode_prompt,
 )
-from auto_model.errors import GenerationError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
-from auto_model.logs import drop_records, engine_progress_bars, quiet, tame_vllm_logging, user_configured_vllm_logging
+from auto_model.errors import (
+    GenerationError,
+    InvalidRequestError,
+    MissingDependencyError,
+    ModelNotFoundError,
+)
+from auto_model.logs import (
+    drop_records,
+    engine_progress_bars,
+    quiet,
+    tame_vllm_logging,
+    user_configured_vllm_logging,
+)
 from auto_model.resolve import ModelSource, materialize_gguf
 
 logger = logging.getLogger(__name__)

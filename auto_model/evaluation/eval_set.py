@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from auto_model.files import read_query_rows
 from auto_model.errors import ArtifactError
+from auto_model.files import read_query_rows
 
 KINDS = ("regular", "safety")
 

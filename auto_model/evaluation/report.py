@@ -25,8 +25,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, Sequence
 
-from auto_model.files import atomic_write_text
 from auto_model.evaluation.runner import REGULAR_ASPECTS, SAFETY_ASPECTS, EvalRun
+from auto_model.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -18,15 +18,21 @@ from pathlib import Path
 from string import Template
 from typing import Any, Callable, Sequence
 
-from auto_model.files import read_config_file
 from auto_model.artifacts import load_prompt_artifact
 from auto_model.backends.base import Completion
-from auto_model.options import GenerationOptions
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation.eval_set import EvalItem
-from auto_model.evaluation.proxies import ended_cleanly, length_words, refusal_kind, repetition
-from auto_model.trainer.judge import Judge
-from auto_model.trainer.llm import RequestCache, Role, RoleUsage, Usage
+from auto_model.evaluation.proxies import (
+    ended_cleanly,
+    length_words,
+    refusal_kind,
+    repetition,
+)
+from auto_model.files import read_config_file
+from auto_model.options import GenerationOptions
+from auto_model.rewards.base import RewardItem
+from auto_model.rewards.judge import Judge
+from auto_model.rewards.requests import RequestCache, Role, RoleUsage, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -301,14 +307,14 @@ def run_evaluation(
 
 
 def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress: Callable[[str], None]) -> None:
-    judge = Judge(None, role, attempts=settings.attempts, max_new_tokens=settings.max_new_tokens, per_aspect=settings.per_aspect,
-                  json_schema=settings.json_schema)
     for kind, aspects in (("regular", REGULAR_ASPECTS), ("safety", SAFETY_ASPECTS)):
         todo = [a for a in answers if a.item.kind == kind and a.text is not None]
         if not todo:
             continue
+        judge = Judge(role, prompt=judge_template(kind), attempts=settings.attempts, max_new_tokens=settings.max_new_tokens,
+                      per_aspect=settings.per_aspect, json_schema=settings.json_schema)
         t0 = time.perf_counter()
-        evaluations = judge.score([(a.item.query, a.text, aspects) for a in todo], judge_template(kind))
+        evaluations = judge.score([RewardItem(a.item.query, a.text, tuple(aspects)) for a in todo])
         for answer, evaluation in zip(todo, evaluations):
             answer.judgement = {"scores": evaluation.scores, "error": evaluation.error,
                                 "attempts": evaluation.attempts, "replies": evaluation.replies}

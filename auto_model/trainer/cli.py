@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model import constants
-from auto_model.files import atomic_write_text, read_config_file
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 from auto_model.errors import AutoModelError, InvalidRequestError
+from auto_model.files import atomic_write_text, read_config_file
 
 logger = logging.getLogger("auto_model.trainer")
 
@@ -180,7 +180,7 @@ def planned_calls(args: argparse.Namespace, command: str, pool_size: int = 0) ->
 def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, Any]:
     from auto_model import AutoModel
     from auto_model.backends import resolve_backend_name
-    from auto_model.trainer.llm import Role
+    from auto_model.rewards.requests import Role
 
     models: dict[tuple[str, str], Any] = {}
     names = {"base": args.base_model_name, "metrics": args.metrics_model_name,
@@ -222,8 +222,14 @@ def _setup_logging(args: argparse.Namespace) -> list[logging.Handler]:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    from auto_model.trainer.judge import Judge
-    from auto_model.trainer.llm import BudgetExhausted, RequestCache, Usage
+    from auto_model.rewards.judge import Judge
+    from auto_model.rewards.requests import (
+        BudgetExhausted,
+        RequestCache,
+        RoleUsage,
+        Usage,
+    )
+    from auto_model.trainer.search import ROLES
 
     log_dir = Path(args.log_dir)
     out_dir = log_dir / "algo_output"
@@ -245,13 +251,13 @@ def run(command: str, args: argparse.Namespace) -> int:
     atomic_write_text(log_dir / "args.txt", json.dumps({"command": command, **redacted(args)}, indent=2) + "\n")
     started = time.perf_counter()
     cache = RequestCache(log_dir / "cache" / "requests.sqlite")
-    usage = Usage(max_calls=args.max_calls)
+    usage = Usage(roles={r: RoleUsage() for r in ROLES}, max_calls=args.max_calls)
     usage_path = out_dir / "usage.json"
     if args.resume and usage_path.exists():  # totals are for the whole run, across resumes
         usage.load(json.loads(usage_path.read_text(encoding="utf-8"))["run"])
     try:
         roles = build_roles(args, cache, usage)
-        judge = Judge(roles["metrics"], roles["eval"], metrics_cache_path=args.metrics_cache_path,
+        judge = Judge(roles["eval"], roles["metrics"], metrics_cache_path=args.metrics_cache_path,
                       max_new_tokens=args.judge_max_new_tokens, per_aspect=args.eval_per_aspect,
                       json_schema=args.judge_json_schema)
         if command == "icl":

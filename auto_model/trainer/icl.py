@@ -19,8 +19,8 @@ from auto_model.backends.base import Completion
 from auto_model.options import GenerationOptions
 from auto_model.prompting import format_answer, strip_markers
 from auto_model.retrieval import ICLExample, save_icl_pool
-from auto_model.trainer.judge import Evaluation, Judge, template
-from auto_model.trainer.search import action_seed, parse_prompt_reply
+from auto_model.rewards.judge import Evaluation, Judge
+from auto_model.trainer.search import action_seed, parse_prompt_reply, template
 
 logger = logging.getLogger(__name__)
 

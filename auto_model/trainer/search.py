@@ -26,15 +26,25 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import Any, Callable, Sequence
 
-from auto_model.files import atomic_write_text
 from auto_model.backends.base import Completion
+from auto_model.files import atomic_write_text
 from auto_model.options import GenerationOptions
-from auto_model.trainer.judge import Evaluation, Judge, template
+from auto_model.rewards.judge import Evaluation, Judge
 
 logger = logging.getLogger(__name__)
+
+#: The trainer's model roles (each a :class:`~auto_model.rewards.requests.Role`; one model may fill several).
+ROLES = ("base", "metrics", "eval", "optimize")
+
+
+def template(name: str) -> Template:
+    """An optimizer meta-prompt from ``auto_model/trainer/templates`` (``$name`` placeholders)."""
+    return Template(resources.files("auto_model.trainer").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8"))
 
 CHECKPOINT_FORMAT = "auto_model.drpo_checkpoint/v1"
 
@@ -90,7 +100,7 @@ def action_seed(seed: int, node_id: int, action: int) -> int:
 
 
 class BeamSearch:
-    """The search. ``base``/``optimizer`` are :class:`~auto_model.trainer.llm.Role` objects."""
+    """The search. ``base``/``optimizer`` are :class:`~auto_model.rewards.requests.Role` objects."""
 
     def __init__(self, base: Any, optimizer: Any, judge: Judge, config: SearchConfig, queries: Sequence[str],
                  initial_prompt: str, checkpoint_path: str | Path, *, progress: Callable[[str], None] | None = None):

@@ -1,4 +1,5 @@
-"""Every LLM request of a training run goes through here: an on-disk cache, a call budget, usage.
+"""LLM requests for tools built on the SDK (the trainer, the evaluation, the judge): an on-disk
+cache, a call budget and usage per role.
 
 The cache is keyed by the full request (model, backend, the exact assembled prompt, every sampling
 parameter), so rerunning or resuming a run never pays twice for the same request. It is a SQLite
@@ -17,10 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auto_model.backends.base import Completion, GenerationRequest, Outcome
-from auto_model.options import GenerationOptions
 from auto_model.errors import AutoModelError
-
-ROLES = ("base", "metrics", "eval", "optimize")
+from auto_model.options import GenerationOptions
 
 
 class BudgetExhausted(AutoModelError):
@@ -82,7 +81,8 @@ class RoleUsage:
 
 @dataclass
 class Usage:
-    roles: dict[str, RoleUsage] = field(default_factory=lambda: {r: RoleUsage() for r in ROLES})
+    #: per role (a role is counted from its first request; name them here to list them from the start)
+    roles: dict[str, RoleUsage] = field(default_factory=dict)
     max_calls: int | None = None
 
     _start: dict[str, RoleUsage] = field(default_factory=dict)
@@ -90,7 +90,7 @@ class Usage:
     def load(self, saved: dict[str, Any]) -> None:
         """Start from the totals an earlier process of the same run saved (at its last checkpoint)."""
         for name, values in saved.items():
-            if name in self.roles:
+            if name != "total" and isinstance(values, dict):
                 self.roles[name] = RoleUsage(**{k: values[k] for k in asdict(RoleUsage()) if k in values})
         self._start = {name: RoleUsage(**asdict(r)) for name, r in self.roles.items()}
 
@@ -126,7 +126,8 @@ class Usage:
 
 
 class Role:
-    """One model in one role (base, metrics, eval, optimize), with the shared cache and usage."""
+    """One model in one role (the trainer's base, metrics, eval, optimize; the evaluation's answer,
+    judge), with the shared cache and usage."""
 
     #: Requests per engine call by default. Engines that batch (vLLM) report a call's answers only
     #: when it returns, so a killed run loses at most one chunk; large enough to keep the engine busy.
@@ -179,7 +180,7 @@ class Role:
         model_id, backend = self.model.backend.model_id, self.model.backend_name
         keys = [RequestCache.key(model_id, backend, r) for r in requests]
         results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
-        stats = self.usage.roles[self.name]
+        stats = self.usage.roles.setdefault(self.name, RoleUsage())
         stats.cached += sum(r is not None for r in results)
         missing = [i for i, r in enumerate(results) if r is None]
         if not missing:

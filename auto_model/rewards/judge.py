@@ -1,10 +1,11 @@
-"""Dynamic rewards: a metrics model picks the aspects that matter for a query, an eval model scores
-an answer 1-5 on each with a rationale.
+"""The LLM judge, the first :class:`~auto_model.rewards.base.Reward`: a metrics model picks the
+aspects that matter for a query, an eval model scores an answer 1-5 on each with a rationale.
 
 Replies are parsed leniently (code fences, prose around the JSON, single quotes, trailing commas,
 bare numbers, aspect names in any case or spelling of the hyphen) and, when still unreadable,
 asked again with the problem spelled out, up to ``attempts`` times in all. A reply that never
 parses is recorded as a failure: it is never turned into a score, and never read as "already good".
+Every request goes through a :class:`~auto_model.rewards.requests.Role` (cached, counted).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 from string import Template
 from typing import Any, Sequence
 
-from auto_model.files import atomic_write_text
 from auto_model.backends.base import Completion
-from auto_model.options import GenerationOptions
 from auto_model.errors import InvalidRequestError
+from auto_model.files import atomic_write_text
+from auto_model.options import GenerationOptions
+from auto_model.rewards.base import RewardItem
 
 ASPECTS: dict[str, str] = {
     "Helpfulness": "answers the question that was actually asked and meets the user's real need",
@@ -71,8 +73,9 @@ class ReplyError(ValueError):
 
 
 def template(name: str) -> Template:
-    """A meta-prompt template from ``auto_model/trainer/templates`` (``$name`` placeholders)."""
-    return Template(resources.files("auto_model.trainer").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8"))
+    """A judge prompt template from ``auto_model/rewards/templates``: ``metrics`` (``$aspects``,
+    ``$query``) or ``eval`` (``$query``, ``$answer``, ``$aspects``, ``$form``)."""
+    return Template(resources.files("auto_model.rewards").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8"))
 
 
 def _norm(name: str) -> str:
@@ -178,6 +181,15 @@ class Evaluation:
         return self.scores is None
 
     @property
+    def values(self) -> dict[str, float] | None:
+        """Aspect -> score (the :class:`~auto_model.rewards.base.Score` interface)."""
+        return None if self.scores is None else {a: s["score"] for a, s in self.scores.items()}
+
+    @property
+    def rationales(self) -> dict[str, str | None] | None:
+        return None if self.scores is None else {a: s["rationale"] or None for a, s in self.scores.items()}
+
+    @property
     def reward(self) -> float | None:
         """Mean score over the selected aspects (None for a failed evaluation)."""
         if self.scores is None:
@@ -203,21 +215,35 @@ def _retry_prompt(prompt: str, reply: str, error: str, form: str) -> str:
 
 
 class Judge:
-    """Aspect selection (cached per query) and scoring, with repair and bounded retries."""
+    """The LLM judge: aspect selection (cached per query) and scoring, with repair and bounded retries.
 
-    def __init__(self, metrics: Any, evaluator: Any, *, metrics_cache_path: str | Path | None = None,
-                 attempts: int = 3, max_new_tokens: int = 512, per_aspect: bool = False, json_schema: bool = False):
+    Args:
+        evaluator: the role (:class:`~auto_model.rewards.requests.Role`) that scores answers.
+        metrics: the role that picks the aspects for items that name none; without it, every item
+            must name its aspects.
+        prompt: the scoring template (``$query``, ``$answer``, ``$aspects``, ``$form``); default
+            the packaged ``eval`` template.
+        metrics_cache_path: a JSON file keeping the aspects chosen per query across runs.
+        attempts: asks per reply, retries included.
+        max_new_tokens: the longest reply.
+        per_aspect: one request per aspect (for small judges that lose the thread in a
+            multi-aspect object); an answer is scored only if every aspect is.
+        json_schema: constrain every reply to its JSON schema instead of starting it with a
+            prefill (engines that constrain decoding: vllm, openai).
+    """
+
+    def __init__(self, evaluator: Any, metrics: Any = None, *, prompt: Template | None = None,
+                 metrics_cache_path: str | Path | None = None, attempts: int = 3, max_new_tokens: int = 512,
+                 per_aspect: bool = False, json_schema: bool = False):
         self.metrics, self.evaluator = metrics, evaluator
+        self.prompt = prompt or template("eval")
         self.attempts = attempts
-        #: one request per aspect (a one-entry JSON object each): for small judges that lose the
-        #: thread in a multi-aspect object. An answer is scored only if every aspect is.
         self.per_aspect = per_aspect
-        #: constrain every reply to its JSON schema (``aspects_schema``, ``scores_schema``) instead of
-        #: starting it with a prefill: the engine can then only write a readable reply. Needs
-        #: engines that constrain decoding (vllm, openai).
         self.json_schema = json_schema
         if json_schema:
             for role in (metrics, evaluator):
+                if role is None:
+                    continue
                 backend = getattr(getattr(role, "model", None), "backend", None)
                 if backend is not None and not backend.supports_json_schema:
                     raise InvalidRequestError(
@@ -276,6 +302,8 @@ class Judge:
 
     def select_aspects(self, queries: Sequence[str]) -> list[tuple[list[str], bool]]:
         """(aspects, failed) per query; failures get FALLBACK_ASPECTS and are recorded."""
+        if self.metrics is None and any(q not in self.aspect_cache for q in queries):
+            raise InvalidRequestError("This judge has no metrics model to choose aspects: give every RewardItem its aspects.")
         todo = sorted({q for q in queries if q not in self.aspect_cache})
         failed: set[str] = set()
         if todo:
@@ -295,20 +323,37 @@ class Judge:
         return [(list(FALLBACK_ASPECTS), True) if q in failed else (self.aspect_cache[q], False) for q in queries]
 
     def evaluate(self, items: Sequence[tuple[str, str]]) -> list[Evaluation]:
-        """Score (query, answer) pairs on the aspects chosen for each query, all in one batch per attempt."""
-        chosen = self.select_aspects([q for q, _ in items])
-        evaluations = self.score([(q, a, aspects) for (q, a), (aspects, _) in zip(items, chosen)])
-        for evaluation, (_, aspects_failed) in zip(evaluations, chosen):
-            evaluation.aspects_failed = aspects_failed
+        """Score (query, answer) pairs on the aspects the metrics model chooses for each query."""
+        return self.score([RewardItem(q, a) for q, a in items])
+
+    def score(self, items: Sequence[RewardItem]) -> list[Evaluation]:
+        """The :class:`~auto_model.rewards.base.Reward` interface: one :class:`Evaluation` per item.
+
+        Items without aspects get the ones the metrics model picks for their query (a pick that
+        never parses falls back to ``FALLBACK_ASPECTS``, flagged ``aspects_failed``). All items are
+        scored in one batch per attempt.
+        """
+        items = list(items)
+        chosen: list[tuple[list[str], bool] | None] = [None] * len(items)
+        for i, item in enumerate(items):  # every item is checked before any request is sent
+            if not isinstance(item, RewardItem):
+                raise InvalidRequestError(f"items[{i}] must be a RewardItem, got {type(item).__name__}.")
+            if item.aspects is not None:
+                known = [canonical_aspect(a) for a in item.aspects]
+                if not item.aspects or None in known:
+                    raise InvalidRequestError(f"items[{i}]: unknown or no aspects {list(item.aspects)!r}; "
+                                              f"choose from {', '.join(ASPECTS)}.")
+                chosen[i] = ([a for a in known if a], False)
+        free = [i for i, pick in enumerate(chosen) if pick is None]
+        for i, pick in zip(free, self.select_aspects([items[i].query for i in free]) if free else []):
+            chosen[i] = pick
+        evaluations = self._score([(item.query, item.answer, pick[0]) for item, pick in zip(items, chosen) if pick])
+        for evaluation, pick in zip(evaluations, chosen):
+            evaluation.aspects_failed = bool(pick and pick[1])
         return evaluations
 
-    def score(self, items: Sequence[tuple[str, str, Sequence[str]]], prompt: Template | None = None) -> list[Evaluation]:
-        """Score (query, answer, aspects) triples, all in one batch per attempt.
-
-        ``prompt`` is the judge template (``$query``, ``$answer``, ``$aspects``, ``$form``); the
-        trainer's ``eval`` template by default.
-        """
-        prompt = prompt or template("eval")
+    def _score(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[Evaluation]:
+        prompt = self.prompt
         # One request per item, or per (item, aspect) in per-aspect mode.
         jobs = [(i, list(aspects) if not self.per_aspect else [a]) for i, (_, _, aspects) in enumerate(items)
                 for a in (list(aspects)[:1] if not self.per_aspect else aspects)]
