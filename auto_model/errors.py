@@ -84,6 +84,11 @@ class MalformedResponseError(GenerationError):
     """A remote engine answered, but not with a response that could be read (e.g. truncated JSON)."""
 
 
+class EngineOutageError(GenerationError):
+    """Every request of a step failed: the engine is down or unreachable. Nothing of the step was
+    saved; a run continues from its last checkpoint (``--resume``) once the engine answers."""
+
+
 class BatchGenerationError(GenerationError):
     """Some requests of a batch failed; nothing that finished is lost.
 

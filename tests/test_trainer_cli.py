@@ -110,6 +110,60 @@ def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_
     assert cache_rows(killed) == cache_rows(whole)
 
 
+@pytest.mark.vllm
+def test_an_engine_outage_stops_the_run_resumable_from_the_last_good_level(vllm_server, tmp_path, capsys):
+    # Every role on a real vLLM OpenAI server; the outage is that server's address going dead.
+    run = tmp_path / "run"
+    remote = [*SMALL, "--backend", "openai", "--is_GPT", "true", "--depth", "3", "--log_dir", str(run)]
+    checkpoint = run / "algo_output" / "checkpoint.json"
+    # Level 1 only (the budget stops the run after it), then the engine goes away.
+    level_one_calls = 1 + 3 + 3  # one base answer, its aspects and its judgement (each up to 3 attempts)
+    assert main([*remote, "--base_url", vllm_server, "--max_calls", str(level_one_calls)]) == 3
+    saved = checkpoint.read_text()
+    assert json.loads(saved)["level"] == 1
+    capsys.readouterr()
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    assert main([*remote, "--base_url", dead, "--resume"]) == 4
+    err = capsys.readouterr().err
+    assert "stopped: Level 2: every base-model request failed" in err and "--resume" in err, err[-2000:]
+    assert checkpoint.read_text() == saved  # the failed level was not saved over the good one
+    tree = json.loads((run / "algo_output" / "output.json").read_text())
+    assert tree["status"] == "stopped" and tree["levels_done"] == 1 and tree["result"]["node"] == 0
+    # The engine is back: the run goes on from level 1 and finishes.
+    assert main([*remote, "--base_url", vllm_server, "--resume"]) == 0
+    tree = json.loads((run / "algo_output" / "output.json").read_text())
+    assert tree["status"] == "finished" and tree["levels_done"] == 3
+    assert all(n["answer"] for n in tree["nodes"])  # no node of the outage was kept
+    assert load_prompt_artifact(run / "algo_output" / "optimized_prompt.json").text == tree["result"]["prompt"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_checkpoint_saved_during_an_outage_by_an_older_version_resumes(finished_run, tmp_path):
+    # Older versions checkpointed a level in which every base request failed: an empty beam that
+    # made --resume fail. Such a checkpoint is rolled back to the last level with answers.
+    from auto_model.trainer.search import BeamSearch, SearchConfig
+
+    state = json.loads((finished_run / "algo_output" / "checkpoint.json").read_text())
+    broken = dict(state, level=2, beam=[], finished=[],
+                  nodes=[n for n in state["nodes"] if n["level"] == 0]
+                  + [dict(n, answer=None, error="the base model failed: connection refused", path_rewards=[])
+                     for n in state["nodes"] if n["level"] == 1])
+    path = tmp_path / "checkpoint.json"
+    path.write_text(json.dumps(broken))
+    config = SearchConfig(**state["config"])
+    search = BeamSearch(None, None, None, config, state["queries"], state["initial_prompt"], path)
+    assert search.load()
+    assert (search.level, search.beam, search.finished) == (1, [0], [])
+    assert [n.id for n in search.nodes] == [0] and json.loads(path.read_text())["level"] == 1
+
+
 def test_dry_run_prints_the_plan(capsys):
     assert main(["--depth", "3", "--max_depth_increase", "0", "--beam_size", "2", "--n_actions", "3", "--dry_run"]) == 0
     out = capsys.readouterr().out

@@ -121,6 +121,38 @@ def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tmp_p
     assert answers == smol_vllm.generate(queries, temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
 
+CRASH_SCRIPT = """
+import json
+from auto_model import AutoModel, EngineOutageError
+
+model = AutoModel(backend="vllm", dtype="float32", max_model_len=1024, enforce_eager=True)
+queries = ["Name a fruit.", "Name a colour."]
+before = model.generate(queries, temperature=0, max_new_tokens=4)
+model.backend.llm.llm_engine.engine_core.shutdown()  # the engine dies under the model
+finished = []
+try:
+    model.generate(queries, temperature=0, max_new_tokens=4, return_exceptions=True,
+                   on_completion=lambda i, r: finished.append(i))
+    outcome = "returned"
+except EngineOutageError as exc:
+    outcome = "raised " + type(exc.__cause__).__name__
+print("RESULT " + json.dumps([before, outcome, finished]))
+"""
+
+
+@pytest.mark.vllm
+def test_an_engine_crash_is_raised_not_spread_over_the_requests(tmp_path, fresh_env):
+    # The Backend contract: an error that takes the engine down is raised, even with
+    # return_exceptions=True; it is not reported as if each request had failed on its own.
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], env=fresh_env, capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    before, outcome, finished = json.loads(lines[-1][len("RESULT "):])
+    assert all(before) and outcome.startswith("raised ") and finished == []
+
+
 INPROC_SCRIPT = """
 import json, os, sys
 from auto_model import AutoModel

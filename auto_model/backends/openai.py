@@ -181,11 +181,11 @@ class OpenAIBackend(Backend):
             return self.client.post(path, body=args, cast_to=object)
         except openai.AuthenticationError as exc:
             raise AuthenticationError(
-                f"{self._where()} rejected the API key (HTTP 401); check OPENAI_API_KEY or api_key.", status_code=401
+                f"{_capital(self._where())} rejected the API key (HTTP 401); check OPENAI_API_KEY or api_key.", status_code=401
             ) from exc
         except openai.APITimeoutError as exc:
             raise EngineTimeoutError(
-                f"{self._where()} did not answer within timeout={self.timeout:g}s "
+                f"{_capital(self._where())} did not answer within timeout={self.timeout:g}s "
                 f"(after {self.max_retries} retries); raise timeout or max_retries."
             ) from exc
         except openai.APIConnectionError as exc:
@@ -196,14 +196,14 @@ class OpenAIBackend(Backend):
             retried = exc.status_code in (408, 409, 429) or exc.status_code >= 500
             note = f" after {self.max_retries} retries" if retried else ""
             raise EngineHTTPError(
-                f"{self._where()} answered HTTP {exc.status_code}{note}: {_short(exc.message)}",
+                f"{_capital(self._where())} answered HTTP {exc.status_code}{note}: {_short(exc.message)}",
                 status_code=exc.status_code,
             ) from exc
         except ValueError as exc:  # a 200 whose body is not valid JSON (json.JSONDecodeError)
-            raise MalformedResponseError(f"{self._where()} sent a response that is not valid JSON: {exc}") from exc
+            raise MalformedResponseError(f"{_capital(self._where())} sent a response that is not valid JSON: {exc}") from exc
 
-    def _where(self) -> str:
-        return f"The server at {self.base_url}" if self.base_url else "The OpenAI API"
+    def _where(self) -> str:  # in the middle of a sentence; _capital() starts one
+        return f"the server at {self.base_url}" if self.base_url else "the OpenAI API"
 
     def _one(self, request: GenerationRequest) -> Completion:
         kind, args = self._arguments(request)
@@ -229,7 +229,7 @@ class OpenAIBackend(Backend):
                 raise TypeError("unexpected field types")
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise MalformedResponseError(
-                f"{self._where()} sent a response without choices[0] ({type(response).__name__}): {_short(str(response))}"
+                f"{_capital(self._where())} sent a response without choices[0] ({type(response).__name__}): {_short(str(response))}"
             ) from exc
         text, cut = cut_at_stop(text, sampling.stop)
         finish = "length" if reason == "length" and not cut else "content_filter" if reason == "content_filter" else "stop"
@@ -309,3 +309,7 @@ class OpenAIBackend(Backend):
 def _short(text: Any, limit: int = 300) -> str:
     text = str(text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]

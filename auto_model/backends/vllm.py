@@ -36,6 +36,7 @@ from auto_model.backends.base import (
     encode_prompt,
 )
 from auto_model.errors import (
+    EngineOutageError,
     GenerationError,
     InvalidRequestError,
     MissingDependencyError,
@@ -449,15 +450,12 @@ class VLLMBackend(Backend):
             try:
                 with self._lock:
                     outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            except Exception as exc:
-                failure = GenerationError(f"vLLM generation failed: {exc}")
-                failure.__cause__ = exc
-                outputs = [failure] * len(ready)
+            except Exception as exc:  # the engine itself failed: raised (the Backend contract), not one error per request
+                raise EngineOutageError(f"The vLLM engine failed ({type(exc).__name__}: {exc}); no request of this "
+                                        "batch finished. Restart the engine (a new AutoModel) and send them again.") from exc
             latency = time.perf_counter() - t0
             for i, out in zip(ready, outputs):
-                if isinstance(out, BaseException):
-                    results[i] = out
-                elif out.outputs[0].finish_reason == "abort":
+                if out.outputs[0].finish_reason == "abort":
                     results[i] = GenerationError(f"Request {i}: vLLM aborted the request before it finished.")
                 else:
                     results[i] = self._completion(out, requests[i].sampling, latency)

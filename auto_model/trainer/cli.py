@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
-from auto_model.errors import AutoModelError, InvalidRequestError
+from auto_model.errors import AutoModelError, EngineOutageError, InvalidRequestError
 from auto_model.files import atomic_write_text, read_config_file
 
 logger = logging.getLogger("auto_model.trainer")
@@ -268,6 +268,10 @@ def run(command: str, args: argparse.Namespace) -> int:
         logger.warning("%s", exc)
         print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
         code = 3
+    except EngineOutageError as exc:
+        logger.error("%s", exc)
+        print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
+        code = 4
     finally:
         atomic_write_text(usage_path, json.dumps(usage.snapshot(), indent=2) + "\n")
         print("\nusage of the run (calls sent to engines; cached answers reused):\n" + usage.table(), file=sys.stderr)
@@ -344,7 +348,7 @@ def _write_tree(search: Any, args: argparse.Namespace, judge: Any, usage: Any, o
         best = search.best()
         result = {"node": best.id, "prompt": best.prompt, "path_mean": best.path_mean if best.path_rewards else None,
                   "path": [n.id for n in search.path(best)]}
-    except RuntimeError:
+    except AutoModelError:  # no level finished yet
         result = None
     tree = {
         "format": "auto_model.drpo_run/v1", "status": "finished" if search.done() else "stopped",

@@ -32,6 +32,7 @@ from string import Template
 from typing import Any, Callable, Sequence
 
 from auto_model.backends.base import Completion
+from auto_model.errors import ArtifactError, EngineOutageError
 from auto_model.files import atomic_write_text
 from auto_model.options import GenerationOptions
 from auto_model.rewards.judge import Evaluation, Judge
@@ -140,7 +141,23 @@ class BeamSearch:
             )
         self.nodes = [Node(**n) for n in data["nodes"]]
         self.beam, self.finished, self.level = data["beam"], data["finished"], data["level"]
+        if self.level > 0 and not self.beam and not self.finished:
+            self._roll_back_empty_levels()
         return True
+
+    def _roll_back_empty_levels(self) -> None:
+        """Undo levels in which no candidate was answered (a checkpoint that older versions wrote
+        during an outage): the run goes on from the last level that has answers."""
+        while self.level > 0 and not self.beam and not self.finished:
+            failed = self.level - 1
+            self.nodes = [n for n in self.nodes if n.level < failed]
+            self.level = failed
+            if failed == 0:
+                break
+            self._select([n for n in self.nodes if n.level == failed - 1], failed - 1)
+            logger.warning("Level %d of %s has no answered candidate; continuing from level %d",
+                           failed + 1, self.checkpoint_path, failed)
+        self.save()
 
     # -- the search --------------------------------------------------------------------------
 
@@ -155,7 +172,7 @@ class BeamSearch:
     def best(self) -> Node:
         candidates = self.finished or self.beam
         if not candidates:
-            raise RuntimeError("The search has no candidates yet.")
+            raise ArtifactError("The search has no scored candidate yet: run at least one level.")
         return max((self.nodes[i] for i in candidates), key=lambda n: (n.path_mean, -n.id))
 
     def path(self, node: Node) -> list[Node]:
@@ -184,13 +201,31 @@ class BeamSearch:
             else:
                 node.error = f"the base model failed: {answer}"
         judged = [n for n in proposals if n.answer is not None]
+        if not judged:  # an outage, not a result: the checkpoint keeps the last level that has answers
+            raise EngineOutageError(
+                f"Level {level + 1}: every base-model request failed ({len(proposals)} of {len(proposals)}; {proposals[0].error}). "
+                f"Nothing of this level was saved; continue with --resume once the engine answers."
+            )
         evaluations = self.judge.evaluate([(query, n.answer or "") for n in judged])
+        if all(e.failed and not e.replies for e in evaluations):  # the judge never replied at all
+            raise EngineOutageError(
+                f"Level {level + 1}: every judge request failed ({evaluations[0].error}). Nothing of this level "
+                f"was saved; continue with --resume once the judge's engine answers."
+            )
         for node, evaluation in zip(judged, evaluations):
             self._score(node, evaluation)
         for node in proposals:
             if node.answer is None:
                 node.path_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
         self.nodes.extend(proposals)
+        self.level = level + 1
+        best = self._select(proposals, level)
+        self.progress(f"level {level + 1}: {len(proposals)} candidates, best path mean {best.path_mean:.2f}")
+        self.save()
+
+    def _select(self, proposals: Sequence[Node], level: int) -> Node:
+        """Keep the best answered candidates of a level: in the beam, or finished where their path
+        ends. Returns the best."""
         ranked = sorted((n for n in proposals if n.answer is not None), key=lambda n: (-n.path_mean, n.id))
         keep = ranked[: self.config.beam_size]
         self.beam = []
@@ -199,13 +234,7 @@ class BeamSearch:
                 self.finished.append(node.id)
             else:
                 self.beam.append(node.id)
-        self.level = level + 1
-        best = keep[0] if keep else None
-        self.progress(
-            f"level {level + 1}: {len(proposals)} candidates, best path mean "
-            f"{best.path_mean:.2f}" if best else f"level {level + 1}: no candidate answered"
-        )
-        self.save()
+        return keep[0]
 
     def _score(self, node: Node, evaluation: Evaluation) -> None:
         parent_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
