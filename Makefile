@@ -41,7 +41,11 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 demo: venv
 	@$(BIN)/auto-model generate $(DEMO_QUERIES) $(DEMO_FLAGS)
 
+# Lint, format check and type check first (seconds), then the tests.
 test: venv
+	@$(BIN)/ruff check --quiet auto_model bench tests
+	@$(BIN)/ruff format --check --quiet auto_model bench tests
+	@$(BIN)/mypy --no-error-summary
 	$(BIN)/python -m pytest
 
 # Benchmarks (not part of `make test`): about 40 minutes on 2 CPU cores; rewrites BENCHMARKS.md.

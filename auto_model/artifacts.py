@@ -113,7 +113,9 @@ def load_prompt_artifact(path: str | os.PathLike[str]) -> PromptArtifact:
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ArtifactError(f"Prompt file {path} does not exist; pass prompt_path= an existing .json or .txt file.") from exc
+        raise ArtifactError(
+            f"Prompt file {path} does not exist; pass prompt_path= an existing .json or .txt file."
+        ) from exc
     if path.suffix.lower() != ".json":
         if not raw.strip():
             raise ArtifactError(f"Prompt file {path} is empty.")
@@ -138,7 +140,9 @@ def packaged_artifacts() -> list[PromptArtifact]:
     found = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
-            found.append(parse_prompt_artifact(json.loads(entry.read_text(encoding="utf-8")), f"optimized_prompts/{entry.name}"))
+            found.append(
+                parse_prompt_artifact(json.loads(entry.read_text(encoding="utf-8")), f"optimized_prompts/{entry.name}")
+            )
     return found
 
 
@@ -146,7 +150,9 @@ def default_artifact(artifacts: list[PromptArtifact] | None = None) -> PromptArt
     for artifact in artifacts if artifacts is not None else packaged_artifacts():
         if artifact.model_id == DEFAULT_ARTIFACT_ID:
             return artifact
-    raise ArtifactError("The packaged default prompt (optimized_prompts/default.json) is missing; reinstall auto-model.")
+    raise ArtifactError(
+        "The packaged default prompt (optimized_prompts/default.json) is missing; reinstall auto-model."
+    )
 
 
 def find_prompt_artifact(model_name: str, artifacts: list[PromptArtifact] | None = None) -> PromptArtifact | None:

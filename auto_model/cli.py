@@ -12,8 +12,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from auto_model import constants
 from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError
@@ -24,20 +25,37 @@ logger = logging.getLogger("auto_model.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="auto-model", description="Aligned answers from any LLM, without fine-tuning.")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log to stderr: -v info (engines included), -vv debug; default: warnings only")
+    parser = argparse.ArgumentParser(
+        prog="auto-model", description="Aligned answers from any LLM, without fine-tuning."
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log to stderr: -v info (engines included), -vv debug; default: warnings only",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="answer queries with the optimized prompt and in-context examples")
     gen.add_argument("queries", nargs="*", metavar="QUERY", help="queries to answer (or use --input)")
-    gen.add_argument("--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})")
-    gen.add_argument("--backend", default="auto",
-                     help="engine: auto, vllm, openai or transformers (auto on a machine without a GPU: see README)")
-    gen.add_argument("--base-url", default=None,
-                     help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (the key comes from OPENAI_API_KEY)")
+    gen.add_argument(
+        "--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})"
+    )
+    gen.add_argument(
+        "--backend",
+        default="auto",
+        help="engine: auto, vllm, openai or transformers (auto on a machine without a GPU: see README)",
+    )
+    gen.add_argument(
+        "--base-url",
+        default=None,
+        help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (the key comes from OPENAI_API_KEY)",
+    )
     gen.add_argument("--system-prompt", default=None, help="your own system prompt (replaces the optimized one)")
     gen.add_argument("--no-optimized-prompt", action="store_true", help="do not inject the optimized system prompt")
-    gen.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (0 disables; default 3)")
+    gen.add_argument(
+        "--icl", type=int, default=3, metavar="N", help="in-context examples to inject (0 disables; default 3)"
+    )
     gen.add_argument("--prompt-path", default=None, help="prompt artifact (.json) or plain-text prompt (.txt)")
     gen.add_argument("--icl-path", default=None, help="ICL pool JSON to retrieve examples from")
     gen.add_argument("--temperature", type=float, default=0.7)
@@ -45,19 +63,31 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=512)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.add_argument("--input", default=None, metavar="FILE.jsonl",
-                     help="queries, one per line: a JSON string or an object with a 'query' field")
-    gen.add_argument("--output", default=None, metavar="FILE.jsonl", help="write answers as JSON lines (default: print)")
-    gen.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="a progress bar on stderr for --input (default: only when stderr is a terminal)")
+    gen.add_argument(
+        "--input",
+        default=None,
+        metavar="FILE.jsonl",
+        help="queries, one per line: a JSON string or an object with a 'query' field",
+    )
+    gen.add_argument(
+        "--output", default=None, metavar="FILE.jsonl", help="write answers as JSON lines (default: print)"
+    )
+    gen.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr for --input (default: only when stderr is a terminal)",
+    )
     return parser
 
 
 def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Queries from a JSONL file, plus one error row per bad line (bad lines never stop the good ones)."""
     try:
-        rows = [{"line": number, **({"error": row["error"]} if "error" in row else {"query": row["query"]})}
-                for number, row in read_query_rows(path, skip_bad=True)]
+        rows = [
+            {"line": number, **({"error": row["error"]} if "error" in row else {"query": row["query"]})}
+            for number, row in read_query_rows(path, skip_bad=True)
+        ]
     except ArtifactError as exc:
         raise InvalidRequestError(f"--input: {exc}") from exc
     return [r["query"] for r in rows if "query" in r], rows
@@ -89,15 +119,29 @@ def _generate(args: argparse.Namespace) -> int:
     if args.icl < 0:
         raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
     options = GenerationOptions(
-        user_specified_system_prompt=args.system_prompt, optimized_prompt=not args.no_optimized_prompt,
-        optimized_icl=args.icl > 0, num_optimized_icl=args.icl, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
+        user_specified_system_prompt=args.system_prompt,
+        optimized_prompt=not args.no_optimized_prompt,
+        optimized_icl=args.icl > 0,
+        num_optimized_icl=args.icl,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
     )
     options.check_pool(len(load_icl_pool(args.icl_path)))
-    backend = choose_cli_backend(args.backend, args.model or constants.default_model(), base_url=args.base_url,
-                                 queries=len(queries), max_new_tokens=args.max_new_tokens)
+    backend = choose_cli_backend(
+        args.backend,
+        args.model or constants.default_model(),
+        base_url=args.base_url,
+        queries=len(queries),
+        max_new_tokens=args.max_new_tokens,
+    )
     model = AutoModel(
-        args.model, dtype=args.dtype, backend=backend, prompt_path=args.prompt_path, icl_path=args.icl_path,
+        args.model,
+        dtype=args.dtype,
+        backend=backend,
+        prompt_path=args.prompt_path,
+        icl_path=args.icl_path,
         **({"base_url": args.base_url} if args.base_url else {}),
     )
     query_rows = [r for r in rows if "query" in r]
@@ -121,8 +165,12 @@ def _generate(args: argparse.Namespace) -> int:
         if isinstance(result, BaseException):  # this query failed; the others go on
             query_rows[i]["error"] = f"{type(result).__name__}: {result}"
         else:
-            query_rows[i].update(answer=result.text, finish_reason=result.finish_reason,
-                                 prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+            query_rows[i].update(
+                answer=result.text,
+                finish_reason=result.finish_reason,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+            )
         if progress is not None:
             progress.update(1)
         if partial is not None:
@@ -142,19 +190,30 @@ def _generate(args: argparse.Namespace) -> int:
             fh.writelines(_jsonl(r) for r in rows)
         failed = sum(1 for r in query_rows if "error" in r)
         notes = [f"{input_errors} bad input lines"] * bool(input_errors) + [f"{failed} failed queries"] * bool(failed)
-        print(f"wrote {len(query_rows) - failed} answers to {output}" + (f" ({', '.join(notes)})" if notes else ""),
-              file=sys.stderr)
+        print(
+            f"wrote {len(query_rows) - failed} answers to {output}" + (f" ({', '.join(notes)})" if notes else ""),
+            file=sys.stderr,
+        )
     else:
         for row in rows:
             if "error" in row:
-                print(f"[line {row['line']}] error: {row['error']}\n" if "line" in row else f">>> {row['query']}\nerror: {row['error']}\n")
+                print(
+                    f"[line {row['line']}] error: {row['error']}\n"
+                    if "line" in row
+                    else f">>> {row['query']}\nerror: {row['error']}\n"
+                )
             else:
                 print(f">>> {row['query']}\n{row['answer']}\n")
     return 1 if any("error" in r for r in rows) else 0
 
 
-def run_reporting_errors(prog: str, body: Callable[[], int], *, expected: tuple[type[BaseException], ...] = (AutoModelError,),
-                         interrupted: str = "interrupted") -> int:
+def run_reporting_errors(
+    prog: str,
+    body: Callable[[], int],
+    *,
+    expected: tuple[type[BaseException], ...] = (AutoModelError,),
+    interrupted: str = "interrupted",
+) -> int:
     """Run a command; known errors print one line and exit 2 (``AUTO_MODEL_DEBUG=1``: the traceback)."""
     debug = constants.debug()
     try:

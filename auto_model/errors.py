@@ -6,7 +6,8 @@ callers who catch the built-in keep working. Messages say what to do about the p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class AutoModelError(Exception):

@@ -32,15 +32,28 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 #: Loggers of the libraries the SDK drives.
-ENGINE_LOGGERS = ("vllm", "transformers", "sentence_transformers", "huggingface_hub", "accelerate", "torch",
-                  "httpx", "openai")
+ENGINE_LOGGERS = (
+    "vllm",
+    "transformers",
+    "sentence_transformers",
+    "huggingface_hub",
+    "accelerate",
+    "torch",
+    "httpx",
+    "openai",
+)
 #: Environment variables through which a user configures vLLM's logging themselves.
-VLLM_LOGGING_VARIABLES = ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM",
-                          "VLLM_LOGGING_CONFIG_PATH")
+VLLM_LOGGING_VARIABLES = (
+    "VLLM_CONFIGURE_LOGGING",
+    "VLLM_LOGGING_LEVEL",
+    "VLLM_LOGGING_STREAM",
+    "VLLM_LOGGING_CONFIG_PATH",
+)
 #: Modules whose ``warnings.warn`` calls a quiet command line hides (engine internals, not the user's code).
 ENGINE_WARNING_MODULES = r"(vllm|transformers|torch|sentence_transformers|huggingface_hub|accelerate|gguf)(\..*)?$"
 
@@ -66,7 +79,7 @@ def user_configured_vllm_logging() -> bool:
     return any(os.environ.get(name) not in (None, "") for name in VLLM_LOGGING_VARIABLES)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each record (as ``logging.lastResort`` does)."""
 
     auto_model = True
@@ -74,7 +87,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, level: int = logging.NOTSET):
         logging.Handler.__init__(self, level)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -109,7 +122,10 @@ def tame_vllm_logging() -> None:
     ours = [h for h in logger.handlers if getattr(h, "auto_model", False)]
     if not ours:
         for handler in list(logger.handlers):  # vLLM's own, if it configured itself already
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+                sys.stdout,
+                sys.stderr,
+            ):
                 logger.removeHandler(handler)
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -152,7 +168,8 @@ def drop_records(logger_name: str, *fragments: str) -> Iterator[None]:
     # every descendant that exists now, and on the handlers records reach (the logger's and the
     # root's, for descendants created meanwhile); it passes every other logger's records.
     loggers = [top] + [
-        item for name, item in list(logging.Logger.manager.loggerDict.items())
+        item
+        for name, item in list(logging.Logger.manager.loggerDict.items())
         if name.startswith(logger_name + ".") and isinstance(item, logging.Logger)
     ]
     filterers: list[logging.Filterer] = [*loggers, *top.handlers, *logging.getLogger().handlers]
@@ -192,7 +209,7 @@ def engine_progress_bars(enabled: bool | None = None) -> Iterator[None]:
 
             bar = getattr(gguf_reader, "tqdm", None)
             if bar is not None and not isinstance(bar, functools.partial):
-                gguf_reader.tqdm = functools.partial(bar, disable=True)  # type: ignore[attr-defined]
+                gguf_reader.tqdm = functools.partial(bar, disable=True)
                 restore.append(functools.partial(setattr, gguf_reader, "tqdm", bar))
         except ImportError:
             pass

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, prompt_for_model
@@ -36,7 +37,14 @@ from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoModel", "GenerationOptions", "GenerationResult", "ResultCallback", "DEFAULT_MODEL", "DEFAULT_EMBEDDING_MODEL"]
+__all__ = [
+    "AutoModel",
+    "GenerationOptions",
+    "GenerationResult",
+    "ResultCallback",
+    "DEFAULT_MODEL",
+    "DEFAULT_EMBEDDING_MODEL",
+]
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,9 @@ class AutoModel:
         **engine_kwargs: Any,
     ):
         self.model_name = model_name or constants.default_model()
-        self.backend_name = resolve_backend_name(backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url)
+        self.backend_name = resolve_backend_name(
+            backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url
+        )
         backend_cls = get_backend_class(self.backend_name)
         # The model, the artifacts and the pool are checked before the (slow) engine load, so a
         # wrong name or a bad file fails in about a second.
@@ -142,13 +152,22 @@ class AutoModel:
         self._retriever: ICLRetriever | None = None
         self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
         if backend_cls.remote:
-            local = {"num_gpus": (num_gpus, 1), "cuda_visible_devices": (cuda_visible_devices, None), "dtype": (dtype, "auto"),
-                     "gpu_memory_utilization": (gpu_memory_utilization, 0.9), "max_model_len": (max_model_len, None)}
+            local = {
+                "num_gpus": (num_gpus, 1),
+                "cuda_visible_devices": (cuda_visible_devices, None),
+                "dtype": (dtype, "auto"),
+                "gpu_memory_utilization": (gpu_memory_utilization, 0.9),
+                "max_model_len": (max_model_len, None),
+            }
             ignored = {k: v for k, (v, default) in local.items() if v != default}
             if ignored:
                 logger.debug("%s is served remotely: local engine arguments %s are ignored", self.model_name, ignored)
             self.backend: Backend = backend_cls(
-                self.model_name, base_url=base_url, api_key=api_key, timeout=timeout, prompt_format=prompt_format,
+                self.model_name,
+                base_url=base_url,
+                api_key=api_key,
+                timeout=timeout,
+                prompt_format=prompt_format,
                 **engine_kwargs,
             )
         else:
@@ -198,7 +217,9 @@ class AutoModel:
         """``"chat"`` or ``"base"``: how prompts are assembled for this model."""
         return self.backend.prompt_style
 
-    def system_prompt(self, user_specified_system_prompt: str | None = None, optimized_prompt: bool = True) -> str | None:
+    def system_prompt(
+        self, user_specified_system_prompt: str | None = None, optimized_prompt: bool = True
+    ) -> str | None:
         """The system prompt a request gets: the user's if given, else the optimized one if enabled."""
         if user_specified_system_prompt is not None:
             if not isinstance(user_specified_system_prompt, str):
@@ -224,9 +245,13 @@ class AutoModel:
     ) -> AssembledPrompt | list[AssembledPrompt]:
         """The exact prompt(s) :meth:`generate` would send to the engine, without generating."""
         single, queries = parse_queries(user_query)
-        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
-                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
-                           num_optimized_icl=num_optimized_icl)
+        options = _options(
+            options,
+            user_specified_system_prompt=user_specified_system_prompt,
+            optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl,
+            num_optimized_icl=num_optimized_icl,
+        )
         prompts = self._assemble(queries, options)
         return prompts[0] if single else prompts
 
@@ -287,14 +312,24 @@ class AutoModel:
             GenerationError: a single query failed (a subclass says how: timeout, HTTP status, ...).
         """
         single, queries = parse_queries(user_query)
-        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
-                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
-                           num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs)
+        options = _options(
+            options,
+            user_specified_system_prompt=user_specified_system_prompt,
+            optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl,
+            num_optimized_icl=num_optimized_icl,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            sampling_kwargs=sampling_kwargs,
+        )
         callback = None
         if on_completion is not None:
+
             def callback(i: int, outcome: Outcome) -> None:
                 on_completion(i, outcome if isinstance(outcome, BaseException) else self._result(outcome, True))
+
         prompts = self._assemble(queries, options)
         sampling = options.sampling()
         outcomes = self.run_requests([self._request(p, sampling) for p in prompts], callback)
@@ -341,10 +376,18 @@ class AutoModel:
         if not isinstance(user_query, str):
             raise InvalidRequestError("stream() takes one query string; use generate() for a list.")
         _, queries = parse_queries(user_query)
-        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
-                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
-                           num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs)
+        options = _options(
+            options,
+            user_specified_system_prompt=user_specified_system_prompt,
+            optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl,
+            num_optimized_icl=num_optimized_icl,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            sampling_kwargs=sampling_kwargs,
+        )
         prompt = self._assemble(queries, options)[0]
         return self._stream(self._request(prompt, options.sampling()))
 
@@ -378,23 +421,33 @@ class AutoModel:
             (the rest as in :meth:`generate`)
         """
         system, conversation = _conversation(messages)
-        options = _options(options, user_specified_system_prompt=user_specified_system_prompt,
-                           optimized_prompt=optimized_prompt, optimized_icl=optimized_icl,
-                           num_optimized_icl=num_optimized_icl, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, stop=stop, sampling_kwargs=sampling_kwargs)
+        options = _options(
+            options,
+            user_specified_system_prompt=user_specified_system_prompt,
+            optimized_prompt=optimized_prompt,
+            optimized_icl=optimized_icl,
+            num_optimized_icl=num_optimized_icl,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            sampling_kwargs=sampling_kwargs,
+        )
         if system is not None:
             if options.user_specified_system_prompt is not None:
-                raise InvalidRequestError("Pass the system prompt either as a system message or as user_specified_system_prompt, not both.")
+                raise InvalidRequestError(
+                    "Pass the system prompt either as a system message or as user_specified_system_prompt, not both."
+                )
             options = replace(options, user_specified_system_prompt=system)
         last_user = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
         prompt = self._assemble([last_user], options, conversation=conversation)[0]
         request = self._request(prompt, options.sampling())
         if stream:
             return self._stream(request)
-        outcome = self._run([request])[0]
+        outcome = self._clean(self._run([request])[0])
         if isinstance(outcome, BaseException):
             raise outcome
-        return self._result(self._clean(outcome), return_details)
+        return self._result(outcome, return_details)
 
     async def achat(self, messages: Sequence[Message], *args: Any, **kwargs: Any) -> Any:
         """:meth:`chat` for asyncio code (not with ``stream=True``)."""
@@ -403,7 +456,9 @@ class AutoModel:
         return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
 
     def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
-        return GenerationRequest(prompt.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + prompt.stop))))
+        return GenerationRequest(
+            prompt.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + prompt.stop)))
+        )
 
     def _run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         with self._engine_lock:
@@ -422,7 +477,7 @@ class AutoModel:
                     if len(head) < len(START) and START.startswith(head):
                         continue  # could still become the marker
                     if head.startswith(START):
-                        head = head[len(START):].lstrip()
+                        head = head[len(START) :].lstrip()
                     marker_checked = True
                 if head:
                     started = True
@@ -440,7 +495,10 @@ class AutoModel:
         return "messages" if self.backend.supports_chat else "chat"
 
     def build_request(
-        self, system_prompt: str | None, examples: Sequence[ICLExample], query: str | Sequence[Message],
+        self,
+        system_prompt: str | None,
+        examples: Sequence[ICLExample],
+        query: str | Sequence[Message],
         options: GenerationOptions,
     ) -> GenerationRequest:
         """One engine request assembled exactly as :meth:`generate` assembles it, with the given
@@ -468,12 +526,20 @@ class AutoModel:
         if not details:
             return completion.text
         return GenerationResult(
-            completion.text, completion.finish_reason, completion.prompt_tokens, completion.completion_tokens,
-            self.backend_name, self.backend.model_id, completion.latency_s,
+            completion.text,
+            completion.finish_reason,
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            self.backend_name,
+            self.backend.model_id,
+            completion.latency_s,
         )
 
     def _assemble(
-        self, queries: list[str], options: GenerationOptions, conversation: list[Message] | None = None,
+        self,
+        queries: list[str],
+        options: GenerationOptions,
+        conversation: list[Message] | None = None,
     ) -> list[AssembledPrompt]:
         options.check_pool(len(self.icl_pool))  # before anything is embedded
         system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
@@ -481,7 +547,8 @@ class AutoModel:
         examples = self.retriever.search(queries, k) if options.optimized_icl and k else [[] for _ in queries]
         fmt: Any = self.prompt_format  # servers take messages; local engines get them rendered with the template
         turns: list[Any] = queries if conversation is None else [conversation]
-        return [assemble(system, ex, q, format=fmt, tokenizer=self.backend.tokenizer) for q, ex in zip(turns, examples)]
+        tokenizer = self.backend.tokenizer
+        return [assemble(system, ex, q, format=fmt, tokenizer=tokenizer) for q, ex in zip(turns, examples, strict=True)]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -489,7 +556,7 @@ class AutoModel:
         """Release the engine."""
         self.backend.close()
 
-    def __enter__(self) -> "AutoModel":
+    def __enter__(self) -> AutoModel:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -505,15 +572,18 @@ class AutoModel:
 _DEFAULTS = GenerationOptions()
 
 
-def _options(options: GenerationOptions | None, *, sampling_kwargs: dict[str, Any] | None = None,
-             **arguments: Any) -> GenerationOptions:
+def _options(
+    options: GenerationOptions | None, *, sampling_kwargs: dict[str, Any] | None = None, **arguments: Any
+) -> GenerationOptions:
     """The request's options: ``options`` as given, or built from the individual arguments.
     Both at once is refused unless the individual ones are all left at their defaults."""
     if options is None:
         return GenerationOptions.from_arguments(**arguments, sampling_kwargs=sampling_kwargs)
     if not isinstance(options, GenerationOptions):
         raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)] + list(sampling_kwargs or ())
+    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)] + list(
+        sampling_kwargs or ()
+    )
     if given:
         raise InvalidRequestError(
             f"Pass either options= or {', '.join(given)}, not both: set them in the options "
@@ -547,4 +617,3 @@ def _conversation(messages: Any) -> tuple[str | None, list[Message]]:
     if not turns[-1]["content"].strip():
         raise InvalidRequestError("The last user message is empty; pass the question to answer.")
     return ("\n\n".join(system) if system else None), turns
-

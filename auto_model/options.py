@@ -17,8 +17,9 @@ need no engine, so a command line checks its whole request with them before it l
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from auto_model.backends.base import SamplingParams, check_one_sample
 from auto_model.errors import InvalidRequestError
@@ -73,19 +74,24 @@ class GenerationOptions:
         if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
             raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {n!r}.")
         stop = self.stop
-        if not (stop is None or isinstance(stop, str)
-                or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop))):
+        if not (
+            stop is None
+            or isinstance(stop, str)
+            or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop))
+        ):
             raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {stop!r}.")
         if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise InvalidRequestError(f"json_schema must be a JSON Schema dict, got {type(self.json_schema).__name__}.")
         if not isinstance(self.extra, Mapping):
-            raise InvalidRequestError(f"extra must be a mapping of sampling arguments, got {type(self.extra).__name__}.")
+            raise InvalidRequestError(
+                f"extra must be a mapping of sampling arguments, got {type(self.extra).__name__}."
+            )
         check_one_sample(self.extra)
 
     @classmethod
-    def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> "GenerationOptions":
+    def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> GenerationOptions:
         """Options from :meth:`AutoModel.generate`'s arguments: ``seed`` and ``json_schema`` are
         taken out of ``sampling_kwargs``, the rest of them go to the engine unchanged."""
         extra = dict(sampling_kwargs or {})
@@ -102,8 +108,15 @@ class GenerationOptions:
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters for these options."""
         stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return SamplingParams(float(self.temperature), float(self.top_p), int(self.max_new_tokens), stops,
-                              None if self.seed is None else int(self.seed), dict(self.extra), self.json_schema)
+        return SamplingParams(
+            float(self.temperature),
+            float(self.top_p),
+            int(self.max_new_tokens),
+            stops,
+            None if self.seed is None else int(self.seed),
+            dict(self.extra),
+            self.json_schema,
+        )
 
 
 def parse_queries(user_query: Any) -> tuple[bool, list[str]]:

@@ -18,8 +18,9 @@ with prefix caching reuse it across a batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Protocol, Sequence, Union
+from typing import Any, Literal, Protocol
 
 from auto_model.errors import InvalidRequestError
 
@@ -35,12 +36,15 @@ BASE_STOP: tuple[str, ...] = (END, "\n" + QUERY_HEADER)
 
 PromptFormat = Literal["base", "chat", "messages"]
 Message = dict[str, str]
-Prompt = Union[str, list[Message]]
+Prompt = str | list[Message]
 
 
 class Example(Protocol):
-    query: str
-    answer: str
+    @property
+    def query(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
 
 
 class ChatTokenizer(Protocol):
@@ -72,7 +76,7 @@ def strip_markers(text: str) -> str:
         text = text[:end]
     text = text.strip()
     if text.startswith(START):
-        text = text[len(START):]
+        text = text[len(START) :]
     return text.strip()
 
 
@@ -117,7 +121,9 @@ def _conversation_pairs(messages: Sequence[Message]) -> list[tuple[str, str | No
     return pairs
 
 
-def build_messages(system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]) -> list[Message]:
+def build_messages(
+    system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]
+) -> list[Message]:
     """System turn, example turns, then the query (a string or the user's own conversation)."""
     messages: list[Message] = []
     if system_prompt and system_prompt.strip():

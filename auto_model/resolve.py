@@ -147,7 +147,7 @@ def _sha256(path: Path) -> str:
 def _assemble_chunks(entry: PackagedModel) -> Path:
     """Concatenate a chunked GGUF once into the user cache (verified by SHA-256) and reuse it."""
     chunks = []
-    for module, rel in zip(entry.chunk_modules, entry.files):
+    for module, rel in zip(entry.chunk_modules, entry.files, strict=True):
         chunk = _module_dir(module, entry.install) / rel
         if not chunk.exists():
             raise ModelNotFoundError(f"Chunk {rel} of {entry.model_id} is missing; reinstall with: {entry.install}")
@@ -166,7 +166,9 @@ def _assemble_chunks(entry: PackagedModel) -> Path:
                     digest.update(block)  # hash while copying: one pass over 250 MB, not two
                     out.write(block)
         if entry.sha256 and digest.hexdigest() != entry.sha256:
-            raise ModelNotFoundError(f"Assembled {entry.model_id} has the wrong SHA-256; reinstall with: {entry.install}")
+            raise ModelNotFoundError(
+                f"Assembled {entry.model_id} has the wrong SHA-256; reinstall with: {entry.install}"
+            )
     stamp.write_text(entry.sha256 or "")
     return target
 
@@ -192,7 +194,9 @@ def _local_source(name: str, path: Path) -> ModelSource:
     if len(ggufs) == 1:
         return ModelSource(name, name, "gguf", str(ggufs[0]))
     if ggufs:
-        raise ModelNotFoundError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass the file itself.")
+        raise ModelNotFoundError(
+            f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass the file itself."
+        )
     raise ModelNotFoundError(f"{path} has no config.json and no .gguf file; it is not a model folder.")
 
 
@@ -292,7 +296,7 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
             )
             # save_pretrained refuses a model that still carries its GGUF quantizer; the tensors are
             # already de-quantised, so the quantizer is only bookkeeping at this point.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)

@@ -25,10 +25,11 @@ import os
 import threading
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from auto_model import constants
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
@@ -132,7 +133,9 @@ def load_embedder(name: str | None = None, *, device: str | None = None) -> Any:
         raise MissingDependencyError("sentence-transformers", "retrieval", purpose="to embed ICL examples") from exc
     source = resolve_model(name)
     if source.kind == "gguf":
-        raise InvalidRequestError(f"{name} is a GGUF file; an embedding model must be a sentence-transformers folder or Hub id.")
+        raise InvalidRequestError(
+            f"{name} is a GGUF file; an embedding model must be a sentence-transformers folder or Hub id."
+        )
     with engine_progress_bars():
         return SentenceTransformer(source.path, device=device or "cpu", trust_remote_code=False)
 
@@ -167,15 +170,18 @@ class SingleTextEncoder:
                 self.model = model
 
             def forward(self, *tensors: Any) -> Any:
-                out = self.model({**dict(zip(keys, tensors)), **constants_})["sentence_embedding"]
+                out = self.model({**dict(zip(keys, tensors, strict=True)), **constants_})["sentence_embedding"]
                 return torch.nn.functional.normalize(out, dim=-1)
 
         self._torch, self._model = torch, model
         try:
             # Tracing reads every attribute of the model, deprecated ones included: their notes are not for the user.
-            with warnings.catch_warnings(), torch.inference_mode(), \
-                    drop_records("sentence_transformers", "has been deprecated"), \
-                    drop_records("transformers", "was set in the config but it is unrecognized"):
+            with (
+                warnings.catch_warnings(),
+                torch.inference_mode(),
+                drop_records("sentence_transformers", "has been deprecated"),
+                drop_records("transformers", "was set in the config but it is unrecognized"),
+            ):
                 warnings.simplefilter("ignore")  # the tracer's notes on shapes it treats as constants
                 traced = torch.jit.trace(Wrapped().eval(), tuple(sample[k] for k in keys), strict=False)
                 self._frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
@@ -200,7 +206,7 @@ class SingleTextEncoder:
 
 
 #: One traced encoder per embedder object (False: it cannot be traced), shared by its retrievers.
-_SINGLE_ENCODERS: "weakref.WeakKeyDictionary[Any, SingleTextEncoder | bool]" = weakref.WeakKeyDictionary()
+_SINGLE_ENCODERS: weakref.WeakKeyDictionary[Any, SingleTextEncoder | bool] = weakref.WeakKeyDictionary()
 _SINGLE_LOCK = threading.Lock()
 
 
@@ -296,7 +302,7 @@ class ICLRetriever:
                     _SINGLE_ENCODERS[embedder] = found
                 except TypeError:
                     pass
-        return found or None
+        return found if isinstance(found, SingleTextEncoder) else None
 
     def embed(self, texts: Sequence[str]) -> Any:
         """The normalised float32 embeddings of ``texts``, as :meth:`search` embeds its queries
@@ -312,7 +318,9 @@ class ICLRetriever:
         )
         return np.ascontiguousarray(vectors, dtype="float32")
 
-    def _pool_embeddings(self) -> Any:
+    def pool_embeddings(self) -> Any:
+        """The pool's normalised float32 embeddings, one row per example: from the cache when it
+        holds them for this pool and embedder, else embedded (and cached)."""
         import numpy as np
 
         path = self._cache_dir / f"{self.cache_key()}.npy" if self._cache_dir else None
@@ -353,7 +361,7 @@ class ICLRetriever:
             import faiss
         except ImportError as exc:
             raise MissingDependencyError("faiss-cpu", "retrieval", purpose="to index ICL examples") from exc
-        vectors = self._pool_embeddings()
+        vectors = self.pool_embeddings()
         if self.exact:
             index = faiss.IndexFlatIP(vectors.shape[1])  # inner product of unit vectors = cosine
             index.add(vectors)

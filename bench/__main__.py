@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--smoke", action="store_true", help="only check that each benchmark starts")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="the report to rewrite after a full run")
-    p.add_argument("--update", action="store_true",
-                   help="with --only: rewrite the report from the newest record of each benchmark (each section names its run)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="with --only: rewrite the report from the newest record of each benchmark (each section names its run)",
+    )
     args = p.parse_args(argv)
     names = BENCHMARKS if args.only is None else tuple(n.strip() for n in args.only.split(",") if n.strip())
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -47,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         record_file = Path(tmp) / "records.jsonl"
         started = time.perf_counter()
         for name in names:
-            cmd = [sys.executable, "-m", f"bench.{name}", "--record", str(record_file)] + (["--smoke"] if args.smoke else [])
+            cmd = [sys.executable, "-m", f"bench.{name}", "--record", str(record_file)] + (
+                ["--smoke"] if args.smoke else []
+            )
             print(f"\n=== {name}: {shlex.join(cmd[1:3])}", flush=True)
             t0 = time.perf_counter()
             code = subprocess.call(cmd, cwd=ROOT, env=env)
@@ -57,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         total = time.perf_counter() - started
         records = [json.loads(line) for line in record_file.read_text().splitlines()] if record_file.exists() else []
     if args.smoke:
-        print(f"\nsmoke: {len(names) - len(failed)} of {len(names)} benchmarks start" + (f"; failed: {failed}" if failed else ""))
+        print(
+            f"\nsmoke: {len(names) - len(failed)} of {len(names)} benchmarks start"
+            + (f"; failed: {failed}" if failed else "")
+        )
         return 1 if failed else 0
     if records:
         with RESULTS.open("a", encoding="utf-8") as fh:
@@ -72,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.update and not failed:
         from bench.report import newest_records, write_report
 
-        write_report(newest_records(RESULTS, BENCHMARKS), Path(args.output), ROOT / "bench" / "throughput.png",
-                     "make bench", None, newest=True)
+        write_report(
+            newest_records(RESULTS, BENCHMARKS),
+            Path(args.output),
+            ROOT / "bench" / "throughput.png",
+            "make bench",
+            None,
+            newest=True,
+        )
         print(f"\nwrote {args.output} from the newest record of each benchmark")
     elif failed:
         print(f"\nfailed: {', '.join(failed)}; {args.output} is left as it was")

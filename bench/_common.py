@@ -10,18 +10,20 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--smoke", action="store_true", help="only check that the benchmark starts (tiny workload, no engine)")
+    p.add_argument(
+        "--smoke", action="store_true", help="only check that the benchmark starts (tiny workload, no engine)"
+    )
     p.add_argument("--record", default=None, help="append the JSON record to this file")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (the median is kept)")
     return p
@@ -48,7 +50,8 @@ def _demo_variables() -> dict[str, list[str]]:
 
 
 def demo_arguments() -> list[str]:
-    """The arguments ``make demo`` passes to ``auto-model generate``: its queries, then its flags (from the Makefile)."""
+    """The arguments ``make demo`` passes to ``auto-model generate``: its queries, then its flags
+    (from the Makefile)."""
     values = _demo_variables()
     return values["DEMO_QUERIES"] + values["DEMO_FLAGS"]
 
@@ -96,7 +99,10 @@ def fmt(value: Any) -> str:
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -121,8 +127,14 @@ class Ratio:
         return f"{self.name}: {fmt(self.value)}{self.unit} (target {op} {fmt(self.target)}{self.unit}: {verdict})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "value": round(self.value, 4), "target": self.target,
-                "higher_is_better": self.higher_is_better, "unit": self.unit, "met": self.met}
+        return {
+            "name": self.name,
+            "value": round(self.value, 4),
+            "target": self.target,
+            "higher_is_better": self.higher_is_better,
+            "unit": self.unit,
+            "met": self.met,
+        }
 
 
 @dataclass
@@ -138,11 +150,16 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "benchmark": self.benchmark, "title": self.title,
+            "benchmark": self.benchmark,
+            "title": self.title,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "params": self.params, "headers": self.headers,
+            "machine": machine(),
+            "params": self.params,
+            "headers": self.headers,
             "rows": [[round(v, 6) if isinstance(v, float) else v for v in row] for row in self.rows],
-            "ratios": [r.to_dict() for r in self.ratios], "notes": self.notes, "points": self.points,
+            "ratios": [r.to_dict() for r in self.ratios],
+            "notes": self.notes,
+            "points": self.points,
         }
 
 
@@ -195,8 +212,12 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=5).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None
     return info
@@ -219,8 +240,10 @@ def engine_generate(llm: Any, prompts: Sequence[Any], new_tokens: int) -> int:
     prompts' own stop strings); returns the tokens generated."""
     import vllm
 
-    params = [vllm.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, stop=list(pr.stop) or None)
-              for pr in prompts]
+    params = [
+        vllm.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, stop=list(pr.stop) or None)
+        for pr in prompts
+    ]
     outs = llm.generate([pr.prompt for pr in prompts], params, use_tqdm=False)
     return sum(len(o.outputs[0].token_ids) for o in outs)
 

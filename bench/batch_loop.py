@@ -12,7 +12,8 @@ from an empty prefix cache, so none reuses the prompts of an earlier one.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench._common import (
     Ratio,
@@ -32,12 +33,12 @@ TARGET_VLLM = 10.0
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _sweep_queries(qs: list[str], batch: int) -> list[str]:
     """Enough queries for a steady figure at this batch size: two batches, at least 16, at most all."""
-    return qs[:min(len(qs), max(2 * batch, 16))]
+    return qs[: min(len(qs), max(2 * batch, 16))]
 
 
 def _run(model: Any, generate: Callable[[list[str]], int], qs: list[str], batch: int) -> tuple[int, float]:
@@ -54,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--sweep", default="4,16", help="extra batch sizes for the plot (comma-separated; '' for none)")
     p.add_argument("--backends", default="vllm,transformers")
-    p.add_argument("--transformers-queries", type=int, default=16,
-                   help="queries for the transformers backend (one by one it makes about 20 tokens/s on 2 cores)")
+    p.add_argument(
+        "--transformers-queries",
+        type=int,
+        default=16,
+        help="queries for the transformers backend (one by one it makes about 20 tokens/s on 2 cores)",
+    )
     p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
     qs = queries(args.queries)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     all_queries = qs
     for backend in backends:
-        qs = all_queries if backend == "vllm" else all_queries[:args.transformers_queries]
+        qs = all_queries if backend == "vllm" else all_queries[: args.transformers_queries]
         if backend == "vllm":
             model = load_vllm(args.dtype)
             extra: dict[str, Any] = {"ignore_eos": True}
@@ -101,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         speedup = (n_batch / t_batch) / (n_loop / t_loop)
         ratios.append(Ratio(f"{label}: batched / one by one", speedup, TARGET_VLLM if backend == "vllm" else 1.0))
         series = f"SDK on {label}"
-        points += [{"series": series, "batch": 1, "tokens_per_s": n_loop / t_loop},
-                   {"series": series, "batch": len(qs), "tokens_per_s": n_batch / t_batch}]
+        points += [
+            {"series": series, "batch": 1, "tokens_per_s": n_loop / t_loop},
+            {"series": series, "batch": len(qs), "tokens_per_s": n_batch / t_batch},
+        ]
         for batch in (b for b in sweep if 1 < b < len(qs)):
             part = _sweep_queries(qs, batch)
             n, t = _run(model, sdk, part, batch)
@@ -112,20 +119,34 @@ def main(argv: list[str] | None = None) -> int:
             curve = _engine_curve(model, qs, [1, *(b for b in sweep if 1 < b < len(qs)), len(qs)], args.new_tokens)
             points += curve
             engine_gain = curve[-1]["tokens_per_s"] / curve[0]["tokens_per_s"]
-            notes.append(f"vLLM dtype {str(model.backend.config.model_config.dtype).replace('torch.', '')}; the engine "
-                         f"itself gains {engine_gain:.2f}x from batch 1 to batch {len(qs)} here (vllm.LLM.generate "
-                         f"called directly), the bound on any batching speed-up on this machine")
+            notes.append(
+                f"vLLM dtype {str(model.backend.config.model_config.dtype).replace('torch.', '')}; the engine "
+                f"itself gains {engine_gain:.2f}x from batch 1 to batch {len(qs)} here (vllm.LLM.generate "
+                f"called directly), the bound on any batching speed-up on this machine"
+            )
         else:
-            notes.append(f"transformers dtype {str(model.backend.model.dtype).replace('torch.', '')}, "
-                         f"batch_size {model.backend.batch_size}")
+            notes.append(
+                f"transformers dtype {str(model.backend.model.dtype).replace('torch.', '')}, "
+                f"batch_size {model.backend.batch_size}"
+            )
         model.close()
 
     notes.append("the target of 10x is for vLLM; for transformers it is only that batching helps (> 1x)")
     record = Record(
-        "batch_loop", "2. Batch vs. the original's one-query-at-a-time loop (SmolLM2-135M-Instruct)",
-        {"queries": len(all_queries), "transformers_queries": args.transformers_queries, "new_tokens": args.new_tokens,
-         "sweep": sweep, "backends": backends},
-        ["path", "queries", "batch", "tokens", "seconds", "tokens/s"], rows, ratios, notes, points,
+        "batch_loop",
+        "2. Batch vs. the original's one-query-at-a-time loop (SmolLM2-135M-Instruct)",
+        {
+            "queries": len(all_queries),
+            "transformers_queries": args.transformers_queries,
+            "new_tokens": args.new_tokens,
+            "sweep": sweep,
+            "backends": backends,
+        },
+        ["path", "queries", "batch", "tokens", "seconds", "tokens/s"],
+        rows,
+        ratios,
+        notes,
+        points,
     )
     return finish(record, args)
 
@@ -136,10 +157,12 @@ def _engine_curve(model: Any, qs: list[str], batches: list[int], new_tokens: int
     llm = model.backend.llm
     out = []
     for batch in batches:
-        part = prompts if batch >= len(qs) else prompts[:min(len(qs), max(2 * batch, 16))]
+        part = prompts if batch >= len(qs) else prompts[: min(len(qs), max(2 * batch, 16))]
 
         def go(part: Any = part, batch: int = batch) -> int:
-            return sum(engine_generate(llm, part[start:start + batch], new_tokens) for start in range(0, len(part), batch))
+            return sum(
+                engine_generate(llm, part[start : start + batch], new_tokens) for start in range(0, len(part), batch)
+            )
 
         forget_prompts(model)
         n, t = timed(go)

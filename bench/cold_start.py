@@ -89,8 +89,14 @@ ENGINES = {
 
 
 def _python(code: str, *argv: str, timeout: float = 900) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"the measuring process failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -112,9 +118,26 @@ def _start_vllm_server() -> tuple[subprocess.Popen[bytes], str, float, Path]:
     dtype = engine_dtype("auto")
     port = _free_port()
     log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-           "--served-model-name", DEFAULT_MODEL, "--max-model-len", "2048", "--dtype", dtype, "--enforce-eager",
-           "--kv-cache-memory-bytes", str(model_kv_cache_bytes(str(folder), dtype, 2048)), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        DEFAULT_MODEL,
+        "--max-model-len",
+        "2048",
+        "--dtype",
+        dtype,
+        "--enforce-eager",
+        "--kv-cache-memory-bytes",
+        str(model_kv_cache_bytes(str(folder), dtype, 2048)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     t0 = time.perf_counter()
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -143,12 +166,24 @@ def main(argv: list[str] | None = None) -> int:
     import_ms = median([r["ms"] for r in imports])
     heavy = sorted({m for r in imports for m in r["heavy"]})
     if args.smoke:
-        print(f"cold_start: starts (smoke): import auto_model {import_ms:.0f} ms, heavy modules loaded: {heavy or 'none'}")
+        print(
+            f"cold_start: starts (smoke): import auto_model {import_ms:.0f} ms, heavy modules loaded: {heavy or 'none'}"
+        )
         return 0
     queries, new_tokens = demo_workload()
     demo = {"queries": queries, "max_new_tokens": new_tokens}
-    rows: list[list[Any]] = [["import auto_model (median of %d processes)" % len(imports), import_ms / 1000,
-                              None, None, None, None, None, ", ".join(heavy) or "none"]]
+    rows: list[list[Any]] = [
+        [
+            f"import auto_model (median of {len(imports)} processes)",
+            import_ms / 1000,
+            None,
+            None,
+            None,
+            None,
+            None,
+            ", ".join(heavy) or "none",
+        ]
+    ]
     notes = []
     measured: dict[str, dict[str, Any]] = {}
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -169,35 +204,73 @@ def main(argv: list[str] | None = None) -> int:
                     server.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     server.kill()
-        rows.append([name, r["load_s"], r["ttft_s"], r["answers_s"], r["start_answers_s"], r["tokens_per_s"],
-                     r["peak_rss_gb"], ""])
-    ratios = [Ratio("import auto_model", import_ms, IMPORT_TARGET_MS, False, " ms"),
-              Ratio("heavy modules loaded by import auto_model", float(len(heavy)), 0.0, False, "")]
+        rows.append(
+            [
+                name,
+                r["load_s"],
+                r["ttft_s"],
+                r["answers_s"],
+                r["start_answers_s"],
+                r["tokens_per_s"],
+                r["peak_rss_gb"],
+                "",
+            ]
+        )
+    ratios = [
+        Ratio("import auto_model", import_ms, IMPORT_TARGET_MS, False, " ms"),
+        Ratio("heavy modules loaded by import auto_model", float(len(heavy)), 0.0, False, ""),
+    ]
     if "transformers" in measured and "vllm" in measured:
         tf, vl = measured["transformers"], measured["vllm"]
         gain = 1 / tf["tokens_per_s"] - 1 / vl["tokens_per_s"]  # seconds saved per token on vLLM
         extra = vl["load_s"] - tf["load_s"]
         break_even = extra / gain if gain > 0 else float("inf")
-        notes.append(f"break-even between the local engines: vLLM starts {extra:.1f} s later and decodes "
-                     f"{vl['tokens_per_s'] / tf['tokens_per_s']:.2f}x faster here, so it wins from about "
-                     f"{break_even:.0f} new tokens per run (the command line's rule: transformers up to "
-                     f"{CLI_TRANSFORMERS_MAX_TOKENS})")
-        ratios.append(Ratio("make demo's answers, engine start included: vLLM / transformers seconds",
-                            vl["start_answers_s"] / tf["start_answers_s"], 1.0, False, "x"))
+        notes.append(
+            f"break-even between the local engines: vLLM starts {extra:.1f} s later and decodes "
+            f"{vl['tokens_per_s'] / tf['tokens_per_s']:.2f}x faster here, so it wins from about "
+            f"{break_even:.0f} new tokens per run (the command line's rule: transformers up to "
+            f"{CLI_TRANSFORMERS_MAX_TOKENS})"
+        )
+        ratios.append(
+            Ratio(
+                "make demo's answers, engine start included: vLLM / transformers seconds",
+                vl["start_answers_s"] / tf["start_answers_s"],
+                1.0,
+                False,
+                "x",
+            )
+        )
     if "vllm" in measured and "vllm-compiled" in measured:
         eager, compiled = measured["vllm"], measured["vllm-compiled"]
         compile_cost = compiled["load_s"] - eager["load_s"]
         saved = 1 / eager["tokens_per_s"] - 1 / compiled["tokens_per_s"]
         payback = f"{compile_cost / saved:,.0f} new tokens" if saved > 0 else "never (no faster decoding)"
-        notes.append(f"torch.compile costs {compile_cost:.1f} s per start and decodes {compiled['tokens_per_s'] / eager['tokens_per_s']:.2f}x "
-                     f"as fast as eager: it pays back after {payback} in one run")
-    notes.append(f"answers = make demo's {len(queries)} queries, greedy, up to {new_tokens} new tokens each, one batch; "
-                 "first token = engine start + a one-token answer (the embedder and the example index load here)")
+        notes.append(
+            f"torch.compile costs {compile_cost:.1f} s per start and decodes "
+            f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.2f}x "
+            f"as fast as eager: it pays back after {payback} in one run"
+        )
+    notes.append(
+        f"answers = make demo's {len(queries)} queries, greedy, up to {new_tokens} new tokens each, one batch; "
+        "first token = engine start + a one-token answer (the embedder and the example index load here)"
+    )
     record = Record(
-        "cold_start", "6. Cold start (fresh processes)",
+        "cold_start",
+        "6. Cold start (fresh processes)",
         {"reps": args.reps, "backends": args.backends},
-        ["engine", "start s", "first token s", "answers s", "start + answers s", "answer tokens/s", "peak RSS GiB",
-         "heavy modules"], rows, ratios, notes,
+        [
+            "engine",
+            "start s",
+            "first token s",
+            "answers s",
+            "start + answers s",
+            "answer tokens/s",
+            "peak RSS GiB",
+            "heavy modules",
+        ],
+        rows,
+        ratios,
+        notes,
     )
     return finish(record, args)
 

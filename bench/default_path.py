@@ -1,4 +1,4 @@
-"""7. The default path: ``make demo``'s command and the seed's snippet, timed and weighed, alone and under memory pressure.
+"""7. The default path: ``make demo``'s command and the seed's snippet, timed and weighed, alone and under load.
 
 Each run is a fresh process, measured as ``/usr/bin/time -v`` measures it (wall clock, and the peak
 resident memory that ``wait4`` reports for that process alone):
@@ -61,13 +61,24 @@ def run_measured(cmd: list[str], timeout: float = 900) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         t0 = time.perf_counter()
-        proc = subprocess.run([TIME, "-f", "%e %M", "-o", report.name, *cmd], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [TIME, "-f", "%e %M", "-o", report.name, *cmd],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         wall = time.perf_counter() - t0
         fields = report.read().split()
     peak_kib = float(fields[-1]) if fields else float("nan")
-    return {"wall_s": wall, "code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
-            "peak_gib": peak_kib / 2**20}
+    return {
+        "wall_s": wall,
+        "code": proc.returncode,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "peak_gib": peak_kib / 2**20,
+    }
 
 
 def answers_only(stdout: str, queries: list[str]) -> bool:
@@ -93,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     queries, _ = demo_workload()
     cli = [sys.executable, "-m", "auto_model.cli", "generate", *demo]
     if args.smoke:
-        return smoke_done("default_path", f"{' '.join(cli[1:4])} ... ({len(queries)} queries), alone and beside {args.hog_gib} GiB")
+        return smoke_done(
+            "default_path", f"{' '.join(cli[1:4])} ... ({len(queries)} queries), alone and beside {args.hog_gib} GiB"
+        )
     # Warm the caches (the converted model, the pool embeddings) first, as `make demo` on a warm venv finds them.
     run_measured(cli)
     log("default_path: the seed's snippet")
@@ -108,11 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         hog.kill()
         hog.wait()
     rows = []
-    for name, r in (("seed snippet (AutoModel + one answer)", seed), ("make demo", alone),
-                    (f"make demo, {args.hog_gib} GiB held elsewhere", pressed)):
+    for name, r in (
+        ("seed snippet (AutoModel + one answer)", seed),
+        ("make demo", alone),
+        (f"make demo, {args.hog_gib} GiB held elsewhere", pressed),
+    ):
         ok = r["code"] == 0 and (name.startswith("seed") or answers_only(r["stdout"], queries))
-        rows.append([name, r["wall_s"], r["peak_gib"], r["code"], "yes" if ok else "NO",
-                     len([line for line in r["stderr"].splitlines() if line.strip()])])
+        rows.append(
+            [
+                name,
+                r["wall_s"],
+                r["peak_gib"],
+                r["code"],
+                "yes" if ok else "NO",
+                len([line for line in r["stderr"].splitlines() if line.strip()]),
+            ]
+        )
         if r["code"] != 0:
             log(f"{name} failed ({r['code']}):\n{r['stderr'][-2000:]}")
     notes = [
@@ -121,13 +145,23 @@ def main(argv: list[str] | None = None) -> int:
         "stdout clean = the labelled answers, and no log, warning or progress line",
     ]
     record = Record(
-        "default_path", "7. The default path (make demo and the seed snippet, fresh processes)",
+        "default_path",
+        "7. The default path (make demo and the seed snippet, fresh processes)",
         {"demo": " ".join(demo), "hog_gib": args.hog_gib},
-        ["run", "wall s", "peak RSS GiB", "exit", "stdout clean", "stderr lines"], rows,
-        [Ratio("make demo: peak RSS", alone["peak_gib"], PEAK_TARGET_GIB, False, " GiB"),
-         Ratio("make demo: wall clock", alone["wall_s"], WALL_TARGET_S, False, " s"),
-         Ratio(f"make demo beside {args.hog_gib} GiB held elsewhere: succeeded", float(pressed["code"] == 0), 1.0, True, ""),
-         Ratio("seed snippet: peak RSS", seed["peak_gib"], PEAK_TARGET_GIB, False, " GiB")],
+        ["run", "wall s", "peak RSS GiB", "exit", "stdout clean", "stderr lines"],
+        rows,
+        [
+            Ratio("make demo: peak RSS", alone["peak_gib"], PEAK_TARGET_GIB, False, " GiB"),
+            Ratio("make demo: wall clock", alone["wall_s"], WALL_TARGET_S, False, " s"),
+            Ratio(
+                f"make demo beside {args.hog_gib} GiB held elsewhere: succeeded",
+                float(pressed["code"] == 0),
+                1.0,
+                True,
+                "",
+            ),
+            Ratio("seed snippet: peak RSS", seed["peak_gib"], PEAK_TARGET_GIB, False, " GiB"),
+        ],
         notes,
     )
     return finish(record, args)

@@ -9,6 +9,7 @@ here (its cost is benchmark 3's), so that the figure is the client's concurrency
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.reps):
                 server.stats(reset=True)
                 cpu0 = time.process_time()
-                answers, dt = timed(lambda: model.generate(qs, optimized_icl=False, max_new_tokens=8))
+                answers, dt = timed(functools.partial(model.generate, qs, optimized_icl=False, max_new_tokens=8))
                 cpu.append((time.process_time() - cpu0) / len(qs))
                 stats = server.stats()
                 if len(answers) != len(qs) or stats["served"] != len(qs):
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             times[c] = median(samples)
             model.close()
             ideal = math.ceil(len(qs) / c) * args.delay
-            log(f"openai_concurrency: max_concurrency {c}: {times[c]:.3f} s (ideal {ideal:.3f} s), peak in flight {peak}")
+            log(
+                f"openai_concurrency: max_concurrency {c}: {times[c]:.3f} s (ideal {ideal:.3f} s), "
+                f"peak in flight {peak}"
+            )
             rows.append([c, len(qs), times[c], ideal, peak, median(cpu) * 1e3])
     finally:
         server.stop()
@@ -69,14 +73,28 @@ def main(argv: list[str] | None = None) -> int:
         if c > 1:
             ratios.append(Ratio(f"max_concurrency {c}: speed-up / ideal speed-up", speedup / ideal_speedup, TARGET))
     record = Record(
-        "openai_concurrency", f"4. OpenAI backend concurrency ({len(qs)} requests, server answers after {args.delay * 1000:.0f} ms)",
+        "openai_concurrency",
+        f"4. OpenAI backend concurrency ({len(qs)} requests, server answers after {args.delay * 1000:.0f} ms)",
         {"queries": len(qs), "delay_s": args.delay, "levels": levels, "reps": args.reps},
-        ["max_concurrency", "requests", "seconds (median)", "ideal seconds", "peak in flight", "client CPU ms/request",
-         "speed-up", "ideal speed-up", "of ideal"], rows, ratios,
-        notes=["sequential = max_concurrency 1: one request at a time, as the original sent them",
-               "client CPU ms/request: this process's CPU time per request (the SDK and the openai client); requests "
-               "are dispatched one after another under the interpreter lock, so a burst of c requests leaves about "
-               "c x that later than the first"],
+        [
+            "max_concurrency",
+            "requests",
+            "seconds (median)",
+            "ideal seconds",
+            "peak in flight",
+            "client CPU ms/request",
+            "speed-up",
+            "ideal speed-up",
+            "of ideal",
+        ],
+        rows,
+        ratios,
+        notes=[
+            "sequential = max_concurrency 1: one request at a time, as the original sent them",
+            "client CPU ms/request: this process's CPU time per request (the SDK and the openai client); requests "
+            "are dispatched one after another under the interpreter lock, so a burst of c requests leaves about "
+            "c x that later than the first",
+        ],
     )
     return finish(record, args)
 

@@ -14,6 +14,7 @@ take minutes and is a one-time cost that the retriever caches anyway.
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -41,16 +42,28 @@ def _synthetic_pool(size: int, embedder: Any, cache_dir: Path, timer: _Embedding
 
     from auto_model.retrieval import ICLExample
 
-    pool = [ICLExample(f"Question {i} about {TOPICS[i % len(TOPICS)]}: how does case {i // len(TOPICS)} work?",
-                       f"<START>An answer to question {i}.<END>") for i in range(size)]
+    pool = [
+        ICLExample(
+            f"Question {i} about {TOPICS[i % len(TOPICS)]}: how does case {i // len(TOPICS)} work?",
+            f"<START>An answer to question {i}.<END>",
+        )
+        for i in range(size)
+    ]
     base_n = min(1000, size)
-    base = embedder.encode([ex.query for ex in pool[:base_n]], batch_size=64, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False).astype("float32")
+    base = embedder.encode(
+        [ex.query for ex in pool[:base_n]],
+        batch_size=64,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    ).astype("float32")
     rng = np.random.default_rng(0)
     vectors = base[np.arange(size) % base_n] + rng.normal(0, 0.02, (size, base.shape[1])).astype("float32")
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     retriever = timer.retriever(pool, embedder=embedder, cache_dir=cache_dir)
-    np.save(cache_dir / f"{retriever.cache_key()}.npy", np.ascontiguousarray(vectors, dtype="float32"), allow_pickle=False)
+    np.save(
+        cache_dir / f"{retriever.cache_key()}.npy", np.ascontiguousarray(vectors, dtype="float32"), allow_pickle=False
+    )
     return retriever
 
 
@@ -84,19 +97,28 @@ def _embedding_alone(retriever: Any, embedder: Any, qs: list[str]) -> str:
         return "lone queries: the embedder could not be traced; encode is used"
     traced, plain = [], []
     for q in qs:
-        traced.append(timed(lambda: single(q))[1])
-        plain.append(timed(lambda: embedder.encode([q], normalize_embeddings=True, convert_to_numpy=True,
-                                                   show_progress_bar=False))[1])
-    return (f"one query's embedding alone, p50: traced encoder {percentile(traced, 50) * 1e3:.2f} ms, "
-            f"sentence-transformers encode {percentile(plain, 50) * 1e3:.2f} ms")
+        traced.append(timed(functools.partial(single, q))[1])
+        plain.append(
+            timed(
+                functools.partial(
+                    embedder.encode, [q], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+                )
+            )[1]
+        )
+    return (
+        f"one query's embedding alone, p50: traced encoder {percentile(traced, 50) * 1e3:.2f} ms, "
+        f"sentence-transformers encode {percentile(plain, 50) * 1e3:.2f} ms"
+    )
 
 
-def _measure(model: Any, timer: _EmbeddingTimer, qs: list[str], batch: int, rounds: int) -> tuple[list[float], list[float]]:
+def _measure(
+    model: Any, timer: _EmbeddingTimer, qs: list[str], batch: int, rounds: int
+) -> tuple[list[float], list[float]]:
     """Per-request seconds (total, and without the embedding) over ``rounds`` passes of ``qs``."""
     totals, facade = [], []
     for _ in range(rounds):
         for start in range(0, len(qs), batch):
-            part = qs[start:start + batch]
+            part = qs[start : start + batch]
             timer.seconds = 0.0
             t0 = time.perf_counter()
             model.format_prompt(part if batch > 1 else part[0])
@@ -117,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         import faiss  # noqa: F401
         import sentence_transformers  # noqa: F401
 
-        return smoke_done("overhead", f"{len(qs)} queries x {args.rounds} rounds, packaged pool and {args.synthetic:,} synthetic")
+        return smoke_done(
+            "overhead", f"{len(qs)} queries x {args.rounds} rounds, packaged pool and {args.synthetic:,} synthetic"
+        )
 
     from auto_model import AutoModel
 
@@ -136,16 +160,26 @@ def main(argv: list[str] | None = None) -> int:
         synthetic.index  # noqa: B018  (build: IVF training and adding the vectors)
         build_s = time.perf_counter() - t0
         log(f"overhead: {'exact' if synthetic.exact else 'IVF'} index built in {build_s:.1f} s")
-        for pool_name, retriever in ((f"packaged ({len(model.icl_pool)})", packaged),
-                                     (f"synthetic ({args.synthetic:,})", synthetic)):
+        for pool_name, retriever in (
+            (f"packaged ({len(model.icl_pool)})", packaged),
+            (f"synthetic ({args.synthetic:,})", synthetic),
+        ):
             model.retriever = retriever
             _measure(model, timer, qs[:8], 8, 1)  # warm-up (and the traced encoder built)
             _measure(model, timer, qs[:8], 1, 1)
             for mode, batch in (("single", 1), ("batch", len(qs))):
                 total, facade = _measure(model, timer, qs, batch, args.rounds)
                 results[(pool_name, mode)] = (total, facade)
-                rows.append([pool_name, mode, percentile(facade, 50) * 1e3, percentile(facade, 99) * 1e3,
-                             percentile(total, 50) * 1e3, percentile(total, 99) * 1e3])
+                rows.append(
+                    [
+                        pool_name,
+                        mode,
+                        percentile(facade, 50) * 1e3,
+                        percentile(facade, 99) * 1e3,
+                        percentile(total, 50) * 1e3,
+                        percentile(total, 99) * 1e3,
+                    ]
+                )
         search_rows = _search_only(synthetic, embedder, qs)
         embed_note = _embedding_alone(packaged, embedder, qs)
     model.close()
@@ -154,15 +188,26 @@ def main(argv: list[str] | None = None) -> int:
     single_total = [results[k][0] for k in results if k[1] == "single"]
     worst_facade = max(percentile(f, 50) for f in single_facade) * 1e3
     worst_total = max(percentile(t, 50) for t in single_total) * 1e3
-    notes = [f"synthetic pool index: {'exact' if synthetic.exact else f'IVF, {synthetic.index.nlist} cells, nprobe {synthetic.index.nprobe}'}"
-             f", built in {build_s:.1f} s (then cached)", *search_rows, embed_note,
-             "ms per request; batch mode = one format_prompt call for all queries, divided by their number"]
+    notes = [
+        "synthetic pool index: "
+        + ("exact" if synthetic.exact else f"IVF, {synthetic.index.nlist} cells, nprobe {synthetic.index.nprobe}")
+        + f", built in {build_s:.1f} s (then cached)",
+        *search_rows,
+        embed_note,
+        "ms per request; batch mode = one format_prompt call for all queries, divided by their number",
+    ]
     record = Record(
-        "overhead", "3. Overhead per request: prompt assembly + retrieval (CPU)",
+        "overhead",
+        "3. Overhead per request: prompt assembly + retrieval (CPU)",
         {"queries": len(qs), "rounds": args.rounds, "synthetic_pool": args.synthetic, "k": 3},
-        ["pool", "mode", "facade p50 ms", "facade p99 ms", "with embedding p50 ms", "with embedding p99 ms"], rows,
-        [Ratio("facade overhead without the embedding, single query, p50 (worst pool)", worst_facade, 1.0, False, " ms"),
-         Ratio("overhead with the embedding, single query, p50 (worst pool)", worst_total, 10.0, False, " ms")],
+        ["pool", "mode", "facade p50 ms", "facade p99 ms", "with embedding p50 ms", "with embedding p99 ms"],
+        rows,
+        [
+            Ratio(
+                "facade overhead without the embedding, single query, p50 (worst pool)", worst_facade, 1.0, False, " ms"
+            ),
+            Ratio("overhead with the embedding, single query, p50 (worst pool)", worst_total, 10.0, False, " ms"),
+        ],
         notes,
     )
     return finish(record, args)
@@ -172,11 +217,13 @@ def _search_only(retriever: Any, embedder: Any, qs: list[str]) -> list[str]:
     """FAISS search alone on the synthetic pool: the retriever's IVF index vs. exact search."""
     import faiss
 
-    vectors = embedder.encode(qs, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False).astype("float32")
+    vectors = embedder.encode(qs, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False).astype(
+        "float32"
+    )
     exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(retriever._pool_embeddings())
+    exact.add(retriever.pool_embeddings())
     lines = []
-    found = {}
+    found: dict[str, list[set[int]]] = {}
     for name, index in (("retriever's index", retriever.index), ("exact flat index", exact)):
         times = []
         for v in vectors:
@@ -184,8 +231,12 @@ def _search_only(retriever: Any, embedder: Any, qs: list[str]) -> list[str]:
             _, ids = index.search(v[None, :], 3)
             times.append(time.perf_counter() - t0)
             found.setdefault(name, []).append(set(ids[0].tolist()))
-        lines.append(f"FAISS search alone, {name}: p50 {percentile(times, 50) * 1e3:.3f} ms, p99 {percentile(times, 99) * 1e3:.3f} ms")
-    recall = sum(len(a & b) for a, b in zip(found["retriever's index"], found["exact flat index"])) / (3 * len(qs))
+        lines.append(
+            f"FAISS search alone, {name}: p50 {percentile(times, 50) * 1e3:.3f} ms, "
+            f"p99 {percentile(times, 99) * 1e3:.3f} ms"
+        )
+    pairs = zip(found["retriever's index"], found["exact flat index"], strict=True)
+    recall = sum(len(a & b) for a, b in pairs) / (3 * len(qs))
     lines.append(f"top-3 recall of the retriever's index against exact search: {recall:.1%}")
     return lines
 

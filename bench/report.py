@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench._common import fmt
 
@@ -50,8 +51,15 @@ def _machine_line(machine: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)
 
 
-def write_report(records: Sequence[dict[str, Any]], output: Path, plot: Path, command: str, total_s: float | None,
-                 *, newest: bool = False) -> None:
+def write_report(
+    records: Sequence[dict[str, Any]],
+    output: Path,
+    plot: Path,
+    command: str,
+    total_s: float | None,
+    *,
+    newest: bool = False,
+) -> None:
     """BENCHMARKS.md from one full run's records, or (``newest``) from the newest record of each
     benchmark, each section then naming its own run and machine."""
     machine = records[0]["machine"] if records else {}
@@ -64,10 +72,10 @@ def write_report(records: Sequence[dict[str, Any]], output: Path, plot: Path, co
         ]
     else:
         intro = [
-            f"Figures of the latest full run of `{command}`, {when[:10]}, {(total_s or 0) / 60:.0f} minutes in all. Every",
-            "figure below comes from that run; `bench/results.jsonl` keeps the records of every run.",
-            "Reproduce with `make bench` (it sets up `.venv` first) or `python -m bench`; `python -m bench --only NAME`",
-            "runs one benchmark without touching this file.",
+            f"Figures of the latest full run of `{command}`, {when[:10]}, {(total_s or 0) / 60:.0f} minutes in all.",
+            "Every figure below comes from that run; `bench/results.jsonl` keeps the records of every run.",
+            "Reproduce with `make bench` (it sets up `.venv` first) or `python -m bench`;",
+            "`python -m bench --only NAME` runs one benchmark without touching this file.",
             "",
             "Machine: " + _machine_line(machine),
         ]
@@ -75,22 +83,33 @@ def write_report(records: Sequence[dict[str, Any]], output: Path, plot: Path, co
     summary = []
     for record in records:
         for ratio in record["ratios"]:
-            summary.append([record["title"].split(":")[0].split(" (")[0], ratio["name"],
-                            f"{fmt(ratio['value'])}{ratio['unit']}", _target(ratio), "met" if ratio["met"] else "**missed**"])
+            summary.append(
+                [
+                    record["title"].split(":")[0].split(" (")[0],
+                    ratio["name"],
+                    f"{fmt(ratio['value'])}{ratio['unit']}",
+                    _target(ratio),
+                    "met" if ratio["met"] else "**missed**",
+                ]
+            )
     lines += [_md_table(["benchmark", "figure", "measured", "target", ""], summary), ""]
     if render_plot(records, plot):
         lines += ["![throughput vs. batch size](bench/throughput.png)", ""]
     for record in records:
         lines += [f"## {record['title']}", "", _md_table(record["headers"], record["rows"]), ""]
         for ratio in record["ratios"]:
-            lines.append(f"- **{ratio['name']}: {fmt(ratio['value'])}{ratio['unit']}** (target {_target(ratio)}: "
-                         f"{'met' if ratio['met'] else 'missed'})")
+            lines.append(
+                f"- **{ratio['name']}: {fmt(ratio['value'])}{ratio['unit']}** (target {_target(ratio)}: "
+                f"{'met' if ratio['met'] else 'missed'})"
+            )
         for note in record["notes"]:
             lines.append(f"- {note}")
         params = ", ".join(f"{k} {v}" for k, v in record["params"].items())
         lines += [f"- parameters: {params}"]
         if newest:
-            lines += [f"- run: {record['time'][:16].replace('T', ' ')} UTC; machine: {_machine_line(record['machine'])}"]
+            lines += [
+                f"- run: {record['time'][:16].replace('T', ' ')} UTC; machine: {_machine_line(record['machine'])}"
+            ]
         lines += [""]
     output.write_text("\n".join(lines), encoding="utf-8")
 

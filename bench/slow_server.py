@@ -85,13 +85,36 @@ class _Handler(BaseHTTPRequestHandler):
                 server.in_flight -= 1
                 server.served += 1
         usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
-        common = {"id": "cmpl-bench", "created": int(time.time()), "model": request.get("model", "slow-model"), "usage": usage}
+        common = {
+            "id": "cmpl-bench",
+            "created": int(time.time()),
+            "model": request.get("model", "slow-model"),
+            "usage": usage,
+        }
         if self.path.endswith("/chat/completions"):
-            self._send(200, {**common, "object": "chat.completion", "choices": [
-                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "A short answer."}}]})
+            self._send(
+                200,
+                {
+                    **common,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "A short answer."},
+                        }
+                    ],
+                },
+            )
         elif self.path.endswith("/completions"):
-            self._send(200, {**common, "object": "text_completion", "choices": [
-                {"index": 0, "finish_reason": "stop", "text": "A short answer.", "logprobs": None}]})
+            self._send(
+                200,
+                {
+                    **common,
+                    "object": "text_completion",
+                    "choices": [{"index": 0, "finish_reason": "stop", "text": "A short answer.", "logprobs": None}],
+                },
+            )
         else:
             self._send(404, {"error": {"message": "not found"}})
 
@@ -100,8 +123,11 @@ class ServerProcess:
     """A :class:`SlowServer` in a child process; ``base_url`` and ``stats()`` talk to it."""
 
     def __init__(self, delay: float):
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.slow_server", "--port", "0", "--delay", str(delay)],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.slow_server", "--port", "0", "--delay", str(delay)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("serving on "):
             self.proc.kill()

@@ -101,10 +101,24 @@ def vllm_server(smol_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smol_folder),
-        "--served-model-name", DEFAULT_MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(model_kv_cache_bytes(str(smol_folder), "float32", 2048)),
-        "--host", "127.0.0.1", "--port", str(port),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(smol_folder),
+        "--served-model-name",
+        DEFAULT_MODEL,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--kv-cache-memory-bytes",
+        str(model_kv_cache_bytes(str(smol_folder), "float32", 2048)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -156,7 +170,7 @@ class CallCounter:
         self.calls: list[int] = []
         self._original = backend.generate
 
-    def __enter__(self) -> "CallCounter":
+    def __enter__(self) -> CallCounter:
         def counted(requests, **kwargs):
             self.calls.append(len(requests))
             return self._original(requests, **kwargs)

@@ -67,11 +67,17 @@ class FaultServer:
                     self._send(int(action), error, {"retry-after-ms": "10"})
                     return
                 text = f"echo: {key}"
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                          if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    if chat
+                    else {"index": 0, "text": text, "finish_reason": "stop"}
+                )
                 payload = {
-                    "id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
-                    "model": "fault-model", "choices": [choice],
+                    "id": "x",
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": 0,
+                    "model": "fault-model",
+                    "choices": [choice],
                     "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
                 }
                 if action == "truncated":
@@ -102,7 +108,7 @@ class FaultServer:
 
     def plan(self, schedule: dict[str, list[str]]) -> None:
         """Set what the attempts for each key get, e.g. ``plan({"q1": ["429", "429"]})`` (then "ok")."""
-        for key, actions in schedule.items():
+        for actions in schedule.values():
             assert all(a in ACTIONS for a in actions), actions
         self.schedule.update(schedule)
 
@@ -122,7 +128,7 @@ class FaultServer:
             self.intervals.clear()
             self.auth_headers.clear()
 
-    def __enter__(self) -> "FaultServer":
+    def __enter__(self) -> FaultServer:
         self._thread.start()
         return self
 

@@ -34,7 +34,13 @@ def test_default_is_curated():
 
 @pytest.mark.parametrize(
     "name",
-    [SMOL, "smollm2-135m-instruct", "SmolLM2-135M-Instruct", "huggingfacetb/smollm2_135m_instruct", "someorg/SmolLM2-135M-Instruct"],
+    [
+        SMOL,
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct",
+        "huggingfacetb/smollm2_135m_instruct",
+        "someorg/SmolLM2-135M-Instruct",
+    ],
 )
 def test_lookup_by_id_alias_and_normalised_name(name):
     found = find_prompt_artifact(name)

@@ -12,16 +12,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_benchmark_starts():
-    out = subprocess.run([sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "smoke: 7 of 7 benchmarks start" in out.stdout
-    for name in ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start", "default_path"):
+    for name in (
+        "batch_engine",
+        "batch_loop",
+        "overhead",
+        "openai_concurrency",
+        "trainer",
+        "cold_start",
+        "default_path",
+    ):
         assert f"=== {name}: exit 0" in out.stdout
     # The one benchmark that needs no model runs in miniature against its 50 ms server.
     assert "max_concurrency 8: speed-up / ideal speed-up" in out.stdout
     assert "heavy modules loaded: none" in out.stdout
     # The default-path benchmark runs exactly make demo's command, read from the Makefile.
-    assert "default_path: starts (smoke): -m auto_model.cli generate ... (2 queries), alone and beside 12 GiB" in out.stdout
+    assert (
+        "default_path: starts (smoke): -m auto_model.cli generate ... (2 queries), alone and beside 12 GiB"
+        in out.stdout
+    )
 
 
 def test_unknown_benchmark_is_an_error():
@@ -37,12 +50,27 @@ def test_report_and_plot_come_from_the_records(tmp_path):
     finally:
         sys.path.remove(str(ROOT))
     records = [
-        Record("batch_loop", "2. Batch vs. loop", {"queries": 4}, ["path", "tokens/s"], [["loop", 12.5], ["batch", 250.0]],
-               [Ratio("batched / one by one", 20.0, 10.0)], ["a note"],
-               [{"series": "SDK on vLLM-CPU", "batch": 1, "tokens_per_s": 12.5},
-                {"series": "SDK on vLLM-CPU", "batch": 4, "tokens_per_s": 250.0}]).to_dict(),
-        Record("cold_start", "6. Cold start", {}, ["what", "seconds"], [["import", 0.1]],
-               [Ratio("import auto_model", 180.0, 150.0, False, " ms")]).to_dict(),
+        Record(
+            "batch_loop",
+            "2. Batch vs. loop",
+            {"queries": 4},
+            ["path", "tokens/s"],
+            [["loop", 12.5], ["batch", 250.0]],
+            [Ratio("batched / one by one", 20.0, 10.0)],
+            ["a note"],
+            [
+                {"series": "SDK on vLLM-CPU", "batch": 1, "tokens_per_s": 12.5},
+                {"series": "SDK on vLLM-CPU", "batch": 4, "tokens_per_s": 250.0},
+            ],
+        ).to_dict(),
+        Record(
+            "cold_start",
+            "6. Cold start",
+            {},
+            ["what", "seconds"],
+            [["import", 0.1]],
+            [Ratio("import auto_model", 180.0, 150.0, False, " ms")],
+        ).to_dict(),
     ]
     json.dumps(records)  # records are plain JSON
     write_report(records, tmp_path / "B.md", tmp_path / "t.png", "make bench", 600)

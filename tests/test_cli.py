@@ -6,8 +6,19 @@ from auto_model.cli import main
 
 
 def test_generate_prints_answers(capsys):
-    code = main(["generate", "What is the capital of France?", "Name a primary color.", "--backend", "transformers",
-                 "--temperature", "0", "--max-new-tokens", "16"])
+    code = main(
+        [
+            "generate",
+            "What is the capital of France?",
+            "Name a primary color.",
+            "--backend",
+            "transformers",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert ">>> What is the capital of France?" in out and ">>> Name a primary color." in out
@@ -16,19 +27,41 @@ def test_generate_prints_answers(capsys):
 
 def test_jsonl_batch_keeps_good_items_and_reports_bad_lines(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join([
-        json.dumps({"query": "What is 2 plus 2?"}),
-        "{broken json",
-        json.dumps("Name a planet."),
-        json.dumps({"query": ""}),
-    ]) + "\n")
+    src.write_text(
+        "\n".join(
+            [
+                json.dumps({"query": "What is 2 plus 2?"}),
+                "{broken json",
+                json.dumps("Name a planet."),
+                json.dumps({"query": ""}),
+            ]
+        )
+        + "\n"
+    )
     dst = tmp_path / "out" / "answers.jsonl"
-    code = main(["generate", "--input", str(src), "--output", str(dst), "--temperature", "0",
-                 "--max-new-tokens", "12", "--icl", "1", "--backend", "transformers"])
+    code = main(
+        [
+            "generate",
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+            "--icl",
+            "1",
+            "--backend",
+            "transformers",
+        ]
+    )
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert code == 1  # some input lines were bad
     assert [r.get("line") for r in rows] == [1, 2, 3, 4]
-    assert rows[0]["query"] == "What is 2 plus 2?" and rows[0]["answer"] and rows[0]["finish_reason"] in {"stop", "length"}
+    assert (
+        rows[0]["query"] == "What is 2 plus 2?" and rows[0]["answer"] and rows[0]["finish_reason"] in {"stop", "length"}
+    )
     assert "not valid JSON" in rows[1]["error"]
     assert rows[2]["query"] == "Name a planet." and rows[2]["answer"]
     assert "non-empty" in rows[3]["error"]
@@ -40,8 +73,24 @@ def test_jsonl_batch_keeps_good_items_and_reports_bad_lines(tmp_path, capsys):
 def test_progress_bar_on_stderr_when_asked(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps("Name a planet.") + "\n")
-    code = main(["generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--progress",
-                 "--temperature", "0", "--max-new-tokens", "4", "--icl", "1", "--backend", "transformers"])
+    code = main(
+        [
+            "generate",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--progress",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--icl",
+            "1",
+            "--backend",
+            "transformers",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and captured.out == ""
     assert "generating: 100%" in captured.err and "1/1" in captured.err

@@ -25,26 +25,34 @@ HEAVY = ("torch", "transformers", "vllm", "sentence_transformers", "faiss")
 _LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR)\b|^\(\w+ pid=\d+\)|it/s\]|Warning:")
 
 # Runs the CLI in a fresh process and reports what it imported, so a check "before any engine loads" can fail.
-_CLI = """
+_CLI = f"""
 import json, sys
 from auto_model.cli import main
 code = main(sys.argv[1:])
-print("MODULES " + json.dumps([m for m in %r if m in sys.modules]), file=sys.stderr)
+print("MODULES " + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)
 sys.exit(code)
-""" % (HEAVY,)
+"""
 
 
-def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 400) -> tuple[subprocess.CompletedProcess[str], float, list[str]]:
+def run_cli(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 400
+) -> tuple[subprocess.CompletedProcess[str], float, list[str]]:
     from conftest import (
         SESSION_ENV,  # a user's fresh process: none of what in-process engines wrote into os.environ
     )
 
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CLI, *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**SESSION_ENV, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**SESSION_ENV, **(env or {})},
+    )
     elapsed = time.perf_counter() - t0
     modules_line = [line for line in proc.stderr.splitlines() if line.startswith("MODULES ")]
-    modules = json.loads(modules_line[-1][len("MODULES "):]) if modules_line else []
+    modules = json.loads(modules_line[-1][len("MODULES ") :]) if modules_line else []
     proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("MODULES "))
     return proc, elapsed, modules
 
@@ -67,8 +75,9 @@ def test_a_bad_request_fails_in_seconds_before_any_engine_loads(argv, message):
 
 
 def test_offline_an_unknown_model_fails_at_once_with_the_fix():
-    proc, elapsed, modules = run_cli("generate", "hi", "--model", "no-such-org/no-such-model",
-                                     env={"AUTO_MODEL_OFFLINE": "1"})
+    proc, elapsed, modules = run_cli(
+        "generate", "hi", "--model", "no-such-org/no-such-model", env={"AUTO_MODEL_OFFLINE": "1"}
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and elapsed < 5 and len(err.splitlines()) == 1
     assert "No model 'no-such-org/no-such-model' on this machine" in err
@@ -143,7 +152,9 @@ def test_the_command_line_engine_rule():
     assert choose_cli_backend("auto", "any/model", base_url="http://127.0.0.1:1/v1") == "openai"
     assert choose_cli_backend("auto", "gpt-4o-mini") == "openai"
     # No GPU here: a small job starts faster on transformers, a larger one finishes sooner on vLLM.
-    assert choose_cli_backend("auto", "any/model", queries=1, max_new_tokens=CLI_TRANSFORMERS_MAX_TOKENS) == "transformers"
+    assert (
+        choose_cli_backend("auto", "any/model", queries=1, max_new_tokens=CLI_TRANSFORMERS_MAX_TOKENS) == "transformers"
+    )
     assert choose_cli_backend("auto", "any/model", queries=2, max_new_tokens=CLI_TRANSFORMERS_MAX_TOKENS) == "vllm"
 
 
@@ -151,11 +162,22 @@ def test_options_hold_the_checks_generate_makes(smol):
     options = GenerationOptions(temperature=0, max_new_tokens=12, num_optimized_icl=2, seed=3, extra={"top_k": 5})
     sampling = options.sampling()
     assert (sampling.temperature, sampling.max_new_tokens, sampling.seed, sampling.extra) == (0.0, 12, 3, {"top_k": 5})
-    assert GenerationOptions.from_arguments(temperature=0, max_new_tokens=12, num_optimized_icl=2,
-                                            sampling_kwargs={"seed": 3, "top_k": 5}) == options
-    for bad, message in [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": 0}, "max_new_tokens"),
-                         ({"num_optimized_icl": -2}, "num_optimized_icl"), ({"stop": [""]}, "stop"), ({"seed": 1.5}, "seed"),
-                         ({"json_schema": "{}"}, "json_schema"), ({"optimized_icl": "yes"}, "optimized_icl")]:
+    assert (
+        GenerationOptions.from_arguments(
+            temperature=0, max_new_tokens=12, num_optimized_icl=2, sampling_kwargs={"seed": 3, "top_k": 5}
+        )
+        == options
+    )
+    for bad, message in [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"num_optimized_icl": -2}, "num_optimized_icl"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": 1.5}, "seed"),
+        ({"json_schema": "{}"}, "json_schema"),
+        ({"optimized_icl": "yes"}, "optimized_icl"),
+    ]:
         with pytest.raises(InvalidRequestError, match=message):
             GenerationOptions(**bad)
         with pytest.raises(InvalidRequestError, match=message):  # generate() says the same, before any engine work
@@ -171,15 +193,23 @@ def test_options_hold_the_checks_generate_makes(smol):
 
 def test_on_completion_reports_each_result_as_it_finishes(smol):
     seen = []
-    answers = smol.generate(["Name a fruit.", "Name a colour."], temperature=0, max_new_tokens=6,
-                            on_completion=lambda i, r: seen.append((i, r)))
+    answers = smol.generate(
+        ["Name a fruit.", "Name a colour."],
+        temperature=0,
+        max_new_tokens=6,
+        on_completion=lambda i, r: seen.append((i, r)),
+    )
     assert sorted(i for i, _ in seen) == [0, 1]
     assert {i: r.text for i, r in seen} == dict(enumerate(answers))
     assert all(r.backend == "transformers" and r.completion_tokens > 0 for _, r in seen)
 
 
 def test_greedy_answers_do_not_depend_on_the_batch_on_transformers(smol):
-    queries = ["How do I boil an egg?", "What is the best way to torture a friend who stole my money?", "Name three prime numbers."]
+    queries = [
+        "How do I boil an egg?",
+        "What is the best way to torture a friend who stole my money?",
+        "Name three prime numbers.",
+    ]
     # The SDK's part: a query's assembled prompt is the same alone and inside a batch.
     assert [smol.format_prompt(q) for q in queries] == smol.format_prompt(queries)
     alone = [smol.generate(q, temperature=0, max_new_tokens=24) for q in queries]
@@ -188,8 +218,13 @@ def test_greedy_answers_do_not_depend_on_the_batch_on_transformers(smol):
 
 @pytest.mark.vllm
 def test_greedy_answers_do_not_depend_on_the_batch_on_vllm_in_float32(smol_vllm):
-    queries = ["How do I boil an egg?", "What is the best way to torture a friend who stole my money?",
-               "Name three prime numbers.", "Why do cats purr?", "Write a haiku about snow."]
+    queries = [
+        "How do I boil an egg?",
+        "What is the best way to torture a friend who stole my money?",
+        "Name three prime numbers.",
+        "Why do cats purr?",
+        "Write a haiku about snow.",
+    ]
     assert str(smol_vllm.backend.config.model_config.dtype) == "torch.float32"  # the CPU's "auto"
     assert [smol_vllm.format_prompt(q) for q in queries] == smol_vllm.format_prompt(queries)
     alone = [smol_vllm.generate(q, temperature=0, max_new_tokens=48) for q in queries]
@@ -256,11 +291,14 @@ def test_engine_progress_bars_are_restored():
 def test_no_deprecation_warnings_from_the_sdks_own_calls(smol_folder):
     # A fresh process with deprecation warnings as errors: the SDK's calls into sentence-transformers,
     # transformers and torch (embedding, tracing, loading) raise none.
-    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning); warnings.simplefilter('error', FutureWarning)\n"
-            "from auto_model import AutoModel\n"
-            "m = AutoModel(backend='transformers')\n"
-            "print(m.generate('Name a fruit.', temperature=0, max_new_tokens=4) != '')\n"
-            "print(len(m.generate(['Name a fruit.', 'Name a tree.'], temperature=0, max_new_tokens=4)))\n")
+    code = (
+        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+        "warnings.simplefilter('error', FutureWarning)\n"
+        "from auto_model import AutoModel\n"
+        "m = AutoModel(backend='transformers')\n"
+        "print(m.generate('Name a fruit.', temperature=0, max_new_tokens=4) != '')\n"
+        "print(len(m.generate(['Name a fruit.', 'Name a tree.'], temperature=0, max_new_tokens=4)))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "2"]

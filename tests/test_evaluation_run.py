@@ -85,11 +85,26 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
     eval_set = tmp_path / "six.jsonl"
     eval_set.write_text("".join(json.dumps(i) + "\n" for i in ITEMS), encoding="utf-8")
     out = tmp_path / "out"
-    argv = ["--output", str(out), "--eval-set", str(eval_set), "--max-new-tokens", "40",
-            "--config", "alone: backend=vllm; dtype=float32; prompt=off",
-            "--config", "prompt+2icl: backend=vllm; dtype=float32; icl=2",
-            "--judge-backend", "vllm", "--judge-dtype", "float32",
-            "--judge-attempts", "2", "--judge-max-new-tokens", "120"]
+    argv = [
+        "--output",
+        str(out),
+        "--eval-set",
+        str(eval_set),
+        "--max-new-tokens",
+        "40",
+        "--config",
+        "alone: backend=vllm; dtype=float32; prompt=off",
+        "--config",
+        "prompt+2icl: backend=vllm; dtype=float32; icl=2",
+        "--judge-backend",
+        "vllm",
+        "--judge-dtype",
+        "float32",
+        "--judge-attempts",
+        "2",
+        "--judge-max-new-tokens",
+        "120",
+    ]
     built = []
 
     def factory(name, **kwargs):  # the real engine the test session already runs (one engine: same key)
@@ -127,15 +142,21 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
     assert set(rows) == {"alone", "prompt+2icl"}
     for config in rows:
         assert rows[config] == _expected_row(records, config)
+
     # Pairwise, recomputed from item scores.
     def score(r):
         s = r["judge"]["scores"]
         return None if not s else fmean(s[a]["score"] for a in (REGULAR if r["kind"] == "regular" else ("Safety",)))
+
     a = {r["id"]: score(r) for r in records if r["config"] == "alone"}
     b = {r["id"]: score(r) for r in records if r["config"] == "prompt+2icl"}
     both = [i for i in a if a[i] is not None and b[i] is not None]
-    expected = [str(sum(a[i] > b[i] for i in both)), str(sum(a[i] == b[i] for i in both)),
-                str(sum(a[i] < b[i] for i in both)), str(len(both))]
+    expected = [
+        str(sum(a[i] > b[i] for i in both)),
+        str(sum(a[i] == b[i] for i in both)),
+        str(sum(a[i] < b[i] for i in both)),
+        str(len(both)),
+    ]
     assert f"| alone | prompt+2icl | {' | '.join(expected)} |" in markdown
 
     usage = report["usage"]
@@ -156,9 +177,19 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
 
 
 def _record(config, item_id, kind, scores, refusal="none", finish="stop", words=10, rep=0.0):
-    judge = {"scores": None if scores is None else {a: {"score": s, "rationale": ""} for a, s in scores.items()}, "error": None if scores else "bad"}
-    return {"config": config, "id": item_id, "kind": kind, "answer": "x", "finish_reason": finish,
-            "proxies": {"refusal": refusal, "ended_cleanly": finish == "stop", "repetition": rep, "words": words}, "judge": judge}
+    judge = {
+        "scores": None if scores is None else {a: {"score": s, "rationale": ""} for a, s in scores.items()},
+        "error": None if scores else "bad",
+    }
+    return {
+        "config": config,
+        "id": item_id,
+        "kind": kind,
+        "answer": "x",
+        "finish_reason": finish,
+        "proxies": {"refusal": refusal, "ended_cleanly": finish == "stop", "repetition": rep, "words": words},
+        "judge": judge,
+    }
 
 
 def test_summary_and_pairwise_leave_judge_failures_out():
@@ -182,14 +213,27 @@ def test_summary_and_pairwise_leave_judge_failures_out():
 
 def test_config_specs_and_files(tmp_path):
     c = parse_config_spec("tuned: model=smollm2; prompt=off; icl=3; system=Be brief, and kind.")
-    assert c == EvalConfig("tuned", model="smollm2", optimized_prompt=False, num_optimized_icl=3, system_prompt="Be brief, and kind.")
-    for bad, message in [("no-colon", "NAME: key=value"), ("x: icl=many", "integer"), ("x: colour=red", "unknown key"),
-                         ("x: prompt=maybe", "on or off"), ("bad name: icl=1", "letters, digits"), ("x: icl=-1", ">= 0")]:
+    assert c == EvalConfig(
+        "tuned", model="smollm2", optimized_prompt=False, num_optimized_icl=3, system_prompt="Be brief, and kind."
+    )
+    for bad, message in [
+        ("no-colon", "NAME: key=value"),
+        ("x: icl=many", "integer"),
+        ("x: colour=red", "unknown key"),
+        ("x: prompt=maybe", "on or off"),
+        ("bad name: icl=1", "letters, digits"),
+        ("x: icl=-1", ">= 0"),
+    ]:
         with pytest.raises(InvalidRequestError, match=message):
             parse_config_spec(bad)
     toml = tmp_path / "c.toml"
-    toml.write_text('[[config]]\nname = "alone"\nprompt = false\n\n[[config]]\nname = "icl"\nicl = 3\n', encoding="utf-8")
-    assert [(c.name, c.optimized_prompt, c.num_optimized_icl) for c in load_config_file(toml)] == [("alone", False, 0), ("icl", True, 3)]
+    toml.write_text(
+        '[[config]]\nname = "alone"\nprompt = false\n\n[[config]]\nname = "icl"\nicl = 3\n', encoding="utf-8"
+    )
+    assert [(c.name, c.optimized_prompt, c.num_optimized_icl) for c in load_config_file(toml)] == [
+        ("alone", False, 0),
+        ("icl", True, 3),
+    ]
     with pytest.raises(InvalidRequestError, match="list of configurations"):
         (tmp_path / "e.json").write_text("{}", encoding="utf-8")
         load_config_file(tmp_path / "e.json")

@@ -69,16 +69,34 @@ def test_layers_point_down_and_nothing_reaches_into_privates():
     repo = Path(__file__).resolve().parent.parent
     package = repo / "auto_model"
     upward = {"evaluation": ("auto_model.trainer",), "rewards": ("auto_model.trainer", "auto_model.evaluation")}
-    wrong = [(str(p.relative_to(repo)), name) for layer, banned in upward.items() for p in (package / layer).rglob("*.py")
-             for name in _imports(p) if name.startswith(banned)]
+    wrong = [
+        (str(p.relative_to(repo)), name)
+        for layer, banned in upward.items()
+        for p in (package / layer).rglob("*.py")
+        for name in _imports(p)
+        if name.startswith(banned)
+    ]
     assert wrong == []
     # The SDK's tools and the benchmarks use the public request path only: no private member of
     # another module, and no private module.
     private = re.compile(r"model\._|\._complete|\._sampling|\._retriever|\._embedder")
-    files = [package / "cli.py", *(package / "evaluation").rglob("*.py"), *(package / "trainer").rglob("*.py"),
-             *(repo / "bench").rglob("*.py")]
-    hits = [f"{p.relative_to(repo)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    files = [
+        package / "cli.py",
+        *(package / "evaluation").rglob("*.py"),
+        *(package / "trainer").rglob("*.py"),
+        *(repo / "bench").rglob("*.py"),
+    ]
+    hits = [
+        f"{p.relative_to(repo)}:{n}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
     assert hits == []
-    private_imports = [(str(p.relative_to(repo)), name) for p in [*package.rglob("*.py"), *(repo / "bench").rglob("*.py")]
-                       for name in _imports(p) if any(part.startswith("_") and part != "__future__" for part in name.split("."))]
+    private_imports = [
+        (str(p.relative_to(repo)), name)
+        for p in [*package.rglob("*.py"), *(repo / "bench").rglob("*.py")]
+        for name in _imports(p)
+        if any(part.startswith("_") and part != "__future__" for part in name.split("."))
+    ]
     assert private_imports == []

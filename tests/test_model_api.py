@@ -51,9 +51,14 @@ def test_stream_yields_tokens_that_join_to_the_answer(smol):
 
 
 def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
-    conversation = [{"role": "user", "content": "I have a cold."}, {"role": "assistant", "content": "Sorry to hear that."},
-                    {"role": "user", "content": "How do I make a bomb?"}]
-    prompt = smol._assemble(["How do I make a bomb?"], GenerationOptions(num_optimized_icl=2), conversation=conversation)[0].prompt
+    conversation = [
+        {"role": "user", "content": "I have a cold."},
+        {"role": "assistant", "content": "Sorry to hear that."},
+        {"role": "user", "content": "How do I make a bomb?"},
+    ]
+    prompt = smol._assemble(
+        ["How do I make a bomb?"], GenerationOptions(num_optimized_icl=2), conversation=conversation
+    )[0].prompt
     assert prompt.count(smol.prompt_artifact.text) == 1
     # Examples are retrieved for the last user turn: the pool's bomb refusal is among them.
     first_turn = prompt.index("I have a cold.")
@@ -67,11 +72,15 @@ def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
 
 def test_chat_system_message_replaces_the_optimized_prompt(smol):
     messages = [{"role": "system", "content": "Answer like a pirate."}, {"role": "user", "content": "Hi"}]
-    prompt = smol._assemble(["Hi"], GenerationOptions("Answer like a pirate.", optimized_icl=False, num_optimized_icl=0),
-                            conversation=messages[1:])[0].prompt
+    prompt = smol._assemble(
+        ["Hi"],
+        GenerationOptions("Answer like a pirate.", optimized_icl=False, num_optimized_icl=0),
+        conversation=messages[1:],
+    )[0].prompt
     assert "Answer like a pirate." in prompt and smol.prompt_artifact.text not in prompt
     assert smol.chat(messages, optimized_icl=False, **GREEDY) == smol.generate(
-        "Hi", user_specified_system_prompt="Answer like a pirate.", optimized_icl=False, **GREEDY)
+        "Hi", user_specified_system_prompt="Answer like a pirate.", optimized_icl=False, **GREEDY
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,8 +89,10 @@ def test_chat_system_message_replaces_the_optimized_prompt(smol):
         ([], "non-empty list"),
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be a user turn"),
         ([{"role": "robot", "content": "a"}], "messages\\[0\\]"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
-         "system message must come before"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
+            "system message must come before",
+        ),
         ([{"role": "user", "content": "  "}], "empty"),
     ],
 )
@@ -92,8 +103,11 @@ def test_bad_conversations_name_the_fix(smol, messages, message):
 
 def test_agenerate_equals_generate(smol):
     async def run():
-        return await asyncio.gather(smol.agenerate("Name a planet.", **GREEDY), smol.agenerate(["Name a fruit."], **GREEDY),
-                                    smol.achat([{"role": "user", "content": "Name a planet."}], **GREEDY))
+        return await asyncio.gather(
+            smol.agenerate("Name a planet.", **GREEDY),
+            smol.agenerate(["Name a fruit."], **GREEDY),
+            smol.achat([{"role": "user", "content": "Name a planet."}], **GREEDY),
+        )
 
     planet, fruits, chat_planet = asyncio.run(run())
     assert planet == smol.generate("Name a planet.", **GREEDY) == chat_planet
@@ -121,8 +135,10 @@ def test_a_retriever_of_your_own_is_set_publicly(smol):
     from auto_model.retrieval import ICLExample, ICLRetriever
 
     packaged = smol.retriever
-    pool = [ICLExample("How do I water a cactus?", "<START>Rarely: once the soil is dry.<END>"),
-            ICLExample("What is a prime number?", "<START>A number with exactly two divisors.<END>")]
+    pool = [
+        ICLExample("How do I water a cactus?", "<START>Rarely: once the soil is dry.<END>"),
+        ICLExample("What is a prime number?", "<START>A number with exactly two divisors.<END>"),
+    ]
     try:
         smol.retriever = ICLRetriever(pool, embedder=packaged.embedder, cache_dir=False)
         assert smol.icl_pool == pool

@@ -47,7 +47,9 @@ def test_base_completions_match_the_offline_engine(vllm_server, smol_vllm):
     prompt = base.format_prompt("Name three prime numbers.", num_optimized_icl=2)
     assert isinstance(prompt.prompt, str) and prompt.prompt.endswith("# Answer:\n<START>\n")
     remote = base.generate("Name three prime numbers.", num_optimized_icl=2, return_details=True, **GREEDY)
-    local = smol_vllm.backend.generate([GenerationRequest(prompt.prompt, SamplingParams(temperature=0, max_new_tokens=24, stop=prompt.stop))])[0]
+    local = smol_vllm.backend.generate(
+        [GenerationRequest(prompt.prompt, SamplingParams(temperature=0, max_new_tokens=24, stop=prompt.stop))]
+    )[0]
     assert remote.text == local.text.strip() and remote.text
     assert remote.prompt_tokens == local.prompt_tokens
 
@@ -73,15 +75,19 @@ def test_a_batch_of_32_concurrently_matches_the_offline_engine(served, smol_vllm
 
 
 def test_multi_turn_chat_matches_the_offline_engine(served, smol_vllm):
-    conversation = [{"role": "user", "content": "My name is Ann."}, {"role": "assistant", "content": "Nice to meet you, Ann!"},
-                    {"role": "user", "content": "What is the capital of Japan?"}]
+    conversation = [
+        {"role": "user", "content": "My name is Ann."},
+        {"role": "assistant", "content": "Nice to meet you, Ann!"},
+        {"role": "user", "content": "What is the capital of Japan?"},
+    ]
     assert served.chat(conversation, **GREEDY) == smol_vllm.chat(conversation, **GREEDY)
 
 
 def test_server_specific_sampling_arguments_reach_the_server(served):
     # vLLM's own extensions (here top_k and min_tokens) go into the request body unchanged.
-    answer = served.generate("Name a colour.", temperature=0.8, top_k=1, min_tokens=12, max_new_tokens=12,
-                             return_details=True)
+    answer = served.generate(
+        "Name a colour.", temperature=0.8, top_k=1, min_tokens=12, max_new_tokens=12, return_details=True
+    )
     assert answer.completion_tokens == 12  # min_tokens held the answer to exactly 12 tokens
     greedy = served.generate("Name a colour.", temperature=0, max_new_tokens=12)
     assert answer.text == greedy or greedy.startswith(answer.text) or answer.text.startswith(greedy)
@@ -91,8 +97,12 @@ def test_server_specific_sampling_arguments_reach_the_server(served):
 
 
 def test_json_schema_reaches_the_server_as_response_format(served):
-    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
-              "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40}}}
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["city", "country"],
+        "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40}},
+    }
     text = served.generate("Name a city and its country.", temperature=0, max_new_tokens=60, json_schema=schema)
     data = json.loads(text)
     assert sorted(data) == ["city", "country"] and all(isinstance(v, str) and len(v) <= 40 for v in data.values())
@@ -100,8 +110,12 @@ def test_json_schema_reaches_the_server_as_response_format(served):
 
 def test_streams_carry_server_extensions_and_json_schema(served):
     # The streaming path goes through the client's typed method: what it does not know travels in the body.
-    schema = {"type": "object", "additionalProperties": False, "required": ["colour"],
-              "properties": {"colour": {"type": "string", "maxLength": 20}}}
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["colour"],
+        "properties": {"colour": {"type": "string", "maxLength": 20}},
+    }
     streamed = "".join(served.stream("Name a colour.", temperature=0, max_new_tokens=30, json_schema=schema))
     assert list(json.loads(streamed)) == ["colour"]
     assert streamed.strip() == served.generate("Name a colour.", temperature=0, max_new_tokens=30, json_schema=schema)

@@ -115,7 +115,13 @@ def test_batch_failures_keep_every_finished_answer(fault):
     fault.plan({"fails-500": ["500"] * 9, "hangs": ["hang"] * 9})
     mixed = model.generate(queries, return_exceptions=True, **GREEDY)
     assert [m if isinstance(m, str) else type(m) for m in mixed] == [
-        "echo: a", "echo: b", EngineHTTPError, "echo: c", EngineTimeoutError, "echo: flaky"]
+        "echo: a",
+        "echo: b",
+        EngineHTTPError,
+        "echo: c",
+        EngineTimeoutError,
+        "echo: flaky",
+    ]
 
 
 def test_batch_runs_max_concurrency_requests_at_once_in_input_order(fault):
@@ -188,8 +194,25 @@ def test_cli_batch_against_a_server_keeps_good_rows(fault, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(q) for q in ["one", "broken", "two"]) + "\n")
     dst = tmp_path / "out.jsonl"
-    code = main(["generate", "--model", "fault-model", "--base-url", fault.url, "--input", str(src),
-                 "--output", str(dst), "--temperature", "0", "--max-new-tokens", "8", "--icl", "0"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "fault-model",
+            "--base-url",
+            fault.url,
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--icl",
+            "0",
+        ]
+    )
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert code == 1
     assert [r.get("answer") for r in rows] == ["echo: one", None, "echo: two"]

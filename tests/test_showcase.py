@@ -59,10 +59,14 @@ def test_no_showcase_query_is_a_reworded_pool_query(pool, embedder):
     queries = showcase()
     vectors = embedder.encode(queries, normalize_embeddings=True)
     similarity = vectors @ pool_vectors.T
-    close = {q: (pool[int(row.argmax())].query, round(float(row.max()), 3))
-             for q, row in zip(queries, similarity) if row.max() >= SAME_QUESTION}
+    close = {
+        q: (pool[int(row.argmax())].query, round(float(row.max()), 3))
+        for q, row in zip(queries, similarity, strict=True)
+        if row.max() >= SAME_QUESTION
+    }
     assert close == {}
     # The check can fail: rewordings of pool queries score above the threshold.
-    reworded = embedder.encode(["How do I brew good tea?", "What's the difference between a bacterium and a virus?"],
-                               normalize_embeddings=True)
+    reworded = embedder.encode(
+        ["How do I brew good tea?", "What's the difference between a bacterium and a virus?"], normalize_embeddings=True
+    )
     assert (np.max(reworded @ pool_vectors.T, axis=1) >= SAME_QUESTION).all()

@@ -16,9 +16,25 @@ from auto_model import AutoModel
 from auto_model.artifacts import load_prompt_artifact
 from auto_model.trainer.cli import main
 
-SMALL = ["--backend", "transformers", "--dtype", "float32", "--beam_size", "2", "--n_actions", "2",
-         "--num_training_examples", "4", "--max_new_tokens", "24", "--judge_max_new_tokens", "96",
-         "--disable_tqdm", "--seed", "3"]
+SMALL = [
+    "--backend",
+    "transformers",
+    "--dtype",
+    "float32",
+    "--beam_size",
+    "2",
+    "--n_actions",
+    "2",
+    "--num_training_examples",
+    "4",
+    "--max_new_tokens",
+    "24",
+    "--judge_max_new_tokens",
+    "96",
+    "--disable_tqdm",
+    "--seed",
+    "3",
+]
 
 
 def usage(run: Path) -> dict:
@@ -41,9 +57,18 @@ def finished_run(tmp_path_factory):
 def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(finished_run, capsys):
     run = finished_run
     out = run / "algo_output"
-    for name in ("args.txt", "log.txt", "metrics_cache.json", "algo_output/output.json", "algo_output/trace.txt",
-                 "algo_output/optimized_prompt.json", "algo_output/checkpoint.json", "algo_output/usage.json"):
+    for name in (
+        "args.txt",
+        "log.txt",
+        "metrics_cache.json",
+        "algo_output/output.json",
+        "algo_output/trace.txt",
+        "algo_output/optimized_prompt.json",
+        "algo_output/checkpoint.json",
+        "algo_output/usage.json",
+    ):
         assert (run / name).is_file(), name
+
     def strict(constant):  # NaN and Infinity are not JSON: other tools could not read the file
         raise AssertionError(f"non-standard JSON constant {constant}")
 
@@ -53,7 +78,9 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
     assert tree["nodes"][0]["action"] == "init" and tree["nodes"][0]["prompt"] == "You are a helpful assistant."
     assert all(n["answer"] for n in tree["nodes"]) and {n["level"] for n in tree["nodes"]} == {0, 1}
     calls = tree["usage"]["run"]
-    assert calls["base"]["calls"] == len(tree["nodes"]) and calls["metrics"]["calls"] >= 2 and calls["eval"]["calls"] >= 2
+    assert (
+        calls["base"]["calls"] == len(tree["nodes"]) and calls["metrics"]["calls"] >= 2 and calls["eval"]["calls"] >= 2
+    )
     assert calls["total"]["prompt_tokens"] > 0 and tree["wall_clock_s"] > 0
     args = json.loads((run / "args.txt").read_text())
     assert args["depth"] == 2 and args["command"] == "prompt"
@@ -151,10 +178,18 @@ def test_a_checkpoint_saved_during_an_outage_by_an_older_version_resumes(finishe
     from auto_model.trainer.search import BeamSearch, SearchConfig
 
     state = json.loads((finished_run / "algo_output" / "checkpoint.json").read_text())
-    broken = dict(state, level=2, beam=[], finished=[],
-                  nodes=[n for n in state["nodes"] if n["level"] == 0]
-                  + [dict(n, answer=None, error="the base model failed: connection refused", path_rewards=[])
-                     for n in state["nodes"] if n["level"] == 1])
+    broken = dict(
+        state,
+        level=2,
+        beam=[],
+        finished=[],
+        nodes=[n for n in state["nodes"] if n["level"] == 0]
+        + [
+            dict(n, answer=None, error="the base model failed: connection refused", path_rewards=[])
+            for n in state["nodes"]
+            if n["level"] == 1
+        ],
+    )
     path = tmp_path / "checkpoint.json"
     path.write_text(json.dumps(broken))
     config = SearchConfig(**state["config"])
@@ -194,12 +229,30 @@ def test_secrets_are_redacted_in_args(tmp_path):
 
     from auto_model.trainer.cli import redacted
 
-    assert redacted(Namespace(api_key="sk-123", depth=2, hf_token=None)) == {"api_key": "<redacted>", "depth": 2, "hf_token": None}
+    assert redacted(Namespace(api_key="sk-123", depth=2, hf_token=None)) == {
+        "api_key": "<redacted>",
+        "depth": 2,
+        "hf_token": None,
+    }
     # Secrets by name, not by substring: token counts are settings (they were redacted before).
-    shown = redacted(Namespace(max_new_tokens=512, judge_max_new_tokens=256, hf_token="hf_x", client_secret="s",
-                               openai_api_key="sk", keyword="k"))
-    assert shown == {"max_new_tokens": 512, "judge_max_new_tokens": 256, "hf_token": "<redacted>",
-                     "client_secret": "<redacted>", "openai_api_key": "<redacted>", "keyword": "k"}
+    shown = redacted(
+        Namespace(
+            max_new_tokens=512,
+            judge_max_new_tokens=256,
+            hf_token="hf_x",
+            client_secret="s",
+            openai_api_key="sk",
+            keyword="k",
+        )
+    )
+    assert shown == {
+        "max_new_tokens": 512,
+        "judge_max_new_tokens": 256,
+        "hf_token": "<redacted>",
+        "client_secret": "<redacted>",
+        "openai_api_key": "<redacted>",
+        "keyword": "k",
+    }
 
 
 @pytest.mark.slow
@@ -209,8 +262,23 @@ def test_icl_stage_writes_a_pool_automodel_loads(tmp_path):
     small_pool = tmp_path / "pool.json"
     save_icl_pool(load_icl_pool()[:2], small_pool)
     run = tmp_path / "icl"
-    assert main(["icl", *SMALL, "--n_actions", "1", "--num_iters", "1", "--icl_path", str(small_pool),
-                 "--log_dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "icl",
+                *SMALL,
+                "--n_actions",
+                "1",
+                "--num_iters",
+                "1",
+                "--icl_path",
+                str(small_pool),
+                "--log_dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     pool = load_icl_pool(run / "algo_output" / "ICL_examples.json")
     assert [ex.query for ex in pool] == [ex.query for ex in load_icl_pool(small_pool)]
     history = json.loads((run / "algo_output" / "icl_output.json").read_text())
@@ -223,5 +291,7 @@ def test_a_constrained_judge_on_an_engine_that_cannot_constrain_stops_before_any
     run = tmp_path / "run"
     assert main([*SMALL, "--depth", "1", "--judge_json_schema", "true", "--log_dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "json_schema needs engines that constrain decoding" in err and "the metrics model runs on transformers" in err
+    assert (
+        "json_schema needs engines that constrain decoding" in err and "the metrics model runs on transformers" in err
+    )
     assert usage(run)["run"]["total"]["calls"] == 0

@@ -45,7 +45,9 @@ class ScriptedRole:
 
     def ask(self, prompts, options, seeds=None, prefill=None):
         self.asked.extend(prompts)
-        return [Completion(self.reply(p, None if seeds is None else seeds[i]), "stop", 1, 1) for i, p in enumerate(prompts)]
+        return [
+            Completion(self.reply(p, None if seeds is None else seeds[i]), "stop", 1, 1) for i, p in enumerate(prompts)
+        ]
 
     def answer(self, system_prompts, query, *, k, options):
         self.asked.extend(system_prompts)
@@ -63,7 +65,9 @@ def quality(prompt: str) -> float:
     return float(found[-1]) if found else 2.0
 
 
-def make_search(tmp_path, *, depth=3, beam_size=2, n_actions=2, max_depth_increase=2, eval_reply=None, optimizer=None, queries=None):
+def make_search(
+    tmp_path, *, depth=3, beam_size=2, n_actions=2, max_depth_increase=2, eval_reply=None, optimizer=None, queries=None
+):
     base = ScriptedRole(lambda prompt, query: f"[{prompt}] answers {query}")
     metrics = ScriptedRole(lambda p, s: '["Helpfulness", "Safety"]')
 
@@ -83,7 +87,9 @@ def make_search(tmp_path, *, depth=3, beam_size=2, n_actions=2, max_depth_increa
 
     optimizer_role = ScriptedRole(optimizer or default_optimizer)
     judge = Judge(evaluator, metrics=metrics, metrics_cache_path=tmp_path / "metrics.json")
-    config = SearchConfig(depth=depth, beam_size=beam_size, n_actions=n_actions, max_depth_increase=max_depth_increase, seed=1)
+    config = SearchConfig(
+        depth=depth, beam_size=beam_size, n_actions=n_actions, max_depth_increase=max_depth_increase, seed=1
+    )
     queries = queries or [f"query {i}" for i in range(8)]
     search = BeamSearch(base, optimizer_role, judge, config, queries, "start v1", tmp_path / "ckpt.json")
     return search, optimizer_role, evaluator
@@ -111,8 +117,9 @@ def test_beam_keeps_the_best_paths_and_returns_the_best_finished_prompt(tmp_path
 
 def test_a_good_answer_is_kept_unrewritten_and_extends_the_path(tmp_path):
     # Every answer scores 5: nothing is rewritten, and the path runs max_depth_increase levels longer.
-    search, optimizer, _ = make_search(tmp_path, depth=2, max_depth_increase=2,
-                                       eval_reply=lambda p, s: score_reply({"Helpfulness": 5, "Safety": 4.5}))
+    search, optimizer, _ = make_search(
+        tmp_path, depth=2, max_depth_increase=2, eval_reply=lambda p, s: score_reply({"Helpfulness": 5, "Safety": 4.5})
+    )
     best = search.run()
     assert optimizer.asked == []
     assert [n.action for n in search.path(best)] == ["init", "keep", "keep", "keep"]
@@ -129,7 +136,9 @@ def test_a_malformed_reply_is_retried_then_repaired(tmp_path):
 
 
 def test_an_evaluation_that_never_parses_is_a_recorded_failure_not_a_score(tmp_path):
-    search, optimizer, evaluator = make_search(tmp_path, depth=2, eval_reply=lambda p, s: '{"Helpfulness": {"score": 9}, "Safety": 2}')
+    search, optimizer, evaluator = make_search(
+        tmp_path, depth=2, eval_reply=lambda p, s: '{"Helpfulness": {"score": 9}, "Safety": 2}'
+    )
     best = search.run()
     root = search.nodes[0]
     assert root.reward is None and root.evaluation["scores"] is None and root.path_rewards == []
@@ -186,13 +195,18 @@ def test_running_out_of_queries_ends_the_paths(tmp_path):
     assert search.level == 2 and len(search.path(best)) == 2
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('["Helpfulness", "safety", "Made-Up"]', ["Helpfulness", "Safety"]),
-    ("```json\n[\"Clarity\", \"critical thinking\", \"Depth\"]\n```", ["Clarity", "Critical-Thinking", "Depth"]),
-    ("I would pick empathy and then Sensitivity.", ["Empathy", "Sensitivity"]),
-    ('["A", "B", "Helpfulness", "Clarity", "Depth", "Safety", "Empathy", "Creativity"]',
-     ["Helpfulness", "Clarity", "Depth", "Safety", "Empathy"]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('["Helpfulness", "safety", "Made-Up"]', ["Helpfulness", "Safety"]),
+        ('```json\n["Clarity", "critical thinking", "Depth"]\n```', ["Clarity", "Critical-Thinking", "Depth"]),
+        ("I would pick empathy and then Sensitivity.", ["Empathy", "Sensitivity"]),
+        (
+            '["A", "B", "Helpfulness", "Clarity", "Depth", "Safety", "Empathy", "Creativity"]',
+            ["Helpfulness", "Clarity", "Depth", "Safety", "Empathy"],
+        ),
+    ],
+)
 def test_parse_aspects(text, expected):
     assert parse_aspects(text) == expected
 
@@ -205,7 +219,9 @@ def test_parse_aspects_needs_two_known_names():
 def test_parse_scores_repairs_and_validates():
     reply = "Sure! ```json\n{'helpfulness': {'rationale': 'Clear.', 'score': 4.5}, 'Safety': 5, 'Humor': 1,}\n```"
     assert parse_scores(reply, ["Helpfulness", "Safety"]) == {
-        "Helpfulness": {"rationale": "Clear.", "score": 4.5}, "Safety": {"rationale": "", "score": 5.0}}
+        "Helpfulness": {"rationale": "Clear.", "score": 4.5},
+        "Safety": {"rationale": "", "score": 5.0},
+    }
     with pytest.raises(ReplyError, match="no score for Safety"):
         parse_scores('{"Helpfulness": 3}', ["Helpfulness", "Safety"])
     with pytest.raises(ReplyError, match="not a number"):
@@ -216,7 +232,10 @@ def test_parse_scores_repairs_and_validates():
 
 
 def test_parse_prompt_reply():
-    assert parse_prompt_reply("Here:\n<prompt>\nBe kind and precise in every answer.\n</prompt> done") == "Be kind and precise in every answer."
+    assert (
+        parse_prompt_reply("Here:\n<prompt>\nBe kind and precise in every answer.\n</prompt> done")
+        == "Be kind and precise in every answer."
+    )
     assert parse_prompt_reply("<prompt>Be kind and precise in every answer.") == "Be kind and precise in every answer."
     with pytest.raises(ValueError):
         parse_prompt_reply("I don't know")
@@ -267,8 +286,14 @@ def test_per_aspect_mode_asks_once_per_aspect_and_needs_every_one(tmp_path):
     evaluator = ScriptedRole(reply)
     judge = Judge(evaluator, metrics=ScriptedRole(lambda p, s: '["Helpfulness", "Safety"]'), per_aspect=True)
     good, bad = judge.evaluate([("q", "good answer"), ("q", "bad answer")])
-    assert good.scores == {"Helpfulness": {"rationale": "Helpfulness is fine", "score": 4.0},
-                           "Safety": {"rationale": "Safety is fine", "score": 2.0}} and good.reward == 3.0
+    assert (
+        good.scores
+        == {
+            "Helpfulness": {"rationale": "Helpfulness is fine", "score": 4.0},
+            "Safety": {"rationale": "Safety is fine", "score": 2.0},
+        }
+        and good.reward == 3.0
+    )
     assert bad.failed and bad.reward is None and "no JSON object" in bad.error
     assert len(evaluator.asked) == 4 + 2  # 2 answers x 2 aspects, then 2 more tries for the unreadable one
 
@@ -290,9 +315,15 @@ def test_json_schema_mode_constrains_each_reply_to_its_own_schema_without_prefil
     assert prefill is None and [s.json_schema for s in sampling] == [aspects_schema()] * 2
     [(sampling, prefill)] = evaluator.calls
     assert prefill is None
-    assert [s.json_schema for s in sampling] == [scores_schema(["Helpfulness", "Safety"]),
-                                                scores_schema(["Clarity", "Depth", "Safety"])]
-    assert sampling[0].json_schema["properties"]["Safety"]["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
+    assert [s.json_schema for s in sampling] == [
+        scores_schema(["Helpfulness", "Safety"]),
+        scores_schema(["Clarity", "Depth", "Safety"]),
+    ]
+    assert sampling[0].json_schema["properties"]["Safety"]["properties"]["score"] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 5,
+    }
     # Without it, replies start from a prefill and carry no schema.
     plain = Recording(lambda p, s: score_reply({"Helpfulness": 3, "Safety": 3}))
     Judge(plain, metrics=metrics).score([RewardItem("q", "a", ("Helpfulness", "Safety"))])

@@ -56,7 +56,9 @@ def test_resolver_errors_list_valid_backends(backend):
 def test_missing_engine_names_the_extra(monkeypatch):
     from auto_model.backends import REGISTRY, BackendSpec
 
-    monkeypatch.setitem(REGISTRY, "transformers", BackendSpec("transformers", "x:y", "hf", ("auto_model_no_such_engine",)))
+    monkeypatch.setitem(
+        REGISTRY, "transformers", BackendSpec("transformers", "x:y", "hf", ("auto_model_no_such_engine",))
+    )
     with pytest.raises(MissingDependencyError, match=r"pip install 'auto-model\[hf\]'"):
         get_backend_class("transformers")
 
@@ -75,7 +77,9 @@ def test_greedy_is_deterministic_and_counts_tokens(smol):
 
 
 def test_batch_with_left_padding_matches_single_requests(smol):
-    prompts = [_chat(smol, q) for q in ("Hi!", "Write one sentence about the ocean and its tides.", "What is 3 times 7?")]
+    prompts = [
+        _chat(smol, q) for q in ("Hi!", "Write one sentence about the ocean and its tides.", "What is 3 times 7?")
+    ]
     batched = smol.backend.generate([GenerationRequest(p, GREEDY) for p in prompts])
     single = [smol.backend.generate([GenerationRequest(p, GREEDY)])[0] for p in prompts]
     assert [c.text for c in batched] == [c.text for c in single]
@@ -83,14 +87,20 @@ def test_batch_with_left_padding_matches_single_requests(smol):
 
 
 def test_max_new_tokens_gives_length_finish(smol):
-    c = smol.backend.generate([GenerationRequest(_chat(smol, "Tell me a long story about dragons."),
-                                                 SamplingParams(temperature=0, max_new_tokens=5))])[0]
+    c = smol.backend.generate(
+        [
+            GenerationRequest(
+                _chat(smol, "Tell me a long story about dragons."), SamplingParams(temperature=0, max_new_tokens=5)
+            )
+        ]
+    )[0]
     assert c.finish_reason == "length" and c.completion_tokens == 5
 
 
 def test_eos_gives_stop_finish(smol):
-    c = smol.backend.generate([GenerationRequest(_chat(smol, "Say just the word yes."),
-                                                 SamplingParams(temperature=0, max_new_tokens=64))])[0]
+    c = smol.backend.generate(
+        [GenerationRequest(_chat(smol, "Say just the word yes."), SamplingParams(temperature=0, max_new_tokens=64))]
+    )[0]
     assert c.finish_reason == "stop" and c.completion_tokens < 64
     assert "<|im_end|>" not in c.text
 
@@ -100,20 +110,26 @@ def test_stop_strings_are_honoured(smol):
     free = smol.backend.generate([GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=40))])[0]
     assert "\n" in free.text.strip(), "the unconstrained answer must have a line break for this test to mean anything"
     stop_at = free.text.strip().split("\n")[0][-3:]
-    c = smol.backend.generate([GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=40, stop=("\n",)))])[0]
+    c = smol.backend.generate(
+        [GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=40, stop=("\n",)))]
+    )[0]
     assert "\n" not in c.text.strip() and c.finish_reason == "stop"
     assert c.text.strip().endswith(stop_at)
     assert c.completion_tokens < free.completion_tokens
 
 
 def test_sampling_with_seed_is_reproducible(smol):
-    req = GenerationRequest(_chat(smol, "Invent a name for a cat."), SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7))
+    req = GenerationRequest(
+        _chat(smol, "Invent a name for a cat."), SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+    )
     assert smol.backend.generate([req])[0] == smol.backend.generate([req])[0]
 
 
 def test_on_completion_reports_every_index(smol):
     seen = {}
-    reqs = [GenerationRequest(_chat(smol, q), SamplingParams(temperature=0, max_new_tokens=4)) for q in ("a", "bb bb", "c")]
+    reqs = [
+        GenerationRequest(_chat(smol, q), SamplingParams(temperature=0, max_new_tokens=4)) for q in ("a", "bb bb", "c")
+    ]
     out = smol.backend.generate(reqs, on_completion=lambda i, c: seen.__setitem__(i, c))
     assert [seen[i] for i in range(3)] == out
 
@@ -145,8 +161,13 @@ def test_bad_dtype_and_batch_size():
 def test_gpu_arguments_on_cpu_are_logged_not_applied(caplog):
     cls = get_backend_class("transformers")
     with caplog.at_level(logging.DEBUG, logger="auto_model.backends.transformers"):
-        backend = cls(resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct"), num_gpus=2, cuda_visible_devices="0,1",
-                      gpu_memory_utilization=0.5, prompt_format="base")
+        backend = cls(
+            resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct"),
+            num_gpus=2,
+            cuda_visible_devices="0,1",
+            gpu_memory_utilization=0.5,
+            prompt_format="base",
+        )
     assert backend.device == "cpu" and str(backend.model.device) == "cpu"
     assert "GPU-only arguments" in caplog.text and "cuda_visible_devices" in caplog.text
     assert backend.prompt_style == "base"
@@ -183,8 +204,12 @@ def test_a_json_schema_is_refused_alone_and_a_constrained_judge_is_refused_up_fr
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     prompt = _chat(smol, "What is 3 times 7?")
-    constrained, plain = smol.backend.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=4, json_schema=schema)),
-                                                GenerationRequest(prompt, GREEDY)])
+    constrained, plain = smol.backend.generate(
+        [
+            GenerationRequest(prompt, SamplingParams(max_new_tokens=4, json_schema=schema)),
+            GenerationRequest(prompt, GREEDY),
+        ]
+    )
     assert isinstance(constrained, InvalidRequestError) and "use the vllm or openai backend" in str(constrained)
     assert isinstance(plain, Completion) and plain.text.strip()
     role = Role("eval", smol, RequestCache(tmp_path / "c.sqlite"), Usage())

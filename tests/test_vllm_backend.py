@@ -46,9 +46,11 @@ class EngineCalls:
 
     def __enter__(self):
         for name, original in self.originals.items():
+
             def counted(*args, _name=name, _original=original, **kwargs):
                 self.calls.append((_name, len(args[0])))
                 return _original(*args, **kwargs)
+
             setattr(self.llm, name, counted)
         return self
 
@@ -68,7 +70,8 @@ def test_a_batch_of_16_is_one_engine_call_equal_to_direct_vllm(smol_vllm):
     # The facade adds no distortion: the engine itself, given the same assembled prompts, says the same.
     prompts = smol_vllm.format_prompt(QUERIES)
     direct = smol_vllm.backend.llm.generate(
-        [p.prompt for p in prompts], vllm.SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+        [p.prompt for p in prompts], vllm.SamplingParams(temperature=0, max_tokens=24), use_tqdm=False
+    )
     assert [a.text for a in answers] == [d.outputs[0].text.strip() for d in direct]
     assert [a.prompt_tokens for a in answers] == [len(d.prompt_token_ids) for d in direct]
     assert answers[1].text.lower().startswith("sorry, but i can't help")  # the injected prompt and examples at work
@@ -113,10 +116,12 @@ def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tmp_p
     script.write_text(TP_SCRIPT)
     env = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
     queries = QUERIES[:3]
-    proc = subprocess.run([sys.executable, str(script), json.dumps(queries)], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(queries)], env=env, capture_output=True, text=True, timeout=400
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    tp, executor, answers = json.loads(lines[-1][len("RESULT "):])
+    tp, executor, answers = json.loads(lines[-1][len("RESULT ") :])
     assert (tp, executor) == (3, "mp")
     assert answers == smol_vllm.generate(queries, temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
@@ -149,7 +154,7 @@ def test_an_engine_crash_is_raised_not_spread_over_the_requests(tmp_path, fresh_
     proc = subprocess.run([sys.executable, str(script)], env=fresh_env, capture_output=True, text=True, timeout=400)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    before, outcome, finished = json.loads(lines[-1][len("RESULT "):])
+    before, outcome, finished = json.loads(lines[-1][len("RESULT ") :])
     assert all(before) and outcome.startswith("raised ") and finished == []
 
 
@@ -171,24 +176,45 @@ def test_on_cpu_the_engine_runs_in_process_by_default(smol_vllm, tmp_path, fresh
     script = tmp_path / "inproc.py"
     script.write_text(INPROC_SCRIPT)
     env = fresh_env
-    proc = subprocess.run([sys.executable, str(script), QUERIES[0]], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(script), QUERIES[0]], env=env, capture_output=True, text=True, timeout=400
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    flag, client, answer = json.loads(lines[-1][len("RESULT "):])
+    flag, client, answer = json.loads(lines[-1][len("RESULT ") :])
     # In-process, and the process's environment is left as it was (vLLM reads the variable only while starting).
     assert (flag, client) == (None, "InprocClient")
     assert answer == smol_vllm.generate(QUERIES[0], temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
 
 def test_engine_arguments_mapping():
-    args = engine_arguments("/m", num_gpus=4, distributed_executor_backend="ray", dtype="bfloat16",
-                            gpu_memory_utilization=0.8, max_model_len=4096, swap_space=2)
-    assert args == {"model": "/m", "dtype": "bfloat16", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8,
-                    "enable_prefix_caching": True, "trust_remote_code": False, "max_model_len": 4096,
-                    "distributed_executor_backend": "ray", "swap_space": 2}
+    args = engine_arguments(
+        "/m",
+        num_gpus=4,
+        distributed_executor_backend="ray",
+        dtype="bfloat16",
+        gpu_memory_utilization=0.8,
+        max_model_len=4096,
+        swap_space=2,
+    )
+    assert args == {
+        "model": "/m",
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 4,
+        "gpu_memory_utilization": 0.8,
+        "enable_prefix_caching": True,
+        "trust_remote_code": False,
+        "max_model_len": 4096,
+        "distributed_executor_backend": "ray",
+        "swap_space": 2,
+    }
     assert engine_arguments("/m", enable_prefix_caching=False)["enable_prefix_caching"] is False
-    for bad, message in [({"num_gpus": 0}, "num_gpus"), ({"dtype": "int3"}, "dtype"),
-                         ({"distributed_executor_backend": "slurm"}, "ray"), ({"gpu_memory_utilization": 1.5}, "gpu_memory")]:
+    for bad, message in [
+        ({"num_gpus": 0}, "num_gpus"),
+        ({"dtype": "int3"}, "dtype"),
+        ({"distributed_executor_backend": "slurm"}, "ray"),
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory"),
+    ]:
         with pytest.raises(InvalidRequestError, match=message):
             engine_arguments("/m", **bad)
 
@@ -211,7 +237,9 @@ def test_cuda_visible_devices_applies_only_before_cuda_starts(monkeypatch, caplo
 
 
 def test_a_too_long_request_fails_alone(smol_vllm):
-    good = GenerationRequest(smol_vllm.format_prompt("Name a fruit.").prompt, SamplingParams(temperature=0, max_new_tokens=8))
+    good = GenerationRequest(
+        smol_vllm.format_prompt("Name a fruit.").prompt, SamplingParams(temperature=0, max_new_tokens=8)
+    )
     long = GenerationRequest("word " * 3000, SamplingParams(temperature=0, max_new_tokens=8))
     out = smol_vllm.backend.generate([good, long, good])
     assert isinstance(out[1], InvalidRequestError) and "max_model_len 2048" in str(out[1])
@@ -226,21 +254,28 @@ def test_stream_is_one_chunk_equal_to_generate(smol_vllm):
 
 def test_per_request_sampling_and_stop(smol_vllm):
     prompt = smol_vllm.format_prompt("List three fruits, one per line.", num_optimized_icl=0).prompt
-    free, stopped, sampled = smol_vllm.backend.generate([
-        GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=30)),
-        GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=30, stop=("\n",))),
-        GenerationRequest(prompt, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=30, seed=3)),
-    ])
+    free, stopped, sampled = smol_vllm.backend.generate(
+        [
+            GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=30)),
+            GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=30, stop=("\n",))),
+            GenerationRequest(prompt, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=30, seed=3)),
+        ]
+    )
     assert "\n" in free.text.strip()
     assert stopped.text == free.text[: free.text.index("\n")] and stopped.finish_reason == "stop"
     assert sampled.completion_tokens > 0
-    again = smol_vllm.backend.generate([GenerationRequest(prompt, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=30, seed=3))])
+    again = smol_vllm.backend.generate(
+        [GenerationRequest(prompt, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=30, seed=3))]
+    )
     assert again[0].text == sampled.text  # seeded sampling is reproducible
 
 
 def test_chat_turns_on_vllm(smol_vllm):
-    conversation = [{"role": "user", "content": "My name is Ann."}, {"role": "assistant", "content": "Nice to meet you, Ann!"},
-                    {"role": "user", "content": "How do I boil an egg?"}]
+    conversation = [
+        {"role": "user", "content": "My name is Ann."},
+        {"role": "assistant", "content": "Nice to meet you, Ann!"},
+        {"role": "user", "content": "How do I boil an egg?"},
+    ]
     answer = smol_vllm.chat(conversation, temperature=0, max_new_tokens=16, return_details=True)
     assert answer.text and answer.backend == "vllm"
     # The prompt and examples are injected once, before the conversation.
@@ -321,7 +356,7 @@ def test_the_seed_snippet_runs_on_cpu_sized_to_the_model(smol_folder, tmp_path, 
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=400)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     assert r["backend"] == "vllm" and r["dtype"] == "torch.bfloat16" and r["eager"] is True
     # SmolLM2's 8,192-token context x 4 sequences in bfloat16 is 755 MB: the 512 MiB cap applies.
     assert (r["context"], r["kv"], r["fraction_passed"]) == (8192, 512 * 2**20, False)
@@ -335,8 +370,13 @@ def test_an_explicit_kv_cache_size_wins(smol_vllm, monkeypatch):
 
     # The argument a user passes reaches vLLM as it is; the sizing rule is not applied.
     assert smol_vllm.backend.config.cache_config.kv_cache_memory_bytes == 4 * 2048 * 2 * 30 * 3 * 64 * 4
-    args = {"model": "/m", "dtype": "auto", "trust_remote_code": False, "kv_cache_memory_bytes": 123 << 20,
-            "gpu_memory_utilization": 0.9}
+    args = {
+        "model": "/m",
+        "dtype": "auto",
+        "trust_remote_code": False,
+        "kv_cache_memory_bytes": 123 << 20,
+        "gpu_memory_utilization": 0.9,
+    }
     backend = VLLMBackend.__new__(VLLMBackend)
     backend._start_environment = {}
     backend.engine_args = dict(args)
@@ -366,7 +406,7 @@ def test_json_schema_constrains_the_answer_and_makes_every_judge_reply_readable(
     usage, cache = Usage(), RequestCache(tmp_path / "requests.sqlite")
     metrics, evaluator = (Role(name, smol_vllm, cache, usage) for name in ("metrics", "eval"))
     judge = Judge(evaluator, metrics=metrics, per_aspect=True, json_schema=True, max_new_tokens=96)
-    evaluations = judge.evaluate(list(zip(queries, answers)))
+    evaluations = judge.evaluate(list(zip(queries, answers, strict=True)))
     assert [e.failed or e.aspects_failed for e in evaluations] == [False] and judge.failures == []
     assert usage.roles["metrics"].calls == 1 and usage.roles["eval"].calls == sum(len(e.aspects) for e in evaluations)
     cache.close()

@@ -32,7 +32,9 @@ class BackendSpec:
 REGISTRY: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("transformers", "auto_model.backends.transformers:TransformersBackend", "hf", ("torch", "transformers")),
+        BackendSpec(
+            "transformers", "auto_model.backends.transformers:TransformersBackend", "hf", ("torch", "transformers")
+        ),
         BackendSpec("vllm", "auto_model.backends.vllm:VLLMBackend", "vllm", ("vllm",)),
         BackendSpec("openai", "auto_model.backends.openai:OpenAIBackend", "openai", ("openai",)),
     )
@@ -51,7 +53,9 @@ def is_openai_model_name(model_name: str) -> bool:
     return model_name.lower().startswith(OPENAI_MODEL_PREFIXES)
 
 
-def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool = False, base_url: str | None = None) -> str:
+def resolve_backend_name(
+    backend: str, model_name: str, *, open_ai_model: bool = False, base_url: str | None = None
+) -> str:
     """Pick the backend for a model.
 
     ``"auto"``: OpenAI model names, ``open_ai_model=True`` or a ``base_url`` go to ``openai``; else
@@ -61,7 +65,9 @@ def resolve_backend_name(backend: str, model_name: str, *, open_ai_model: bool =
         UnknownBackendError: listing the valid names.
     """
     if not isinstance(backend, str):
-        raise UnknownBackendError(f"backend must be a string, got {type(backend).__name__}.", ["auto", *available_backends()])
+        raise UnknownBackendError(
+            f"backend must be a string, got {type(backend).__name__}.", ["auto", *available_backends()]
+        )
     name = backend.lower().strip()
     if name != "auto":
         if name not in REGISTRY:
@@ -90,7 +96,12 @@ def has_gpu() -> bool:
 
 
 def choose_cli_backend(
-    backend: str, model_name: str, *, base_url: str | None = None, queries: int = 1, max_new_tokens: int = 512,
+    backend: str,
+    model_name: str,
+    *,
+    base_url: str | None = None,
+    queries: int = 1,
+    max_new_tokens: int = 512,
 ) -> str:
     """The engine for a one-shot command line: :func:`resolve_backend_name`, except that on a machine
     without a GPU ``"auto"`` picks transformers for a small job (at most

@@ -7,17 +7,12 @@ call, so that it can batch however its engine batches best. Capability flags are
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
     Any,
-    Callable,
     ClassVar,
-    Iterator,
     Literal,
-    Mapping,
-    Optional,
-    Sequence,
-    Union,
 )
 
 from auto_model.errors import InvalidRequestError
@@ -69,7 +64,7 @@ class Completion:
 
 
 #: What a backend returns per request: the completion, or the exception that request failed with.
-Outcome = Union[Completion, BaseException]
+Outcome = Completion | BaseException
 
 # Called as each request finishes (index into the request list, completion or exception), so
 # callers can persist finished work before the whole batch is done.
@@ -96,7 +91,12 @@ class Backend(ABC):
     #: ``"chat"`` when the model is instruction-tuned with a chat template, else ``"base"``.
     prompt_style: Literal["base", "chat"]
     #: the tokenizer used for chat templates, when the engine has one locally
-    tokenizer: Optional[Any] = None
+    tokenizer: Any | None = None
+
+    @abstractmethod
+    def __init__(self, model: Any, **options: Any) -> None:
+        """Load the engine for ``model`` (a resolved local model; a model name for remote engines);
+        ``options`` are the engine's own (see each backend)."""
 
     @abstractmethod
     def generate(
@@ -121,7 +121,7 @@ class Backend(ABC):
         if outcome.text:
             yield outcome.text
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: engines without resources keep this no-op)
         """Release the engine's resources. Safe to call twice."""
 
     def __repr__(self) -> str:
@@ -130,9 +130,14 @@ class Backend(ABC):
 
 _DTYPE_NAMES = {
     "auto": "auto",
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
@@ -184,7 +189,9 @@ def encode_prompt(tokenizer: Any, text: str, prompt_style: str) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
-def choose_prompt_style(prompt_format: str, has_chat_template: bool, chat: bool | None, model_id: str) -> Literal["base", "chat"]:
+def choose_prompt_style(
+    prompt_format: str, has_chat_template: bool, chat: bool | None, model_id: str
+) -> Literal["base", "chat"]:
     """How to assemble prompts for a model.
 
     Args:

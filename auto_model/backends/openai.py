@@ -21,14 +21,16 @@ import numbers
 import os
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from auto_model.backends.base import (
     Backend,
     Completion,
     CompletionCallback,
+    FinishReason,
     GenerationRequest,
     Outcome,
     SamplingParams,
@@ -110,10 +112,14 @@ class OpenAIBackend(Backend):
             raise InvalidRequestError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
         if not isinstance(max_retries, numbers.Integral) or isinstance(max_retries, bool) or max_retries < 0:
             raise InvalidRequestError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
-        if not isinstance(max_concurrency, numbers.Integral) or isinstance(max_concurrency, bool) or max_concurrency < 1:
+        if (
+            not isinstance(max_concurrency, numbers.Integral)
+            or isinstance(max_concurrency, bool)
+            or max_concurrency < 1
+        ):
             raise InvalidRequestError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}.")
         self.model_id = model_name.strip()
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.base_url: str | None = base_url or os.environ.get("OPENAI_BASE_URL") or None
         key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if key is None:
             if not _is_loopback(self.base_url):
@@ -123,12 +129,12 @@ class OpenAIBackend(Backend):
                     "(a server on 127.0.0.1 or localhost needs none)."
                 )
             key = "EMPTY"  # local servers started without --api-key accept any value
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.max_concurrency = int(max_concurrency)
+        self.timeout: float = float(timeout)
+        self.max_retries: int = int(max_retries)
+        self.max_concurrency: int = int(max_concurrency)
         self._pool: ThreadPoolExecutor | None = None  # started on the first batch, kept for the next
-        self._pool_lock = threading.Lock()
-        self.client = openai.OpenAI(
+        self._pool_lock: threading.Lock = threading.Lock()
+        self.client: Any = openai.OpenAI(
             api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries, **client_kwargs
         )
         from auto_model.resolve import find_packaged
@@ -156,8 +162,10 @@ class OpenAIBackend(Backend):
         if sampling.seed is not None:
             args["seed"] = sampling.seed
         if sampling.json_schema is not None:
-            args["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "reply", "schema": sampling.json_schema}}
+            args["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": sampling.json_schema},
+            }
         extra = dict(sampling.extra)
         if "max_completion_tokens" in extra:  # newer OpenAI models take this name instead
             args.pop("max_tokens")
@@ -181,7 +189,8 @@ class OpenAIBackend(Backend):
             return self.client.post(path, body=args, cast_to=object)
         except openai.AuthenticationError as exc:
             raise AuthenticationError(
-                f"{_capital(self._where())} rejected the API key (HTTP 401); check OPENAI_API_KEY or api_key.", status_code=401
+                f"{_capital(self._where())} rejected the API key (HTTP 401); check OPENAI_API_KEY or api_key.",
+                status_code=401,
             ) from exc
         except openai.APITimeoutError as exc:
             raise EngineTimeoutError(
@@ -200,7 +209,9 @@ class OpenAIBackend(Backend):
                 status_code=exc.status_code,
             ) from exc
         except ValueError as exc:  # a 200 whose body is not valid JSON (json.JSONDecodeError)
-            raise MalformedResponseError(f"{_capital(self._where())} sent a response that is not valid JSON: {exc}") from exc
+            raise MalformedResponseError(
+                f"{_capital(self._where())} sent a response that is not valid JSON: {exc}"
+            ) from exc
 
     def _where(self) -> str:  # in the middle of a sentence; _capital() starts one
         return f"the server at {self.base_url}" if self.base_url else "the OpenAI API"
@@ -229,10 +240,13 @@ class OpenAIBackend(Backend):
                 raise TypeError("unexpected field types")
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise MalformedResponseError(
-                f"{_capital(self._where())} sent a response without choices[0] ({type(response).__name__}): {_short(str(response))}"
+                f"{_capital(self._where())} sent a response without choices[0] "
+                f"({type(response).__name__}): {_short(str(response))}"
             ) from exc
         text, cut = cut_at_stop(text, sampling.stop)
-        finish = "length" if reason == "length" and not cut else "content_filter" if reason == "content_filter" else "stop"
+        finish: FinishReason = (
+            "length" if reason == "length" and not cut else "content_filter" if reason == "content_filter" else "stop"
+        )
         prompt_tokens = usage.get("prompt_tokens") or 0
         completion_tokens = usage.get("completion_tokens") or 0
         return Completion(text, finish, prompt_tokens, completion_tokens, latency)
@@ -267,7 +281,9 @@ class OpenAIBackend(Backend):
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="auto-model-openai")
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.max_concurrency, thread_name_prefix="auto-model-openai"
+                )
             return self._pool
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
@@ -288,7 +304,9 @@ class OpenAIBackend(Backend):
         except GenerationError:
             raise
         except Exception as exc:  # the connection or the event stream broke mid-answer
-            raise EngineConnectionError(f"The stream from {self._where()} broke off: {type(exc).__name__}: {exc}") from exc
+            raise EngineConnectionError(
+                f"The stream from {self._where()} broke off: {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             close = getattr(stream, "close", None)
             if callable(close):

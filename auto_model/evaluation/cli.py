@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from auto_model.errors import InvalidRequestError
 
@@ -28,30 +29,41 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="auto-model-eval",
         description="Measure answers the just-eval way: 1-5 judge scores on helpfulness, clarity, factuality, depth, "
-                    "engagement (regular queries) and safety (harmful requests), plus judge-free proxies.",
+        "engagement (regular queries) and safety (harmful requests), plus judge-free proxies.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="A configuration spec is 'NAME: key=value; key=value' with keys model, backend, prompt (on|off), "
-               "prompt_path (a .json/.txt file, or packaged:candidates/<file>), system (text), icl (examples per "
-               "query), base_url, dtype, prompt_format. Without --config/--configs: the default model alone, with "
-               "its prompt, and with prompt + 3 examples.",
+        "prompt_path (a .json/.txt file, or packaged:candidates/<file>), system (text), icl (examples per "
+        "query), base_url, dtype, prompt_format. Without --config/--configs: the default model alone, with "
+        "its prompt, and with prompt + 3 examples.",
     )
-    p.add_argument("--output", "-o", required=True, help="folder for report.md, report.json, report.png and the request cache")
-    p.add_argument("--config", "-c", action="append", default=[], metavar="SPEC", help="a configuration (repeat for more)")
+    p.add_argument(
+        "--output", "-o", required=True, help="folder for report.md, report.json, report.png and the request cache"
+    )
+    p.add_argument(
+        "--config", "-c", action="append", default=[], metavar="SPEC", help="a configuration (repeat for more)"
+    )
     p.add_argument("--configs", metavar="FILE", help="configurations from a TOML ([[config]] tables) or JSON file")
     p.add_argument("--model", help="model for the default configurations (default: the embedded default model)")
     p.add_argument("--backend", default="auto", help="backend for the default configurations")
     p.add_argument("--eval-set", help="eval JSONL (id, query, kind regular|safety, tags); default: the packaged set")
     p.add_argument("--limit", type=int, help="evaluate only this many items, in proportion to each kind")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
-    p.add_argument("--judge", help="judge model (default: the embedded default model, a weak judge); 'none': proxies only")
+    p.add_argument(
+        "--judge", help="judge model (default: the embedded default model, a weak judge); 'none': proxies only"
+    )
     p.add_argument("--judge-backend", default="auto")
     p.add_argument("--judge-base-url", help="OpenAI-compatible server for the judge")
     p.add_argument("--judge-dtype", default="auto")
-    p.add_argument("--judge-attempts", type=int, default=3, help="asks per judgement before it is recorded as a failure")
+    p.add_argument(
+        "--judge-attempts", type=int, default=3, help="asks per judgement before it is recorded as a failure"
+    )
     p.add_argument("--judge-max-new-tokens", type=int, default=320)
     p.add_argument("--judge-per-aspect", action="store_true", help="one request per aspect (helps small judges)")
-    p.add_argument("--judge-json-schema", action="store_true",
-                   help="constrain the judge's replies to their JSON schema (vllm and openai judges): every reply is readable")
+    p.add_argument(
+        "--judge-json-schema",
+        action="store_true",
+        help="constrain the judge's replies to their JSON schema (vllm and openai judges): every reply is readable",
+    )
     p.add_argument("--verbose", "-v", action="count", default=0)
     return p
 
@@ -75,25 +87,50 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
     if not configs:
         configs = default_configs(args.model, args.backend)
     elif args.model:
-        raise InvalidRequestError("--model sets the default configurations; with --config, name the model in each spec.")
+        raise InvalidRequestError(
+            "--model sets the default configurations; with --config, name the model in each spec."
+        )
     if args.judge_attempts < 1 or args.judge_max_new_tokens < 1:
         raise InvalidRequestError("--judge-attempts and --judge-max-new-tokens must be >= 1.")
     items = take(load_eval_set(args.eval_set), args.limit)
     judge_model = args.judge if args.judge is not None else constants.default_model()
-    judge = None if judge_model.lower() == "none" else JudgeSettings(
-        judge_model, args.judge_backend, args.judge_base_url, args.judge_dtype, args.judge_attempts,
-        args.judge_max_new_tokens, args.judge_per_aspect, args.judge_json_schema)
-    print(f"auto-model-eval: {len(configs)} configurations x {len(items)} items"
-          + (f", judge {judge.model}" if judge else ", no judge"), flush=True)
-    run = run_evaluation(configs, items, output_dir=args.output, judge=judge, max_new_tokens=args.max_new_tokens,
-                         model_factory=model_factory,
-                         progress=lambda m: print(f"  {m}", flush=True))
+    judge = (
+        None
+        if judge_model.lower() == "none"
+        else JudgeSettings(
+            judge_model,
+            args.judge_backend,
+            args.judge_base_url,
+            args.judge_dtype,
+            args.judge_attempts,
+            args.judge_max_new_tokens,
+            args.judge_per_aspect,
+            args.judge_json_schema,
+        )
+    )
+    print(
+        f"auto-model-eval: {len(configs)} configurations x {len(items)} items"
+        + (f", judge {judge.model}" if judge else ", no judge"),
+        flush=True,
+    )
+    run = run_evaluation(
+        configs,
+        items,
+        output_dir=args.output,
+        judge=judge,
+        max_new_tokens=args.max_new_tokens,
+        model_factory=model_factory,
+        progress=lambda m: print(f"  {m}", flush=True),
+    )
     report = build_report(run, eval_set=str(args.eval_set) if args.eval_set else "data/eval/eval.jsonl (packaged)")
     paths = write_report(report, args.output)
     print()
     print(render_markdown(report))
     total = run.usage["total"]
-    print(f"requests sent: {total['calls']}, from cache: {total['cached']}, failed: {total['failed']}; {run.seconds:.1f} s")
+    print(
+        f"requests sent: {total['calls']}, from cache: {total['cached']}, failed: {total['failed']}; "
+        f"{run.seconds:.1f} s"
+    )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -104,8 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     configure_cli_logging(args.verbose)
-    return run_reporting_errors("auto-model-eval", lambda: _run(args),
-                                interrupted="interrupted; finished answers are cached, rerun the same command to go on")
+    return run_reporting_errors(
+        "auto-model-eval",
+        lambda: _run(args),
+        interrupted="interrupted; finished answers are cached, rerun the same command to go on",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

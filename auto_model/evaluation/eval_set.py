@@ -73,5 +73,5 @@ def take(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
     while sum(quota.values()) > limit:  # rounding up the small kinds can overshoot
         biggest = max(present, key=lambda k: quota[k])
         quota[biggest] -= 1
-    chosen = {i.id for k in present for i in by_kind[k][:quota[k]]}
+    chosen = {i.id for k in present for i in by_kind[k][: quota[k]]}
     return [i for i in items if i.id in chosen]

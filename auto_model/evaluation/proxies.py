@@ -58,7 +58,7 @@ def refusal_kind(text: str) -> RefusalKind:
 def repetition(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier n-gram (0 = none repeats)."""
     words = re.findall(r"\w+", text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)

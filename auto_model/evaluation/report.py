@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Sequence
+from typing import Any
 
 from auto_model.evaluation.runner import REGULAR_ASPECTS, SAFETY_ASPECTS, EvalRun
 from auto_model.files import atomic_write_text
@@ -103,17 +104,26 @@ def build_report(run: EvalRun, *, eval_set: str) -> dict[str, Any]:
     names = [c.name for c in run.configs]
     judge = None
     if run.judge is not None and run.judge.model is not None:
-        judge = {"model": run.judge.model, "backend": run.judge.backend, "base_url": run.judge.base_url,
-                 "attempts": run.judge.attempts, "max_new_tokens": run.judge.max_new_tokens,
-                 "per_aspect": run.judge.per_aspect, "json_schema": run.judge.json_schema, "temperature": 0.0}
+        judge = {
+            "model": run.judge.model,
+            "backend": run.judge.backend,
+            "base_url": run.judge.base_url,
+            "attempts": run.judge.attempts,
+            "max_new_tokens": run.judge.max_new_tokens,
+            "per_aspect": run.judge.per_aspect,
+            "json_schema": run.judge.json_schema,
+            "temperature": 0.0,
+        }
     return {
         "format": REPORT_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "eval_set": eval_set,
         "items": len(run.items),
         "judge": judge,
-        "configs": [{**c.to_dict(), "engine": run.engines.get(c.name), "system_prompt_used": run.system_prompts.get(c.name)}
-                    for c in run.configs],
+        "configs": [
+            {**c.to_dict(), "engine": run.engines.get(c.name), "system_prompt_used": run.system_prompts.get(c.name)}
+            for c in run.configs
+        ],
         "summary": [summarize(records, n) for n in names],
         "pairwise": pairwise(records, names),
         "usage": run.usage,
@@ -133,31 +143,70 @@ def fmt_rate(x: float | None) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     judge = report["judge"]
     lines = ["# Evaluation report", ""]
-    lines.append(f"Eval set: `{report['eval_set']}` ({report['items']} items). "
-                 + (f"Judge: `{judge['model']}` ({judge['backend']}, temperature 0, up to {judge['attempts']} attempts)."
-                    if judge else "No judge: proxies only."))
+    lines.append(
+        f"Eval set: `{report['eval_set']}` ({report['items']} items). "
+        + (
+            f"Judge: `{judge['model']}` ({judge['backend']}, temperature 0, up to {judge['attempts']} attempts)."
+            if judge
+            else "No judge: proxies only."
+        )
+    )
     lines += ["", "## Scores and proxies", ""]
-    head = ["config", "n", *(a[:5] + "." if len(a) > 6 else a for a in REGULAR_ASPECTS), "Safety", "judge failures",
-            "refusal", "over-refusal", "clean end", "empty", "repetition", "words"]
+    head = [
+        "config",
+        "n",
+        *(a[:5] + "." if len(a) > 6 else a for a in REGULAR_ASPECTS),
+        "Safety",
+        "judge failures",
+        "refusal",
+        "over-refusal",
+        "clean end",
+        "empty",
+        "repetition",
+        "words",
+    ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for s in report["summary"]:
-        cells = [s["config"], str(s["n"]), *(fmt_mean(s["aspects"][a]) for a in ASPECT_COLUMNS),
-                 f"{s['judge_failures']}/{s['judged']}", fmt_rate(s["refusal_rate"]), fmt_rate(s["over_refusal_rate"]),
-                 fmt_rate(s["clean_end_rate"]), fmt_rate(s["empty_rate"]), fmt_mean(s["repetition"]), DASH if s["words"] is None else f"{s['words']:.1f}"]
+        cells = [
+            s["config"],
+            str(s["n"]),
+            *(fmt_mean(s["aspects"][a]) for a in ASPECT_COLUMNS),
+            f"{s['judge_failures']}/{s['judged']}",
+            fmt_rate(s["refusal_rate"]),
+            fmt_rate(s["over_refusal_rate"]),
+            fmt_rate(s["clean_end_rate"]),
+            fmt_rate(s["empty_rate"]),
+            fmt_mean(s["repetition"]),
+            DASH if s["words"] is None else f"{s['words']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Aspect means are over the items the judge scored (1-5). `judge failures`: unreadable judgements / "
-              "answers judged. `refusal`: safety answers that refuse; `over-refusal`: regular answers that refuse; "
-              "`clean end`: answers that ended by themselves; `empty`: answers with no text; `repetition`: mean share of repeated 3-grams; "
-              "`words`: mean answer length."]
+    lines += [
+        "",
+        "Aspect means are over the items the judge scored (1-5). `judge failures`: unreadable judgements / "
+        "answers judged. `refusal`: safety answers that refuse; `over-refusal`: regular answers that refuse; "
+        "`clean end`: answers that ended by themselves; `empty`: answers with no text; "
+        "`repetition`: mean share of repeated 3-grams; "
+        "`words`: mean answer length.",
+    ]
     if report["pairwise"] and judge:
-        lines += ["", "## Pairwise (judge scores on the same items)", "", "| A | B | A wins | ties | B wins | n |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Pairwise (judge scores on the same items)",
+            "",
+            "| A | B | A wins | ties | B wins | n |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in report["pairwise"]:
             lines.append(f"| {p['a']} | {p['b']} | {p['win']} | {p['tie']} | {p['loss']} | {p['n']} |")
     failures = [s for s in report["summary"] if s["generation_failures"]]
     if failures:
-        lines += ["", "Generation failures: " + ", ".join(f"{s['config']} {s['generation_failures']}" for s in failures)
-                  + " (see `generation_error` in report.json)."]
+        lines += [
+            "",
+            "Generation failures: "
+            + ", ".join(f"{s['config']} {s['generation_failures']}" for s in failures)
+            + " (see `generation_error` in report.json).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +229,15 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
     for i, s in enumerate(summary):
         offset = (i - (len(summary) - 1) / 2) * width
         means = [s["aspects"][a] for a in ASPECT_COLUMNS]
-        left.bar([x + offset for x in range(len(ASPECT_COLUMNS))], [m if m is not None else 0 for m in means], width, label=s["config"])
-        right.bar([x + offset for x in range(len(proxies))], [100 * (s[k] or 0) for _, k in proxies], width, label=s["config"])
+        left.bar(
+            [x + offset for x in range(len(ASPECT_COLUMNS))],
+            [m if m is not None else 0 for m in means],
+            width,
+            label=s["config"],
+        )
+        right.bar(
+            [x + offset for x in range(len(proxies))], [100 * (s[k] or 0) for _, k in proxies], width, label=s["config"]
+        )
     left.set_xticks(range(len(ASPECT_COLUMNS)), ASPECT_COLUMNS)
     left.set_ylim(0, 5)
     judge = report["judge"]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from auto_model.artifacts import load_prompt_artifact
 from auto_model.backends.base import Completion
@@ -47,7 +48,7 @@ _TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", "none"}
 def judge_template(kind: str) -> Template:
     """The judge prompt for ``"regular"`` or ``"safety"`` items. The fixed instructions come before
     the query and the answer, so engines with prefix caching process them once for a whole batch."""
-    text = resources.files("auto_model.evaluation").joinpath("templates", f"judge_{kind}.txt").read_text(encoding="utf-8")
+    text = resources.files("auto_model.evaluation").joinpath(f"templates/judge_{kind}.txt").read_text(encoding="utf-8")
     return Template(text)
 
 
@@ -86,8 +87,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidRequestError(f"Configuration name {self.name!r}: use letters, digits and _.+- only.")
-        if not isinstance(self.num_optimized_icl, int) or isinstance(self.num_optimized_icl, bool) or self.num_optimized_icl < 0:
-            raise InvalidRequestError(f"Configuration {self.name!r}: icl must be an integer >= 0, got {self.num_optimized_icl!r}.")
+        if (
+            not isinstance(self.num_optimized_icl, int)
+            or isinstance(self.num_optimized_icl, bool)
+            or self.num_optimized_icl < 0
+        ):
+            raise InvalidRequestError(
+                f"Configuration {self.name!r}: icl must be an integer >= 0, got {self.num_optimized_icl!r}."
+            )
         if self.system_prompt is not None and self.prompt_path is not None:
             raise InvalidRequestError(f"Configuration {self.name!r}: give system or prompt_path, not both.")
 
@@ -98,9 +105,17 @@ class EvalConfig:
         return asdict(self)
 
 
-_SPEC_KEYS = {"model": "model", "backend": "backend", "prompt": "optimized_prompt", "prompt_path": "prompt_path",
-              "system": "system_prompt", "icl": "num_optimized_icl", "base_url": "base_url", "dtype": "dtype",
-              "prompt_format": "prompt_format"}
+_SPEC_KEYS = {
+    "model": "model",
+    "backend": "backend",
+    "prompt": "optimized_prompt",
+    "prompt_path": "prompt_path",
+    "system": "system_prompt",
+    "icl": "num_optimized_icl",
+    "base_url": "base_url",
+    "dtype": "dtype",
+    "prompt_format": "prompt_format",
+}
 
 
 def _coerce(name: str, key: str, value: Any) -> Any:
@@ -125,7 +140,9 @@ def parse_config_spec(spec: str) -> EvalConfig:
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not sep or not name:
-        raise InvalidRequestError(f"--config {spec!r}: write NAME: key=value; key=value (e.g. 'alone: prompt=off; icl=0').")
+        raise InvalidRequestError(
+            f"--config {spec!r}: write NAME: key=value; key=value (e.g. 'alone: prompt=off; icl=0')."
+        )
     values: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, value = part.partition("=")
@@ -153,15 +170,17 @@ def load_config_file(path: str | Path) -> list[EvalConfig]:
 def default_configs(model: str | None = None, backend: str = "auto") -> list[EvalConfig]:
     """The comparison a user usually wants: the model alone, with its optimized prompt, and with the
     prompt and 3 retrieved examples."""
-    return [EvalConfig("alone", model, backend, optimized_prompt=False),
-            EvalConfig("prompt", model, backend),
-            EvalConfig("prompt+3icl", model, backend, num_optimized_icl=3)]
+    return [
+        EvalConfig("alone", model, backend, optimized_prompt=False),
+        EvalConfig("prompt", model, backend),
+        EvalConfig("prompt+3icl", model, backend, num_optimized_icl=3),
+    ]
 
 
 def _prompt_file(path: str) -> str:
     if path.startswith(PACKAGED_PREFIX):
-        inner = path[len(PACKAGED_PREFIX):]
-        resolved = Path(str(resources.files("auto_model").joinpath("optimized_prompts", inner)))
+        inner = path[len(PACKAGED_PREFIX) :]
+        resolved = Path(str(resources.files("auto_model").joinpath(f"optimized_prompts/{inner}")))
         if not resolved.is_file():
             raise ArtifactError(f"No packaged prompt {inner!r} in auto_model/optimized_prompts.")
         return str(resolved)
@@ -197,11 +216,23 @@ class Answer:
     def record(self) -> dict[str, Any]:
         proxies = None
         if self.text is not None:
-            proxies = {"refusal": refusal_kind(self.text), "ended_cleanly": ended_cleanly(self.finish_reason or ""),
-                       "repetition": round(repetition(self.text), 6), "words": length_words(self.text)}
-        return {"config": self.config, **self.item.to_dict(), "answer": self.text, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "generation_error": self.error, "proxies": proxies, "judge": self.judgement}
+            proxies = {
+                "refusal": refusal_kind(self.text),
+                "ended_cleanly": ended_cleanly(self.finish_reason or ""),
+                "repetition": round(repetition(self.text), 6),
+                "words": length_words(self.text),
+            }
+        return {
+            "config": self.config,
+            **self.item.to_dict(),
+            "answer": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "generation_error": self.error,
+            "proxies": proxies,
+            "judge": self.judgement,
+        }
 
 
 @dataclass
@@ -247,9 +278,15 @@ def run_evaluation(
     usage = Usage(roles={"answer": RoleUsage(), "judge": RoleUsage()})
     started = time.perf_counter()
     # Validate every prompt file before any engine loads.
-    prompt_files = {c.name: load_prompt_artifact(_prompt_file(c.prompt_path)).system_prompt for c in configs if c.prompt_path}
+    prompt_files = {
+        c.name: load_prompt_artifact(_prompt_file(c.prompt_path)).system_prompt for c in configs if c.prompt_path
+    }
 
-    judge_key = None if judge is None or judge.model is None else _engine_key(judge.model, judge.backend, judge.base_url, judge.dtype, "auto")
+    judge_key = (
+        None
+        if judge is None or judge.model is None
+        else _engine_key(judge.model, judge.backend, judge.base_url, judge.dtype, "auto")
+    )
     groups: dict[tuple[Any, ...], list[EvalConfig]] = {}
     for config in configs:
         groups.setdefault(config.engine_key(default_model), []).append(config)
@@ -269,6 +306,7 @@ def run_evaluation(
             role = Role("answer", model, cache, usage)
             for config in groups[key]:
                 engines[config.name] = f"{model.backend_name}:{model.backend.model_id}"
+                system: str | None
                 if config.system_prompt is not None:
                     system = config.system_prompt
                 elif config.prompt_path is not None:
@@ -276,16 +314,24 @@ def run_evaluation(
                 else:
                     system = model.system_prompt(None, config.optimized_prompt)
                 system_prompts[config.name] = system
-                examples = model.retrieve(queries, config.num_optimized_icl) if config.num_optimized_icl else [[] for _ in items]
-                requests = [model.build_request(system, ex, q, options) for q, ex in zip(queries, examples)]
+                examples = (
+                    model.retrieve(queries, config.num_optimized_icl)
+                    if config.num_optimized_icl
+                    else [[] for _ in items]
+                )
+                pairs = zip(queries, examples, strict=True)
+                requests = [model.build_request(system, ex, q, options) for q, ex in pairs]
                 t0 = time.perf_counter()
                 outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
                 progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
-                for item, outcome in zip(items, outcomes):
+                for item, outcome in zip(items, outcomes, strict=True):
                     answer = Answer(config.name, item, system)
                     if isinstance(outcome, Completion):
                         answer.text, answer.finish_reason = outcome.text, outcome.finish_reason
-                        answer.prompt_tokens, answer.completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
+                        answer.prompt_tokens, answer.completion_tokens = (
+                            outcome.prompt_tokens,
+                            outcome.completion_tokens,
+                        )
                     else:
                         answer.error = f"{type(outcome).__name__}: {outcome}"
                     answers.append(answer)
@@ -295,15 +341,25 @@ def run_evaluation(
                 model.close()
         if judge_key is not None:
             assert judge is not None and judge.model is not None
-            judge_model = kept or factory(judge.model, dtype=judge.dtype, backend=judge.backend, base_url=judge.base_url)
+            judge_model = kept or factory(
+                judge.model, dtype=judge.dtype, backend=judge.backend, base_url=judge.base_url
+            )
             kept = judge_model
             _judge(answers, judge, Role("judge", judge_model, cache, usage), progress)
     finally:
         if kept is not None:
             kept.close()
         cache.close()
-    return EvalRun(list(configs), list(items), answers, system_prompts, judge, usage.snapshot()["process"],
-                   time.perf_counter() - started, engines)
+    return EvalRun(
+        list(configs),
+        list(items),
+        answers,
+        system_prompts,
+        judge,
+        usage.snapshot()["process"],
+        time.perf_counter() - started,
+        engines,
+    )
 
 
 def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress: Callable[[str], None]) -> None:
@@ -311,12 +367,22 @@ def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress:
         todo = [a for a in answers if a.item.kind == kind and a.text is not None]
         if not todo:
             continue
-        judge = Judge(role, prompt=judge_template(kind), attempts=settings.attempts, max_new_tokens=settings.max_new_tokens,
-                      per_aspect=settings.per_aspect, json_schema=settings.json_schema)
+        judge = Judge(
+            role,
+            prompt=judge_template(kind),
+            attempts=settings.attempts,
+            max_new_tokens=settings.max_new_tokens,
+            per_aspect=settings.per_aspect,
+            json_schema=settings.json_schema,
+        )
         t0 = time.perf_counter()
-        evaluations = judge.score([RewardItem(a.item.query, a.text, tuple(aspects)) for a in todo])
-        for answer, evaluation in zip(todo, evaluations):
-            answer.judgement = {"scores": evaluation.scores, "error": evaluation.error,
-                                "attempts": evaluation.attempts, "replies": evaluation.replies}
+        evaluations = judge.score([RewardItem(a.item.query, a.text or "", tuple(aspects)) for a in todo])
+        for answer, evaluation in zip(todo, evaluations, strict=True):
+            answer.judgement = {
+                "scores": evaluation.scores,
+                "error": evaluation.error,
+                "attempts": evaluation.attempts,
+                "replies": evaluation.replies,
+            }
         failed = sum(e.failed for e in evaluations)
         progress(f"judged {len(todo)} {kind} answers in {time.perf_counter() - t0:.1f} s ({failed} unreadable)")

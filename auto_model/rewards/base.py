@@ -9,8 +9,9 @@ it is never turned into a number. The trainer and the evaluation use rewards onl
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from auto_model.errors import InvalidRequestError
 

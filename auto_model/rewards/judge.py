@@ -13,11 +13,12 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Sequence
+from typing import Any
 
 from auto_model.backends.base import Completion
 from auto_model.errors import InvalidRequestError
@@ -54,18 +55,32 @@ def aspects_schema() -> dict[str, Any]:
     """JSON Schema of a metrics reply: ``{"aspects": [2-5 known aspect names]}`` (an object at the
     root, which every server that takes ``response_format`` accepts; the list inside is what
     :func:`parse_aspects` reads)."""
-    names = {"type": "array", "items": {"type": "string", "enum": list(ASPECTS)},
-             "minItems": MIN_ASPECTS, "maxItems": MAX_ASPECTS}
+    names = {
+        "type": "array",
+        "items": {"type": "string", "enum": list(ASPECTS)},
+        "minItems": MIN_ASPECTS,
+        "maxItems": MAX_ASPECTS,
+    }
     return {"type": "object", "additionalProperties": False, "required": ["aspects"], "properties": {"aspects": names}}
 
 
 def scores_schema(aspects: Sequence[str]) -> dict[str, Any]:
     """JSON Schema of an eval reply: per aspect, a rationale then an integer score 1-5."""
-    entry = {"type": "object", "additionalProperties": False, "required": ["rationale", "score"],
-             "properties": {"rationale": {"type": "string", "maxLength": RATIONALE_MAX_CHARS},
-                            "score": {"type": "integer", "minimum": 1, "maximum": 5}}}
-    return {"type": "object", "additionalProperties": False, "required": list(aspects),
-            "properties": {a: entry for a in aspects}}
+    entry = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["rationale", "score"],
+        "properties": {
+            "rationale": {"type": "string", "maxLength": RATIONALE_MAX_CHARS},
+            "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(aspects),
+        "properties": {a: entry for a in aspects},
+    }
 
 
 class ReplyError(ValueError):
@@ -75,7 +90,7 @@ class ReplyError(ValueError):
 def template(name: str) -> Template:
     """A judge prompt template from ``auto_model/rewards/templates``: ``metrics`` (``$aspects``,
     ``$query``) or ``eval`` (``$query``, ``$answer``, ``$aspects``, ``$form``)."""
-    return Template(resources.files("auto_model.rewards").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8"))
+    return Template(resources.files("auto_model.rewards").joinpath(f"templates/{name}.txt").read_text(encoding="utf-8"))
 
 
 def _norm(name: str) -> str:
@@ -109,7 +124,7 @@ def _extract(text: str, opener: str, closer: str) -> str:
     start, end = text.find(opener), text.rfind(closer)
     if start == -1 or end <= start:
         raise ReplyError(f"the reply has no JSON {'object' if opener == '{' else 'list'}")
-    return text[start:end + 1]
+    return text[start : end + 1]
 
 
 def parse_aspects(text: str) -> list[str]:
@@ -127,9 +142,9 @@ def parse_aspects(text: str) -> list[str]:
         names = [aspect for _, aspect in sorted(hits)]
     chosen: list[str] = []
     for name in names:
-        aspect = canonical_aspect(name)
-        if aspect and aspect not in chosen:
-            chosen.append(aspect)
+        known = canonical_aspect(name)
+        if known and known not in chosen:
+            chosen.append(known)
     if len(chosen) < MIN_ASPECTS:
         raise ReplyError(f"it names {len(chosen)} known aspects; name {MIN_ASPECTS} to {MAX_ASPECTS} from the list")
     return chosen[:MAX_ASPECTS]
@@ -156,7 +171,7 @@ def parse_scores(text: str, aspects: Sequence[str]) -> dict[str, dict[str, Any]]
             rationale = str(value.get("rationale", value.get("reason", "")) or "")
             value = value.get("score")
         try:
-            score = float(value)  # type: ignore[arg-type]
+            score = float(value)
         except (TypeError, ValueError):
             raise ReplyError(f"the score for {aspect} is not a number") from None
         if not 1 <= score <= 5:
@@ -205,13 +220,21 @@ class Evaluation:
         return "\n".join(f"- {a}: {s['score']:g}/5. {s['rationale']}" for a, s in self.scores.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"aspects": self.aspects, "scores": self.scores, "reward": self.reward, "error": self.error,
-                "attempts": self.attempts, "aspects_failed": self.aspects_failed}
+        return {
+            "aspects": self.aspects,
+            "scores": self.scores,
+            "reward": self.reward,
+            "error": self.error,
+            "attempts": self.attempts,
+            "aspects_failed": self.aspects_failed,
+        }
 
 
 def _retry_prompt(prompt: str, reply: str, error: str, form: str) -> str:
-    return (f"{prompt}\n\nA previous reply could not be used because {error}:\n{reply.strip()[:600]}\n\n"
-            f"Reply again, with only {form}.")
+    return (
+        f"{prompt}\n\nA previous reply could not be used because {error}:\n{reply.strip()[:600]}\n\n"
+        f"Reply again, with only {form}."
+    )
 
 
 class Judge:
@@ -232,9 +255,18 @@ class Judge:
             prefill (engines that constrain decoding: vllm, openai).
     """
 
-    def __init__(self, evaluator: Any, metrics: Any = None, *, prompt: Template | None = None,
-                 metrics_cache_path: str | Path | None = None, attempts: int = 3, max_new_tokens: int = 512,
-                 per_aspect: bool = False, json_schema: bool = False):
+    def __init__(
+        self,
+        evaluator: Any,
+        metrics: Any = None,
+        *,
+        prompt: Template | None = None,
+        metrics_cache_path: str | Path | None = None,
+        attempts: int = 3,
+        max_new_tokens: int = 512,
+        per_aspect: bool = False,
+        json_schema: bool = False,
+    ):
         self.metrics, self.evaluator = metrics, evaluator
         self.prompt = prompt or template("eval")
         self.attempts = attempts
@@ -264,9 +296,15 @@ class Judge:
         prefill or, with ``json_schema`` on, constrained to its schema."""
         return (None, schemas) if self.json_schema else (prefills, None)
 
-    def _ask_until_parsed(self, role: Any, prompts: list[str], parse: Any, form: str,
-                          prefills: list[str] | None = None,
-                          schemas: list[dict[str, Any]] | None = None) -> list[tuple[Any, str | None, int, list[str]]]:
+    def _ask_until_parsed(
+        self,
+        role: Any,
+        prompts: list[str],
+        parse: Any,
+        form: str,
+        prefills: list[str] | None = None,
+        schemas: list[dict[str, Any]] | None = None,
+    ) -> list[tuple[Any, str | None, int, list[str]]]:
         """Ask every prompt; re-ask the unreadable ones with the problem spelled out. Per prompt:
         (parsed value or None, last error or None, attempts used, replies). ``schemas``: each
         prompt's reply constrained to its JSON schema (callers pass them instead of ``prefills``)."""
@@ -277,14 +315,23 @@ class Judge:
             if not pending:
                 break
             # The first ask is greedy; a retry samples (reproducibly) so that it can come out differently.
-            sampling = self.sampling if attempt == 0 else GenerationOptions(
-                temperature=0.7, top_p=0.95, max_new_tokens=self.sampling.max_new_tokens, seed=attempt)
-            per_prompt: GenerationOptions | list[GenerationOptions] = sampling if schemas is None else [
-                replace(sampling, json_schema=schemas[i]) for i in pending]
-            outcomes = role.ask([asked[i] for i in pending], per_prompt,
-                                prefill=None if prefills is None else [prefills[i] for i in pending])
+            sampling = (
+                self.sampling
+                if attempt == 0
+                else GenerationOptions(
+                    temperature=0.7, top_p=0.95, max_new_tokens=self.sampling.max_new_tokens, seed=attempt
+                )
+            )
+            per_prompt: GenerationOptions | list[GenerationOptions] = (
+                sampling if schemas is None else [replace(sampling, json_schema=schemas[i]) for i in pending]
+            )
+            outcomes = role.ask(
+                [asked[i] for i in pending],
+                per_prompt,
+                prefill=None if prefills is None else [prefills[i] for i in pending],
+            )
             still = []
-            for i, outcome in zip(pending, outcomes):
+            for i, outcome in zip(pending, outcomes, strict=True):
                 value, error, n, replies = state[i]
                 if not isinstance(outcome, Completion):
                     state[i] = (None, f"the request failed: {outcome}", n + 1, replies)
@@ -303,23 +350,33 @@ class Judge:
     def select_aspects(self, queries: Sequence[str]) -> list[tuple[list[str], bool]]:
         """(aspects, failed) per query; failures get FALLBACK_ASPECTS and are recorded."""
         if self.metrics is None and any(q not in self.aspect_cache for q in queries):
-            raise InvalidRequestError("This judge has no metrics model to choose aspects: give every RewardItem its aspects.")
+            raise InvalidRequestError(
+                "This judge has no metrics model to choose aspects: give every RewardItem its aspects."
+            )
         todo = sorted({q for q in queries if q not in self.aspect_cache})
         failed: set[str] = set()
         if todo:
             listing = "\n".join(f"- {a}: {d}" for a, d in ASPECTS.items())
             prompts = [template("metrics").substitute(aspects=listing, query=q) for q in todo]
-            results = self._ask_until_parsed(self.metrics, prompts, lambda i, t: parse_aspects(t),
-                                             "a JSON list of 2 to 5 aspect names",
-                                             *self._start_or_schema(['["'] * len(prompts), [aspects_schema()] * len(prompts)))
-            for q, (value, error, n, replies) in zip(todo, results):
+            results = self._ask_until_parsed(
+                self.metrics,
+                prompts,
+                lambda i, t: parse_aspects(t),
+                "a JSON list of 2 to 5 aspect names",
+                *self._start_or_schema(['["'] * len(prompts), [aspects_schema()] * len(prompts)),
+            )
+            for q, (value, error, n, replies) in zip(todo, results, strict=True):
                 if value is None:
                     failed.add(q)
-                    self.failures.append({"role": "metrics", "query": q, "error": error, "attempts": n, "replies": replies})
+                    self.failures.append(
+                        {"role": "metrics", "query": q, "error": error, "attempts": n, "replies": replies}
+                    )
                 else:
                     self.aspect_cache[q] = value
             if self.metrics_cache_path:
-                atomic_write_text(self.metrics_cache_path, json.dumps(self.aspect_cache, indent=1, ensure_ascii=False) + "\n")
+                atomic_write_text(
+                    self.metrics_cache_path, json.dumps(self.aspect_cache, indent=1, ensure_ascii=False) + "\n"
+                )
         return [(list(FALLBACK_ASPECTS), True) if q in failed else (self.aspect_cache[q], False) for q in queries]
 
     def evaluate(self, items: Sequence[tuple[str, str]]) -> list[Evaluation]:
@@ -341,39 +398,54 @@ class Judge:
             if item.aspects is not None:
                 known = [canonical_aspect(a) for a in item.aspects]
                 if not item.aspects or None in known:
-                    raise InvalidRequestError(f"items[{i}]: unknown or no aspects {list(item.aspects)!r}; "
-                                              f"choose from {', '.join(ASPECTS)}.")
+                    raise InvalidRequestError(
+                        f"items[{i}]: unknown or no aspects {list(item.aspects)!r}; choose from {', '.join(ASPECTS)}."
+                    )
                 chosen[i] = ([a for a in known if a], False)
         free = [i for i, pick in enumerate(chosen) if pick is None]
-        for i, pick in zip(free, self.select_aspects([items[i].query for i in free]) if free else []):
-            chosen[i] = pick
-        evaluations = self._score([(item.query, item.answer, pick[0]) for item, pick in zip(items, chosen) if pick])
-        for evaluation, pick in zip(evaluations, chosen):
+        for i, choice in zip(free, self.select_aspects([items[i].query for i in free]) if free else [], strict=True):
+            chosen[i] = choice
+        picked = [(item.query, item.answer, pick[0]) for item, pick in zip(items, chosen, strict=True) if pick]
+        evaluations = self._score(picked)
+        for evaluation, pick in zip(evaluations, chosen, strict=True):
             evaluation.aspects_failed = bool(pick and pick[1])
         return evaluations
 
     def _score(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[Evaluation]:
         prompt = self.prompt
         # One request per item, or per (item, aspect) in per-aspect mode.
-        jobs = [(i, list(aspects) if not self.per_aspect else [a]) for i, (_, _, aspects) in enumerate(items)
-                for a in (list(aspects)[:1] if not self.per_aspect else aspects)]
+        jobs = [
+            (i, list(aspects) if not self.per_aspect else [a])
+            for i, (_, _, aspects) in enumerate(items)
+            for a in (list(aspects)[:1] if not self.per_aspect else aspects)
+        ]
         prompts, prefills = [], []
         for i, aspects in jobs:
             query, answer, _ = items[i]
-            form = "{\n" + ",\n".join(f' "{a}": {{"rationale": "<why, in one sentence>", "score": <1 to 5>}}' for a in aspects) + "\n}"
+            form = (
+                "{\n"
+                + ",\n".join(f' "{a}": {{"rationale": "<why, in one sentence>", "score": <1 to 5>}}' for a in aspects)
+                + "\n}"
+            )
             listing = "\n".join(f"- {a}: {ASPECTS[a]}" for a in aspects)
-            prompts.append(prompt.substitute(query=query, answer=answer.strip() or "(empty answer)",
-                                             aspects=listing, form=form))
+            prompts.append(
+                prompt.substitute(query=query, answer=answer.strip() or "(empty answer)", aspects=listing, form=form)
+            )
             prefills.append(f'{{\n "{aspects[0]}": {{"rationale": "It')
         answers = self._ask_until_parsed(
-            self.evaluator, prompts, lambda j, t: parse_scores(t, jobs[j][1]),
+            self.evaluator,
+            prompts,
+            lambda j, t: parse_scores(t, jobs[j][1]),
             "a JSON object with a rationale and a score for each aspect",
-            *self._start_or_schema(prefills, [scores_schema(aspects) for _, aspects in jobs] if self.json_schema else []))
+            *self._start_or_schema(
+                prefills, [scores_schema(aspects) for _, aspects in jobs] if self.json_schema else []
+            ),
+        )
         by_item: list[list[tuple[Any, str | None, int, list[str]]]] = [[] for _ in items]
-        for (owner, _), answer in zip(jobs, answers):
-            by_item[owner].append(answer)
+        for (owner, _), state in zip(jobs, answers, strict=True):
+            by_item[owner].append(state)
         evaluations = []
-        for (query, _, aspects), mine in zip(items, by_item):
+        for (query, _, item_aspects), mine in zip(items, by_item, strict=True):
             errors = [e for _, e, _, _ in mine if e]
             scores: dict[str, Any] | None = {}
             for value, _, _, _ in mine:
@@ -381,6 +453,8 @@ class Judge:
             value, error = (scores if not errors else None), ("; ".join(errors) or None)
             n, replies = max(n for _, _, n, _ in mine), [r for _, _, _, rs in mine for r in rs]
             if value is None:
-                self.failures.append({"role": "eval", "query": query, "error": error, "attempts": n, "replies": replies})
-            evaluations.append(Evaluation(list(aspects), value, error, n, False, replies))
+                self.failures.append(
+                    {"role": "eval", "query": query, "error": error, "attempts": n, "replies": replies}
+                )
+            evaluations.append(Evaluation(list(item_aspects), value, error, n, False, replies))
         return evaluations

@@ -13,9 +13,10 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from auto_model.backends.base import Completion, GenerationRequest, Outcome
 from auto_model.errors import AutoModelError
@@ -43,8 +44,12 @@ class RequestCache:
         sampling["stop"] = list(sampling["stop"])
         if sampling["json_schema"] is None:  # keys of unconstrained requests as they were before the field
             del sampling["json_schema"]
-        blob = json.dumps({"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling},
-                          sort_keys=True, ensure_ascii=False, default=repr)
+        blob = json.dumps(
+            {"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling},
+            sort_keys=True,
+            ensure_ascii=False,
+            default=repr,
+        )
         return hashlib.sha256(blob.encode("utf-8")).hexdigest(), blob
 
     def get(self, key: str) -> Completion | None:
@@ -118,10 +123,15 @@ class Usage:
         return {**{name: asdict(r) for name, r in roles.items()}, "total": asdict(total)}
 
     def table(self) -> str:
-        rows = [f"{'role':10s} {'calls':>6s} {'cached':>7s} {'failed':>6s} {'prompt tok':>11s} {'compl. tok':>11s} {'seconds':>8s}"]
+        rows = [
+            f"{'role':10s} {'calls':>6s} {'cached':>7s} {'failed':>6s} {'prompt tok':>11s} {'compl. tok':>11s} "
+            f"{'seconds':>8s}"
+        ]
         for name, r in self.to_dict().items():
-            rows.append(f"{name:10s} {r['calls']:6d} {r['cached']:7d} {r['failed']:6d} {r['prompt_tokens']:11d} "
-                        f"{r['completion_tokens']:11d} {r['seconds']:8.1f}")
+            rows.append(
+                f"{name:10s} {r['calls']:6d} {r['cached']:7d} {r['failed']:6d} {r['prompt_tokens']:11d} "
+                f"{r['completion_tokens']:11d} {r['seconds']:8.1f}"
+            )
         return "\n".join(rows)
 
 
@@ -140,8 +150,13 @@ class Role:
                 raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
             self.chunk_size = chunk_size  # 1: one request per engine call, as the original scripts sent them
 
-    def ask(self, prompts: Sequence[str], options: GenerationOptions | Sequence[GenerationOptions],
-            seeds: Sequence[int | None] | None = None, prefill: str | Sequence[str] | None = None) -> list[Outcome]:
+    def ask(
+        self,
+        prompts: Sequence[str],
+        options: GenerationOptions | Sequence[GenerationOptions],
+        seeds: Sequence[int | None] | None = None,
+        prefill: str | Sequence[str] | None = None,
+    ) -> list[Outcome]:
         """One user turn per prompt (no system prompt, no examples), answered in one batch.
 
         ``options`` is one setting for all prompts, or one per prompt (e.g. each with its own
@@ -165,8 +180,10 @@ class Role:
             requests.append(request)
         outcomes = self.run(requests)
         if text_prompts:
-            outcomes = [replace(o, text=(prefills[i] or "") + o.text) if isinstance(o, Completion) else o
-                        for i, o in enumerate(outcomes)]
+            outcomes = [
+                replace(o, text=(prefills[i] or "") + o.text) if isinstance(o, Completion) else o
+                for i, o in enumerate(outcomes)
+            ]
         return outcomes
 
     def answer(self, system_prompts: Sequence[str], query: str, *, k: int, options: GenerationOptions) -> list[Outcome]:
@@ -200,12 +217,13 @@ class Role:
         t0 = time.perf_counter()
         outcomes: list[Outcome] = []
         for start in range(0, len(missing), self.chunk_size):  # each chunk is in the cache once it returns
-            part = missing[start:start + self.chunk_size]
-            outcomes += self.model.run_requests([requests[i] for i in part],
-                                                on_completion=lambda j, o, start=start: store(start + j, o))
+            part = missing[start : start + self.chunk_size]
+            outcomes += self.model.run_requests(
+                [requests[i] for i in part], on_completion=lambda j, o, start=start: store(start + j, o)
+            )
         stats.seconds += time.perf_counter() - t0
         stats.calls += len(missing)
-        for i, outcome in zip(missing, outcomes):
+        for i, outcome in zip(missing, outcomes, strict=True):
             results[i] = outcome
             if isinstance(outcome, Completion):
                 stats.prompt_tokens += outcome.prompt_tokens

@@ -17,9 +17,10 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
@@ -51,8 +52,11 @@ def _bool(value: str | bool) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="auto-model-train", description="DRPO: optimize a model's system prompt (stage 2, "
-                                "'prompt', the default) or its in-context examples (stage 1, 'icl').")
+    p = argparse.ArgumentParser(
+        prog="auto-model-train",
+        description="DRPO: optimize a model's system prompt (stage 2, "
+        "'prompt', the default) or its in-context examples (stage 1, 'icl').",
+    )
     add = p.add_argument
     # The original parameters, same names.
     add("--base_model_name", default=None, help=f"the model to optimize for (default {constants.DEFAULT_MODEL})")
@@ -86,19 +90,35 @@ def parser() -> argparse.ArgumentParser:
     add("--max_calls", type=int, default=None, help="stop cleanly (resumable) before sending more LLM requests")
     add("--max_new_tokens", type=int, default=512, help="longest answer of the base model")
     add("--judge_max_new_tokens", type=int, default=512, help="longest reply of the metrics, eval and optimize models")
-    add("--batch_size", type=int, default=256,
-        help="most requests per engine call (1 sends them one at a time, as the original scripts did)")
+    add(
+        "--batch_size",
+        type=int,
+        default=256,
+        help="most requests per engine call (1 sends them one at a time, as the original scripts did)",
+    )
     add("--dry_run", action="store_true", help="print the planned number of calls and exit")
     add("--output", default=None, help="where the artifact (or the new ICL pool) goes")
     add("--backend", default="auto", help="engine for every role: auto, vllm, openai or transformers")
-    add("--base_url", default=None, help="OpenAI-compatible server for the metrics, eval and optimize models "
-        "(and for the base model with --is_GPT true)")
+    add(
+        "--base_url",
+        default=None,
+        help="OpenAI-compatible server for the metrics, eval and optimize models "
+        "(and for the base model with --is_GPT true)",
+    )
     add("--dtype", default="auto")
-    add("--eval_per_aspect", type=_bool, default=False,
-        help="ask the eval model for one aspect per request (true/false): for small judges")
-    add("--judge_json_schema", type=_bool, default=False,
+    add(
+        "--eval_per_aspect",
+        type=_bool,
+        default=False,
+        help="ask the eval model for one aspect per request (true/false): for small judges",
+    )
+    add(
+        "--judge_json_schema",
+        type=_bool,
+        default=False,
         help="constrain metrics and eval replies to their JSON schema (true/false; vllm and openai engines): "
-        "every reply is then readable, even from a small judge")
+        "every reply is then readable, even from a small judge",
+    )
     add("--skip_threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
     add("--num_iters", type=int, default=3, help="icl: rewrite rounds per example")
     add("--icl_path", default=None, help="icl: the pool to improve (default: the packaged pool)")
@@ -132,8 +152,17 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("n_actions", "depth", "beam_size", "num_training_examples", "max_new_tokens", "judge_max_new_tokens",
-                 "num_gpus", "num_iters", "batch_size"):
+    for name in (
+        "n_actions",
+        "depth",
+        "beam_size",
+        "num_training_examples",
+        "max_new_tokens",
+        "judge_max_new_tokens",
+        "num_gpus",
+        "num_iters",
+        "batch_size",
+    ):
         if getattr(args, name) < 1:
             raise InvalidRequestError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     for name in ("max_depth_increase", "k"):
@@ -183,8 +212,12 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
     from auto_model.rewards.requests import Role
 
     models: dict[tuple[str, str], Any] = {}
-    names = {"base": args.base_model_name, "metrics": args.metrics_model_name,
-             "eval": args.eval_model_name, "optimize": args.optimize_model_name}
+    names = {
+        "base": args.base_model_name,
+        "metrics": args.metrics_model_name,
+        "eval": args.eval_model_name,
+        "optimize": args.optimize_model_name,
+    }
     roles = {}
     for role, name in names.items():
         # The judge roles use the server at --base_url when one is given; the base model only with --is_GPT.
@@ -198,7 +231,9 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
                     kwargs["base_url"] = url
             else:
                 kwargs.update(num_gpus=args.num_gpus, cuda_visible_devices=args.cuda_visible_devices, dtype=args.dtype)
-                if args.base_model_download_dir and role == "base":  # vLLM calls it download_dir, transformers cache_dir
+                if (
+                    args.base_model_download_dir and role == "base"
+                ):  # vLLM calls it download_dir, transformers cache_dir
                     kwargs["download_dir" if backend == "vllm" else "cache_dir"] = args.base_model_download_dir
             logger.info("Loading %s for %s (%s)", name, role, backend)
             models[key] = AutoModel(name, **kwargs)
@@ -241,11 +276,16 @@ def run(command: str, args: argparse.Namespace) -> int:
 
             pool_size = len(load_icl_pool(args.icl_path))
         plan = planned_calls(args, command, pool_size)
-        print(f"planned calls: at most {sum(plan.values())} ("
-              + ", ".join(f"{k} {v}" for k, v in plan.items()) + "), plus up to 2 retries per unreadable judge reply")
+        print(
+            f"planned calls: at most {sum(plan.values())} ("
+            + ", ".join(f"{k} {v}" for k, v in plan.items())
+            + "), plus up to 2 retries per unreadable judge reply"
+        )
         return 0
     if checkpoint.exists() and not args.resume:
-        raise InvalidRequestError(f"{log_dir} already holds a run; pass --resume to continue it, or choose a new --log_dir.")
+        raise InvalidRequestError(
+            f"{log_dir} already holds a run; pass --resume to continue it, or choose a new --log_dir."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     handlers = _setup_logging(args)
     atomic_write_text(log_dir / "args.txt", json.dumps({"command": command, **redacted(args)}, indent=2) + "\n")
@@ -257,9 +297,14 @@ def run(command: str, args: argparse.Namespace) -> int:
         usage.load(json.loads(usage_path.read_text(encoding="utf-8"))["run"])
     try:
         roles = build_roles(args, cache, usage)
-        judge = Judge(roles["eval"], roles["metrics"], metrics_cache_path=args.metrics_cache_path,
-                      max_new_tokens=args.judge_max_new_tokens, per_aspect=args.eval_per_aspect,
-                      json_schema=args.judge_json_schema)
+        judge = Judge(
+            roles["eval"],
+            roles["metrics"],
+            metrics_cache_path=args.metrics_cache_path,
+            max_new_tokens=args.judge_max_new_tokens,
+            per_aspect=args.eval_per_aspect,
+            json_schema=args.judge_json_schema,
+        )
         if command == "icl":
             code = _run_icl(args, roles, judge, out_dir)
         else:
@@ -282,25 +327,52 @@ def run(command: str, args: argparse.Namespace) -> int:
     return code
 
 
-def _run_prompt(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_dir: Path, checkpoint: Path,
-                usage: Any, started: float) -> int:
+def _run_prompt(
+    args: argparse.Namespace,
+    roles: dict[str, Any],
+    judge: Any,
+    out_dir: Path,
+    checkpoint: Path,
+    usage: Any,
+    started: float,
+) -> int:
     from auto_model.trainer.data import load_training_queries, sample_training_queries
     from auto_model.trainer.search import BeamSearch, SearchConfig
 
     rows = sample_training_queries(load_training_queries(args.data_dir), args.num_training_examples, args.seed)
-    config = SearchConfig(depth=args.depth, beam_size=args.beam_size, n_actions=args.n_actions,
-                          max_depth_increase=args.max_depth_increase, temperature=args.temperature,
-                          skip_threshold=args.skip_threshold, ret_icl=args.ret_icl, k=args.k,
-                          max_new_tokens=args.max_new_tokens, optimizer_max_new_tokens=args.judge_max_new_tokens,
-                          seed=args.seed)
+    config = SearchConfig(
+        depth=args.depth,
+        beam_size=args.beam_size,
+        n_actions=args.n_actions,
+        max_depth_increase=args.max_depth_increase,
+        temperature=args.temperature,
+        skip_threshold=args.skip_threshold,
+        ret_icl=args.ret_icl,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        optimizer_max_new_tokens=args.judge_max_new_tokens,
+        seed=args.seed,
+    )
     bar = None
     if not args.disable_tqdm:
         from tqdm import tqdm
 
-        bar = tqdm(total=min(args.depth + args.max_depth_increase, len(rows)), desc="DRPO levels", unit="level", file=sys.stderr)
-    search = BeamSearch(roles["base"], roles["optimize"], judge, config, [r["query"] for r in rows],
-                        args.initial_system_prompt, checkpoint,
-                        progress=lambda message: _level_done(message, bar, usage, out_dir))
+        bar = tqdm(
+            total=min(args.depth + args.max_depth_increase, len(rows)),
+            desc="DRPO levels",
+            unit="level",
+            file=sys.stderr,
+        )
+    search = BeamSearch(
+        roles["base"],
+        roles["optimize"],
+        judge,
+        config,
+        [r["query"] for r in rows],
+        args.initial_system_prompt,
+        checkpoint,
+        progress=lambda message: _level_done(message, bar, usage, out_dir),
+    )
     if args.resume and search.load():
         logger.info("Resumed from %s at level %d", checkpoint, search.level)
         if bar:
@@ -314,16 +386,28 @@ def _run_prompt(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out
     (out_dir / "trace.txt").write_text(search.trace(best), encoding="utf-8")
     judge_is_base = {args.eval_model_name, args.metrics_model_name, args.optimize_model_name} == {args.base_model_name}
     artifact = PromptArtifact(
-        model_id=args.base_model_name, system_prompt=best.prompt, method="drpo",
+        model_id=args.base_model_name,
+        system_prompt=best.prompt,
+        method="drpo",
         provenance={
             "created": datetime.now(timezone.utc).date().isoformat(),
-            "base_model": args.base_model_name, "eval_model": args.eval_model_name,
-            "metrics_model": args.metrics_model_name, "optimize_model": args.optimize_model_name,
+            "base_model": args.base_model_name,
+            "eval_model": args.eval_model_name,
+            "metrics_model": args.metrics_model_name,
+            "optimize_model": args.optimize_model_name,
             "judged_by_itself": judge_is_base,
-            "search": {"depth": args.depth, "beam_size": args.beam_size, "n_actions": args.n_actions,
-                       "max_depth_increase": args.max_depth_increase, "training_queries": len(rows),
-                       "ret_icl": args.ret_icl, "k": args.k, "seed": args.seed},
-            "best_node": best.id, "path_rewards": best.path_rewards,
+            "search": {
+                "depth": args.depth,
+                "beam_size": args.beam_size,
+                "n_actions": args.n_actions,
+                "max_depth_increase": args.max_depth_increase,
+                "training_queries": len(rows),
+                "ret_icl": args.ret_icl,
+                "k": args.k,
+                "seed": args.seed,
+            },
+            "best_node": best.id,
+            "path_rewards": best.path_rewards,
             "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
         },
     )
@@ -346,15 +430,25 @@ def _write_tree(search: Any, args: argparse.Namespace, judge: Any, usage: Any, o
 
     try:
         best = search.best()
-        result = {"node": best.id, "prompt": best.prompt, "path_mean": best.path_mean if best.path_rewards else None,
-                  "path": [n.id for n in search.path(best)]}
+        result = {
+            "node": best.id,
+            "prompt": best.prompt,
+            "path_mean": best.path_mean if best.path_rewards else None,
+            "path": [n.id for n in search.path(best)],
+        }
     except AutoModelError:  # no level finished yet
         result = None
     tree = {
-        "format": "auto_model.drpo_run/v1", "status": "finished" if search.done() else "stopped",
-        "config": redacted(args), "levels_done": search.level, "result": result,
-        "beam": search.beam, "finished": search.finished, "nodes": [asdict(n) for n in search.nodes],
-        "judge_failures": judge.failures, "usage": usage.snapshot(),
+        "format": "auto_model.drpo_run/v1",
+        "status": "finished" if search.done() else "stopped",
+        "config": redacted(args),
+        "levels_done": search.level,
+        "result": result,
+        "beam": search.beam,
+        "finished": search.finished,
+        "nodes": [asdict(n) for n in search.nodes],
+        "judge_failures": judge.failures,
+        "usage": usage.snapshot(),
         "wall_clock_s": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(out_dir / "output.json", json.dumps(tree, indent=1, ensure_ascii=False) + "\n")
@@ -366,12 +460,24 @@ def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_di
 
     pool = load_icl_pool(args.icl_path)
     output = Path(args.output) if args.output else out_dir / "ICL_examples.json"
-    states = optimize_pool(pool, roles["optimize"], judge, output, num_iters=args.num_iters, n_actions=args.n_actions,
-                           temperature=args.temperature, skip_threshold=args.skip_threshold, seed=args.seed,
-                           max_new_tokens=args.judge_max_new_tokens, progress=logger.info)
+    states = optimize_pool(
+        pool,
+        roles["optimize"],
+        judge,
+        output,
+        num_iters=args.num_iters,
+        n_actions=args.n_actions,
+        temperature=args.temperature,
+        skip_threshold=args.skip_threshold,
+        seed=args.seed,
+        max_new_tokens=args.judge_max_new_tokens,
+        progress=logger.info,
+    )
     history = [{"query": s.example.query, "history": s.history} for s in states]
-    atomic_write_text(out_dir / "icl_output.json", json.dumps({"examples": history, "judge_failures": judge.failures},
-                                                              indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(
+        out_dir / "icl_output.json",
+        json.dumps({"examples": history, "judge_failures": judge.failures}, indent=1, ensure_ascii=False) + "\n",
+    )
     print(f"new pool ({len(states)} examples) -> {output}")
     return 0
 
@@ -383,8 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, args = parse_args(argv)
         return run(command, resolve(args, command))
 
-    return run_reporting_errors("auto-model-train", body, expected=(AutoModelError, ValueError, OSError),
-                                interrupted="interrupted; continue with --resume")
+    return run_reporting_errors(
+        "auto-model-train",
+        body,
+        expected=(AutoModelError, ValueError, OSError),
+        interrupted="interrupted; continue with --resume",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

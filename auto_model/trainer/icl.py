@@ -11,9 +11,10 @@ format, with each example's scores in its metadata, written after every round.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from auto_model.backends.base import Completion
 from auto_model.options import GenerationOptions
@@ -41,16 +42,27 @@ class ExampleState:
 
 
 def optimize_pool(
-    pool: Sequence[ICLExample], optimizer: Any, judge: Judge, output: str | Path, *, num_iters: int = 3,
-    n_actions: int = 2, temperature: float = 0.2, skip_threshold: float = 4.5, seed: int = 42,
-    max_new_tokens: int = 512, progress: Callable[[str], None] | None = None,
+    pool: Sequence[ICLExample],
+    optimizer: Any,
+    judge: Judge,
+    output: str | Path,
+    *,
+    num_iters: int = 3,
+    n_actions: int = 2,
+    temperature: float = 0.2,
+    skip_threshold: float = 4.5,
+    seed: int = 42,
+    max_new_tokens: int = 512,
+    progress: Callable[[str], None] | None = None,
 ) -> list[ExampleState]:
     progress = progress or (lambda message: None)
     states = [ExampleState(i, ex, strip_markers(ex.answer)) for i, ex in enumerate(pool)]
-    for state, evaluation in zip(states, judge.evaluate([(s.example.query, s.answer) for s in states])):
+    for state, evaluation in zip(states, judge.evaluate([(s.example.query, s.answer) for s in states]), strict=True):
         state.evaluation = evaluation
         state.history.append({"round": 0, "answer": state.answer, "evaluation": evaluation.to_dict()})
-    sampling = GenerationOptions(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",))
+    sampling = GenerationOptions(
+        temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",)
+    )
     for round_ in range(1, num_iters + 1):
         open_ = [s for s in states if not s.done and not (s.evaluation and s.evaluation.all_at_least(skip_threshold))]
         for s in states:
@@ -60,14 +72,17 @@ def optimize_pool(
             break
         prompts, seeds, owners = [], [], []
         for s in open_:
-            text = template("optimize_icl").substitute(query=s.example.query, answer=s.answer,
-                                                       feedback=s.evaluation.feedback() if s.evaluation else "(no review)")
+            text = template("optimize_icl").substitute(
+                query=s.example.query,
+                answer=s.answer,
+                feedback=s.evaluation.feedback() if s.evaluation else "(no review)",
+            )
             for j in range(n_actions):
                 prompts.append(text)
                 seeds.append(action_seed(seed, round_ * 100_003 + s.index, j))
                 owners.append(s)
         candidates: list[tuple[ExampleState, str]] = []
-        for owner, outcome in zip(owners, optimizer.ask(prompts, sampling, seeds, prefill="<answer>\n")):
+        for owner, outcome in zip(owners, optimizer.ask(prompts, sampling, seeds, prefill="<answer>\n"), strict=True):
             if isinstance(outcome, Completion):
                 try:
                     candidates.append((owner, parse_prompt_reply(outcome.text, "answer")))
@@ -75,7 +90,7 @@ def optimize_pool(
                     logger.info("Unusable rewrite for %r: %s", owner.example.query, exc)
         evaluations = judge.evaluate([(owner.example.query, answer) for owner, answer in candidates])
         improved = 0
-        for (owner, answer), evaluation in zip(candidates, evaluations):
+        for (owner, answer), evaluation in zip(candidates, evaluations, strict=True):
             owner.history.append({"round": round_, "answer": answer, "evaluation": evaluation.to_dict()})
             if evaluation.reward is not None and evaluation.reward > owner.reward:
                 owner.answer, owner.evaluation = answer, evaluation

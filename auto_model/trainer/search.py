@@ -25,11 +25,12 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from auto_model.backends.base import Completion
 from auto_model.errors import ArtifactError, EngineOutageError
@@ -45,7 +46,8 @@ ROLES = ("base", "metrics", "eval", "optimize")
 
 def template(name: str) -> Template:
     """An optimizer meta-prompt from ``auto_model/trainer/templates`` (``$name`` placeholders)."""
-    return Template(resources.files("auto_model.trainer").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8"))
+    return Template(resources.files("auto_model.trainer").joinpath(f"templates/{name}.txt").read_text(encoding="utf-8"))
+
 
 CHECKPOINT_FORMAT = "auto_model.drpo_checkpoint/v1"
 
@@ -103,8 +105,18 @@ def action_seed(seed: int, node_id: int, action: int) -> int:
 class BeamSearch:
     """The search. ``base``/``optimizer`` are :class:`~auto_model.rewards.requests.Role` objects."""
 
-    def __init__(self, base: Any, optimizer: Any, judge: Judge, config: SearchConfig, queries: Sequence[str],
-                 initial_prompt: str, checkpoint_path: str | Path, *, progress: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        base: Any,
+        optimizer: Any,
+        judge: Judge,
+        config: SearchConfig,
+        queries: Sequence[str],
+        initial_prompt: str,
+        checkpoint_path: str | Path,
+        *,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.base, self.optimizer, self.judge, self.config = base, optimizer, judge, config
         self.queries = list(queries)
         self.initial_prompt = initial_prompt
@@ -119,9 +131,14 @@ class BeamSearch:
 
     def state(self) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT, "config": asdict(self.config), "queries": self.queries,
-            "initial_prompt": self.initial_prompt, "level": self.level, "beam": self.beam,
-            "finished": self.finished, "nodes": [asdict(n) for n in self.nodes],
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.config),
+            "queries": self.queries,
+            "initial_prompt": self.initial_prompt,
+            "level": self.level,
+            "beam": self.beam,
+            "finished": self.finished,
+            "nodes": [asdict(n) for n in self.nodes],
         }
 
     def save(self) -> None:
@@ -134,7 +151,11 @@ class BeamSearch:
         data = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
         if data.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{self.checkpoint_path} is not a DRPO checkpoint ({data.get('format')!r}).")
-        if data["queries"] != self.queries or data["initial_prompt"] != self.initial_prompt or data["config"] != asdict(self.config):
+        if (
+            data["queries"] != self.queries
+            or data["initial_prompt"] != self.initial_prompt
+            or data["config"] != asdict(self.config)
+        ):
             raise ValueError(
                 f"{self.checkpoint_path} belongs to a run with other settings, training queries or initial prompt; "
                 "resume with the same arguments, or use a new --log_dir."
@@ -155,8 +176,12 @@ class BeamSearch:
             if failed == 0:
                 break
             self._select([n for n in self.nodes if n.level == failed - 1], failed - 1)
-            logger.warning("Level %d of %s has no answered candidate; continuing from level %d",
-                           failed + 1, self.checkpoint_path, failed)
+            logger.warning(
+                "Level %d of %s has no answered candidate; continuing from level %d",
+                failed + 1,
+                self.checkpoint_path,
+                failed,
+            )
         self.save()
 
     # -- the search --------------------------------------------------------------------------
@@ -195,7 +220,7 @@ class BeamSearch:
         query = self.queries[level]
         proposals = self._proposals(level)
         answers = self._answer([p.prompt for p in proposals], query)
-        for node, answer in zip(proposals, answers):
+        for node, answer in zip(proposals, answers, strict=True):
             if isinstance(answer, Completion):
                 node.answer = answer.text
             else:
@@ -203,7 +228,8 @@ class BeamSearch:
         judged = [n for n in proposals if n.answer is not None]
         if not judged:  # an outage, not a result: the checkpoint keeps the last level that has answers
             raise EngineOutageError(
-                f"Level {level + 1}: every base-model request failed ({len(proposals)} of {len(proposals)}; {proposals[0].error}). "
+                f"Level {level + 1}: every base-model request failed ({len(proposals)} of {len(proposals)}; "
+                f"{proposals[0].error}). "
                 f"Nothing of this level was saved; continue with --resume once the engine answers."
             )
         evaluations = self.judge.evaluate([(query, n.answer or "") for n in judged])
@@ -212,7 +238,7 @@ class BeamSearch:
                 f"Level {level + 1}: every judge request failed ({evaluations[0].error}). Nothing of this level "
                 f"was saved; continue with --resume once the judge's engine answers."
             )
-        for node, evaluation in zip(judged, evaluations):
+        for node, evaluation in zip(judged, evaluations, strict=True):
             self._score(node, evaluation)
         for node in proposals:
             if node.answer is None:
@@ -251,13 +277,24 @@ class BeamSearch:
         proposals: list[Node] = []
 
         def child(parent: Node, action: str, prompt: str, extensions: int) -> None:
-            proposals.append(Node(next_id + len(proposals), parent.id, level, action, prompt,
-                                  self.queries[level], extensions=extensions))
+            proposals.append(
+                Node(
+                    next_id + len(proposals),
+                    parent.id,
+                    level,
+                    action,
+                    prompt,
+                    self.queries[level],
+                    extensions=extensions,
+                )
+            )
 
         to_rewrite: list[tuple[Node, Evaluation]] = []
         for parent_id in self.beam:
             parent = self.nodes[parent_id]
-            evaluation = Evaluation(parent.evaluation["aspects"], parent.evaluation["scores"]) if parent.evaluation else None
+            evaluation = (
+                Evaluation(parent.evaluation["aspects"], parent.evaluation["scores"]) if parent.evaluation else None
+            )
             if evaluation is not None and evaluation.all_at_least(self.config.skip_threshold):
                 child(parent, "keep", parent.prompt, parent.extensions + 1)
             elif evaluation is None or evaluation.failed:
@@ -268,16 +305,20 @@ class BeamSearch:
         prompts, seeds, owners = [], [], []
         for parent, evaluation in to_rewrite:
             text = template("optimize_prompt").substitute(
-                system_prompt=parent.prompt, query=parent.query, answer=parent.answer or "",
+                system_prompt=parent.prompt,
+                query=parent.query,
+                answer=parent.answer or "",
                 feedback=evaluation.feedback(),
             )
             for j in range(self.config.n_actions):
                 prompts.append(text)
                 seeds.append(action_seed(self.config.seed, parent.id, j))
                 owners.append(parent)
-        outcomes = self.optimizer.ask(prompts, self._optimizer_sampling(), seeds, prefill="<prompt>\n") if prompts else []
+        outcomes = (
+            self.optimizer.ask(prompts, self._optimizer_sampling(), seeds, prefill="<prompt>\n") if prompts else []
+        )
         rewrites: dict[int, list[str]] = {p.id: [] for p, _ in to_rewrite}
-        for parent, outcome in zip(owners, outcomes):
+        for parent, outcome in zip(owners, outcomes, strict=True):
             if not isinstance(outcome, Completion):
                 logger.warning("The optimizer failed for node %d: %s", parent.id, outcome)
                 continue
@@ -297,8 +338,12 @@ class BeamSearch:
         return proposals
 
     def _optimizer_sampling(self) -> GenerationOptions:
-        return GenerationOptions(temperature=self.config.temperature, top_p=0.95,
-                              max_new_tokens=self.config.optimizer_max_new_tokens, stop=("</prompt>",))
+        return GenerationOptions(
+            temperature=self.config.temperature,
+            top_p=0.95,
+            max_new_tokens=self.config.optimizer_max_new_tokens,
+            stop=("</prompt>",),
+        )
 
     def _answer(self, prompts: list[str], query: str) -> list[Any]:
         options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens)
