@@ -125,6 +125,49 @@ def test_sampling_with_seed_is_reproducible(smol):
     assert smol.backend.generate([req])[0] == smol.backend.generate([req])[0]
 
 
+def test_seeded_requests_share_one_batch_and_each_answer_depends_on_its_seed_alone(smol, monkeypatch):
+    def request(query, seed, **extra):
+        sampling = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=seed, extra=extra)
+        return GenerationRequest(_chat(smol, query), sampling)
+
+    sizes = []  # the rows of each model.generate call
+    original = smol.backend._generate_batch
+    monkeypatch.setattr(
+        smol.backend, "_generate_batch", lambda batch, *a, **k: sizes.append(len(batch)) or original(batch, *a, **k)
+    )
+    alone = smol.backend.generate([request("Invent a name for a cat.", 7)])[0]
+    asked = [("Invent a name for a cat.", 7), ("Name a colour, any colour at all.", 8), ("Invent a name for a cat.", 9)]
+    together = smol.backend.generate([request(q, seed) for q, seed in asked])
+    assert sizes == [1, 3]  # three seeds, one call
+    assert together[0].text == alone.text  # the same seed, alone or in company
+    assert together[2].text != together[0].text  # another seed samples another answer
+    # Requests with a transformers-only sampler argument keep transformers' sampler: one call per seed.
+    smol.backend.generate([request(q, seed, top_k=20) for q, seed in asked])
+    assert sizes[2:] == [1, 1, 1]
+
+
+def test_the_row_sampler_draws_from_the_tempered_nucleus():
+    import torch
+
+    from auto_model.backends.transformers import RowSeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    temperature, top_p = 0.8, 0.9
+    probs = torch.softmax(logits[0] / temperature, -1)
+    ordered, order = torch.sort(probs, descending=True)
+    keep = (ordered.cumsum(0) - ordered) < top_p
+    expected = torch.zeros_like(probs).scatter(0, order, ordered * keep)
+    expected /= expected.sum()
+    draws = 4000
+    sampler = RowSeededSampler(list(range(draws)), temperature, top_p)
+    picks = sampler(None, logits.repeat(draws, 1)).argmax(-1)
+    observed = torch.bincount(picks, minlength=5).float() / draws
+    assert observed[expected == 0].sum() == 0  # outside the nucleus: never
+    assert torch.allclose(observed, expected, atol=0.03), (observed, expected)
+    again = RowSeededSampler(list(range(draws)), temperature, top_p)(None, logits.repeat(draws, 1)).argmax(-1)
+    assert torch.equal(again, picks)  # the seeds fix the draws
+
+
 def test_on_completion_reports_every_index(smol):
     seen = {}
     reqs = [

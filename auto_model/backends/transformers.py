@@ -97,7 +97,7 @@ class TransformersBackend(Backend):
         **from_pretrained_kwargs: Any,
     ):
         torch, transformers = _import_torch_transformers()
-        self._torch = torch
+        self._torch, self._transformers = torch, transformers
         self.model_id = source.model_id
         self.source = source
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -237,7 +237,8 @@ class TransformersBackend(Backend):
                 encoded[i] = self._checked_encode(i, req)
             except InvalidRequestError as exc:  # this request alone is bad; the others still run
                 finish(i, exc)
-        # Group identical sampling settings, then batch neighbours in length so padding stays small.
+        # Group identical sampling settings (the seed aside: each row samples from its own stream),
+        # then batch neighbours in length so padding stays small.
         groups: dict[str, list[int]] = {}
         for i in encoded:
             groups.setdefault(_sampling_key(requests[i].sampling), []).append(i)
@@ -248,7 +249,11 @@ class TransformersBackend(Backend):
                 t0 = time.perf_counter()
                 try:
                     outs: list[Outcome] = list(
-                        self._generate_batch([encoded[i] for i in chunk], requests[chunk[0]].sampling)
+                        self._generate_batch(
+                            [encoded[i] for i in chunk],
+                            requests[chunk[0]].sampling,
+                            seeds=[requests[i].sampling.seed for i in chunk],
+                        )
                     )
                 except GenerationError as exc:
                     outs = [exc] * len(chunk)
@@ -321,8 +326,13 @@ class TransformersBackend(Backend):
         return encode_prompt(self.tokenizer, text, self.prompt_style)
 
     def _generate_batch(
-        self, batch: list[list[int]], sampling: SamplingParams, streamer: Any = None
+        self,
+        batch: list[list[int]],
+        sampling: SamplingParams,
+        streamer: Any = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[Completion]:
+        """One ``model.generate`` call. ``seeds``: one per row (default: ``sampling.seed`` for all)."""
         torch = self._torch
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
@@ -333,8 +343,16 @@ class TransformersBackend(Backend):
             "pad_token_id": pad,
             "eos_token_id": sorted(self.eos_ids) or None,
         }
+        seeds = list(seeds) if seeds is not None else [sampling.seed] * len(batch)
+        own_sampler = _samples_per_row(sampling)
         if sampling.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        elif own_sampler:
+            # Unseeded rows draw their seed from torch's generator (torch.manual_seed still fixes them).
+            row_seeds = [int(torch.randint(2**62, ())) if s is None else int(s) for s in seeds]
+            sampler = RowSeededSampler(row_seeds, sampling.temperature, sampling.top_p)
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs["logits_processor"] = self._transformers.LogitsProcessorList([sampler])
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         if sampling.stop:
@@ -342,11 +360,12 @@ class TransformersBackend(Backend):
         kwargs.update(sampling.extra)
         if streamer is not None:
             kwargs["streamer"] = streamer
-        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else nullcontext()
+        global_seed = None if own_sampler or sampling.temperature == 0 else sampling.seed
+        rng = torch.random.fork_rng(devices=[]) if global_seed is not None else nullcontext()
         try:
             with rng, torch.inference_mode():
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)  # inside fork_rng: the caller's RNG state is restored
+                if global_seed is not None:
+                    torch.manual_seed(global_seed)  # inside fork_rng: the caller's RNG state is restored
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GenerationError(f"transformers generation failed: {exc}") from exc
@@ -374,6 +393,51 @@ class TransformersBackend(Backend):
         self.model = None
 
 
+#: sampling arguments that only transformers' own sampler applies (``do_sample=True``): requests
+#: that carry one keep that sampler, whose one random stream per call needs one call per seed
+_SAMPLER_ARGUMENTS = frozenset(
+    {"do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+)
+
+
+def _samples_per_row(sampling: SamplingParams) -> bool:
+    """Whether a sampled request goes through :class:`RowSeededSampler` (batched whatever its seed)."""
+    return sampling.temperature > 0 and not _SAMPLER_ARGUMENTS & set(sampling.extra)
+
+
+class RowSeededSampler:
+    """A transformers logits processor that samples every row of a batch from its own seeded stream.
+
+    transformers' sampler draws the whole batch from one random stream, so a seeded request's
+    answer would depend on the batch it shares; giving each seed its own call would split batches.
+    Here generation runs greedily over ``log_softmax(logits / temperature)``, cut to the top-p
+    nucleus, plus Gumbel noise drawn from the row's own generator: the argmax of that is an exact
+    sample of the tempered, nucleus-cut distribution (the Gumbel-max trick), and the noise of a
+    row depends on its seed and step alone.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            ordered, order = torch.sort(logits, descending=True, dim=-1)
+            probs = ordered.exp()
+            before = probs.cumsum(dim=-1) - probs  # the mass of the likelier tokens
+            ordered = ordered.masked_fill(before >= self.top_p, float("-inf"))  # the first token always stays
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+        vocab = logits.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(logits.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        return logits + gumbel
+
+
 def _sampling_key(sampling: SamplingParams) -> str:
     return json.dumps(
         [
@@ -381,7 +445,7 @@ def _sampling_key(sampling: SamplingParams) -> str:
             sampling.top_p,
             sampling.max_new_tokens,
             list(sampling.stop),
-            sampling.seed,
+            None if _samples_per_row(sampling) else sampling.seed,
             sampling.extra,
         ],
         sort_keys=True,
