@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -465,25 +466,60 @@ class AutoModel:
             return self.backend.generate(requests, on_completion=callback)
 
     def _stream(self, request: GenerationRequest) -> Iterator[str]:
-        with self._engine_lock:
-            # Drop the answer's leading white space and <START> marker, as strip_markers does.
-            head, marker_checked, started = "", False, False
-            for chunk in self.backend.stream(request):
-                if started:
-                    yield chunk
-                    continue
-                head = (head + chunk).lstrip()
-                if not marker_checked:
-                    if len(head) < len(START) and START.startswith(head):
-                        continue  # could still become the marker
-                    if head.startswith(START):
-                        head = head[len(START) :].lstrip()
-                    marker_checked = True
-                if head:
-                    started = True
-                    yield head
-            if not started and head:
+        # Drop the answer's leading white space and <START> marker, as strip_markers does.
+        head, marker_checked, started = "", False, False
+        for chunk in self._engine_chunks(request):
+            if started:
+                yield chunk
+                continue
+            head = (head + chunk).lstrip()
+            if not marker_checked:
+                if len(head) < len(START) and START.startswith(head):
+                    continue  # could still become the marker
+                if head.startswith(START):
+                    head = head[len(START) :].lstrip()
+                marker_checked = True
+            if head:
+                started = True
                 yield head
+        if not started and head:
+            yield head
+
+    def _engine_chunks(self, request: GenerationRequest) -> Iterator[str]:
+        """The engine's stream, produced by a worker thread that holds the engine lock while the
+        engine generates, never while the caller holds a chunk: a caller that stops reading does not
+        keep other requests waiting, and one that closes the stream stops the generation."""
+        chunks: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                with self._engine_lock:
+                    engine = self.backend.stream(request)
+                    try:
+                        for chunk in engine:
+                            chunks.put(chunk)
+                            if stop.is_set():
+                                break
+                    finally:
+                        close = getattr(engine, "close", None)
+                        if callable(close):
+                            close()  # the engine's own clean-up: it stops generating
+            except BaseException as exc:  # surfaced in the caller's thread
+                chunks.put(_Failure(exc))
+            finally:
+                chunks.put(done)
+
+        worker = threading.Thread(target=produce, name="auto-model-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := chunks.get()) is not done:
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
 
     # -- building blocks for tools built on the SDK (the trainer, evaluation) ------------------
 
@@ -567,6 +603,11 @@ class AutoModel:
             f"AutoModel(model_name={self.model_name!r}, backend={self.backend_name!r}, "
             f"prompt={self.prompt_artifact.model_id!r}/{self.prompt_artifact.method}, icl_pool={len(self.icl_pool)})"
         )
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
 
 
 _DEFAULTS = GenerationOptions()

@@ -50,6 +50,38 @@ def test_stream_yields_tokens_that_join_to_the_answer(smol):
         smol.stream(["a", "b"])
 
 
+def test_closing_a_stream_stops_the_generation(smol, monkeypatch):
+    made = []  # completion tokens of each transformers generate call
+    original = smol.backend._generate_batch
+
+    def recorded(*args, **kwargs):
+        completions = original(*args, **kwargs)
+        made.extend(c.completion_tokens for c in completions)
+        return completions
+
+    monkeypatch.setattr(smol.backend, "_generate_batch", recorded)
+    # Greedy, and at least 300 tokens unless stopped: the engine would work for about 15 s.
+    chunks = smol.stream("Tell me a long story about a dragon.", temperature=0, max_new_tokens=300, min_new_tokens=300)
+    first = [next(chunks), next(chunks)]
+    assert all(first)
+    chunks.close()
+    smol.generate("Hi", temperature=0, max_new_tokens=1)  # queued behind whatever the stream still runs
+    assert len(made) == 2 and made[0] < 100, made
+
+
+def test_a_stream_left_unread_does_not_hold_the_engine(smol):
+    import threading
+
+    chunks = smol.stream("Name three rivers.", temperature=0, max_new_tokens=16)
+    assert next(chunks)  # started, then left open and unread
+    answers = []
+    other = threading.Thread(target=lambda: answers.append(smol.generate("Name a fruit.", **GREEDY)))
+    other.start()
+    other.join(timeout=120)
+    assert not other.is_alive() and answers and answers[0]
+    assert "".join(chunks)  # the rest of the stream is still there to read
+
+
 def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
     conversation = [
         {"role": "user", "content": "I have a cold."},

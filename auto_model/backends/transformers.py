@@ -277,10 +277,11 @@ class TransformersBackend(Backend):
         ids = self._checked_encode(0, request)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        cancelled = threading.Event()
 
         def run() -> None:
             try:
-                self._generate_batch([ids], request.sampling, streamer=streamer)
+                self._generate_batch([ids], request.sampling, streamer=streamer, cancelled=cancelled)
             except BaseException as exc:  # surfaced in the caller's thread below
                 failure.append(exc)
                 streamer.on_finalized_text("", stream_end=True)
@@ -297,6 +298,7 @@ class TransformersBackend(Backend):
             if tail:
                 yield tail
         finally:
+            cancelled.set()  # a caller that stops reading stops the generation at the next token
             worker.join()
         if failure:
             raise failure[0]
@@ -331,8 +333,10 @@ class TransformersBackend(Backend):
         sampling: SamplingParams,
         streamer: Any = None,
         seeds: Sequence[int | None] | None = None,
+        cancelled: threading.Event | None = None,
     ) -> list[Completion]:
-        """One ``model.generate`` call. ``seeds``: one per row (default: ``sampling.seed`` for all)."""
+        """One ``model.generate`` call. ``seeds``: one per row (default: ``sampling.seed`` for all);
+        ``cancelled``: once set, generation stops at the next token."""
         torch = self._torch
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
@@ -360,6 +364,13 @@ class TransformersBackend(Backend):
         kwargs.update(sampling.extra)
         if streamer is not None:
             kwargs["streamer"] = streamer
+        if cancelled is not None:
+            event = cancelled
+
+            def stop_when_cancelled(input_ids: Any, scores: Any, **_: Any) -> Any:
+                return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
+
+            kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList([stop_when_cancelled])
         global_seed = None if own_sampler or sampling.temperature == 0 else sampling.seed
         rng = torch.random.fork_rng(devices=[]) if global_seed is not None else nullcontext()
         try:
