@@ -19,15 +19,14 @@ from typing import Any
 from auto_model import constants
 from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError
 from auto_model.files import atomic_open, read_query_rows
+from auto_model.flags import ArgumentParser
 from auto_model.logs import configure_cli_logging
 
 logger = logging.getLogger("auto_model.cli")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="auto-model", description="Aligned answers from any LLM, without fine-tuning."
-    )
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="auto-model", description="Aligned answers from any LLM, without fine-tuning.")
     parser.add_argument(
         "-v",
         "--verbose",

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from auto_model.flags import parse_bool
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def _env(name: str) -> str | None:
@@ -46,11 +46,18 @@ def default_embedding_model() -> str:
     return _env("AUTO_MODEL_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL
 
 
+def _is_true(value: str | None) -> bool:
+    """An environment flag: a true word of :func:`auto_model.flags.parse_bool`; anything else is off."""
+    try:
+        return value is not None and parse_bool(value)
+    except ValueError:
+        return False
+
+
 def offline() -> bool:
-    value = _env("AUTO_MODEL_OFFLINE") or _env("HF_HUB_OFFLINE") or ""
-    return value.lower() in _TRUE
+    return _is_true(_env("AUTO_MODEL_OFFLINE") or _env("HF_HUB_OFFLINE"))
 
 
 def debug() -> bool:
     """Command lines print full tracebacks instead of one line (``AUTO_MODEL_DEBUG=1``)."""
-    return (_env("AUTO_MODEL_DEBUG") or "").lower() in _TRUE
+    return _is_true(_env("AUTO_MODEL_DEBUG"))

@@ -13,7 +13,6 @@ that fails is reported and the others still run (exit status 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -23,13 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from auto_model.flags import ArgumentParser
+
 BENCHMARKS = ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start", "default_path")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Run the auto-model benchmarks.")
+    p = ArgumentParser(prog="python -m bench", description="Run the auto-model benchmarks.")
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--smoke", action="store_true", help="only check that each benchmark starts")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="the report to rewrite after a full run")

@@ -16,11 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from auto_model.flags import ArgumentParser
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str) -> ArgumentParser:
+    p = ArgumentParser(description=description)
     p.add_argument(
         "--smoke", action="store_true", help="only check that the benchmark starts (tiny workload, no engine)"
     )

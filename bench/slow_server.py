@@ -14,7 +14,6 @@ with the client's for one interpreter lock.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from auto_model.flags import ArgumentParser
 
 
 class SlowServer(ThreadingHTTPServer):
@@ -152,7 +153,7 @@ def start_process(delay: float = 0.2) -> ServerProcess:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--delay", type=float, default=0.2)
     args = p.parse_args()

@@ -21,17 +21,17 @@ SMALL = [
     "transformers",
     "--dtype",
     "float32",
-    "--beam_size",
+    "--beam-size",
     "2",
-    "--n_actions",
+    "--n-actions",
     "2",
-    "--num_training_examples",
+    "--num-training-examples",
     "4",
-    "--max_new_tokens",
+    "--max-new-tokens",
     "24",
-    "--judge_max_new_tokens",
+    "--judge-max-new-tokens",
     "96",
-    "--disable_tqdm",
+    "--disable-tqdm",
     "--seed",
     "3",
 ]
@@ -50,7 +50,7 @@ def cache_rows(run: Path) -> int:
 def finished_run(tmp_path_factory):
     """One uninterrupted run: depth 2, beam 2, 2 actions, 4 training queries, short generations."""
     run = tmp_path_factory.mktemp("drpo") / "run"
-    assert main([*SMALL, "--depth", "2", "--log_dir", str(run)]) == 0
+    assert main([*SMALL, "--depth", "2", "--log-dir", str(run)]) == 0
     return run
 
 
@@ -95,7 +95,7 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
     assert model.format_prompt("Hi", optimized_icl=False).prompt.startswith(f"<|im_start|>system\n{artifact.text}")
 
     # A rerun of the finished run answers everything from the request cache: no new requests.
-    assert main([*SMALL, "--depth", "2", "--log_dir", str(run), "--resume"]) == 0
+    assert main([*SMALL, "--depth", "2", "--log-dir", str(run), "--resume"]) == 0
     assert usage(run)["process"]["total"]["calls"] == 0
 
 
@@ -104,7 +104,7 @@ def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_
     expected = load_prompt_artifact(whole / "algo_output" / "optimized_prompt.json").text
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "auto_model.trainer.cli", *SMALL, "--depth", "2", "--log_dir", str(killed)]
+    command = [sys.executable, "-m", "auto_model.trainer.cli", *SMALL, "--depth", "2", "--log-dir", str(killed)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = killed / "algo_output" / "checkpoint.json"
     deadline, rows_at_checkpoint = time.monotonic() + 300, None
@@ -126,10 +126,10 @@ def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_
 
     # A budget too small for the next batch stops cleanly, sends nothing, and leaves the run resumable.
     spent = usage(killed)["run"]["total"]["calls"]
-    assert main([*SMALL, "--depth", "2", "--log_dir", str(killed), "--resume", "--max_calls", str(spent)]) == 3
+    assert main([*SMALL, "--depth", "2", "--log-dir", str(killed), "--resume", "--max-calls", str(spent)]) == 3
     assert cache_rows(killed) == done_before and usage(killed)["process"]["total"]["calls"] == 0
 
-    assert main([*SMALL, "--depth", "2", "--log_dir", str(killed), "--resume"]) == 0
+    assert main([*SMALL, "--depth", "2", "--log-dir", str(killed), "--resume"]) == 0
     assert load_prompt_artifact(killed / "algo_output" / "optimized_prompt.json").text == expected
     # Nothing finished before the kill was asked again, and nothing the whole run did not ask was asked.
     resumed_calls = usage(killed)["process"]["total"]["calls"]
@@ -141,23 +141,23 @@ def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_
 def test_an_engine_outage_stops_the_run_resumable_from_the_last_good_level(vllm_server, tmp_path, capsys):
     # Every role on a real vLLM OpenAI server; the outage is that server's address going dead.
     run = tmp_path / "run"
-    remote = [*SMALL, "--backend", "openai", "--is_GPT", "true", "--depth", "3", "--log_dir", str(run)]
+    remote = [*SMALL, "--backend", "openai", "--is-gpt", "true", "--depth", "3", "--log-dir", str(run)]
     checkpoint = run / "algo_output" / "checkpoint.json"
     # Level 1 only (the budget stops the run after it), then the engine goes away.
     level_one_calls = 1 + 3 + 3  # one base answer, its aspects and its judgement (each up to 3 attempts)
-    assert main([*remote, "--base_url", vllm_server, "--max_calls", str(level_one_calls)]) == 3
+    assert main([*remote, "--base-url", vllm_server, "--max-calls", str(level_one_calls)]) == 3
     saved = checkpoint.read_text()
     assert json.loads(saved)["level"] == 1
     capsys.readouterr()
     dead = f"http://127.0.0.1:{_closed_port()}/v1"
-    assert main([*remote, "--base_url", dead, "--resume"]) == 4
+    assert main([*remote, "--base-url", dead, "--resume"]) == 4
     err = capsys.readouterr().err
     assert "stopped: Level 2: every base-model request failed" in err and "--resume" in err, err[-2000:]
     assert checkpoint.read_text() == saved  # the failed level was not saved over the good one
     tree = json.loads((run / "algo_output" / "output.json").read_text())
     assert tree["status"] == "stopped" and tree["levels_done"] == 1 and tree["result"]["node"] == 0
     # The engine is back: the run goes on from level 1 and finishes.
-    assert main([*remote, "--base_url", vllm_server, "--resume"]) == 0
+    assert main([*remote, "--base-url", vllm_server, "--resume"]) == 0
     tree = json.loads((run / "algo_output" / "output.json").read_text())
     assert tree["status"] == "finished" and tree["levels_done"] == 3
     assert all(n["answer"] for n in tree["nodes"])  # no node of the outage was kept
@@ -200,7 +200,7 @@ def test_a_checkpoint_saved_during_an_outage_by_an_older_version_resumes(finishe
 
 
 def test_dry_run_prints_the_plan(capsys):
-    assert main(["--depth", "3", "--max_depth_increase", "0", "--beam_size", "2", "--n_actions", "3", "--dry_run"]) == 0
+    assert main(["--depth", "3", "--max-depth-increase", "0", "--beam-size", "2", "--n-actions", "3", "--dry-run"]) == 0
     out = capsys.readouterr().out
     # 1 root + 2 levels x (2 x 3) candidates, each answered and judged; 3 levels of aspect choices.
     assert "base 13" in out and "eval 13" in out and "optimize 12" in out and "metrics 3" in out
@@ -209,19 +209,50 @@ def test_dry_run_prints_the_plan(capsys):
 def test_config_file_and_errors(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"depth": 5, "beam_size": 3, "n_actions": 1, "max_depth_increase": 0}))
-    assert main(["--config", str(config), "--depth", "2", "--dry_run"]) == 0
+    assert main(["--config", str(config), "--depth", "2", "--dry-run"]) == 0
     assert "base 4" in capsys.readouterr().out  # depth 2 from the command line, beam 3 x 1 action from the file
     config.write_text(json.dumps({"dpeth": 5}))
-    assert main(["--config", str(config), "--dry_run"]) == 2
+    assert main(["--config", str(config), "--dry-run"]) == 2
     assert "unknown parameters ['dpeth']" in capsys.readouterr().err
-    assert main(["--depth", "0", "--dry_run"]) == 2
+    assert main(["--depth", "0", "--dry-run"]) == 2
     assert "--depth must be >= 1" in capsys.readouterr().err
-    assert main(["--batch_size", "0", "--dry_run"]) == 2
-    assert "--batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["--batch-size", "0", "--dry-run"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     (tmp_path / "busy" / "algo_output").mkdir(parents=True)
     (tmp_path / "busy" / "algo_output" / "checkpoint.json").write_text("{}")
-    assert main(["--log_dir", str(tmp_path / "busy")]) == 2
+    assert main(["--log-dir", str(tmp_path / "busy")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_the_original_snake_case_flags_and_config_keys_still_work(tmp_path):
+    from auto_model.trainer.cli import parse_args
+
+    kebab = ["icl", "--base-model-name", "m", "--is-gpt", "yes", "--max-new-tokens", "64", "--ret-icl", "off"]
+    snake = ["icl", "--base_model_name", "m", "--is_GPT", "yes", "--max_new_tokens=64", "--ret_icl", "off"]
+    assert parse_args(kebab) == parse_args(snake)
+    command, args = parse_args(snake)
+    assert command == "icl" and args.is_gpt is True and args.max_new_tokens == 64 and args.ret_icl is False
+    assert parse_args([])[0] == "prompt"
+    config = tmp_path / "run.toml"
+    config.write_text('is_GPT = "true"\nmax-new-tokens = 32\nbeam_size = 3\n')
+    _, args = parse_args(["--config", str(config), "--beam-size", "1"])
+    assert (args.is_gpt, args.max_new_tokens, args.beam_size) == (True, 32, 1)  # the command line wins
+
+
+def test_one_boolean_parser_for_flags_specs_and_the_environment(monkeypatch):
+    from auto_model import constants
+    from auto_model.evaluation.runner import parse_config_spec
+    from auto_model.flags import ArgumentParser, parse_bool
+
+    for word, value in (("Yes", True), ("on", True), ("1", True), ("FALSE", False), ("off", False), ("0", False)):
+        assert parse_bool(word) is value
+        monkeypatch.setenv("AUTO_MODEL_DEBUG", word)
+        assert constants.debug() is value
+        assert parse_config_spec(f"c: prompt={word}").optimized_prompt is value
+    with pytest.raises(ValueError, match="expected true or false"):
+        parse_bool("maybe")
+    with pytest.raises(ValueError, match="kebab-case"):
+        ArgumentParser().add_argument("--max_tokens")
 
 
 def test_secrets_are_redacted_in_args(tmp_path):
@@ -267,13 +298,13 @@ def test_icl_stage_writes_a_pool_automodel_loads(tmp_path):
             [
                 "icl",
                 *SMALL,
-                "--n_actions",
+                "--n-actions",
                 "1",
-                "--num_iters",
+                "--num-iters",
                 "1",
-                "--icl_path",
+                "--icl-path",
                 str(small_pool),
-                "--log_dir",
+                "--log-dir",
                 str(run),
             ]
         )
@@ -289,7 +320,7 @@ def test_icl_stage_writes_a_pool_automodel_loads(tmp_path):
 
 def test_a_constrained_judge_on_an_engine_that_cannot_constrain_stops_before_any_request(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main([*SMALL, "--depth", "1", "--judge_json_schema", "true", "--log_dir", str(run)]) == 2
+    assert main([*SMALL, "--depth", "1", "--judge-json-schema", "true", "--log-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert (
         "json_schema needs engines that constrain decoding" in err and "the metrics model runs on transformers" in err

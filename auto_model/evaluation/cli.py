@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
+from auto_model.flags import ArgumentParser
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="auto-model-eval",
         description="Measure answers the just-eval way: 1-5 judge scores on helpfulness, clarity, factuality, depth, "
         "engagement (regular queries) and safety (harmful requests), plus judge-free proxies.",

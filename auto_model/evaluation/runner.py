@@ -30,6 +30,7 @@ from auto_model.evaluation.proxies import (
     repetition,
 )
 from auto_model.files import read_config_file
+from auto_model.flags import parse_bool
 from auto_model.options import GenerationOptions
 from auto_model.rewards.base import RewardItem
 from auto_model.rewards.judge import Judge
@@ -42,7 +43,6 @@ REGULAR_ASPECTS = ("Helpfulness", "Clarity", "Factuality", "Depth", "Engagement"
 SAFETY_ASPECTS = ("Safety",)
 PACKAGED_PREFIX = "packaged:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", "none"}
 
 
 def judge_template(kind: str) -> Template:
@@ -123,9 +123,10 @@ def _coerce(name: str, key: str, value: Any) -> Any:
     if field_name not in {f.name for f in fields(EvalConfig)} or field_name == "name":
         raise InvalidRequestError(f"Configuration {name!r}: unknown key {key!r}; use {', '.join(_SPEC_KEYS)}.")
     if field_name == "optimized_prompt" and isinstance(value, str):
-        if value.lower() not in _TRUE | _FALSE:
-            raise InvalidRequestError(f"Configuration {name!r}: prompt must be on or off, got {value!r}.")
-        value = value.lower() in _TRUE
+        try:
+            value = parse_bool(value)
+        except ValueError:
+            raise InvalidRequestError(f"Configuration {name!r}: prompt must be on or off, got {value!r}.") from None
     if field_name == "num_optimized_icl" and isinstance(value, str):
         try:
             value = int(value)

@@ -24,7 +24,7 @@ from auto_model.options import GenerationOptions
 
 
 class BudgetExhausted(AutoModelError):
-    """``--max_calls`` would be exceeded; the run stops at its last checkpoint (resume with ``--resume``)."""
+    """``--max-calls`` would be exceeded; the run stops at its last checkpoint (resume with ``--resume``)."""
 
 
 class RequestCache:
@@ -205,7 +205,7 @@ class Role:
         limit = self.usage.max_calls
         if limit is not None and self.usage.calls + len(missing) > limit:
             raise BudgetExhausted(
-                f"--max_calls {limit} reached ({self.usage.calls} calls made, {len(missing)} more needed for the "
+                f"--max-calls {limit} reached ({self.usage.calls} calls made, {len(missing)} more needed for the "
                 f"next {self.name} batch). Finished work is saved; continue with --resume."
             )
 

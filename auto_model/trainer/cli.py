@@ -1,12 +1,13 @@
 """``auto-model-train``: DRPO, Dynamic Rewarding with Prompt Optimization.
 
-    auto-model-train [prompt] --base_model_name M --eval_model_name J --log_dir runs/m   # stage 2
-    auto-model-train icl --eval_model_name J --log_dir runs/icl                          # stage 1
+    auto-model-train [prompt] --base-model-name M --eval-model-name J --log-dir runs/m   # stage 2
+    auto-model-train icl --eval-model-name J --log-dir runs/icl                          # stage 1
     auto-model-train --config run.json --resume
 
-The parameters keep the names of the original DRPO scripts; ``--config`` reads them from a JSON
-(or TOML) file, and flags given on the command line win. Every model is reached through the SDK,
-so any backend works for any role.
+The parameters keep the names of the original DRPO scripts, as kebab-case flags; their spellings
+with underscores (``--base_model_name``, ``--is_GPT``) are accepted too. ``--config`` reads them
+from a JSON (or TOML) file, and flags given on the command line win (see :mod:`auto_model.flags`).
+Every model is reached through the SDK, so any backend works for any role.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 from auto_model.errors import AutoModelError, EngineOutageError, InvalidRequestError
-from auto_model.files import atomic_write_text, read_config_file
+from auto_model.files import atomic_write_text
+from auto_model.flags import ArgumentParser, bool_arg, kebab
 
 logger = logging.getLogger("auto_model.trainer")
 
@@ -40,115 +42,87 @@ def is_secret_name(name: str) -> bool:
     return any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
 
 
-def _bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = value.strip().lower()
-    if v in {"1", "true", "yes", "on"}:
-        return True
-    if v in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="auto-model-train",
+        snake_case_aliases=True,
         description="DRPO: optimize a model's system prompt (stage 2, "
-        "'prompt', the default) or its in-context examples (stage 1, 'icl').",
+        "'prompt', the default) or its in-context examples (stage 1, 'icl'). Every flag is also "
+        "accepted with underscores, as the original scripts spelled it (--max-new-tokens).",
     )
     add = p.add_argument
+    add("command", nargs="?", choices=["prompt", "icl"], default="prompt", help="the stage to run (default prompt)")
     # The original parameters, same names.
-    add("--base_model_name", default=None, help=f"the model to optimize for (default {constants.DEFAULT_MODEL})")
-    add("--base_model_family", default=None, help="accepted for compatibility; the family is detected")
-    add("--eval_model_name", default=None, help="scores answers (default: the base model)")
-    add("--metrics_model_name", default=None, help="picks the aspects per query (default: the eval model)")
-    add("--optimize_model_name", default=None, help="rewrites prompts and answers (default: the eval model)")
-    add("--initial_system_prompt", default=ORIGINAL_DEFAULT_PROMPT, help="text, or a path to a text file")
-    add("--n_actions", type=int, default=3, help="rewrites per candidate and level")
+    add("--base-model-name", default=None, help=f"the model to optimize for (default {constants.DEFAULT_MODEL})")
+    add("--base-model-family", default=None, help="accepted for compatibility; the family is detected")
+    add("--eval-model-name", default=None, help="scores answers (default: the base model)")
+    add("--metrics-model-name", default=None, help="picks the aspects per query (default: the eval model)")
+    add("--optimize-model-name", default=None, help="rewrites prompts and answers (default: the eval model)")
+    add("--initial-system-prompt", default=ORIGINAL_DEFAULT_PROMPT, help="text, or a path to a text file")
+    add("--n-actions", type=int, default=3, help="rewrites per candidate and level")
     add("--temperature", type=float, default=0.2, help="the optimizer's sampling temperature")
     add("--depth", type=int, default=20, help="levels of the search (one training query each)")
-    add("--max_depth_increase", type=int, default=10, help="extra levels a path may get by keeping good prompts")
-    add("--beam_size", type=int, default=2)
-    add("--log_dir", default=None, help="where outputs, the checkpoint and the request cache go (default runs/<model>)")
-    add("--disable_log", action="store_true", help="no log.txt")
-    add("--disable_tqdm", action="store_true", help="no progress bars")
-    add("--base_model_download_dir", default=None, help="download folder for Hub models (vLLM download_dir)")
-    add("--data_dir", default=None, help="folder with train.jsonl (default: the packaged training queries)")
-    add("--metrics_cache_path", default=None, help="aspect choices per query (default <log_dir>/metrics_cache.json)")
-    add("--num_training_examples", type=int, default=180)
-    add("--logging_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add("--ret_icl", type=_bool, default=True, help="retrieve in-context examples for the base model (true/false)")
-    add("--is_GPT", type=_bool, default=False, help="the base model is served by the OpenAI API (true/false)")
+    add("--max-depth-increase", type=int, default=10, help="extra levels a path may get by keeping good prompts")
+    add("--beam-size", type=int, default=2)
+    add("--log-dir", default=None, help="where outputs, the checkpoint and the request cache go (default runs/<model>)")
+    add("--disable-log", action="store_true", help="no log.txt")
+    add("--disable-tqdm", action="store_true", help="no progress bars")
+    add("--base-model-download-dir", default=None, help="download folder for Hub models (vLLM download_dir)")
+    add("--data-dir", default=None, help="folder with train.jsonl (default: the packaged training queries)")
+    add("--metrics-cache-path", default=None, help="aspect choices per query (default <log_dir>/metrics_cache.json)")
+    add("--num-training-examples", type=int, default=180)
+    add("--logging-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--ret-icl", type=bool_arg, default=True, help="retrieve in-context examples for the base model (true/false)")
+    add("--is-gpt", type=bool_arg, default=False, help="the base model is served by the OpenAI API (true/false)")
     add("--k", type=int, default=2, help="in-context examples retrieved per query")
-    add("--cuda_visible_devices", default=None)
-    add("--num_gpus", type=int, default=1)
+    add("--cuda-visible-devices", default=None)
+    add("--num-gpus", type=int, default=1)
     # Additions.
     add("--config", default=None, help="JSON or TOML file with any of these parameters")
     add("--seed", type=int, default=42, help="fixes the training sample and the optimizer's sampling")
-    add("--resume", action="store_true", help="continue the run in --log_dir from its checkpoint")
-    add("--max_calls", type=int, default=None, help="stop cleanly (resumable) before sending more LLM requests")
-    add("--max_new_tokens", type=int, default=512, help="longest answer of the base model")
-    add("--judge_max_new_tokens", type=int, default=512, help="longest reply of the metrics, eval and optimize models")
+    add("--resume", action="store_true", help="continue the run in --log-dir from its checkpoint")
+    add("--max-calls", type=int, default=None, help="stop cleanly (resumable) before sending more LLM requests")
+    add("--max-new-tokens", type=int, default=512, help="longest answer of the base model")
+    add("--judge-max-new-tokens", type=int, default=512, help="longest reply of the metrics, eval and optimize models")
     add(
-        "--batch_size",
+        "--batch-size",
         type=int,
         default=256,
         help="most requests per engine call (1 sends them one at a time, as the original scripts did)",
     )
-    add("--dry_run", action="store_true", help="print the planned number of calls and exit")
+    add("--dry-run", action="store_true", help="print the planned number of calls and exit")
     add("--output", default=None, help="where the artifact (or the new ICL pool) goes")
     add("--backend", default="auto", help="engine for every role: auto, vllm, openai or transformers")
     add(
-        "--base_url",
+        "--base-url",
         default=None,
         help="OpenAI-compatible server for the metrics, eval and optimize models "
-        "(and for the base model with --is_GPT true)",
+        "(and for the base model with --is-gpt true)",
     )
     add("--dtype", default="auto")
     add(
-        "--eval_per_aspect",
-        type=_bool,
+        "--eval-per-aspect",
+        type=bool_arg,
         default=False,
         help="ask the eval model for one aspect per request (true/false): for small judges",
     )
     add(
-        "--judge_json_schema",
-        type=_bool,
+        "--judge-json-schema",
+        type=bool_arg,
         default=False,
         help="constrain metrics and eval replies to their JSON schema (true/false; vllm and openai engines): "
         "every reply is then readable, even from a small judge",
     )
-    add("--skip_threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
-    add("--num_iters", type=int, default=3, help="icl: rewrite rounds per example")
-    add("--icl_path", default=None, help="icl: the pool to improve (default: the packaged pool)")
+    add("--skip-threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
+    add("--num-iters", type=int, default=3, help="icl: rewrite rounds per example")
+    add("--icl-path", default=None, help="icl: the pool to improve (default: the packaged pool)")
     return p
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = "prompt"
-    if argv and argv[0] in ("prompt", "icl"):
-        command = argv.pop(0)
-    p = parser()
-    first, _ = p.parse_known_args(argv)
-    if first.config:
-        config = _read_config(first.config)
-        known = {a.dest for a in p._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise InvalidRequestError(f"{first.config}: unknown parameters {unknown}; see auto-model-train --help.")
-        p.set_defaults(**config)
-    args = p.parse_args(argv)
+    args = parser().with_config(list(sys.argv[1:] if argv is None else argv))
     _validate(args)
-    return command, args
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    data = read_config_file(path, "--config")
-    if not isinstance(data, dict):
-        raise InvalidRequestError(f"--config {path} must hold an object of parameter names to values.")
-    return data
+    return args.command, args
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -164,12 +138,12 @@ def _validate(args: argparse.Namespace) -> None:
         "batch_size",
     ):
         if getattr(args, name) < 1:
-            raise InvalidRequestError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+            raise InvalidRequestError(f"{kebab('--' + name)} must be >= 1, got {getattr(args, name)}.")
     for name in ("max_depth_increase", "k"):
         if getattr(args, name) < 0:
-            raise InvalidRequestError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+            raise InvalidRequestError(f"{kebab('--' + name)} must be >= 0, got {getattr(args, name)}.")
     if args.max_calls is not None and args.max_calls < 0:
-        raise InvalidRequestError(f"--max_calls must be >= 0, got {args.max_calls}.")
+        raise InvalidRequestError(f"--max-calls must be >= 0, got {args.max_calls}.")
     if args.temperature < 0:
         raise InvalidRequestError(f"--temperature must be >= 0, got {args.temperature}.")
 
@@ -220,9 +194,9 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
     }
     roles = {}
     for role, name in names.items():
-        # The judge roles use the server at --base_url when one is given; the base model only with --is_GPT.
-        url = args.base_url if role != "base" or args.is_GPT else None
-        backend = resolve_backend_name("openai" if role == "base" and args.is_GPT else args.backend, name, base_url=url)
+        # The judge roles use the server at --base-url when one is given; the base model only with --is-gpt.
+        url = args.base_url if role != "base" or args.is_gpt else None
+        backend = resolve_backend_name("openai" if role == "base" and args.is_gpt else args.backend, name, base_url=url)
         key = (name, backend)
         if key not in models:
             kwargs: dict[str, Any] = {"backend": backend}
@@ -284,7 +258,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         return 0
     if checkpoint.exists() and not args.resume:
         raise InvalidRequestError(
-            f"{log_dir} already holds a run; pass --resume to continue it, or choose a new --log_dir."
+            f"{log_dir} already holds a run; pass --resume to continue it, or choose a new --log-dir."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     handlers = _setup_logging(args)

@@ -23,7 +23,7 @@ def load_training_queries(data_dir: str | Path | None = None) -> list[dict[str, 
     if path.is_dir():
         path = path / "train.jsonl"
     if not path.exists():
-        raise ArtifactError(f"No training data at {path}; pass --data_dir a folder with a train.jsonl.")
+        raise ArtifactError(f"No training data at {path}; pass --data-dir a folder with a train.jsonl.")
     rows = []
     for number, row in read_query_rows(path):
         row.setdefault("id", f"line-{number}")

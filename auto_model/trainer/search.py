@@ -158,7 +158,7 @@ class BeamSearch:
         ):
             raise ValueError(
                 f"{self.checkpoint_path} belongs to a run with other settings, training queries or initial prompt; "
-                "resume with the same arguments, or use a new --log_dir."
+                "resume with the same arguments, or use a new --log-dir."
             )
         self.nodes = [Node(**n) for n in data["nodes"]]
         self.beam, self.finished, self.level = data["beam"], data["finished"], data["level"]

@@ -1,0 +1,120 @@
+"""How every command line of the project reads its arguments: one convention, one boolean parser,
+one way to merge a config file.
+
+- Flags are kebab-case (``--max-new-tokens``). A parser built with ``snake_case_aliases=True``
+  (``auto-model-train``, whose parameters keep the names of the original DRPO scripts) also accepts
+  each flag spelled with underscores (``--max_new_tokens``, ``--is_GPT``).
+- A boolean value is ``true``/``false``, ``yes``/``no``, ``on``/``off`` or ``1``/``0``, in any case
+  (:func:`parse_bool`; the environment variables read the same way).
+- ``--config FILE`` (JSON or TOML) gives defaults for any parameter, by its name with underscores
+  or hyphens; flags on the command line win; an unknown name is an error that lists it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from auto_model.errors import InvalidRequestError
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(value: str | bool) -> bool:
+    """``True``/``False`` for a boolean word (see the module docstring); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected true or false (yes/no, on/off, 1/0), got {value!r}")
+
+
+def bool_arg(value: str) -> bool:
+    """:func:`parse_bool` as an argparse ``type``."""
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's conventions (see the module docstring)."""
+
+    def __init__(self, *args: Any, snake_case_aliases: bool = False, **kwargs: Any):
+        #: destination -> the flag that sets it, for every option added
+        self.options: dict[str, str] = {}
+        self.snake_case_aliases = snake_case_aliases
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        for name in names:
+            if isinstance(name, str) and name.startswith("--") and ("_" in name or name != name.lower()):
+                raise ValueError(f"{name}: flags are kebab-case ({kebab(name)})")
+        action = super().add_argument(*names, **kwargs)
+        long = [s for s in action.option_strings if s.startswith("--")]
+        if long:
+            self.options[action.dest] = long[0]
+        return action
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        return super().parse_args(self.normalise(args), namespace)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        return super().parse_known_args(self.normalise(args), namespace)
+
+    def normalise(self, args: Sequence[str] | None) -> list[str] | None:
+        """The arguments with every snake_case spelling of a known flag made kebab-case (only for
+        parsers with ``snake_case_aliases``); everything else unchanged."""
+        if args is None or not self.snake_case_aliases:
+            return None if args is None else list(args)
+        known = set(self.options.values())
+        out = []
+        for arg in args:
+            flag, sep, value = arg.partition("=")
+            if flag.startswith("--") and flag not in known and kebab(flag) in known:
+                arg = kebab(flag) + sep + value
+            out.append(arg)
+        return out
+
+    def with_config(self, args: Sequence[str], config_option: str = "config") -> argparse.Namespace:
+        """Parse ``args``, taking defaults from the file named by ``--config`` (when given)."""
+        first, _ = self.parse_known_args(args)
+        path = getattr(first, config_option, None)
+        if path:
+            from auto_model.files import read_config_file
+
+            flag = self.options.get(config_option, f"--{config_option}")
+            data = read_config_file(path, flag)
+            self.set_defaults(**self.config_defaults(data, f"{flag} {path}"))
+        return self.parse_args(args)
+
+    def config_defaults(self, config: Any, where: str) -> dict[str, Any]:
+        """A config file's values as parser defaults: keys by parameter name (underscores or
+        hyphens); an unknown key raises InvalidRequestError naming it."""
+        if not isinstance(config, Mapping):
+            raise InvalidRequestError(f"{where} must hold an object of parameter names to values.")
+        defaults, unknown = {}, []
+        by_name = {dest.lower(): dest for dest in self.options}
+        for key, value in config.items():
+            dest = by_name.get(str(key).replace("-", "_").lower())
+            if dest is None:
+                unknown.append(key)
+            else:
+                defaults[dest] = value
+        if unknown:
+            raise InvalidRequestError(f"{where}: unknown parameters {sorted(unknown)}; see {self.prog} --help.")
+        return defaults
+
+
+def kebab(flag: str) -> str:
+    """``--max_new_tokens`` -> ``--max-new-tokens``; ``--is_GPT`` -> ``--is-gpt``."""
+    return re.sub(r"_", "-", flag).lower()
+
+
+__all__ = ["ArgumentParser", "FALSE_WORDS", "TRUE_WORDS", "bool_arg", "kebab", "parse_bool"]
