@@ -1,6 +1,6 @@
 """4. OpenAI concurrency: requests to a server that answers each after 200 ms, sequential vs. concurrent.
 
-The server (``bench/slow_server.py``) serves requests in parallel, so the ideal time at concurrency
+The server (``bench/fault_server.py``) serves requests in parallel, so the ideal time at concurrency
 ``c`` is ``ceil(n / c) * 200 ms`` and the ideal speed-up over one at a time is ``n / ceil(n / c)``.
 The SDK sends ``generate(list)`` through the openai backend with ``max_concurrency`` = 1 (one at a
 time, the original's way), 16 and 64. The optimized prompt is injected; example retrieval is off
@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from bench._common import Ratio, Record, finish, log, median, parser, queries, timed
-from bench.slow_server import start_process
+from bench.fault_server import start_process
 
 TARGET = 0.9
 

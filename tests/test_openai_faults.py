@@ -1,6 +1,6 @@
 """The openai backend under failure: retries, timeouts, broken responses, partial batches.
 
-The server here is FaultServer (tests/fault_server.py), a fault injector: real servers cannot be
+The server here is FaultServer (bench/fault_server.py), a fault injector: real servers cannot be
 made to fail on a schedule. The same backend is tested for real answers against a real vLLM
 OpenAI server in test_openai_backend.py.
 """
@@ -24,7 +24,7 @@ from auto_model.errors import (
     EngineTimeoutError,
     MalformedResponseError,
 )
-from tests.fault_server import FaultServer
+from bench.fault_server import FaultServer
 
 
 @pytest.fixture(scope="module")
