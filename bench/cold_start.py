@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from bench._common import (
     median,
     parser,
 )
+from bench.vllm_server import VLLMServer
 
 HEAVY = ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "openai", "numpy", "matplotlib")
 IMPORT_TARGET_MS = 150.0
@@ -102,59 +100,15 @@ def _python(code: str, *argv: str, timeout: float = 900) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_vllm_server() -> tuple[subprocess.Popen[bytes], str, float, Path]:
-    from auto_model.backends.vllm import engine_dtype, model_kv_cache_bytes
+def _start_vllm_server() -> VLLMServer:
+    from auto_model.backends.vllm import engine_dtype
     from auto_model.constants import DEFAULT_MODEL
     from auto_model.resolve import materialize_gguf, resolve_model
 
     folder = materialize_gguf(resolve_model(DEFAULT_MODEL).path)
     # The dtype the SDK's own vLLM engine gets here (the server's "auto" is software bfloat16 on CPUs without it).
-    dtype = engine_dtype("auto")
-    port = _free_port()
     log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(folder),
-        "--served-model-name",
-        DEFAULT_MODEL,
-        "--max-model-len",
-        "2048",
-        "--dtype",
-        dtype,
-        "--enforce-eager",
-        "--kv-cache-memory-bytes",
-        str(model_kv_cache_bytes(str(folder), dtype, 2048)),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    t0 = time.perf_counter()
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url, time.perf_counter() - t0, log_path
-        except OSError:
-            pass
-        if time.perf_counter() - t0 > 600:
-            proc.kill()
-            raise RuntimeError(f"the vLLM server was not ready after 600 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+    return VLLMServer(folder, DEFAULT_MODEL, log_path, dtype=engine_dtype("auto")).start(timeout=600)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,18 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         backend, kwargs = ENGINES[name]
         url, server = "", None
         if backend == "openai":
-            server, url, ready_s, _ = _start_vllm_server()
-            notes.append(f"the vLLM OpenAI server took {ready_s:.1f} s to be ready (not counted)")
+            server = _start_vllm_server()
+            url = server.url
+            notes.append(f"the vLLM OpenAI server took {server.ready_s:.1f} s to be ready (not counted)")
         try:
             log(f"cold_start: {name}")
             r = measured[name] = _python(_TTFT, backend, url, json.dumps(kwargs), json.dumps(demo))
         finally:
             if server is not None:
-                server.terminate()
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+                server.stop()
         rows.append(
             [
                 name,

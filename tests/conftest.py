@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,66 +80,22 @@ def smol_vllm(smol_folder: Path):
     model.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_server(smol_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real vLLM OpenAI-compatible server for SmolLM2 on 127.0.0.1; yields its base URL."""
-    from auto_model.backends.vllm import model_kv_cache_bytes
     from auto_model.constants import DEFAULT_MODEL
+    from bench.vllm_server import VLLMServer
 
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(smol_folder),
-        "--served-model-name",
-        DEFAULT_MODEL,
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        "--kv-cache-memory-bytes",
-        str(model_kv_cache_bytes(str(smol_folder), "float32", 2048)),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 240
+    server = VLLMServer(smol_folder, DEFAULT_MODEL, log_path, dtype="float32", env=dict(os.environ))
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not ready after 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
+        server.start(timeout=240)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

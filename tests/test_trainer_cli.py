@@ -149,7 +149,9 @@ def test_an_engine_outage_stops_the_run_resumable_from_the_last_good_level(vllm_
     saved = checkpoint.read_text()
     assert json.loads(saved)["level"] == 1
     capsys.readouterr()
-    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    from bench.vllm_server import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
     assert main([*remote, "--base-url", dead, "--resume"]) == 4
     err = capsys.readouterr().err
     assert "stopped: Level 2: every base-model request failed" in err and "--resume" in err, err[-2000:]
@@ -162,14 +164,6 @@ def test_an_engine_outage_stops_the_run_resumable_from_the_last_good_level(vllm_
     assert tree["status"] == "finished" and tree["levels_done"] == 3
     assert all(n["answer"] for n in tree["nodes"])  # no node of the outage was kept
     assert load_prompt_artifact(run / "algo_output" / "optimized_prompt.json").text == tree["result"]["prompt"]
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_checkpoint_saved_during_an_outage_by_an_older_version_resumes(finished_run, tmp_path):
