@@ -80,6 +80,45 @@ class _SharedEngine:
         self._built.append("closed")
 
 
+def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_path):
+    from auto_model.evaluation.runner import answer_configs
+    from auto_model.rewards.requests import RequestCache, Usage
+
+    items = take(load_eval_set(), 2)
+    configs = [
+        EvalConfig("plain", backend="transformers", dtype="float32", optimized_prompt=False),
+        EvalConfig("icl", backend="transformers", dtype="float32", num_optimized_icl=1),
+    ]
+    built = []
+    cache, usage = RequestCache(tmp_path / "cache.sqlite"), Usage()
+    try:
+        done = answer_configs(
+            configs,
+            items,
+            cache,
+            usage,
+            max_new_tokens=8,
+            progress=lambda m: None,
+            model_factory=lambda name, **kwargs: _SharedEngine(smol, built),
+        )
+        assert [(a.config, a.item.id) for a in done.answers] == [(c.name, i.id) for c in configs for i in items]
+        assert all(a.text and a.judgement is None for a in done.answers)
+        assert done.system_prompts["plain"] is None and done.system_prompts["icl"] == smol.system_prompt()
+        assert built == ["closed"] and usage.calls == 4 and done.kept is None
+        again = answer_configs(
+            configs,
+            items,
+            cache,
+            usage,
+            max_new_tokens=8,
+            progress=lambda m: None,
+            model_factory=lambda name, **kwargs: _SharedEngine(smol, built),
+        )
+        assert usage.calls == 4 and [a.text for a in again.answers] == [a.text for a in done.answers]  # all cached
+    finally:
+        cache.close()
+
+
 @pytest.mark.vllm
 def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp_path, capsys):
     eval_set = tmp_path / "six.jsonl"

@@ -250,6 +250,98 @@ class EvalRun:
     engines: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class AnsweredConfigs:
+    """What :func:`answer_configs` produced: an answer per (configuration, item), configuration by
+    configuration in item order; the system prompt and the engine of each configuration."""
+
+    answers: list[Answer]
+    system_prompts: dict[str, str | None]
+    engines: dict[str, str]
+    #: the engine asked to stay loaded (``keep_engine``), for the caller to use and close
+    kept: Any = None
+
+
+def check_configs(configs: Sequence[EvalConfig], max_new_tokens: int) -> dict[str, str | None]:
+    """Check configurations before any engine loads; the system prompt of each that names a prompt file."""
+    if not configs:
+        raise InvalidRequestError("No configurations to evaluate; pass --config NAME: key=value; ...")
+    names = [c.name for c in configs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise InvalidRequestError(f"Configuration names must differ; repeated: {', '.join(duplicated)}.")
+    if max_new_tokens < 1:
+        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+    return {c.name: load_prompt_artifact(_prompt_file(c.prompt_path)).system_prompt for c in configs if c.prompt_path}
+
+
+def answer_configs(
+    configs: Sequence[EvalConfig],
+    items: Sequence[EvalItem],
+    cache: RequestCache,
+    usage: Usage,
+    *,
+    max_new_tokens: int = 512,
+    model_factory: Callable[..., Any] | None = None,
+    progress: Callable[[str], None] = print,
+    keep_engine: tuple[Any, ...] | None = None,
+) -> AnsweredConfigs:
+    """Answer every item under every configuration, greedily, through the request cache (a rerun
+    sends nothing it already has). Configurations that share an engine share one load; the engine
+    whose key is ``keep_engine`` is loaded last and left open (``.kept``)."""
+    from auto_model import AutoModel, constants
+
+    prompt_files = check_configs(configs, max_new_tokens)
+    factory = model_factory or AutoModel
+    default_model = constants.default_model()
+    groups: dict[tuple[Any, ...], list[EvalConfig]] = {}
+    for config in configs:
+        groups.setdefault(config.engine_key(default_model), []).append(config)
+    options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    queries = [item.query for item in items]
+    done = AnsweredConfigs([], {}, {})
+    for key in sorted(groups, key=lambda k: k == keep_engine):
+        model_name, backend, base_url, dtype, prompt_format = key
+        progress(f"loading {model_name} ({backend})")
+        model = factory(model_name, dtype=dtype, backend=backend, base_url=base_url, prompt_format=prompt_format)
+        try:
+            role = Role("answer", model, cache, usage)
+            for config in groups[key]:
+                done.engines[config.name] = f"{model.backend_name}:{model.backend.model_id}"
+                system: str | None
+                if config.system_prompt is not None:
+                    system = config.system_prompt
+                elif config.prompt_path is not None:
+                    system = prompt_files[config.name]
+                else:
+                    system = model.system_prompt(None, config.optimized_prompt)
+                done.system_prompts[config.name] = system
+                k = config.num_optimized_icl
+                examples = model.retrieve(queries, k) if k else [[] for _ in items]
+                pairs = zip(queries, examples, strict=True)
+                requests = [model.build_request(system, ex, q, options) for q, ex in pairs]
+                t0 = time.perf_counter()
+                outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
+                progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
+                for item, outcome in zip(items, outcomes, strict=True):
+                    answer = Answer(config.name, item, system)
+                    if isinstance(outcome, Completion):
+                        answer.text, answer.finish_reason = outcome.text, outcome.finish_reason
+                        answer.prompt_tokens = outcome.prompt_tokens
+                        answer.completion_tokens = outcome.completion_tokens
+                    else:
+                        answer.error = f"{type(outcome).__name__}: {outcome}"
+                    done.answers.append(answer)
+        except BaseException:
+            model.close()
+            raise
+        if key == keep_engine:
+            done.kept = model
+        else:
+            model.close()
+    return done
+
+
 def run_evaluation(
     configs: Sequence[EvalConfig],
     items: Sequence[EvalItem],
@@ -260,93 +352,30 @@ def run_evaluation(
     model_factory: Callable[..., Any] | None = None,
     progress: Callable[[str], None] = print,
 ) -> EvalRun:
-    """Answer every item under every configuration, then judge the answers (see module doc)."""
-    from auto_model import AutoModel, constants
+    """Answer every item under every configuration (:func:`answer_configs`), then judge the answers
+    (:func:`judge_answers`); everything through the request cache in ``output_dir``."""
+    from auto_model import AutoModel
 
-    if not configs:
-        raise InvalidRequestError("No configurations to evaluate; pass --config NAME: key=value; ...")
-    names = [c.name for c in configs]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise InvalidRequestError(f"Configuration names must differ; repeated: {', '.join(duplicated)}.")
-    if max_new_tokens < 1:
-        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+    check_configs(configs, max_new_tokens)  # before anything is created
     factory = model_factory or AutoModel
-    default_model = constants.default_model()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     cache = RequestCache(output / "cache.sqlite")
     usage = Usage(roles={"answer": RoleUsage(), "judge": RoleUsage()})
     started = time.perf_counter()
-    # Validate every prompt file before any engine loads.
-    prompt_files = {
-        c.name: load_prompt_artifact(_prompt_file(c.prompt_path)).system_prompt for c in configs if c.prompt_path
-    }
-
     judge_key = (
         None
         if judge is None or judge.model is None
         else _engine_key(judge.model, judge.backend, judge.base_url, judge.dtype, "auto")
     )
-    groups: dict[tuple[Any, ...], list[EvalConfig]] = {}
-    for config in configs:
-        groups.setdefault(config.engine_key(default_model), []).append(config)
-    # The engine the judge shares (if any) goes last, so that it is still loaded for judging.
-    order = sorted(groups, key=lambda k: k == judge_key)
-    options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
-    queries = [item.query for item in items]
-    answers: list[Answer] = []
-    system_prompts: dict[str, str | None] = {}
-    engines: dict[str, str] = {}
     kept: Any = None
     try:
-        for key in order:
-            model_name, backend, base_url, dtype, prompt_format = key
-            progress(f"loading {model_name} ({backend})")
-            model = factory(model_name, dtype=dtype, backend=backend, base_url=base_url, prompt_format=prompt_format)
-            role = Role("answer", model, cache, usage)
-            for config in groups[key]:
-                engines[config.name] = f"{model.backend_name}:{model.backend.model_id}"
-                system: str | None
-                if config.system_prompt is not None:
-                    system = config.system_prompt
-                elif config.prompt_path is not None:
-                    system = prompt_files[config.name]
-                else:
-                    system = model.system_prompt(None, config.optimized_prompt)
-                system_prompts[config.name] = system
-                examples = (
-                    model.retrieve(queries, config.num_optimized_icl)
-                    if config.num_optimized_icl
-                    else [[] for _ in items]
-                )
-                pairs = zip(queries, examples, strict=True)
-                requests = [model.build_request(system, ex, q, options) for q, ex in pairs]
-                t0 = time.perf_counter()
-                outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
-                progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
-                for item, outcome in zip(items, outcomes, strict=True):
-                    answer = Answer(config.name, item, system)
-                    if isinstance(outcome, Completion):
-                        answer.text, answer.finish_reason = outcome.text, outcome.finish_reason
-                        answer.prompt_tokens, answer.completion_tokens = (
-                            outcome.prompt_tokens,
-                            outcome.completion_tokens,
-                        )
-                    else:
-                        answer.error = f"{type(outcome).__name__}: {outcome}"
-                    answers.append(answer)
-            if key == judge_key:
-                kept = model
-            else:
-                model.close()
-        if judge_key is not None:
-            assert judge is not None and judge.model is not None
-            judge_model = kept or factory(
-                judge.model, dtype=judge.dtype, backend=judge.backend, base_url=judge.base_url
-            )
-            kept = judge_model
-            _judge(answers, judge, Role("judge", judge_model, cache, usage), progress)
+        done = answer_configs(configs, items, cache, usage, max_new_tokens=max_new_tokens, model_factory=factory,
+                              progress=progress, keep_engine=judge_key)  # fmt: skip
+        kept = done.kept
+        if judge is not None and judge.model is not None:
+            kept = kept or factory(judge.model, dtype=judge.dtype, backend=judge.backend, base_url=judge.base_url)
+            judge_answers(done.answers, judge, Role("judge", kept, cache, usage), progress)
     finally:
         if kept is not None:
             kept.close()
@@ -354,16 +383,19 @@ def run_evaluation(
     return EvalRun(
         list(configs),
         list(items),
-        answers,
-        system_prompts,
+        done.answers,
+        done.system_prompts,
         judge,
         usage.snapshot()["process"],
         time.perf_counter() - started,
-        engines,
+        done.engines,
     )
 
 
-def _judge(answers: list[Answer], settings: JudgeSettings, role: Role, progress: Callable[[str], None]) -> None:
+def judge_answers(
+    answers: list[Answer], settings: JudgeSettings, role: Role, progress: Callable[[str], None] = print
+) -> None:
+    """Score each answer that has text with the LLM judge on its kind's aspects (``.judgement``)."""
     for kind, aspects in (("regular", REGULAR_ASPECTS), ("safety", SAFETY_ASPECTS)):
         todo = [a for a in answers if a.item.kind == kind and a.text is not None]
         if not todo:
