@@ -246,13 +246,7 @@ class AutoModel:
     ) -> AssembledPrompt | list[AssembledPrompt]:
         """The exact prompt(s) :meth:`generate` would send to the engine, without generating."""
         single, queries = parse_queries(user_query)
-        options = _options(
-            options,
-            user_specified_system_prompt=user_specified_system_prompt,
-            optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl,
-            num_optimized_icl=num_optimized_icl,
-        )
+        options = _options(options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl))
         prompts = self._assemble(queries, options)
         return prompts[0] if single else prompts
 
@@ -315,15 +309,9 @@ class AutoModel:
         single, queries = parse_queries(user_query)
         options = _options(
             options,
-            user_specified_system_prompt=user_specified_system_prompt,
-            optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl,
-            num_optimized_icl=num_optimized_icl,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            sampling_kwargs=sampling_kwargs,
+            (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
+            (temperature, top_p, max_new_tokens, stop),
+            sampling_kwargs,
         )
         callback = None
         if on_completion is not None:
@@ -379,15 +367,9 @@ class AutoModel:
         _, queries = parse_queries(user_query)
         options = _options(
             options,
-            user_specified_system_prompt=user_specified_system_prompt,
-            optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl,
-            num_optimized_icl=num_optimized_icl,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            sampling_kwargs=sampling_kwargs,
+            (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
+            (temperature, top_p, max_new_tokens, stop),
+            sampling_kwargs,
         )
         prompt = self._assemble(queries, options)[0]
         return self._stream(self._request(prompt, options.sampling()))
@@ -424,15 +406,9 @@ class AutoModel:
         system, conversation = _conversation(messages)
         options = _options(
             options,
-            user_specified_system_prompt=user_specified_system_prompt,
-            optimized_prompt=optimized_prompt,
-            optimized_icl=optimized_icl,
-            num_optimized_icl=num_optimized_icl,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            sampling_kwargs=sampling_kwargs,
+            (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
+            (temperature, top_p, max_new_tokens, stop),
+            sampling_kwargs,
         )
         if system is not None:
             if options.user_specified_system_prompt is not None:
@@ -614,23 +590,32 @@ _DEFAULTS = GenerationOptions()
 
 
 def _options(
-    options: GenerationOptions | None, *, sampling_kwargs: dict[str, Any] | None = None, **arguments: Any
+    options: GenerationOptions | None,
+    prompt_arguments: tuple[Any, ...],
+    sampling_arguments: tuple[Any, ...] = (),
+    sampling_kwargs: dict[str, Any] | None = None,
 ) -> GenerationOptions:
-    """The request's options: ``options`` as given, or built from the individual arguments.
-    Both at once is refused unless the individual ones are all left at their defaults."""
+    """The request's options: ``options`` as given, or built from the seed's individual arguments
+    (in the seed's order: the prompt ones, then the sampling ones). Both at once is refused unless
+    the individual ones are all left at their defaults."""
+    arguments = dict(zip(_ARGUMENT_NAMES, (*prompt_arguments, *sampling_arguments), strict=False))
     if options is None:
         return GenerationOptions.from_arguments(**arguments, sampling_kwargs=sampling_kwargs)
     if not isinstance(options, GenerationOptions):
         raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)] + list(
-        sampling_kwargs or ()
-    )
+    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)]
+    given += list(sampling_kwargs or ())
     if given:
         raise InvalidRequestError(
             f"Pass either options= or {', '.join(given)}, not both: set them in the options "
             f"(dataclasses.replace(options, {given[0]}=...))."
         )
     return options
+
+
+#: The per-request arguments of generate, stream and chat, in the seed's order.
+_ARGUMENT_NAMES = ("user_specified_system_prompt", "optimized_prompt", "optimized_icl", "num_optimized_icl",
+                   "temperature", "top_p", "max_new_tokens", "stop")  # fmt: skip
 
 
 _ROLES = ("system", "user", "assistant")
