@@ -3,12 +3,18 @@
 A file looks like::
 
     {
-      "format": "auto_model.prompt/v1",
+      "format": "auto_model.prompt/v2",
       "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
       "aliases": ["smollm2-135m-instruct"],
-      "system_prompt": "...",
+      "system_prompt": "...",                      # the everyday route's prompt
+      "routes": {"safety": {"system_prompt": "...", "provenance": {...}}},
+      "routing": {"threshold": 0.5, "neighbours": 8, "temperature": 0.05},
       "provenance": {"method": "drpo" | "curated" | ..., "created": "...", ...}
     }
+
+``routes`` and ``routing`` are what v2 adds (query-adaptive alignment, see
+:mod:`auto_model.routing`); a file without them is written as ``auto_model.prompt/v1``, and v1
+files load unchanged (every route then gets their one prompt).
 
 Lookup goes by exact id, then alias, then a normalised name (case and punctuation ignored, with or
 without the organisation prefix). A model with no artifact gets the default alignment prompt and a
@@ -28,10 +34,13 @@ from typing import Any
 from auto_model.errors import ArtifactError
 from auto_model.files import atomic_write_text
 from auto_model.resolve import normalize_name
+from auto_model.routing import ROUTES, RoutingSettings
 
 logger = logging.getLogger(__name__)
 
-PROMPT_FORMAT = "auto_model.prompt/v1"
+PROMPT_FORMAT_V1 = "auto_model.prompt/v1"
+PROMPT_FORMAT = "auto_model.prompt/v2"
+_READABLE = (PROMPT_FORMAT_V1, PROMPT_FORMAT)
 DEFAULT_ARTIFACT_ID = "default"
 
 
@@ -46,6 +55,10 @@ class PromptArtifact:
         aliases: other names of the same model.
         provenance: free-form details (date, base model, search settings, scores).
         source: the file it was read from.
+        routes: route name -> its own prompt (``{"safety": ...}``); a route not named here uses
+            ``system_prompt``.
+        route_provenance: route name -> how its prompt was made.
+        routing: routing settings (threshold, neighbours, temperature); None: the defaults.
     """
 
     model_id: str | None
@@ -54,6 +67,13 @@ class PromptArtifact:
     aliases: tuple[str, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    routes: dict[str, str] = field(default_factory=dict)
+    route_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routing: dict[str, Any] | None = None
+
+    def prompt_for(self, route: str | None) -> str:
+        """The system prompt of ``route`` (its own, or the artifact's main prompt)."""
+        return self.routes.get(route or "", self.system_prompt)
 
     @property
     def id(self) -> str | None:
@@ -67,24 +87,34 @@ class PromptArtifact:
         return {n for n in (self.model_id, *self.aliases) if n}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": PROMPT_FORMAT,
+        data: dict[str, Any] = {
+            "format": PROMPT_FORMAT if self.routes or self.routing else PROMPT_FORMAT_V1,
             "model_id": self.model_id,
             "aliases": list(self.aliases),
             "system_prompt": self.system_prompt,
-            "provenance": {"method": self.method, **{k: v for k, v in self.provenance.items() if k != "method"}},
         }
+        if self.routes:
+            data["routes"] = {
+                name: {"system_prompt": text, **({"provenance": self.route_provenance[name]}
+                                                 if name in self.route_provenance else {})}
+                for name, text in self.routes.items()
+            }  # fmt: skip
+        if self.routing:
+            data["routing"] = dict(self.routing)
+        data["provenance"] = {"method": self.method, **{k: v for k, v in self.provenance.items() if k != "method"}}
+        return data
 
 
 def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifact:
     if not isinstance(data, dict):
         raise ArtifactError(f"{source}: a prompt artifact is a JSON object, got {type(data).__name__}.")
     fmt = data.get("format")
-    if fmt != PROMPT_FORMAT:
+    if fmt not in _READABLE:
         raise ArtifactError(
-            f"{source}: unknown prompt artifact format {fmt!r}; this version reads {PROMPT_FORMAT!r}. "
+            f"{source}: unknown prompt artifact format {fmt!r}; this version reads {' and '.join(_READABLE)}. "
             "Upgrade auto-model or re-export the artifact."
         )
+    routes, route_provenance, routing = _routes(data, fmt, source)
     text = data.get("system_prompt")
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError(f"{source}: 'system_prompt' must be a non-empty string.")
@@ -104,7 +134,44 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
         aliases=tuple(aliases),
         provenance=dict(provenance),
         source=source,
+        routes=routes,
+        route_provenance=route_provenance,
+        routing=routing,
     )
+
+
+def _routes(
+    data: dict[str, Any], fmt: str, source: str
+) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
+    """The v2 fields of an artifact, checked (a v1 file has none)."""
+
+    if fmt == PROMPT_FORMAT_V1:
+        extra = {"routes", "routing"} & set(data)
+        if extra:
+            raise ArtifactError(f"{source}: {sorted(extra)} need format {PROMPT_FORMAT!r}.")
+        return {}, {}, None
+    raw = data.get("routes", {})
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{source}: 'routes' must be an object of route names to prompts.")
+    routes, provenance = {}, {}
+    for name, entry in raw.items():
+        if name not in ROUTES:
+            raise ArtifactError(f"{source}: unknown route {name!r}; routes are {', '.join(ROUTES)}.")
+        text = entry.get("system_prompt") if isinstance(entry, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ArtifactError(f"{source}: route {name!r} needs a non-empty 'system_prompt'.")
+        routes[name] = text.strip()
+        if isinstance(entry.get("provenance"), dict):
+            provenance[name] = dict(entry["provenance"])
+    routing = data.get("routing")
+    if routing is not None:
+        if not isinstance(routing, dict):
+            raise ArtifactError(f"{source}: 'routing' must be an object.")
+        try:
+            RoutingSettings.from_dict(routing, f"{source}: routing")
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(str(exc)) from None
+    return routes, provenance, routing
 
 
 def load_prompt_artifact(path: str | os.PathLike[str]) -> PromptArtifact:

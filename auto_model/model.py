@@ -35,6 +35,7 @@ from auto_model.prompting import (
 )
 from auto_model.resolve import resolve_model
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
+from auto_model.routing import EVERYDAY, Route, RoutedRetriever, RoutingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class GenerationResult:
         backend: the engine that answered (``"vllm"``, ``"openai"``, ``"transformers"``).
         model: the model that answered.
         latency_s: seconds the request took; engines that batch report the time of the batch call.
+        route: the route the request took (``"everyday"`` or ``"safety"``; see
+            :mod:`auto_model.routing`), which chose its system prompt and examples.
+        route_score: its safety score (None when the route was chosen by the caller or not needed).
     """
 
     text: str
@@ -70,6 +74,8 @@ class GenerationResult:
     backend: str
     model: str
     latency_s: float | None = field(default=None, compare=False)
+    route: str | None = None
+    route_score: float | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return self.text
@@ -151,6 +157,7 @@ class AutoModel:
         self.icl_pool: list[ICLExample] = load_icl_pool(icl_path)
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
+        self._router: RoutedRetriever | None = None
         self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
         if backend_cls.remote:
             local = {
@@ -211,7 +218,25 @@ class AutoModel:
             raise InvalidRequestError(f"retriever must be an ICLRetriever, got {type(retriever).__name__}.")
         with self._retriever_lock:
             self._retriever = retriever
+            self._router = None
             self.icl_pool = list(retriever.pool)
+
+    @property
+    def router(self) -> RoutedRetriever:
+        """Routes requests and retrieves their examples (:mod:`auto_model.routing`), over
+        :attr:`retriever`, with the routing settings of the prompt artifact."""
+        retriever = self.retriever
+        with self._retriever_lock:
+            if self._router is None or self._router.retriever is not retriever:
+                settings = self.prompt_artifact.routing
+                self._router = RoutedRetriever(retriever, RoutingSettings(**settings) if settings else None)
+            return self._router
+
+    def route(self, user_query: str | Sequence[str]) -> Route | list[Route]:
+        """The route :meth:`generate` would give a query (or each of a list), without generating."""
+        single, queries = parse_queries(user_query)
+        routes = self.router.route(queries)
+        return routes[0] if single else routes
 
     @property
     def prompt_style(self) -> str:
@@ -317,12 +342,16 @@ class AutoModel:
         if on_completion is not None:
 
             def callback(i: int, outcome: Outcome) -> None:
-                on_completion(i, outcome if isinstance(outcome, BaseException) else self._result(outcome, True))
+                done = outcome if isinstance(outcome, BaseException) else self._result(outcome, True, prompts[i].route)
+                on_completion(i, done)
 
         prompts = self._assemble(queries, options)
         sampling = options.sampling()
         outcomes = self.run_requests([self._request(p, sampling) for p in prompts], callback)
-        results = [o if isinstance(o, BaseException) else self._result(o, return_details) for o in outcomes]
+        results = [
+            o if isinstance(o, BaseException) else self._result(o, return_details, p.route)
+            for o, p in zip(outcomes, prompts, strict=True)
+        ]
         if single:
             if isinstance(results[0], BaseException):
                 raise results[0]
@@ -424,7 +453,7 @@ class AutoModel:
         outcome = self._clean(self._run([request])[0])
         if isinstance(outcome, BaseException):
             raise outcome
-        return self._result(outcome, return_details)
+        return self._result(outcome, return_details, prompt.route)
 
     async def achat(self, messages: Sequence[Message], *args: Any, **kwargs: Any) -> Any:
         """:meth:`chat` for asyncio code (not with ``stream=True``)."""
@@ -433,9 +462,8 @@ class AutoModel:
         return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
 
     def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
-        return GenerationRequest(
-            prompt.prompt, replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + prompt.stop)))
-        )
+        stop = tuple(dict.fromkeys(sampling.stop + prompt.stop))
+        return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route)
 
     def _run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         with self._engine_lock:
@@ -521,6 +549,16 @@ class AutoModel:
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
         return self._request(prompt, options.sampling())
 
+    def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
+        """The engine requests :meth:`generate` sends for these queries, routed and assembled the
+        same way (the prompt, the examples and the sampling all from ``options``); each request's
+        route is on ``request.route``."""
+        _, queries = parse_queries(user_query)
+        if not isinstance(options, GenerationOptions):
+            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
+        sampling = options.sampling()
+        return [self._request(p, sampling) for p in self._assemble(queries, options)]
+
     def run_requests(
         self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
     ) -> list[Outcome]:
@@ -534,7 +572,7 @@ class AutoModel:
             return outcome
         return replace(outcome, text=strip_markers(outcome.text))
 
-    def _result(self, completion: Completion, details: bool) -> Any:
+    def _result(self, completion: Completion, details: bool, route: Route | None = None) -> Any:
         if not details:
             return completion.text
         return GenerationResult(
@@ -545,6 +583,8 @@ class AutoModel:
             self.backend_name,
             self.backend.model_id,
             completion.latency_s,
+            route.name if route else None,
+            route.score if route else None,
         )
 
     def _assemble(
@@ -554,13 +594,25 @@ class AutoModel:
         conversation: list[Message] | None = None,
     ) -> list[AssembledPrompt]:
         options.check_pool(len(self.icl_pool))  # before anything is embedded
-        system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
-        k = options.num_optimized_icl
-        examples = self.retriever.search(queries, k) if options.optimized_icl and k else [[] for _ in queries]
+        k = options.num_optimized_icl if options.optimized_icl else 0
+        custom = options.user_specified_system_prompt is not None
+        routed_prompt = options.optimized_prompt and not custom and bool(self.prompt_artifact.routes)
+        if k or routed_prompt:  # the route picks the examples, or the prompt
+            routes, examples = self.router.search(queries, k, options.route)
+        else:
+            routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]
         fmt: Any = self.prompt_format  # servers take messages; local engines get them rendered with the template
         turns: list[Any] = queries if conversation is None else [conversation]
         tokenizer = self.backend.tokenizer
-        return [assemble(system, ex, q, format=fmt, tokenizer=tokenizer) for q, ex in zip(turns, examples, strict=True)]
+        prompts = []
+        for turn, ex, route in zip(turns, examples, routes, strict=True):
+            if custom or not options.optimized_prompt:
+                system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
+            else:
+                system = self.prompt_artifact.prompt_for(route.name)
+            prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
+            prompts.append(replace(prompt, route=route))
+        return prompts
 
     # -- lifecycle ---------------------------------------------------------------------------
 

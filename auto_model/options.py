@@ -23,6 +23,7 @@ from typing import Any
 
 from auto_model.backends.base import SamplingParams, check_one_sample
 from auto_model.errors import InvalidRequestError
+from auto_model.routing import check_route
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class GenerationOptions:
         stop: extra stop string(s).
         seed: for reproducible sampling.
         json_schema: constrain the answer to JSON matching this JSON Schema (vllm and openai backends).
+        route: ``"everyday"`` or ``"safety"`` to choose the request's prompt and examples yourself;
+            None routes it by its nearest pool examples (see :mod:`auto_model.routing`).
         extra: other sampling arguments, passed to the engine unchanged (``top_k``, ``min_tokens``, ...).
     """
 
@@ -54,6 +57,7 @@ class GenerationOptions:
     seed: int | None = None
     json_schema: dict[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    route: str | None = None
 
     def __post_init__(self) -> None:
         if self.user_specified_system_prompt is not None and not isinstance(self.user_specified_system_prompt, str):
@@ -89,13 +93,15 @@ class GenerationOptions:
                 f"extra must be a mapping of sampling arguments, got {type(self.extra).__name__}."
             )
         check_one_sample(self.extra)
+        check_route(self.route)
 
     @classmethod
     def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> GenerationOptions:
-        """Options from :meth:`AutoModel.generate`'s arguments: ``seed`` and ``json_schema`` are
-        taken out of ``sampling_kwargs``, the rest of them go to the engine unchanged."""
+        """Options from :meth:`AutoModel.generate`'s arguments: ``seed``, ``json_schema`` and
+        ``route`` are taken out of ``sampling_kwargs``, the rest of them go to the engine unchanged."""
         extra = dict(sampling_kwargs or {})
-        return cls(**arguments, seed=extra.pop("seed", None), json_schema=extra.pop("json_schema", None), extra=extra)
+        seed, schema, route = extra.pop("seed", None), extra.pop("json_schema", None), extra.pop("route", None)
+        return cls(**arguments, seed=seed, json_schema=schema, route=route, extra=extra)
 
     def check_pool(self, pool_size: int) -> None:
         """Raise :class:`InvalidRequestError` unless the pool has ``num_optimized_icl`` examples to give."""

@@ -58,6 +58,8 @@ class AssembledPrompt:
     prompt: Prompt
     format: PromptFormat
     stop: tuple[str, ...] = field(default_factory=tuple)
+    #: the :class:`~auto_model.routing.Route` the request took, set by the SDK
+    route: Any = field(default=None, compare=False)
 
 
 def answer_body(answer: str) -> str:

@@ -264,6 +264,11 @@ class ICLRetriever:
         self.embeddings_from_cache: bool | None = None  # set once the index is built
 
     @property
+    def cache_dir(self) -> Path | bool:
+        """Where pool embeddings are cached (False: they are not)."""
+        return self._cache_dir if self._cache_dir is not None else False
+
+    @property
     def embedder(self) -> Any:
         if self._embedder is None:
             with self._build_lock:
@@ -403,8 +408,20 @@ class ICLRetriever:
             )
         if k == 0 or not queries:
             return [[] for _ in queries]
-        _, ids = self.index.search(self.embed(queries), int(k))
-        return [[self.pool[i] for i in row if i >= 0] for row in ids]
+        return [[ex for _, ex in row] for row in self.search_embedded(self.embed(queries), int(k))]
+
+    def search_embedded(self, vectors: Any, k: int) -> list[list[tuple[float, ICLExample]]]:
+        """(similarity, example) for the ``k`` nearest examples of each already embedded query
+        (rows of :meth:`embed`), most similar first: for callers that search several retrievers
+        with one embedding."""
+        k = min(int(k), len(self.pool))
+        if k <= 0 or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        scores, ids = self.index.search(vectors, k)
+        return [
+            [(float(score), self.pool[i]) for score, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
 
 
 __all__ = [

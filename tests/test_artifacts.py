@@ -5,6 +5,7 @@ import pytest
 
 from auto_model.artifacts import (
     PROMPT_FORMAT,
+    PROMPT_FORMAT_V1,
     PromptArtifact,
     default_artifact,
     find_prompt_artifact,
@@ -59,7 +60,7 @@ def test_user_json_and_txt_files(tmp_path):
     art = PromptArtifact("my/model", "Be brief.", "drpo", aliases=("mine",), provenance={"depth": 3})
     path = save_prompt_artifact(art, tmp_path / "mine.json")
     data = json.loads(path.read_text())
-    assert data["format"] == PROMPT_FORMAT and data["provenance"] == {"method": "drpo", "depth": 3}
+    assert data["format"] == PROMPT_FORMAT_V1 and data["provenance"] == {"method": "drpo", "depth": 3}  # no routes: v1
     loaded = prompt_for_model("anything", prompt_path=path)
     assert (loaded.model_id, loaded.text, loaded.method, loaded.aliases) == ("my/model", "Be brief.", "drpo", ("mine",))
 
@@ -72,7 +73,7 @@ def test_user_json_and_txt_files(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (json.dumps({"format": "auto_model.prompt/v2", "system_prompt": "x"}), "unknown prompt artifact format"),
+        (json.dumps({"format": "auto_model.prompt/v9", "system_prompt": "x"}), "unknown prompt artifact format"),
         (json.dumps({"format": PROMPT_FORMAT, "system_prompt": "  "}), "'system_prompt' must be"),
         (json.dumps({"format": PROMPT_FORMAT, "system_prompt": "x", "aliases": "a"}), "'aliases' must be"),
         (json.dumps([1, 2]), "a JSON object"),

@@ -41,6 +41,8 @@ class GenerationRequest:
 
     prompt: Prompt
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    #: the route (:class:`~auto_model.routing.Route`) the SDK chose; engines do not read it
+    route: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -213,6 +213,7 @@ class Answer:
     completion_tokens: int = 0
     error: str | None = None
     judgement: dict[str, Any] | None = None
+    route: str | None = None
 
     def record(self) -> dict[str, Any]:
         proxies = None
@@ -233,6 +234,7 @@ class Answer:
             "generation_error": self.error,
             "proxies": proxies,
             "judge": self.judgement,
+            "route": self.route,
         }
 
 
@@ -308,23 +310,22 @@ def answer_configs(
             role = Role("answer", model, cache, usage)
             for config in groups[key]:
                 done.engines[config.name] = f"{model.backend_name}:{model.backend.model_id}"
-                system: str | None
-                if config.system_prompt is not None:
-                    system = config.system_prompt
-                elif config.prompt_path is not None:
-                    system = prompt_files[config.name]
-                else:
-                    system = model.system_prompt(None, config.optimized_prompt)
-                done.system_prompts[config.name] = system
+                custom = config.system_prompt if config.system_prompt is not None else prompt_files.get(config.name)
                 k = config.num_optimized_icl
-                examples = model.retrieve(queries, k) if k else [[] for _ in items]
-                pairs = zip(queries, examples, strict=True)
-                requests = [model.build_request(system, ex, q, options) for q, ex in pairs]
+                asked = replace(options, user_specified_system_prompt=custom, optimized_prompt=config.optimized_prompt,
+                                optimized_icl=k > 0, num_optimized_icl=k)  # fmt: skip
+                # Routed and assembled exactly as generate() does it.
+                requests = model.build_requests(queries, asked)
+                done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)
                 t0 = time.perf_counter()
                 outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
                 progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
-                for item, outcome in zip(items, outcomes, strict=True):
-                    answer = Answer(config.name, item, system)
+                for item, outcome, request in zip(items, outcomes, requests, strict=True):
+                    route = request.route.name if request.route else None
+                    system = custom
+                    if custom is None and config.optimized_prompt:
+                        system = model.prompt_artifact.prompt_for(route)
+                    answer = Answer(config.name, item, system, route=route)
                     if isinstance(outcome, Completion):
                         answer.text, answer.finish_reason = outcome.text, outcome.finish_reason
                         answer.prompt_tokens = outcome.prompt_tokens
