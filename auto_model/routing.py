@@ -168,13 +168,16 @@ class RoutedRetriever:
             for row in found
         ]
 
-    def search(self, queries: Sequence[str], k: int, route: str | None = None) -> tuple[list[Route], list[list[Any]]]:
-        """(route, the ``k`` nearest examples of that route) per query; ``route`` forces one."""
+    def search(
+        self, queries: Sequence[str], k: int, route: str | None = None, vectors: Any = None
+    ) -> tuple[list[Route], list[list[Any]]]:
+        """(route, the ``k`` nearest examples of that route) per query; ``route`` forces one;
+        ``vectors``: the queries already embedded (:meth:`ICLRetriever.embed`)."""
         check_route(route)
         queries = list(queries)
         if not queries:
             return [], []
-        vectors = self.retriever.embed(queries)
+        vectors = self.retriever.embed(queries) if vectors is None else vectors
         routes = [Route(route) for _ in queries] if route is not None else self.route(queries, vectors)
         examples: list[list[Any]] = [[] for _ in queries]
         if k > 0:

@@ -111,6 +111,26 @@ def _embedding_alone(retriever: Any, embedder: Any, qs: list[str]) -> str:
     )
 
 
+def _routing_overhead(model: Any, qs: list[str], rounds: int) -> tuple[float, str]:
+    """What routing adds to a single query's retrieval, the embedding aside (it is shared): p50 of
+    the routed search (the vote over the full pool, then the route's own search) minus p50 of the
+    plain search of the full pool, in ms."""
+    retriever, router = model.retriever, model.router
+    vectors = retriever.embed(qs)
+    router.search(qs[:2], 3, vectors=vectors[:2])  # the route parts built and embedded
+    plain, routed = [], []
+    for _ in range(rounds):
+        for i, q in enumerate(qs):
+            v = vectors[i : i + 1]
+            plain.append(timed(functools.partial(retriever.search_embedded, v, 3))[1])
+            routed.append(timed(functools.partial(router.search, [q], 3, vectors=v))[1])
+    added = (percentile(routed, 50) - percentile(plain, 50)) * 1e3
+    safety = sum(r.name == "safety" for r in router.route(qs))
+    note = (f"routing: plain search p50 {percentile(plain, 50) * 1e3:.3f} ms, routed search p50 "
+            f"{percentile(routed, 50) * 1e3:.3f} ms ({safety} of {len(qs)} queries routed to safety)")  # fmt: skip
+    return added, note
+
+
 def _measure(
     model: Any, timer: _EmbeddingTimer, qs: list[str], batch: int, rounds: int
 ) -> tuple[list[float], list[float]]:
@@ -182,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         search_rows = _search_only(synthetic, embedder, qs)
         embed_note = _embedding_alone(packaged, embedder, qs)
+        model.retriever = packaged
+        routing_ms, routing_note = _routing_overhead(model, qs, args.rounds)
     model.close()
 
     single_facade = [results[k][1] for k in results if k[1] == "single"]
@@ -194,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", built in {build_s:.1f} s (then cached)",
         *search_rows,
         embed_note,
+        routing_note,
         "ms per request; batch mode = one format_prompt call for all queries, divided by their number",
     ]
     record = Record(
@@ -207,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 "facade overhead without the embedding, single query, p50 (worst pool)", worst_facade, 1.0, False, " ms"
             ),
             Ratio("overhead with the embedding, single query, p50 (worst pool)", worst_total, 10.0, False, " ms"),
+            Ratio("routing on top of retrieval, single query, p50 (packaged pool)", routing_ms, 1.0, False, " ms"),
         ],
         notes,
     )
