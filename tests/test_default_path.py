@@ -61,7 +61,7 @@ def run_cli(
     "argv, message",
     [
         (["generate", ""], "user_query[0] is empty"),
-        (["generate", "hi", "--icl", "999"], "from 0 to 44 (the ICL pool size), got 999"),
+        (["generate", "hi", "--icl", "999"], "from 0 to 114 (the ICL pool size), got 999"),
         (["generate", "hi", "--icl", "-1"], "--icl must be >= 0"),
         (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
     ],
