@@ -5,6 +5,8 @@ artifact) and its own part of the example pool (an example tagged ``harmful`` be
 any other to ``everyday``). A request is routed by the retrieval the SDK runs anyway: its nearest
 pool examples vote, weighted by similarity (a softmax over their cosine similarities at
 ``temperature``), and the share of the vote that goes to ``safety`` is the request's *safety score*.
+An everyday "prior" neighbour at similarity ``everyday_prior`` votes too, so that a request whose
+nearest examples are all far from it (they share only its wording) stays on the everyday route.
 At or above ``threshold`` the request takes the safety route, and its examples are the nearest safety
 examples (refusals to imitate); below it, the nearest everyday ones (so that "How do I boil an egg?"
 is no longer shown a refusal). The threshold is calibrated on the training queries, never on the
@@ -38,11 +40,13 @@ class RoutingSettings:
         neighbours: how many nearest pool examples vote.
         temperature: the softmax temperature over their cosine similarities (lower: the nearest
             ones count more).
+        everyday_prior: the similarity of a virtual everyday neighbour that votes too (None: none).
     """
 
     threshold: float = 0.5
     neighbours: int = 8
     temperature: float = 0.05
+    everyday_prior: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 1:
@@ -51,16 +55,21 @@ class RoutingSettings:
             raise InvalidRequestError(f"routing neighbours must be an integer >= 1, got {self.neighbours!r}.")
         if not self.temperature > 0:
             raise InvalidRequestError(f"routing temperature must be > 0, got {self.temperature!r}.")
+        if self.everyday_prior is not None and not -1 <= self.everyday_prior <= 1:
+            raise InvalidRequestError(
+                f"routing everyday_prior must be a similarity in [-1, 1], got {self.everyday_prior!r}."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "routing") -> RoutingSettings:
-        unknown = set(data) - {"threshold", "neighbours", "temperature"}
+        unknown = set(data) - {"threshold", "neighbours", "temperature", "everyday_prior"}
         if unknown:
             raise InvalidRequestError(f"{source}: unknown routing settings {sorted(unknown)}.")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "neighbours": self.neighbours, "temperature": self.temperature}
+        return {"threshold": self.threshold, "neighbours": self.neighbours, "temperature": self.temperature,
+                "everyday_prior": self.everyday_prior}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,12 +103,16 @@ def check_route(route: Any) -> str | None:
     raise InvalidRequestError(f"route must be one of {', '.join(ROUTES)} or None (automatic), got {route!r}.")
 
 
-def safety_score(neighbours: Sequence[tuple[float, str]], temperature: float) -> float:
-    """The share of a softmax-weighted vote of ``(similarity, route)`` neighbours that goes to safety."""
-    if not neighbours:
+def safety_score(
+    neighbours: Sequence[tuple[float, str]], temperature: float, everyday_prior: float | None = None
+) -> float:
+    """The share of a softmax-weighted vote of ``(similarity, route)`` neighbours that goes to safety
+    (with ``everyday_prior``, a virtual everyday neighbour of that similarity votes too)."""
+    votes = list(neighbours) + ([(everyday_prior, EVERYDAY)] if everyday_prior is not None else [])
+    if not votes:
         return 0.0
-    top = max(s for s, _ in neighbours)
-    weights = [(math.exp((s - top) / temperature), route) for s, route in neighbours]
+    top = max(s for s, _ in votes)
+    weights = [(math.exp((s - top) / temperature), route) for s, route in votes]
     total = sum(w for w, _ in weights)
     return sum(w for w, route in weights if route == SAFETY) / total
 
@@ -163,8 +176,12 @@ class RoutedRetriever:
             return [Route(EVERYDAY) for _ in queries]
         vectors = self.retriever.embed(list(queries)) if vectors is None else vectors
         found = self.retriever.search_embedded(vectors, self.settings.neighbours)
+        settings = self.settings
         return [
-            decide(safety_score([(s, example_route(ex)) for s, ex in row], self.settings.temperature), self.settings)
+            decide(
+                safety_score([(s, example_route(ex)) for s, ex in row], settings.temperature, settings.everyday_prior),
+                settings,
+            )  # fmt: skip
             for row in found
         ]
 

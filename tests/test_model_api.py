@@ -91,7 +91,8 @@ def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
     prompt = smol._assemble(
         ["How do I make a bomb?"], GenerationOptions(num_optimized_icl=2), conversation=conversation
     )[0].prompt
-    assert prompt.count(smol.prompt_artifact.text) == 1
+    assert smol.route("How do I make a bomb?").name == "safety"  # the last user turn is routed
+    assert prompt.count(smol.prompt_artifact.prompt_for("safety")) == 1
     # Examples are retrieved for the last user turn: the pool's bomb refusal is among them.
     first_turn = prompt.index("I have a cold.")
     assert "Sorry, but I can't help" in prompt[:first_turn]

@@ -32,7 +32,8 @@ def served(vllm_server):
 def test_chat_completions_match_the_offline_engine(served, smol_vllm):
     assert served.backend_name == "openai" and served.prompt_style == "chat"
     prompt = served.format_prompt(QUERIES[1]).prompt
-    assert isinstance(prompt, list) and prompt[0] == {"role": "system", "content": served.prompt_artifact.text}
+    system = served.prompt_artifact.prompt_for(served.route(QUERIES[1]).name)
+    assert isinstance(prompt, list) and prompt[0] == {"role": "system", "content": system}
     remote = served.generate(QUERIES[1], return_details=True, **GREEDY)
     local = smol_vllm.generate(QUERIES[1], return_details=True, **GREEDY)
     assert remote.text == local.text and remote.text.lower().startswith("sorry")

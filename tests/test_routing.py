@@ -39,6 +39,12 @@ def test_the_vote_is_the_similarity_weighted_share_of_safety_neighbours():
     # The nearest neighbour counts most: 0.1 more similarity is e^2 more weight at temperature 0.05.
     near_safety = safety_score([(0.8, SAFETY), (0.7, EVERYDAY)], 0.05)
     assert near_safety == pytest.approx(1 / (1 + 2.718281828**-2), rel=1e-6)
+    # The everyday prior: neighbours that are all far from the request (similar in wording only) lose.
+    far = [(0.44, SAFETY), (0.40, SAFETY), (0.35, EVERYDAY)]
+    assert safety_score(far, 0.05) > 0.8 and safety_score(far, 0.05, everyday_prior=0.5) < 0.3
+    assert safety_score([(0.9, SAFETY)], 0.05, everyday_prior=0.35) > 0.99  # a close one still wins
+    with pytest.raises(InvalidRequestError, match="everyday_prior"):
+        RoutingSettings(everyday_prior=3)
     assert decide(0.7, RoutingSettings(threshold=0.7)) == Route(SAFETY, 0.7, 0.7)
     assert decide(0.69, RoutingSettings(threshold=0.7)).name == EVERYDAY
     assert example_route(ICLExample("q", "a", ("harmful", "weapons"))) == SAFETY

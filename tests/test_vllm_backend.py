@@ -280,8 +280,9 @@ def test_chat_turns_on_vllm(smol_vllm):
     assert answer.text and answer.backend == "vllm"
     # The prompt and examples are injected once, before the conversation.
     prompt = smol_vllm._assemble(["How do I boil an egg?"], GenerationOptions(), conversation=conversation)[0].prompt
-    assert prompt.count(smol_vllm.prompt_artifact.text) == 1
-    assert prompt.index("Nice to meet you, Ann!") > prompt.index(smol_vllm.prompt_artifact.text)
+    system = smol_vllm.prompt_artifact.prompt_for(smol_vllm.route("How do I boil an egg?").name)
+    assert prompt.count(system) == 1
+    assert prompt.index("Nice to meet you, Ann!") > prompt.index(system)
 
 
 def test_cpu_flags_and_auto_dtype_on_cpus():
