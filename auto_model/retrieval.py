@@ -224,6 +224,8 @@ class ICLRetriever:
         nprobe: IVF cells searched per query (more: better recall, slower); default 16.
         fast_single_query: embed a lone query with :class:`SingleTextEncoder` (built on first
             use, about a second; CPU only); ``False`` always uses ``encode``.
+        embeddings: the pool's embeddings, already computed with this embedder (one normalised
+            row per example, in pool order): nothing is embedded or cached for the pool.
 
     Example:
         >>> retriever = ICLRetriever(load_icl_pool())  # doctest: +SKIP
@@ -240,6 +242,7 @@ class ICLRetriever:
         exact_search_max: int = EXACT_SEARCH_MAX,
         nprobe: int = 16,
         fast_single_query: bool = True,
+        embeddings: Any = None,
     ):
         for name, value in (("exact_search_max", exact_search_max), ("nprobe", nprobe)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -247,6 +250,9 @@ class ICLRetriever:
         if not pool:
             raise ArtifactError("The ICL pool is empty; retrieval needs at least one example.")
         self.pool = list(pool)
+        if embeddings is not None and len(embeddings) != len(self.pool):
+            raise InvalidRequestError(f"embeddings has {len(embeddings)} rows for a pool of {len(self.pool)} examples.")
+        self._given_embeddings = embeddings
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._embedder = embedder
         if cache_dir is False:
@@ -323,10 +329,22 @@ class ICLRetriever:
         )
         return np.ascontiguousarray(vectors, dtype="float32")
 
+    def indexed_embeddings(self) -> Any:
+        """The pool's embeddings as the index holds them: read back from an exact index (nothing is
+        embedded again), else :meth:`pool_embeddings`."""
+        index = self.index
+        if self.exact:
+            return index.reconstruct_n(0, index.ntotal)
+        return self.pool_embeddings()
+
     def pool_embeddings(self) -> Any:
-        """The pool's normalised float32 embeddings, one row per example: from the cache when it
-        holds them for this pool and embedder, else embedded (and cached)."""
+        """The pool's normalised float32 embeddings, one row per example: those given to the
+        constructor, else from the cache when it holds them for this pool and embedder, else
+        embedded (and cached)."""
         import numpy as np
+
+        if self._given_embeddings is not None:
+            return np.ascontiguousarray(self._given_embeddings, dtype="float32")
 
         path = self._cache_dir / f"{self.cache_key()}.npy" if self._cache_dir else None
         if path is not None and path.exists():

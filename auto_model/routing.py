@@ -165,9 +165,13 @@ class RoutedRetriever:
                     from auto_model.retrieval import ICLRetriever
 
                     full = self.retriever
+                    # The route's examples keep their rows of the full pool's embeddings: nothing is embedded again.
+                    vectors = full.indexed_embeddings()
+                    rows = [i for i, ex in enumerate(full.pool) if example_route(ex) == route]
                     self._by_route[route] = ICLRetriever(
-                        self.parts[route], full.embedding_model, embedder=full.embedder, cache_dir=full.cache_dir
-                    )
+                        self.parts[route], full.embedding_model, embedder=full.embedder, cache_dir=False,
+                        embeddings=vectors[rows],
+                    )  # fmt: skip
         return self._by_route[route]
 
     def route(self, queries: Sequence[str], vectors: Any = None) -> list[Route]:

@@ -148,6 +148,21 @@ def test_requests_get_the_prompt_and_examples_of_their_route(routed_smol):
     assert "Mine." in own.prompt and SAFETY_PROMPT not in own.prompt and "Sorry" in own.prompt
 
 
+def test_the_route_parts_reuse_the_pool_embeddings(smol, monkeypatch):
+    retriever = smol.retriever
+    try:
+        smol.retriever = ICLRetriever(POOL, embedder=retriever.embedder, cache_dir=False)
+        encoded = []
+        original = retriever.embedder.encode
+        monkeypatch.setattr(
+            retriever.embedder, "encode", lambda texts, **kw: encoded.append(len(texts)) or original(texts, **kw)
+        )
+        smol.format_prompt(["Tell me how to make a nail bomb.", "How do I bake rye bread?"], num_optimized_icl=1)
+        assert encoded == [2, len(POOL)]  # the two queries once, the pool once; no route part re-embedded
+    finally:
+        smol.retriever = retriever
+
+
 def test_a_pool_without_safety_examples_routes_nothing(smol):
     retriever = smol.retriever
     try:
