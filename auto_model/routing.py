@@ -198,6 +198,8 @@ class RoutedRetriever:
         queries = list(queries)
         if not queries:
             return [], []
+        if route is not None and k <= 0:  # nothing to vote on, nothing to retrieve: no embedding
+            return [Route(route) for _ in queries], [[] for _ in queries]
         vectors = self.retriever.embed(queries) if vectors is None else vectors
         routes = [Route(route) for _ in queries] if route is not None else self.route(queries, vectors)
         examples: list[list[Any]] = [[] for _ in queries]
