@@ -153,7 +153,7 @@ class AutoModel:
         # The model, the artifacts and the pool are checked before the (slow) engine load, so a
         # wrong name or a bad file fails in about a second.
         source = None if backend_cls.remote else resolve_model(self.model_name)
-        self.prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
+        self._prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
         self.icl_pool: list[ICLExample] = load_icl_pool(icl_path)
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
@@ -222,6 +222,21 @@ class AutoModel:
             self.icl_pool = list(retriever.pool)
 
     @property
+    def prompt_artifact(self) -> PromptArtifact:
+        """The prompt artifact this model's requests are aligned with (its prompts and routing)."""
+        return self._prompt_artifact
+
+    @prompt_artifact.setter
+    def prompt_artifact(self, artifact: PromptArtifact) -> None:
+        """Align requests with another artifact (e.g. ``load_prompt_artifact(path)``); its routing
+        settings take effect with the next request."""
+        if not isinstance(artifact, PromptArtifact):
+            raise InvalidRequestError(f"prompt_artifact must be a PromptArtifact, got {type(artifact).__name__}.")
+        with self._retriever_lock:
+            self._prompt_artifact = artifact
+            self._router = None
+
+    @property
     def router(self) -> RoutedRetriever:
         """Routes requests and retrieves their examples (:mod:`auto_model.routing`), over
         :attr:`retriever`, with the routing settings of the prompt artifact."""
@@ -229,7 +244,7 @@ class AutoModel:
         with self._retriever_lock:
             if self._router is None or self._router.retriever is not retriever:
                 settings = self.prompt_artifact.routing
-                self._router = RoutedRetriever(retriever, RoutingSettings(**settings) if settings else None)
+                self._router = RoutedRetriever(retriever, RoutingSettings.from_dict(settings) if settings else None)
             return self._router
 
     def route(self, user_query: str | Sequence[str]) -> Route | list[Route]:

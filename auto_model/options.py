@@ -42,7 +42,7 @@ class GenerationOptions:
         seed: for reproducible sampling.
         json_schema: constrain the answer to JSON matching this JSON Schema (vllm and openai backends).
         route: ``"everyday"`` or ``"safety"`` to choose the request's prompt and examples yourself;
-            None routes it by its nearest pool examples (see :mod:`auto_model.routing`).
+            None routes it by its embedding (see :mod:`auto_model.routing`).
         extra: other sampling arguments, passed to the engine unchanged (``top_k``, ``min_tokens``, ...).
     """
 

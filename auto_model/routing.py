@@ -2,33 +2,187 @@
 
 A model has routes — ``everyday`` and ``safety`` — each with its own system prompt (from the prompt
 artifact) and its own part of the example pool (an example tagged ``harmful`` belongs to ``safety``,
-any other to ``everyday``). A request is routed by the retrieval the SDK runs anyway: its nearest
-pool examples vote, weighted by similarity (a softmax over their cosine similarities at
-``temperature``), and the share of the vote that goes to ``safety`` is the request's *safety score*.
-An everyday "prior" neighbour at similarity ``everyday_prior`` votes too, so that a request whose
-nearest examples are all far from it (they share only its wording) stays on the everyday route.
-At or above ``threshold`` the request takes the safety route, and its examples are the nearest safety
-examples (refusals to imitate); below it, the nearest everyday ones (so that "How do I boil an egg?"
-is no longer shown a refusal). The threshold is calibrated on the training queries, never on the
-eval splits (:func:`calibrate_threshold`).
+any other to ``everyday``). A request's *safety score* comes from the query embedding the SDK
+computes anyway for retrieval, in one of two ways:
+
+- **a classifier** (:class:`SafetyClassifier`, when the artifact's routing has one): a logistic
+  regression over the sentence embedding, trained on labelled queries (``auto-model-train router``).
+  Its weights are plain JSON numbers in the artifact; scoring is one dot product.
+- **a vote of the nearest labelled queries** (what the packaged artifacts use): the request's
+  ``neighbours`` nearest queries vote, weighted by similarity (a softmax over their cosine
+  similarities at ``temperature``), and the share that goes to ``safety`` is the score. The voters
+  are the pool examples (``vote_set="pool"``), or the pool plus the packaged *routing set*
+  (``vote_set="labelled"``): labelled queries written for routing (``data/train/routing.jsonl``:
+  harmful requests in many categories and forms, and as many ordinary requests that only sound
+  alarming) and the labelled training queries (``data/train/train.jsonl``). An everyday "prior"
+  neighbour at similarity ``everyday_prior`` can vote too, so that a request whose nearest
+  queries are all far from it stays everyday.
+
+At or above the threshold (the classifier's own, or the vote's) the request takes the safety route,
+and its examples are the nearest safety examples (refusals to imitate); below it, the nearest
+everyday ones (so that "How do I boil an egg?" is no longer shown a refusal). Thresholds are chosen
+on the training and development queries, never on the held-out split (:func:`calibrate_threshold`).
+A classifier made for another embedding model than the retriever's is not used (the vote is, and a
+warning says so).
 
 Everything here but :class:`RoutedRetriever` is pure and needs no engine or embedder.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 EVERYDAY, SAFETY = "everyday", "safety"
 ROUTES = (EVERYDAY, SAFETY)
 #: The pool tag that puts an example on the safety route.
 SAFETY_TAG = "harmful"
+#: Who votes: the pool's examples, or the pool and the packaged routing set.
+VOTE_SETS = ("pool", "labelled")
+_LABELS = {"harmful": True, "safe": False}
+
+
+@dataclass(frozen=True)
+class LabelledQuery:
+    """A query known to be harmful or not (``source``: where it came from)."""
+
+    query: str
+    harmful: bool
+    source: str
+
+
+def packaged_routing_files() -> list[Path]:
+    """The routing set's packaged files: the routing queries and the training queries."""
+    root = resources.files("auto_model")
+    return [Path(str(root.joinpath(name))) for name in ("data/train/routing.jsonl", "data/train/train.jsonl")]
+
+
+def read_labelled_queries(path: str | os.PathLike[str]) -> list[LabelledQuery]:
+    """The labelled queries of a JSONL file: each line's ``label`` (``harmful`` or ``safe``), or
+    its ``category`` (``harmful`` or any other, as in the training queries)."""
+    from auto_model.errors import ArtifactError
+    from auto_model.files import read_query_rows
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ArtifactError(f"No labelled queries at {path}; give a .jsonl file of query and label.")
+    found = []
+    for number, row in read_query_rows(path):
+        if "label" in row:
+            if row["label"] not in _LABELS:
+                raise ArtifactError(f"{path}:{number}: 'label' must be one of harmful, safe, got {row['label']!r}.")
+            harmful = _LABELS[row["label"]]
+        elif isinstance(row.get("category"), str):
+            harmful = row["category"] == "harmful"
+        else:
+            raise ArtifactError(f"{path}:{number}: give a 'label' (harmful or safe) or a 'category'.")
+        found.append(LabelledQuery(row["query"], harmful, path.stem))
+    return found
+
+
+def routing_set(pool: Sequence[Any], paths: Sequence[str | os.PathLike[str]] | None = None) -> list[LabelledQuery]:
+    """The pool's queries (labelled by their tags) and the labelled queries of ``paths`` (default:
+    :func:`packaged_routing_files`), the first occurrence of each query text kept."""
+    found = [LabelledQuery(ex.query, example_route(ex) == SAFETY, "pool") for ex in pool]
+    for path in packaged_routing_files() if paths is None else paths:
+        found += read_labelled_queries(path)
+    seen: set[str] = set()
+    unique = []
+    for item in found:
+        if item.query not in seen:
+            seen.add(item.query)
+            unique.append(item)
+    return unique
+
+
+def _model_key(name: str) -> str:
+    """An embedding model's name without its organisation or folder, case-folded."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+@dataclass(frozen=True)
+class SafetyClassifier:
+    """A logistic regression over a query's sentence embedding: P(the query asks for harm).
+
+    Attributes:
+        embedding_model: the sentence-transformers model whose embeddings it was trained on.
+        weights: one weight per embedding dimension.
+        bias: the intercept.
+        threshold: the probability at or above which a query takes the safety route.
+        provenance: how it was trained (data, regularisation, calibration figures).
+    """
+
+    embedding_model: str
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float = 0.5
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embedding_model, str) or not self.embedding_model:
+            raise InvalidRequestError("classifier embedding_model must be a model name.")
+        if not self.weights or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in self.weights):
+            raise InvalidRequestError("classifier weights must be a non-empty list of finite numbers.")
+        if not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias):
+            raise InvalidRequestError(f"classifier bias must be a finite number, got {self.bias!r}.")
+        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+            raise InvalidRequestError(f"classifier threshold must be in [0, 1], got {self.threshold!r}.")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "classifier") -> SafetyClassifier:
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"{source}: a classifier is an object, got {type(data).__name__}.")
+        unknown = set(data) - {"kind", "embedding_model", "weights", "bias", "threshold", "provenance"}
+        if unknown:
+            raise InvalidRequestError(f"{source}: unknown classifier fields {sorted(unknown)}.")
+        if data.get("kind", "logistic") != "logistic":
+            raise InvalidRequestError(
+                f"{source}: unknown classifier kind {data.get('kind')!r}; this version reads logistic."
+            )
+        weights = data.get("weights")
+        if not isinstance(weights, list):
+            raise InvalidRequestError(f"{source}: classifier weights must be a list of numbers.")
+        return cls(
+            embedding_model=data.get("embedding_model", ""),
+            weights=tuple(weights),
+            bias=data.get("bias", float("nan")),
+            threshold=data.get("threshold", 0.5),
+            provenance=dict(data.get("provenance") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": "logistic", "embedding_model": self.embedding_model,
+                                "threshold": self.threshold, "bias": round(float(self.bias), 6)}  # fmt: skip
+        if self.provenance:
+            data["provenance"] = dict(self.provenance)
+        data["weights"] = [round(float(w), 6) for w in self.weights]
+        return data
+
+    def fits(self, embedding_model: str, dimensions: int | None = None) -> bool:
+        """Whether it can score embeddings of ``embedding_model`` (of ``dimensions`` numbers)."""
+        same = _model_key(embedding_model) == _model_key(self.embedding_model)
+        return same and (dimensions is None or dimensions == len(self.weights))
+
+    def probabilities(self, vectors: Any) -> list[float]:
+        """P(harmful) for each row of ``vectors`` (normalised query embeddings)."""
+        import numpy as np
+
+        logits = np.asarray(vectors, dtype="float64") @ np.asarray(self.weights, dtype="float64") + float(self.bias)
+        return [float(p) for p in 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))]
+
+    def decide(self, probability: float) -> Route:
+        return Route(SAFETY if probability >= self.threshold else EVERYDAY, probability, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -41,12 +195,18 @@ class RoutingSettings:
         temperature: the softmax temperature over their cosine similarities (lower: the nearest
             ones count more).
         everyday_prior: the similarity of a virtual everyday neighbour that votes too (None: none).
+        vote_set: who votes: ``"pool"`` (the pool's examples) or ``"labelled"`` (the pool and the
+            packaged routing set).
+        classifier: scores requests instead of the vote when it fits the retriever's embedding
+            model (its own threshold applies; the settings above are the fallback).
     """
 
     threshold: float = 0.5
     neighbours: int = 8
     temperature: float = 0.05
     everyday_prior: float | None = None
+    vote_set: str = "pool"
+    classifier: SafetyClassifier | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 1:
@@ -55,6 +215,8 @@ class RoutingSettings:
             raise InvalidRequestError(f"routing neighbours must be an integer >= 1, got {self.neighbours!r}.")
         if not self.temperature > 0:
             raise InvalidRequestError(f"routing temperature must be > 0, got {self.temperature!r}.")
+        if self.vote_set not in VOTE_SETS:
+            raise InvalidRequestError(f"routing vote_set must be one of {', '.join(VOTE_SETS)}, got {self.vote_set!r}.")
         if self.everyday_prior is not None and not -1 <= self.everyday_prior <= 1:
             raise InvalidRequestError(
                 f"routing everyday_prior must be a similarity in [-1, 1], got {self.everyday_prior!r}."
@@ -62,14 +224,24 @@ class RoutingSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "routing") -> RoutingSettings:
-        unknown = set(data) - {"threshold", "neighbours", "temperature", "everyday_prior"}
+        unknown = set(data) - {"threshold", "neighbours", "temperature", "everyday_prior", "vote_set", "classifier"}
         if unknown:
             raise InvalidRequestError(f"{source}: unknown routing settings {sorted(unknown)}.")
+        data = dict(data)
+        if data.get("classifier") is not None:
+            data["classifier"] = SafetyClassifier.from_dict(data["classifier"], f"{source}.classifier")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "neighbours": self.neighbours, "temperature": self.temperature,
-                "everyday_prior": self.everyday_prior}  # fmt: skip
+        data: dict[str, Any] = {"threshold": self.threshold, "neighbours": self.neighbours,
+                                "temperature": self.temperature}  # fmt: skip
+        if self.everyday_prior is not None:
+            data["everyday_prior"] = self.everyday_prior
+        if self.vote_set != "pool":
+            data["vote_set"] = self.vote_set
+        if self.classifier is not None:
+            data["classifier"] = self.classifier.to_dict()
+        return data
 
 
 @dataclass(frozen=True)
@@ -142,8 +314,9 @@ def calibrate_threshold(scores: Sequence[float], harmful: Sequence[bool], max_fa
 class RoutedRetriever:
     """Routes requests and retrieves each one's examples from its route's part of the pool.
 
-    The query is embedded once; the routing vote and the examples both come from searches of that
-    embedding (the full pool's index, then the route's own). Routing is off (every request is
+    The query is embedded once; the safety score (the classifier's, or the vote of a search of the
+    full pool's index) and the examples (a search of the route's own part) both come from that
+    embedding. Routing is off (every request is
     ``everyday`` and searches the whole pool, as before routes existed) when the pool has no
     example of one of the routes.
     """
@@ -154,7 +327,9 @@ class RoutedRetriever:
         self.parts = {route: [ex for ex in retriever.pool if example_route(ex) == route] for route in ROUTES}
         self.enabled = all(self.parts.values())
         self._by_route: dict[str, Any] = {}
+        self._voters: Any = None
         self._lock = threading.Lock()
+        self._warned = False
 
     def _part(self, route: str) -> Any:
         if not self.enabled:
@@ -174,12 +349,50 @@ class RoutedRetriever:
                     )  # fmt: skip
         return self._by_route[route]
 
+    def voters(self) -> Any:
+        """The index the vote searches: the pool's, or one over the routing set (built once, with
+        the pool's embedder; its embeddings are cached on disk like the pool's)."""
+        if self.settings.vote_set == "pool":
+            return self.retriever
+        if self._voters is None:
+            with self._lock:
+                if self._voters is None:
+                    from auto_model.retrieval import ICLExample, ICLRetriever
+
+                    full = self.retriever
+                    labelled = [
+                        ICLExample(q.query, "", (SAFETY_TAG,) if q.harmful else ())
+                        for q in routing_set(full.pool)
+                    ]  # fmt: skip
+                    self._voters = ICLRetriever(
+                        labelled, full.embedding_model, embedder=full.embedder, cache_dir=full.cache_dir
+                    )
+        return self._voters
+
+    def classifier(self, dimensions: int | None = None) -> SafetyClassifier | None:
+        """The settings' classifier if it fits the retriever's embeddings, else None (the vote)."""
+        found = self.settings.classifier
+        if found is None or found.fits(self.retriever.embedding_model, dimensions):
+            return found
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "The routing classifier was trained on %s embeddings, the retriever uses %s: requests are "
+                "routed by the vote of the nearest pool examples instead.",
+                found.embedding_model,
+                self.retriever.embedding_model,
+            )
+        return None
+
     def route(self, queries: Sequence[str], vectors: Any = None) -> list[Route]:
         """The route each query takes on its own (see the module docstring)."""
         if not self.enabled:
             return [Route(EVERYDAY) for _ in queries]
         vectors = self.retriever.embed(list(queries)) if vectors is None else vectors
-        found = self.retriever.search_embedded(vectors, self.settings.neighbours)
+        classifier = self.classifier(vectors.shape[1])
+        if classifier is not None:
+            return [classifier.decide(p) for p in classifier.probabilities(vectors)]
+        found = self.voters().search_embedded(vectors, self.settings.neighbours)
         settings = self.settings
         return [
             decide(
@@ -216,11 +429,17 @@ class RoutedRetriever:
 __all__ = [
     "EVERYDAY",
     "ROUTES",
+    "VOTE_SETS",
+    "LabelledQuery",
+    "packaged_routing_files",
+    "read_labelled_queries",
+    "routing_set",
     "SAFETY",
     "SAFETY_TAG",
     "Route",
     "RoutedRetriever",
     "RoutingSettings",
+    "SafetyClassifier",
     "calibrate_threshold",
     "check_route",
     "decide",

@@ -76,6 +76,12 @@ class _SharedEngine:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def __setattr__(self, name, value):  # e.g. prompt_artifact: set on the engine's model
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._model, name, value)
+
     def close(self):
         self._built.append("closed")
 
@@ -84,11 +90,19 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
     from auto_model.evaluation.runner import answer_configs
     from auto_model.rewards.requests import RequestCache, Usage
 
+    from auto_model.artifacts import PromptArtifact, save_prompt_artifact
+
     items = take(load_eval_set(), 2)
+    routed = save_prompt_artifact(
+        PromptArtifact("m", "Everyday prompt.", "user", routes={"safety": "Safety prompt."}), tmp_path / "a.json"
+    )
     configs = [
         EvalConfig("plain", backend="transformers", dtype="float32", optimized_prompt=False),
         EvalConfig("icl", backend="transformers", dtype="float32", num_optimized_icl=1),
+        EvalConfig("forced", backend="transformers", dtype="float32", num_optimized_icl=1, route="safety"),
+        EvalConfig("artifact", backend="transformers", dtype="float32", prompt_path=str(routed), route="safety"),
     ]
+    own = smol.prompt_artifact
     built = []
     cache, usage = RequestCache(tmp_path / "cache.sqlite"), Usage()
     try:
@@ -104,7 +118,16 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
         assert [(a.config, a.item.id) for a in done.answers] == [(c.name, i.id) for c in configs for i in items]
         assert all(a.text and a.judgement is None for a in done.answers)
         assert done.system_prompts["plain"] is None and done.system_prompts["icl"] == smol.system_prompt()
-        assert built == ["closed"] and usage.calls == 4 and done.kept is None
+        # A forced route; a .json artifact replaces the model's own, routes and all, for its configuration only.
+        forced = [a for a in done.answers if a.config == "forced"]
+        assert {a.route for a in forced} == {"safety"} and {a.system_prompt for a in forced} == {
+            own.prompt_for("safety")
+        }
+        assert {a.system_prompt for a in done.answers if a.config == "artifact"} == {"Safety prompt."}
+        assert smol.prompt_artifact is own
+        # 8 requests; one item's routed request and its forced one can be the same request (cached).
+        sent = usage.calls
+        assert built == ["closed"] and sent + usage.roles["answer"].cached == 8 and done.kept is None
         again = answer_configs(
             configs,
             items,
@@ -114,7 +137,7 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
             progress=lambda m: None,
             model_factory=lambda name, **kwargs: _SharedEngine(smol, built),
         )
-        assert usage.calls == 4 and [a.text for a in again.answers] == [a.text for a in done.answers]  # all cached
+        assert usage.calls == sent and [a.text for a in again.answers] == [a.text for a in done.answers]  # all cached
     finally:
         cache.close()
 
@@ -255,6 +278,7 @@ def test_config_specs_and_files(tmp_path):
     assert c == EvalConfig(
         "tuned", model="smollm2", optimized_prompt=False, num_optimized_icl=3, system_prompt="Be brief, and kind."
     )
+    assert parse_config_spec("refusing: route=safety").route == "safety"
     for bad, message in [
         ("no-colon", "NAME: key=value"),
         ("x: icl=many", "integer"),
@@ -262,6 +286,7 @@ def test_config_specs_and_files(tmp_path):
         ("x: prompt=maybe", "on or off"),
         ("bad name: icl=1", "letters, digits"),
         ("x: icl=-1", ">= 0"),
+        ("x: route=medical", "route must be one of everyday, safety"),
     ]:
         with pytest.raises(InvalidRequestError, match=message):
             parse_config_spec(bad)

@@ -322,3 +322,31 @@ def test_a_constrained_judge_on_an_engine_that_cannot_constrain_stops_before_any
         "json_schema needs engines that constrain decoding" in err and "the metrics model runs on transformers" in err
     )
     assert usage(run)["run"]["total"]["calls"] == 0
+
+
+def test_a_route_prompt_is_trained_on_the_route_queries_answered_down_the_route(tmp_path):
+    from auto_model.artifacts import prompt_for_model
+    from auto_model.constants import default_model
+    from auto_model.trainer.data import load_training_queries
+
+    run, out = tmp_path / "run", tmp_path / "safety.json"
+    args = [*SMALL, "--depth", "1", "--num-training-examples", "1", "--route", "safety", "--k", "2"]
+    assert main([*args, "--log-dir", str(run), "--output", str(out)]) == 0
+    own = prompt_for_model(default_model())
+    tree = json.loads((run / "algo_output" / "output.json").read_text())
+    root = tree["nodes"][0]
+    harmful = {r["query"] for r in load_training_queries() if r.get("category") == "harmful"}
+    assert root["query"] in harmful and root["prompt"] == own.prompt_for("safety")  # its queries, its prompt
+    with sqlite3.connect(run / "cache" / "requests.sqlite") as db:
+        sent = [json.loads(r)["prompt"] for (r,) in db.execute("SELECT request FROM answers")]
+    base = [p for p in sent if root["query"] in str(p) and own.prompt_for("safety") in str(p)]
+    assert base and str(base[0]).count("Sorry") >= 2  # down the safety route: its examples are refusals
+    artifact = load_prompt_artifact(out)
+    assert artifact.routes["safety"] == tree["result"]["prompt"]
+    assert (
+        artifact.route_provenance["safety"]["method"] == "drpo"
+        and artifact.route_provenance["safety"]["route"] == "safety"
+    )
+    # The rest of the model's artifact is kept: its everyday prompt and its routing.
+    assert artifact.system_prompt == own.system_prompt and artifact.routing == own.routing
+    assert artifact.model_id == default_model()

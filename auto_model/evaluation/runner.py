@@ -19,7 +19,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from auto_model.artifacts import load_prompt_artifact
+from auto_model.artifacts import PromptArtifact, load_prompt_artifact
 from auto_model.backends.base import Completion
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation.eval_set import EvalItem
@@ -35,6 +35,7 @@ from auto_model.options import GenerationOptions
 from auto_model.rewards.base import RewardItem
 from auto_model.rewards.judge import Judge
 from auto_model.rewards.requests import RequestCache, Role, RoleUsage, Usage
+from auto_model.routing import ROUTES
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,12 @@ class EvalConfig:
         backend, base_url, dtype, prompt_format: as for :class:`~auto_model.AutoModel`.
         optimized_prompt: inject the model's optimized prompt (ignored when ``system_prompt`` or
             ``prompt_path`` is given).
-        prompt_path: a prompt file (``.json`` artifact or ``.txt``) to use as the system prompt;
+        prompt_path: a prompt file: a ``.json`` artifact replaces the model's own artifact whole
+            (its prompts, routes and routing); any other file is the system prompt;
             ``packaged:candidates/<file>`` names one shipped in ``optimized_prompts/``.
         system_prompt: a system prompt of your own.
         num_optimized_icl: retrieved examples per query (0: none).
+        route: send every request down this route (``everyday`` or ``safety``); None: routed.
     """
 
     name: str
@@ -83,8 +86,13 @@ class EvalConfig:
     base_url: str | None = None
     dtype: str = "auto"
     prompt_format: str = "auto"
+    route: str | None = None
 
     def __post_init__(self) -> None:
+        if self.route is not None and self.route not in ROUTES:
+            raise InvalidRequestError(
+                f"Configuration {self.name!r}: route must be one of {', '.join(ROUTES)}, got {self.route!r}."
+            )
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidRequestError(f"Configuration name {self.name!r}: use letters, digits and _.+- only.")
         if (
@@ -115,6 +123,7 @@ _SPEC_KEYS = {
     "base_url": "base_url",
     "dtype": "dtype",
     "prompt_format": "prompt_format",
+    "route": "route",
 }
 
 
@@ -137,7 +146,7 @@ def _coerce(name: str, key: str, value: Any) -> Any:
 
 def parse_config_spec(spec: str) -> EvalConfig:
     """``"name: model=...; prompt=off; icl=3"`` -> :class:`EvalConfig` (keys: model, backend,
-    prompt, prompt_path, system, icl, base_url, dtype, prompt_format)."""
+    prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not sep or not name:
@@ -264,8 +273,8 @@ class AnsweredConfigs:
     kept: Any = None
 
 
-def check_configs(configs: Sequence[EvalConfig], max_new_tokens: int) -> dict[str, str | None]:
-    """Check configurations before any engine loads; the system prompt of each that names a prompt file."""
+def check_configs(configs: Sequence[EvalConfig], max_new_tokens: int) -> dict[str, PromptArtifact]:
+    """Check configurations before any engine loads; the prompt file of each that names one, loaded."""
     if not configs:
         raise InvalidRequestError("No configurations to evaluate; pass --config NAME: key=value; ...")
     names = [c.name for c in configs]
@@ -274,7 +283,7 @@ def check_configs(configs: Sequence[EvalConfig], max_new_tokens: int) -> dict[st
         raise InvalidRequestError(f"Configuration names must differ; repeated: {', '.join(duplicated)}.")
     if max_new_tokens < 1:
         raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
-    return {c.name: load_prompt_artifact(_prompt_file(c.prompt_path)).system_prompt for c in configs if c.prompt_path}
+    return {c.name: load_prompt_artifact(_prompt_file(c.prompt_path)) for c in configs if c.prompt_path}
 
 
 def answer_configs(
@@ -306,14 +315,20 @@ def answer_configs(
         model_name, backend, base_url, dtype, prompt_format = key
         progress(f"loading {model_name} ({backend})")
         model = factory(model_name, dtype=dtype, backend=backend, base_url=base_url, prompt_format=prompt_format)
+        own_artifact = model.prompt_artifact
         try:
             role = Role("answer", model, cache, usage)
             for config in groups[key]:
                 done.engines[config.name] = f"{model.backend_name}:{model.backend.model_id}"
-                custom = config.system_prompt if config.system_prompt is not None else prompt_files.get(config.name)
+                custom = config.system_prompt
+                artifact = prompt_files.get(config.name)
+                if artifact is not None and not str(config.prompt_path).lower().endswith(".json"):  # a text prompt
+                    custom = artifact.system_prompt
+                # A .json artifact is the model's artifact for this configuration, routes and routing included.
+                model.prompt_artifact = artifact if artifact is not None and custom is None else own_artifact
                 k = config.num_optimized_icl
                 asked = replace(options, user_specified_system_prompt=custom, optimized_prompt=config.optimized_prompt,
-                                optimized_icl=k > 0, num_optimized_icl=k)  # fmt: skip
+                                optimized_icl=k > 0, num_optimized_icl=k, route=config.route)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.
                 requests = model.build_requests(queries, asked)
                 done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)
@@ -333,6 +348,7 @@ def answer_configs(
                     else:
                         answer.error = f"{type(outcome).__name__}: {outcome}"
                     done.answers.append(answer)
+            model.prompt_artifact = own_artifact
         except BaseException:
             model.close()
             raise

@@ -47,11 +47,18 @@ def parser() -> ArgumentParser:
         prog="auto-model-train",
         snake_case_aliases=True,
         description="DRPO: optimize a model's system prompt (stage 2, "
-        "'prompt', the default) or its in-context examples (stage 1, 'icl'). Every flag is also "
+        "'prompt', the default) or its in-context examples (stage 1, 'icl'); or train the router that "
+        "picks each request's route ('router', no engine needed). Every flag is also "
         "accepted with underscores, as the original scripts spelled it (--max-new-tokens).",
     )
     add = p.add_argument
-    add("command", nargs="?", choices=["prompt", "icl"], default="prompt", help="the stage to run (default prompt)")
+    add(
+        "command",
+        nargs="?",
+        choices=["prompt", "icl", "router"],
+        default="prompt",
+        help="the stage to run (default prompt)",
+    )
     # The original parameters, same names.
     add("--base-model-name", default=None, help=f"the model to optimize for (default {constants.DEFAULT_MODEL})")
     add("--base-model-family", default=None, help="accepted for compatibility; the family is detected")
@@ -113,9 +120,26 @@ def parser() -> ArgumentParser:
         help="constrain metrics and eval replies to their JSON schema (true/false; vllm and openai engines): "
         "every reply is then readable, even from a small judge",
     )
+    add(
+        "--route",
+        default=None,
+        choices=["everyday", "safety"],
+        help="prompt: optimize this route's prompt, on the training queries of the route (category harmful: "
+        "safety), answered down it, from its current prompt; the artifact keeps the other route and the routing",
+    )
     add("--skip-threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
     add("--num-iters", type=int, default=3, help="icl: rewrite rounds per example")
-    add("--icl-path", default=None, help="icl: the pool to improve (default: the packaged pool)")
+    add("--icl-path", default=None, help="icl: the pool to improve; router: the pool (default: the packaged pool)")
+    add("--prompt-path", default=None, help="router: the artifact to add the router to (default: the model's own)")
+    add("--routing-data", default=None, help="router: labelled queries (.jsonl; default: the packaged ones)")
+    add("--router-c", type=float, default=16.0, help="router: inverse regularisation strength of the regression")
+    add(
+        "--max-false-positive",
+        type=float,
+        default=0.05,
+        help="router: the share of other queries the calibrated threshold may route to safety",
+    )
+    add("--route-threshold", type=float, default=None, help="router: use this threshold instead of calibrating one")
     return p
 
 
@@ -240,6 +264,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     )
     from auto_model.trainer.search import ROLES
 
+    if command == "router":
+        return _run_router(args)
     log_dir = Path(args.log_dir)
     out_dir = log_dir / "algo_output"
     checkpoint = out_dir / ("checkpoint.json" if command == "prompt" else "icl_checkpoint.json")
@@ -313,7 +339,20 @@ def _run_prompt(
     from auto_model.trainer.data import load_training_queries, sample_training_queries
     from auto_model.trainer.search import BeamSearch, SearchConfig
 
-    rows = sample_training_queries(load_training_queries(args.data_dir), args.num_training_examples, args.seed)
+    rows = load_training_queries(args.data_dir)
+    base_artifact = None
+    if args.route is not None:
+        from auto_model.artifacts import prompt_for_model
+
+        base_artifact = prompt_for_model(args.base_model_name, args.prompt_path)
+        rows = [r for r in rows if (r.get("category") == "harmful") == (args.route == "safety")]
+        if not rows:
+            raise InvalidRequestError(
+                f"No training queries of the {args.route} route (category 'harmful' is safety, any other everyday)."
+            )
+        if args.initial_system_prompt == ORIGINAL_DEFAULT_PROMPT:  # not given: the route's current prompt
+            args.initial_system_prompt = base_artifact.prompt_for(args.route)
+    rows = sample_training_queries(rows, args.num_training_examples, args.seed)
     config = SearchConfig(
         depth=args.depth,
         beam_size=args.beam_size,
@@ -326,6 +365,7 @@ def _run_prompt(
         max_new_tokens=args.max_new_tokens,
         optimizer_max_new_tokens=args.judge_max_new_tokens,
         seed=args.seed,
+        route=args.route,
     )
     bar = None
     if not args.disable_tqdm:
@@ -359,37 +399,56 @@ def _run_prompt(
         _write_tree(search, args, judge, usage, out_dir, started)
     (out_dir / "trace.txt").write_text(search.trace(best), encoding="utf-8")
     judge_is_base = {args.eval_model_name, args.metrics_model_name, args.optimize_model_name} == {args.base_model_name}
-    artifact = PromptArtifact(
-        model_id=args.base_model_name,
-        system_prompt=best.prompt,
-        method="drpo",
-        provenance={
-            "created": datetime.now(timezone.utc).date().isoformat(),
-            "base_model": args.base_model_name,
-            "eval_model": args.eval_model_name,
-            "metrics_model": args.metrics_model_name,
-            "optimize_model": args.optimize_model_name,
-            "judged_by_itself": judge_is_base,
-            "search": {
-                "depth": args.depth,
-                "beam_size": args.beam_size,
-                "n_actions": args.n_actions,
-                "max_depth_increase": args.max_depth_increase,
-                "training_queries": len(rows),
-                "ret_icl": args.ret_icl,
-                "k": args.k,
-                "seed": args.seed,
-            },
-            "best_node": best.id,
-            "path_rewards": best.path_rewards,
-            "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
+    provenance = {
+        "created": datetime.now(timezone.utc).date().isoformat(),
+        "base_model": args.base_model_name,
+        "eval_model": args.eval_model_name,
+        "metrics_model": args.metrics_model_name,
+        "optimize_model": args.optimize_model_name,
+        "judged_by_itself": judge_is_base,
+        "search": {
+            "depth": args.depth,
+            "beam_size": args.beam_size,
+            "n_actions": args.n_actions,
+            "max_depth_increase": args.max_depth_increase,
+            "training_queries": len(rows),
+            "ret_icl": args.ret_icl,
+            "k": args.k,
+            "seed": args.seed,
         },
-    )
+        "best_node": best.id,
+        "path_rewards": best.path_rewards,
+        "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
+    }
+    artifact = _trained_artifact(args, best.prompt, provenance, base_artifact)
     output = Path(args.output) if args.output else out_dir / "optimized_prompt.json"
     save_prompt_artifact(artifact, output)
     mean = f"path mean {best.path_mean:.2f}" if best.path_rewards else "no scored level"
     print(f"best prompt ({mean} over {len(best.path_rewards)} scored levels) -> {output}")
     return 0
+
+
+def _trained_artifact(
+    args: argparse.Namespace, prompt: str, provenance: dict[str, Any], base: PromptArtifact | None
+) -> PromptArtifact:
+    """The artifact a run writes: its prompt alone (v1), or, with --route, the model's artifact with
+    that route's prompt replaced (the other route, the routing and the aliases kept)."""
+    from dataclasses import replace
+
+    if base is None or args.route is None:
+        return PromptArtifact(model_id=args.base_model_name, system_prompt=prompt, method="drpo", provenance=provenance)
+    made = {"method": "drpo", "route": args.route, **provenance}
+    model_id = base.model_id if base.model_id not in (None, "default") else args.base_model_name
+    if args.route == "everyday":  # the artifact's main prompt is the everyday route's
+        return replace(base, model_id=model_id, system_prompt=prompt, method="drpo", source=None,
+                       provenance={**made, "previous": base.provenance})  # fmt: skip
+    return replace(
+        base,
+        model_id=model_id,
+        source=None,
+        routes={**base.routes, args.route: prompt},
+        route_provenance={**base.route_provenance, args.route: made},
+    )
 
 
 def _level_done(message: str, bar: Any, usage: Any, out_dir: Path) -> None:
@@ -453,6 +512,49 @@ def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_di
         json.dumps({"examples": history, "judge_failures": judge.failures}, indent=1, ensure_ascii=False) + "\n",
     )
     print(f"new pool ({len(states)} examples) -> {output}")
+    return 0
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    """Fit the routing classifier and write the artifact that carries it (no engine is loaded)."""
+    from dataclasses import replace
+
+    from auto_model.artifacts import prompt_for_model
+    from auto_model.retrieval import ICLRetriever, load_icl_pool
+    from auto_model.routing import RoutingSettings, packaged_routing_files, routing_set
+    from auto_model.trainer.router import fit_safety_classifier
+
+    if args.route_threshold is not None and not 0 <= args.route_threshold <= 1:
+        raise InvalidRequestError(f"--route-threshold must be in [0, 1], got {args.route_threshold}.")
+    artifact = prompt_for_model(args.base_model_name, args.prompt_path)
+    pool = load_icl_pool(args.icl_path)
+    routing_file, train_file = packaged_routing_files()
+    if args.data_dir is not None:
+        train_file = Path(args.data_dir).expanduser()
+        train_file = train_file / "train.jsonl" if train_file.is_dir() else train_file
+    items = routing_set(pool, [args.routing_data or routing_file, train_file])
+    retriever = ICLRetriever(pool)
+    queries = [item.query for item in items]
+    classifier = fit_safety_classifier(
+        queries,
+        [item.harmful for item in items],
+        retriever.embed(queries),
+        retriever.embedding_model,
+        c=args.router_c,
+        max_false_positive=args.max_false_positive,
+        threshold=args.route_threshold,
+        seed=args.seed,
+    )
+    old = RoutingSettings.from_dict(artifact.routing) if artifact.routing else RoutingSettings()
+    routing = replace(old, classifier=classifier).to_dict()
+    output = Path(args.output) if args.output else Path(args.log_dir) / "optimized_prompt.json"
+    save_prompt_artifact(replace(artifact, routing=routing, source=None), output)
+    p = classifier.provenance
+    print(
+        f"router: {p['queries']} queries ({p['harmful']} harmful), threshold {classifier.threshold}; "
+        f"cross-validated: {p['cv_recall']:.1%} of harmful queries to safety, "
+        f"{p['cv_false_positive']:.1%} of the others -> {output}"
+    )
     return 0
 
 

@@ -65,6 +65,7 @@ class SearchConfig:
     max_new_tokens: int = 512  # the base model's answers
     optimizer_max_new_tokens: int = 512  # the optimizer's rewrites
     seed: int = 42
+    route: str | None = None  # the base model's answers go down this route (None: routed as in inference)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class BeamSearch:
         if (
             data["queries"] != self.queries
             or data["initial_prompt"] != self.initial_prompt
-            or data["config"] != asdict(self.config)
+            or {"route": None, **data["config"]} != asdict(self.config)  # older checkpoints have no route
         ):
             raise ValueError(
                 f"{self.checkpoint_path} belongs to a run with other settings, training queries or initial prompt; "
@@ -346,7 +347,9 @@ class BeamSearch:
         )
 
     def _answer(self, prompts: list[str], query: str) -> list[Any]:
-        options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens)
+        options = GenerationOptions(
+            temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens, route=self.config.route
+        )
         return self.base.answer(prompts, query, k=self.config.k if self.config.ret_icl else 0, options=options)
 
     # -- reports -----------------------------------------------------------------------------
