@@ -87,10 +87,9 @@ class _SharedEngine:
 
 
 def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_path):
+    from auto_model.artifacts import PromptArtifact, save_prompt_artifact
     from auto_model.evaluation.runner import answer_configs
     from auto_model.rewards.requests import RequestCache, Usage
-
-    from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 
     items = take(load_eval_set(), 2)
     routed = save_prompt_artifact(

@@ -2,8 +2,8 @@
 training queries, the routing queries, the original eval set that the pool was written for, the
 development split that routing is tuned on) holds one of its questions, reworded or not. It was
 written before the pool it measures; this keeps later data away from it. The development split is
-kept apart from the routing set (pool, training and routing queries) the same way, so that its figures measure routing on requests
-it has not seen.
+kept apart from the routing set (pool, training and routing queries) the same way, so that its
+figures measure routing on requests it has not seen.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ from auto_model.routing import (
     RoutingSettings,
     SafetyClassifier,
     calibrate_threshold,
-    packaged_routing_files,
-    read_labelled_queries,
     check_route,
     decide,
     example_route,
+    packaged_routing_files,
+    read_labelled_queries,
     safety_score,
 )
 
@@ -238,8 +238,9 @@ def test_the_classifier_routes_when_it_fits_the_embeddings_and_the_vote_otherwis
         assert routes[0].score == pytest.approx(classifier.probabilities(vectors)[0], abs=1e-5)
         # Made for other embeddings: not used; the vote (threshold 1.0) decides, and a warning says why.
         other = SafetyClassifier("BAAI/bge-small-en-v1.5", direction, 0.0, threshold=0.5)
+        routing = RoutingSettings(threshold=1.0, classifier=other).to_dict()
         smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT},
-                                              routing=RoutingSettings(threshold=1.0, classifier=other).to_dict())  # fmt: skip
+                                              routing=routing)  # fmt: skip
         with caplog.at_level("WARNING", logger="auto_model.routing"):
             fallback = smol.route(harmful)
         assert fallback.threshold == 1.0 and "bge-small" in caplog.text
