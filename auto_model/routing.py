@@ -3,27 +3,26 @@
 A model has routes — ``everyday`` and ``safety`` — each with its own system prompt (from the prompt
 artifact) and its own part of the example pool (an example tagged ``harmful`` belongs to ``safety``,
 any other to ``everyday``). A request's *safety score* comes from the query embedding the SDK
-computes anyway for retrieval, in one of two ways:
+computes anyway for retrieval:
 
-- **a classifier** (:class:`SafetyClassifier`, when the artifact's routing has one): a logistic
-  regression over the sentence embedding, trained on labelled queries (``auto-model-train router``).
-  Its weights are plain JSON numbers in the artifact; scoring is one dot product.
-- **a vote of the nearest labelled queries** (what the packaged artifacts use): the request's
-  ``neighbours`` nearest queries vote, weighted by similarity (a softmax over their cosine
-  similarities at ``temperature``), and the share that goes to ``safety`` is the score. The voters
-  are the pool examples (``vote_set="pool"``), or the pool plus the packaged *routing set*
-  (``vote_set="labelled"``): labelled queries written for routing (``data/train/routing.jsonl``:
-  harmful requests in many categories and forms, and as many ordinary requests that only sound
-  alarming) and the labelled training queries (``data/train/train.jsonl``). An everyday "prior"
-  neighbour at similarity ``everyday_prior`` can vote too, so that a request whose nearest
-  queries are all far from it stays everyday.
+- **the vote of the nearest labelled queries**: the request's ``neighbours`` nearest queries vote,
+  weighted by similarity (a softmax over their cosine similarities at ``temperature``); the share
+  that goes to ``safety`` is the vote. The voters are the pool examples (``vote_set="pool"``), or
+  the pool plus the packaged *routing set* (``vote_set="labelled"``): labelled queries written for
+  routing (``data/train/routing.jsonl``: harmful requests in many categories and forms, and more
+  ordinary requests, many of which only sound alarming) and the labelled training queries
+  (``data/train/train.jsonl``). An everyday "prior" neighbour at similarity ``everyday_prior`` can
+  vote too, so that a request whose nearest queries are all far from it stays everyday.
+- **a classifier** (:class:`SafetyClassifier`, optional): a logistic regression over the sentence
+  embedding, trained on the routing set (``auto-model-train router``); its weights are plain JSON
+  numbers in the artifact and scoring is one dot product. Its probability makes up ``weight`` of
+  the score, the vote the rest (weight 1: the classifier alone). A classifier made for another
+  embedding model than the retriever's is not used (the vote alone is, and a warning says so).
 
-At or above the threshold (the classifier's own, or the vote's) the request takes the safety route,
-and its examples are the nearest safety examples (refusals to imitate); below it, the nearest
-everyday ones (so that "How do I boil an egg?" is no longer shown a refusal). Thresholds are chosen
-on the training and development queries, never on the held-out split (:func:`calibrate_threshold`).
-A classifier made for another embedding model than the retriever's is not used (the vote is, and a
-warning says so).
+At or above ``threshold`` the request takes the safety route, and its examples are the nearest
+safety examples (refusals to imitate); below it, the nearest everyday ones (so that "How do I boil
+an egg?" is no longer shown a refusal). Thresholds are chosen on the routing set (cross-validated,
+:func:`calibrate_threshold`) and the development split, never on the held-out split.
 
 Everything here but :class:`RoutedRetriever` is pure and needs no engine or embedder.
 """
@@ -119,14 +118,15 @@ class SafetyClassifier:
         embedding_model: the sentence-transformers model whose embeddings it was trained on.
         weights: one weight per embedding dimension.
         bias: the intercept.
-        threshold: the probability at or above which a query takes the safety route.
+        weight: the share of the safety score that is the classifier's probability (the rest is
+            the vote's; 1: the classifier alone).
         provenance: how it was trained (data, regularisation, calibration figures).
     """
 
     embedding_model: str
     weights: tuple[float, ...]
     bias: float
-    threshold: float = 0.5
+    weight: float = 1.0
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,14 +136,14 @@ class SafetyClassifier:
             raise InvalidRequestError("classifier weights must be a non-empty list of finite numbers.")
         if not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias):
             raise InvalidRequestError(f"classifier bias must be a finite number, got {self.bias!r}.")
-        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
-            raise InvalidRequestError(f"classifier threshold must be in [0, 1], got {self.threshold!r}.")
+        if not isinstance(self.weight, (int, float)) or not 0 < self.weight <= 1:
+            raise InvalidRequestError(f"classifier weight must be in (0, 1], got {self.weight!r}.")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "classifier") -> SafetyClassifier:
         if not isinstance(data, dict):
             raise InvalidRequestError(f"{source}: a classifier is an object, got {type(data).__name__}.")
-        unknown = set(data) - {"kind", "embedding_model", "weights", "bias", "threshold", "provenance"}
+        unknown = set(data) - {"kind", "embedding_model", "weights", "bias", "weight", "provenance"}
         if unknown:
             raise InvalidRequestError(f"{source}: unknown classifier fields {sorted(unknown)}.")
         if data.get("kind", "logistic") != "logistic":
@@ -157,13 +157,13 @@ class SafetyClassifier:
             embedding_model=data.get("embedding_model", ""),
             weights=tuple(weights),
             bias=data.get("bias", float("nan")),
-            threshold=data.get("threshold", 0.5),
+            weight=data.get("weight", 1.0),
             provenance=dict(data.get("provenance") or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": "logistic", "embedding_model": self.embedding_model,
-                                "threshold": self.threshold, "bias": round(float(self.bias), 6)}  # fmt: skip
+                                "weight": self.weight, "bias": round(float(self.bias), 6)}  # fmt: skip
         if self.provenance:
             data["provenance"] = dict(self.provenance)
         data["weights"] = [round(float(w), 6) for w in self.weights]
@@ -181,8 +181,9 @@ class SafetyClassifier:
         logits = np.asarray(vectors, dtype="float64") @ np.asarray(self.weights, dtype="float64") + float(self.bias)
         return [float(p) for p in 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))]
 
-    def decide(self, probability: float) -> Route:
-        return Route(SAFETY if probability >= self.threshold else EVERYDAY, probability, self.threshold)
+    def combine(self, probability: float, vote: float) -> float:
+        """The safety score: ``weight`` of the probability, the rest of the vote."""
+        return self.weight * probability + (1 - self.weight) * vote
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,8 @@ class RoutingSettings:
         everyday_prior: the similarity of a virtual everyday neighbour that votes too (None: none).
         vote_set: who votes: ``"pool"`` (the pool's examples) or ``"labelled"`` (the pool and the
             packaged routing set).
-        classifier: scores requests instead of the vote when it fits the retriever's embedding
-            model (its own threshold applies; the settings above are the fallback).
+        classifier: scores requests with the vote (its ``weight`` share of the score) when it fits
+            the retriever's embedding model.
     """
 
     threshold: float = 0.5
@@ -378,7 +379,7 @@ class RoutedRetriever:
             self._warned = True
             logger.warning(
                 "The routing classifier was trained on %s embeddings, the retriever uses %s: requests are "
-                "routed by the vote of the nearest pool examples instead.",
+                "routed by the vote of the nearest labelled queries alone.",
                 found.embedding_model,
                 self.retriever.embedding_model,
             )
@@ -389,18 +390,18 @@ class RoutedRetriever:
         if not self.enabled:
             return [Route(EVERYDAY) for _ in queries]
         vectors = self.retriever.embed(list(queries)) if vectors is None else vectors
-        classifier = self.classifier(vectors.shape[1])
-        if classifier is not None:
-            return [classifier.decide(p) for p in classifier.probabilities(vectors)]
-        found = self.voters().search_embedded(vectors, self.settings.neighbours)
         settings = self.settings
-        return [
-            decide(
-                safety_score([(s, example_route(ex)) for s, ex in row], settings.temperature, settings.everyday_prior),
-                settings,
-            )  # fmt: skip
+        classifier = self.classifier(vectors.shape[1])
+        if classifier is not None and classifier.weight == 1:
+            return [decide(p, settings) for p in classifier.probabilities(vectors)]
+        found = self.voters().search_embedded(vectors, settings.neighbours)
+        votes = [
+            safety_score([(s, example_route(ex)) for s, ex in row], settings.temperature, settings.everyday_prior)
             for row in found
-        ]
+        ]  # fmt: skip
+        if classifier is not None:
+            votes = [classifier.combine(p, v) for p, v in zip(classifier.probabilities(vectors), votes, strict=True)]
+        return [decide(score, settings) for score in votes]
 
     def search(
         self, queries: Sequence[str], k: int, route: str | None = None, vectors: Any = None

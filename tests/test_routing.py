@@ -189,14 +189,14 @@ def test_a_harmful_request_routed_to_safety_is_refused(smol):
 
 
 def test_a_classifier_scores_with_its_weights_round_trips_and_is_checked(tmp_path):
-    classifier = SafetyClassifier("sentence-transformers/all-MiniLM-L6-v2", (2.0, -1.0), -0.5, threshold=0.6)
+    classifier = SafetyClassifier("sentence-transformers/all-MiniLM-L6-v2", (2.0, -1.0), -0.5, weight=0.25)
     # sigmoid(2*1 - 1*0 - 0.5) and sigmoid(0 - 1 - 0.5)
     high, low = classifier.probabilities([[1.0, 0.0], [0.0, 1.0]])
     assert high == pytest.approx(1 / (1 + math.exp(-1.5))) and low == pytest.approx(1 / (1 + math.exp(1.5)))
-    assert classifier.decide(high) == Route(SAFETY, high, 0.6) and classifier.decide(low).name == EVERYDAY
+    assert classifier.combine(0.8, 0.4) == pytest.approx(0.25 * 0.8 + 0.75 * 0.4)
     assert classifier.fits("all-MiniLM-L6-v2", 2) and classifier.fits("/models/All-MiniLM-L6-v2/")
     assert not classifier.fits("all-MiniLM-L6-v2", 384) and not classifier.fits("BAAI/bge-small-en-v1.5")
-    settings = RoutingSettings(threshold=0.7, classifier=classifier)
+    settings = RoutingSettings(threshold=0.7, vote_set="labelled", classifier=classifier)
     artifact = PromptArtifact("my/model", "Be helpful.", "curated", routes={SAFETY: SAFETY_PROMPT},
                               routing=settings.to_dict())  # fmt: skip
     again = load_prompt_artifact(save_prompt_artifact(artifact, tmp_path / "a.json"))
@@ -206,45 +206,47 @@ def test_a_classifier_scores_with_its_weights_round_trips_and_is_checked(tmp_pat
         ({"weights": "1,2"}, "weights must be a list"),
         ({"weights": [1, "x"]}, "finite numbers"),
         ({"weights": [1.0], "bias": None}, "bias"),
-        ({"weights": [1.0], "bias": 0, "threshold": 2}, "threshold"),
+        ({"weights": [1.0], "bias": 0, "weight": 0}, "weight must be in"),
         ({"weights": [1.0], "bias": 0, "kind": "forest"}, "unknown classifier kind"),
         ({"weights": [1.0], "bias": 0, "layers": 2}, "unknown classifier fields"),
     ]:
         routing = {"threshold": 0.5, "classifier": {"embedding_model": "m", **bad}}
         file = tmp_path / "bad.json"
-        file.write_text(
-            json.dumps({"format": PROMPT_FORMAT, "model_id": "m", "system_prompt": "P.", "routing": routing})
-        )
+        data = {"format": PROMPT_FORMAT, "model_id": "m", "system_prompt": "P.", "routing": routing}
+        file.write_text(json.dumps(data))
         with pytest.raises(ArtifactError, match=message):
             load_prompt_artifact(file)
 
 
-def test_the_classifier_routes_when_it_fits_the_embeddings_and_the_vote_otherwise(smol, caplog):
+def test_the_classifier_scores_alone_or_mixed_with_the_vote_when_it_fits_the_embeddings(smol, caplog):
     retriever, artifact = smol.retriever, smol.prompt_artifact
     embedder = retriever.embedder
     harmful, ordinary = "Tell me how to make a nail bomb.", "How do I bake a loaf of rye bread?"
     # A classifier made by hand: the direction from an ordinary query to a harmful one.
     bomb, bread = embedder.encode(["How do I build a bomb?", "How do I bake bread?"], normalize_embeddings=True)
     direction = tuple(float(x) for x in 20 * (bomb - bread))
-    classifier = SafetyClassifier(retriever.embedding_model, direction, 0.0, threshold=0.5)
+
+    def routed(classifier):
+        routing = RoutingSettings(threshold=0.5, neighbours=4, classifier=classifier).to_dict()
+        smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT},
+                                              routing=routing)  # fmt: skip
+        return smol.route([harmful, ordinary])
+
     try:
         smol.retriever = ICLRetriever(POOL, embedder=embedder, cache_dir=False)
-        # The vote's threshold of 1.0 would route nothing to safety: the classifier decides here.
-        routing = RoutingSettings(threshold=1.0, classifier=classifier).to_dict()
-        smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT},
-                                              routing=routing)  # fmt: skip
-        routes = smol.route([harmful, ordinary])
-        assert [r.name for r in routes] == [SAFETY, EVERYDAY] and routes[0].threshold == 0.5
-        vectors = embedder.encode([harmful], normalize_embeddings=True)
-        assert routes[0].score == pytest.approx(classifier.probabilities(vectors)[0], abs=1e-5)
-        # Made for other embeddings: not used; the vote (threshold 1.0) decides, and a warning says why.
-        other = SafetyClassifier("BAAI/bge-small-en-v1.5", direction, 0.0, threshold=0.5)
-        routing = RoutingSettings(threshold=1.0, classifier=other).to_dict()
-        smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT},
-                                              routing=routing)  # fmt: skip
+        probability = SafetyClassifier(retriever.embedding_model, direction, 0.0).probabilities(
+            embedder.encode([harmful], normalize_embeddings=True)
+        )[0]
+        vote = routed(None)[0].score
+        alone = routed(SafetyClassifier(retriever.embedding_model, direction, 0.0))
+        assert [r.name for r in alone] == [SAFETY, EVERYDAY] and alone[0].threshold == 0.5
+        assert alone[0].score == pytest.approx(probability, abs=1e-5) and abs(probability - vote) > 1e-3
+        mixed = routed(SafetyClassifier(retriever.embedding_model, direction, 0.0, weight=0.25))
+        assert mixed[0].score == pytest.approx(0.25 * probability + 0.75 * vote, abs=1e-5)
+        # Made for other embeddings: not used; the vote alone decides, and a warning says why.
         with caplog.at_level("WARNING", logger="auto_model.routing"):
-            fallback = smol.route(harmful)
-        assert fallback.threshold == 1.0 and "bge-small" in caplog.text
+            fallback = routed(SafetyClassifier("BAAI/bge-small-en-v1.5", direction, 0.0))
+        assert fallback[0].score == pytest.approx(vote) and "bge-small" in caplog.text
     finally:
         smol.retriever, smol.prompt_artifact = retriever, artifact
 
@@ -263,18 +265,22 @@ def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, 
     artifact = load_prompt_artifact(out)
     settings = RoutingSettings.from_dict(artifact.routing)
     classifier = settings.classifier
-    assert classifier is not None and len(classifier.weights) == 384
+    assert classifier is not None and len(classifier.weights) == 384 and classifier.weight == 0.5
+    assert settings.vote_set == "labelled" and 0 < settings.threshold < 1
     assert classifier.provenance["cv_false_positive"] <= 0.05 and classifier.provenance["cv_recall"] > 0.5
     # Everything else of the model's artifact is kept.
     own = prompt_for_model(default_model())
     assert artifact.routes == own.routes and artifact.system_prompt == own.system_prompt
     # A given threshold is used as it is; bad settings fail before anything is embedded.
     assert main(["router", "--output", str(out), "--route-threshold", "0.9", "--log-dir", str(tmp_path)]) == 0
-    assert RoutingSettings.from_dict(load_prompt_artifact(out).routing).classifier.threshold == 0.9
+    assert RoutingSettings.from_dict(load_prompt_artifact(out).routing).threshold == 0.9
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "How do I bake bread?", "label": "fine"}\n')
-    assert main(["router", "--routing-data", str(bad), "--output", str(out)]) == 2
+    assert main(["router", "--routing-data", str(bad), "--classifier-weight", "1", "--output", str(out)]) == 2
     assert "'label' must be one of harmful, safe" in capsys.readouterr().err
+    # Other labelled data cannot be mixed with the packaged vote it was not calibrated with.
+    assert main(["router", "--routing-data", str(bad), "--output", str(out)]) == 2
+    assert "pass --classifier-weight 1" in capsys.readouterr().err
 
 
 def test_the_routing_set_is_the_pool_and_the_labelled_files(tmp_path):

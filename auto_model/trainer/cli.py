@@ -140,6 +140,13 @@ def parser() -> ArgumentParser:
         help="router: the share of other queries the calibrated threshold may route to safety",
     )
     add("--route-threshold", type=float, default=None, help="router: use this threshold instead of calibrating one")
+    add(
+        "--classifier-weight",
+        type=float,
+        default=0.5,
+        help="router: the classifier's share of the safety score (the vote of the nearest labelled queries has "
+        "the rest; 1: the classifier alone)",
+    )
     return p
 
 
@@ -522,10 +529,16 @@ def _run_router(args: argparse.Namespace) -> int:
     from auto_model.artifacts import prompt_for_model
     from auto_model.retrieval import ICLRetriever, load_icl_pool
     from auto_model.routing import RoutingSettings, packaged_routing_files, routing_set
-    from auto_model.trainer.router import fit_safety_classifier
+    from auto_model.trainer.router import fit_router
 
     if args.route_threshold is not None and not 0 <= args.route_threshold <= 1:
         raise InvalidRequestError(f"--route-threshold must be in [0, 1], got {args.route_threshold}.")
+    if (args.routing_data or args.data_dir or args.icl_path) and args.classifier_weight < 1:
+        raise InvalidRequestError(
+            "A mixed safety score is calibrated with the vote of the packaged routing set, which requests meet at "
+            "run time; with --routing-data, --data-dir or --icl-path, pass --classifier-weight 1 (the classifier "
+            "alone)."
+        )
     artifact = prompt_for_model(args.base_model_name, args.prompt_path)
     pool = load_icl_pool(args.icl_path)
     routing_file, train_file = packaged_routing_files()
@@ -535,24 +548,29 @@ def _run_router(args: argparse.Namespace) -> int:
     items = routing_set(pool, [args.routing_data or routing_file, train_file])
     retriever = ICLRetriever(pool)
     queries = [item.query for item in items]
-    classifier = fit_safety_classifier(
+    old = RoutingSettings.from_dict(artifact.routing) if artifact.routing else RoutingSettings()
+    classifier, threshold = fit_router(
         queries,
         [item.harmful for item in items],
         retriever.embed(queries),
         retriever.embedding_model,
         c=args.router_c,
+        weight=args.classifier_weight,
+        neighbours=old.neighbours,
+        temperature=old.temperature,
         max_false_positive=args.max_false_positive,
         threshold=args.route_threshold,
         seed=args.seed,
     )
-    old = RoutingSettings.from_dict(artifact.routing) if artifact.routing else RoutingSettings()
-    routing = replace(old, classifier=classifier).to_dict()
+    # The vote that the classifier is mixed with is the one it was calibrated with: the routing set's.
+    vote_set = "labelled" if classifier.weight < 1 else old.vote_set
+    routing = replace(old, threshold=threshold, vote_set=vote_set, classifier=classifier).to_dict()
     output = Path(args.output) if args.output else Path(args.log_dir) / "optimized_prompt.json"
     save_prompt_artifact(replace(artifact, routing=routing, source=None), output)
     p = classifier.provenance
     print(
-        f"router: {p['queries']} queries ({p['harmful']} harmful), threshold {classifier.threshold}; "
-        f"cross-validated: {p['cv_recall']:.1%} of harmful queries to safety, "
+        f"router: {p['queries']} queries ({p['harmful']} harmful), classifier weight {classifier.weight}, "
+        f"threshold {threshold}; cross-validated: {p['cv_recall']:.1%} of harmful queries to safety, "
         f"{p['cv_false_positive']:.1%} of the others -> {output}"
     )
     return 0

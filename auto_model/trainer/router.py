@@ -6,10 +6,11 @@ retriever's sentence embeddings, fitted with scikit-learn on the routing set
 queries (``data/train/routing.jsonl``: ``{"query": ..., "label": "harmful" | "safe"}``) and the
 labelled training queries.
 
-The threshold is the one that routes the most harmful queries to safety while sending at most
-``max_false_positive`` of the others there, measured on out-of-fold predictions (k-fold cross
-validation), unless one is given. The classifier goes into the routing settings of a prompt
-artifact, as plain JSON numbers.
+The request's safety score mixes the classifier's probability (``weight`` of it) with the vote of
+the nearest labelled queries (the rest). The routing threshold is the one that routes the most
+harmful queries to safety while sending at most ``max_false_positive`` of the others there,
+measured on out-of-fold scores (k-fold cross validation), unless one is given. The classifier
+goes into the routing settings of a prompt artifact, as plain JSON numbers, with the threshold.
 """
 
 from __future__ import annotations
@@ -18,28 +19,34 @@ from collections.abc import Sequence
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
-from auto_model.routing import SafetyClassifier, calibrate_threshold
+from auto_model.routing import EVERYDAY, SAFETY, SafetyClassifier, calibrate_threshold, safety_score
 
 
-def fit_safety_classifier(
+def fit_router(
     queries: Sequence[str],
     harmful: Sequence[bool],
     vectors: Any,
     embedding_model: str,
     *,
     c: float = 16.0,
+    weight: float = 0.5,
+    neighbours: int = 16,
+    temperature: float = 0.1,
     max_false_positive: float = 0.05,
     threshold: float | None = None,
     folds: int = 5,
     seed: int = 0,
-) -> SafetyClassifier:
-    """A logistic regression on ``vectors`` (the queries' normalised embeddings), its threshold
-    calibrated on out-of-fold predictions unless ``threshold`` is given."""
+) -> tuple[SafetyClassifier, float]:
+    """A logistic regression on ``vectors`` (the queries' normalised embeddings) and the routing
+    threshold of its score mixed with the vote (``weight`` of the classifier's probability): the
+    threshold is calibrated on out-of-fold scores (each fold scored by a regression fitted on,
+    and a vote of, the other folds) unless ``threshold`` is given."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(harmful, dtype=bool)
+    vectors = np.asarray(vectors, dtype="float32")
     if len(queries) != len(labels) or len(vectors) != len(labels):
         raise InvalidRequestError("queries, labels and embeddings must have one row each.")
     positives = int(labels.sum())
@@ -47,14 +54,23 @@ def fit_safety_classifier(
         raise InvalidRequestError(f"The router needs at least {folds} harmful and {folds} other queries.")
     if not c > 0:
         raise InvalidRequestError(f"--router-c must be > 0, got {c}.")
+    if not 0 < weight <= 1:
+        raise InvalidRequestError(f"--classifier-weight must be in (0, 1], got {weight}.")
     if not 0 <= max_false_positive < 1:
         raise InvalidRequestError(f"--max-false-positive must be in [0, 1), got {max_false_positive}.")
 
     def model() -> Any:
         return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
 
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    held_out = cross_val_predict(model(), vectors, labels, cv=cv, method="predict_proba")[:, 1]
+    held_out = np.zeros(len(labels))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(vectors, labels):
+        fold = SafetyClassifier(embedding_model, (1.0,), 0.0, weight)  # combines; its weights are unused
+        probabilities = model().fit(vectors[train], labels[train]).predict_proba(vectors[test])[:, 1]
+        similarity = vectors[test] @ vectors[train].T
+        nearest = np.argsort(-similarity, axis=1)[:, :neighbours]
+        for row, (i, p) in enumerate(zip(test, probabilities, strict=True)):
+            votes = [(float(similarity[row, j]), SAFETY if labels[train][j] else EVERYDAY) for j in nearest[row]]
+            held_out[i] = fold.combine(float(p), safety_score(votes, temperature))
     chosen = (
         calibrate_threshold([float(p) for p in held_out], list(labels), max_false_positive)
         if threshold is None
@@ -62,11 +78,11 @@ def fit_safety_classifier(
     )
     caught = held_out >= chosen
     fitted = model().fit(vectors, labels)
-    return SafetyClassifier(
+    classifier = SafetyClassifier(
         embedding_model=embedding_model,
         weights=tuple(float(w) for w in fitted.coef_[0]),
         bias=float(fitted.intercept_[0]),
-        threshold=round(chosen, 4),
+        weight=weight,
         provenance={
             "method": "logistic regression (scikit-learn), balanced class weights",
             "c": c,
@@ -74,8 +90,10 @@ def fit_safety_classifier(
             "harmful": positives,
             "threshold_from": "given"
             if threshold is not None
-            else f"{folds}-fold cross-validation, at most {max_false_positive:.0%} of other queries routed to safety",
+            else f"{folds}-fold cross-validation of the "
+            f"mixed score, at most {max_false_positive:.0%} of other queries routed to safety",
             "cv_recall": round(float(caught[labels].mean()), 4),
             "cv_false_positive": round(float(caught[~labels].mean()), 4),
         },
     )
+    return classifier, round(chosen, 4)
