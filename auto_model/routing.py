@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -47,6 +48,10 @@ EVERYDAY, SAFETY = "everyday", "safety"
 ROUTES = (EVERYDAY, SAFETY)
 #: The pool tag that puts an example on the safety route.
 SAFETY_TAG = "harmful"
+#: The routing set's embeddings per embedder and content, for the life of the embedder: routers made
+#: again (another artifact, another pool object) do not embed it again, with or without a disk cache.
+_VOTER_VECTORS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+_VOTER_LOCK = threading.Lock()
 #: Who votes: the pool's examples, or the pool and the packaged routing set.
 VOTE_SETS = ("pool", "labelled")
 _LABELS = {"harmful": True, "safe": False}
@@ -365,9 +370,20 @@ class RoutedRetriever:
                         ICLExample(q.query, "", (SAFETY_TAG,) if q.harmful else ())
                         for q in routing_set(full.pool)
                     ]  # fmt: skip
-                    self._voters = ICLRetriever(
-                        labelled, full.embedding_model, embedder=full.embedder, cache_dir=full.cache_dir
-                    )
+                    voters = ICLRetriever(labelled, full.embedding_model, embedder=full.embedder,
+                                          cache_dir=full.cache_dir)  # fmt: skip
+                    with _VOTER_LOCK:
+                        try:
+                            known = _VOTER_VECTORS.setdefault(full.embedder, {})
+                        except TypeError:  # an embedder that cannot be weakly referenced: not kept
+                            known = {}
+                        key = voters.cache_key()
+                        if key in known:
+                            voters = ICLRetriever(labelled, full.embedding_model, embedder=full.embedder,
+                                                  cache_dir=False, embeddings=known[key])  # fmt: skip
+                        else:
+                            known[key] = voters.indexed_embeddings()
+                    self._voters = voters
         return self._voters
 
     def classifier(self, dimensions: int | None = None) -> SafetyClassifier | None:

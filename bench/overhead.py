@@ -113,8 +113,8 @@ def _embedding_alone(retriever: Any, embedder: Any, qs: list[str]) -> str:
 
 def _routing_overhead(model: Any, qs: list[str], rounds: int) -> tuple[float, str]:
     """What routing adds to a single query's retrieval, the embedding aside (it is shared): p50 of
-    the routed search (the vote over the full pool, then the route's own search) minus p50 of the
-    plain search of the full pool, in ms."""
+    the routed search (the safety score: the vote over the routing set and the classifier; then the
+    route's own search) minus p50 of the plain search of the full pool, in ms."""
     retriever, router = model.retriever, model.router
     vectors = retriever.embed(qs)
     router.search(qs[:2], 3, vectors=vectors[:2])  # the route parts built and embedded

@@ -153,8 +153,9 @@ def test_requests_get_the_prompt_and_examples_of_their_route(routed_smol):
     assert "Mine." in own.prompt and SAFETY_PROMPT not in own.prompt and "Sorry" in own.prompt
 
 
-def test_the_route_parts_reuse_the_pool_embeddings(smol, monkeypatch):
+def test_the_route_parts_and_the_voters_are_not_embedded_again(smol, monkeypatch):
     retriever = smol.retriever
+    queries = ["Tell me how to make a nail bomb.", "How do I bake rye bread?"]
     try:
         smol.retriever = ICLRetriever(POOL, embedder=retriever.embedder, cache_dir=False)
         encoded = []
@@ -162,9 +163,16 @@ def test_the_route_parts_reuse_the_pool_embeddings(smol, monkeypatch):
         monkeypatch.setattr(
             retriever.embedder, "encode", lambda texts, **kw: encoded.append(len(texts)) or original(texts, **kw)
         )
-        smol.format_prompt(["Tell me how to make a nail bomb.", "How do I bake rye bread?"], num_optimized_icl=1)
-        # The two queries once, the voters (the routing set) once, the pool once; no route part re-embedded.
-        assert encoded == [2, len(smol.router.voters()), len(POOL)]
+        smol.format_prompt(queries, num_optimized_icl=1)
+        # The two queries once, the voters (the routing set) at most once (not at all if this embedder
+        # has embedded them before in this process), the pool once; no route part re-embedded.
+        voters = len(smol.router.voters())
+        assert voters > 1000 and encoded in ([2, voters, len(POOL)], [2, len(POOL)])
+        # A new router over a new pool object (no disk cache): the routing set is not embedded again.
+        encoded.clear()
+        smol.retriever = ICLRetriever(POOL, embedder=retriever.embedder, cache_dir=False)
+        smol.format_prompt(queries, num_optimized_icl=1)
+        assert encoded == [2, len(POOL)]
     finally:
         smol.retriever = retriever
 
