@@ -320,11 +320,11 @@ def calibrate_threshold(scores: Sequence[float], harmful: Sequence[bool], max_fa
 class RoutedRetriever:
     """Routes requests and retrieves each one's examples from its route's part of the pool.
 
-    The query is embedded once; the safety score (the classifier's, or the vote of a search of the
-    full pool's index) and the examples (a search of the route's own part) both come from that
-    embedding. Routing is off (every request is
-    ``everyday`` and searches the whole pool, as before routes existed) when the pool has no
-    example of one of the routes.
+    The query is embedded once; the safety score (the vote of a search of the voters' index, mixed
+    with the classifier's probability when there is one) and the examples (a search of the route's
+    own part) both come from that embedding. Routing is off (every request is ``everyday`` and
+    searches the whole pool, as before routes existed) when the pool has no example of one of the
+    routes.
     """
 
     def __init__(self, retriever: Any, settings: RoutingSettings | None = None):

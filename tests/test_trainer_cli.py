@@ -212,6 +212,8 @@ def test_config_file_and_errors(tmp_path, capsys):
     assert "--depth must be >= 1" in capsys.readouterr().err
     assert main(["--batch-size", "0", "--dry-run"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert main(["icl", "--route", "safety", "--dry-run"]) == 2
+    assert "use it with the prompt stage, not icl" in capsys.readouterr().err
     (tmp_path / "busy" / "algo_output").mkdir(parents=True)
     (tmp_path / "busy" / "algo_output" / "checkpoint.json").write_text("{}")
     assert main(["--log-dir", str(tmp_path / "busy")]) == 2

@@ -153,6 +153,8 @@ def parser() -> ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
     args = parser().with_config(list(sys.argv[1:] if argv is None else argv))
     _validate(args)
+    if args.route is not None and args.command != "prompt":
+        raise InvalidRequestError(f"--route trains a route's prompt: use it with the prompt stage, not {args.command}.")
     return args.command, args
 
 
