@@ -130,7 +130,7 @@ def parser() -> ArgumentParser:
     add("--skip-threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
     add("--num-iters", type=int, default=3, help="icl: rewrite rounds per example")
     add("--icl-path", default=None, help="icl: the pool to improve; router: the pool (default: the packaged pool)")
-    add("--prompt-path", default=None, help="router: the artifact to add the router to (default: the model's own)")
+    add("--prompt-path", default=None, help="router and --route: the artifact to start from (default: the model's own)")
     add("--routing-data", default=None, help="router: labelled queries (.jsonl; default: the packaged ones)")
     add("--router-c", type=float, default=16.0, help="router: inverse regularisation strength of the regression")
     add(
