@@ -40,7 +40,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from auto_model.errors import InvalidRequestError
+from auto_model.errors import ArtifactError, InvalidRequestError
+from auto_model.files import read_query_rows
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,6 @@ def packaged_routing_files() -> list[Path]:
 def read_labelled_queries(path: str | os.PathLike[str]) -> list[LabelledQuery]:
     """The labelled queries of a JSONL file: each line's ``label`` (``harmful`` or ``safe``), or
     its ``category`` (``harmful`` or any other, as in the training queries)."""
-    from auto_model.errors import ArtifactError
-    from auto_model.files import read_query_rows
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ArtifactError(f"No labelled queries at {path}; give a .jsonl file of query and label.")

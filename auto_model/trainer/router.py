@@ -16,6 +16,7 @@ goes into the routing settings of a prompt artifact, as plain JSON numbers, with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
@@ -62,27 +63,29 @@ def fit_router(
     def model() -> Any:
         return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
 
-    held_out = np.zeros(len(labels))
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(vectors, labels):
-        fold = SafetyClassifier(embedding_model, (1.0,), 0.0, weight)  # combines; its weights are unused
-        probabilities = model().fit(vectors[train], labels[train]).predict_proba(vectors[test])[:, 1]
-        similarity = vectors[test] @ vectors[train].T
-        nearest = np.argsort(-similarity, axis=1)[:, :neighbours]
-        for row, (i, p) in enumerate(zip(test, probabilities, strict=True)):
-            votes = [(float(similarity[row, j]), SAFETY if labels[train][j] else EVERYDAY) for j in nearest[row]]
-            held_out[i] = fold.combine(float(p), safety_score(votes, temperature))
-    chosen = (
-        calibrate_threshold([float(p) for p in held_out], list(labels), max_false_positive)
-        if threshold is None
-        else float(threshold)
-    )
-    caught = held_out >= chosen
     fitted = model().fit(vectors, labels)
     classifier = SafetyClassifier(
         embedding_model=embedding_model,
         weights=tuple(float(w) for w in fitted.coef_[0]),
         bias=float(fitted.intercept_[0]),
         weight=weight,
+    )
+    held_out = np.zeros(len(labels))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(vectors, labels):
+        probabilities = model().fit(vectors[train], labels[train]).predict_proba(vectors[test])[:, 1]
+        similarity = vectors[test] @ vectors[train].T
+        nearest = np.argsort(-similarity, axis=1)[:, :neighbours]
+        for row, (i, p) in enumerate(zip(test, probabilities, strict=True)):
+            votes = [(float(similarity[row, j]), SAFETY if labels[train][j] else EVERYDAY) for j in nearest[row]]
+            held_out[i] = classifier.combine(float(p), safety_score(votes, temperature))
+    chosen = (
+        calibrate_threshold([float(p) for p in held_out], list(labels), max_false_positive)
+        if threshold is None
+        else float(threshold)
+    )
+    caught = held_out >= chosen
+    classifier = replace(
+        classifier,
         provenance={
             "method": "logistic regression (scikit-learn), balanced class weights",
             "c": c,
