@@ -104,38 +104,26 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
     own = smol.prompt_artifact
     built = []
     cache, usage = RequestCache(tmp_path / "cache.sqlite"), Usage()
+
+    def answer():
+        return answer_configs(configs, items, cache, usage, max_new_tokens=8, progress=lambda m: None,
+                              model_factory=lambda name, **kwargs: _SharedEngine(smol, built))  # fmt: skip
+
     try:
-        done = answer_configs(
-            configs,
-            items,
-            cache,
-            usage,
-            max_new_tokens=8,
-            progress=lambda m: None,
-            model_factory=lambda name, **kwargs: _SharedEngine(smol, built),
-        )
+        done = answer()
         assert [(a.config, a.item.id) for a in done.answers] == [(c.name, i.id) for c in configs for i in items]
         assert all(a.text and a.judgement is None for a in done.answers)
         assert done.system_prompts["plain"] is None and done.system_prompts["icl"] == smol.system_prompt()
         # A forced route; a .json artifact replaces the model's own, routes and all, for its configuration only.
         forced = [a for a in done.answers if a.config == "forced"]
-        assert {a.route for a in forced} == {"safety"} and {a.system_prompt for a in forced} == {
-            own.prompt_for("safety")
-        }
+        assert {a.route for a in forced} == {"safety"}
+        assert {a.system_prompt for a in forced} == {own.prompt_for("safety")}
         assert {a.system_prompt for a in done.answers if a.config == "artifact"} == {"Safety prompt."}
         assert smol.prompt_artifact is own
         # 8 requests; one item's routed request and its forced one can be the same request (cached).
         sent = usage.calls
         assert built == ["closed"] and sent + usage.roles["answer"].cached == 8 and done.kept is None
-        again = answer_configs(
-            configs,
-            items,
-            cache,
-            usage,
-            max_new_tokens=8,
-            progress=lambda m: None,
-            model_factory=lambda name, **kwargs: _SharedEngine(smol, built),
-        )
+        again = answer()
         assert usage.calls == sent and [a.text for a in again.answers] == [a.text for a in done.answers]  # all cached
     finally:
         cache.close()
