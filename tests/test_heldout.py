@@ -67,3 +67,20 @@ def test_the_development_split_is_balanced_and_apart_from_the_routing_set(pool, 
         @ embedder.encode(routing, normalize_embeddings=True).T
     )
     assert float(similarity.max()) < TOO_CLOSE
+
+
+def test_the_second_held_out_split_is_apart_from_everything_written_before_it(pool, embedder):
+    """``heldout2.jsonl`` was written after the routing was chosen, to measure it on requests that
+    nothing was tuned on or looked at: it stays apart from every other split and data file."""
+    data = ROOT / "auto_model" / "data"
+    items = load_eval_set(data / "eval" / "heldout2.jsonl")
+    assert Counter(item.kind for item in items) == {"safety": 60, "regular": 60}
+    assert sum("safe-but-alarming" in i.tags for i in items) == 30
+    before = [ex.query for ex in pool]
+    for name in ("train/train.jsonl", "train/routing.jsonl", "eval/eval.jsonl", "eval/dev.jsonl", "eval/heldout.jsonl"):
+        before += _queries(data / name)
+    similarity = (
+        embedder.encode([i.query for i in items], normalize_embeddings=True)
+        @ embedder.encode(before, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
