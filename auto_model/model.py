@@ -270,9 +270,10 @@ class AutoModel:
             return user_specified_system_prompt
         return self.prompt_artifact.system_prompt if optimized_prompt else None
 
-    def retrieve(self, queries: Sequence[str], k: int) -> list[list[ICLExample]]:
-        """The ``k`` pool examples most similar to each query, most similar first."""
-        return self.retriever.search(list(queries), k)
+    def retrieve(self, queries: Sequence[str], k: int, route: str | None = None) -> list[list[ICLExample]]:
+        """The ``k`` examples each query gets in :meth:`generate`: the most similar ones of its
+        route's part of the pool (or of ``route``'s), most similar first."""
+        return self.router.search(list(queries), k, route)[1]
 
     def format_prompt(
         self,

@@ -139,6 +139,10 @@ def test_requests_get_the_prompt_and_examples_of_their_route(routed_smol):
     assert unsafe.prompt.count("Sorry, but I can't") == 2 and "flour" not in unsafe.prompt
     assert "Be helpful." in safe.prompt and SAFETY_PROMPT not in safe.prompt
     assert "Sorry" not in safe.prompt and "flour" in safe.prompt  # no refusal shown to an ordinary request
+    # retrieve() gives the examples generate() uses: the route's own.
+    shown = model.retrieve([harmful, ordinary], 2)
+    assert all("Sorry" in ex.answer for ex in shown[0]) and not any("Sorry" in ex.answer for ex in shown[1])
+    assert all("Sorry" in ex.answer for ex in model.retrieve([ordinary], 2, route=SAFETY)[0])
     # The caller can choose the route, and the result says which one was taken.
     forced = model.format_prompt(ordinary, options=GenerationOptions(num_optimized_icl=2, route=SAFETY))
     assert forced.route == Route(SAFETY) and SAFETY_PROMPT in forced.prompt and "flour" not in forced.prompt

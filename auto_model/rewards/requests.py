@@ -189,7 +189,7 @@ class Role:
     def answer(self, system_prompts: Sequence[str], query: str, *, k: int, options: GenerationOptions) -> list[Outcome]:
         """The model's answers to ``query`` under each system prompt, assembled as in inference
         (with the ``k`` examples of its route, or of ``options.route``), in one batch."""
-        examples = self.model.router.search([query], k, options.route)[1][0] if k > 0 else []
+        examples = self.model.retrieve([query], k, options.route)[0] if k > 0 else []
         return self.run([self.model.build_request(p, examples, query, options) for p in system_prompts])
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
