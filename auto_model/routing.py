@@ -354,34 +354,39 @@ class RoutedRetriever:
         return self._by_route[route]
 
     def voters(self) -> Any:
-        """The index the vote searches: the pool's, or one over the routing set (built once, with
-        the pool's embedder; its embeddings are cached on disk like the pool's)."""
+        """The index the vote searches: the pool's, or one over the routing set (built once: the
+        pool's rows come from the pool's index, the rest is embedded with the pool's embedder and
+        cached on disk like the pool, and kept per embedder in this process)."""
         if self.settings.vote_set == "pool":
             return self.retriever
         if self._voters is None:
             with self._lock:
                 if self._voters is None:
+                    import numpy as np
+
                     from auto_model.retrieval import ICLExample, ICLRetriever
 
                     full = self.retriever
-                    labelled = [
-                        ICLExample(q.query, "", (SAFETY_TAG,) if q.harmful else ())
-                        for q in routing_set(full.pool)
-                    ]  # fmt: skip
-                    voters = ICLRetriever(labelled, full.embedding_model, embedder=full.embedder,
-                                          cache_dir=full.cache_dir)  # fmt: skip
+                    found = routing_set(full.pool)
+                    labelled = [ICLExample(q.query, "", (SAFETY_TAG,) if q.harmful else ()) for q in found]
+                    # The pool's queries keep their rows of the pool's index; only the files' are embedded.
+                    first: dict[str, int] = {}
+                    for i, ex in enumerate(full.pool):
+                        first.setdefault(ex.query, i)
+                    own = [first[q.query] for q in found if q.source == "pool"]
+                    added = [ex for ex, q in zip(labelled, found, strict=True) if q.source != "pool"]
+                    files = ICLRetriever(added, full.embedding_model, embedder=full.embedder, cache_dir=full.cache_dir)
                     with _VOTER_LOCK:
                         try:
                             known = _VOTER_VECTORS.setdefault(full.embedder, {})
                         except TypeError:  # an embedder that cannot be weakly referenced: not kept
                             known = {}
-                        key = voters.cache_key()
-                        if key in known:
-                            voters = ICLRetriever(labelled, full.embedding_model, embedder=full.embedder,
-                                                  cache_dir=False, embeddings=known[key])  # fmt: skip
-                        else:
-                            known[key] = voters.indexed_embeddings()
-                    self._voters = voters
+                        key = files.cache_key()
+                        if key not in known:
+                            known[key] = files.pool_embeddings()
+                    vectors = np.vstack([full.indexed_embeddings()[own], known[key]])
+                    self._voters = ICLRetriever(labelled, full.embedding_model, embedder=full.embedder,
+                                                cache_dir=False, embeddings=vectors)  # fmt: skip
         return self._voters
 
     def classifier(self, dimensions: int | None = None) -> SafetyClassifier | None:

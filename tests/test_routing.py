@@ -168,10 +168,11 @@ def test_the_route_parts_and_the_voters_are_not_embedded_again(smol, monkeypatch
             retriever.embedder, "encode", lambda texts, **kw: encoded.append(len(texts)) or original(texts, **kw)
         )
         smol.format_prompt(queries, num_optimized_icl=1)
-        # The two queries once, the voters (the routing set) at most once (not at all if this embedder
-        # has embedded them before in this process), the pool once; no route part re-embedded.
+        # The two queries once, the routing set's own queries at most once (not at all if this embedder
+        # has embedded them before in this process), the pool once; the pool's rows of the routing set
+        # and the route parts are not re-embedded.
         voters = len(smol.router.voters())
-        assert voters > 1000 and encoded in ([2, voters, len(POOL)], [2, len(POOL)])
+        assert voters > 1000 and encoded in ([2, voters - len(POOL), len(POOL)], [2, len(POOL)])
         # A new router over a new pool object (no disk cache): the routing set is not embedded again.
         encoded.clear()
         smol.retriever = ICLRetriever(POOL, embedder=retriever.embedder, cache_dir=False)
