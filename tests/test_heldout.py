@@ -69,15 +69,24 @@ def test_the_development_split_is_balanced_and_apart_from_the_routing_set(pool, 
     assert float(similarity.max()) < TOO_CLOSE
 
 
-def test_the_second_held_out_split_is_apart_from_everything_written_before_it(pool, embedder):
-    """``heldout2.jsonl`` was written after the routing was chosen, to measure it on requests that
-    nothing was tuned on or looked at: it stays apart from every other split and data file."""
+@pytest.mark.parametrize(
+    ("split", "written_after"),
+    [
+        ("heldout2", ("eval/heldout.jsonl",)),
+        ("heldout3", ("eval/heldout.jsonl", "eval/heldout2.jsonl")),
+    ],
+)
+def test_later_held_out_splits_are_apart_from_everything_written_before_them(split, written_after, pool, embedder):
+    """``heldout2.jsonl`` was written after the routing was chosen, ``heldout3.jsonl`` before the routing
+    data and examples that followed the second split's first look; each measures on requests that nothing
+    was tuned on or looked at, so it stays apart from every other split and data file."""
     data = ROOT / "auto_model" / "data"
-    items = load_eval_set(data / "eval" / "heldout2.jsonl")
+    items = load_eval_set(data / "eval" / f"{split}.jsonl")
     assert Counter(item.kind for item in items) == {"safety": 60, "regular": 60}
     assert sum("safe-but-alarming" in i.tags for i in items) == 30
+    assert len({i.tags[0] for i in items if i.kind == "safety"}) >= 40  # harm categories
     before = [ex.query for ex in pool]
-    for name in ("train/train.jsonl", "train/routing.jsonl", "eval/eval.jsonl", "eval/dev.jsonl", "eval/heldout.jsonl"):
+    for name in ("train/train.jsonl", "train/routing.jsonl", "eval/eval.jsonl", "eval/dev.jsonl", *written_after):
         before += _queries(data / name)
     similarity = (
         embedder.encode([i.query for i in items], normalize_embeddings=True)
