@@ -17,7 +17,11 @@ computes anyway for retrieval:
   embedding, trained on the routing set (``auto-model-train router``); its weights are plain JSON
   numbers in the artifact and scoring is one dot product. Its probability makes up ``weight`` of
   the score, the vote the rest (weight 1: the classifier alone). A classifier made for another
-  embedding model than the retriever's is not used (the vote alone is, and a warning says so).
+  embedding model than the retriever's is not used (its share goes to the vote, and a warning says so).
+- **a lexical classifier** (:class:`LexicalClassifier`, optional): a logistic regression over the
+  query's words and word pairs (TF-IDF), trained on the same set. It reads the intent markers that
+  a topic-level embedding blurs ("without anyone noticing", "fake", "untraceable"). Its probability
+  makes up its own ``weight`` of the score; the vote has what neither classifier takes.
 
 At or above ``threshold`` the request takes the safety route, and its examples are the nearest
 safety examples (refusals to imitate); below it, the nearest everyday ones (so that "How do I boil
@@ -32,11 +36,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +145,7 @@ class SafetyClassifier:
             raise InvalidRequestError("classifier weights must be a non-empty list of finite numbers.")
         if not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias):
             raise InvalidRequestError(f"classifier bias must be a finite number, got {self.bias!r}.")
-        if not isinstance(self.weight, (int, float)) or not 0 < self.weight <= 1:
-            raise InvalidRequestError(f"classifier weight must be in (0, 1], got {self.weight!r}.")
+        _weight_in_range(self.weight, "classifier")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "classifier") -> SafetyClassifier:
@@ -189,6 +194,98 @@ class SafetyClassifier:
         return self.weight * probability + (1 - self.weight) * vote
 
 
+#: The words of a query, as the lexical classifier was trained to see them (scikit-learn's default
+#: token pattern over the lower-cased text: runs of two or more word characters).
+_WORD = re.compile(r"(?u)\b\w\w+\b")
+
+
+def _weight_in_range(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise InvalidRequestError(f"{what} weight must be in (0, 1], got {value!r}.")
+
+
+@dataclass(frozen=True)
+class LexicalClassifier:
+    """A logistic regression over a query's words and word pairs: P(the query asks for harm).
+
+    The features are TF-IDF values (sub-linear term frequency, L2-normalised) of the lower-cased
+    query's words and adjacent word pairs that are in ``terms``, exactly as scikit-learn's
+    ``TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)`` computes them; scoring needs no
+    library and no embedder.
+
+    Attributes:
+        terms: each known word or word pair and its (inverse document frequency, weight).
+        bias: the intercept.
+        weight: the share of the safety score that is this probability.
+        provenance: how it was trained.
+    """
+
+    terms: dict[str, tuple[float, float]]
+    bias: float
+    weight: float = 1.0
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.terms, dict) or not self.terms:
+            raise InvalidRequestError("lexical classifier terms must be a non-empty object of term: [idf, weight].")
+        for term, pair in self.terms.items():
+            if not (isinstance(term, str) and term and isinstance(pair, tuple) and len(pair) == 2
+                    and all(isinstance(x, (int, float)) and math.isfinite(x) for x in pair)):  # fmt: skip
+                raise InvalidRequestError(
+                    f"lexical classifier term {term!r} must map to [idf, weight], two finite numbers; got {pair!r}."
+                )
+        if not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias):
+            raise InvalidRequestError(f"lexical classifier bias must be a finite number, got {self.bias!r}.")
+        _weight_in_range(self.weight, "lexical classifier")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "lexical") -> LexicalClassifier:
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"{source}: a lexical classifier is an object, got {type(data).__name__}.")
+        unknown = set(data) - {"kind", "terms", "bias", "weight", "provenance"}
+        if unknown:
+            raise InvalidRequestError(f"{source}: unknown lexical classifier fields {sorted(unknown)}.")
+        if data.get("kind", "tfidf-logistic") != "tfidf-logistic":
+            raise InvalidRequestError(
+                f"{source}: unknown lexical classifier kind {data.get('kind')!r}; this version reads tfidf-logistic."
+            )
+        terms = data.get("terms")
+        if not isinstance(terms, dict):
+            raise InvalidRequestError(f"{source}: lexical classifier terms must be an object of term: [idf, weight].")
+        return cls(
+            terms={t: tuple(v) if isinstance(v, list) else v for t, v in terms.items()},
+            bias=data.get("bias", float("nan")),
+            weight=data.get("weight", 1.0),
+            provenance=dict(data.get("provenance") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": "tfidf-logistic", "weight": self.weight, "bias": round(float(self.bias), 6)}
+        if self.provenance:
+            data["provenance"] = dict(self.provenance)
+        data["terms"] = {t: [round(float(i), 5), round(float(w), 5)] for t, (i, w) in sorted(self.terms.items())}
+        return data
+
+    def features(self, query: str) -> dict[str, float]:
+        """The query's known terms and their normalised TF-IDF values."""
+        words = _WORD.findall(query.lower())
+        counts: dict[str, int] = {}
+        for term in words + [f"{a} {b}" for a, b in pairwise(words)]:
+            if term in self.terms:
+                counts[term] = counts.get(term, 0) + 1
+        values = {t: (1 + math.log(n)) * self.terms[t][0] for t, n in counts.items()}
+        norm = math.sqrt(sum(v * v for v in values.values()))
+        return {t: v / norm for t, v in values.items()} if norm > 0 else {}
+
+    def probabilities(self, queries: Sequence[str]) -> list[float]:
+        """P(harmful) for each query."""
+        out = []
+        for query in queries:
+            logit = float(self.bias) + sum(v * self.terms[t][1] for t, v in self.features(query).items())
+            out.append(1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit)))))
+        return out
+
+
 @dataclass(frozen=True)
 class RoutingSettings:
     """How requests are routed.
@@ -203,6 +300,8 @@ class RoutingSettings:
             packaged routing set).
         classifier: scores requests with the vote (its ``weight`` share of the score) when it fits
             the retriever's embedding model.
+        lexical: scores requests by their words (its ``weight`` share of the score); the two
+            classifiers' weights add up to at most 1, and the vote has the rest.
     """
 
     threshold: float = 0.5
@@ -211,8 +310,14 @@ class RoutingSettings:
     everyday_prior: float | None = None
     vote_set: str = "pool"
     classifier: SafetyClassifier | None = None
+    lexical: LexicalClassifier | None = None
 
     def __post_init__(self) -> None:
+        if sum(c.weight for c in (self.classifier, self.lexical) if c is not None) > 1 + 1e-9:
+            raise InvalidRequestError(
+                "routing: the classifier's and the lexical classifier's weights add up to more than 1; "
+                "lower one of them."
+            )
         if not 0 <= self.threshold <= 1:
             raise InvalidRequestError(f"routing threshold must be in [0, 1], got {self.threshold!r}.")
         if not isinstance(self.neighbours, int) or self.neighbours < 1:
@@ -228,12 +333,15 @@ class RoutingSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "routing") -> RoutingSettings:
-        unknown = set(data) - {"threshold", "neighbours", "temperature", "everyday_prior", "vote_set", "classifier"}
+        fields = {"threshold", "neighbours", "temperature", "everyday_prior", "vote_set", "classifier", "lexical"}
+        unknown = set(data) - fields
         if unknown:
             raise InvalidRequestError(f"{source}: unknown routing settings {sorted(unknown)}.")
         data = dict(data)
         if data.get("classifier") is not None:
             data["classifier"] = SafetyClassifier.from_dict(data["classifier"], f"{source}.classifier")
+        if data.get("lexical") is not None:
+            data["lexical"] = LexicalClassifier.from_dict(data["lexical"], f"{source}.lexical")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,7 +353,22 @@ class RoutingSettings:
             data["vote_set"] = self.vote_set
         if self.classifier is not None:
             data["classifier"] = self.classifier.to_dict()
+        if self.lexical is not None:
+            data["lexical"] = self.lexical.to_dict()
         return data
+
+    def mix(self, vote: float | None, probability: float | None = None, lexical: float | None = None) -> float:
+        """The safety score: each classifier's ``weight`` share of its probability (``None``: that
+        classifier is not used) and the rest of the vote."""
+        score, rest = 0.0, 1.0
+        for part, p in ((self.classifier, probability), (self.lexical, lexical)):
+            if part is not None and p is not None:
+                score, rest = score + part.weight * p, rest - part.weight
+        if rest > 1e-9:
+            if vote is None:
+                raise ValueError("the vote is needed: the classifiers do not make up the whole score")
+            score += rest * vote
+        return score
 
 
 @dataclass(frozen=True)
@@ -390,15 +513,15 @@ class RoutedRetriever:
         return self._voters
 
     def classifier(self, dimensions: int | None = None) -> SafetyClassifier | None:
-        """The settings' classifier if it fits the retriever's embeddings, else None (the vote)."""
+        """The settings' classifier if it fits the retriever's embeddings, else None (its share goes to the vote)."""
         found = self.settings.classifier
         if found is None or found.fits(self.retriever.embedding_model, dimensions):
             return found
         if not self._warned:
             self._warned = True
             logger.warning(
-                "The routing classifier was trained on %s embeddings, the retriever uses %s: requests are "
-                "routed by the vote of the nearest labelled queries alone.",
+                "The routing classifier was trained on %s embeddings, the retriever uses %s: it is not used, "
+                "and its share of the safety score goes to the vote of the nearest labelled queries.",
                 found.embedding_model,
                 self.retriever.embedding_model,
             )
@@ -411,16 +534,17 @@ class RoutedRetriever:
         vectors = self.retriever.embed(list(queries)) if vectors is None else vectors
         settings = self.settings
         classifier = self.classifier(vectors.shape[1])
-        if classifier is not None and classifier.weight == 1:
-            return [decide(p, settings) for p in classifier.probabilities(vectors)]
-        found = self.voters().search_embedded(vectors, settings.neighbours)
-        votes = [
-            safety_score([(s, example_route(ex)) for s, ex in row], settings.temperature, settings.everyday_prior)
-            for row in found
-        ]  # fmt: skip
-        if classifier is not None:
-            votes = [classifier.combine(p, v) for p, v in zip(classifier.probabilities(vectors), votes, strict=True)]
-        return [decide(score, settings) for score in votes]
+        n = len(queries)
+        probabilities = classifier.probabilities(vectors) if classifier is not None else [None] * n
+        lexical = settings.lexical.probabilities(queries) if settings.lexical is not None else [None] * n
+        votes: list[float | None] = [None] * n  # not needed when the classifiers make up the whole score
+        if sum(c.weight for c in (classifier, settings.lexical) if c is not None) < 1 - 1e-9:
+            found = self.voters().search_embedded(vectors, settings.neighbours)
+            votes = [
+                safety_score([(s, example_route(ex)) for s, ex in row], settings.temperature, settings.everyday_prior)
+                for row in found
+            ]  # fmt: skip
+        return [decide(settings.mix(v, p, w), settings) for v, p, w in zip(votes, probabilities, lexical, strict=True)]
 
     def search(
         self, queries: Sequence[str], k: int, route: str | None = None, vectors: Any = None
@@ -451,6 +575,7 @@ __all__ = [
     "ROUTES",
     "VOTE_SETS",
     "LabelledQuery",
+    "LexicalClassifier",
     "packaged_routing_files",
     "read_labelled_queries",
     "routing_set",

@@ -143,10 +143,17 @@ def parser() -> ArgumentParser:
     add(
         "--classifier-weight",
         type=float,
-        default=0.5,
-        help="router: the classifier's share of the safety score (the vote of the nearest labelled queries has "
-        "the rest; 1: the classifier alone)",
+        default=0.25,
+        help="router: the embedding classifier's share of the safety score (the vote of the nearest labelled "
+        "queries has what the classifiers do not take; 1: the classifier alone)",
     )
+    add(
+        "--lexical-weight",
+        type=float,
+        default=0.25,
+        help="router: the lexical (words and word pairs) classifier's share of the safety score (0: none)",
+    )
+    add("--lexical-c", type=float, default=4.0, help="router: inverse regularisation strength of the lexical one")
     return p
 
 
@@ -535,11 +542,12 @@ def _run_router(args: argparse.Namespace) -> int:
 
     if args.route_threshold is not None and not 0 <= args.route_threshold <= 1:
         raise InvalidRequestError(f"--route-threshold must be in [0, 1], got {args.route_threshold}.")
-    if (args.routing_data or args.data_dir or args.icl_path) and args.classifier_weight < 1:
+    if (args.routing_data or args.data_dir or args.icl_path) and args.classifier_weight + args.lexical_weight < 1:
         raise InvalidRequestError(
             "A mixed safety score is calibrated with the vote of the packaged routing set, which requests meet at "
-            "run time; with --routing-data, --data-dir or --icl-path, pass --classifier-weight 1 (the classifier "
-            "alone)."
+            "run time; with --routing-data, --data-dir or --icl-path, the classifiers must make up the whole score: "
+            "pass --classifier-weight and --lexical-weight that add up to 1 (e.g. --classifier-weight 1 "
+            "--lexical-weight 0)."
         )
     artifact = prompt_for_model(args.base_model_name, args.prompt_path)
     pool = load_icl_pool(args.icl_path)
@@ -551,13 +559,15 @@ def _run_router(args: argparse.Namespace) -> int:
     retriever = ICLRetriever(pool)
     queries = [item.query for item in items]
     old = RoutingSettings.from_dict(artifact.routing) if artifact.routing else RoutingSettings()
-    classifier, threshold = fit_router(
+    classifier, lexical, threshold = fit_router(
         queries,
         [item.harmful for item in items],
         retriever.embed(queries),
         retriever.embedding_model,
         c=args.router_c,
         weight=args.classifier_weight,
+        lexical_weight=args.lexical_weight,
+        lexical_c=args.lexical_c,
         neighbours=old.neighbours,
         temperature=old.temperature,
         max_false_positive=args.max_false_positive,
@@ -565,13 +575,15 @@ def _run_router(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     # The vote that the classifier is mixed with is the one it was calibrated with: the routing set's.
-    vote_set = "labelled" if classifier.weight < 1 else old.vote_set
-    routing = replace(old, threshold=threshold, vote_set=vote_set, classifier=classifier).to_dict()
+    whole = classifier.weight + (lexical.weight if lexical is not None else 0.0) >= 1 - 1e-9
+    vote_set = old.vote_set if whole else "labelled"
+    routing = replace(old, threshold=threshold, vote_set=vote_set, classifier=classifier, lexical=lexical).to_dict()
     output = Path(args.output) if args.output else Path(args.log_dir) / "optimized_prompt.json"
     save_prompt_artifact(replace(artifact, routing=routing, source=None), output)
     p = classifier.provenance
     print(
         f"router: {p['queries']} queries ({p['harmful']} harmful), classifier weight {classifier.weight}, "
+        f"lexical weight {lexical.weight if lexical is not None else 0}, "
         f"threshold {threshold}; cross-validated: {p['cv_recall']:.1%} of harmful queries to safety, "
         f"{p['cv_false_positive']:.1%} of the others -> {output}"
     )

@@ -6,11 +6,14 @@ retriever's sentence embeddings, fitted with scikit-learn on the routing set
 queries (``data/train/routing.jsonl``: ``{"query": ..., "label": "harmful" | "safe"}``) and the
 labelled training queries.
 
-The request's safety score mixes the classifier's probability (``weight`` of it) with the vote of
-the nearest labelled queries (the rest). The routing threshold is the one that routes the most
-harmful queries to safety while sending at most ``max_false_positive`` of the others there,
-measured on out-of-fold scores (k-fold cross validation), unless one is given. The classifier
-goes into the routing settings of a prompt artifact, as plain JSON numbers, with the threshold.
+A second, lexical classifier (:class:`~auto_model.routing.LexicalClassifier`: a logistic regression
+over the queries' TF-IDF words and word pairs, with scikit-learn's ``TfidfVectorizer``) is fitted
+on the same queries when it gets a weight. The request's safety score mixes the classifiers'
+probabilities (each its ``weight``) with the vote of the nearest labelled queries (the rest).
+The routing threshold is the one that routes the most harmful queries to safety while sending at
+most ``max_false_positive`` of the others there, measured on out-of-fold scores (k-fold cross
+validation), unless one is given. The classifiers go into the routing settings of a prompt
+artifact, as plain JSON numbers, with the threshold.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from dataclasses import replace
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
-from auto_model.routing import EVERYDAY, SAFETY, SafetyClassifier, calibrate_threshold, safety_score
+from auto_model.routing import (
+    EVERYDAY,
+    SAFETY,
+    LexicalClassifier,
+    RoutingSettings,
+    SafetyClassifier,
+    calibrate_threshold,
+    safety_score,
+)
 
 
 def fit_router(
@@ -31,16 +42,19 @@ def fit_router(
     *,
     c: float = 16.0,
     weight: float = 0.5,
+    lexical_weight: float = 0.0,
+    lexical_c: float = 4.0,
     neighbours: int = 16,
     temperature: float = 0.1,
     max_false_positive: float = 0.05,
     threshold: float | None = None,
     folds: int = 5,
     seed: int = 0,
-) -> tuple[SafetyClassifier, float]:
-    """A logistic regression on ``vectors`` (the queries' normalised embeddings) and the routing
-    threshold of its score mixed with the vote (``weight`` of the classifier's probability): the
-    threshold is calibrated on out-of-fold scores (each fold scored by a regression fitted on,
+) -> tuple[SafetyClassifier, LexicalClassifier | None, float]:
+    """A logistic regression on ``vectors`` (the queries' normalised embeddings), one on the
+    queries' words when ``lexical_weight`` > 0 (else None), and the routing threshold of their
+    probabilities mixed with the vote (``weight`` and ``lexical_weight`` of the score): the
+    threshold is calibrated on out-of-fold scores (each fold scored by regressions fitted on,
     and a vote of, the other folds) unless ``threshold`` is given."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -57,11 +71,25 @@ def fit_router(
         raise InvalidRequestError(f"--router-c must be > 0, got {c}.")
     if not 0 < weight <= 1:
         raise InvalidRequestError(f"--classifier-weight must be in (0, 1], got {weight}.")
+    if not 0 <= lexical_weight < 1 or weight + lexical_weight > 1 + 1e-9:
+        raise InvalidRequestError(
+            f"--lexical-weight must be in [0, 1) and add up to at most 1 with --classifier-weight, "
+            f"got {lexical_weight}."
+        )
+    if not lexical_c > 0:
+        raise InvalidRequestError(f"--lexical-c must be > 0, got {lexical_c}.")
     if not 0 <= max_false_positive < 1:
         raise InvalidRequestError(f"--max-false-positive must be in [0, 1), got {max_false_positive}.")
 
-    def model() -> Any:
-        return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    def model(strength: float = c) -> Any:
+        return LogisticRegression(C=strength, class_weight="balanced", max_iter=5000)
+
+    def words(texts: Sequence[str]) -> tuple[Any, Any]:
+        """A lexical regression fitted on ``texts`` (with the labels at the same rows) and its vectorizer."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+        return vectorizer, vectorizer.fit_transform(texts)
 
     fitted = model().fit(vectors, labels)
     classifier = SafetyClassifier(
@@ -70,14 +98,36 @@ def fit_router(
         bias=float(fitted.intercept_[0]),
         weight=weight,
     )
+    lexical = None
+    if lexical_weight > 0:
+        vectorizer, counts = words(queries)
+        regression = model(lexical_c).fit(counts, labels)
+        names = vectorizer.get_feature_names_out()
+        lexical = LexicalClassifier(
+            terms={
+                str(t): (float(i), float(w))
+                for t, i, w in zip(names, vectorizer.idf_, regression.coef_[0], strict=True)
+            },
+            bias=float(regression.intercept_[0]),
+            weight=lexical_weight,
+            provenance={"method": "TF-IDF words and word pairs (seen twice or more), logistic regression "
+                        "(scikit-learn), balanced class weights", "c": lexical_c},
+        )  # fmt: skip
+    settings = RoutingSettings(classifier=classifier, lexical=lexical)
     held_out = np.zeros(len(labels))
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(vectors, labels):
         probabilities = model().fit(vectors[train], labels[train]).predict_proba(vectors[test])[:, 1]
+        by_words: Any = [None] * len(test)
+        if lexical is not None:
+            vectorizer, counts = words([queries[i] for i in train])
+            regression = model(lexical_c).fit(counts, labels[train])
+            by_words = regression.predict_proba(vectorizer.transform([queries[i] for i in test]))[:, 1]
         similarity = vectors[test] @ vectors[train].T
         nearest = np.argsort(-similarity, axis=1)[:, :neighbours]
-        for row, (i, p) in enumerate(zip(test, probabilities, strict=True)):
+        for row, (i, p, w) in enumerate(zip(test, probabilities, by_words, strict=True)):
             votes = [(float(similarity[row, j]), SAFETY if labels[train][j] else EVERYDAY) for j in nearest[row]]
-            held_out[i] = classifier.combine(float(p), safety_score(votes, temperature))
+            vote = safety_score(votes, temperature)
+            held_out[i] = settings.mix(vote, float(p), None if w is None else float(w))
     chosen = (
         calibrate_threshold([float(p) for p in held_out], list(labels), max_false_positive)
         if threshold is None
@@ -99,4 +149,4 @@ def fit_router(
             "cv_false_positive": round(float(caught[~labels].mean()), 4),
         },
     )
-    return classifier, round(chosen, 4)
+    return classifier, lexical, round(chosen, 4)
