@@ -74,12 +74,14 @@ def test_the_development_split_is_balanced_and_apart_from_the_routing_set(pool, 
     [
         ("heldout2", ("eval/heldout.jsonl",)),
         ("heldout3", ("eval/heldout.jsonl", "eval/heldout2.jsonl")),
+        ("heldout4", ("eval/heldout.jsonl", "eval/heldout2.jsonl", "eval/heldout3.jsonl")),
     ],
 )
 def test_later_held_out_splits_are_apart_from_everything_written_before_them(split, written_after, pool, embedder):
     """``heldout2.jsonl`` was written after the routing was chosen, ``heldout3.jsonl`` before the routing
-    data and examples that followed the second split's first look; each measures on requests that nothing
-    was tuned on or looked at, so it stays apart from every other split and data file."""
+    data and examples that followed the second split's first look, ``heldout4.jsonl`` before the routing
+    threshold was moved after the third split's first look; each measures on requests that nothing was
+    tuned on or looked at, so it stays apart from every other split and data file."""
     data = ROOT / "auto_model" / "data"
     items = load_eval_set(data / "eval" / f"{split}.jsonl")
     assert Counter(item.kind for item in items) == {"safety": 60, "regular": 60}
