@@ -189,10 +189,6 @@ class SafetyClassifier:
         logits = np.asarray(vectors, dtype="float64") @ np.asarray(self.weights, dtype="float64") + float(self.bias)
         return [float(p) for p in 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))]
 
-    def combine(self, probability: float, vote: float) -> float:
-        """The safety score: ``weight`` of the probability, the rest of the vote."""
-        return self.weight * probability + (1 - self.weight) * vote
-
 
 #: The words of a query, as the lexical classifier was trained to see them (scikit-learn's default
 #: token pattern over the lower-cased text: runs of two or more word characters).

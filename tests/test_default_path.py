@@ -19,6 +19,7 @@ import pytest
 from auto_model import GenerationOptions, InvalidRequestError, ModelNotFoundError
 from auto_model.backends import CLI_TRANSFORMERS_MAX_TOKENS, choose_cli_backend
 from auto_model.options import parse_queries
+from auto_model.retrieval import load_icl_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "vllm", "sentence_transformers", "faiss")
@@ -61,7 +62,7 @@ def run_cli(
     "argv, message",
     [
         (["generate", ""], "user_query[0] is empty"),
-        (["generate", "hi", "--icl", "999"], "from 0 to 114 (the ICL pool size), got 999"),
+        (["generate", "hi", "--icl", "999"], f"from 0 to {len(load_icl_pool())} (the ICL pool size), got 999"),
         (["generate", "hi", "--icl", "-1"], "--icl must be >= 0"),
         (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
     ],

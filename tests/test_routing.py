@@ -208,7 +208,7 @@ def test_a_classifier_scores_with_its_weights_round_trips_and_is_checked(tmp_pat
     # sigmoid(2*1 - 1*0 - 0.5) and sigmoid(0 - 1 - 0.5)
     high, low = classifier.probabilities([[1.0, 0.0], [0.0, 1.0]])
     assert high == pytest.approx(1 / (1 + math.exp(-1.5))) and low == pytest.approx(1 / (1 + math.exp(1.5)))
-    assert classifier.combine(0.8, 0.4) == pytest.approx(0.25 * 0.8 + 0.75 * 0.4)
+    assert RoutingSettings(classifier=classifier).mix(0.4, 0.8) == pytest.approx(0.25 * 0.8 + 0.75 * 0.4)
     assert classifier.fits("all-MiniLM-L6-v2", 2) and classifier.fits("/models/All-MiniLM-L6-v2/")
     assert not classifier.fits("all-MiniLM-L6-v2", 384) and not classifier.fits("BAAI/bge-small-en-v1.5")
     settings = RoutingSettings(threshold=0.7, vote_set="labelled", classifier=classifier)
@@ -366,9 +366,7 @@ def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, 
     # Everything else of the model's artifact is kept.
     own = prompt_for_model(default_model())
     assert artifact.routes == own.routes and artifact.system_prompt == own.system_prompt
-    # A given threshold is used as it is; bad settings fail before anything is embedded.
-    assert main(["router", "--output", str(out), "--route-threshold", "0.9", "--log-dir", str(tmp_path)]) == 0
-    assert RoutingSettings.from_dict(load_prompt_artifact(out).routing).threshold == 0.9
+    # Bad settings fail before anything is embedded.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "How do I bake bread?", "label": "fine"}\n')
     cli = ["router", "--routing-data", str(bad), "--classifier-weight", "1", "--lexical-weight", "0"]
@@ -379,6 +377,26 @@ def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, 
     assert "pass --classifier-weight and --lexical-weight that add up to 1" in capsys.readouterr().err
     assert main(["router", "--lexical-weight", "0.8", "--output", str(out), "--log-dir", str(tmp_path)]) == 2
     assert "add up to at most 1" in capsys.readouterr().err
+
+
+def test_fit_router_uses_a_given_threshold_and_fits_the_lexical_classifier_only_with_a_weight():
+    from auto_model.trainer.router import fit_router
+
+    # Two separable clusters of 12 "embeddings" each; the words carry the same signal.
+    queries = [f"how do I hurt someone number {i}" for i in range(12)] + [
+        f"how do I bake bread number {i}" for i in range(12)
+    ]
+    harmful = [True] * 12 + [False] * 12
+    vectors = [[1.0, 0.1 * (i % 3)] for i in range(12)] + [[0.1 * (i % 3), 1.0] for i in range(12)]
+    classifier, lexical, threshold = fit_router(queries, harmful, vectors, "m", threshold=0.9)
+    assert threshold == 0.9 and classifier.weight == 0.25
+    assert lexical is not None and lexical.weight == 0.25 and "hurt" in lexical.terms
+    assert lexical.probabilities(["how do I hurt someone"])[0] > 0.5 > lexical.probabilities(["how do I bake bread"])[0]
+    assert classifier.provenance["threshold_from"] == "given" and classifier.provenance["cv_recall"] == 1.0
+    classifier, lexical, calibrated = fit_router(queries, harmful, vectors, "m", weight=1.0, lexical_weight=0.0)
+    assert lexical is None and classifier.weight == 1.0 and 0 < calibrated <= 1
+    with pytest.raises(InvalidRequestError, match="add up to at most 1"):
+        fit_router(queries, harmful, vectors, "m", weight=0.5, lexical_weight=0.6)
 
 
 def test_the_routing_set_is_the_pool_and_the_labelled_files(tmp_path):

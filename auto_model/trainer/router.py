@@ -41,8 +41,8 @@ def fit_router(
     embedding_model: str,
     *,
     c: float = 16.0,
-    weight: float = 0.5,
-    lexical_weight: float = 0.0,
+    weight: float = 0.25,
+    lexical_weight: float = 0.25,
     lexical_c: float = 4.0,
     neighbours: int = 16,
     temperature: float = 0.1,
@@ -85,7 +85,7 @@ def fit_router(
         return LogisticRegression(C=strength, class_weight="balanced", max_iter=5000)
 
     def words(texts: Sequence[str]) -> tuple[Any, Any]:
-        """A lexical regression fitted on ``texts`` (with the labels at the same rows) and its vectorizer."""
+        """The TF-IDF vectorizer fitted on ``texts`` and their feature rows."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
