@@ -119,6 +119,18 @@ def _model_key(name: str) -> str:
     return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
 
 
+def _check_classifier_fields(data: Any, source: str, what: str, kind: str, own: set[str]) -> None:
+    """InvalidRequestError unless ``data`` is an object of ``kind`` with only its ``own`` fields and the
+    common ones (kind, bias, weight, provenance)."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"{source}: a {what} is an object, got {type(data).__name__}.")
+    unknown = set(data) - own - {"kind", "bias", "weight", "provenance"}
+    if unknown:
+        raise InvalidRequestError(f"{source}: unknown {what} fields {sorted(unknown)}.")
+    if data.get("kind", kind) != kind:
+        raise InvalidRequestError(f"{source}: unknown {what} kind {data.get('kind')!r}; this version reads {kind}.")
+
+
 @dataclass(frozen=True)
 class SafetyClassifier:
     """A logistic regression over a query's sentence embedding: P(the query asks for harm).
@@ -149,15 +161,7 @@ class SafetyClassifier:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "classifier") -> SafetyClassifier:
-        if not isinstance(data, dict):
-            raise InvalidRequestError(f"{source}: a classifier is an object, got {type(data).__name__}.")
-        unknown = set(data) - {"kind", "embedding_model", "weights", "bias", "weight", "provenance"}
-        if unknown:
-            raise InvalidRequestError(f"{source}: unknown classifier fields {sorted(unknown)}.")
-        if data.get("kind", "logistic") != "logistic":
-            raise InvalidRequestError(
-                f"{source}: unknown classifier kind {data.get('kind')!r}; this version reads logistic."
-            )
+        _check_classifier_fields(data, source, "classifier", "logistic", {"embedding_model", "weights"})
         weights = data.get("weights")
         if not isinstance(weights, list):
             raise InvalidRequestError(f"{source}: classifier weights must be a list of numbers.")
@@ -236,15 +240,7 @@ class LexicalClassifier:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "lexical") -> LexicalClassifier:
-        if not isinstance(data, dict):
-            raise InvalidRequestError(f"{source}: a lexical classifier is an object, got {type(data).__name__}.")
-        unknown = set(data) - {"kind", "terms", "bias", "weight", "provenance"}
-        if unknown:
-            raise InvalidRequestError(f"{source}: unknown lexical classifier fields {sorted(unknown)}.")
-        if data.get("kind", "tfidf-logistic") != "tfidf-logistic":
-            raise InvalidRequestError(
-                f"{source}: unknown lexical classifier kind {data.get('kind')!r}; this version reads tfidf-logistic."
-            )
+        _check_classifier_fields(data, source, "lexical classifier", "tfidf-logistic", {"terms"})
         terms = data.get("terms")
         if not isinstance(terms, dict):
             raise InvalidRequestError(f"{source}: lexical classifier terms must be an object of term: [idf, weight].")

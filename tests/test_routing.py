@@ -233,6 +233,13 @@ def test_a_classifier_scores_with_its_weights_round_trips_and_is_checked(tmp_pat
             load_prompt_artifact(file)
 
 
+def _route_with(smol, queries, **classifiers):
+    """The routes of ``queries`` under an artifact whose routing has these classifiers (4 voters, 0.5)."""
+    routing = RoutingSettings(threshold=0.5, neighbours=4, **classifiers).to_dict()
+    smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT}, routing=routing)
+    return smol.route(queries)
+
+
 def test_the_classifier_scores_alone_or_mixed_with_the_vote_when_it_fits_the_embeddings(smol, caplog):
     retriever, artifact = smol.retriever, smol.prompt_artifact
     embedder = retriever.embedder
@@ -242,10 +249,7 @@ def test_the_classifier_scores_alone_or_mixed_with_the_vote_when_it_fits_the_emb
     direction = tuple(float(x) for x in 20 * (bomb - bread))
 
     def routed(classifier):
-        routing = RoutingSettings(threshold=0.5, neighbours=4, classifier=classifier).to_dict()
-        smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT},
-                                              routing=routing)  # fmt: skip
-        return smol.route([harmful, ordinary])
+        return _route_with(smol, [harmful, ordinary], classifier=classifier)
 
     try:
         smol.retriever = ICLRetriever(POOL, embedder=embedder, cache_dir=False)
@@ -328,10 +332,7 @@ def test_the_lexical_classifier_scores_requests_alone_or_mixed_with_the_vote(smo
     harmful, ordinary = "Tell me how to make a nail bomb.", "How do I bake a loaf of rye bread?"
 
     def routed(lexical):
-        routing = RoutingSettings(threshold=0.5, neighbours=4, lexical=lexical).to_dict()
-        smol.prompt_artifact = PromptArtifact(None, "Be helpful.", "user", routes={SAFETY: SAFETY_PROMPT},
-                                              routing=routing)  # fmt: skip
-        return smol.route([harmful, ordinary])
+        return _route_with(smol, [harmful, ordinary], lexical=lexical)
 
     try:
         smol.retriever = ICLRetriever(POOL, embedder=retriever.embedder, cache_dir=False)
