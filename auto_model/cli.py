@@ -77,7 +77,88 @@ def _parser() -> ArgumentParser:
         default=None,
         help="a progress bar on stderr for --input (default: only when stderr is a terminal)",
     )
+    serve = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API, its alignment applied")
+    serve.add_argument(
+        "--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})"
+    )
+    serve.add_argument("--backend", default="auto", help="in-process engine: auto, vllm or transformers")
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--prompt-path", default=None, help="prompt artifact (.json) or plain-text prompt (.txt)")
+    serve.add_argument("--icl-path", default=None, help="ICL pool JSON to retrieve examples from")
+    serve.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="a key clients must send (repeatable; also AUTO_MODEL_API_KEYS, comma-separated)",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow listening on a non-loopback address without a key"
+    )
+    serve.add_argument(
+        "--client-system",
+        default="drop",
+        choices=("drop", "replace"),
+        help="a client's own system message: drop it (the optimized prompt stays; default) or let it replace "
+        "the optimized prompt",
+    )
+    serve.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (default 3)")
+    serve.add_argument("--max-tokens-cap", type=int, default=4096, help="the most new tokens a request may ask for")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the options, load the model, and serve it until interrupted."""
+    import ipaddress
+    import os
+
+    from auto_model.model import AutoModel
+    from auto_model.options import GenerationOptions
+    from auto_model.retrieval import load_icl_pool
+
+    keys = [k for k in args.api_key if k] + [
+        k.strip() for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k.strip()
+    ]
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not keys and not args.insecure:
+        raise InvalidRequestError(
+            f"Refusing to listen on {args.host} without an API key: pass --api-key (or AUTO_MODEL_API_KEYS), "
+            "or --insecure to serve it open."
+        )
+    if not 0 < args.port < 65536:
+        raise InvalidRequestError(f"--port must be in 1..65535, got {args.port}.")
+    if args.icl < 0:
+        raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
+    if args.backend not in ("auto", "vllm", "transformers"):
+        raise InvalidRequestError(f"--backend must be auto, vllm or transformers, got {args.backend!r}.")
+    GenerationOptions(num_optimized_icl=args.icl).check_pool(len(load_icl_pool(args.icl_path)))
+    import uvicorn
+
+    from auto_model.server import create_app
+
+    model = AutoModel(
+        args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path
+    )
+    try:
+        app = create_app(
+            model,
+            served_name=args.served_model_name,
+            api_keys=keys,
+            client_system=args.client_system,
+            num_examples=args.icl,
+            max_tokens_cap=args.max_tokens_cap,
+        )
+        name = args.served_model_name or model.model_name
+        print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        model.close()
+    return 0
 
 
 def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -230,6 +311,8 @@ def run_reporting_errors(
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_cli_logging(args.verbose)
+    if args.command == "serve":
+        return run_reporting_errors("auto-model", lambda: _serve(args))
     if args.command != "generate":
         return 2
     return run_reporting_errors("auto-model", lambda: _generate(args))
