@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_model import constants
-from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError
+from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError, MissingDependencyError
 from auto_model.files import atomic_open, read_query_rows
 from auto_model.flags import ArgumentParser
 from auto_model.logs import configure_cli_logging
@@ -137,9 +137,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend not in ("auto", "vllm", "transformers"):
         raise InvalidRequestError(f"--backend must be auto, vllm or transformers, got {args.backend!r}.")
     GenerationOptions(num_optimized_icl=args.icl).check_pool(len(load_icl_pool(args.icl_path)))
-    import uvicorn
+    try:
+        import uvicorn
 
-    from auto_model.server import create_app
+        from auto_model.server import create_app
+    except ImportError as exc:
+        raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
 
     model = AutoModel(
         args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path

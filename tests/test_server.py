@@ -113,6 +113,30 @@ def test_models_health_and_openai_style_errors(served):
     assert bad.status_code == 400 and bad.json()["error"]["message"] == "The request body is not valid JSON."
 
 
+def test_metrics_count_requests_statuses_and_tokens_without_keys_or_text(served):
+    before = httpx.get(f"{served}/metrics").text
+    reply = client(served).chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=8
+    )
+    with pytest.raises(openai.NotFoundError):
+        client(served).chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])
+    after = httpx.get(f"{served}/metrics")
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+
+    def value(text: str, sample: str) -> float:
+        found = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(sample + " ")]
+        return float(found[0]) if found else 0.0
+
+    ok = 'auto_model_requests_total{endpoint="chat.completions",status="200"}'
+    missing = 'auto_model_requests_total{endpoint="chat.completions",status="404"}'
+    completion = 'auto_model_tokens_total{kind="completion"}'
+    assert value(after.text, ok) == value(before, ok) + 1 and value(after.text, missing) == value(before, missing) + 1
+    assert value(after.text, completion) == value(before, completion) + reply.usage.completion_tokens
+    assert 'auto_model_request_seconds_count{endpoint="chat.completions"}' in after.text
+    assert value(after.text, "auto_model_requests_in_progress") == 0
+    assert KEY not in after.text and "Name a colour" not in after.text
+
+
 def test_replace_lets_a_client_system_message_replace_the_optimized_prompt(smol):
     from fastapi.testclient import TestClient
 

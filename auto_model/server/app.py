@@ -14,7 +14,10 @@ reads them unchanged; errors are OpenAI-style ``{"error": {...}}`` bodies.
   prompt stays, the client's system text is ignored) or ``replace`` (it replaces the optimized
   prompt, as a ``system`` message does in :meth:`AutoModel.chat`).
 - **Keys**: with ``api_keys``, every ``/v1`` request needs ``Authorization: Bearer KEY`` (compared in
-  constant time); ``/health`` stays open.
+  constant time); ``/health`` and ``/metrics`` stay open.
+- **Metrics**: ``GET /metrics`` in Prometheus's text format (with ``prometheus_client``, one registry
+  per app): requests by endpoint and status, their latency (until the response starts), prompt and
+  completion tokens, and the requests in progress. No key, query or answer appears there.
 - **What the engine cannot do** (``tools``, ``response_format``, ``logprobs``, ``n`` > 1, ...) is
   refused with a 400 that names the field. A streamed answer ends with ``finish_reason`` ``stop``
   and no ``usage`` (the engine's stream does not report them); the non-streaming one has both.
@@ -30,7 +33,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from auto_model.errors import AutoModelError, InvalidRequestError
@@ -81,13 +85,28 @@ def create_app(
         )
     if max_tokens_cap < 1:
         raise InvalidRequestError(f"max_tokens_cap must be >= 1, got {max_tokens_cap}.")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+        raise InvalidRequestError(f"num_examples must be an integer >= 0, got {num_examples!r}.")
     name = served_name or model.model_name
     keys = [k.encode() for k in api_keys if k]
     created = int(time.time())
     app = FastAPI(title="auto-model", docs_url=None, redoc_url=None, openapi_url=None)
+    registry = CollectorRegistry()
+    requests = Counter("auto_model_requests", "Requests answered, by endpoint and HTTP status.",
+                       ["endpoint", "status"], registry=registry)  # fmt: skip
+    latency = Histogram("auto_model_request_seconds", "Seconds until the response starts, by endpoint.",
+                        ["endpoint"], registry=registry)  # fmt: skip
+    tokens = Counter("auto_model_tokens", "Tokens of answered requests (streams: not counted).", ["kind"],
+                     registry=registry)  # fmt: skip
+    in_progress = Gauge("auto_model_requests_in_progress", "Requests being answered now.", registry=registry)
 
     def refused(error: _Refused) -> Any:
         return JSONResponse(error.body(), status_code=error.status)
+
+    def observed(endpoint: str, started: float, response: Any) -> Any:
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
 
     def authorised(request: Request) -> None:
         if not keys:
@@ -153,12 +172,17 @@ def create_app(
     def health() -> Any:
         return {"status": "ok", "model": name}
 
+    @app.get("/metrics")
+    def metrics() -> Any:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     def models(request: Request) -> Any:
+        started = time.perf_counter()
         try:
             authorised(request)
         except _Refused as error:
-            return refused(error)
+            return observed("models", started, refused(error))
         return {
             "object": "list",
             "data": [{"id": name, "object": "model", "created": created, "owned_by": "auto-model"}],
@@ -166,6 +190,11 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        started = time.perf_counter()
+        with in_progress.track_inprogress():
+            return observed("chat.completions", started, await answer(request))
+
+    async def answer(request: Request) -> Any:
         try:
             authorised(request)
             try:
@@ -207,6 +236,8 @@ def create_app(
                 "total_tokens": result.prompt_tokens + result.completion_tokens,
             },  # fmt: skip
         }
+        tokens.labels("prompt").inc(result.prompt_tokens)
+        tokens.labels("completion").inc(result.completion_tokens)
         return JSONResponse(reply, headers=alignment_headers(result.route))
 
     return app
