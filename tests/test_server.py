@@ -105,6 +105,8 @@ def test_models_health_and_openai_style_errors(served):
             model="smol", messages=messages, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]
         )
     assert tools.value.param == "tools" and "'tools' is not supported" in str(tools.value)
+    with pytest.raises(openai.BadRequestError, match="'stream_options' must be an object"):
+        client(served).chat.completions.create(model="smol", messages=messages, extra_body={"stream_options": 1})
     with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
         client(served).chat.completions.create(model="smol", messages=messages, n=2)
     with pytest.raises(openai.BadRequestError, match="last message must be a user turn"):
@@ -133,6 +135,9 @@ def test_metrics_count_requests_statuses_and_tokens_without_keys_or_text(served)
     assert value(after.text, ok) == value(before, ok) + 1 and value(after.text, missing) == value(before, missing) + 1
     assert value(after.text, completion) == value(before, completion) + reply.usage.completion_tokens
     assert 'auto_model_request_seconds_count{endpoint="chat.completions"}' in after.text
+    listed = 'auto_model_requests_total{endpoint="models",status="200"}'
+    client(served).models.list()
+    assert value(httpx.get(f"{served}/metrics").text, listed) == value(after.text, listed) + 1
     assert value(after.text, "auto_model_requests_in_progress") == 0
     assert KEY not in after.text and "Name a colour" not in after.text
 

@@ -163,7 +163,10 @@ def create_app(
         }
         if body.get("seed") is not None:
             options["seed"] = _number(body, "seed", None, int)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise _Refused(400, "'stream_options' must be an object.", param="stream_options")
+        if stream_options.get("include_usage"):
             raise _Refused(400, "'stream_options.include_usage' is not supported yet; the non-streaming response "
                            "carries 'usage'.", param="stream_options")  # fmt: skip
         return messages, options, bool(body.get("stream"))
@@ -183,10 +186,8 @@ def create_app(
             authorised(request)
         except _Refused as error:
             return observed("models", started, refused(error))
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "auto-model"}],
-        }
+        listed = [{"id": name, "object": "model", "created": created, "owned_by": "auto-model"}]
+        return observed("models", started, JSONResponse({"object": "list", "data": listed}))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
