@@ -149,20 +149,16 @@ def create_app(
         max_tokens = _number({"max_tokens": limit}, "max_tokens", 512, int)
         if max_tokens < 1:
             raise _Refused(400, "'max_tokens' must be >= 1.", param="max_tokens")
-        stop = body.get("stop")
-        if stop is not None and not (
-            isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
-        ):
-            raise _Refused(400, "'stop' must be a string or a list of strings.", param="stop")
+        # The sampling values are checked where every request's are (GenerationOptions, inside chat): a 400.
         options = {
-            "temperature": _number(body, "temperature", 1.0),
-            "top_p": _number(body, "top_p", 1.0),
+            "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+            "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
             "max_new_tokens": min(max_tokens, max_tokens_cap),
-            "stop": stop,
+            "stop": body.get("stop"),
             "num_optimized_icl": num_examples,
         }
         if body.get("seed") is not None:
-            options["seed"] = _number(body, "seed", None, int)
+            options["seed"] = body["seed"]
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise _Refused(400, "'stream_options' must be an object.", param="stream_options")
