@@ -98,14 +98,48 @@ def _parser() -> ArgumentParser:
         "--insecure", action="store_true", help="allow listening on a non-loopback address without a key"
     )
     serve.add_argument(
+        "--upstream",
+        default=None,
+        metavar="URL",
+        help="forward to this OpenAI-compatible server (e.g. http://127.0.0.1:8001/v1) instead of running the "
+        "model in-process; --model is then its name there",
+    )
+    serve.add_argument(
+        "--upstream-api-key",
+        default=None,
+        help="the upstream's key (default: AUTO_MODEL_UPSTREAM_API_KEY); never logged or returned",
+    )
+    serve.add_argument(
         "--client-system",
-        default="drop",
-        choices=("drop", "replace"),
-        help="a client's own system message: drop it (the optimized prompt stays; default) or let it replace "
-        "the optimized prompt",
+        default="prepend",
+        choices=("prepend", "replace", "drop"),
+        help="a client's own system message: prepend (the optimized prompt first, the client's after it; "
+        "default), replace (it replaces the optimized prompt) or drop (ignored)",
+    )
+    serve.add_argument(
+        "--allow-alignment-override",
+        action="store_true",
+        help='let a request switch its alignment with "auto_model": {"optimized_prompt": ..., "optimized_icl": '
+        '..., "num_optimized_icl": ...} (refused by default)',
     )
     serve.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (default 3)")
-    serve.add_argument("--max-tokens-cap", type=int, default=4096, help="the most new tokens a request may ask for")
+    serve.add_argument(
+        "--max-tokens", "--max-tokens-cap", dest="max_tokens", type=int, default=4096,
+        help="the most new tokens a request may ask for; also the default (4096)",
+    )  # fmt: skip
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get a 413")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests that may wait; beyond it a 429 (256)")
+    serve.add_argument(
+        "--max-concurrency", type=int, default=64, help="requests in flight to the upstream at once (64)"
+    )
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a 504 (600)")
+    serve.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=10.0,
+        help="in-process: milliseconds to wait for more requests to batch with the first (10)",
+    )
+    serve.add_argument("--max-batch", type=int, default=16, help="in-process: most requests per engine call (16)")
     return parser
 
 
@@ -140,13 +174,37 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from auto_model.server import create_app
+        from auto_model.server import ServerLimits, Upstream, create_app
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
 
-    model = AutoModel(
-        args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        max_concurrency=args.max_concurrency,
+        request_timeout=args.request_timeout,
+        batch_window=args.batch_window_ms / 1000,
+        max_batch=args.max_batch,
     )
+    upstream = None
+    if args.upstream:
+        if not args.model:
+            raise InvalidRequestError("--upstream needs --model: the model's name on the upstream server.")
+        upstream = Upstream(args.upstream, args.upstream_api_key or os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY"))
+        model = AutoModel(
+            args.model,
+            backend="openai",
+            base_url=upstream.base_url,
+            api_key=upstream.api_key or "unused",
+            prompt_format="chat",
+            prompt_path=args.prompt_path,
+            icl_path=args.icl_path,
+        )
+    else:
+        model = AutoModel(
+            args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path
+        )
     try:
         app = create_app(
             model,
@@ -154,10 +212,15 @@ def _serve(args: argparse.Namespace) -> int:
             api_keys=keys,
             client_system=args.client_system,
             num_examples=args.icl,
-            max_tokens_cap=args.max_tokens_cap,
+            upstream=upstream,
+            allow_alignment_override=args.allow_alignment_override,
+            limits=limits,
         )
+        model.format_prompt("warm-up")  # loads the embedder now, not on the first request
         name = args.served_model_name or model.model_name
-        print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        target = f" in front of {upstream.base_url}" if upstream else ""
+        print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target} (Ctrl-C stops)",
+              file=sys.stderr)  # fmt: skip
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         model.close()

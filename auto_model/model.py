@@ -27,6 +27,7 @@ from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from auto_model.errors import BatchGenerationError, InvalidRequestError
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import (
+    PROMPT_FORMATS,
     START,
     AssembledPrompt,
     Message,
@@ -284,12 +285,58 @@ class AutoModel:
         num_optimized_icl: int = 3,
         *,
         options: GenerationOptions | None = None,
+        prompt_format: str | None = None,
     ) -> AssembledPrompt | list[AssembledPrompt]:
-        """The exact prompt(s) :meth:`generate` would send to the engine, without generating."""
+        """The exact prompt(s) :meth:`generate` would send to the engine, without generating.
+
+        ``prompt_format`` assembles them in another format than the engine's (:attr:`prompt_format`):
+        ``"base"`` gives the plain text a completions endpoint takes, ``"messages"`` the chat messages."""
         single, queries = parse_queries(user_query)
         options = _options(options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl))
-        prompts = self._assemble(queries, options)
+        if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+            raise InvalidRequestError(
+                f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}."
+            )
+        prompts = self._assemble(queries, options, fmt=prompt_format)
         return prompts[0] if single else prompts
+
+    def format_chat(
+        self,
+        messages: Sequence[Message],
+        user_specified_system_prompt: str | None = None,
+        optimized_prompt: bool = True,
+        optimized_icl: bool = True,
+        num_optimized_icl: int = 3,
+        *,
+        options: GenerationOptions | None = None,
+        system_messages: str = "replace",
+    ) -> AssembledPrompt:
+        """The exact prompt :meth:`chat` would send to the engine for this conversation, without
+        generating (its route is on ``.route``; for a server engine the prompt is the message list).
+
+        On an engine that takes messages (the openai backend), a conversation may also carry what
+        OpenAI's chat API does and this SDK does not read: ``tool`` and ``developer`` turns,
+        assistant ``tool_calls``, multi-part ``content`` (its text parts are what is retrieved on)
+        and any other field of a message; they reach the server unchanged."""
+        options = _options(options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl))
+        return self._chat_prompt(messages, options, system_messages)
+
+    def _chat_prompt(self, messages: Any, options: GenerationOptions, system_messages: str) -> AssembledPrompt:
+        if system_messages not in SYSTEM_MESSAGE_MODES:
+            raise InvalidRequestError(
+                f"system_messages must be one of {', '.join(SYSTEM_MESSAGE_MODES)}, got {system_messages!r}."
+            )
+        system, conversation, last_user = _conversation(messages, open_format=self.prompt_format == "messages")
+        suffix = None
+        if system is not None and system_messages == "replace":
+            if options.user_specified_system_prompt is not None:
+                raise InvalidRequestError(
+                    "Pass the system prompt either as a system message or as user_specified_system_prompt, not both."
+                )
+            options = replace(options, user_specified_system_prompt=system)
+        elif system_messages == "prepend":
+            suffix = system
+        return self._assemble([last_user], options, conversation=conversation, system_suffix=suffix)[0]
 
     # -- generation --------------------------------------------------------------------------
 
@@ -434,35 +481,31 @@ class AutoModel:
         options: GenerationOptions | None = None,
         stream: bool = False,
         return_details: bool = False,
+        system_messages: str = "replace",
         **sampling_kwargs: Any,
     ) -> Any:
         """Answer the last user turn of a multi-turn conversation.
 
         The optimized system prompt and the examples retrieved for the last user turn are put once
-        at the start of the conversation; the turns follow unchanged. A ``system`` message in
-        ``messages`` replaces the optimized prompt (like ``user_specified_system_prompt``).
+        at the start of the conversation; the turns follow unchanged.
 
         Args:
             messages: ``[{"role": "user" | "assistant" | "system", "content": str}, ...]`` ending
                 with a user turn.
             stream: yield text chunks instead of returning the answer.
+            system_messages: what a ``system`` message in ``messages`` does: ``"replace"`` the
+                optimized prompt (like ``user_specified_system_prompt``; the default), ``"prepend"``
+                (the optimized prompt comes first, the message's text after it) or ``"drop"`` (it is
+                ignored).
             (the rest as in :meth:`generate`)
         """
-        system, conversation = _conversation(messages)
         options = _options(
             options,
             (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        if system is not None:
-            if options.user_specified_system_prompt is not None:
-                raise InvalidRequestError(
-                    "Pass the system prompt either as a system message or as user_specified_system_prompt, not both."
-                )
-            options = replace(options, user_specified_system_prompt=system)
-        last_user = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
-        prompt = self._assemble([last_user], options, conversation=conversation)[0]
+        prompt = self._chat_prompt(messages, options, system_messages)
         request = self._request(prompt, options.sampling())
         if stream:
             return self._stream(request)
@@ -575,6 +618,17 @@ class AutoModel:
         sampling = options.sampling()
         return [self._request(p, sampling) for p in self._assemble(queries, options)]
 
+    def build_chat_request(
+        self, messages: Sequence[Message], options: GenerationOptions, system_messages: str = "replace"
+    ) -> GenerationRequest:
+        """The engine request :meth:`chat` sends for this conversation, assembled the same way (the
+        prompt, the examples and the sampling all from ``options``; ``system_messages`` as in
+        :meth:`chat`); its route is on ``request.route``. Requests of several conversations can go to
+        the engine in one call with :meth:`run_requests`."""
+        if not isinstance(options, GenerationOptions):
+            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
+        return self._request(self._chat_prompt(messages, options, system_messages), options.sampling())
+
     def run_requests(
         self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
     ) -> list[Outcome]:
@@ -608,6 +662,9 @@ class AutoModel:
         queries: list[str],
         options: GenerationOptions,
         conversation: list[Message] | None = None,
+        *,
+        fmt: Any = None,
+        system_suffix: str | None = None,
     ) -> list[AssembledPrompt]:
         options.check_pool(len(self.icl_pool))  # before anything is embedded
         k = options.num_optimized_icl if options.optimized_icl else 0
@@ -617,7 +674,7 @@ class AutoModel:
             routes, examples = self.router.search(queries, k, options.route)
         else:
             routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]
-        fmt: Any = self.prompt_format  # servers take messages; local engines get them rendered with the template
+        fmt = fmt or self.prompt_format  # servers take messages; local engines get them rendered with the template
         turns: list[Any] = queries if conversation is None else [conversation]
         tokenizer = self.backend.tokenizer
         prompts = []
@@ -626,6 +683,8 @@ class AutoModel:
                 system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
             else:
                 system = self.prompt_artifact.prompt_for(route.name)
+            if system_suffix:
+                system = f"{system.rstrip()}\n\n{system_suffix}" if system and system.strip() else system_suffix
             prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
             prompts.append(replace(prompt, route=route))
         return prompts
@@ -687,15 +746,47 @@ _ARGUMENT_NAMES = ("user_specified_system_prompt", "optimized_prompt", "optimize
 
 
 _ROLES = ("system", "user", "assistant")
+#: What a system message in a conversation does (``chat(..., system_messages=...)``).
+SYSTEM_MESSAGE_MODES = ("replace", "prepend", "drop")
+#: The roles of OpenAI's chat API, which a server engine takes.
+_OPEN_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def _conversation(messages: Any) -> tuple[str | None, list[Message]]:
-    """Validate a conversation; return its system text (or None) and the other turns."""
+def _text(content: Any) -> str | None:
+    """The text of a message's content: a string, or the joined text of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return "\n".join(p["text"] for p in content if p.get("type") == "text" and isinstance(p.get("text"), str))
+    return None
+
+
+def _conversation(messages: Any, open_format: bool = False) -> tuple[str | None, list[Message], str]:
+    """Validate a conversation; return its system text (or None), the other turns and the text of
+    the last user turn. ``open_format`` (an engine that takes OpenAI messages) also lets through
+    OpenAI's other roles, multi-part content and extra fields, unchanged."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError('messages must be a non-empty list of {"role": ..., "content": ...} dicts.')
     system: list[str] = []
     turns: list[Message] = []
     for i, m in enumerate(messages):
+        if open_format:
+            if not isinstance(m, dict) or m.get("role") not in _OPEN_ROLES:
+                raise InvalidRequestError(
+                    f"messages[{i}] must be a dict whose role is one of {', '.join(_OPEN_ROLES)}, got {m!r}."
+                )
+            content = m.get("content")
+            if content is not None and _text(content) is None:
+                raise InvalidRequestError(f"messages[{i}].content must be a string or a list of content parts.")
+            if m["role"] in ("system", "developer"):
+                if turns:
+                    raise InvalidRequestError(
+                        f"messages[{i}]: a {m['role']} message must come before the conversation turns."
+                    )
+                system.append(_text(content) or "")
+            else:
+                turns.append(dict(m))
+            continue
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
             raise InvalidRequestError(
                 f'messages[{i}] must be {{"role": "system" | "user" | "assistant", "content": str}}, got {m!r}.'
@@ -706,8 +797,10 @@ def _conversation(messages: Any) -> tuple[str | None, list[Message]]:
             system.append(m["content"])
         else:
             turns.append({"role": m["role"], "content": m["content"]})
-    if not turns or turns[-1]["role"] != "user":
+    last = turns[-1]["role"] if turns else None
+    if last != "user" and not (open_format and last in ("tool", "function")):
         raise InvalidRequestError("The last message must be a user turn: the one to answer.")
-    if not turns[-1]["content"].strip():
+    last_user = next((_text(m.get("content")) or "" for m in reversed(turns) if m["role"] == "user"), "")
+    if not last_user.strip():
         raise InvalidRequestError("The last user message is empty; pass the question to answer.")
-    return ("\n\n".join(system) if system else None), turns
+    return ("\n\n".join(system) if system else None), turns, last_user

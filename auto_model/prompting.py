@@ -35,6 +35,7 @@ ANSWER_HEADER = "# Answer:"
 BASE_STOP: tuple[str, ...] = (END, "\n" + QUERY_HEADER)
 
 PromptFormat = Literal["base", "chat", "messages"]
+PROMPT_FORMATS: tuple[str, ...] = ("base", "chat", "messages")
 Message = dict[str, str]
 Prompt = str | list[Message]
 
@@ -136,7 +137,7 @@ def build_messages(
     if isinstance(query, str):
         messages.append({"role": "user", "content": query.strip()})
     else:
-        messages.extend({"role": m["role"], "content": m["content"]} for m in query)
+        messages.extend(dict(m) for m in query)  # a server's messages may carry more than role and content
     return messages
 
 

@@ -5,11 +5,15 @@ be made to do on a schedule:
 
 - **misbehave** — 429 and 500 answers, a hang past the client's timeout, a 200 with truncated JSON,
   a 401 (:meth:`FaultServer.plan`). The schedule is keyed by the request's last user message (chat)
-  or its prompt's last line (completions), so it holds under concurrency;
+  or its prompt's open query (completions in the SDK's base format; else its last line), so it
+  holds under concurrency;
 - **answer after an exact delay** (``delay``), serving requests in parallel, so that a client's
   concurrency can be measured against the ideal: ``n`` requests at concurrency ``c`` take
   ``ceil(n / c) * delay``. ``GET /stats`` reports the requests served and the most in flight at
   once (``/stats?reset=1`` also starts the counts again).
+
+A chat request that offers ``tools`` gets a call to the first one. Every request body is kept
+(``bodies``), so a test can read what a proxy sent.
 
 It implements ``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models``, with
 HTTP/1.1 keep-alive and one thread per connection. In a test it runs in a thread (``with
@@ -51,6 +55,7 @@ class FaultServer:
         self.attempts: defaultdict[str, int] = defaultdict(int)
         self.intervals: list[tuple[str, float, float]] = []  # (key, start, end) of every answered request
         self.auth_headers: list[str] = []
+        self.bodies: list[dict[str, Any]] = []  # every request body, as received
         self.served = 0
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -73,10 +78,15 @@ class FaultServer:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 chat = self.path.endswith("/chat/completions")
-                key = body["messages"][-1]["content"] if chat else body["prompt"].rstrip().splitlines()[-1]
-                key = key.strip()
+                prompt = body.get("prompt")
+                key = (
+                    _chat_key(body["messages"])
+                    if chat
+                    else _prompt_key(prompt[0] if isinstance(prompt, list) else prompt)
+                )
                 with server._lock:
                     server.auth_headers.append(self.headers.get("Authorization", ""))
+                    server.bodies.append(body)
                     attempt = server.attempts[key]
                     server.attempts[key] += 1
                     plan = server.schedule.get(key, [])
@@ -86,33 +96,45 @@ class FaultServer:
                 start = time.monotonic()
                 try:
                     time.sleep(server.delay)
-                    self._act(action, key, chat, body.get("model", "fault-model"))
+                    self._act(action, key, chat, body)
                 finally:
                     with server._lock:
                         server.intervals.append((key, start, time.monotonic()))
                         server.in_flight -= 1
                         server.served += 1
 
-            def _act(self, action: str, key: str, chat: bool, model: str) -> None:
+            def _act(self, action: str, key: str, chat: bool, body: dict[str, Any]) -> None:
                 if action == "hang":
                     time.sleep(server.hang)
                     action = "ok"  # too late: the client has given up on this attempt
                 if action in ("429", "500", "401"):
-                    error = {"error": {"message": f"injected {action}", "type": "fault", "code": action}}
+                    note = f"injected {action}"
+                    if action == "401":  # as some servers do: the rejected key, repeated back
+                        note += f" for key {self.headers.get('Authorization', '')[7:]}"
+                    error = {"error": {"message": note, "type": "fault", "code": action}}
                     self._send(int(action), error, {"retry-after-ms": "10"})
                     return
                 text = f"echo: {key}"
-                choice = (
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                    if chat
-                    else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
-                )
+                if chat and body.get("tools"):  # a tool call to the first tool offered
+                    call = {"id": "call_1", "type": "function",
+                            "function": {"name": body["tools"][0]["function"]["name"], "arguments": "{}"}}  # fmt: skip
+                    called = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    choices: list[dict[str, Any]] = [{"index": 0, "message": called, "finish_reason": "tool_calls"}]
+                elif chat:
+                    message = {"role": "assistant", "content": text}
+                    choices = [
+                        {"index": i, "message": message, "finish_reason": "stop"} for i in range(body.get("n") or 1)
+                    ]
+                else:
+                    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+                    choices = [{"index": i, "text": f"echo: {_prompt_key(p)}", "finish_reason": "stop",
+                                "logprobs": None} for i, p in enumerate(prompts)]  # fmt: skip
                 payload = {
                     "id": "x",
                     "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()),
-                    "model": model,
-                    "choices": [choice],
+                    "model": body.get("model", "fault-model"),
+                    "choices": choices,
                     "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
                 }
                 if action == "truncated":
@@ -169,6 +191,7 @@ class FaultServer:
             self.attempts.clear()
             self.intervals.clear()
             self.auth_headers.clear()
+            self.bodies.clear()
             self.served = self.peak_in_flight = 0
 
     def __enter__(self) -> FaultServer:
@@ -178,6 +201,24 @@ class FaultServer:
     def __exit__(self, *exc: Any) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _chat_key(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message (its text parts, for multi-part content)."""
+    content = next(m.get("content") for m in reversed(messages) if m.get("role") == "user")
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return str(content).strip()
+
+
+def _prompt_key(prompt: Any) -> str:
+    """The open query of a completions prompt in the SDK's base format (the lines between its last
+    ``# Query:`` and ``# Answer:``), else its last line."""
+    text = str(prompt).rstrip()
+    head, found, tail = text.rpartition("# Query:\n")
+    if found and "\n\n# Answer:" in tail:
+        return tail.split("\n\n# Answer:")[0].strip()
+    return text.splitlines()[-1].strip()
 
 
 class ServerProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,38 @@ class CallCounter:
 @pytest.fixture
 def count_calls():
     return CallCounter
+
+
+@contextmanager
+def _running(app, **config):
+    """An ASGI app served by a real uvicorn on a free port of 127.0.0.1, in a thread; yields its root URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def running():
+    """``with running(app) as url:`` serves an app on 127.0.0.1 for the block (real uvicorn)."""
+    return _running
 
 
 def pytest_report_header(config):

@@ -154,8 +154,8 @@ def test_base_format_uses_completions(fault):
     assert model.prompt_style == "base"
     prompt = model.format_prompt("what now", optimized_icl=False).prompt
     assert isinstance(prompt, str) and prompt.endswith("<START>\n")
-    # FaultServer keys completions by the prompt's last line, which is the open <START> marker.
-    assert model.generate("what now", **GREEDY) == "echo: <START>"
+    # FaultServer keys a base-format prompt by its open query.
+    assert model.generate("what now", **GREEDY) == "echo: what now"
 
 
 def test_missing_key_names_openai_api_key(fault, monkeypatch):

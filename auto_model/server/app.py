@@ -1,62 +1,137 @@
 """The ASGI app of ``auto-model serve`` (FastAPI on uvicorn).
 
-This part serves a model in-process: ``GET /health``, ``GET /v1/models`` and
-``POST /v1/chat/completions``, streaming (server-sent events) or not. Every request goes through
-:meth:`auto_model.AutoModel.chat`, the facade's public request path, so it gets the model's
-optimized system prompt and the examples retrieved for its last user turn exactly as ``generate``
-does. Responses follow OpenAI's schemas (``usage`` included), so the official ``openai`` client
-reads them unchanged; errors are OpenAI-style ``{"error": {...}}`` bodies.
+Two modes, one app:
+
+- **in-process** (``create_app(model)``): the model's own engine answers. Concurrent requests are
+  served in batches (:mod:`auto_model.server.batching`): those that arrive within ``batch_window``
+  seconds of each other, or while the engine is busy, go to the engine in one call of at most
+  ``max_batch`` requests. What the engine cannot do (``tools``, ``response_format``,
+  ``logprobs``, ...) is refused with a 400 that names the field.
+- **upstream** (``create_app(model, upstream=Upstream(url, key))``): requests are forwarded to an
+  OpenAI-compatible server (:mod:`auto_model.server.upstream`). Every field the alignment does not
+  touch (``tools``, ``response_format``, ``logprobs``, ``seed``, ``n``, multi-part content, ...)
+  passes through unchanged, both ways; the model's name is mapped (served name to upstream name and
+  back).
+
+Either way the alignment is assembled by the facade's public request path —
+:meth:`AutoModel.build_chat_request` / :meth:`AutoModel.build_requests` in-process,
+:meth:`AutoModel.format_chat` / :meth:`AutoModel.format_prompt` for an upstream — so a request
+gets the model's optimized system prompt and the examples retrieved for its last user turn exactly
+as ``generate`` and ``chat`` give them. ``POST /v1/completions`` aligns each prompt as a query (in
+the ``base`` text format for an upstream, whose stop strings are added to the request's).
 
 - **Alignment headers**: ``x-auto-model-artifact`` (the prompt artifact's model id),
-  ``x-auto-model-route`` (``everyday`` or ``safety``, non-streaming responses) and
-  ``x-auto-model-examples`` (how many examples were injected).
-- **A client's own system message** (``client_system``): ``drop`` (the default: the optimized
-  prompt stays, the client's system text is ignored) or ``replace`` (it replaces the optimized
-  prompt, as a ``system`` message does in :meth:`AutoModel.chat`).
-- **Keys**: with ``api_keys``, every ``/v1`` request needs ``Authorization: Bearer KEY`` (compared in
-  constant time); ``/health`` and ``/metrics`` stay open.
-- **Metrics**: ``GET /metrics`` in Prometheus's text format (with ``prometheus_client``, one registry
-  per app): requests by endpoint and status, their latency (until the response starts), prompt and
-  completion tokens, and the requests in progress. No key, query or answer appears there.
-- **What the engine cannot do** (``tools``, ``response_format``, ``logprobs``, ``n`` > 1, ...) is
-  refused with a 400 that names the field. A streamed answer ends with ``finish_reason`` ``stop``
-  and no ``usage`` (the engine's stream does not report them); the non-streaming one has both.
+  ``x-auto-model-examples`` (examples injected per request) and ``x-auto-model-route``
+  (``everyday`` or ``safety``; comma-separated for several prompts).
+- **A client's own system message** (``client_system``): ``prepend`` (the default: the optimized
+  prompt first, the client's text after it), ``replace`` (it replaces the optimized prompt) or
+  ``drop`` (ignored).
+- **Switching alignment per request** (``allow_alignment_override``, off by default): a request may
+  carry ``"auto_model": {"optimized_prompt": bool, "optimized_icl": bool, "num_optimized_icl": int}``
+  (``extra_body`` in the ``openai`` client). Refused with a 400 unless the operator allowed it.
+- **Keys**: with ``api_keys``, every ``/v1`` request needs ``Authorization: Bearer KEY`` (compared
+  in constant time); ``/health``, ``/metrics`` and the playground page stay open.
+- **Limits** (:class:`ServerLimits`): request bodies over ``max_body_bytes`` get a 413;
+  ``max_tokens`` is capped; requests beyond the engine's batch (or the upstream's
+  ``max_concurrency``) wait in a queue of ``max_queue``, and a request that finds it full gets a
+  429 with ``Retry-After``; one that takes longer than ``request_timeout`` gets a 504. A client that
+  disconnects cancels its upstream request, or its place in the engine's queue (a streamed local
+  answer stops generating).
+- **Metrics**: ``GET /metrics`` in Prometheus's text format (``prometheus_client``, one registry per
+  app): requests by endpoint and status, latency until the response starts, tokens, requests in
+  progress, queue depth, engine batch sizes. No key, query or answer appears there.
+- **Health**: ``GET /health`` is 200 once the engine is loaded (in-process) or while the upstream
+  answers ``GET /models``; 503 otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from importlib import resources
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from auto_model.errors import AutoModelError, InvalidRequestError
+from auto_model.model import SYSTEM_MESSAGE_MODES
+from auto_model.options import GenerationOptions
+from auto_model.prompting import BASE_STOP
+from auto_model.server.batching import MicroBatcher
+from auto_model.server.upstream import Upstream, UpstreamClient, UpstreamError
 
-#: What happens to a client's own system message.
-CLIENT_SYSTEM_MODES = ("drop", "replace")
-#: Request fields the in-process engine honours, and fields it accepts and ignores.
-_SUPPORTED = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stream",
-              "stream_options", "seed", "n"}  # fmt: skip
-_IGNORED = {"user"}
+#: What happens to a client's own system message (``client_system``).
+CLIENT_SYSTEM_MODES = SYSTEM_MESSAGE_MODES
+#: Request fields the in-process engine honours (and ``user``, accepted and ignored).
+_CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stream",
+                "stream_options", "seed", "n", "user", "auto_model"}  # fmt: skip
+_COMPLETION_FIELDS = {"model", "prompt", "temperature", "top_p", "max_tokens", "stop", "stream", "stream_options",
+                      "seed", "n", "user", "auto_model"}  # fmt: skip
+_OVERRIDES = ("optimized_prompt", "optimized_icl", "num_optimized_icl")
+_MAX_N = 16
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one server accepts.
+
+    Attributes:
+        max_body_bytes: largest request body (413 beyond).
+        max_tokens: cap on a request's ``max_tokens`` (and the default when it gives none).
+        max_queue: requests that may wait for the engine or the upstream (429 beyond).
+        max_concurrency: requests in flight to the upstream at once (upstream mode).
+        request_timeout: seconds a request may take before it gets a 504.
+        batch_window: seconds the in-process engine waits for more requests to batch with the first.
+        max_batch: most requests in one in-process engine call.
+    """
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens: int = 4096
+    max_queue: int = 256
+    max_concurrency: int = 64
+    request_timeout: float = 600.0
+    batch_window: float = 0.01
+    max_batch: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_tokens", "max_concurrency", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}.")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise InvalidRequestError(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
+        if not isinstance(self.request_timeout, (int, float)) or self.request_timeout <= 0:
+            raise InvalidRequestError(f"request_timeout must be a number of seconds > 0, got {self.request_timeout!r}.")
+        if not isinstance(self.batch_window, (int, float)) or not 0 <= self.batch_window <= 10:
+            raise InvalidRequestError(f"batch_window must be 0 to 10 seconds, got {self.batch_window!r}.")
 
 
 class _Refused(Exception):
     """An OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):  # fmt: skip
+                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 def _number(body: dict[str, Any], name: str, default: Any, kind: type = float) -> Any:
@@ -72,25 +147,32 @@ def create_app(
     model: Any,
     *,
     served_name: str | None = None,
-    api_keys: Sequence[str] = (),
-    client_system: str = "drop",
+    api_keys: Any = (),
+    client_system: str = "prepend",
     num_examples: int = 3,
-    max_tokens_cap: int = 4096,
+    upstream: Upstream | None = None,
+    allow_alignment_override: bool = False,
+    limits: ServerLimits | None = None,
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
-    (default: its model name)."""
+    (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
+    that assembles the alignment: an openai-backend :class:`~auto_model.AutoModel` for the upstream's
+    model)."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
         )
-    if max_tokens_cap < 1:
-        raise InvalidRequestError(f"max_tokens_cap must be >= 1, got {max_tokens_cap}.")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
         raise InvalidRequestError(f"num_examples must be an integer >= 0, got {num_examples!r}.")
+    if isinstance(api_keys, str):
+        raise InvalidRequestError("api_keys must be a list of keys, not one string.")
+    if upstream is not None and not isinstance(upstream, Upstream):
+        raise InvalidRequestError(f"upstream must be an Upstream, got {type(upstream).__name__}.")
+    limits = limits or ServerLimits()
     name = served_name or model.model_name
+    upstream_model = (upstream.model if upstream else None) or model.model_name
     keys = [k.encode() for k in api_keys if k]
     created = int(time.time())
-    app = FastAPI(title="auto-model", docs_url=None, redoc_url=None, openapi_url=None)
     registry = CollectorRegistry()
     requests = Counter("auto_model_requests", "Requests answered, by endpoint and HTTP status.",
                        ["endpoint", "status"], registry=registry)  # fmt: skip
@@ -99,14 +181,33 @@ def create_app(
     tokens = Counter("auto_model_tokens", "Tokens of answered requests (streams: not counted).", ["kind"],
                      registry=registry)  # fmt: skip
     in_progress = Gauge("auto_model_requests_in_progress", "Requests being answered now.", registry=registry)
+    queue_depth = Gauge("auto_model_queue_depth", "Requests waiting for the engine or the upstream.",
+                        registry=registry)  # fmt: skip
+    batch_sizes = Histogram("auto_model_batch_size", "Requests per in-process engine call.", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
+    batcher = MicroBatcher(model.run_requests, window=limits.batch_window, max_batch=limits.max_batch,
+                           on_batch=batch_sizes.observe)  # fmt: skip
+    capacity = (limits.max_concurrency if upstream else limits.max_batch) + limits.max_queue
+    state: dict[str, Any] = {"admitted": 0, "client": None}
+    upstream_slots: asyncio.Semaphore | None = None
 
-    def refused(error: _Refused) -> Any:
-        return JSONResponse(error.body(), status_code=error.status)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal upstream_slots
+        if upstream is not None:
+            state["client"] = UpstreamClient(upstream, timeout=limits.request_timeout,
+                                             max_connections=limits.max_concurrency)  # fmt: skip
+            upstream_slots = asyncio.Semaphore(limits.max_concurrency)
+        try:
+            yield
+        finally:
+            await batcher.close()
+            if state["client"] is not None:
+                await state["client"].close()
 
-    def observed(endpoint: str, started: float, response: Any) -> Any:
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    app = FastAPI(title="auto-model", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    # -- shared request handling ---------------------------------------------------------------
 
     def authorised(request: Request) -> None:
         if not keys:
@@ -117,151 +218,433 @@ def create_app(
             raise _Refused(401, "Missing or wrong API key: pass 'Authorization: Bearer KEY'.",
                            kind="authentication_error", code="invalid_api_key")  # fmt: skip
 
-    def alignment_headers(route: str | None) -> dict[str, str]:
-        headers = {"x-auto-model-artifact": str(model.prompt_artifact.model_id or "default"),
-                   "x-auto-model-examples": str(num_examples)}  # fmt: skip
-        if route:
-            headers["x-auto-model-route"] = route
-        return headers
-
-    def parse(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    async def read_json(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise _too_large(limits.max_body_bytes)
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limits.max_body_bytes:
+                raise _too_large(limits.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise _Refused(400, "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise _Refused(400, "The request body must be a JSON object.")
-        for field in body:
-            if field not in _SUPPORTED and field not in _IGNORED:
-                raise _Refused(400, f"'{field}' is not supported by this server's in-process engine; leave it out.",
-                               param=field)  # fmt: skip
+        return body
+
+    def admit() -> None:
+        if state["admitted"] >= capacity:
+            raise _Refused(429, "The server is at capacity (its queue is full); retry shortly.",
+                           kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
+        state["admitted"] += 1
+
+    def release() -> None:
+        state["admitted"] -= 1
+
+    async def guarded(request: Request, work: Any) -> Any:
+        """``work``'s result; cancelled when the client disconnects or the request times out (504)."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, timeout=limits.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        if watcher in done:
+            raise _ClientGone
+        raise _Refused(504, f"The request took longer than {limits.request_timeout:g} s.", kind="timeout",
+                       code="timeout")  # fmt: skip
+
+    def examples_for(options: GenerationOptions) -> int:
+        return options.num_optimized_icl if options.optimized_icl else 0
+
+    def alignment_headers(options: GenerationOptions, routes: list[str]) -> dict[str, str]:
+        artifact = model.prompt_artifact.model_id if options.optimized_prompt else None
+        headers = {
+            "x-auto-model-artifact": str(artifact or "none"),
+            "x-auto-model-examples": str(examples_for(options)),
+        }
+        if routes:
+            headers["x-auto-model-route"] = ",".join(routes)
+        return headers
+
+    def alignment(body: dict[str, Any]) -> GenerationOptions:
+        """The request's alignment settings: the server's, or the client's override where allowed."""
+        override = body.get("auto_model")
+        settings: dict[str, Any] = {"num_optimized_icl": num_examples, "optimized_icl": num_examples > 0}
+        if override is not None:
+            if not allow_alignment_override:
+                raise _Refused(400, "This server does not let clients change the alignment ('auto_model'); "
+                               "its operator can allow it with --allow-alignment-override.",
+                               param="auto_model")  # fmt: skip
+            if not isinstance(override, dict) or set(override) - set(_OVERRIDES):
+                raise _Refused(400, f"'auto_model' must be an object with some of {', '.join(_OVERRIDES)}.",
+                               param="auto_model")  # fmt: skip
+            settings.update(override)
+        return GenerationOptions(**settings)
+
+    def check_model(body: dict[str, Any]) -> None:
         if body.get("model") != name:
             raise _Refused(404, f"The model {body.get('model')!r} does not exist; this server serves {name!r}.",
                            param="model", code="model_not_found")  # fmt: skip
-        if _number(body, "n", 1, int) != 1:
-            raise _Refused(400, "'n' must be 1 on this server's in-process engine.", param="n")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _Refused(400, "'messages' must be a non-empty list.", param="messages")
-        for i, m in enumerate(messages):
-            if isinstance(m, dict) and not isinstance(m.get("content"), str):
-                raise _Refused(400, f"messages[{i}].content must be a string on this server's in-process engine.",
-                               param="messages")  # fmt: skip
-        if client_system == "drop":
-            messages = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": limit}, "max_tokens", 512, int)
-        if max_tokens < 1:
+
+    def max_tokens_of(body: dict[str, Any], *fields: str) -> int | None:
+        value = next((body[f] for f in fields if body.get(f) is not None), None)
+        if value is None:
+            return None
+        value = _number({"max_tokens": value}, "max_tokens", None, int)
+        if value < 1:
             raise _Refused(400, "'max_tokens' must be >= 1.", param="max_tokens")
-        # The sampling values are checked where every request's are (GenerationOptions, inside chat): a 400.
-        options = {
-            "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
-            "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
-            "max_new_tokens": min(max_tokens, max_tokens_cap),
-            "stop": body.get("stop"),
-            "num_optimized_icl": num_examples,
-        }
-        if body.get("seed") is not None:
-            options["seed"] = body["seed"]
+        return int(min(value, limits.max_tokens))
+
+    async def handle(request: Request, endpoint: str, work: Any) -> Any:
+        started = time.perf_counter()
+        with in_progress.track_inprogress():
+            response = await respond(request, work)
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    async def respond(request: Request, work: Any) -> Any:
+        admitted = False
+        try:
+            authorised(request)
+            body = await read_json(request)
+            check_model(body)
+            options = alignment(body)
+            admit()
+            admitted = True
+            response = await work(request, body, options)
+            if isinstance(response, StreamingResponse):
+                admitted = False  # the stream releases its place when it ends
+            return response
+        except _Refused as error:
+            return error.response()
+        except _ClientGone:
+            return Response(status_code=499)
+        except UpstreamError as exc:
+            return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+        except InvalidRequestError as exc:
+            return _Refused(400, str(exc)).response()
+        except AutoModelError as exc:
+            return _Refused(500, str(exc), kind="server_error").response()
+        finally:
+            if admitted:
+                release()
+
+    def usage(prompt: int, completion: int) -> dict[str, int]:
+        tokens.labels("prompt").inc(prompt)
+        tokens.labels("completion").inc(completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # -- in-process ----------------------------------------------------------------------------
+
+    def fields_supported(body: dict[str, Any], supported: set[str]) -> None:
+        for field in body:
+            if field not in supported:
+                raise _Refused(400, f"'{field}' is not supported by this server's in-process engine; leave it out.",
+                               param=field)  # fmt: skip
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise _Refused(400, "'stream_options' must be an object.", param="stream_options")
         if stream_options.get("include_usage"):
-            raise _Refused(400, "'stream_options.include_usage' is not supported yet; the non-streaming response "
-                           "carries 'usage'.", param="stream_options")  # fmt: skip
-        return messages, options, bool(body.get("stream"))
+            raise _Refused(400, "'stream_options.include_usage' is not supported by this server's in-process engine; "
+                           "the non-streaming response carries 'usage'.", param="stream_options")  # fmt: skip
+
+    def sampling(body: dict[str, Any], options: GenerationOptions, *limit_fields: str) -> GenerationOptions:
+        # The sampling values are checked where every request's are (GenerationOptions): a 400.
+        return replace(
+            options,
+            temperature=1.0 if body.get("temperature") is None else body["temperature"],
+            top_p=1.0 if body.get("top_p") is None else body["top_p"],
+            max_new_tokens=max_tokens_of(body, *limit_fields) or min(512, limits.max_tokens),
+            stop=body.get("stop"),
+            seed=body.get("seed"),
+        )
+
+    def count_n(body: dict[str, Any]) -> int:
+        n = _number(body, "n", 1, int)
+        if not 1 <= n <= _MAX_N:
+            raise _Refused(400, f"'n' must be 1 to {_MAX_N}.", param="n")
+        if n > 1 and body.get("stream"):
+            raise _Refused(400, "'n' must be 1 when streaming from this server's in-process engine.", param="n")
+        return int(n)
+
+    async def run_batched(request: Request, prepared: list[Any]) -> list[Any]:
+        queue_depth.inc(len(prepared))
+        try:
+            return list(await guarded(request, asyncio.gather(*(batcher.submit(p) for p in prepared))))
+        finally:
+            queue_depth.dec(len(prepared))
+
+    def messages_of(body: dict[str, Any]) -> Any:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _Refused(400, "'messages' must be a non-empty list.", param="messages")
+        return messages
+
+    async def local_chat(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
+        fields_supported(body, _CHAT_FIELDS)
+        n = count_n(body)
+        messages = messages_of(body)
+        options = sampling(body, options, "max_completion_tokens", "max_tokens")
+        reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            chunks = await run_in_threadpool(
+                lambda: model.chat(messages, stream=True, options=options, system_messages=client_system)
+            )
+            events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
+            return streaming(request, _pump(events, chunks.close), alignment_headers(options, []))
+        prepared = await run_in_threadpool(model.build_chat_request, messages, options, client_system)
+        done = await run_batched(request, [prepared] * n)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                    "logprobs": None} for i, c in enumerate(done)]  # fmt: skip
+        reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": name, "choices": choices,
+                 "usage": usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
+        route = [prepared.route.name] if prepared.route else []
+        return JSONResponse(reply, headers=alignment_headers(options, route))
+
+    async def local_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
+        fields_supported(body, _COMPLETION_FIELDS)
+        n = count_n(body)
+        prompts = prompts_of(body)
+        options = sampling(body, options, "max_tokens")
+        reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            if len(prompts) != 1:
+                raise _Refused(400, "Stream one prompt at a time from this server's in-process engine.", param="prompt")
+            chunks = await run_in_threadpool(lambda: model.stream(prompts[0], options=options))
+            events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
+            return streaming(request, _pump(events, chunks.close), alignment_headers(options, []))
+        prepared = await run_in_threadpool(model.build_requests, prompts, options)
+        done = await run_batched(request, [p for p in prepared for _ in range(n)])
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                   for i, c in enumerate(done)]  # fmt: skip
+        prompt_tokens = sum(c.prompt_tokens for c in done[::n])
+        reply = {"id": reply_id, "object": "text_completion", "created": now, "model": name, "choices": choices,
+                 "usage": usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
+        routes = [p.route.name for p in prepared if p.route]
+        return JSONResponse(reply, headers=alignment_headers(options, routes))
+
+    def prompts_of(body: dict[str, Any]) -> list[str]:
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise _Refused(400, "'prompt' must be a string or a non-empty list of strings (token arrays cannot be "
+                           "aligned).", param="prompt")  # fmt: skip
+        return prompts
+
+    def streaming(request: Request, events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                release()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    # -- upstream ------------------------------------------------------------------------------
+
+    async def forward(request: Request, path: str, payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        client: UpstreamClient = state["client"]
+        assert upstream_slots is not None
+        queue_depth.inc()
+        waiting = True
+        try:
+            async with upstream_slots:
+                queue_depth.dec()
+                waiting = False
+                if payload.get("stream"):
+                    response, lines = await guarded(request, client.stream(path, payload))
+                    return streaming(request, _renamed_lines(response, lines, name), headers)
+                data = await guarded(request, client.post(path, payload))
+        finally:
+            if waiting:
+                queue_depth.dec()
+        if "model" in data:
+            data["model"] = name
+        counts = data.get("usage")
+        if isinstance(counts, dict) and isinstance(counts.get("prompt_tokens"), int):
+            tokens.labels("prompt").inc(counts["prompt_tokens"])
+            tokens.labels("completion").inc(int(counts.get("completion_tokens") or 0))
+        return JSONResponse(data, headers=headers)
+
+    async def upstream_chat(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
+        messages = messages_of(body)
+        prompt = await run_in_threadpool(
+            lambda: model.format_chat(messages, options=options, system_messages=client_system)
+        )
+        payload = {k: v for k, v in body.items() if k != "auto_model"}
+        payload.update(model=upstream_model, messages=prompt.prompt)
+        cap(payload, "max_completion_tokens", "max_tokens")
+        route = [prompt.route.name] if prompt.route else []
+        return await forward(request, "chat/completions", payload, alignment_headers(options, route))
+
+    async def upstream_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
+        prompts = prompts_of(body)
+        assembled = await run_in_threadpool(lambda: model.format_prompt(prompts, options=options, prompt_format="base"))
+        payload = {k: v for k, v in body.items() if k != "auto_model"}
+        texts = [a.prompt for a in assembled]
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        payload.update(model=upstream_model, prompt=texts[0] if isinstance(body["prompt"], str) else texts,
+                       stop=list(dict.fromkeys([*stop, *BASE_STOP])))  # fmt: skip
+        cap(payload, "max_tokens")
+        routes = [a.route.name for a in assembled if a.route]
+        return await forward(request, "completions", payload, alignment_headers(options, routes))
+
+    def cap(payload: dict[str, Any], *fields: str) -> None:
+        given = [f for f in fields if payload.get(f) is not None]
+        for f in given:
+            payload[f] = max_tokens_of(payload, f)
+        if not given:
+            payload["max_tokens"] = limits.max_tokens
+
+    # -- routes --------------------------------------------------------------------------------
 
     @app.get("/health")
-    def health() -> Any:
+    async def health() -> Any:
+        if upstream is not None:
+            problem = await state["client"].ready()
+            if problem:
+                return JSONResponse({"status": "unavailable", "model": name, "reason": problem}, status_code=503)
         return {"status": "ok", "model": name}
 
     @app.get("/metrics")
     def metrics() -> Any:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", response_class=HTMLResponse)
+    def playground() -> Any:
+        page = resources.files("auto_model.server").joinpath("playground.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("__MODEL__", json.dumps(name)))
+
     @app.get("/v1/models")
     def models(request: Request) -> Any:
         started = time.perf_counter()
         try:
             authorised(request)
+            listed = [{"id": name, "object": "model", "created": created, "owned_by": "auto-model"}]
+            response: Any = JSONResponse({"object": "list", "data": listed})
         except _Refused as error:
-            return observed("models", started, refused(error))
-        listed = [{"id": name, "object": "model", "created": created, "owned_by": "auto-model"}]
-        return observed("models", started, JSONResponse({"object": "list", "data": listed}))
+            response = error.response()
+        requests.labels("models", str(response.status_code)).inc()
+        latency.labels("models").observe(time.perf_counter() - started)
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        started = time.perf_counter()
-        with in_progress.track_inprogress():
-            return observed("chat.completions", started, await answer(request))
+        return await handle(request, "chat.completions", upstream_chat if upstream else local_chat)
 
-    async def answer(request: Request) -> Any:
-        try:
-            authorised(request)
-            try:
-                body = json.loads(await request.body())
-            except ValueError:
-                raise _Refused(400, "The request body is not valid JSON.") from None
-            messages, options, stream = parse(body)
-            reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            if stream:
-                chunks = await run_in_threadpool(lambda: model.chat(messages, stream=True, **options))
-                return StreamingResponse(
-                    _events(chunks, reply_id, now, name),
-                    media_type="text/event-stream",
-                    headers=alignment_headers(None),
-                )
-            result = await run_in_threadpool(lambda: model.chat(messages, return_details=True, **options))
-        except _Refused as error:
-            return refused(error)
-        except InvalidRequestError as exc:
-            return refused(_Refused(400, str(exc)))
-        except AutoModelError as exc:
-            return refused(_Refused(500, str(exc), kind="server_error"))
-        reply = {
-            "id": reply_id,
-            "object": "chat.completion",
-            "created": now,
-            "model": name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
-                    "logprobs": None,
-                }
-            ],  # fmt: skip
-            "usage": {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-            },  # fmt: skip
-        }
-        tokens.labels("prompt").inc(result.prompt_tokens)
-        tokens.labels("completion").inc(result.completion_tokens)
-        return JSONResponse(reply, headers=alignment_headers(result.route))
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await handle(request, "completions", upstream_completions if upstream else local_completions)
 
     return app
 
 
-def _events(chunks: Iterator[str], reply_id: str, created: int, name: str) -> Iterator[str]:
-    """The server-sent events of a streamed chat completion (chunk objects, then ``[DONE]``)."""
+def _too_large(limit: int) -> _Refused:
+    return _Refused(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                    code="request_too_large")  # fmt: skip
 
-    def event(delta: dict[str, Any], finish: str | None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        chunk = {
-            "id": reply_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": name,
-            "choices": [choice],
-        }
-        return f"data: {json.dumps(chunk)}\n\n"
 
-    yield event({"role": "assistant", "content": ""}, None)
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: ASGI's next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _deltas(chunks: Iterator[str]) -> Iterator[tuple[dict[str, Any], str | None]]:
+    yield {"role": "assistant", "content": ""}, None
+    for text in chunks:
+        if text:
+            yield {"content": text}, None
+    yield {}, "stop"
+
+
+def _texts(chunks: Iterator[str]) -> Iterator[tuple[str, str | None]]:
+    for text in chunks:
+        if text:
+            yield text, None
+    yield "", "stop"
+
+
+def _chat_event(reply_id: str, created: int, name: str, delta: dict[str, Any], finish: str | None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [choice]}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _completion_event(reply_id: str, created: int, name: str, text: str, finish: str | None) -> str:
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    chunk = {"id": reply_id, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+async def _pump(events: Iterator[str], close: Any) -> AsyncIterator[str]:
+    """A blocking event iterator (over an engine's stream) consumed by a thread of its own. When the
+    consumer stops (the client disconnected), the thread stops at the next chunk and calls ``close``
+    (the engine stream's), which stops the generation."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server stopped)
+            stop.set()
+
+    def pump() -> None:
+        try:
+            for event in events:
+                if stop.is_set():
+                    break
+                put(event)
+        except BaseException as exc:  # reaches the client as an error event
+            put(exc)
+        finally:
+            close()
+            put(done)
+
+    threading.Thread(target=pump, name="auto-model-serve-stream", daemon=True).start()
     try:
-        for text in chunks:
-            if text:
-                yield event({"content": text}, None)
-    except AutoModelError as exc:
-        error = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
-        yield f"data: {json.dumps(error)}\n\n"
-        return
-    yield event({}, "stop")
-    yield "data: [DONE]\n\n"
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                kind = "invalid_request_error" if isinstance(item, InvalidRequestError) else "server_error"
+                error = {"error": {"message": str(item), "type": kind, "param": None, "code": None}}
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+            yield item
+        yield "data: [DONE]\n\n"
+    finally:
+        stop.set()
+
+
+async def _renamed_lines(response: Any, lines: AsyncIterator[str], name: str) -> AsyncIterator[str]:
+    """An upstream's server-sent events, with the model named as the client asked for it."""
+    try:
+        async for line in lines:
+            if line.startswith("data: {"):
+                try:
+                    chunk = json.loads(line[6:])
+                except ValueError:
+                    pass
+                else:
+                    if isinstance(chunk, dict) and "model" in chunk:
+                        chunk["model"] = name
+                        line = f"data: {json.dumps(chunk)}"
+            yield line + "\n"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()

@@ -1,0 +1,149 @@
+"""The upstream of ``auto-model serve --upstream URL``: any OpenAI-compatible server.
+
+Requests are forwarded with ``httpx`` (the HTTP client under the ``openai`` package), one attempt
+each: the client's own retries decide what happens after a 429 or a 5xx, so that a proxy does not
+multiply them. Upstream failures become OpenAI-style errors:
+
+=================================  ===========================================================
+upstream                           the client gets
+=================================  ===========================================================
+4xx / 5xx with a JSON error body   the same status and body (``Retry-After`` kept)
+401 / 403                          502: the upstream refused *this server's* key, not the client's
+a body that is not JSON            502 ``upstream_error``
+no answer within the timeout       504 ``timeout``
+unreachable                        502 ``upstream_unreachable``
+=================================  ===========================================================
+
+The upstream key is sent in ``Authorization`` and nowhere else; any upstream text that repeats it
+is redacted before it reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from auto_model.errors import InvalidRequestError
+
+REDACTED = "[redacted]"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An OpenAI-compatible server to forward to.
+
+    Attributes:
+        base_url: its ``/v1`` root, e.g. ``http://127.0.0.1:8001/v1``.
+        api_key: its key (sent as ``Authorization: Bearer``), or None.
+        model: the model's name there (default: the name the served model was created with).
+    """
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://")):
+            raise InvalidRequestError(f"The upstream must be an http(s) URL such as http://127.0.0.1:8001/v1, got "
+                                      f"{self.base_url!r}.")  # fmt: skip
+
+
+class UpstreamError(Exception):
+    """An upstream failure, as the OpenAI-style error a client gets."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+        super().__init__(body.get("error", {}).get("message", ""))
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> UpstreamError:
+    return UpstreamError(status, {"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+class UpstreamClient:
+    """Forwards requests; one per app, opened in its event loop."""
+
+    def __init__(self, upstream: Upstream, *, timeout: float, max_connections: int):
+        self.upstream = upstream
+        headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=upstream.base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def redact(self, text: str) -> str:
+        key = self.upstream.api_key
+        return text.replace(key, REDACTED) if key else text
+
+    async def ready(self) -> str | None:
+        """None when the upstream answers ``GET /models``, else why not."""
+        try:
+            response = await self._http.get("models", timeout=5.0)
+        except httpx.HTTPError as exc:
+            return self.redact(f"the upstream does not answer: {type(exc).__name__}")
+        if response.status_code != 200:
+            return f"the upstream answered GET /models with HTTP {response.status_code}"
+        return None
+
+    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The upstream's JSON answer to a non-streaming request."""
+        response = await self._send(path, payload, stream=False)
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            raise _error(502, "The upstream answered with a body that is not valid JSON.", "upstream_error") from None
+        if not isinstance(data, dict):
+            raise _error(502, "The upstream answered with JSON that is not an object.", "upstream_error")
+        return data
+
+    async def stream(self, path: str, payload: dict[str, Any]) -> tuple[httpx.Response, AsyncIterator[str]]:
+        """The upstream's streaming response (status 200) and its lines; close the response when done."""
+        response = await self._send(path, payload, stream=True)
+        return response, response.aiter_lines()
+
+    async def _send(self, path: str, payload: dict[str, Any], *, stream: bool) -> httpx.Response:
+        request = self._http.build_request("POST", path, json=payload)
+        try:
+            response = await self._http.send(request, stream=stream)
+        except httpx.TimeoutException:
+            raise _error(504, "The upstream did not answer in time.", "timeout", "timeout") from None
+        except httpx.HTTPError as exc:
+            raise _error(502, self.redact(f"The upstream is unreachable ({type(exc).__name__})."), "upstream_error",
+                         "upstream_unreachable") from None  # fmt: skip
+        if response.status_code == 200:
+            return response
+        try:
+            raw = await response.aread()
+        except httpx.HTTPError:
+            raw = b""
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        raise self._failure(response.status_code, raw, response.headers)
+
+    def _failure(self, status: int, raw: bytes, headers: httpx.Headers) -> UpstreamError:
+        if status in (401, 403):
+            return _error(502, f"The upstream refused this server's key (HTTP {status}); its operator must set "
+                          "--upstream-api-key.", "upstream_error", "upstream_auth")  # fmt: skip
+        kept = {name: headers[name] for name in ("retry-after", "retry-after-ms") if name in headers}
+        try:
+            body = json.loads(self.redact(raw.decode("utf-8", "replace")))
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("message"), str) and "error" not in body:
+            body = {"error": {k: body.get(k) for k in ("message", "type", "param", "code")}}  # vLLM's older shape
+        if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+            text = self.redact(raw.decode("utf-8", "replace"))[:500]
+            body = {"error": {"message": f"The upstream answered HTTP {status}: {text}", "type": "upstream_error",
+                              "param": None, "code": None}}  # fmt: skip
+        return UpstreamError(status, body, kept)
+
+    async def close(self) -> None:
+        await self._http.aclose()
