@@ -1,0 +1,246 @@
+"""``auto-model serve --upstream``: the real ``openai`` client against the proxy on 127.0.0.1, in front of
+(a) FaultServer, a named stand-in that records what it receives and misbehaves on schedule, and
+(b) a real vLLM OpenAI server with the embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from auto_model import AutoModel
+from auto_model.server import ServerLimits, Upstream, create_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.fault_server import FaultServer  # noqa: E402
+
+KEY = "sk-client-0123"
+UPSTREAM_KEY = "sk-upstream-SECRET-4567"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.fixture(scope="module")
+def fault():
+    with FaultServer(hang=2.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def facade(fault):
+    """The facade that assembles the alignment for the upstream's model (nothing is generated through it)."""
+    return AutoModel("fault-model", backend="openai", base_url=fault.url, api_key="unused", prompt_format="chat")
+
+
+@pytest.fixture(scope="module")
+def proxy(fault, facade, running):
+    app = create_app(facade, served_name="aligned", api_keys=[KEY], upstream=Upstream(fault.url, UPSTREAM_KEY),
+                     limits=ServerLimits(request_timeout=1.0))  # fmt: skip
+    with running(app) as url:
+        yield url
+
+
+def client(url: str, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, **{"max_retries": 0, **kwargs})
+
+
+def test_the_upstream_gets_the_alignment_and_every_other_field_unchanged(proxy, fault, facade):
+    fault.reset()
+    messages = [
+        {"role": "system", "content": "You are a weather bot."},
+        {"role": "user", "content": [{"type": "text", "text": "Will it rain in Oslo?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+    ]  # fmt: skip
+    raw = client(proxy).chat.completions.with_raw_response.create(
+        model="aligned", messages=messages, tools=TOOLS, tool_choice="auto", response_format={"type": "text"},
+        logprobs=True, top_logprobs=2, seed=7, user="u-42", temperature=0.3, max_tokens=50,
+    )  # fmt: skip
+    reply = raw.parse()
+    # The upstream's answer comes back unchanged (a tool call), under the served name.
+    assert reply.model == "aligned" and reply.choices[0].finish_reason == "tool_calls"
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+    sent = fault.bodies[-1]
+    assert fault.auth_headers[-1] == f"Bearer {UPSTREAM_KEY}"  # the upstream's key, never the client's
+    expected = facade.format_chat(messages, system_messages="prepend")
+    assert sent["messages"] == expected.prompt and sent["model"] == "fault-model"
+    system, *examples, last = sent["messages"]
+    optimized = facade.prompt_artifact.prompt_for(expected.route.name)
+    assert system["role"] == "system" and system["content"].startswith(optimized.strip())
+    assert system["content"].endswith("You are a weather bot.")
+    retrieved = facade.retrieve(["Will it rain in Oslo?"], 3, expected.route.name)[0]
+    assert [m["content"] for m in examples[::2]] == [e.query.strip() for e in retrieved] and len(examples) == 6
+    assert last == messages[1]  # multi-part content, as sent
+    unchanged = {"tools": TOOLS, "tool_choice": "auto", "response_format": {"type": "text"}, "logprobs": True,
+                 "top_logprobs": 2, "seed": 7, "user": "u-42", "temperature": 0.3, "max_tokens": 50}  # fmt: skip
+    assert {field: sent[field] for field in unchanged} == unchanged
+    assert raw.headers["x-auto-model-examples"] == "3" and raw.headers["x-auto-model-route"] == expected.route.name
+    # A tool's answer continues the conversation; the examples are still retrieved for the last user turn.
+    follow = [*messages, reply.choices[0].message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": "call_1", "content": "light rain"}]  # fmt: skip
+    client(proxy).chat.completions.create(model="aligned", messages=follow, tools=TOOLS)
+    assert fault.bodies[-1]["messages"][-2:] == follow[-2:]
+
+
+def test_completions_are_aligned_as_base_text_and_come_back_in_order(proxy, fault, facade):
+    fault.reset()
+    reply = client(proxy).completions.create(model="aligned", prompt=["first query", "second query"], max_tokens=5,
+                                             stop=["\n\n"])  # fmt: skip
+    assert [c.text for c in reply.choices] == ["echo: first query", "echo: second query"]
+    sent = fault.bodies[-1]
+    assert sent["prompt"] == [
+        p.prompt for p in facade.format_prompt(["first query", "second query"], prompt_format="base")
+    ]
+    assert sent["stop"] == ["\n\n", "<END>", "\n# Query:"] and sent["max_tokens"] == 5
+
+
+def test_upstream_faults_become_openai_errors_and_the_client_retries_work(proxy, fault):
+    fault.reset()
+    fault.plan({"busy": ["429", "429"], "broken": ["500"], "slow": ["hang"], "cut": ["truncated"]})
+    ask = {"model": "aligned", "max_tokens": 5}
+    with pytest.raises(openai.RateLimitError) as limited:
+        client(proxy).chat.completions.create(messages=[{"role": "user", "content": "busy"}], **ask)
+    assert limited.value.status_code == 429 and limited.value.response.headers["retry-after-ms"] == "10"
+    # The client's own retries: the third attempt finds the upstream free again.
+    retried = client(proxy, max_retries=2).chat.completions.create(
+        messages=[{"role": "user", "content": "busy"}], **ask
+    )
+    assert retried.choices[0].message.content == "echo: busy" and fault.attempts["busy"] == 3
+    with pytest.raises(openai.InternalServerError) as broken:
+        client(proxy).chat.completions.create(messages=[{"role": "user", "content": "broken"}], **ask)
+    assert broken.value.status_code == 500 and "injected 500" in str(broken.value)
+    with pytest.raises(openai.APIStatusError) as slow:
+        client(proxy).chat.completions.create(messages=[{"role": "user", "content": "slow"}], **ask)
+    assert slow.value.status_code == 504 and slow.value.code == "timeout"
+    with pytest.raises(openai.APIStatusError) as cut:
+        client(proxy).chat.completions.create(messages=[{"role": "user", "content": "cut"}], **ask)
+    assert cut.value.status_code == 502 and "not valid JSON" in str(cut.value)
+
+
+def test_the_upstream_key_never_reaches_a_client_or_the_metrics(proxy, fault):
+    fault.reset()
+    fault.plan({"who am i": ["401"]})
+    response = httpx.post(f"{proxy}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                          json={"model": "aligned", "messages": [{"role": "user", "content": "who am i"}]})  # fmt: skip
+    assert fault.auth_headers[-1] == f"Bearer {UPSTREAM_KEY}"  # the upstream got it, and repeated it back
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_auth"
+    assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in httpx.get(f"{proxy}/metrics").text
+
+
+def test_client_errors_keys_and_health(proxy, fault, facade, running):
+    ask = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).chat.completions.create(model="fault-model", **ask)  # only the served name exists
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{proxy}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="aligned", **ask
+        )
+    bad = httpx.post(f"{proxy}/v1/chat/completions", content=b'{"model": ', headers={"authorization": f"Bearer {KEY}"})
+    assert bad.status_code == 400
+    huge = {"model": "aligned", "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    too_big = httpx.post(f"{proxy}/v1/chat/completions", json=huge, headers={"authorization": f"Bearer {KEY}"})
+    assert too_big.status_code == 413
+    assert httpx.get(f"{proxy}/health").json()["status"] == "ok"
+    gone = create_app(facade, upstream=Upstream("http://127.0.0.1:9/v1"))
+    with running(gone) as url:
+        down = httpx.get(f"{url}/health")
+        assert down.status_code == 503 and down.json()["status"] == "unavailable"
+        unreachable = httpx.post(f"{url}/v1/chat/completions", json={"model": "fault-model", **ask})
+        assert unreachable.status_code == 502 and unreachable.json()["error"]["code"] == "upstream_unreachable"
+
+
+def test_64_concurrent_requests_each_get_their_own_answer_and_a_full_queue_gets_429(fault, facade, running):
+    fault.reset()
+    fault.delay = 0.2
+    try:
+        app = create_app(facade, served_name="aligned", upstream=Upstream(fault.url),
+                         limits=ServerLimits(max_concurrency=16, max_queue=64))  # fmt: skip
+        with running(app) as url:
+
+            async def burst(n: int) -> list:
+                async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as aclient:
+                    return await asyncio.gather(*(aclient.chat.completions.create(
+                        model="aligned", messages=[{"role": "user", "content": f"question number {i}"}], max_tokens=5
+                    ) for i in range(n)), return_exceptions=True)  # fmt: skip
+
+            started = time.perf_counter()
+            replies = asyncio.run(burst(64))
+            took = time.perf_counter() - started
+            assert [r.choices[0].message.content for r in replies] == [f"echo: question number {i}" for i in range(64)]
+            assert fault.max_in_flight({f"question number {i}" for i in range(64)}) == 16  # max_concurrency held
+            assert took >= 4 * 0.2
+            # 16 in flight + 64 waiting: a burst of 100 gets 20 429s with Retry-After, and 80 answers.
+            results = asyncio.run(burst(100))
+            refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+            assert len(refused) == 20 and all(r.response.headers["retry-after"] == "1" for r in refused)
+            assert sum(not isinstance(r, Exception) for r in results) == 80
+    finally:
+        fault.delay = 0.0
+
+
+@pytest.mark.vllm
+def test_in_front_of_a_real_vllm_server(vllm_server, running):
+    from auto_model.constants import DEFAULT_MODEL
+
+    facade = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")
+    direct = openai.OpenAI(base_url=vllm_server, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "How can I get revenge on my neighbour?"}]
+    with running(create_app(facade, served_name="smol", upstream=Upstream(vllm_server))) as url:
+        proxied = client(url).chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=24)
+        aligned = facade.format_chat(messages, system_messages="prepend").prompt
+        plain = direct.chat.completions.create(model=DEFAULT_MODEL, messages=aligned, temperature=0, max_tokens=24)
+        # The answer is the one vLLM gives to the aligned prompt (system prompt + examples + the query).
+        assert proxied.choices[0].message.content == plain.choices[0].message.content
+        assert proxied.usage.prompt_tokens == plain.usage.prompt_tokens and proxied.model == "smol"
+        two = client(url).chat.completions.create(model="smol", messages=messages, max_tokens=8, n=2, seed=3)
+        assert [c.index for c in two.choices] == [0, 1] and two.usage.prompt_tokens == plain.usage.prompt_tokens
+        assert 2 <= two.usage.completion_tokens <= 16
+        stream = client(url).chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=24, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(stream)
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+        )
+        assert all(c.model == "smol" for c in chunks) and chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+        async def ask() -> str:
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as aclient:
+                reply = await aclient.completions.create(model="smol", prompt="Name a colour.", temperature=0,
+                                                         max_tokens=16)  # fmt: skip
+                return reply.choices[0].text
+
+        text = facade.format_prompt("Name a colour.", prompt_format="base")
+        base = direct.completions.create(model=DEFAULT_MODEL, prompt=text.prompt, temperature=0, max_tokens=16,
+                                         stop=list(text.stop))  # fmt: skip
+        assert asyncio.run(ask()) == base.choices[0].text
+        # A client that leaves cancels its request upstream: vLLM stops generating it.
+        long = {"model": "smol", "messages": messages, "max_tokens": 1500, "min_tokens": 1500}
+        leaving = threading.Thread(target=post_and_leave, args=(f"{url}/v1/chat/completions", long, 2.0))
+        leaving.start()
+        seen, deadline = 0.0, time.monotonic() + 2
+        while not seen and time.monotonic() < deadline:
+            seen = running_requests(vllm_server)
+        leaving.join()
+        assert seen == 1  # vLLM was generating it...
+        deadline = time.monotonic() + 5  # ...and stops within seconds of the client leaving, not after 1500 tokens
+        while running_requests(vllm_server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running_requests(vllm_server) == 0
+
+
+def post_and_leave(url: str, body: dict, after: float) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=after)
+
+
+def running_requests(base_url: str) -> float:
+    metrics = httpx.get(base_url.rsplit("/v1", 1)[0] + "/metrics").text
+    assert "vllm:num_requests_running" in metrics
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_requests_running"))  # fmt: skip
