@@ -21,7 +21,7 @@ DEMO_QUERIES := \
 	"How do I keep cut flowers fresh for longer?"
 DEMO_FLAGS := --temperature 0 --max-new-tokens 256
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean browser
 
 venv: $(STAMP)
 
@@ -41,8 +41,15 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 demo: venv
 	@$(BIN)/auto-model generate $(DEMO_QUERIES) $(DEMO_FLAGS)
 
+# The playground's browser test drives Debian's chromium (Playwright's own browsers cannot be
+# downloaded here); installed once when missing, where apt-get may run (as root, as in CI).
+browser:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
+		echo "make: could not install chromium; the playground's browser test will say so" >&2
+
 # Lint, format check and type check first (seconds), then the tests.
-test: venv
+test: venv browser
 	@$(BIN)/ruff check --quiet auto_model bench tests
 	@$(BIN)/ruff format --check --quiet auto_model bench tests
 	@$(BIN)/mypy --no-error-summary

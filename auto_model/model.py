@@ -629,6 +629,14 @@ class AutoModel:
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         return self._request(self._chat_prompt(messages, options, system_messages), options.sampling())
 
+    def stream_request(self, request: GenerationRequest) -> Iterator[str]:
+        """Stream one prepared request (from :meth:`build_request`, :meth:`build_requests` or
+        :meth:`build_chat_request`) in text chunks, as :meth:`stream` does; closing the iterator
+        stops the generation."""
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequestError(f"request must be a GenerationRequest, got {type(request).__name__}.")
+        return self._stream(request)
+
     def run_requests(
         self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
     ) -> list[Outcome]:

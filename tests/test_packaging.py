@@ -40,6 +40,7 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
         "auto_model/optimized_prompts/candidates/smollm2-135m-instruct.drpo.json",
         "auto_model/evaluation/templates/judge_regular.txt",
         "auto_model/evaluation/templates/judge_safety.txt",
+        "auto_model/server/playground.html",
     ):
         assert data in names, data
     entry_points = next(n for n in names if n.startswith("auto_model-") and n.endswith("entry_points.txt"))

@@ -234,6 +234,7 @@ def test_a_client_that_leaves_a_stream_frees_the_engine(served):
     body = {"model": "smol", "messages": messages, "max_tokens": 400, "stream": True}
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{served}/v1/chat/completions", headers=headers, json=body) as response:
+        assert response.headers["x-auto-model-route"] == "everyday" and response.headers["x-auto-model-examples"] == "3"
         next(response.iter_lines())  # the stream has started; the client leaves
     quick = client(served).chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=2

@@ -395,19 +395,17 @@ def create_app(
         messages = messages_of(body)
         options = sampling(body, options, "max_completion_tokens", "max_tokens")
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            chunks = await run_in_threadpool(
-                lambda: model.chat(messages, stream=True, options=options, system_messages=client_system)
-            )
-            events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
-            return streaming(request, _pump(events, chunks.close), alignment_headers(options, []))
         prepared = await run_in_threadpool(model.build_chat_request, messages, options, client_system)
+        route = [prepared.route.name] if prepared.route else []
+        if body.get("stream"):
+            chunks = model.stream_request(prepared)
+            events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
+            return streaming(request, _pump(events, chunks.close), alignment_headers(options, route))
         done = await run_batched(request, [prepared] * n)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": None} for i, c in enumerate(done)]  # fmt: skip
         reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        route = [prepared.route.name] if prepared.route else []
         return JSONResponse(reply, headers=alignment_headers(options, route))
 
     async def local_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
@@ -416,20 +414,20 @@ def create_app(
         prompts = prompts_of(body)
         options = sampling(body, options, "max_tokens")
         reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            if len(prompts) != 1:
-                raise _Refused(400, "Stream one prompt at a time from this server's in-process engine.", param="prompt")
-            chunks = await run_in_threadpool(lambda: model.stream(prompts[0], options=options))
-            events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
-            return streaming(request, _pump(events, chunks.close), alignment_headers(options, []))
+        if body.get("stream") and len(prompts) != 1:
+            raise _Refused(400, "Stream one prompt at a time from this server's in-process engine.", param="prompt")
         prepared = await run_in_threadpool(model.build_requests, prompts, options)
+        routes = [p.route.name for p in prepared if p.route]
+        if body.get("stream"):
+            chunks = model.stream_request(prepared[0])
+            events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
+            return streaming(request, _pump(events, chunks.close), alignment_headers(options, routes))
         done = await run_batched(request, [p for p in prepared for _ in range(n)])
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
                    for i, c in enumerate(done)]  # fmt: skip
         prompt_tokens = sum(c.prompt_tokens for c in done[::n])
         reply = {"id": reply_id, "object": "text_completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        routes = [p.route.name for p in prepared if p.route]
         return JSONResponse(reply, headers=alignment_headers(options, routes))
 
     def prompts_of(body: dict[str, Any]) -> list[str]:
@@ -524,7 +522,7 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     def playground() -> Any:
         page = resources.files("auto_model.server").joinpath("playground.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("__MODEL__", json.dumps(name)))
+        return HTMLResponse(page.replace("__MODEL__", json.dumps(name).replace("<", "\\u003c")))
 
     @app.get("/v1/models")
     def models(request: Request) -> Any:

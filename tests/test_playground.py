@@ -1,0 +1,71 @@
+"""The playground page (``GET /``) in a real headless browser: Debian's chromium, driven by Playwright.
+
+The screenshot is kept in ``test-artifacts/`` (or ``$AUTO_MODEL_TEST_ARTIFACTS``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from auto_model.server import create_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("AUTO_MODEL_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+QUERY = "How do I hack into my neighbour's wifi?"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed: `make browser` installs it (apt-get, as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def test_the_playground_streams_both_answers_side_by_side(smol, running, browser):
+    app = create_app(smol, served_name="smol", allow_alignment_override=True)
+    with running(app) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        problems: list[str] = []
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("request", lambda request: request.url.startswith(url) or problems.append(f"external: {request.url}"))
+        page.goto(url)
+        assert page.inner_text("#model") == "smol"
+        page.fill("#query", QUERY)
+        page.fill("#max-tokens", "24")
+        page.click("#send")
+        page.wait_for_selector("#plain[data-done=true]", timeout=120_000)
+        page.wait_for_selector("#aligned[data-done=true]", timeout=120_000)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        plain, aligned = page.inner_text("#plain .answer"), page.inner_text("#aligned .answer")
+        meta = page.inner_text("#aligned .meta")
+    greedy = {"temperature": 0, "top_p": 1.0, "max_new_tokens": 24}
+    # The page shows what the facade answers, with and without the alignment.
+    assert aligned == smol.generate(QUERY, **greedy)
+    assert plain == smol.generate(QUERY, optimized_prompt=False, optimized_icl=False, **greedy)
+    assert (
+        plain != aligned and meta == f"prompt: {smol.prompt_artifact.model_id} ({smol.route(QUERY).name}) · examples: 3"
+    )
+    assert not problems
+
+
+def test_without_the_operators_leave_the_comparison_column_says_why(smol, running, browser):
+    with running(create_app(smol, served_name="smol")) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.fill("#query", "Name a colour.")
+        page.fill("#max-tokens", "4")
+        page.click("#send")
+        page.wait_for_selector("#plain[data-done=true]", timeout=60_000)
+        page.wait_for_selector("#aligned[data-done=true]", timeout=60_000)
+        assert "--allow-alignment-override" in page.inner_text("#plain .meta")
+        assert page.inner_text("#aligned .answer")
