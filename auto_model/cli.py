@@ -140,6 +140,12 @@ def _parser() -> ArgumentParser:
         help="in-process: milliseconds to wait for more requests to batch with the first (10)",
     )
     serve.add_argument("--max-batch", type=int, default=16, help="in-process: most requests per engine call (16)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (uvicorn's workers); in-process, each loads its own engine (1)",
+    )
     return parser
 
 
@@ -148,7 +154,6 @@ def _serve(args: argparse.Namespace) -> int:
     import ipaddress
     import os
 
-    from auto_model.model import AutoModel
     from auto_model.options import GenerationOptions
     from auto_model.retrieval import load_icl_pool
 
@@ -174,51 +179,58 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from auto_model.server import ServerLimits, Upstream, create_app
+        from auto_model.server import ServerLimits, Upstream
+        from auto_model.server.factory import OPTIONS_ENV, build
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
 
-    limits = ServerLimits(
-        max_body_bytes=args.max_body_bytes,
-        max_tokens=args.max_tokens,
-        max_queue=args.max_queue,
-        max_concurrency=args.max_concurrency,
-        request_timeout=args.request_timeout,
-        batch_window=args.batch_window_ms / 1000,
-        max_batch=args.max_batch,
-    )
-    upstream = None
+    limits = {
+        "max_body_bytes": args.max_body_bytes,
+        "max_tokens": args.max_tokens,
+        "max_queue": args.max_queue,
+        "max_concurrency": args.max_concurrency,
+        "request_timeout": args.request_timeout,
+        "batch_window": args.batch_window_ms / 1000,
+        "max_batch": args.max_batch,
+    }
+    ServerLimits(**limits)  # checked before anything loads
     if args.upstream:
         if not args.model:
             raise InvalidRequestError("--upstream needs --model: the model's name on the upstream server.")
-        upstream = Upstream(args.upstream, args.upstream_api_key or os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY"))
-        model = AutoModel(
-            args.model,
-            backend="openai",
-            base_url=upstream.base_url,
-            api_key=upstream.api_key or "unused",
-            prompt_format="chat",
-            prompt_path=args.prompt_path,
-            icl_path=args.icl_path,
-        )
-    else:
-        model = AutoModel(
-            args.model, dtype=args.dtype, backend=args.backend, prompt_path=args.prompt_path, icl_path=args.icl_path
-        )
+        Upstream(args.upstream)
+    if args.workers < 1:
+        raise InvalidRequestError(f"--workers must be >= 1, got {args.workers}.")
+    upstream_key = args.upstream_api_key or os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY")
+    options = {
+        "model": args.model,
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "prompt_path": args.prompt_path,
+        "icl_path": args.icl_path,
+        "served_model_name": args.served_model_name,
+        "client_system": args.client_system,
+        "icl": args.icl,
+        "upstream": args.upstream,
+        "allow_alignment_override": args.allow_alignment_override,
+        "limits": limits,
+    }
+    name = args.served_model_name or args.model or constants.default_model()
+    target = f" in front of {args.upstream}" if args.upstream else ""
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
+    if args.workers > 1:
+        # Each worker process builds its own app from the options; the keys travel in the environment
+        # (never in a file), as they may have come.
+        os.environ[OPTIONS_ENV] = json.dumps(options)
+        os.environ["AUTO_MODEL_API_KEYS"] = ",".join(keys)
+        if upstream_key:
+            os.environ["AUTO_MODEL_UPSTREAM_API_KEY"] = upstream_key
+        print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target}{workers} (Ctrl-C stops)",
+              file=sys.stderr)  # fmt: skip
+        uvicorn.run("auto_model.server.factory:app_from_env", factory=True, workers=args.workers, host=args.host,
+                    port=args.port, log_level="warning")  # fmt: skip
+        return 0
+    app, model = build({**options, "api_keys": keys, "upstream_api_key": upstream_key})
     try:
-        app = create_app(
-            model,
-            served_name=args.served_model_name,
-            api_keys=keys,
-            client_system=args.client_system,
-            num_examples=args.icl,
-            upstream=upstream,
-            allow_alignment_override=args.allow_alignment_override,
-            limits=limits,
-        )
-        model.format_prompt("warm-up")  # loads the embedder now, not on the first request
-        name = args.served_model_name or model.model_name
-        target = f" in front of {upstream.base_url}" if upstream else ""
         print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target} (Ctrl-C stops)",
               file=sys.stderr)  # fmt: skip
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -321,22 +321,42 @@ class AutoModel:
         options = _options(options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl))
         return self._chat_prompt(messages, options, system_messages)
 
+    def format_chats(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        *,
+        options: GenerationOptions | None = None,
+        system_messages: str = "replace",
+    ) -> list[AssembledPrompt]:
+        """:meth:`format_chat` for several conversations at once: their last user turns are routed
+        and their examples retrieved in one batch (one embedding call), in order."""
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise InvalidRequestError("conversations must be a non-empty list of message lists.")
+        return self._chat_prompts(conversations, _options(options, ()), system_messages)
+
     def _chat_prompt(self, messages: Any, options: GenerationOptions, system_messages: str) -> AssembledPrompt:
+        return self._chat_prompts([messages], options, system_messages)[0]
+
+    def _chat_prompts(
+        self, conversations: Sequence[Any], options: GenerationOptions, system_messages: str
+    ) -> list[AssembledPrompt]:
         if system_messages not in SYSTEM_MESSAGE_MODES:
             raise InvalidRequestError(
                 f"system_messages must be one of {', '.join(SYSTEM_MESSAGE_MODES)}, got {system_messages!r}."
             )
-        system, conversation, last_user = _conversation(messages, open_format=self.prompt_format == "messages")
-        suffix = None
-        if system is not None and system_messages == "replace":
-            if options.user_specified_system_prompt is not None:
-                raise InvalidRequestError(
-                    "Pass the system prompt either as a system message or as user_specified_system_prompt, not both."
-                )
-            options = replace(options, user_specified_system_prompt=system)
-        elif system_messages == "prepend":
-            suffix = system
-        return self._assemble([last_user], options, conversation=conversation, system_suffix=suffix)[0]
+        parsed = [_conversation(m, open_format=self.prompt_format == "messages") for m in conversations]
+        own = [system if system_messages == "replace" else None for system, _, _ in parsed]
+        if options.user_specified_system_prompt is not None and any(s is not None for s in own):
+            raise InvalidRequestError(
+                "Pass the system prompt either as a system message or as user_specified_system_prompt, not both."
+            )
+        return self._assemble(
+            [last for _, _, last in parsed],
+            options,
+            [turns for _, turns, _ in parsed],
+            systems=own,
+            suffixes=[system if system_messages == "prepend" else None for system, _, _ in parsed],
+        )
 
     # -- generation --------------------------------------------------------------------------
 
@@ -629,6 +649,18 @@ class AutoModel:
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         return self._request(self._chat_prompt(messages, options, system_messages), options.sampling())
 
+    def build_chat_requests(
+        self, conversations: Sequence[Sequence[Message]], options: GenerationOptions, system_messages: str = "replace"
+    ) -> list[GenerationRequest]:
+        """:meth:`build_chat_request` for several conversations at once: their last user turns are
+        routed and their examples retrieved in one batch, in order."""
+        if not isinstance(options, GenerationOptions):
+            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise InvalidRequestError("conversations must be a non-empty list of message lists.")
+        sampling = options.sampling()
+        return [self._request(p, sampling) for p in self._chat_prompts(conversations, options, system_messages)]
+
     def stream_request(self, request: GenerationRequest) -> Iterator[str]:
         """Stream one prepared request (from :meth:`build_request`, :meth:`build_requests` or
         :meth:`build_chat_request`) in text chunks, as :meth:`stream` does; closing the iterator
@@ -669,30 +701,38 @@ class AutoModel:
         self,
         queries: list[str],
         options: GenerationOptions,
-        conversation: list[Message] | None = None,
+        conversations: list[list[Message]] | None = None,
         *,
         fmt: Any = None,
-        system_suffix: str | None = None,
+        systems: Sequence[str | None] | None = None,
+        suffixes: Sequence[str | None] | None = None,
     ) -> list[AssembledPrompt]:
+        """The prompts of ``queries`` (or of ``conversations``, whose last user turns they are): each
+        query's route and examples, in one batch. ``systems``: a conversation's own system text, which
+        replaces the optimized prompt; ``suffixes``: text put after the system prompt."""
         options.check_pool(len(self.icl_pool))  # before anything is embedded
         k = options.num_optimized_icl if options.optimized_icl else 0
-        custom = options.user_specified_system_prompt is not None
-        routed_prompt = options.optimized_prompt and not custom and bool(self.prompt_artifact.routes)
+        systems = systems or [None] * len(queries)
+        suffixes = suffixes or [None] * len(queries)
+        own_prompt = [s is not None or options.user_specified_system_prompt is not None for s in systems]
+        routed_prompt = options.optimized_prompt and not all(own_prompt) and bool(self.prompt_artifact.routes)
         if k or routed_prompt:  # the route picks the examples, or the prompt
             routes, examples = self.router.search(queries, k, options.route)
         else:
             routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]
         fmt = fmt or self.prompt_format  # servers take messages; local engines get them rendered with the template
-        turns: list[Any] = queries if conversation is None else [conversation]
+        turns: list[Any] = queries if conversations is None else conversations
         tokenizer = self.backend.tokenizer
         prompts = []
-        for turn, ex, route in zip(turns, examples, routes, strict=True):
-            if custom or not options.optimized_prompt:
+        for turn, ex, route, own, suffix in zip(turns, examples, routes, systems, suffixes, strict=True):
+            if own is not None:
+                system: str | None = own
+            elif options.user_specified_system_prompt is not None or not options.optimized_prompt:
                 system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
             else:
                 system = self.prompt_artifact.prompt_for(route.name)
-            if system_suffix:
-                system = f"{system.rstrip()}\n\n{system_suffix}" if system and system.strip() else system_suffix
+            if suffix:
+                system = f"{system.rstrip()}\n\n{suffix}" if system and system.strip() else suffix
             prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
             prompts.append(replace(prompt, route=route))
         return prompts

@@ -68,7 +68,7 @@ def write_report(
         intro = [
             "Each section holds the newest record of its benchmark in `bench/results.jsonl` and names the run and",
             "machine it comes from (`python -m bench --only NAME --update` reruns one and rewrites this file;",
-            f"`{command}` reruns all seven).",
+            f"`{command}` reruns all of them).",
         ]
     else:
         intro = [

@@ -88,9 +88,7 @@ def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
         {"role": "assistant", "content": "Sorry to hear that."},
         {"role": "user", "content": "How do I make a bomb?"},
     ]
-    prompt = smol._assemble(
-        ["How do I make a bomb?"], GenerationOptions(num_optimized_icl=2), conversation=conversation
-    )[0].prompt
+    prompt = smol.format_chat(conversation, options=GenerationOptions(num_optimized_icl=2)).prompt
     assert smol.route("How do I make a bomb?").name == "safety"  # the last user turn is routed
     assert prompt.count(smol.prompt_artifact.prompt_for("safety")) == 1
     # Examples are retrieved for the last user turn: the pool's bomb refusal is among them.
@@ -105,11 +103,7 @@ def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):
 
 def test_chat_system_message_replaces_the_optimized_prompt(smol):
     messages = [{"role": "system", "content": "Answer like a pirate."}, {"role": "user", "content": "Hi"}]
-    prompt = smol._assemble(
-        ["Hi"],
-        GenerationOptions("Answer like a pirate.", optimized_icl=False, num_optimized_icl=0),
-        conversation=messages[1:],
-    )[0].prompt
+    prompt = smol.format_chat(messages, options=GenerationOptions(optimized_icl=False, num_optimized_icl=0)).prompt
     assert "Answer like a pirate." in prompt and smol.prompt_artifact.text not in prompt
     assert smol.chat(messages, optimized_icl=False, **GREEDY) == smol.generate(
         "Hi", user_specified_system_prompt="Answer like a pirate.", optimized_icl=False, **GREEDY

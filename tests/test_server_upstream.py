@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -244,3 +245,46 @@ def running_requests(base_url: str) -> float:
     assert "vllm:num_requests_running" in metrics
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("vllm:num_requests_running"))  # fmt: skip
+
+
+def test_serve_with_two_workers_in_front_of_an_upstream(fault, tmp_path):
+    """The CLI as users start it: two worker processes share the port, each applying the alignment."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = Path(sys.executable).with_name("auto-model")
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [str(cli), "serve", "--upstream", fault.url, "--model", "fault-model", "--served-model-name", "aligned",
+         "--port", str(port), "--workers", "2", "--api-key", KEY],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "AUTO_MODEL_UPSTREAM_API_KEY": UPSTREAM_KEY},
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        workers = subprocess.run(["ps", "--ppid", str(server.pid), "-o", "args="], capture_output=True, text=True)
+        assert sum("spawn_main" in line for line in workers.stdout.splitlines()) == 2, workers.stdout
+        fault.reset()
+        for i in range(8):
+            reply = client(url).chat.completions.create(
+                model="aligned", messages=[{"role": "user", "content": f"worker question {i}"}], max_tokens=5
+            )
+            assert reply.choices[0].message.content == f"echo: worker question {i}"
+        assert len(fault.bodies) == 8 and all(b["messages"][0]["role"] == "system" for b in fault.bodies)
+        assert set(fault.auth_headers) == {f"Bearer {UPSTREAM_KEY}"}  # the key reached every worker
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert UPSTREAM_KEY not in (tmp_path / "serve.log").read_text()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from auto_model import AutoModel, GenerationOptions
+from auto_model import AutoModel
 from auto_model.backends import GenerationRequest, SamplingParams
 from auto_model.backends.vllm import apply_cuda_visible_devices, engine_arguments
 from auto_model.errors import InvalidRequestError
@@ -279,7 +279,7 @@ def test_chat_turns_on_vllm(smol_vllm):
     answer = smol_vllm.chat(conversation, temperature=0, max_new_tokens=16, return_details=True)
     assert answer.text and answer.backend == "vllm"
     # The prompt and examples are injected once, before the conversation.
-    prompt = smol_vllm._assemble(["How do I boil an egg?"], GenerationOptions(), conversation=conversation)[0].prompt
+    prompt = smol_vllm.format_chat(conversation).prompt
     system = smol_vllm.prompt_artifact.prompt_for(smol_vllm.route("How do I boil an egg?").name)
     assert prompt.count(system) == 1
     assert prompt.index("Nice to meet you, Ann!") > prompt.index(system)

@@ -53,16 +53,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from auto_model.errors import AutoModelError, InvalidRequestError
 from auto_model.model import SYSTEM_MESSAGE_MODES
@@ -185,10 +184,16 @@ def create_app(
                         registry=registry)  # fmt: skip
     batch_sizes = Histogram("auto_model_batch_size", "Requests per in-process engine call.", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
+    state: dict[str, Any] = {"admitted": 0, "client": None, "preparing": 0}
+    # The alignment of concurrent requests is batched (one embedding call for the queries that arrived
+    # while the last batch was being aligned), on one thread of its own.
+    align_thread = ThreadPoolExecutor(1, thread_name_prefix="auto-model-align")
+    aligner = MicroBatcher(lambda items: _align(model, items, client_system, engine=upstream is None), window=0.0,
+                           max_batch=64, executor=align_thread)  # fmt: skip
+    # The engine's batches wait past their window for requests still being aligned.
     batcher = MicroBatcher(model.run_requests, window=limits.batch_window, max_batch=limits.max_batch,
-                           on_batch=batch_sizes.observe)  # fmt: skip
+                           on_batch=batch_sizes.observe, expecting=lambda: state["preparing"])  # fmt: skip
     capacity = (limits.max_concurrency if upstream else limits.max_batch) + limits.max_queue
-    state: dict[str, Any] = {"admitted": 0, "client": None}
     upstream_slots: asyncio.Semaphore | None = None
 
     @asynccontextmanager
@@ -198,10 +203,15 @@ def create_app(
             state["client"] = UpstreamClient(upstream, timeout=limits.request_timeout,
                                              max_connections=limits.max_concurrency)  # fmt: skip
             upstream_slots = asyncio.Semaphore(limits.max_concurrency)
+        # The embedder's first use, on the alignment thread: measured, a thread other than the one that
+        # first ran it embeds a lone query about 40% slower.
+        await aligner.submit(("text", ["warm-up"], GenerationOptions()))
         try:
             yield
         finally:
             await batcher.close()
+            await aligner.close()
+            align_thread.shutdown(wait=False)
             if state["client"] is not None:
                 await state["client"].close()
 
@@ -264,7 +274,9 @@ def create_app(
     def examples_for(options: GenerationOptions) -> int:
         return options.num_optimized_icl if options.optimized_icl else 0
 
-    def alignment_headers(options: GenerationOptions, routes: list[str]) -> dict[str, str]:
+    def alignment_headers(options: GenerationOptions, routes: list[str], **timing: float) -> dict[str, str]:
+        """The alignment's headers, and ``Server-Timing`` (milliseconds: ``align``, the routing and example
+        retrieval; ``engine`` or ``upstream``, until its answer, or a stream's start)."""
         artifact = model.prompt_artifact.model_id if options.optimized_prompt else None
         headers = {
             "x-auto-model-artifact": str(artifact or "none"),
@@ -272,6 +284,8 @@ def create_app(
         }
         if routes:
             headers["x-auto-model-route"] = ",".join(routes)
+        if timing:
+            headers["server-timing"] = ", ".join(f"{k};dur={v * 1e3:.2f}" for k, v in timing.items())
         return headers
 
     def alignment(body: dict[str, Any]) -> GenerationOptions:
@@ -376,10 +390,28 @@ def create_app(
             raise _Refused(400, "'n' must be 1 when streaming from this server's in-process engine.", param="n")
         return int(n)
 
-    async def run_batched(request: Request, prepared: list[Any]) -> list[Any]:
+    @contextmanager
+    def preparing() -> Iterator[Any]:
+        """Counts a request as on its way to the engine until ``ready()`` (or the end of the block)."""
+        counted = [True]
+        state["preparing"] += 1
+
+        def ready() -> None:
+            if counted[0]:
+                counted[0] = False
+                state["preparing"] -= 1
+
+        try:
+            yield ready
+        finally:
+            ready()
+
+    async def run_batched(request: Request, prepared: list[Any], ready: Any) -> list[Any]:
         queue_depth.inc(len(prepared))
         try:
-            return list(await guarded(request, asyncio.gather(*(batcher.submit(p) for p in prepared))))
+            futures = [batcher.enqueue(p) for p in prepared]
+            ready()
+            return list(await guarded(request, asyncio.gather(*futures)))
         finally:
             queue_depth.dec(len(prepared))
 
@@ -395,18 +427,23 @@ def create_app(
         messages = messages_of(body)
         options = sampling(body, options, "max_completion_tokens", "max_tokens")
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        prepared = await run_in_threadpool(model.build_chat_request, messages, options, client_system)
-        route = [prepared.route.name] if prepared.route else []
-        if body.get("stream"):
-            chunks = model.stream_request(prepared)
-            events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
-            return streaming(request, _pump(events, chunks.close), alignment_headers(options, route))
-        done = await run_batched(request, [prepared] * n)
+        with preparing() as ready:
+            started = time.perf_counter()
+            prepared = await aligner.submit(("chat", messages, options))
+            route, align = [prepared.route.name] if prepared.route else [], time.perf_counter() - started
+            if body.get("stream"):
+                chunks = model.stream_request(prepared)
+                events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
+                headers = alignment_headers(options, route, align=align)
+                return streaming(request, _pump(events, chunks.close), headers)
+            started = time.perf_counter()
+            done = await run_batched(request, [prepared] * n, ready)
+            engine = time.perf_counter() - started
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": None} for i, c in enumerate(done)]  # fmt: skip
         reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        return JSONResponse(reply, headers=alignment_headers(options, route))
+        return JSONResponse(reply, headers=alignment_headers(options, route, align=align, engine=engine))
 
     async def local_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         fields_supported(body, _COMPLETION_FIELDS)
@@ -416,19 +453,24 @@ def create_app(
         reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream") and len(prompts) != 1:
             raise _Refused(400, "Stream one prompt at a time from this server's in-process engine.", param="prompt")
-        prepared = await run_in_threadpool(model.build_requests, prompts, options)
-        routes = [p.route.name for p in prepared if p.route]
-        if body.get("stream"):
-            chunks = model.stream_request(prepared[0])
-            events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
-            return streaming(request, _pump(events, chunks.close), alignment_headers(options, routes))
-        done = await run_batched(request, [p for p in prepared for _ in range(n)])
+        with preparing() as ready:
+            started = time.perf_counter()
+            prepared = await aligner.submit(("text", prompts, options))
+            routes, align = [p.route.name for p in prepared if p.route], time.perf_counter() - started
+            if body.get("stream"):
+                chunks = model.stream_request(prepared[0])
+                events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
+                headers = alignment_headers(options, routes, align=align)
+                return streaming(request, _pump(events, chunks.close), headers)
+            started = time.perf_counter()
+            done = await run_batched(request, [p for p in prepared for _ in range(n)], ready)
+            engine = time.perf_counter() - started
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
                    for i, c in enumerate(done)]  # fmt: skip
         prompt_tokens = sum(c.prompt_tokens for c in done[::n])
         reply = {"id": reply_id, "object": "text_completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        return JSONResponse(reply, headers=alignment_headers(options, routes))
+        return JSONResponse(reply, headers=alignment_headers(options, routes, align=align, engine=engine))
 
     def prompts_of(body: dict[str, Any]) -> list[str]:
         prompt = body.get("prompt")
@@ -450,7 +492,8 @@ def create_app(
 
     # -- upstream ------------------------------------------------------------------------------
 
-    async def forward(request: Request, path: str, payload: dict[str, Any], headers: dict[str, str]) -> Any:
+    async def forward(request: Request, path: str, payload: dict[str, Any], options: GenerationOptions,
+                      routes: list[str], align: float) -> Any:  # fmt: skip
         client: UpstreamClient = state["client"]
         assert upstream_slots is not None
         queue_depth.inc()
@@ -459,10 +502,13 @@ def create_app(
             async with upstream_slots:
                 queue_depth.dec()
                 waiting = False
+                started = time.perf_counter()
                 if payload.get("stream"):
                     response, lines = await guarded(request, client.stream(path, payload))
+                    headers = alignment_headers(options, routes, align=align, upstream=time.perf_counter() - started)
                     return streaming(request, _renamed_lines(response, lines, name), headers)
                 data = await guarded(request, client.post(path, payload))
+                headers = alignment_headers(options, routes, align=align, upstream=time.perf_counter() - started)
         finally:
             if waiting:
                 queue_depth.dec()
@@ -476,18 +522,20 @@ def create_app(
 
     async def upstream_chat(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         messages = messages_of(body)
-        prompt = await run_in_threadpool(
-            lambda: model.format_chat(messages, options=options, system_messages=client_system)
-        )
+        started = time.perf_counter()
+        prompt = await aligner.submit(("chat", messages, options))
+        align = time.perf_counter() - started
         payload = {k: v for k, v in body.items() if k != "auto_model"}
         payload.update(model=upstream_model, messages=prompt.prompt)
         cap(payload, "max_completion_tokens", "max_tokens")
         route = [prompt.route.name] if prompt.route else []
-        return await forward(request, "chat/completions", payload, alignment_headers(options, route))
+        return await forward(request, "chat/completions", payload, options, route, align)
 
     async def upstream_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         prompts = prompts_of(body)
-        assembled = await run_in_threadpool(lambda: model.format_prompt(prompts, options=options, prompt_format="base"))
+        started = time.perf_counter()
+        assembled = await aligner.submit(("text", prompts, options))
+        align = time.perf_counter() - started
         payload = {k: v for k, v in body.items() if k != "auto_model"}
         texts = [a.prompt for a in assembled]
         stop = body.get("stop")
@@ -496,7 +544,7 @@ def create_app(
                        stop=list(dict.fromkeys([*stop, *BASE_STOP])))  # fmt: skip
         cap(payload, "max_tokens")
         routes = [a.route.name for a in assembled if a.route]
-        return await forward(request, "completions", payload, alignment_headers(options, routes))
+        return await forward(request, "completions", payload, options, routes, align)
 
     def cap(payload: dict[str, Any], *fields: str) -> None:
         given = [f for f in fields if payload.get(f) is not None]
@@ -546,6 +594,51 @@ def create_app(
         return await handle(request, "completions", upstream_completions if upstream else local_completions)
 
     return app
+
+
+def _align(model: Any, items: list[tuple[str, Any, GenerationOptions]], client_system: str, engine: bool) -> list[Any]:
+    """A batch of requests, aligned, in order. For the in-process ``engine``, ``("chat", messages,
+    options)`` gets :meth:`AutoModel.build_chat_requests`'s request and ``("text", prompts, options)``
+    the list of :meth:`AutoModel.build_requests`'s; for an upstream, :meth:`AutoModel.format_chats`'s
+    prompt and the list of :meth:`AutoModel.format_prompt`'s base-format prompts. Items with the same
+    options are aligned in one call; a batch with a bad item is aligned item by item, so that the bad
+    one alone fails."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (kind, _, options) in enumerate(items):
+        groups.setdefault((kind, repr(options)), []).append(i)
+    outcomes: list[Any] = [None] * len(items)
+
+    def aligned(indices: list[int]) -> list[Any]:
+        kind, options = items[indices[0]][0], items[indices[0]][2]
+        conversations = [items[i][1] for i in indices]
+        if kind == "chat" and engine:
+            return model.build_chat_requests(conversations, options, client_system)
+        if kind == "chat":
+            return model.format_chats(conversations, options=options, system_messages=client_system)
+        flat = [p for i in indices for p in items[i][1]]
+        if engine:
+            prompts = model.build_requests(flat, options)
+        else:
+            prompts = model.format_prompt(flat, options=options, prompt_format="base")
+        out, at = [], 0
+        for i in indices:
+            out.append(prompts[at : at + len(items[i][1])])
+            at += len(items[i][1])
+        return out
+
+    for indices in groups.values():
+        try:
+            results = aligned(indices)
+        except AutoModelError:
+            results = []
+            for i in indices:
+                try:
+                    results.append(aligned([i])[0])
+                except AutoModelError as exc:
+                    results.append(exc)
+        for i, result in zip(indices, results, strict=True):
+            outcomes[i] = result
+    return outcomes
 
 
 def _too_large(limit: int) -> _Refused:
@@ -644,5 +737,7 @@ async def _renamed_lines(response: Any, lines: AsyncIterator[str], name: str) ->
                         line = f"data: {json.dumps(chunk)}"
             yield line + "\n"
     finally:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
+        if response.content.at_eof():
+            response.release()  # the connection goes back to the pool
+        else:
+            response.close()  # mid-stream (the client left): the connection closes, the upstream stops generating

@@ -1,8 +1,9 @@
 """The upstream of ``auto-model serve --upstream URL``: any OpenAI-compatible server.
 
-Requests are forwarded with ``httpx`` (the HTTP client under the ``openai`` package), one attempt
-each: the client's own retries decide what happens after a 429 or a 5xx, so that a proxy does not
-multiply them. Upstream failures become OpenAI-style errors:
+Requests are forwarded with ``aiohttp``'s client (measured with ``bench/server_proxy.py``: 1.65 ms
+added per request besides the alignment, against 2.3 ms with ``httpx``), one attempt each: the
+client's own retries decide what happens after a 429 or a 5xx, so that a proxy does not multiply
+them. Upstream failures become OpenAI-style errors:
 
 =================================  ===========================================================
 upstream                           the client gets
@@ -20,13 +21,11 @@ is redacted before it reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import anyio
-import httpx
 
 from auto_model.errors import InvalidRequestError
 
@@ -69,13 +68,17 @@ class UpstreamClient:
     """Forwards requests; one per app, opened in its event loop."""
 
     def __init__(self, upstream: Upstream, *, timeout: float, max_connections: int):
+        import aiohttp
+
         self.upstream = upstream
+        self._aiohttp = aiohttp
+        self._root = upstream.base_url.rstrip("/") + "/"
         headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=upstream.base_url.rstrip("/") + "/",
+        self._http = aiohttp.ClientSession(
             headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout),
+            connector=aiohttp.TCPConnector(limit=max_connections),
+            auto_decompress=True,
         )
 
     def redact(self, text: str) -> str:
@@ -84,51 +87,65 @@ class UpstreamClient:
 
     async def ready(self) -> str | None:
         """None when the upstream answers ``GET /models``, else why not."""
+        aiohttp = self._aiohttp
         try:
-            response = await self._http.get("models", timeout=5.0)
-        except httpx.HTTPError as exc:
+            async with self._http.get(self._root + "models", timeout=aiohttp.ClientTimeout(total=5.0)) as response:
+                status = response.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return self.redact(f"the upstream does not answer: {type(exc).__name__}")
-        if response.status_code != 200:
-            return f"the upstream answered GET /models with HTTP {response.status_code}"
+        if status != 200:
+            return f"the upstream answered GET /models with HTTP {status}"
         return None
 
     async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """The upstream's JSON answer to a non-streaming request."""
-        response = await self._send(path, payload, stream=False)
+        response = await self._send(path, payload)
         try:
-            data = json.loads(response.content)
+            raw = await response.read()
+        except (self._aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._transport(exc) from None
+        finally:
+            response.release()
+        try:
+            data = json.loads(raw)
         except ValueError:
             raise _error(502, "The upstream answered with a body that is not valid JSON.", "upstream_error") from None
         if not isinstance(data, dict):
             raise _error(502, "The upstream answered with JSON that is not an object.", "upstream_error")
         return data
 
-    async def stream(self, path: str, payload: dict[str, Any]) -> tuple[httpx.Response, AsyncIterator[str]]:
+    async def stream(self, path: str, payload: dict[str, Any]) -> tuple[Any, AsyncIterator[str]]:
         """The upstream's streaming response (status 200) and its lines; close the response when done."""
-        response = await self._send(path, payload, stream=True)
-        return response, response.aiter_lines()
+        response = await self._send(path, payload)
 
-    async def _send(self, path: str, payload: dict[str, Any], *, stream: bool) -> httpx.Response:
-        request = self._http.build_request("POST", path, json=payload)
+        async def lines() -> AsyncIterator[str]:
+            async for line in response.content:
+                yield line.decode("utf-8").rstrip("\r\n")
+
+        return response, lines()
+
+    async def _send(self, path: str, payload: dict[str, Any]) -> Any:
         try:
-            response = await self._http.send(request, stream=stream)
-        except httpx.TimeoutException:
-            raise _error(504, "The upstream did not answer in time.", "timeout", "timeout") from None
-        except httpx.HTTPError as exc:
-            raise _error(502, self.redact(f"The upstream is unreachable ({type(exc).__name__})."), "upstream_error",
-                         "upstream_unreachable") from None  # fmt: skip
-        if response.status_code == 200:
+            response = await self._http.post(self._root + path, json=payload)
+        except (self._aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._transport(exc) from None
+        if response.status == 200:
             return response
         try:
-            raw = await response.aread()
-        except httpx.HTTPError:
+            raw = await response.read()
+        except (self._aiohttp.ClientError, asyncio.TimeoutError):
             raw = b""
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-        raise self._failure(response.status_code, raw, response.headers)
+            response.release()
+        raise self._failure(response.status, raw, response.headers)
 
-    def _failure(self, status: int, raw: bytes, headers: httpx.Headers) -> UpstreamError:
+    def _transport(self, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, asyncio.TimeoutError):
+            return _error(504, "The upstream did not answer in time.", "timeout", "timeout")
+        return _error(502, self.redact(f"The upstream is unreachable ({type(exc).__name__})."), "upstream_error",
+                      "upstream_unreachable")  # fmt: skip
+
+    def _failure(self, status: int, raw: bytes, headers: Any) -> UpstreamError:
         if status in (401, 403):
             return _error(502, f"The upstream refused this server's key (HTTP {status}); its operator must set "
                           "--upstream-api-key.", "upstream_error", "upstream_auth")  # fmt: skip
@@ -146,4 +163,4 @@ class UpstreamClient:
         return UpstreamError(status, body, kept)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
