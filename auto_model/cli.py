@@ -107,7 +107,8 @@ def _parser() -> ArgumentParser:
     serve.add_argument(
         "--upstream-api-key",
         default=None,
-        help="the upstream's key (default: AUTO_MODEL_UPSTREAM_API_KEY); never logged or returned",
+        help="the upstream's key (default: AUTO_MODEL_UPSTREAM_API_KEY, better: a command line is visible to other "
+        "users); never logged or returned",
     )
     serve.add_argument(
         "--client-system",
@@ -125,9 +126,12 @@ def _parser() -> ArgumentParser:
     serve.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (default 3)")
     serve.add_argument(
         "--max-tokens", "--max-tokens-cap", dest="max_tokens", type=int, default=4096,
-        help="the most new tokens a request may ask for; also the default (4096)",
+        help="the most new tokens a request may ask for (4096); without max_tokens, an upstream request gets "
+        "this, an in-process one 512",
     )  # fmt: skip
-    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get a 413")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get a 413 (4 MiB)"
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="requests that may wait; beyond it a 429 (256)")
     serve.add_argument(
         "--max-concurrency", type=int, default=64, help="requests in flight to the upstream at once (64)"

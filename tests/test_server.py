@@ -200,6 +200,13 @@ def test_limits_give_413_429_with_retry_after_and_504(smol, running):
         assert full.status_code == 429 and full.headers["retry-after"] == "1"
         assert full.json()["error"]["code"] == "queue_full"
         assert slow.status_code == 504 and slow.json()["error"]["type"] == "timeout"  # 48 tokens take over 0.3 s
+    # A stream its client leaves gives its place back: with room for one request, the next one is served.
+    with running(create_app(smol, served_name="smol", limits=ServerLimits(max_batch=1, max_queue=0))) as url:
+        for _ in range(2):
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())
+        assert httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 2}, timeout=60).status_code == 200
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(smol, running):

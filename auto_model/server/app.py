@@ -59,9 +59,11 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.background import BackgroundTask
 
 from auto_model.errors import AutoModelError, InvalidRequestError
 from auto_model.model import SYSTEM_MESSAGE_MODES
@@ -87,7 +89,8 @@ class ServerLimits:
 
     Attributes:
         max_body_bytes: largest request body (413 beyond).
-        max_tokens: cap on a request's ``max_tokens`` (and the default when it gives none).
+        max_tokens: cap on a request's ``max_tokens``; a request without one gets the cap from an upstream,
+            at most 512 tokens in-process.
         max_queue: requests that may wait for the engine or the upstream (429 beyond).
         max_concurrency: requests in flight to the upstream at once (upstream mode).
         request_timeout: seconds a request may take before it gets a 504.
@@ -180,8 +183,8 @@ def create_app(
     tokens = Counter("auto_model_tokens", "Tokens of answered requests (streams: not counted).", ["kind"],
                      registry=registry)  # fmt: skip
     in_progress = Gauge("auto_model_requests_in_progress", "Requests being answered now.", registry=registry)
-    queue_depth = Gauge("auto_model_queue_depth", "Requests waiting for the engine or the upstream.",
-                        registry=registry)  # fmt: skip
+    queue_depth = Gauge("auto_model_queue_depth", "Requests waiting for or in an engine batch, or for an upstream "
+                        "slot.", registry=registry)  # fmt: skip
     batch_sizes = Histogram("auto_model_batch_size", "Requests per in-process engine call.", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
     state: dict[str, Any] = {"admitted": 0, "client": None, "preparing": 0}
@@ -480,15 +483,28 @@ def create_app(
                            "aligned).", param="prompt")  # fmt: skip
         return prompts
 
-    def streaming(request: Request, events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
+    def streaming(request: Request, events: Any, headers: dict[str, str]) -> StreamingResponse:
+        """A streamed response that gives back its place, and closes its source (the engine's stream or
+        the upstream's response), once: when it ends, or when its client leaves, even before it began."""
+        finished = [False]
+
+        async def finish() -> None:
+            if finished[0]:
+                return
+            finished[0] = True
+            release()
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+
         async def body() -> AsyncIterator[str]:
             try:
                 async for event in events:
                     yield event
             finally:
-                release()
+                await finish()
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(finish))  # fmt: skip
 
     # -- upstream ------------------------------------------------------------------------------
 
