@@ -393,6 +393,12 @@ def create_app(
             raise _Refused(400, "'n' must be 1 when streaming from this server's in-process engine.", param="n")
         return int(n)
 
+    async def aligned(kind: str, what: Any, options: GenerationOptions) -> tuple[Any, float]:
+        """The request aligned (:func:`_align`), and the seconds it took, waiting included."""
+        started = time.perf_counter()
+        result = await aligner.submit((kind, what, options))
+        return result, time.perf_counter() - started
+
     @contextmanager
     def preparing() -> Iterator[Any]:
         """Counts a request as on its way to the engine until ``ready()`` (or the end of the block)."""
@@ -431,9 +437,8 @@ def create_app(
         options = sampling(body, options, "max_completion_tokens", "max_tokens")
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         with preparing() as ready:
-            started = time.perf_counter()
-            prepared = await aligner.submit(("chat", messages, options))
-            route, align = [prepared.route.name] if prepared.route else [], time.perf_counter() - started
+            prepared, align = await aligned("chat", messages, options)
+            route = [prepared.route.name] if prepared.route else []
             if body.get("stream"):
                 chunks = model.stream_request(prepared)
                 events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
@@ -457,9 +462,8 @@ def create_app(
         if body.get("stream") and len(prompts) != 1:
             raise _Refused(400, "Stream one prompt at a time from this server's in-process engine.", param="prompt")
         with preparing() as ready:
-            started = time.perf_counter()
-            prepared = await aligner.submit(("text", prompts, options))
-            routes, align = [p.route.name for p in prepared if p.route], time.perf_counter() - started
+            prepared, align = await aligned("text", prompts, options)
+            routes = [p.route.name for p in prepared if p.route]
             if body.get("stream"):
                 chunks = model.stream_request(prepared[0])
                 events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
@@ -538,9 +542,7 @@ def create_app(
 
     async def upstream_chat(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         messages = messages_of(body)
-        started = time.perf_counter()
-        prompt = await aligner.submit(("chat", messages, options))
-        align = time.perf_counter() - started
+        prompt, align = await aligned("chat", messages, options)
         payload = {k: v for k, v in body.items() if k != "auto_model"}
         payload.update(model=upstream_model, messages=prompt.prompt)
         cap(payload, "max_completion_tokens", "max_tokens")
@@ -549,9 +551,7 @@ def create_app(
 
     async def upstream_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         prompts = prompts_of(body)
-        started = time.perf_counter()
-        assembled = await aligner.submit(("text", prompts, options))
-        align = time.perf_counter() - started
+        assembled, align = await aligned("text", prompts, options)
         payload = {k: v for k, v in body.items() if k != "auto_model"}
         texts = [a.prompt for a in assembled]
         stop = body.get("stop")
