@@ -12,13 +12,13 @@ engine's.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import threading
 import time
 from typing import Any
 
 from bench._common import Ratio, Record, finish, log, median, parser, queries, smoke_done
+from bench.vllm_server import free_port
 
 TARGET = 0.9
 
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(r.completion_tokens for r in model.generate(qs, return_details=True, **greedy))
         return tokens, time.perf_counter() - t0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     app = create_app(model, served_name="smol", limits=ServerLimits(max_batch=args.queries))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

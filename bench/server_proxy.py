@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,10 @@ from typing import Any
 
 from bench._common import Ratio, Record, finish, log, median, parser, queries, smoke_done
 from bench.fault_server import start_process
+from bench.vllm_server import free_port
 
 LATENCY_TARGET_MS = 2.0
 THROUGHPUT_TARGET = 0.95
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_proxy(upstream: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -124,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     qs = queries(max(args.requests, args.burst))
     server = start_process(args.delay)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proxy_proc = start_proxy(server.base_url, port, Path(tmp) / "proxy.log")
         proxy = f"http://127.0.0.1:{port}/v1"

@@ -20,6 +20,7 @@ from auto_model.server import ServerLimits, Upstream, create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fault_server import FaultServer  # noqa: E402
+from bench.vllm_server import free_port  # noqa: E402
 
 KEY = "sk-client-0123"
 UPSTREAM_KEY = "sk-upstream-SECRET-4567"
@@ -249,12 +250,9 @@ def running_requests(base_url: str) -> float:
 
 def test_serve_with_two_workers_in_front_of_an_upstream(fault, tmp_path):
     """The CLI as users start it: two worker processes share the port, each applying the alignment."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cli = Path(sys.executable).with_name("auto-model")
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(

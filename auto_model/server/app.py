@@ -14,11 +14,12 @@ Two modes, one app:
   back).
 
 Either way the alignment is assembled by the facade's public request path —
-:meth:`AutoModel.build_chat_request` / :meth:`AutoModel.build_requests` in-process,
-:meth:`AutoModel.format_chat` / :meth:`AutoModel.format_prompt` for an upstream — so a request
-gets the model's optimized system prompt and the examples retrieved for its last user turn exactly
-as ``generate`` and ``chat`` give them. ``POST /v1/completions`` aligns each prompt as a query (in
-the ``base`` text format for an upstream, whose stop strings are added to the request's).
+:meth:`AutoModel.build_chat_requests` / :meth:`AutoModel.build_requests` in-process,
+:meth:`AutoModel.format_chats` / :meth:`AutoModel.format_prompt` for an upstream, batched over the
+requests that arrive together — so a request gets the model's optimized system prompt and the
+examples retrieved for its last user turn exactly as ``generate`` and ``chat`` give them.
+``POST /v1/completions`` aligns each prompt as a query (in the ``base`` text format for an
+upstream, whose stop strings are added to the request's).
 
 - **Alignment headers**: ``x-auto-model-artifact`` (the prompt artifact's model id),
   ``x-auto-model-examples`` (examples injected per request) and ``x-auto-model-route``

@@ -33,11 +33,6 @@ class MicroBatcher:
         self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a batch."""
-        return self._queue.qsize() if self._queue is not None else 0
-
     def enqueue(self, item: Any) -> asyncio.Future[Any]:
         """Queue ``item`` now; the future gets its outcome (cancel it to withdraw the item)."""
         loop = asyncio.get_running_loop()
