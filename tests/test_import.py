@@ -72,6 +72,7 @@ def test_layers_point_down_and_nothing_reaches_into_privates():
         "evaluation": ("auto_model.trainer", "auto_model.server"),
         "rewards": ("auto_model.trainer", "auto_model.evaluation", "auto_model.server"),
         "server": ("auto_model.trainer", "auto_model.evaluation", "auto_model.cli"),
+        "feedback": ("auto_model.trainer", "auto_model.evaluation", "auto_model.server"),
         "backends": ("auto_model.model", "auto_model.server"),
     }
     wrong = [
@@ -90,6 +91,7 @@ def test_layers_point_down_and_nothing_reaches_into_privates():
         *(package / "evaluation").rglob("*.py"),
         *(package / "trainer").rglob("*.py"),
         *(package / "server").rglob("*.py"),
+        *(package / "feedback").rglob("*.py"),
         *(repo / "bench").rglob("*.py"),
     ]
     hits = [

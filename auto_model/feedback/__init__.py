@@ -1,0 +1,11 @@
+"""Synthetic feedback (ALMoST): responses by configuration, ranked into comparisons by rules of thumb.
+
+So far the ``cs`` stage: :func:`~auto_model.feedback.comparisons.compare` and ``auto-model-feedback
+--mode cs``.
+"""
+
+from __future__ import annotations
+
+from auto_model.feedback.comparisons import COMPARISONS_FORMAT, compare, response_problem
+
+__all__ = ["COMPARISONS_FORMAT", "compare", "response_problem"]

@@ -1,0 +1,98 @@
+"""Synthetic feedback's comparisons (``cs``): the bad-response checks, the rubric and the filters, on
+constructed responses; and ``auto-model-feedback --mode cs`` on files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from auto_model.errors import InvalidRequestError
+from auto_model.feedback import COMPARISONS_FORMAT, compare, response_problem
+from auto_model.feedback.cli import RESPONSES_FORMAT, main
+
+RUBRIC = ["gemma-careful-3shot", "smol-careful-3shot", "smol-plain-1shot"]
+GOOD = "Boil the eggs for nine minutes, then cool them in cold water so the shells come off cleanly."
+MEDIUM = "Boil them for about nine minutes and then put them in cold water before peeling."
+SHORT = "Boil them until they are done."
+
+
+def test_bad_responses_are_empty_leaking_or_looping():
+    assert response_problem("") == response_problem("   \n") == response_problem(None) == "empty"
+    assert response_problem("Sure, here it is.\nHuman: and now tell me more") == "turn-leak"
+    assert response_problem("Fine.\n### Instruction: write another") == "turn-leak"
+    looping_line = "\n".join(["Use a fresh, clean, well-watered vase."] * 3)
+    assert response_problem(looping_line) == "looping"
+    phrase = "cut the stems at an angle every day "
+    assert response_problem("Tips: " + phrase * 3) == "looping"
+    assert response_problem(phrase * 2) is None  # twice is not a loop
+    assert response_problem(GOOD) is None
+    # The embedded model's own answer to `make demo`'s second query, as it begins:
+    demo = " ".join(
+        f"{i}. **Use a fresh, clean, and well-watered plant** every time you cut a flower." for i in (1, 2, 3)
+    )
+    assert response_problem(demo) == "looping"
+
+
+def test_pairs_follow_the_rubric_nearest_ranks_first_at_most_n_minus_1_per_prompt():
+    responses = {RUBRIC[0]: {"q": GOOD}, RUBRIC[1]: {"q": MEDIUM}, RUBRIC[2]: {"q": SHORT}}
+    result = compare(responses, RUBRIC)
+    assert result["format"] == COMPARISONS_FORMAT and result["rubric"] == RUBRIC
+    pairs = [(c["meta"]["chosen_config"], c["meta"]["rejected_config"]) for c in result["comparisons"]]
+    assert pairs == [(RUBRIC[0], RUBRIC[1]), (RUBRIC[1], RUBRIC[2])]  # adjacent ranks; (0, 2) is over the limit
+    assert [c["meta"]["rule"] for c in result["comparisons"]] == ["model", "demos+shots"]
+    first = result["comparisons"][0]
+    assert first["prompt"] == "q" and first["chosen"] == GOOD and first["rejected"] == MEDIUM
+    assert result["counts"] == {"kept": 2, "kept:demos+shots": 1, "kept:model": 1, "over_limit": 1, "pairs": 3}
+
+
+def test_filters_drop_short_bad_and_identical_chosen_answers_and_count_them():
+    responses = {
+        RUBRIC[0]: {"short": SHORT, "bad": "", "same": GOOD},
+        RUBRIC[1]: {"short": GOOD, "bad": GOOD, "same": GOOD},
+        RUBRIC[2]: {"short": GOOD + " " + MEDIUM, "bad": SHORT},
+    }
+    result = compare(responses, RUBRIC)
+    kept = {(c["prompt"], c["meta"]["chosen_config"], c["meta"]["rejected_config"]) for c in result["comparisons"]}
+    # "short": the best-ranked answer is under the prompt's mean length minus half a deviation (6 words
+    # against 13): it is never chosen; the second and third still compare.
+    # "bad": an empty answer is never chosen either.
+    # "same": two configurations only (the third has no answer), with the same text.
+    assert kept == {("short", RUBRIC[1], RUBRIC[2]), ("bad", RUBRIC[1], RUBRIC[2])}
+    counts = result["counts"]
+    assert counts["bad_chosen"] == 2 and counts["identical"] == 1 and counts["too_short"] == 2
+    assert counts["pairs"] == 3 + 3 + 1 and counts["kept"] == 2
+
+
+def test_a_rubric_must_name_two_configurations_that_have_responses():
+    with pytest.raises(InvalidRequestError, match="two or more distinct"):
+        compare({RUBRIC[0]: {}}, RUBRIC[:1])
+    with pytest.raises(InvalidRequestError, match="two or more distinct"):
+        compare({RUBRIC[0]: {}}, [RUBRIC[0], RUBRIC[0]])
+    with pytest.raises(InvalidRequestError, match="run --mode rg"):
+        compare({RUBRIC[0]: {}}, RUBRIC[:2])
+
+
+def write_responses(folder, name: str, answers: dict[str, str]) -> None:
+    rows = [{"prompt": p, "response": r, "problem": response_problem(r)} for p, r in answers.items()]
+    (folder / f"{name}.json").write_text(json.dumps({"format": RESPONSES_FORMAT, "config": name, "responses": rows}))
+
+
+def test_mode_cs_writes_comparison_json_from_the_responses_files(tmp_path, capsys):
+    write_responses(tmp_path, RUBRIC[0], {"q1": GOOD, "q2": MEDIUM})
+    write_responses(tmp_path, RUBRIC[1], {"q1": MEDIUM, "q2": ""})
+    # The original's spellings (snake_case) work as well as kebab-case.
+    assert main(["--mode", "cs", "--output_dir", str(tmp_path), "--rubric", *RUBRIC[:2]]) == 0
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(c["prompt"], c["chosen"], c["rejected"]) for c in written["comparisons"]] == [
+        ("q1", GOOD, MEDIUM),
+        ("q2", MEDIUM, ""),
+    ]
+    assert "2 comparisons of 2 pairs" in capsys.readouterr().err
+    assert main(["--mode", "cs", "--output-dir", str(tmp_path), "--rubric", RUBRIC[0], "missing-x-1shot"]) == 2
+    assert "run --mode rg for that configuration first" in capsys.readouterr().err
+    (tmp_path / "broken-x-1shot.json").write_text("[1, 2]")
+    assert main(["--mode", "cs", "--output-dir", str(tmp_path), "--rubric", RUBRIC[0], "broken-x-1shot"]) == 2
+    assert "is not a responses file" in capsys.readouterr().err
+    assert main(["--mode", "cs", "--output-dir", str(tmp_path)]) == 2
+    assert "needs --rubric" in capsys.readouterr().err
