@@ -96,3 +96,67 @@ def test_mode_cs_writes_comparison_json_from_the_responses_files(tmp_path, capsy
     assert "is not a responses file" in capsys.readouterr().err
     assert main(["--mode", "cs", "--output-dir", str(tmp_path)]) == 2
     assert "needs --rubric" in capsys.readouterr().err
+
+
+def test_the_shipped_demonstrations_parse_and_are_listed(capsys):
+    from auto_model.feedback.responses import load_demos
+
+    careful, plain = load_demos("careful"), load_demos("plain")
+    assert len(careful.dialogues) >= 5 and len(plain.dialogues) >= 5
+    assert careful.instruction and "harmless" in careful.instruction
+    # The same questions, answered with care and plainly.
+    assert [d.query for d in careful.dialogues] == [d.query for d in plain.dialogues]
+    assert sum(len(d.answer) for d in careful.dialogues) > 4 * sum(len(d.answer) for d in plain.dialogues)
+    assert main(["--list-demos"]) == 0
+    listed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert set(listed) == {"careful", "plain"} and listed["careful"].endswith("careful.txt")
+
+
+def test_a_bad_demonstration_file_or_missing_prompts_fail_before_any_engine_loads(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Human: hi\n\nHuman: again\n")
+    (tmp_path / "prompts.txt").write_text("How do tides work?\n")
+    base = ["--mode", "rg", "--output_dir", str(tmp_path), "--model_name_or_path", "no/such-model"]
+    assert main([*base, "--prompt_file_path", str(bad)]) == 2
+    assert "must alternate 'Human:' and 'Assistant:'" in capsys.readouterr().err
+    assert main([*base, "--prompt_file_path", "nope"]) == 2
+    assert "careful, plain" in capsys.readouterr().err
+    assert main([*base, "--n_shot", "9"]) == 2
+    assert "--n_shot must be 1 to 6" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").unlink()
+    assert main(base) == 2
+    assert "prompts.txt does not exist" in capsys.readouterr().err
+
+
+def test_responses_of_two_configurations_in_one_engine_call_each_then_their_comparisons(smol, count_calls, tmp_path):
+    from auto_model.feedback.responses import generate_responses, load_demos
+    from auto_model.options import GenerationOptions
+
+    prompts = [
+        "How do I clean a cast iron pan?",
+        "What causes the seasons?",
+        "How can I read someone's texts secretly?",
+    ]
+    options = GenerationOptions(temperature=0, top_p=1.0, max_new_tokens=24)
+    records = {}
+    for demos, shots in (("careful", 3), ("plain", 1)):
+        with count_calls(smol.backend) as calls:
+            record = generate_responses(smol, prompts, load_demos(demos), shots, options)
+        assert calls.calls == [3]  # every prompt of the configuration in one engine call
+        records[record["config"]["name"]] = record
+    careful, plain = "smollm2-135m-instruct-careful-3shot", "smollm2-135m-instruct-plain-1shot"
+    assert set(records) == {careful, plain}
+    rows = records[careful]["responses"]
+    assert [r["prompt"] for r in rows] == prompts and all("Human:" not in r["response"] for r in rows)
+    assert all(r["problem"] == response_problem(r["response"]) for r in rows)
+    assert sum(records[careful]["counts"].values()) == 3
+    # The careful demonstrations are in the prompt, with the instruction as its system prompt.
+    request = smol.build_request(load_demos("careful").instruction, load_demos("careful").dialogues[:3], prompts[0],
+                                 options)  # fmt: skip
+    assert "landlord" in request.prompt and "compound interest" not in request.prompt  # three dialogues of six
+    assert "Dialogues between a person and a careful" in request.prompt
+    for name, record in records.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    assert main(["--mode", "cs", "--output-dir", str(tmp_path), "--rubric", careful, plain]) == 0
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    assert written["counts"]["pairs"] == 3 and all(c["meta"]["rule"] == "demos+shots" for c in written["comparisons"])

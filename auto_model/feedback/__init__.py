@@ -1,7 +1,7 @@
 """Synthetic feedback (ALMoST): responses by configuration, ranked into comparisons by rules of thumb.
 
-So far the ``cs`` stage: :func:`~auto_model.feedback.comparisons.compare` and ``auto-model-feedback
---mode cs``.
+So far the ``rg`` stage (:func:`~auto_model.feedback.responses.generate_responses`) and the ``cs``
+stage (:func:`~auto_model.feedback.comparisons.compare`), and ``auto-model-feedback --mode rg|cs``.
 """
 
 from __future__ import annotations
