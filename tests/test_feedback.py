@@ -121,7 +121,7 @@ def test_a_bad_demonstration_file_or_missing_prompts_fail_before_any_engine_load
     assert "must alternate 'Human:' and 'Assistant:'" in capsys.readouterr().err
     assert main([*base, "--prompt_file_path", "nope"]) == 2
     assert "careful, plain" in capsys.readouterr().err
-    assert main([*base, "--n_shot", "9"]) == 2
+    assert main([*base, "--n_shot", "9", "--use_hf"]) == 2  # the original's bare flag
     assert "--n_shot must be 1 to 6" in capsys.readouterr().err
     (tmp_path / "prompts.txt").unlink()
     assert main(base) == 2

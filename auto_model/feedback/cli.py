@@ -34,7 +34,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--model-name-or-path", default=None, help="rg: the model (default: the embedded one)")
     p.add_argument("--prompt-file-path", default="careful", help="rg: a demonstration file, or careful / plain")
     p.add_argument("--n-shot", type=int, default=3, help="rg: demonstrations per prompt (1, 3, 5...)")
-    p.add_argument("--use-hf", type=bool_arg, default=False, help="rg: the transformers engine instead of vLLM")
+    p.add_argument("--use-hf", type=bool_arg, nargs="?", const=True, default=False,
+                   help="rg: the transformers engine instead of vLLM (a bare --use_hf, or true/false)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=None)
