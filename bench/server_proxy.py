@@ -109,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay", type=float, default=0.2)
     args = p.parse_args(argv)
     if args.smoke:
-        import fastapi  # noqa: F401  (the serve extra is installed)
+        import aiohttp  # noqa: F401  (the serve extra is installed)
+        import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
 
-        server = start_process(0.05)
-        server.stop()
         return smoke_done("server_proxy", f"{args.requests} sequential + {args.burst} x (16, 64) in flight")
 
     qs = queries(max(args.requests, args.burst))

@@ -33,12 +33,12 @@ def client(base: str, key: str = KEY) -> openai.OpenAI:
 def test_chat_completions_carry_the_alignment_and_the_openai_client_reads_them(served, smol):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I make a pipe bomb?"}]
     raw = client(served).chat.completions.with_raw_response.create(
-        model="smol", messages=messages, temperature=0, max_tokens=32
+        model="smol", messages=messages, temperature=0, max_tokens=16
     )
     reply = raw.parse()
     # The same answer the facade gives: by default the client's system text follows the optimized prompt.
     expected = smol.chat(
-        messages, temperature=0, top_p=1.0, max_new_tokens=32, return_details=True, system_messages="prepend"
+        messages, temperature=0, top_p=1.0, max_new_tokens=16, return_details=True, system_messages="prepend"
     )
     assert (
         reply.choices[0].message.content == expected.text and reply.choices[0].finish_reason == expected.finish_reason
@@ -214,7 +214,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(smol, runn
     from auto_model.options import GenerationOptions
 
     # (64 at once are tested in front of an upstream, where a request costs no engine time.)
-    queries = [f"Write the word {'very ' * (i % 8)}good {i} times." for i in range(24)]
+    queries = [f"Write the word {'very ' * (i % 8)}good {i} times." for i in range(16)]
     limits = ServerLimits(max_batch=8, batch_window=0.05)
     with running(create_app(smol, served_name="smol", num_examples=0, limits=limits)) as url:
 
@@ -232,7 +232,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(smol, runn
         assert reply.usage.prompt_tokens == len(encode_prompt(smol.backend.tokenizer, prompt, "chat"))  # its own
         assert reply.choices[0].message.content
     count = next(line.split()[1] for line in metrics.splitlines() if line.startswith("auto_model_batch_size_count"))
-    assert 3 <= float(count) < 24  # the requests went to the engine in a few calls, not one each
+    assert 2 <= float(count) < 16  # the requests went to the engine in a few calls, not one each
 
 
 def test_a_client_that_leaves_a_stream_frees_the_engine(served):
