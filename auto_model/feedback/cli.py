@@ -21,7 +21,14 @@ from typing import Any
 
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.feedback.comparisons import compare
-from auto_model.feedback.responses import RESPONSES_FORMAT, config_name, generate_responses, load_demos, shipped_demos
+from auto_model.feedback.responses import (
+    RESPONSES_FORMAT,
+    check_n_shot,
+    config_name,
+    generate_responses,
+    load_demos,
+    shipped_demos,
+)
 from auto_model.files import atomic_write_text
 from auto_model.flags import ArgumentParser, bool_arg
 
@@ -55,8 +62,7 @@ def _responses(args: Any, output_dir: Path) -> int:
         prompts = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError:
         raise InvalidRequestError(f"{prompts_file} does not exist: write the prompts there, one a line.") from None
-    if not 1 <= args.n_shot <= len(demos.dialogues):
-        raise InvalidRequestError(f"--n_shot must be 1 to {len(demos.dialogues)} for {demos.path}, got {args.n_shot}.")
+    check_n_shot(demos, args.n_shot)  # before the engine loads
     model_name = args.model_name_or_path or default_model()
     target = output_dir / f"{config_name(model_name, demos, args.n_shot)}.json"
     with AutoModel(model_name, backend="transformers" if args.use_hf else "auto") as model:

@@ -83,6 +83,12 @@ def load_demos(path_or_name: str | os.PathLike[str]) -> Demonstrations:
     return Demonstrations(name, instruction, tuple(dialogues), str(path))
 
 
+def check_n_shot(demos: Demonstrations, n_shot: int) -> None:
+    """A typed error unless ``n_shot`` dialogues of ``demos`` exist."""
+    if not 1 <= n_shot <= len(demos.dialogues):
+        raise InvalidRequestError(f"--n_shot must be 1 to {len(demos.dialogues)} for {demos.path}, got {n_shot}.")
+
+
 def config_name(model_name: str, demos: Demonstrations, n_shot: int) -> str:
     """``<model>-<demos>-<n>shot``, e.g. ``smollm2-135m-instruct-careful-3shot``."""
     model = re.sub(r"[^a-z0-9.]+", "-", Path(model_name).name.lower()).strip("-")
@@ -100,8 +106,7 @@ def generate_responses(
 ) -> dict[str, Any]:
     """One configuration's responses to ``prompts``, in one engine call: the ``auto_model.responses/v1``
     record (``responses``: ``{prompt, response, problem}`` each, ``problem`` None for a usable one)."""
-    if not 1 <= n_shot <= len(demos.dialogues):
-        raise InvalidRequestError(f"--n_shot must be 1 to {len(demos.dialogues)} for {demos.path}, got {n_shot}.")
+    check_n_shot(demos, n_shot)
     if not prompts:
         raise InvalidRequestError("No prompts to answer.")
     given = [options.stop] if isinstance(options.stop, str) else list(options.stop or [])
