@@ -269,7 +269,10 @@ def test_serve_with_two_workers_in_front_of_an_upstream(fault, tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        workers = subprocess.run(["ps", "--ppid", str(server.pid), "-o", "args="], capture_output=True, text=True)
+        # -ww: without a terminal, ps would cut each command line at 80 columns.
+        workers = subprocess.run(
+            ["ps", "-ww", "--ppid", str(server.pid), "-o", "args="], capture_output=True, text=True
+        )
         assert sum("spawn_main" in line for line in workers.stdout.splitlines()) == 2, workers.stdout
         fault.reset()
         for i in range(8):
