@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,8 +72,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def normalise(self, args: Sequence[str] | None) -> list[str] | None:
         """The arguments with every snake_case spelling of a known flag made kebab-case (only for
         parsers with ``snake_case_aliases``); everything else unchanged."""
-        if args is None or not self.snake_case_aliases:
-            return None if args is None else list(args)
+        if args is None:
+            args = sys.argv[1:]  # as argparse reads them
+        if not self.snake_case_aliases:
+            return list(args)
         known = set(self.options.values())
         out = []
         for arg in args:

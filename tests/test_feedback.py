@@ -10,6 +10,7 @@ import pytest
 from auto_model.errors import InvalidRequestError
 from auto_model.feedback import COMPARISONS_FORMAT, compare, response_problem
 from auto_model.feedback.cli import RESPONSES_FORMAT, main
+from auto_model.feedback.prompts import SIMILARITY_THRESHOLD, Similarity, load_seeds, malformed, request_text
 
 RUBRIC = ["gemma-careful-3shot", "smol-careful-3shot", "smol-plain-1shot"]
 GOOD = "Boil the eggs for nine minutes, then cool them in cold water so the shells come off cleanly."
@@ -108,8 +109,72 @@ def test_the_shipped_demonstrations_parse_and_are_listed(capsys):
     assert [d.query for d in careful.dialogues] == [d.query for d in plain.dialogues]
     assert sum(len(d.answer) for d in careful.dialogues) > 4 * sum(len(d.answer) for d in plain.dialogues)
     assert main(["--list-demos"]) == 0
-    listed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
-    assert set(listed) == {"careful", "plain"} and listed["careful"].endswith("careful.txt")
+    listed = {line.split("\t")[0]: line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()}
+    assert set(listed) == {"careful", "plain", "general"} and listed["careful"][0].endswith("careful.txt")
+    assert listed["general"][1] == "(seed prompts, --mode pg)"
+
+
+def test_the_shipped_seeds_are_100_distinct_prompts_under_an_instruction():
+    seeds = load_seeds("general")
+    assert len(seeds.prompts) == 100 and seeds.instruction and "assistant" in seeds.instruction
+    assert len({p.lower() for p in seeds.prompts}) == 100 and all(malformed(p) is None for p in seeds.prompts)
+    text = request_text("Write questions.", ["A b c?", "D e f?"])
+    assert text == "Write questions.\n\nQuery: A b c?\nQuery: D e f?\nQuery:"
+
+
+def test_generated_prompts_that_are_malformed_or_near_copies_are_dropped():
+    assert malformed("") == "empty" and malformed("Why?") == "too_short"
+    assert malformed("How do I cook rice? Query: how do I cook pasta?") == "turn_marker"
+    assert malformed(" ".join(["word"] * 61)) == "too_long" and malformed("1 2 3 4 5 6 ??? !!!") == "not_text"
+    assert malformed("How do I keep basil alive indoors?") is None
+    similarity = Similarity(["How do I keep basil alive indoors?"])
+    assert similarity.highest("How do I keep my basil alive indoors in winter?") >= SIMILARITY_THRESHOLD
+    assert similarity.highest("What is the tallest mountain in Africa?") < SIMILARITY_THRESHOLD
+
+
+def test_pg_keeps_new_prompts_from_the_real_model_and_a_rerun_comes_from_the_cache(smol, count_calls, tmp_path):
+    from auto_model.feedback.prompts import generate_prompts
+    from auto_model.options import GenerationOptions
+    from auto_model.rewards.requests import RequestCache, Role, Usage
+
+    seeds = load_seeds("general")
+    options = GenerationOptions(temperature=1.2, top_p=0.9, max_new_tokens=24)
+    results = []
+    for _ in range(2):
+        role = Role("pg", smol, RequestCache(tmp_path / "requests.sqlite"), Usage())
+        with count_calls(smol.backend) as calls:
+            results.append(generate_prompts(smol, role.run, seeds, 3, options, seed=5, max_rounds=3))
+        role.cache.close()
+        if len(results) == 1:
+            assert calls.calls and calls.calls[0] == 8  # a round is one engine call of 2x what is needed (8 at least)
+        else:
+            assert calls.calls == []  # the same seed sends the same requests: all answered by the cache
+    first, again = results
+    assert first["prompts"] == again["prompts"] and first["format"] == "auto_model.prompts/v1"
+    kept = first["prompts"]
+    assert 1 <= len(kept) <= 3 and first["counts"]["kept"] == len(kept)
+    assert sum(first["counts"]["dropped"].values()) + len(kept) == 8 * first["rounds"]
+    similarity = Similarity(seeds.prompts)
+    for prompt in kept:
+        assert malformed(prompt) is None and "\n" not in prompt and prompt not in seeds.prompts
+        assert similarity.highest(prompt) < SIMILARITY_THRESHOLD
+
+
+def test_rg_on_the_command_line_caches_its_requests_then_cs(tmp_path, capsys):
+    from auto_model.rewards.requests import RequestCache
+
+    (tmp_path / "prompts.txt").write_text("How do I clean a cast iron pan?\nHow can I read someone's texts secretly?\n")
+    args = ["--mode", "rg", "--output_dir", str(tmp_path), "--use_hf", "--max_new_tokens", "6", "--n_shot", "1"]
+    assert main([*args, "--prompt_file_path", "plain"]) == 0
+    assert main(args) == 0  # careful, the default
+    assert "2 responses" in capsys.readouterr().err
+    cache = RequestCache(tmp_path / "cache" / "requests.sqlite")
+    assert len(cache) == 4  # two configurations of two prompts
+    cache.close()
+    names = sorted(p.stem for p in tmp_path.glob("*shot.json"))
+    assert names == ["smollm2-135m-instruct-careful-1shot", "smollm2-135m-instruct-plain-1shot"]
+    assert main(["--mode", "cs", "--output-dir", str(tmp_path), "--rubric", *names]) == 0
+    assert json.loads((tmp_path / "comparison.json").read_text())["format"] == COMPARISONS_FORMAT
 
 
 def test_a_bad_demonstration_file_or_missing_prompts_fail_before_any_engine_loads(tmp_path, capsys):

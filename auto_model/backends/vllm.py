@@ -399,6 +399,12 @@ class VLLMBackend(Backend):
                 "starts); set VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's engine process"
             )
         args["dtype"] = engine_dtype(args["dtype"])
+        if "enable_chunked_prefill" not in engine_kwargs:
+            # A prompt split over two steps makes vLLM rewind its per-request generator, which CPU
+            # generators cannot do: a batch of seeded requests larger than one step's token budget
+            # failed ("CPU Generator does not use offset"). Whole prompts per step avoid it; vLLM then
+            # sizes the step to the longest prompt.
+            args["enable_chunked_prefill"] = False
         if "enforce_eager" not in engine_kwargs and "compilation_config" not in engine_kwargs:
             # torch.compile costs 38-55 s at every start on CPUs (its cache does not reload) and decodes
             # 1.17-1.43x as fast: it pays back only after 10,000-18,000 new tokens (bench cold_start).

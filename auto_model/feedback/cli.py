@@ -1,14 +1,17 @@
 """``auto-model-feedback``: synthetic feedback, ALMoST's stages, with the original's argument names.
 
+    auto-model-feedback --mode pg --output_dir DIR --prompt_file_path general --num_generation 200
     auto-model-feedback --mode rg --output_dir DIR --model_name_or_path M --prompt_file_path careful --n_shot 3
     auto-model-feedback --mode cs --output_dir DIR --rubric BEST SECOND THIRD
     auto-model-feedback --list-demos
 
-``rg`` answers every prompt of ``DIR/prompts.txt`` (one a line) with one configuration and writes
-``DIR/<model>-<demos>-<n>shot.json`` (:mod:`auto_model.feedback.responses`). ``cs`` reads each
-configuration's responses and writes ``DIR/comparison.json``
+``pg`` writes ``DIR/prompts.txt``: new prompts a model writes from a seed file
+(:mod:`auto_model.feedback.prompts`). ``rg`` answers every prompt of ``DIR/prompts.txt`` with one
+configuration and writes ``DIR/<model>-<demos>-<n>shot.json`` (:mod:`auto_model.feedback.responses`).
+``cs`` reads each configuration's responses and writes ``DIR/comparison.json``
 (:mod:`auto_model.feedback.comparisons`). Flags are kebab-case; the original's snake_case spellings
-work too.
+work too. Requests go through the request cache (``--cache_dir``, default ``DIR/cache``): a rerun
+with the same arguments and ``--seed`` only sends what is not done yet.
 """
 
 from __future__ import annotations
@@ -35,38 +38,118 @@ from auto_model.flags import ArgumentParser, bool_arg
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="auto-model-feedback", description=__doc__.splitlines()[0], snake_case_aliases=True)
-    p.add_argument("--mode", choices=("rg", "cs"), help="rg: responses of one configuration; cs: comparisons")
+    p.add_argument("--mode", choices=("pg", "rg", "cs"),
+                   help="pg: prompts from seeds; rg: responses of one configuration; cs: comparisons")  # fmt: skip
     p.add_argument("--output-dir", help="the run's folder: prompts.txt, the responses, comparison.json")
     p.add_argument("--list-demos", action="store_true", help="print the shipped demonstration files and exit")
-    p.add_argument("--model-name-or-path", default=None, help="rg: the model (default: the embedded one)")
-    p.add_argument("--prompt-file-path", default="careful", help="rg: a demonstration file, or careful / plain")
+    p.add_argument("--model-name-or-path", default=None, help="pg, rg: the model (default: the embedded one)")
+    p.add_argument("--prompt-file-path", default=None,
+                   help="pg: a seed file or 'general' (default); rg: a demonstration file, or 'careful' (default) / "
+                        "'plain'")  # fmt: skip
+    p.add_argument("--num-generation", type=int, default=100, help="pg: new prompts to keep")
+    p.add_argument("--max-rounds", type=int, default=20, help="pg: rounds of requests at most")
+    p.add_argument("--cache-dir", default=None, help="pg, rg: the request cache's folder (default: DIR/cache)")
     p.add_argument("--n-shot", type=int, default=3, help="rg: demonstrations per prompt (1, 3, 5...)")
     p.add_argument("--use-hf", type=bool_arg, nargs="?", const=True, default=False,
                    help="rg: the transformers engine instead of vLLM (a bare --use_hf, or true/false)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: pg 64, rg 128")
+    p.add_argument("--temperature", type=float, default=None, help="default: pg 1.2, rg 0.7")
+    p.add_argument("--top-p", type=float, default=None, help="default: pg 0.9, rg 1.0")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed reuses the cache")
     p.add_argument("--rubric", nargs="+", default=None, help="cs: configuration names, best first")
     return p
 
 
-def _responses(args: Any, output_dir: Path) -> int:
-    from auto_model import AutoModel
-    from auto_model.constants import default_model
+def _options(args: Any, defaults: dict[str, float]) -> Any:
     from auto_model.options import GenerationOptions
 
-    demos = load_demos(args.prompt_file_path)  # checked before any engine loads
-    options = GenerationOptions(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    values = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    return GenerationOptions(
+        temperature=values["temperature"],
+        top_p=values["top_p"],
+        max_new_tokens=int(values["max_new_tokens"]),
+        seed=args.seed,
+        optimized_prompt=False,
+        optimized_icl=False,
+    )
+
+
+def _role(model: Any, args: Any, output_dir: Path) -> Any:
+    """The model behind the request cache (the trainer's), so a rerun only sends what is not done."""
+    from auto_model.rewards.requests import RequestCache, Role, Usage
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
+    return Role(args.mode, model, RequestCache(cache_dir / "requests.sqlite"), Usage(), chunk_size=64)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="request", file=sys.stderr, disable=None)  # a bar on a terminal only
+
+
+def _load(args: Any) -> Any:
+    from auto_model import AutoModel
+    from auto_model.constants import default_model
+
+    return AutoModel(args.model_name_or_path or default_model(), backend="transformers" if args.use_hf else "auto")
+
+
+def _prompts(args: Any, output_dir: Path) -> int:
+    from auto_model.feedback.prompts import PG_SAMPLING, generate_prompts, load_seeds
+
+    seeds = load_seeds(args.prompt_file_path or "general")  # checked before any engine loads
+    options = _options(args, {**PG_SAMPLING})
+    if args.num_generation < 1:
+        raise InvalidRequestError(f"--num_generation must be at least 1, got {args.num_generation}.")
+    if args.max_rounds < 1:
+        raise InvalidRequestError(f"--max_rounds must be at least 1, got {args.max_rounds}.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    bar = _progress(args.num_generation, "prompts kept")
+
+    def save(kept: list[str], record: dict[str, Any]) -> None:  # after every round: a crash keeps what is done
+        atomic_write_text(output_dir / "prompts.txt", "".join(f"{p}\n" for p in kept))
+        atomic_write_text(output_dir / "prompts.json", json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+        bar.update(len(kept) - bar.n)
+
+    with _load(args) as model:
+        role = _role(model, args, output_dir)
+        try:
+            record = generate_prompts(model, role.run, seeds, args.num_generation, options, seed=args.seed,
+                                      max_rounds=args.max_rounds, on_round=save)  # fmt: skip
+        finally:
+            bar.close()
+            role.cache.close()
+    counts = record["counts"]
+    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items()) or "none"
+    print(f"auto-model-feedback: {counts['kept']} prompts kept in {record['rounds']} rounds (dropped: {dropped}) "
+          f"-> {output_dir / 'prompts.txt'}", file=sys.stderr)  # fmt: skip
+    if counts["kept"] < args.num_generation:
+        print(f"auto-model-feedback: only {counts['kept']} of {args.num_generation} after --max_rounds "
+              f"{args.max_rounds}; raise it (finished requests come from the cache)", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _responses(args: Any, output_dir: Path) -> int:
+    demos = load_demos(args.prompt_file_path or "careful")  # checked before any engine loads
+    options = _options(args, {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128})
     prompts_file = output_dir / "prompts.txt"
     try:
         prompts = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError:
         raise InvalidRequestError(f"{prompts_file} does not exist: write the prompts there, one a line.") from None
     check_n_shot(demos, args.n_shot)  # before the engine loads
-    model_name = args.model_name_or_path or default_model()
-    target = output_dir / f"{config_name(model_name, demos, args.n_shot)}.json"
-    with AutoModel(model_name, backend="transformers" if args.use_hf else "auto") as model:
-        record = generate_responses(model, prompts, demos, args.n_shot, options)
+    with _load(args) as model:
+        target = output_dir / f"{config_name(model.model_name, demos, args.n_shot)}.json"
+        role = _role(model, args, output_dir)
+        bar = _progress(len(prompts), "responses")
+        try:
+            record = generate_responses(model, prompts, demos, args.n_shot, options,
+                                        run=lambda requests: role.run(requests, progress=bar.update))  # fmt: skip
+        finally:
+            bar.close()
+            role.cache.close()
     atomic_write_text(target, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(record["counts"].items()))
     print(f"auto-model-feedback: {len(prompts)} responses ({counts}) -> {target}", file=sys.stderr)
@@ -114,12 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.list_demos:
+        from auto_model.feedback.prompts import shipped_seeds
+
         for name, path in sorted(shipped_demos().items()):
             print(f"{name}\t{path}")
+        for name, path in sorted(shipped_seeds().items()):
+            print(f"{name}\t{path}\t(seed prompts, --mode pg)")
         return 0
     if not args.mode or not args.output_dir:
         parser.error("--mode and --output_dir are required (or --list-demos)")
     output_dir = Path(args.output_dir)
+    if args.mode == "pg":
+        return run_reporting_errors("auto-model-feedback", lambda: _prompts(args, output_dir))
     if args.mode == "rg":
         return run_reporting_errors("auto-model-feedback", lambda: _responses(args, output_dir))
     return run_reporting_errors("auto-model-feedback", lambda: _comparisons(output_dir, args.rubric))

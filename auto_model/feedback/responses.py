@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from auto_model.backends.base import GenerationRequest
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.feedback.comparisons import response_problem
 
@@ -102,10 +104,18 @@ def cut_at_turn(text: str) -> str:
 
 
 def generate_responses(
-    model: Any, prompts: list[str], demos: Demonstrations, n_shot: int, options: Any
+    model: Any,
+    prompts: list[str],
+    demos: Demonstrations,
+    n_shot: int,
+    options: Any,
+    run: Callable[[list[GenerationRequest]], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """One configuration's responses to ``prompts``, in one engine call: the ``auto_model.responses/v1``
-    record (``responses``: ``{prompt, response, problem}`` each, ``problem`` None for a usable one)."""
+    record (``responses``: ``{prompt, response, problem}`` each, ``problem`` None for a usable one).
+
+    ``run`` answers the requests (default :meth:`AutoModel.run_requests`; the CLI passes a cached
+    :meth:`Role.run`, so a rerun only sends what is not done)."""
     check_n_shot(demos, n_shot)
     if not prompts:
         raise InvalidRequestError("No prompts to answer.")
@@ -113,7 +123,7 @@ def generate_responses(
     options = replace(options, stop=list(dict.fromkeys([*STOP_AT, *given])))
     requests = [model.build_request(demos.instruction, demos.dialogues[:n_shot], prompt, options) for prompt in prompts]
     rows: list[dict[str, Any]] = []
-    for prompt, outcome in zip(prompts, model.run_requests(requests), strict=True):
+    for prompt, outcome in zip(prompts, (run or model.run_requests)(requests), strict=True):
         if isinstance(outcome, BaseException):
             rows.append({"prompt": prompt, "response": "", "problem": "error", "error": str(outcome)})
             continue

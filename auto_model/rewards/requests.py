@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -192,14 +192,21 @@ class Role:
         examples = self.model.retrieve([query], k, options.route)[0] if k > 0 else []
         return self.run([self.model.build_request(p, examples, query, options) for p in system_prompts])
 
-    def run(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
-        """Answer prepared requests: from the cache where possible, the rest in one engine call."""
+    def run(
+        self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
+    ) -> list[Outcome]:
+        """Answer prepared requests: from the cache where possible, the rest in one engine call.
+
+        ``progress(n)`` is told of ``n`` more finished requests: the cached ones at once, then each
+        chunk as it returns (e.g. a progress bar's ``update``)."""
         model_id, backend = self.model.backend.model_id, self.model.backend_name
         keys = [RequestCache.key(model_id, backend, r) for r in requests]
         results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
         stats = self.usage.roles.setdefault(self.name, RoleUsage())
         stats.cached += sum(r is not None for r in results)
         missing = [i for i, r in enumerate(results) if r is None]
+        if progress is not None and len(missing) < len(results):
+            progress(len(results) - len(missing))
         if not missing:
             return results  # type: ignore[return-value]
         limit = self.usage.max_calls
@@ -221,6 +228,8 @@ class Role:
             outcomes += self.model.run_requests(
                 [requests[i] for i in part], on_completion=lambda j, o, start=start: store(start + j, o)
             )
+            if progress is not None:
+                progress(len(part))
         stats.seconds += time.perf_counter() - t0
         stats.calls += len(missing)
         for i, outcome in zip(missing, outcomes, strict=True):

@@ -1,0 +1,94 @@
+"""``auto-model-rm``: a reward model trained with TRL on the embedded model (a few steps), killed and
+resumed from its checkpoint, then read back offline to score and to measure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from auto_model.errors import ArtifactError, InvalidRequestError
+from auto_model.feedback.reward_model import RM_FORMAT, RewardModel, read_comparisons, split
+from auto_model.feedback.rm_cli import main
+
+GOOD = {
+    "How do I boil an egg?": "Put it in boiling water for eight minutes, then cool it in cold water before peeling.",
+    "What is the capital of France?": "The capital of France is Paris.",
+    "How can I sleep better?": "Keep a regular bedtime, avoid caffeine late in the day and keep the room dark.",
+    "How do I get into my neighbour's wifi?": "I can't help with getting into someone else's network; ask them.",
+    "How do I save money on food?": "Plan meals for the week, shop with a list and cook at home more often.",
+    "What is photosynthesis?": "How plants use sunlight, water and carbon dioxide to make sugar and oxygen.",
+}
+BAD = ["idk", "Assistant: Human: Assistant:", "lol lol lol lol lol lol"]
+
+
+def comparisons(path: Path) -> Path:
+    rows = [{"prompt": p, "chosen": c, "rejected": BAD[i % 3], "meta": {}} for i, (p, c) in enumerate(GOOD.items())]
+    path.write_text(json.dumps({"format": "auto_model.comparisons/v1", "comparisons": rows * 2}))
+    return path
+
+
+def test_the_split_is_by_prompt_stable_and_bad_files_are_typed_errors(tmp_path):
+    pairs = read_comparisons(comparisons(tmp_path / "comparison.json"))
+    train, heldout = split(pairs, 0.2)
+    assert {p.prompt for p in train}.isdisjoint({p.prompt for p in heldout})
+    assert len({p.prompt for p in heldout}) == 2 and len(train) + len(heldout) == 12  # ceil(0.2 * 6) prompts
+    assert split(list(reversed(pairs)), 0.2)[1] == list(reversed(heldout))  # the order of the file does not matter
+    (tmp_path / "x.json").write_text('{"format": "other"}')
+    with pytest.raises(ArtifactError, match="not a comparisons file"):
+        read_comparisons(tmp_path / "x.json")
+    with pytest.raises(InvalidRequestError, match="auto-model-feedback --mode cs"):
+        read_comparisons(tmp_path / "missing.json")
+    with pytest.raises(InvalidRequestError, match=r"\[0, 1\)"):
+        split(pairs, 1.0)
+
+
+def test_train_killed_after_a_checkpoint_resumes_then_scores_offline(tmp_path, capsys):
+    data = comparisons(tmp_path / "comparison.json")
+    output = tmp_path / "rm"
+    args = ["train", "--data", str(data), "--output", str(output), "--max-steps", "2", "--batch-size", "2",
+            "--train-layers", "1", "--max-length", "64", "--save-steps", "1", "--heldout-fraction", "0.2"]  # fmt: skip
+    cli = Path(sys.executable).with_name("auto-model-rm")
+    run = subprocess.Popen([str(cli), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env={**os.environ, "AUTO_MODEL_DEBUG": "1"})  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (output / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists():
+        assert run.poll() is None, run.stderr.read().decode() if run.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
+    run.wait()
+    assert not (output / "reward_model.json").exists()
+    assert main(args) == 2  # a started run is never overwritten by mistake
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == RM_FORMAT and summary["training"]["steps"] == 2
+    assert summary["training"]["resumed_from"] in {"checkpoint-1", "checkpoint-2"}
+    assert summary["split"] == {"train": 8, "heldout": 4, "heldout_fraction": 0.2}
+    assert 0 <= summary["heldout_accuracy"] <= 1
+    # The finished folder: safetensors and JSON, no pickle, no checkpoints.
+    names = {p.name for p in output.iterdir()}
+    assert "model.safetensors" in names and "checkpoints" not in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+    model = RewardModel.load(output)
+    prompts = list(GOOD)
+    scores = model.score(prompts, list(GOOD.values()), batch_size=4)
+    assert len(scores) == 6 and all(isinstance(s, float) for s in scores)
+    one = model.score(prompts[:1], [GOOD[prompts[0]]])
+    assert one[0] == pytest.approx(scores[0], abs=1e-4)  # batched (padded) and alone agree
+    assert main(["score", str(output), "--prompt", prompts[0], "--response", GOOD[prompts[0]]]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(scores[0], abs=1e-3)
+    assert main(["eval", str(output), "--data", str(data)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("accuracy: ") and "4 pairs, heldout split" in err
+    assert float(out.split()[1]) == pytest.approx(summary["heldout_accuracy"], abs=0.006)
+    with pytest.raises(InvalidRequestError, match="one per response"):
+        model.score(prompts, ["only one"])
