@@ -224,3 +224,18 @@ def test_responses_of_two_configurations_in_one_engine_call_each_then_their_comp
     assert main(["--mode", "cs", "--output-dir", str(tmp_path), "--rubric", careful, plain]) == 0
     written = json.loads((tmp_path / "comparison.json").read_text())
     assert written["counts"]["pairs"] == 2 and all(c["meta"]["rule"] == "demos+shots" for c in written["comparisons"])
+
+
+@pytest.mark.vllm
+def test_rg_on_an_openai_compatible_server(vllm_server, tmp_path):
+    """Generation on any engine the SDK reaches: here a real vLLM server, through the openai backend."""
+    from auto_model.constants import DEFAULT_MODEL
+
+    prompts = ["How do I clean a cast iron pan?", "What is a prime number?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    args = ["--mode", "rg", "--output_dir", str(tmp_path), "--model_name_or_path", DEFAULT_MODEL,
+            "--base_url", vllm_server, "--max_new_tokens", "6", "--n_shot", "1", "--temperature", "0"]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((tmp_path / "smollm2-135m-instruct-careful-1shot.json").read_text())
+    assert [r["prompt"] for r in record["responses"]] == prompts
+    assert all(r["response"] and "error" not in r for r in record["responses"]), record["responses"]

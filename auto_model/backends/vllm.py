@@ -361,7 +361,8 @@ class VLLMBackend(Backend):
         try:
             # vLLM warns once per weight when it casts a checkpoint to the dtype the user asked for.
             with (
-                drop_records("vllm", "Attempted to load weight %s with dtype"),
+                # Printed for every model whenever chunked prefill is off, as it is on CPUs (see above).
+                drop_records("vllm", "Attempted to load weight %s with dtype", "does not officially support disabling"),
                 engine_progress_bars(),
                 _without_vllm_deprecations(),
                 _environment(self._start_environment),

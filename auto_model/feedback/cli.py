@@ -51,7 +51,11 @@ def _parser() -> ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="pg, rg: the request cache's folder (default: DIR/cache)")
     p.add_argument("--n-shot", type=int, default=3, help="rg: demonstrations per prompt (1, 3, 5...)")
     p.add_argument("--use-hf", type=bool_arg, nargs="?", const=True, default=False,
-                   help="rg: the transformers engine instead of vLLM (a bare --use_hf, or true/false)")  # fmt: skip
+                   help="pg, rg: the transformers engine instead of vLLM (a bare --use_hf, or true/false)")  # fmt: skip
+    p.add_argument("--backend", default="auto", help="pg, rg: auto, vllm, transformers or openai")
+    p.add_argument("--base-url", default=None,
+                   help="pg, rg: an OpenAI-compatible server, e.g. vLLM's (key: OPENAI_API_KEY)")  # fmt: skip
+    p.add_argument("--num-gpus", type=int, default=None, help="pg, rg: vLLM's tensor-parallel size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: pg 64, rg 128")
     p.add_argument("--temperature", type=float, default=None, help="default: pg 1.2, rg 0.7")
     p.add_argument("--top-p", type=float, default=None, help="default: pg 0.9, rg 1.0")
@@ -92,7 +96,14 @@ def _load(args: Any) -> Any:
     from auto_model import AutoModel
     from auto_model.constants import default_model
 
-    return AutoModel(args.model_name_or_path or default_model(), backend="transformers" if args.use_hf else "auto")
+    backend = "transformers" if args.use_hf else args.backend
+    kwargs: dict[str, Any] = {}
+    if args.base_url:
+        kwargs["base_url"] = args.base_url
+        backend = "openai" if backend == "auto" else backend
+    if args.num_gpus is not None:
+        kwargs["num_gpus"] = args.num_gpus
+    return AutoModel(args.model_name_or_path or default_model(), backend=backend, **kwargs)
 
 
 def _prompts(args: Any, output_dir: Path) -> int:

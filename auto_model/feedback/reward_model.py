@@ -195,9 +195,10 @@ def train_reward_model(
     save_steps: int = 50,
     seed: int = 0,
     resume: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train a reward model on ``data`` and save it to ``output``; the summary written to
-    ``output/reward_model.json``. Everything is checked before the model loads."""
+    ``output/reward_model.json`` (None in the other processes of a multi-process run). Everything is
+    checked before the model loads."""
     from auto_model.constants import default_model
 
     data = Path(data)
@@ -229,7 +230,8 @@ def train_reward_model(
     base = base_model or default_model()
     folder = base_model_folder(base)
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps({"data": str(data), "data_sha256": data_sha, "base_model": base}) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # one writer when several processes train together
+        atomic_write_text(run_file, json.dumps({"data": str(data), "data_sha256": data_sha, "base_model": base}) + "\n")
 
     import torch
     from datasets import Dataset
@@ -273,7 +275,9 @@ def train_reward_model(
         last = last_checkpoint(checkpoints)
         trainer.train(resume_from_checkpoint=str(last) if resume and last is not None else None)
         steps = trainer.state.global_step
-        trainer.save_model(str(output))  # model.safetensors + config.json
+        trainer.save_model(str(output))  # model.safetensors + config.json (by the main process)
+        if not trainer.is_world_process_zero():
+            return None  # under accelerate launch / torchrun: the main process writes the rest
         tokenizer.save_pretrained(str(output))
     for stray in ("training_args.bin",):  # a pickle transformers writes beside the model
         (output / stray).unlink(missing_ok=True)

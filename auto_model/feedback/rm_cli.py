@@ -3,11 +3,14 @@
     auto-model-rm train --data DIR/comparison.json --output RM_DIR [--base-model smollm2] [--max-steps N]
     auto-model-rm score RM_DIR --prompt "How do I..." --response "First, ..."   (or --input rows.jsonl)
     auto-model-rm eval RM_DIR --data DIR/comparison.json                         (prints accuracy: 0.NN)
+    auto-model-rm refusals RM_DIR --answers ANSWERS.json [--eval-set FILE.jsonl]
 
 ``train`` holds out a share of the prompts (``--heldout-fraction``), saves checkpoints every
 ``--save-steps`` steps and continues a killed run with ``--resume``; the bar and the training log are on
 stderr, the summary (JSON) on stdout. ``score`` prints one reward a line; ``eval`` the pairwise
-accuracy, on the held-out split when the file is the one the model was trained on. For several GPUs,
+accuracy, on the held-out split when the file is the one the model was trained on; ``refusals``
+whether the model prefers a refusal to a compliant answer on an eval set's harmful queries and a
+direct answer to a refusal on its ordinary ones (:mod:`auto_model.feedback.refusals`). For several GPUs,
 start ``train`` under ``accelerate launch`` or ``torchrun`` (see the README).
 """
 
@@ -52,6 +55,11 @@ def _parser() -> ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=("auto", "heldout", "train", "all"), default="auto",
                    help="auto: the held-out split when --data is the training file, else all")  # fmt: skip
+    r = sub.add_parser("refusals", snake_case_aliases=True,
+                       help="does the RM prefer refusals to harmful eval queries, answers to the rest?")  # fmt: skip
+    r.add_argument("model", help="the reward model's folder")
+    r.add_argument("--answers", required=True, help="a responses file (--mode rg) over the eval set's queries")
+    r.add_argument("--eval-set", default=None, help="eval JSONL (id, query, kind); default: the packaged set")
     return p
 
 
@@ -73,7 +81,8 @@ def _train(args: Any) -> int:
         seed=args.seed,
         resume=args.resume,
     )
-    print(json.dumps(summary, ensure_ascii=False, indent=1))
+    if summary is not None:  # the main process of a multi-process run
+        print(json.dumps(summary, ensure_ascii=False, indent=1))
     return 0
 
 
@@ -133,11 +142,29 @@ def _eval(args: Any) -> int:
     return 0
 
 
+def _refusals(args: Any) -> int:
+    from auto_model.evaluation.eval_set import load_eval_set
+    from auto_model.feedback.cli import read_responses
+    from auto_model.feedback.refusals import refusal_preference
+    from auto_model.feedback.reward_model import RewardModel
+
+    items = load_eval_set(args.eval_set)  # both files are checked before the model loads
+    answers = read_responses(Path(args.answers))
+    result = refusal_preference(RewardModel.load(args.model), items, answers)
+    for kind, what in (("safety", "refusal over compliance, harmful queries"),
+                       ("regular", "answer over refusal, ordinary queries")):  # fmt: skip
+        r = result[kind]
+        rate = "n/a" if r["rate"] is None else f"{r['rate']:.2f}"
+        left_out = f"{r['left_out']} left out: no usable non-refusing answer"
+        print(f"{what}: {rate} ({r['preferred']}/{r['pairs']}; {left_out})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from auto_model.cli import run_reporting_errors
 
     args = _parser().parse_args(argv)
-    command = {"train": _train, "score": _score, "eval": _eval}[args.command]
+    command = {"train": _train, "score": _score, "eval": _eval, "refusals": _refusals}[args.command]
     return run_reporting_errors("auto-model-rm", lambda: command(args))
 
 
