@@ -69,7 +69,9 @@ def load_seeds(path_or_name: str | os.PathLike[str]) -> Seeds:
         instruction = lines.pop(0)[len("### Instruction:") :].strip() or None
     if len(lines) < 2:
         raise ArtifactError(f"{path}: a seed file needs at least two prompts, one a line.")
-    return Seeds(path.stem, instruction, tuple(dict.fromkeys(lines)), str(path))
+    # A shipped file is recorded by its place in the package, the same on every machine.
+    shown = f"auto_model/feedback/seeds/{path.name}" if str(path_or_name) in shipped else str(path)
+    return Seeds(path.stem, instruction, tuple(dict.fromkeys(lines)), shown)
 
 
 def request_text(instruction: str | None, sample: Sequence[str]) -> str:

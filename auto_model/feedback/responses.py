@@ -82,7 +82,9 @@ def load_demos(path_or_name: str | os.PathLike[str]) -> Demonstrations:
     if not dialogues or len(turns) % 2:
         raise ArtifactError(f"{path}: no complete 'Human:' / 'Assistant:' dialogue found.")
     name = re.sub(r"[^a-z0-9]+", "", path.stem.lower()) or "demos"
-    return Demonstrations(name, instruction, tuple(dialogues), str(path))
+    # A shipped file is recorded by its place in the package, the same on every machine.
+    shown = f"auto_model/feedback/demos/{path.name}" if str(path_or_name) in shipped else str(path)
+    return Demonstrations(name, instruction, tuple(dialogues), shown)
 
 
 def check_n_shot(demos: Demonstrations, n_shot: int) -> None:
