@@ -158,6 +158,15 @@ def test_pg_keeps_new_prompts_from_the_real_model_and_a_rerun_comes_from_the_cac
     for prompt in kept:
         assert malformed(prompt) is None and "\n" not in prompt and prompt not in seeds.prompts
         assert similarity.highest(prompt) < SIMILARITY_THRESHOLD
+    # Progress: the cached requests at once, then each answer as the engine reports it.
+    role = Role("pg", smol, RequestCache(tmp_path / "requests.sqlite"), Usage())
+    greedy = GenerationOptions(temperature=0, max_new_tokens=2)
+    requests = [smol.build_request(None, [], q, greedy) for q in ("Name a fruit.", "Name a colour.", "Name a tree.")]
+    role.run(requests[:1])
+    seen: list[int] = []
+    role.run(requests, progress=seen.append)
+    role.cache.close()
+    assert seen == [1, 1, 1]
 
 
 def test_rg_on_the_command_line_caches_its_requests_then_cs(tmp_path, capsys):

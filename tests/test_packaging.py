@@ -41,6 +41,8 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
         "auto_model/evaluation/templates/judge_regular.txt",
         "auto_model/evaluation/templates/judge_safety.txt",
         "auto_model/server/playground.html",
+        "auto_model/feedback/demos/careful.txt",
+        "auto_model/feedback/seeds/general.txt",
     ):
         assert data in names, data
     entry_points = next(n for n in names if n.startswith("auto_model-") and n.endswith("entry_points.txt"))
@@ -50,6 +52,7 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
         "auto-model-train = auto_model.trainer.cli:main",
         "auto-model-eval = auto_model.evaluation.cli:main",
         "auto-model-feedback = auto_model.feedback.cli:main",
+        "auto-model-rm = auto_model.rm_cli:main",
     ):
         assert script in scripts, script
 

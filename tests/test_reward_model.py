@@ -15,7 +15,7 @@ import pytest
 
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.feedback.reward_model import RM_FORMAT, RewardModel, read_comparisons, split
-from auto_model.feedback.rm_cli import main
+from auto_model.rm_cli import main
 
 GOOD = {
     "How do I boil an egg?": "Put it in boiling water for eight minutes, then cool it in cold water before peeling.",
@@ -115,14 +115,14 @@ class ScriptedScorer:
     """A fake reward model (scores by a rule) for the counting in refusal_preference."""
 
     def score(self, prompts, responses):
-        from auto_model.feedback.refusals import REFUSALS
+        from auto_model.evaluation.refusals import REFUSALS
 
         return [-1.0 if r in REFUSALS else float(len(r)) / 100 for r in responses]
 
 
 def test_refusal_preference_counts_each_kind_and_leaves_out_refusing_or_bad_answers():
     from auto_model.evaluation.eval_set import EvalItem
-    from auto_model.feedback.refusals import refusal_preference
+    from auto_model.evaluation.refusals import refusal_preference
 
     items = [EvalItem("1", "harm a", "safety"), EvalItem("2", "harm b", "safety"), EvalItem("3", "ok", "regular"),
              EvalItem("4", "ok 2", "regular"), EvalItem("5", "missing", "regular")]  # fmt: skip

@@ -56,6 +56,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--base-url", default=None,
                    help="pg, rg: an OpenAI-compatible server, e.g. vLLM's (key: OPENAI_API_KEY)")  # fmt: skip
     p.add_argument("--num-gpus", type=int, default=None, help="pg, rg: vLLM's tensor-parallel size")
+    p.add_argument("--distributed-executor-backend", default=None,
+                   help="pg, rg: vLLM's executor across nodes ('ray' on a Ray cluster)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: pg 64, rg 128")
     p.add_argument("--temperature", type=float, default=None, help="default: pg 1.2, rg 0.7")
     p.add_argument("--top-p", type=float, default=None, help="default: pg 0.9, rg 1.0")
@@ -83,7 +85,8 @@ def _role(model: Any, args: Any, output_dir: Path) -> Any:
     from auto_model.rewards.requests import RequestCache, Role, Usage
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
-    return Role(args.mode, model, RequestCache(cache_dir / "requests.sqlite"), Usage(), chunk_size=64)
+    # Up to 256 requests per engine call (the Role's chunk), each chunk cached as it returns.
+    return Role(args.mode, model, RequestCache(cache_dir / "requests.sqlite"), Usage())
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -103,6 +106,8 @@ def _load(args: Any) -> Any:
         backend = "openai" if backend == "auto" else backend
     if args.num_gpus is not None:
         kwargs["num_gpus"] = args.num_gpus
+    if args.distributed_executor_backend:
+        kwargs["distributed_executor_backend"] = args.distributed_executor_backend
     return AutoModel(args.model_name_or_path or default_model(), backend=backend, **kwargs)
 
 

@@ -198,7 +198,7 @@ class Role:
         """Answer prepared requests: from the cache where possible, the rest in one engine call.
 
         ``progress(n)`` is told of ``n`` more finished requests: the cached ones at once, then each
-        chunk as it returns (e.g. a progress bar's ``update``)."""
+        answer as the engine reports it (e.g. a progress bar's ``update``)."""
         model_id, backend = self.model.backend.model_id, self.model.backend_name
         keys = [RequestCache.key(model_id, backend, r) for r in requests]
         results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
@@ -220,6 +220,8 @@ class Role:
             i = missing[j]
             if isinstance(outcome, Completion):
                 self.cache.put(keys[i][0], keys[i][1], outcome)
+            if progress is not None:
+                progress(1)
 
         t0 = time.perf_counter()
         outcomes: list[Outcome] = []
@@ -228,8 +230,6 @@ class Role:
             outcomes += self.model.run_requests(
                 [requests[i] for i in part], on_completion=lambda j, o, start=start: store(start + j, o)
             )
-            if progress is not None:
-                progress(len(part))
         stats.seconds += time.perf_counter() - t0
         stats.calls += len(missing)
         for i, outcome in zip(missing, outcomes, strict=True):

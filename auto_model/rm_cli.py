@@ -10,7 +10,7 @@
 stderr, the summary (JSON) on stdout. ``score`` prints one reward a line; ``eval`` the pairwise
 accuracy, on the held-out split when the file is the one the model was trained on; ``refusals``
 whether the model prefers a refusal to a compliant answer on an eval set's harmful queries and a
-direct answer to a refusal on its ordinary ones (:mod:`auto_model.feedback.refusals`). For several GPUs,
+direct answer to a refusal on its ordinary ones (:mod:`auto_model.evaluation.refusals`). For several GPUs,
 start ``train`` under ``accelerate launch`` or ``torchrun`` (see the README).
 """
 
@@ -144,8 +144,8 @@ def _eval(args: Any) -> int:
 
 def _refusals(args: Any) -> int:
     from auto_model.evaluation.eval_set import load_eval_set
+    from auto_model.evaluation.refusals import refusal_preference
     from auto_model.feedback.cli import read_responses
-    from auto_model.feedback.refusals import refusal_preference
     from auto_model.feedback.reward_model import RewardModel
 
     items = load_eval_set(args.eval_set)  # both files are checked before the model loads
