@@ -18,9 +18,12 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from auto_model import constants
 from auto_model.errors import MissingDependencyError, ModelNotFoundError
@@ -28,6 +31,7 @@ from auto_model.files import atomic_open
 from auto_model.logs import engine_progress_bars
 
 logger = logging.getLogger(__name__)
+_reader_lock = threading.Lock()
 
 SourceKind = Literal["folder", "gguf", "hub"]
 
@@ -252,6 +256,33 @@ def _cached_hub_source(name: str, path: Path) -> ModelSource:
 _MATERIALIZE_VERSION = 2
 
 
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once: transformers parses the whole file for the
+    tokenizer, again for the config and again for the weights, and on Gemma's 262k-token vocabulary
+    each parse takes seconds. The parsed reader (read-only, memory-mapped) is shared instead."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    with _reader_lock:
+        original = gguf.GGUFReader
+        parsed: dict[tuple[str, str], Any] = {}
+
+        def reader(path: Any, mode: Any = "r") -> Any:
+            key = (os.path.realpath(path), mode)
+            if key not in parsed:
+                parsed[key] = original(path, mode)
+            return parsed[key]
+
+        gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original  # type: ignore[misc]
+
+
 def gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
     """``add_bos_token``/``add_eos_token`` as the GGUF file records them (absent flags are left out)."""
     from gguf import GGUFReader
@@ -286,14 +317,15 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        # transformers drops the GGUF's BOS/EOS flags; without its BOS token Gemma writes nonsense.
-        for flag, value in gguf_special_token_flags(gguf_path).items():
-            setattr(tokenizer, flag, value)
-        with engine_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-            )
+        with gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            # transformers drops the GGUF's BOS/EOS flags; without its BOS token Gemma writes nonsense.
+            for flag, value in gguf_special_token_flags(gguf_path).items():
+                setattr(tokenizer, flag, value)
+            with engine_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+                )
             # save_pretrained refuses a model that still carries its GGUF quantizer; the tensors are
             # already de-quantised, so the quantizer is only bookkeeping at this point.
             model.hf_quantizer = None  # type: ignore[assignment]

@@ -97,3 +97,18 @@ def test_normalised_lookup():
     assert normalize_name("Mistral-7B_v0.1") == "mistral7bv01"
     assert find_packaged("SMOLLM2-135M-INSTRUCT").model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert find_packaged("mistral") is None
+
+
+def test_a_gguf_file_is_parsed_once_within_the_block():
+    import gguf
+
+    from auto_model.resolve import gguf_parsed_once, gguf_special_token_flags
+
+    original = gguf.GGUFReader
+    path = resolve_model("smollm2").path
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first  # transformers reads the tokenizer, config and weights from it
+        flags = gguf_special_token_flags(Path(path))
+    assert gguf.GGUFReader is original  # put back after the block
+    assert flags == gguf_special_token_flags(Path(path))

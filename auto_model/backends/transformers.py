@@ -40,7 +40,7 @@ from auto_model.errors import (
     ModelNotFoundError,
 )
 from auto_model.logs import engine_progress_bars
-from auto_model.resolve import ModelSource, gguf_special_token_flags, materialize_gguf
+from auto_model.resolve import ModelSource, gguf_parsed_once, gguf_special_token_flags, materialize_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +114,17 @@ class TransformersBackend(Backend):
             tok_kwargs["local_files_only"] = True
             load_kwargs["local_files_only"] = True
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-                path, **tok_kwargs, **({"trust_remote_code": True} if trust_remote_code else {})
-            )
-            with engine_progress_bars():
-                self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path, dtype=torch_dtype, **tok_kwargs, **load_kwargs
+            with gguf_parsed_once():  # a GGUF file is parsed once, not once per part read from it
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    path, **tok_kwargs, **({"trust_remote_code": True} if trust_remote_code else {})
                 )
-            if "gguf_file" in tok_kwargs:  # read straight from GGUF: restore the BOS/EOS flags it records
-                for flag, value in gguf_special_token_flags(Path(source.path)).items():
-                    setattr(self.tokenizer, flag, value)
+                with engine_progress_bars():
+                    self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                        path, dtype=torch_dtype, **tok_kwargs, **load_kwargs
+                    )
+                if "gguf_file" in tok_kwargs:  # read straight from GGUF: restore the BOS/EOS flags it records
+                    for flag, value in gguf_special_token_flags(Path(source.path)).items():
+                        setattr(self.tokenizer, flag, value)
         except OSError as exc:
             raise ModelNotFoundError(
                 f"Could not load {source.name!r} with transformers: {exc}. Pass a local folder or .gguf file, "
