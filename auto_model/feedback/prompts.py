@@ -24,12 +24,12 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from auto_model.backends.base import Completion, GenerationRequest
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
+from auto_model.feedback.textfiles import read_text_file, shipped
 
 PROMPTS_FORMAT = "auto_model.prompts/v1"
 #: The original's sampling for prompt generation.
@@ -48,30 +48,16 @@ class Seeds:
 
 def shipped_seeds() -> dict[str, Path]:
     """The seed prompt files that ship with the package, by name (``general``: 100 prompts)."""
-    folder = resources.files("auto_model.feedback").joinpath("seeds")
-    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".txt")}
+    return shipped("seeds")
 
 
 def load_seeds(path_or_name: str | os.PathLike[str]) -> Seeds:
-    """A seed file (a path, or the name of a shipped one: ``general``)."""
-    shipped = shipped_seeds()
-    path = shipped.get(str(path_or_name)) or Path(path_or_name)
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except OSError:
-        raise InvalidRequestError(
-            f"No seed file {str(path_or_name)!r}: pass a path (one prompt a line) or one of "
-            f"{', '.join(sorted(shipped))}."
-        ) from None
-    lines = [line for line in lines if line]
-    instruction = None
-    if lines and lines[0].startswith("### Instruction:"):
-        instruction = lines.pop(0)[len("### Instruction:") :].strip() or None
+    """A seed file (a path, or the name of a shipped one: ``general``), one prompt a line."""
+    file = read_text_file(path_or_name, "seeds", "seed file (one prompt a line)")
+    lines = [line.strip() for line in file.body.splitlines() if line.strip()]
     if len(lines) < 2:
-        raise ArtifactError(f"{path}: a seed file needs at least two prompts, one a line.")
-    # A shipped file is recorded by its place in the package, the same on every machine.
-    shown = f"auto_model/feedback/seeds/{path.name}" if str(path_or_name) in shipped else str(path)
-    return Seeds(path.stem, instruction, tuple(dict.fromkeys(lines)), shown)
+        raise ArtifactError(f"{file.path}: a seed file needs at least two prompts, one a line.")
+    return Seeds(file.path.stem, file.instruction, tuple(dict.fromkeys(lines)), file.shown)
 
 
 def request_text(instruction: str | None, sample: Sequence[str]) -> str:

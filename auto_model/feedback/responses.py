@@ -22,13 +22,13 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from auto_model.backends.base import GenerationRequest
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.feedback.comparisons import response_problem
+from auto_model.feedback.textfiles import read_text_file, shipped
 
 RESPONSES_FORMAT = "auto_model.responses/v1"
 #: The turn markers a response stops at (sent as stop strings, and cut at).
@@ -54,24 +54,13 @@ class Demonstrations:
 
 def shipped_demos() -> dict[str, Path]:
     """The demonstration files that ship with the package, by name."""
-    folder = resources.files("auto_model.feedback").joinpath("demos")
-    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".txt")}
+    return shipped("demos")
 
 
 def load_demos(path_or_name: str | os.PathLike[str]) -> Demonstrations:
     """A demonstration file (a path, or the name of a shipped one: ``careful``, ``plain``)."""
-    shipped = shipped_demos()
-    path = shipped.get(str(path_or_name)) or Path(path_or_name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        raise InvalidRequestError(
-            f"No demonstration file {str(path_or_name)!r}: pass a path or one of {', '.join(sorted(shipped))}."
-        ) from None
-    instruction = None
-    first, _, rest = text.lstrip().partition("\n")
-    if first.startswith("### Instruction:"):
-        instruction, text = first[len("### Instruction:") :].strip(), rest
+    file = read_text_file(path_or_name, "demos", "demonstration file")
+    path, instruction, text = file.path, file.instruction, file.body
     parts = _TURN.split(text)
     turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
     dialogues = []
@@ -82,9 +71,7 @@ def load_demos(path_or_name: str | os.PathLike[str]) -> Demonstrations:
     if not dialogues or len(turns) % 2:
         raise ArtifactError(f"{path}: no complete 'Human:' / 'Assistant:' dialogue found.")
     name = re.sub(r"[^a-z0-9]+", "", path.stem.lower()) or "demos"
-    # A shipped file is recorded by its place in the package, the same on every machine.
-    shown = f"auto_model/feedback/demos/{path.name}" if str(path_or_name) in shipped else str(path)
-    return Demonstrations(name, instruction, tuple(dialogues), shown)
+    return Demonstrations(name, instruction, tuple(dialogues), file.shown)
 
 
 def check_n_shot(demos: Demonstrations, n_shot: int) -> None:
