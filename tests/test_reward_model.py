@@ -93,6 +93,15 @@ def test_train_killed_after_a_checkpoint_resumes_then_scores_offline(tmp_path, c
     with pytest.raises(InvalidRequestError, match="one per response"):
         model.score(prompts, ["only one"])
 
+    # The same model through the reward interface the trainer and the evaluation use.
+    from auto_model.rewards import Reward, RewardItem
+    from auto_model.rewards.reward_model import ASPECT, RewardModelReward
+
+    reward = RewardModelReward(model, batch_size=4)
+    assert isinstance(reward, Reward)
+    scored = reward.score([RewardItem(p, GOOD[p], aspects=("Helpfulness",)) for p in prompts])
+    assert [s.values[ASPECT] for s in scored] == pytest.approx(scores, abs=1e-4) and not any(s.error for s in scored)
+
     # Refusals against the model's own answers on an eval set, read from a responses file.
     eval_set = tmp_path / "eval.jsonl"
     eval_set.write_text(

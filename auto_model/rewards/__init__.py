@@ -2,6 +2,7 @@
 
 :mod:`auto_model.rewards.base` holds the reward interface ((query, answer) items in, per-item scores
 out); :mod:`auto_model.rewards.judge` the LLM judge, its first implementation;
+:mod:`auto_model.rewards.reward_model` a trained reward model (``auto-model-rm``);
 :mod:`auto_model.rewards.requests` the cached, counted LLM requests both are built on. Nothing here
 imports the trainer or the evaluation.
 """
