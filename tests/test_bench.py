@@ -43,12 +43,9 @@ def test_unknown_benchmark_is_an_error():
 
 
 def test_report_and_plot_come_from_the_records(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench._common import Ratio, Record
-        from bench.report import write_report
-    finally:
-        sys.path.remove(str(ROOT))
+    from bench._common import Ratio, Record
+    from bench.report import write_report
+
     records = [
         Record(
             "batch_loop",

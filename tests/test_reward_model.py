@@ -47,6 +47,10 @@ def test_the_split_is_by_prompt_stable_and_bad_files_are_typed_errors(tmp_path):
         read_comparisons(tmp_path / "missing.json")
     with pytest.raises(InvalidRequestError, match=r"\[0, 1\)"):
         split(pairs, 1.0)
+    from auto_model.feedback.reward_model import train_reward_model
+
+    with pytest.raises(InvalidRequestError, match="--train-layers must be at least 1"):  # before any model loads
+        train_reward_model(tmp_path / "comparison.json", tmp_path / "rm", train_layers=0)
 
 
 def test_train_killed_after_a_checkpoint_resumes_then_scores_offline(tmp_path, capsys):

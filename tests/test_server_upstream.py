@@ -17,10 +17,8 @@ import pytest
 
 from auto_model import AutoModel
 from auto_model.server import ServerLimits, Upstream, create_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.fault_server import FaultServer  # noqa: E402
-from bench.vllm_server import free_port  # noqa: E402
+from bench.fault_server import FaultServer
+from bench.vllm_server import free_port
 
 KEY = "sk-client-0123"
 UPSTREAM_KEY = "sk-upstream-SECRET-4567"

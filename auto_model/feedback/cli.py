@@ -99,27 +99,23 @@ def _load(args: Any) -> Any:
     from auto_model import AutoModel
     from auto_model.constants import default_model
 
-    backend = "transformers" if args.use_hf else args.backend
     kwargs: dict[str, Any] = {}
-    if args.base_url:
+    if args.base_url:  # "auto" then picks the openai backend
         kwargs["base_url"] = args.base_url
-        backend = "openai" if backend == "auto" else backend
     if args.num_gpus is not None:
         kwargs["num_gpus"] = args.num_gpus
     if args.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = args.distributed_executor_backend
+    backend = "transformers" if args.use_hf else args.backend
     return AutoModel(args.model_name_or_path or default_model(), backend=backend, **kwargs)
 
 
 def _prompts(args: Any, output_dir: Path) -> int:
-    from auto_model.feedback.prompts import PG_SAMPLING, generate_prompts, load_seeds
+    from auto_model.feedback.prompts import PG_SAMPLING, check_generation, generate_prompts, load_seeds
 
     seeds = load_seeds(args.prompt_file_path or "general")  # checked before any engine loads
     options = _options(args, {**PG_SAMPLING})
-    if args.num_generation < 1:
-        raise InvalidRequestError(f"--num_generation must be at least 1, got {args.num_generation}.")
-    if args.max_rounds < 1:
-        raise InvalidRequestError(f"--max_rounds must be at least 1, got {args.max_rounds}.")
+    check_generation(args.num_generation, args.max_rounds)
     output_dir.mkdir(parents=True, exist_ok=True)
     bar = _progress(args.num_generation, "prompts kept")
 

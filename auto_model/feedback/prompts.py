@@ -100,6 +100,14 @@ class Similarity:
         return max((self._scorer.score(old, text)["rougeL"].fmeasure for old in self._kept), default=0.0)
 
 
+def check_generation(num_generation: int, max_rounds: int) -> None:
+    """A typed error unless at least one prompt is wanted and one round allowed."""
+    if num_generation < 1:
+        raise InvalidRequestError(f"--num_generation must be at least 1, got {num_generation}.")
+    if max_rounds < 1:
+        raise InvalidRequestError(f"--max_rounds must be at least 1, got {max_rounds}.")
+
+
 def generate_prompts(
     model: Any,
     run: Callable[[list[GenerationRequest]], list[Any]],
@@ -116,8 +124,7 @@ def generate_prompts(
 
     ``run`` answers a list of requests in one engine call (e.g. :meth:`Role.run`, which caches).
     ``on_round(kept, record)`` is called after each round (to save what is kept so far)."""
-    if num_generation < 1:
-        raise InvalidRequestError(f"--num_generation must be at least 1, got {num_generation}.")
+    check_generation(num_generation, max_rounds)
     if not 1 <= sample_size <= len(seeds.prompts):
         raise InvalidRequestError(f"sample_size must be 1 to {len(seeds.prompts)}, got {sample_size}.")
     options = replace(options, stop=["\n"])

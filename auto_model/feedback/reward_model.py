@@ -65,19 +65,16 @@ def read_comparisons(path: str | os.PathLike[str]) -> list[Comparison]:
             f"{path} does not exist: make it with auto-model-feedback --mode cs, or pass a JSONL file of "
             "{prompt, chosen, rejected} rows."
         ) from None
-    rows: Any
+    jsonl = path.suffix == ".jsonl"
     try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
-            if not isinstance(data, dict) or data.get("format") != COMPARISONS_FORMAT:
-                raise ArtifactError(f"{path} is not a comparisons file ({COMPARISONS_FORMAT}) nor a .jsonl file.")
-            rows = data.get("comparisons")
+        data = [json.loads(line) for line in text.splitlines() if line.strip()] if jsonl else json.loads(text)
     except ValueError as exc:
-        if isinstance(exc, ArtifactError):
-            raise
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    rows: Any = data
+    if not jsonl:
+        if not isinstance(data, dict) or data.get("format") != COMPARISONS_FORMAT:
+            raise ArtifactError(f"{path} is not a comparisons file ({COMPARISONS_FORMAT}) nor a .jsonl file.")
+        rows = data.get("comparisons")
     if not isinstance(rows, list):
         raise ArtifactError(f"{path}: 'comparisons' must be a list.")
     pairs = []
@@ -154,20 +151,13 @@ def _freeze_below(model: Any, train_layers: int | None) -> None:
     if train_layers is None:
         return
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or train_layers < 1:
+    if layers is None:
         raise InvalidRequestError(f"--train-layers {train_layers}: this model's decoder layers cannot be chosen.")
-    for p in model.parameters():
-        p.requires_grad = False
-    for layer in list(layers)[-train_layers:]:
-        for p in layer.parameters():
-            p.requires_grad = True
-    for name in ("norm",):
-        module = getattr(model.model, name, None)
+    model.requires_grad_(False)
+    trained = [*list(layers)[-train_layers:], getattr(model.model, "norm", None), model.score]  # the final norm too
+    for module in trained:
         if module is not None:
-            for p in module.parameters():
-                p.requires_grad = True
-    for p in model.score.parameters():
-        p.requires_grad = True
+            module.requires_grad_(True)
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -207,7 +197,8 @@ def train_reward_model(
     train, heldout = split(pairs, heldout_fraction)
     if max_steps is not None and max_steps < 1:
         raise InvalidRequestError(f"--max-steps must be at least 1, got {max_steps}.")
-    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length), ("--save-steps", save_steps)):
+    sizes = [("--batch-size", batch_size), ("--max-length", max_length), ("--save-steps", save_steps)]
+    for flag, value in [*sizes, *([("--train-layers", train_layers)] if train_layers is not None else [])]:
         if value < 1:
             raise InvalidRequestError(f"{flag} must be at least 1, got {value}.")
     if epochs <= 0 or learning_rate <= 0:
