@@ -108,6 +108,47 @@ def embedder():
 
 
 @pytest.fixture(scope="session")
+def small_rm(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
+    """A reward model trained on the embedded model (``auto-model-rm train``, 2 steps, 1 layer): the run
+    is killed (SIGKILL) after its first checkpoint and resumed with ``--resume``. Returns what that
+    went through (for ``tests/test_reward_model.py``) and the finished folder (``.output``), which the
+    tests of rewards and best-of-n score with."""
+    import contextlib
+    import io
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from rm_data import TRAIN_ARGS, comparisons
+
+    from auto_model.rm_cli import main
+
+    root = tmp_path_factory.mktemp("small_rm")
+    data, output = comparisons(root / "comparison.json"), root / "rm"
+    args = ["train", "--data", str(data), "--output", str(output), *TRAIN_ARGS]
+    cli = Path(sys.executable).with_name("auto-model-rm")
+    run = subprocess.Popen([str(cli), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env={**os.environ, "AUTO_MODEL_DEBUG": "1"})  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (output / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists():
+        assert run.poll() is None, run.stderr.read().decode() if run.stderr else ""
+        assert time.monotonic() < deadline, "no checkpoint in 180 s"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
+    run.wait()
+    killed_left_a_model = (output / "reward_model.json").exists()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--resume"])
+    assert code == 0, err.getvalue()[-2000:]
+    return SimpleNamespace(data=data, output=output, args=args, killed_left_a_model=killed_left_a_model,
+                           summary=json.loads(out.getvalue()))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def pool():
     from auto_model.retrieval import load_icl_pool
 

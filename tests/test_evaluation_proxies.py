@@ -7,13 +7,13 @@ from importlib import resources
 
 import pytest
 
-from auto_model.evaluation.proxies import (
+from auto_model.retrieval import load_icl_pool
+from auto_model.rewards.proxies import (
     ended_cleanly,
     length_words,
     refusal_kind,
     repetition,
 )
-from auto_model.retrieval import load_icl_pool
 from auto_model.trainer.data import load_training_queries
 
 REFUSALS = [

@@ -4,34 +4,13 @@ resumed from its checkpoint, then read back offline to score and to measure."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from rm_data import GOOD, comparisons
 
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.feedback.reward_model import RM_FORMAT, RewardModel, read_comparisons, split
 from auto_model.rm_cli import main
-
-GOOD = {
-    "How do I boil an egg?": "Put it in boiling water for eight minutes, then cool it in cold water before peeling.",
-    "What is the capital of France?": "The capital of France is Paris.",
-    "How can I sleep better?": "Keep a regular bedtime, avoid caffeine late in the day and keep the room dark.",
-    "How do I get into my neighbour's wifi?": "I can't help with getting into someone else's network; ask them.",
-    "How do I save money on food?": "Plan meals for the week, shop with a list and cook at home more often.",
-    "What is photosynthesis?": "How plants use sunlight, water and carbon dioxide to make sugar and oxygen.",
-}
-BAD = ["idk", "Assistant: Human: Assistant:", "lol lol lol lol lol lol"]
-
-
-def comparisons(path: Path) -> Path:
-    rows = [{"prompt": p, "chosen": c, "rejected": BAD[i % 3], "meta": {}} for i, (p, c) in enumerate(GOOD.items())]
-    path.write_text(json.dumps({"format": "auto_model.comparisons/v1", "comparisons": rows * 2}))
-    return path
 
 
 def test_the_split_is_by_prompt_stable_and_bad_files_are_typed_errors(tmp_path):
@@ -53,30 +32,16 @@ def test_the_split_is_by_prompt_stable_and_bad_files_are_typed_errors(tmp_path):
         train_reward_model(tmp_path / "comparison.json", tmp_path / "rm", train_layers=0)
 
 
-def test_train_killed_after_a_checkpoint_resumes_then_scores_offline(tmp_path, capsys):
-    data = comparisons(tmp_path / "comparison.json")
-    output = tmp_path / "rm"
-    args = ["train", "--data", str(data), "--output", str(output), "--max-steps", "2", "--batch-size", "2",
-            "--train-layers", "1", "--max-length", "64", "--save-steps", "1", "--heldout-fraction", "0.2"]  # fmt: skip
-    cli = Path(sys.executable).with_name("auto-model-rm")
-    run = subprocess.Popen([str(cli), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           env={**os.environ, "AUTO_MODEL_DEBUG": "1"})  # fmt: skip
-    deadline = time.monotonic() + 180
-    while not (output / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists():
-        assert run.poll() is None, run.stderr.read().decode() if run.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    run.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
-    run.wait()
-    assert not (output / "reward_model.json").exists()
-    assert main(args) == 2  # a started run is never overwritten by mistake
-    assert "pass --resume" in capsys.readouterr().err
-    assert main([*args, "--resume"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+def test_train_killed_after_a_checkpoint_resumes_then_scores_offline(small_rm, tmp_path, capsys):
+    # The session's small reward model was killed after its first checkpoint and resumed (conftest).
+    data, output, args, summary = small_rm.data, small_rm.output, small_rm.args, small_rm.summary
+    assert not small_rm.killed_left_a_model
     assert summary["format"] == RM_FORMAT and summary["training"]["steps"] == 2
     assert summary["training"]["resumed_from"] in {"checkpoint-1", "checkpoint-2"}
     assert summary["split"] == {"train": 8, "heldout": 4, "heldout_fraction": 0.2}
     assert 0 <= summary["heldout_accuracy"] <= 1
+    assert main(args) == 2  # a used folder is never overwritten by mistake
+    assert "pass --resume" in capsys.readouterr().err
     # The finished folder: safetensors and JSON, no pickle, no checkpoints.
     names = {p.name for p in output.iterdir()}
     assert "model.safetensors" in names and "checkpoints" not in names

@@ -17,9 +17,9 @@ from auto_model.artifacts import (
     save_prompt_artifact,
 )
 from auto_model.errors import ArtifactError, InvalidRequestError
-from auto_model.evaluation.proxies import refusal_kind
 from auto_model.options import GenerationOptions
 from auto_model.retrieval import ICLExample, ICLRetriever
+from auto_model.rewards.proxies import refusal_kind
 from auto_model.routing import (
     EVERYDAY,
     SAFETY,

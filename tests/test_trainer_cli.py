@@ -214,6 +214,10 @@ def test_config_file_and_errors(tmp_path, capsys):
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert main(["icl", "--route", "safety", "--dry-run"]) == 2
     assert "use it with the prompt stage, not icl" in capsys.readouterr().err
+    assert main(["--reward", "rm:nowhere", "--dry-run"]) == 2  # before any model loads
+    assert "not a reward model folder" in capsys.readouterr().err
+    assert main(["--depth", "2", "--reward", "metric:refusal", "--dry-run"]) == 0
+    assert "metrics 0" in (out := capsys.readouterr().out) and "eval 0" in out  # no judge, no judge calls
     (tmp_path / "busy" / "algo_output").mkdir(parents=True)
     (tmp_path / "busy" / "algo_output" / "checkpoint.json").write_text("{}")
     assert main(["--log-dir", str(tmp_path / "busy")]) == 2
@@ -283,35 +287,26 @@ def test_secrets_are_redacted_in_args(tmp_path):
 
 
 @pytest.mark.slow
-def test_icl_stage_writes_a_pool_automodel_loads(tmp_path):
+def test_icl_stage_with_a_reward_model_writes_a_pool_automodel_loads(small_rm, tmp_path):
+    from auto_model.feedback.reward_model import RewardModel
     from auto_model.retrieval import load_icl_pool, save_icl_pool
 
     small_pool = tmp_path / "pool.json"
     save_icl_pool(load_icl_pool()[:2], small_pool)
     run = tmp_path / "icl"
-    assert (
-        main(
-            [
-                "icl",
-                *SMALL,
-                "--n-actions",
-                "1",
-                "--num-iters",
-                "1",
-                "--judge-max-new-tokens",  # short replies: the test is about the stage's plumbing
-                "48",
-                "--icl-path",
-                str(small_pool),
-                "--log-dir",
-                str(run),
-            ]
-        )
-        == 0
-    )
+    # The session's small reward model scores the answers: no metrics or eval model is loaded.
+    args = ["icl", *SMALL, "--n-actions", "1", "--num-iters", "1", "--reward", f"rm:{small_rm.output}",
+            "--judge-max-new-tokens", "48", "--icl-path", str(small_pool), "--log-dir", str(run)]  # fmt: skip
+    assert main(args) == 0
     pool = load_icl_pool(run / "algo_output" / "ICL_examples.json")
     assert [ex.query for ex in pool] == [ex.query for ex in load_icl_pool(small_pool)]
     history = json.loads((run / "algo_output" / "icl_output.json").read_text())
     assert len(history["examples"]) == 2 and all(h["history"][0]["round"] == 0 for h in history["examples"])
+    first = history["examples"][0]["history"][0]
+    rm = RewardModel.load(small_rm.output)
+    assert first["evaluation"]["reward"] == pytest.approx(rm.score([pool[0].query], [first["answer"]])[0], abs=1e-3)
+    spent = usage(run)["run"]
+    assert spent["eval"]["calls"] == 0 and spent["metrics"]["calls"] == 0 and spent["optimize"]["calls"] == 2
     model = AutoModel(backend="transformers", icl_path=run / "algo_output" / "ICL_examples.json")
     assert len(model.icl_pool) == 2
 
@@ -324,6 +319,34 @@ def test_a_constrained_judge_on_an_engine_that_cannot_constrain_stops_before_any
         "json_schema needs engines that constrain decoding" in err and "the metrics model runs on transformers" in err
     )
     assert usage(run)["run"]["total"]["calls"] == 0
+
+
+def test_a_reward_model_and_a_metric_drive_the_search_without_a_judge(small_rm, tmp_path, capsys):
+    run = tmp_path / "run"
+    reward = f"rm:{small_rm.output},metric:refusal@2"
+    args = [*SMALL, "--beam-size", "1", "--n-actions", "1", "--depth", "2", "--num-training-examples", "2",
+            "--reward", reward, "--log-dir", str(run)]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "level  candidates  scored" in err  # the search's summary, level by level
+    tree = json.loads((run / "algo_output" / "output.json").read_text())
+    root = tree["nodes"][0]
+    scores = root["evaluation"]["scores"]
+    assert set(scores) == {"rm/Reward", "metric:refusal/refusal"}
+    assert root["reward"] == pytest.approx(
+        (scores["rm/Reward"]["score"] + 2 * scores["metric:refusal/refusal"]["score"]) / 3
+    )
+    assert [row["level"] for row in tree["levels"]] == [1, 2] and tree["levels"][0]["scored"] == 1
+    spent = usage(run)["run"]
+    assert spent["metrics"]["calls"] == 0 and spent["eval"]["calls"] == 0  # no judge model was asked
+    with sqlite3.connect(run / "cache" / "requests.sqlite") as db:
+        sent = [json.loads(r)["prompt"] for (r,) in db.execute("SELECT request FROM answers")]
+    rewrite = [p for p in sent if "You improve system prompts" in str(p)]
+    # The reward model gives no reasons: the optimizer reads the scores, not a reviewer's rationale.
+    assert rewrite and "gives numbers, not reasons" in str(rewrite[0]) and "metric:refusal/refusal" in str(rewrite[0])
+    artifact = load_prompt_artifact(run / "algo_output" / "optimized_prompt.json")
+    assert artifact.provenance["reward"] == [f"rm:{small_rm.output}", "metric:refusal@2"]
+    assert [row["level"] for row in artifact.provenance["levels"]] == [1, 2]
 
 
 def test_a_route_prompt_is_trained_on_the_route_queries_answered_down_the_route(tmp_path):

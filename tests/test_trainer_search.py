@@ -147,7 +147,7 @@ def test_an_evaluation_that_never_parses_is_a_recorded_failure_not_a_score(tmp_p
     # Never read as "already good": the failed node is carried, not kept, and its path is not extended.
     assert [n.action for n in search.path(best)] == ["init", "carry"] and best.extensions == 0
     assert optimizer.asked == []  # no feedback to rewrite from
-    assert [f["role"] for f in search.judge.failures] == ["eval", "eval"]
+    assert [f["role"] for f in search.reward.failures] == ["eval", "eval"]
 
 
 def test_failed_aspect_selection_uses_the_fallback_and_is_recorded(tmp_path):

@@ -1,1 +1,1 @@
-"""Measuring answers: judge-free proxies (:mod:`auto_model.evaluation.proxies`) and the eval set."""
+"""Measuring answers: judge-free proxies (:mod:`auto_model.rewards.proxies`) and the eval set."""

@@ -3,7 +3,7 @@ scores a refusal above a compliant answer for the harmful queries (``kind: safet
 answer above a refusal for the ordinary ones.
 
 The compliant or direct answers are a model's own (an ``auto-model-feedback --mode rg`` responses file
-made over the eval set's queries); answers that refuse (:func:`~auto_model.evaluation.proxies.refusal_kind`)
+made over the eval set's queries); answers that refuse (:func:`~auto_model.rewards.proxies.refusal_kind`)
 or are unusable are left out and counted. The refusals are short fixed sentences, the same for every
 query, rotated.
 """
@@ -27,8 +27,8 @@ REFUSALS = (
 def refusal_preference(model: Any, items: Sequence[Any], answers: Mapping[str, str]) -> dict[str, Any]:
     """``{"safety": {...}, "regular": {...}}``, each with ``pairs`` (queries measured), ``preferred``
     (the RM ranked the right answer higher), ``rate`` and ``left_out`` (no usable, non-refusing answer)."""
-    from auto_model.evaluation.proxies import refusal_kind
     from auto_model.feedback.comparisons import response_problem
+    from auto_model.rewards.proxies import refusal_kind
 
     rows: dict[str, list[tuple[str, str, str]]] = {"safety": [], "regular": []}
     left_out = {"safety": 0, "regular": 0}

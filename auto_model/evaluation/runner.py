@@ -23,17 +23,17 @@ from auto_model.artifacts import PromptArtifact, load_prompt_artifact
 from auto_model.backends.base import Completion
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation.eval_set import EvalItem
-from auto_model.evaluation.proxies import (
-    ended_cleanly,
-    length_words,
-    refusal_kind,
-    repetition,
-)
 from auto_model.files import read_config_file
 from auto_model.flags import parse_bool
 from auto_model.options import GenerationOptions
 from auto_model.rewards.base import RewardItem
 from auto_model.rewards.judge import Judge
+from auto_model.rewards.proxies import (
+    ended_cleanly,
+    length_words,
+    refusal_kind,
+    repetition,
+)
 from auto_model.rewards.requests import RequestCache, Role, RoleUsage, Usage
 from auto_model.routing import ROUTES
 

@@ -1,17 +1,23 @@
 """The reward interface: (query, answer) items in, one score per item out.
 
-Every judge of answers — the LLM judge today (:class:`~auto_model.rewards.judge.Judge`), a reward
-model and programmatic metrics next — takes a list of :class:`RewardItem` and returns, in the same
-order, one :class:`Score` per item: a value per aspect, a rationale per aspect where the reward
-gives one, and the reason it failed where it could not score the item. A failed item has no values;
-it is never turned into a number. The trainer and the evaluation use rewards only through this.
+Every judge of answers — the LLM judge (:class:`~auto_model.rewards.judge.Judge`), a trained reward
+model (:class:`~auto_model.rewards.reward_model.RewardModelReward`), programmatic metrics
+(:class:`~auto_model.rewards.metrics.MetricReward`) and weighted combinations of them
+(:class:`~auto_model.rewards.combine.WeightedReward`) — takes a list of :class:`RewardItem` and
+returns, in the same order, one :class:`Score` per item: a value per aspect, a rationale per aspect
+where the reward gives one, the item's overall value, and the reason it failed where it could not
+score the item. A failed item has no values; it is never turned into a number. The trainer and the
+evaluation use rewards only through this.
+
+Scales differ by reward: the LLM judge scores 1 to 5, metrics 0 to 1, a reward model gives
+unbounded logits (comparable between answers it scored, not between models).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from auto_model.errors import InvalidRequestError
 
@@ -25,11 +31,17 @@ class RewardItem:
         answer: the answer.
         aspects: what to score it on (e.g. ``("Helpfulness", "Safety")``); ``None`` lets the reward
             choose (the LLM judge asks its metrics model which aspects matter for the query).
+        harmful: whether the query asks for something a careful assistant declines (None: unknown);
+            the refusal metric needs it.
+        finish_reason: how the answer ended (``"stop"`` or ``"length"``; None: unknown); the
+            clean-ending metric needs it.
     """
 
     query: str
     answer: str
     aspects: tuple[str, ...] | None = None
+    harmful: bool | None = None
+    finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str) or not isinstance(self.answer, str):
@@ -56,10 +68,20 @@ class Score(Protocol):
     def error(self) -> str | None:
         """Why the item could not be scored, or None."""
 
+    @property
+    def reward(self) -> float | None:
+        """The item's overall value (the mean over its aspects, or a combination's weighted mean);
+        None when it could not be scored."""
+
+    @property
+    def unanswered(self) -> bool:
+        """True when the reward's engine gave no reply at all for the item: an outage, not a judgement."""
+
 
 @runtime_checkable
 class Reward(Protocol):
-    """Scores answers; see the module docstring."""
+    """Scores answers; see the module docstring. A reward may also say the range of its values as
+    ``scale = (low, high)`` (None or absent: no fixed range), which the optimizer is told."""
 
     def score(self, items: Sequence[RewardItem]) -> Sequence[Score]:
         """One :class:`Score` per item, in the order given."""
@@ -72,6 +94,11 @@ class ItemScore:
     values: Mapping[str, float] | None
     rationales: Mapping[str, str | None] | None = None
     error: str | None = None
+    unanswered: bool = False
+
+    @property
+    def reward(self) -> float | None:
+        return mean_value(self)
 
 
 def mean_value(score: Score) -> float | None:
@@ -81,4 +108,65 @@ def mean_value(score: Score) -> float | None:
     return sum(score.values.values()) / len(score.values)
 
 
-__all__ = ["ItemScore", "Reward", "RewardItem", "Score", "mean_value"]
+def has_rationales(score: Score) -> bool:
+    """True when the reward gave a reason for every aspect it scored."""
+    return bool(score.values) and all((score.rationales or {}).get(a) for a in score.values or {})
+
+
+def all_at_least(score: Score, threshold: float | None) -> bool:
+    """True when every aspect of a scored item reaches ``threshold`` (never for None)."""
+    return threshold is not None and bool(score.values) and all(v >= threshold for v in (score.values or {}).values())
+
+
+def score_record(score: Score) -> dict[str, Any]:
+    """A score as JSON (for checkpoints and logs): the form :class:`~auto_model.rewards.judge.Evaluation`
+    writes, which :func:`score_from_record` reads back."""
+    to_dict = getattr(score, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    values, rationales = score.values, score.rationales or {}
+    return {
+        "aspects": list(values or ()),
+        "scores": None
+        if values is None
+        else {a: {"rationale": rationales.get(a), "score": v} for a, v in values.items()},
+        "reward": score.reward,
+        "error": score.error,
+        "attempts": 1,
+        "aspects_failed": False,
+    }
+
+
+def score_from_record(record: Mapping[str, Any]) -> ItemScore:
+    """The score a :func:`score_record` holds."""
+    scores = record.get("scores")
+    if scores is None:
+        return ItemScore(None, None, record.get("error"))
+    return _RecordedScore(
+        {a: s["score"] for a, s in scores.items()},
+        {a: s.get("rationale") or None for a, s in scores.items()},
+        record.get("error"),
+        overall=record.get("reward"),
+    )
+
+
+@dataclass(frozen=True)
+class _RecordedScore(ItemScore):
+    overall: float | None = None
+
+    @property
+    def reward(self) -> float | None:
+        return self.overall if self.overall is not None else mean_value(self)
+
+
+__all__ = [
+    "ItemScore",
+    "Reward",
+    "RewardItem",
+    "Score",
+    "all_at_least",
+    "has_rationales",
+    "mean_value",
+    "score_from_record",
+    "score_record",
+]

@@ -211,6 +211,11 @@ class Evaluation:
             return None
         return sum(s["score"] for s in self.scores.values()) / len(self.scores)
 
+    @property
+    def unanswered(self) -> bool:
+        """The judge never replied (an outage), as opposed to replies that could not be read."""
+        return self.scores is None and not self.replies
+
     def all_at_least(self, threshold: float) -> bool:
         return self.scores is not None and all(s["score"] >= threshold for s in self.scores.values())
 
@@ -254,6 +259,9 @@ class Judge:
         json_schema: constrain every reply to its JSON schema instead of starting it with a
             prefill (engines that constrain decoding: vllm, openai).
     """
+
+    #: the range of its scores (the :class:`~auto_model.rewards.base.Reward`'s optional ``scale``)
+    scale = (1.0, 5.0)
 
     def __init__(
         self,

@@ -22,6 +22,9 @@ class RewardModelReward:
     """Scores (query, answer) items with a reward model: a folder written by ``auto-model-rm train``,
     or a loaded :class:`~auto_model.feedback.reward_model.RewardModel`."""
 
+    #: logits have no top or bottom
+    scale = None
+
     def __init__(self, model: str | os.PathLike[str] | Any, batch_size: int = 16):
         if batch_size < 1:
             raise InvalidRequestError(f"batch_size must be at least 1, got {batch_size}.")

@@ -127,7 +127,20 @@ def parser() -> ArgumentParser:
         help="prompt: optimize this route's prompt, on the training queries of the route (category harmful: "
         "safety), answered down it, from its current prompt; the artifact keeps the other route and the routing",
     )
-    add("--skip-threshold", type=float, default=4.5, help="an answer this good on every aspect is not rewritten")
+    add(
+        "--reward",
+        default="llm",
+        help="what scores answers: llm (the judge roles), rm:PATH (a reward model from auto-model-rm train), "
+        "metric:NAME (refusal, no_repetition, clean_ending), or several, comma-separated, each with an optional "
+        "@WEIGHT (e.g. rm:rm-out@1,metric:refusal@2)",
+    )
+    add(
+        "--skip-threshold",
+        type=float,
+        default=None,
+        help="an answer this good on every aspect is not rewritten (default 4.5 for llm, 1 for metrics alone; none "
+        "with a reward model)",
+    )
     add("--num-iters", type=int, default=3, help="icl: rewrite rounds per example")
     add("--icl-path", default=None, help="icl: the pool to improve; router: the pool (default: the packaged pool)")
     add("--prompt-path", default=None, help="router and --route: the artifact to start from (default: the model's own)")
@@ -186,6 +199,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--max-calls must be >= 0, got {args.max_calls}.")
     if args.temperature < 0:
         raise InvalidRequestError(f"--temperature must be >= 0, got {args.temperature}.")
+    from auto_model.rewards.combine import check_reward_specs, parse_reward_specs
+
+    args.reward_specs = parse_reward_specs(args.reward)
+    check_reward_specs(args.reward_specs)
 
 
 def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
@@ -199,6 +216,9 @@ def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
         args.log_dir = str(Path("runs") / f"{command}-{slug}")
     if args.metrics_cache_path is None:
         args.metrics_cache_path = str(Path(args.log_dir) / "metrics_cache.json")
+    if args.skip_threshold is None:
+        kinds = {spec.kind for spec in args.reward_specs}
+        args.skip_threshold = 4.5 if kinds == {"llm"} else 1.0 if kinds == {"metric"} else None
     prompt_file = Path(args.initial_system_prompt).expanduser()
     if len(args.initial_system_prompt) < 4096 and prompt_file.is_file():
         args.initial_system_prompt = prompt_file.read_text(encoding="utf-8").strip()
@@ -206,18 +226,29 @@ def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
 
 
 def redacted(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: ("<redacted>" if v and is_secret_name(k) else v) for k, v in sorted(vars(args).items())}
+    return {
+        k: ("<redacted>" if v and is_secret_name(k) else v)
+        for k, v in sorted(vars(args).items())
+        if k != "reward_specs"
+    }
+
+
+def uses_judge(args: argparse.Namespace) -> bool:
+    """Whether the reward includes the LLM judge (and so needs the metrics and eval models)."""
+    return any(spec.kind == "llm" for spec in args.reward_specs)
 
 
 def planned_calls(args: argparse.Namespace, command: str, pool_size: int = 0) -> dict[str, int]:
     """Upper bounds on the requests a run sends, before retries of unreadable judge replies."""
+    judged = uses_judge(args)
     if command == "icl":
         rewrites = pool_size * args.n_actions * args.num_iters
-        return {"metrics": pool_size, "eval": pool_size + rewrites, "optimize": rewrites, "base": 0}
+        return {"metrics": pool_size * judged, "eval": (pool_size + rewrites) * judged, "optimize": rewrites, "base": 0}
     levels = min(args.depth + args.max_depth_increase, args.num_training_examples)
     width = args.beam_size * args.n_actions
     candidates = 1 + width * (levels - 1)
-    return {"base": candidates, "metrics": levels, "eval": candidates, "optimize": width * (levels - 1)}
+    return {"base": candidates, "metrics": levels * judged, "eval": candidates * judged,
+            "optimize": width * (levels - 1)}  # fmt: skip
 
 
 def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, Any]:
@@ -232,6 +263,8 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
         "eval": args.eval_model_name,
         "optimize": args.optimize_model_name,
     }
+    if not uses_judge(args):  # no judge: its models are not loaded
+        del names["metrics"], names["eval"]
     roles = {}
     for role, name in names.items():
         # The judge roles use the server at --base-url when one is given; the base model only with --is-gpt.
@@ -271,6 +304,7 @@ def _setup_logging(args: argparse.Namespace) -> list[logging.Handler]:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
+    from auto_model.rewards.combine import build_reward
     from auto_model.rewards.judge import Judge
     from auto_model.rewards.requests import (
         BudgetExhausted,
@@ -313,18 +347,21 @@ def run(command: str, args: argparse.Namespace) -> int:
         usage.load(json.loads(usage_path.read_text(encoding="utf-8"))["run"])
     try:
         roles = build_roles(args, cache, usage)
-        judge = Judge(
-            roles["eval"],
-            roles["metrics"],
-            metrics_cache_path=args.metrics_cache_path,
-            max_new_tokens=args.judge_max_new_tokens,
-            per_aspect=args.eval_per_aspect,
-            json_schema=args.judge_json_schema,
+        reward = build_reward(
+            args.reward_specs,
+            lambda: Judge(
+                roles["eval"],
+                roles["metrics"],
+                metrics_cache_path=args.metrics_cache_path,
+                max_new_tokens=args.judge_max_new_tokens,
+                per_aspect=args.eval_per_aspect,
+                json_schema=args.judge_json_schema,
+            ),
         )
         if command == "icl":
-            code = _run_icl(args, roles, judge, out_dir)
+            code = _run_icl(args, roles, reward, out_dir)
         else:
-            code = _run_prompt(args, roles, judge, out_dir, checkpoint, usage, started)
+            code = _run_prompt(args, roles, reward, out_dir, checkpoint, usage, started)
     except BudgetExhausted as exc:
         logger.warning("%s", exc)
         print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
@@ -346,7 +383,7 @@ def run(command: str, args: argparse.Namespace) -> int:
 def _run_prompt(
     args: argparse.Namespace,
     roles: dict[str, Any],
-    judge: Any,
+    reward: Any,
     out_dir: Path,
     checkpoint: Path,
     usage: Any,
@@ -396,11 +433,12 @@ def _run_prompt(
     search = BeamSearch(
         roles["base"],
         roles["optimize"],
-        judge,
+        reward,
         config,
         [r["query"] for r in rows],
         args.initial_system_prompt,
         checkpoint,
+        harmful=[r["category"] == "harmful" if r.get("category") else None for r in rows],
         progress=lambda message: _level_done(message, bar, usage, out_dir),
     )
     if args.resume and search.load():
@@ -412,9 +450,10 @@ def _run_prompt(
     finally:
         if bar:
             bar.close()
-        _write_tree(search, args, judge, usage, out_dir, started)
+        _write_tree(search, args, reward, usage, out_dir, started)
     (out_dir / "trace.txt").write_text(search.trace(best), encoding="utf-8")
-    judge_is_base = {args.eval_model_name, args.metrics_model_name, args.optimize_model_name} == {args.base_model_name}
+    judge_is_base = uses_judge(args) and {args.eval_model_name, args.metrics_model_name,
+                                          args.optimize_model_name} == {args.base_model_name}  # fmt: skip
     provenance = {
         "created": datetime.now(timezone.utc).date().isoformat(),
         "base_model": args.base_model_name,
@@ -422,6 +461,7 @@ def _run_prompt(
         "metrics_model": args.metrics_model_name,
         "optimize_model": args.optimize_model_name,
         "judged_by_itself": judge_is_base,
+        "reward": [str(spec) for spec in args.reward_specs],
         "search": {
             "depth": args.depth,
             "beam_size": args.beam_size,
@@ -435,10 +475,12 @@ def _run_prompt(
         "best_node": best.id,
         "path_rewards": best.path_rewards,
         "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
+        "levels": search.summary(),
     }
     artifact = _trained_artifact(args, best.prompt, provenance, base_artifact)
     output = Path(args.output) if args.output else out_dir / "optimized_prompt.json"
     save_prompt_artifact(artifact, output)
+    print(search.summary_table(), file=sys.stderr)
     mean = f"path mean {best.path_mean:.2f}" if best.path_rewards else "no scored level"
     print(f"best prompt ({mean} over {len(best.path_rewards)} scored levels) -> {output}")
     return 0
@@ -474,7 +516,7 @@ def _level_done(message: str, bar: Any, usage: Any, out_dir: Path) -> None:
         bar.update(1)
 
 
-def _write_tree(search: Any, args: argparse.Namespace, judge: Any, usage: Any, out_dir: Path, started: float) -> None:
+def _write_tree(search: Any, args: argparse.Namespace, reward: Any, usage: Any, out_dir: Path, started: float) -> None:
     from dataclasses import asdict
 
     try:
@@ -495,15 +537,16 @@ def _write_tree(search: Any, args: argparse.Namespace, judge: Any, usage: Any, o
         "result": result,
         "beam": search.beam,
         "finished": search.finished,
+        "levels": search.summary(),
         "nodes": [asdict(n) for n in search.nodes],
-        "judge_failures": judge.failures,
+        "judge_failures": getattr(reward, "failures", []),
         "usage": usage.snapshot(),
         "wall_clock_s": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(out_dir / "output.json", json.dumps(tree, indent=1, ensure_ascii=False) + "\n")
 
 
-def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_dir: Path) -> int:
+def _run_icl(args: argparse.Namespace, roles: dict[str, Any], reward: Any, out_dir: Path) -> int:
     from auto_model.retrieval import load_icl_pool
     from auto_model.trainer.icl import optimize_pool
 
@@ -512,7 +555,7 @@ def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_di
     states = optimize_pool(
         pool,
         roles["optimize"],
-        judge,
+        reward,
         output,
         num_iters=args.num_iters,
         n_actions=args.n_actions,
@@ -525,7 +568,10 @@ def _run_icl(args: argparse.Namespace, roles: dict[str, Any], judge: Any, out_di
     history = [{"query": s.example.query, "history": s.history} for s in states]
     atomic_write_text(
         out_dir / "icl_output.json",
-        json.dumps({"examples": history, "judge_failures": judge.failures}, indent=1, ensure_ascii=False) + "\n",
+        json.dumps(
+            {"examples": history, "judge_failures": getattr(reward, "failures", [])}, indent=1, ensure_ascii=False
+        )
+        + "\n",
     )
     print(f"new pool ({len(states)} examples) -> {output}")
     return 0

@@ -1,11 +1,14 @@
 """Stage 1 of DRPO: improve the answers of the in-context example pool.
 
-Each example's answer is scored on the aspects chosen for its query; an answer that scores at least
-``skip_threshold`` on every aspect is kept. The others get ``n_actions`` rewrites from the
-optimizer (all examples' rewrites in one batched call), the rewrites are scored (one batched call),
-and the best answer so far is kept; this repeats for up to ``num_iters`` rounds. A failed
-evaluation never counts as good and never replaces an answer. The result is a pool in the SDK's
-format, with each example's scores in its metadata, written after every round.
+Each example's answer is scored by the reward (any :class:`~auto_model.rewards.base.Reward`; an
+example tagged ``harmful`` is a harmful request for the refusal metric); an answer that scores at
+least ``skip_threshold`` on every aspect is kept (None: none is). The others get ``n_actions``
+rewrites from the optimizer (all examples' rewrites in one batched call), the rewrites are scored
+(one batched call), and the best answer so far is kept; this repeats for up to ``num_iters``
+rounds. The optimizer reads the reward's reasons, or, for a reward that gives numbers without
+reasons, the best and worst versions of the answer scored so far. A failed evaluation never counts
+as good and never replaces an answer. The result is a pool in the SDK's format, with each example's
+scores in its metadata, written after every round.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from auto_model.backends.base import Completion
 from auto_model.options import GenerationOptions
 from auto_model.prompting import format_answer, strip_markers
 from auto_model.retrieval import ICLExample, save_icl_pool
-from auto_model.rewards.judge import Evaluation, Judge
-from auto_model.trainer.search import action_seed, parse_prompt_reply, template
+from auto_model.rewards.base import Reward, RewardItem, Score, all_at_least, has_rationales, score_record
+from auto_model.trainer.search import action_seed, clip, feedback_lines, parse_prompt_reply, template
 
 logger = logging.getLogger(__name__)
 
@@ -31,40 +34,46 @@ class ExampleState:
     index: int  # position in the pool
     example: ICLExample
     answer: str
-    evaluation: Evaluation | None = None
+    evaluation: Score | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
 
     @property
     def reward(self) -> float:
-        r = self.evaluation.reward if self.evaluation else None
+        r = self.evaluation.reward if self.evaluation and self.evaluation.values is not None else None
         return float("-inf") if r is None else r
+
+    @property
+    def harmful(self) -> bool:
+        return "harmful" in self.example.tags
 
 
 def optimize_pool(
     pool: Sequence[ICLExample],
     optimizer: Any,
-    judge: Judge,
+    reward: Reward,
     output: str | Path,
     *,
     num_iters: int = 3,
     n_actions: int = 2,
     temperature: float = 0.2,
-    skip_threshold: float = 4.5,
+    skip_threshold: float | None = 4.5,
     seed: int = 42,
     max_new_tokens: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> list[ExampleState]:
     progress = progress or (lambda message: None)
     states = [ExampleState(i, ex, strip_markers(ex.answer)) for i, ex in enumerate(pool)]
-    for state, evaluation in zip(states, judge.evaluate([(s.example.query, s.answer) for s in states]), strict=True):
+    first = reward.score([RewardItem(s.example.query, s.answer, harmful=s.harmful) for s in states])
+    for state, evaluation in zip(states, first, strict=True):
         state.evaluation = evaluation
-        state.history.append({"round": 0, "answer": state.answer, "evaluation": evaluation.to_dict()})
+        state.history.append({"round": 0, "answer": state.answer, "evaluation": score_record(evaluation)})
+    scale = getattr(reward, "scale", None)
     sampling = GenerationOptions(
         temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",)
     )
     for round_ in range(1, num_iters + 1):
-        open_ = [s for s in states if not s.done and not (s.evaluation and s.evaluation.all_at_least(skip_threshold))]
+        open_ = [s for s in states if not s.done and not (s.evaluation and all_at_least(s.evaluation, skip_threshold))]
         for s in states:
             if s not in open_:
                 s.done = True
@@ -75,7 +84,8 @@ def optimize_pool(
             text = template("optimize_icl").substitute(
                 query=s.example.query,
                 answer=s.answer,
-                feedback=s.evaluation.feedback() if s.evaluation else "(no review)",
+                scale=f"from {scale[0]:g} to {scale[1]:g}" if scale else "(higher is better)",
+                feedback=icl_feedback(s, scale),
             )
             for j in range(n_actions):
                 prompts.append(text)
@@ -88,11 +98,11 @@ def optimize_pool(
                     candidates.append((owner, parse_prompt_reply(outcome.text, "answer")))
                 except ValueError as exc:
                     logger.info("Unusable rewrite for %r: %s", owner.example.query, exc)
-        evaluations = judge.evaluate([(owner.example.query, answer) for owner, answer in candidates])
+        evaluations = reward.score([RewardItem(o.example.query, answer, harmful=o.harmful) for o, answer in candidates])
         improved = 0
         for (owner, answer), evaluation in zip(candidates, evaluations, strict=True):
-            owner.history.append({"round": round_, "answer": answer, "evaluation": evaluation.to_dict()})
-            if evaluation.reward is not None and evaluation.reward > owner.reward:
+            owner.history.append({"round": round_, "answer": answer, "evaluation": score_record(evaluation)})
+            if evaluation.values is not None and evaluation.reward is not None and evaluation.reward > owner.reward:
                 owner.answer, owner.evaluation = answer, evaluation
                 improved += 1
         progress(f"round {round_}: {len(open_)} examples rewritten, {improved} improvements")
@@ -101,7 +111,28 @@ def optimize_pool(
     return states
 
 
+def icl_feedback(state: ExampleState, scale: tuple[float, float] | None) -> str:
+    """The optimizer's feedback on an example's answer: the reward's reasons, or, where it gives
+    none, its score beside the best and worst versions of this answer scored so far."""
+    if state.evaluation is None:
+        return "(no review)"
+    lines = feedback_lines(state.evaluation, scale)
+    if has_rationales(state.evaluation):
+        return lines
+    scored = [h for h in state.history if h["evaluation"].get("reward") is not None]
+    best = max(scored, key=lambda h: h["evaluation"]["reward"], default=None)
+    worst = min(scored, key=lambda h: h["evaluation"]["reward"], default=None)
+    text = f"{lines}\n(The scorer gives numbers, not reasons; higher is better.)"
+    if best is not None and worst is not None and best["answer"] != worst["answer"]:
+        high, low = best["evaluation"]["reward"], worst["evaluation"]["reward"]
+        text += (
+            f"\nOf the {len(scored)} versions of this answer scored so far, the best ({high:.3g}) was:\n<<<\n"
+            f"{clip(best['answer'])}\n>>>\nand the worst ({low:.3g}) was:\n<<<\n{clip(worst['answer'])}\n>>>"
+        )
+    return text
+
+
 def write_pool(states: Sequence[ExampleState], output: str | Path) -> None:
     examples = [ICLExample(s.example.query, format_answer(s.answer), s.example.tags) for s in states]
-    scores = [s.evaluation.to_dict() if s.evaluation else None for s in states]
+    scores = [score_record(s.evaluation) if s.evaluation else None for s in states]
     save_icl_pool(examples, output, provenance={"method": "drpo-icl"}, scores=scores)

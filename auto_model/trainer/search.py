@@ -2,16 +2,20 @@
 
 Each level of the tree consumes the next training query. Every candidate prompt on the beam has the
 base model answer that query (all candidates of a level in one batched call, assembled exactly as
-in inference, with retrieved examples when ``ret_icl``), the judge scores the answers on the
-aspects chosen for the query (one batched call), and the beam keeps the ``beam_size`` candidates
+in inference, with retrieved examples when ``ret_icl``), the reward scores the answers (one batched
+call; any :class:`~auto_model.rewards.base.Reward`: the LLM judge on the aspects its metrics model
+picks, a reward model, metrics, or a weighted mix), and the beam keeps the ``beam_size`` candidates
 with the best mean reward along their path. A candidate is then expanded into the next level's
 candidates:
 
 * its answer already scored at least ``skip_threshold`` on every aspect: it is kept unchanged
   (``"keep"``), and its path may run one level longer (at most ``max_depth_increase`` in all);
+  a ``skip_threshold`` of None never keeps (a reward model's logits have no top);
 * its evaluation failed after the retries: it is carried unchanged (``"carry"``), without a
   score for that level and without a longer path, since there is no feedback to act on;
-* otherwise the optimizer writes ``n_actions`` rewrites from the judge's rationales (``"rewrite"``).
+* otherwise the optimizer writes ``n_actions`` rewrites (``"rewrite"``) from the reward's
+  rationales, or, where the reward gives numbers without reasons, from a contrast: the answer's
+  score beside the best- and worst-scoring answers of its level, with their scores.
 
 A path ends after ``depth`` levels (plus its extensions) or when the training queries run out. The
 result is the last prompt of the best finished path. After every level the whole tree is written
@@ -36,7 +40,15 @@ from auto_model.backends.base import Completion
 from auto_model.errors import ArtifactError, EngineOutageError
 from auto_model.files import atomic_write_text
 from auto_model.options import GenerationOptions
-from auto_model.rewards.judge import Evaluation, Judge
+from auto_model.rewards.base import (
+    Reward,
+    RewardItem,
+    Score,
+    all_at_least,
+    has_rationales,
+    score_from_record,
+    score_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +71,7 @@ class SearchConfig:
     n_actions: int = 3
     max_depth_increase: int = 10
     temperature: float = 0.2  # the optimizer's sampling temperature
-    skip_threshold: float = 4.5  # "already good": every aspect scores at least this
+    skip_threshold: float | None = 4.5  # "already good": every aspect scores at least this (None: never)
     ret_icl: bool = True
     k: int = 2
     max_new_tokens: int = 512  # the base model's answers
@@ -77,6 +89,7 @@ class Node:
     prompt: str
     query: str
     answer: str | None = None
+    finish_reason: str | None = None  # how the answer ended ("stop" or "length")
     evaluation: dict[str, Any] | None = None
     reward: float | None = None  # this level's mean aspect score (None: no score)
     path_rewards: list[float] = field(default_factory=list)  # every score along the path, root first
@@ -97,6 +110,24 @@ def parse_prompt_reply(text: str, tag: str = "prompt") -> str:
     return body
 
 
+def feedback_lines(score: Score, scale: tuple[float, float] | None = None) -> str:
+    """A score as the optimizer reads it: ``- Aspect: 4/5. Reason`` per aspect (the reason where the
+    reward gives one; ``/5`` where its scale has a top)."""
+    rationales = score.rationales or {}
+    top = f"/{scale[1]:g}" if scale else ""
+    lines = []
+    for aspect, value in (score.values or {}).items():
+        reason = rationales.get(aspect)
+        lines.append(f"- {aspect}: {value:g}{top}." + (f" {reason}" if reason else ""))
+    return "\n".join(lines) or "(no review)"
+
+
+def clip(text: str, limit: int = 1200) -> str:
+    """``text`` cut to ``limit`` characters (marked), so that long answers do not crowd a request."""
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
+
+
 def action_seed(seed: int, node_id: int, action: int) -> int:
     """A reproducible sampling seed per (run seed, node, action)."""
     digest = hashlib.sha256(f"{seed}:{node_id}:{action}".encode()).digest()
@@ -104,22 +135,28 @@ def action_seed(seed: int, node_id: int, action: int) -> int:
 
 
 class BeamSearch:
-    """The search. ``base``/``optimizer`` are :class:`~auto_model.rewards.requests.Role` objects."""
+    """The search. ``base``/``optimizer`` are :class:`~auto_model.rewards.requests.Role` objects;
+    ``reward`` any :class:`~auto_model.rewards.base.Reward`. ``harmful`` says, per training query,
+    whether it is a harmful request (the refusal metric needs it; None: unknown)."""
 
     def __init__(
         self,
         base: Any,
         optimizer: Any,
-        judge: Judge,
+        reward: Reward,
         config: SearchConfig,
         queries: Sequence[str],
         initial_prompt: str,
         checkpoint_path: str | Path,
         *,
+        harmful: Sequence[bool | None] | None = None,
         progress: Callable[[str], None] | None = None,
     ):
-        self.base, self.optimizer, self.judge, self.config = base, optimizer, judge, config
+        self.base, self.optimizer, self.reward, self.config = base, optimizer, reward, config
         self.queries = list(queries)
+        self.harmful = list(harmful) if harmful is not None else [None] * len(self.queries)
+        if len(self.harmful) != len(self.queries):
+            raise ValueError(f"harmful has {len(self.harmful)} flags for {len(self.queries)} queries.")
         self.initial_prompt = initial_prompt
         self.checkpoint_path = Path(checkpoint_path)
         self.nodes: list[Node] = []
@@ -223,7 +260,7 @@ class BeamSearch:
         answers = self._answer([p.prompt for p in proposals], query)
         for node, answer in zip(proposals, answers, strict=True):
             if isinstance(answer, Completion):
-                node.answer = answer.text
+                node.answer, node.finish_reason = answer.text, answer.finish_reason
             else:
                 node.error = f"the base model failed: {answer}"
         judged = [n for n in proposals if n.answer is not None]
@@ -233,14 +270,17 @@ class BeamSearch:
                 f"{proposals[0].error}). "
                 f"Nothing of this level was saved; continue with --resume once the engine answers."
             )
-        evaluations = self.judge.evaluate([(query, n.answer or "") for n in judged])
-        if all(e.failed and not e.replies for e in evaluations):  # the judge never replied at all
+        harmful = self.harmful[level]
+        scores = self.reward.score(
+            [RewardItem(query, n.answer or "", harmful=harmful, finish_reason=n.finish_reason) for n in judged]
+        )
+        if all(s.unanswered for s in scores):  # the judge never replied at all
             raise EngineOutageError(
-                f"Level {level + 1}: every judge request failed ({evaluations[0].error}). Nothing of this level "
+                f"Level {level + 1}: every judge request failed ({scores[0].error}). Nothing of this level "
                 f"was saved; continue with --resume once the judge's engine answers."
             )
-        for node, evaluation in zip(judged, evaluations, strict=True):
-            self._score(node, evaluation)
+        for node, score in zip(judged, scores, strict=True):
+            self._score(node, score)
         for node in proposals:
             if node.answer is None:
                 node.path_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
@@ -263,13 +303,14 @@ class BeamSearch:
                 self.beam.append(node.id)
         return keep[0]
 
-    def _score(self, node: Node, evaluation: Evaluation) -> None:
+    def _score(self, node: Node, score: Score) -> None:
         parent_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
-        node.evaluation = evaluation.to_dict()
-        node.reward = evaluation.reward
+        node.evaluation = score_record(score)
+        node.reward = score.reward if score.values is not None else None
         node.path_rewards = parent_rewards + ([node.reward] if node.reward is not None else [])
-        if evaluation.failed:
-            node.error = f"the evaluation failed after {evaluation.attempts} attempts: {evaluation.error}"
+        if node.reward is None:
+            attempts = node.evaluation.get("attempts", 1)
+            node.error = f"the evaluation failed after {attempts} attempt{'s' * (attempts != 1)}: {score.error}"
 
     def _proposals(self, level: int) -> list[Node]:
         next_id = len(self.nodes)
@@ -290,27 +331,20 @@ class BeamSearch:
                 )
             )
 
-        to_rewrite: list[tuple[Node, Evaluation]] = []
+        to_rewrite: list[tuple[Node, Score]] = []
         for parent_id in self.beam:
             parent = self.nodes[parent_id]
-            evaluation = (
-                Evaluation(parent.evaluation["aspects"], parent.evaluation["scores"]) if parent.evaluation else None
-            )
-            if evaluation is not None and evaluation.all_at_least(self.config.skip_threshold):
+            score: Score | None = score_from_record(parent.evaluation) if parent.evaluation else None
+            if score is not None and all_at_least(score, self.config.skip_threshold):
                 child(parent, "keep", parent.prompt, parent.extensions + 1)
-            elif evaluation is None or evaluation.failed:
+            elif score is None or score.values is None:
                 child(parent, "carry", parent.prompt, parent.extensions)
             else:
-                to_rewrite.append((parent, evaluation))
+                to_rewrite.append((parent, score))
         # All rewrites of the level in one batched optimizer call, each with its own seed.
         prompts, seeds, owners = [], [], []
-        for parent, evaluation in to_rewrite:
-            text = template("optimize_prompt").substitute(
-                system_prompt=parent.prompt,
-                query=parent.query,
-                answer=parent.answer or "",
-                feedback=evaluation.feedback(),
-            )
+        for parent, score in to_rewrite:
+            text = self.rewrite_request(parent, score)
             for j in range(self.config.n_actions):
                 prompts.append(text)
                 seeds.append(action_seed(self.config.seed, parent.id, j))
@@ -338,6 +372,38 @@ class BeamSearch:
                 child(parent, "rewrite", new, parent.extensions)
         return proposals
 
+    def rewrite_request(self, parent: Node, score: Score) -> str:
+        """The optimizer's request for rewrites of ``parent``'s prompt: the reward's reasons, or,
+        where it gives none, a contrast with the best- and worst-scoring answers of the level."""
+        scale = getattr(self.reward, "scale", None)
+        if has_rationales(score):
+            return template("optimize_prompt").substitute(
+                system_prompt=parent.prompt,
+                query=parent.query,
+                answer=parent.answer or "",
+                scale=f"from {scale[0]:g} to {scale[1]:g}" if scale else "(higher is better)",
+                feedback=feedback_lines(score, scale),
+            )
+        level = [n for n in self.nodes if n.level == parent.level and n.reward is not None and n.answer is not None]
+        best = max(level, key=lambda n: (n.reward or 0.0, -n.id))
+        worst = min(level, key=lambda n: (n.reward or 0.0, n.id))
+        if best.answer == worst.answer:
+            comparison = "No other answer to this query has been scored yet."
+        else:
+            comparison = (
+                f"The same query was answered under {len(level)} system prompts. The best-scoring answer "
+                f"({best.reward:.3g}):\n<answer>\n{clip(best.answer or '')}\n</answer>\n\nThe worst-scoring answer "
+                f"({worst.reward:.3g}):\n<answer>\n{clip(worst.answer or '')}\n</answer>"
+            )
+        return template("optimize_prompt_contrastive").substitute(
+            system_prompt=parent.prompt,
+            query=parent.query,
+            answer=parent.answer or "",
+            score=f"{score.reward:.3g}",
+            feedback=feedback_lines(score, scale),
+            comparison=comparison,
+        )
+
     def _optimizer_sampling(self) -> GenerationOptions:
         return GenerationOptions(
             temperature=self.config.temperature,
@@ -353,6 +419,48 @@ class BeamSearch:
         return self.base.answer(prompts, query, k=self.config.k if self.config.ret_icl else 0, options=options)
 
     # -- reports -----------------------------------------------------------------------------
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per level: how many candidates were made and scored, what their rewards were, and how
+        many rewrites the beam took (``accepted``): whether the search moved."""
+        kept = set(self.beam) | set(self.finished) | {n.parent for n in self.nodes if n.parent is not None}
+        rows = []
+        for level in range(self.level):
+            nodes = [n for n in self.nodes if n.level == level]
+            rewards = [n.reward for n in nodes if n.reward is not None]
+            rewrites = [n for n in nodes if n.action == "rewrite"]
+            rows.append(
+                {
+                    "level": level + 1,
+                    "candidates": len(nodes),
+                    "scored": len(rewards),
+                    "best": max(rewards) if rewards else None,
+                    "mean": sum(rewards) / len(rewards) if rewards else None,
+                    "worst": min(rewards) if rewards else None,
+                    "rewrites": len(rewrites),
+                    "accepted": sum(n.id in kept for n in rewrites),
+                    "actions": {
+                        a: sum(n.action == a for n in nodes)
+                        for a in ("init", "rewrite", "keep", "carry")
+                        if any(n.action == a for n in nodes)
+                    },  # fmt: skip
+                }
+            )
+        return rows
+
+    def summary_table(self) -> str:
+        """:meth:`summary` as a table for the terminal."""
+
+        def fmt(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3g}"
+
+        lines = ["level  candidates  scored  best    mean    worst   rewrites accepted"]
+        for row in self.summary():
+            lines.append(
+                f"{row['level']:>5}  {row['candidates']:>10}  {row['scored']:>6}  {fmt(row['best']):<6}  "
+                f"{fmt(row['mean']):<6}  {fmt(row['worst']):<6}  {row['rewrites']:>8} {row['accepted']:>8}"
+            )
+        return "\n".join(lines)
 
     def trace(self, node: Node) -> str:
         lines = []
