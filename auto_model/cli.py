@@ -63,6 +63,14 @@ def _parser() -> ArgumentParser:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sample N answers per query in one engine call and print the one --reward-model scores highest",
+    )
+    gen.add_argument("--reward-model", default=None, help="reward model folder (auto-model-rm train) for --best-of")
+    gen.add_argument(
         "--input",
         default=None,
         metavar="FILE.jsonl",
@@ -124,6 +132,14 @@ def _parser() -> ArgumentParser:
         '..., "num_optimized_icl": ...} (refused by default)',
     )
     serve.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (default 3)")
+    serve.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        metavar="N",
+        help="answer each sampled, non-streaming request with the best of N samples by --reward-model (default 1)",
+    )
+    serve.add_argument("--reward-model", default=None, help="reward model folder (auto-model-rm train) for --best-of")
     serve.add_argument(
         "--max-tokens", "--max-tokens-cap", dest="max_tokens", type=int, default=4096,
         help="the most new tokens a request may ask for (4096); without max_tokens, an upstream request gets "
@@ -204,6 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
         Upstream(args.upstream)
     if args.workers < 1:
         raise InvalidRequestError(f"--workers must be >= 1, got {args.workers}.")
+    check_best_of(args.best_of, args.reward_model)
     upstream_key = args.upstream_api_key or os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY")
     options = {
         "model": args.model,
@@ -217,6 +234,8 @@ def _serve(args: argparse.Namespace) -> int:
         "upstream": args.upstream,
         "allow_alignment_override": args.allow_alignment_override,
         "limits": limits,
+        "best_of": args.best_of,
+        "reward_model": args.reward_model,
     }
     name = args.served_model_name or args.model or constants.default_model()
     target = f" in front of {args.upstream}" if args.upstream else ""
@@ -259,6 +278,18 @@ def _jsonl(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
+def check_best_of(best_of: int, reward_model: str | None) -> None:
+    """``--best-of`` and ``--reward-model``, checked before any engine loads."""
+    if best_of < 1:
+        raise InvalidRequestError(f"--best-of must be >= 1, got {best_of}.")
+    if best_of > 1 and not reward_model:
+        raise InvalidRequestError(f"--best-of {best_of} needs --reward-model PATH (a folder from auto-model-rm train).")
+    if reward_model:
+        from auto_model.rewards.reward_model import check_reward_model_folder
+
+        check_reward_model_folder(reward_model, "--reward-model")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from auto_model.backends import choose_cli_backend
     from auto_model.model import AutoModel
@@ -289,8 +320,10 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        best_of=args.best_of,
     )
     options.check_pool(len(load_icl_pool(args.icl_path)))
+    check_best_of(args.best_of, args.reward_model)
     backend = choose_cli_backend(
         args.backend,
         args.model or constants.default_model(),
@@ -304,6 +337,7 @@ def _generate(args: argparse.Namespace) -> int:
         backend=backend,
         prompt_path=args.prompt_path,
         icl_path=args.icl_path,
+        reward_model=args.reward_model,
         **({"base_url": args.base_url} if args.base_url else {}),
     )
     query_rows = [r for r in rows if "query" in r]
@@ -333,6 +367,8 @@ def _generate(args: argparse.Namespace) -> int:
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
             )
+            if result.candidates:
+                query_rows[i]["candidates"] = [{"text": c.text, "score": c.score} for c in result.candidates]
         if progress is not None:
             progress.update(1)
         if partial is not None:

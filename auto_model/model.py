@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AutoModel",
+    "Candidate",
     "GenerationOptions",
     "GenerationResult",
     "ResultCallback",
@@ -66,6 +67,8 @@ class GenerationResult:
         route: the route the request took (``"everyday"`` or ``"safety"``; see
             :mod:`auto_model.routing`), which chose its system prompt and examples.
         route_score: its safety score (None when the route was chosen by the caller or not needed).
+        candidates: for ``best_of=n``, the n answers sampled, in sampling order, with their rewards
+            (``text`` is the best of them; ``completion_tokens`` counts the tokens of all n).
     """
 
     text: str
@@ -77,9 +80,19 @@ class GenerationResult:
     latency_s: float | None = field(default=None, compare=False)
     route: str | None = None
     route_score: float | None = field(default=None, compare=False)
+    candidates: tuple[Candidate, ...] = ()
 
     def __str__(self) -> str:
         return self.text
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of the answers sampled for a ``best_of`` request, with its reward (None: not scored)."""
+
+    text: str
+    score: float | None
+    finish_reason: str
 
 
 #: ``on_completion(index, result)``: a finished request's :class:`GenerationResult`, or its exception.
@@ -144,9 +157,12 @@ class AutoModel:
         prompt_format: str = "auto",
         base_url: str | None = None,
         api_key: str | None = None,
+        reward_model: str | os.PathLike[str] | Any = None,
         **engine_kwargs: Any,
     ):
         self.model_name = model_name or constants.default_model()
+        self._reward_source = _check_reward_model(reward_model)
+        self._reward: Any = None
         self.backend_name = resolve_backend_name(
             backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url
         )
@@ -221,6 +237,63 @@ class AutoModel:
             self._retriever = retriever
             self._router = None
             self.icl_pool = list(retriever.pool)
+
+    @property
+    def reward(self) -> Any:
+        """The reward that picks the best of ``best_of`` answers (loaded on first use), or None."""
+        if self._reward is None and self._reward_source is not None:
+            with self._retriever_lock:
+                if self._reward is None:
+                    source = self._reward_source
+                    if isinstance(source, (str, os.PathLike)):
+                        from auto_model.rewards.reward_model import RewardModelReward
+
+                        source = RewardModelReward(source)
+                    self._reward = source
+        return self._reward
+
+    @reward.setter
+    def reward(self, reward: str | os.PathLike[str] | Any) -> None:
+        """Choose ``best_of`` answers with this reward: a folder from ``auto-model-rm train``, any
+        reward with ``.score(items)`` (e.g. :class:`~auto_model.rewards.metrics.MetricReward`), or None."""
+        source = _check_reward_model(reward)
+        with self._retriever_lock:
+            self._reward_source, self._reward = source, None
+
+    def rerank(self, queries: Sequence[str], outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """For each query's outcome that carries several samples (a request with ``best_of`` > 1),
+        the best sample by :attr:`reward`, with every sample's score on ``.scores``; all samples of
+        all queries are scored in one call. Other outcomes come back unchanged."""
+        from auto_model.rewards.base import RewardItem, best_index
+
+        if len(queries) != len(outcomes):
+            raise InvalidRequestError(f"rerank needs one query per outcome, got {len(queries)} and {len(outcomes)}.")
+        owners = [i for i, o in enumerate(outcomes) if isinstance(o, Completion) and o.samples]
+        if not owners:
+            return list(outcomes)
+        if self.reward is None:
+            raise InvalidRequestError("best_of needs a reward model: AutoModel(..., reward_model=PATH).")
+        items = [
+            RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason)
+            for i in owners
+            for s in outcomes[i].samples  # type: ignore[union-attr]
+        ]
+        scores = iter(self.reward.score(items))
+        out = list(outcomes)
+        for i in owners:
+            completion = outcomes[i]
+            assert isinstance(completion, Completion)
+            values = tuple(next(scores).reward for _ in completion.samples)
+            best = best_index(values)
+            chosen = completion.samples[best]
+            out[i] = replace(
+                chosen,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                samples=completion.samples,
+                scores=values,
+            )
+        return out
 
     @property
     def prompt_artifact(self) -> PromptArtifact:
@@ -398,15 +471,19 @@ class AutoModel:
             options: all of the arguments above (and the sampling ones) as one checked
                 :class:`~auto_model.options.GenerationOptions`, instead of passing them one by one.
             return_details: return :class:`GenerationResult` objects (text, finish reason, token
-                counts, backend, latency) instead of strings.
+                counts, backend, latency; with ``best_of``, every candidate and its reward) instead
+                of strings.
             return_exceptions: for a list, put the exception of a request that failed in its slot
                 instead of raising :class:`~auto_model.errors.BatchGenerationError`.
             on_completion: called as ``on_completion(index, result)`` as each request finishes
                 (in the order they finish), with its :class:`GenerationResult` or the exception it
                 failed with, so that finished work can be saved before the batch is done.
             **sampling_kwargs: ``seed`` for reproducible sampling; ``json_schema`` (a JSON Schema
-                dict) to constrain the answer to matching JSON (vllm and openai backends); anything
-                else goes to the engine.
+                dict) to constrain the answer to matching JSON (vllm and openai backends);
+                ``best_of=n`` to sample n answers per query in the same engine call and return the
+                one the reward model (``AutoModel(reward_model=...)``) scores highest (with
+                ``on_completion``, results are reported once the batch is scored); anything else
+                goes to the engine.
 
         Raises:
             InvalidRequestError: an empty or non-string query, or an argument out of range.
@@ -421,6 +498,7 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
+        self._check_best_of(options)
         callback = None
         if on_completion is not None:
 
@@ -483,6 +561,8 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
+        if options.best_of > 1:
+            raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream; use generate().")
         prompt = self._assemble(queries, options)[0]
         return self._stream(self._request(prompt, options.sampling()))
 
@@ -525,11 +605,14 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
+        self._check_best_of(options)
+        if stream and options.best_of > 1:
+            raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream.")
         prompt = self._chat_prompt(messages, options, system_messages)
         request = self._request(prompt, options.sampling())
         if stream:
             return self._stream(request)
-        outcome = self._clean(self._run([request])[0])
+        outcome = self.run_requests([request])[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return self._result(outcome, return_details, prompt.route)
@@ -540,9 +623,16 @@ class AutoModel:
             raise InvalidRequestError("achat() does not stream; use chat(..., stream=True) in a thread.")
         return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
 
+    def _check_best_of(self, options: GenerationOptions) -> None:
+        if options.best_of > 1 and self._reward_source is None:
+            raise InvalidRequestError(
+                f"best_of={options.best_of} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
+                "(a folder from auto-model-rm train)."
+            )
+
     def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
         stop = tuple(dict.fromkeys(sampling.stop + prompt.stop))
-        return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route)
+        return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query)
 
     def _run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         with self._engine_lock:
@@ -626,7 +716,8 @@ class AutoModel:
         if not isinstance(options, GenerationOptions):
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
-        return self._request(prompt, options.sampling())
+        last = query if isinstance(query, str) else _conversation(query, open_format=True)[2]
+        return self._request(replace(prompt, query=last), options.sampling())
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
         """The engine requests :meth:`generate` sends for these queries, routed and assembled the
@@ -672,15 +763,31 @@ class AutoModel:
     def run_requests(
         self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
     ) -> list[Outcome]:
-        """Run prepared requests in one engine call; a completion or an exception per request."""
-        callback = None if on_completion is None else (lambda i, c: on_completion(i, self._clean(c)))
-        return [self._clean(c) for c in self._run(list(requests), callback)]
+        """Run prepared requests in one engine call; a completion or an exception per request.
+
+        Requests that ask for several samples (``best_of``) come back as the best of them by
+        :attr:`reward` (:meth:`rerank`: every sample of the batch scored in one call); their
+        ``on_completion`` calls come once the batch is scored."""
+        requests = list(requests)
+        sampled = any(r.sampling.n > 1 for r in requests)
+        if sampled and self._reward_source is None:
+            raise InvalidRequestError("Requests with n > 1 samples need a reward to choose with: "
+                                      "AutoModel(..., reward_model=PATH).")  # fmt: skip
+        callback = None if on_completion is None or sampled else (lambda i, c: on_completion(i, self._clean(c)))
+        outcomes = [self._clean(c) for c in self._run(requests, callback)]
+        if sampled:
+            outcomes = self.rerank([r.query or "" for r in requests], outcomes)
+            if on_completion is not None:
+                for i, outcome in enumerate(outcomes):
+                    on_completion(i, outcome)
+        return outcomes
 
     @staticmethod
     def _clean(outcome: Outcome) -> Outcome:
         if isinstance(outcome, BaseException):
             return outcome
-        return replace(outcome, text=strip_markers(outcome.text))
+        samples = tuple(replace(s, text=strip_markers(s.text)) for s in outcome.samples)
+        return replace(outcome, text=strip_markers(outcome.text), samples=samples)
 
     def _result(self, completion: Completion, details: bool, route: Route | None = None) -> Any:
         if not details:
@@ -695,6 +802,12 @@ class AutoModel:
             completion.latency_s,
             route.name if route else None,
             route.score if route else None,
+            tuple(
+                Candidate(s.text, score, s.finish_reason)
+                for s, score in zip(
+                    completion.samples, completion.scores or [None] * len(completion.samples), strict=True
+                )
+            ),
         )
 
     def _assemble(
@@ -724,7 +837,9 @@ class AutoModel:
         turns: list[Any] = queries if conversations is None else conversations
         tokenizer = self.backend.tokenizer
         prompts = []
-        for turn, ex, route, own, suffix in zip(turns, examples, routes, systems, suffixes, strict=True):
+        for query, turn, ex, route, own, suffix in zip(
+            queries, turns, examples, routes, systems, suffixes, strict=True
+        ):
             if own is not None:
                 system: str | None = own
             elif options.user_specified_system_prompt is not None or not options.optimized_prompt:
@@ -734,7 +849,7 @@ class AutoModel:
             if suffix:
                 system = f"{system.rstrip()}\n\n{suffix}" if system and system.strip() else suffix
             prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
-            prompts.append(replace(prompt, route=route))
+            prompts.append(replace(prompt, route=route, query=query))
         return prompts
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -786,6 +901,23 @@ def _options(
             f"(dataclasses.replace(options, {given[0]}=...))."
         )
     return options
+
+
+def _check_reward_model(source: Any) -> Any:
+    """``reward_model`` checked before any engine loads: None, a reward model folder (from
+    ``auto-model-rm train``), or any object with the reward interface's ``score``."""
+    if source is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        from auto_model.rewards.reward_model import check_reward_model_folder
+
+        return check_reward_model_folder(source)
+    if not callable(getattr(source, "score", None)):
+        raise InvalidRequestError(
+            f"reward_model must be a folder from auto-model-rm train or a reward with .score(items), got "
+            f"{type(source).__name__}."
+        )
+    return source
 
 
 #: The per-request arguments of generate, stream and chat, in the seed's order.

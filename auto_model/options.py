@@ -25,6 +25,9 @@ from auto_model.backends.base import SamplingParams, check_one_sample
 from auto_model.errors import InvalidRequestError
 from auto_model.routing import check_route
 
+#: the most answers :attr:`GenerationOptions.best_of` may sample per query
+MAX_BEST_OF = 64
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -44,6 +47,9 @@ class GenerationOptions:
         route: ``"everyday"`` or ``"safety"`` to choose the request's prompt and examples yourself;
             None routes it by its embedding (see :mod:`auto_model.routing`).
         extra: other sampling arguments, passed to the engine unchanged (``top_k``, ``min_tokens``, ...).
+        best_of: sample this many answers per query in the same engine call and return the one the
+            model's reward model scores highest (1 to :data:`MAX_BEST_OF`; needs temperature > 0
+            and ``AutoModel(reward_model=...)``).
     """
 
     user_specified_system_prompt: str | None = None
@@ -58,6 +64,7 @@ class GenerationOptions:
     json_schema: dict[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     route: str | None = None
+    best_of: int = 1
 
     def __post_init__(self) -> None:
         if self.user_specified_system_prompt is not None and not isinstance(self.user_specified_system_prompt, str):
@@ -94,6 +101,14 @@ class GenerationOptions:
             )
         check_one_sample(self.extra)
         check_route(self.route)
+        b = self.best_of
+        if not isinstance(b, numbers.Integral) or isinstance(b, bool) or not 1 <= b <= MAX_BEST_OF:
+            raise InvalidRequestError(f"best_of must be an integer from 1 to {MAX_BEST_OF}, got {b!r}.")
+        if b > 1 and self.temperature == 0:
+            raise InvalidRequestError(
+                f"best_of={b} samples {b} answers to choose from: give temperature > 0 (greedy answers would all "
+                "be the same)."
+            )
 
     @classmethod
     def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> GenerationOptions:
@@ -101,7 +116,8 @@ class GenerationOptions:
         ``route`` are taken out of ``sampling_kwargs``, the rest of them go to the engine unchanged."""
         extra = dict(sampling_kwargs or {})
         seed, schema, route = extra.pop("seed", None), extra.pop("json_schema", None), extra.pop("route", None)
-        return cls(**arguments, seed=seed, json_schema=schema, route=route, extra=extra)
+        best_of = extra.pop("best_of", 1)
+        return cls(**arguments, seed=seed, json_schema=schema, route=route, extra=extra, best_of=best_of)
 
     def check_pool(self, pool_size: int) -> None:
         """Raise :class:`InvalidRequestError` unless the pool has ``num_optimized_icl`` examples to give."""
@@ -122,6 +138,7 @@ class GenerationOptions:
             None if self.seed is None else int(self.seed),
             dict(self.extra),
             self.json_schema,
+            int(self.best_of),
         )
 
 

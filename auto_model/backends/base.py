@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import (
     Any,
     ClassVar,
@@ -33,6 +33,8 @@ class SamplingParams:
     extra: dict[str, Any] = field(default_factory=dict)  # engine-specific, passed through unchanged
     #: constrain the reply to JSON matching this JSON Schema (engines with ``supports_json_schema``)
     json_schema: dict[str, Any] | None = None
+    #: answers to sample for the request, in the same engine call (see :attr:`Completion.samples`)
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     #: the route (:class:`~auto_model.routing.Route`) the SDK chose; engines do not read it
     route: Any = field(default=None, compare=False)
+    #: the query (a conversation's last user turn) the request answers; a reward model scores
+    #: the request's samples against it (engines do not read it)
+    query: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,10 @@ class Completion:
         completion_tokens: tokens generated (up to and including the one that ended the answer).
         latency_s: seconds from sending the request to its answer (for engines that batch, the
             time of the engine call that produced it).
+        samples: for a request that asked for ``n`` > 1 answers, all n (this completion is the
+            first, with ``completion_tokens`` the total over the n); empty otherwise.
+        scores: the reward of each sample, in the same order, once a reward model has scored them
+            (:meth:`~auto_model.AutoModel.rerank`); this completion is then the best one.
     """
 
     text: str
@@ -63,6 +72,16 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float | None = field(default=None, compare=False)  # timing is not part of the answer
+    samples: tuple[Completion, ...] = ()
+    scores: tuple[float | None, ...] = ()
+
+
+def with_samples(samples: Sequence[Completion]) -> Completion:
+    """The completion of a request that asked for several answers: the first, carrying all of them,
+    its token count the total over them."""
+    if len(samples) == 1:
+        return samples[0]
+    return replace(samples[0], completion_tokens=sum(s.completion_tokens for s in samples), samples=tuple(samples))
 
 
 #: What a backend returns per request: the completion, or the exception that request failed with.

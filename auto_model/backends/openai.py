@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -161,6 +162,8 @@ class OpenAIBackend(Backend):
             args["stop"] = list(sampling.stop[:MAX_STOP_SEQUENCES])
         if sampling.seed is not None:
             args["seed"] = sampling.seed
+        if sampling.n > 1:
+            args["n"] = sampling.n
         if sampling.json_schema is not None:
             args["response_format"] = {
                 "type": "json_schema",
@@ -232,24 +235,38 @@ class OpenAIBackend(Backend):
 
     def _completion(self, response: Any, kind: str, sampling: SamplingParams, latency: float) -> Completion:
         try:
-            choice = response["choices"][0]
-            text = (choice["message"].get("content") if kind == "chat" else choice.get("text")) or ""
-            reason = choice.get("finish_reason")
+            choices = sorted(response["choices"], key=lambda c: c.get("index") or 0)[: sampling.n]
+            if len(choices) < sampling.n:
+                raise IndexError(f"{len(choices)} choices for n={sampling.n}")
             usage = response.get("usage") or {}
-            if not isinstance(text, str) or not isinstance(usage, dict):
-                raise TypeError("unexpected field types")
+            read = []
+            for choice in choices:
+                text = (choice["message"].get("content") if kind == "chat" else choice.get("text")) or ""
+                if not isinstance(text, str) or not isinstance(usage, dict):
+                    raise TypeError("unexpected field types")
+                read.append((text, choice.get("finish_reason")))
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise MalformedResponseError(
                 f"{_capital(self._where())} sent a response without choices[0] "
                 f"({type(response).__name__}): {_short(str(response))}"
             ) from exc
-        text, cut = cut_at_stop(text, sampling.stop)
-        finish: FinishReason = (
-            "length" if reason == "length" and not cut else "content_filter" if reason == "content_filter" else "stop"
-        )
         prompt_tokens = usage.get("prompt_tokens") or 0
         completion_tokens = usage.get("completion_tokens") or 0
-        return Completion(text, finish, prompt_tokens, completion_tokens, latency)
+        samples: list[Completion] = []
+        for text, reason in read:
+            text, cut = cut_at_stop(text, sampling.stop)
+            finish: FinishReason = (
+                "length"
+                if reason == "length" and not cut
+                else "content_filter"
+                if reason == "content_filter"
+                else "stop"
+            )
+            # A server reports one token total for all n answers: the first sample carries it.
+            samples.append(Completion(text, finish, prompt_tokens, completion_tokens if not samples else 0, latency))
+        if len(samples) == 1:
+            return samples[0]
+        return replace(samples[0], samples=tuple(samples))
 
     # -- batches and streams ------------------------------------------------------------------
 

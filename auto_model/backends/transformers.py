@@ -7,12 +7,14 @@ micro-batches of similar length with left padding; temperature 0 is greedy decod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from auto_model.backends.base import (
     cut_at_stop,
     dtype_name,
     encode_prompt,
+    with_samples,
 )
 from auto_model.errors import (
     GenerationError,
@@ -261,12 +264,10 @@ class TransformersBackend(Backend):
                 latency = time.perf_counter() - t0
                 for i, outcome in zip(chunk, outs, strict=True):
                     if isinstance(outcome, Completion):
-                        outcome = Completion(
-                            outcome.text,
-                            outcome.finish_reason,
-                            outcome.prompt_tokens,
-                            outcome.completion_tokens,
-                            latency,
+                        outcome = replace(
+                            outcome,
+                            latency_s=latency,
+                            samples=tuple(replace(s, latency_s=latency) for s in outcome.samples),
                         )
                     finish(i, outcome)
         return [r for r in results if r is not None]
@@ -337,12 +338,19 @@ class TransformersBackend(Backend):
         cancelled: threading.Event | None = None,
     ) -> list[Completion]:
         """One ``model.generate`` call. ``seeds``: one per row (default: ``sampling.seed`` for all);
-        ``cancelled``: once set, generation stops at the next token."""
+        ``cancelled``: once set, generation stops at the next token. With ``sampling.n`` > 1, each
+        row is sampled n times in the same call (the row repeated n times, as ``num_return_sequences``
+        does, which transformers allows only for its own sampler); its first sample draws from the
+        row's seed, as a request with n = 1 would, the others from seeds derived from it."""
         torch = self._torch
-        width = max(len(ids) for ids in batch)
+        n = sampling.n
+        if n > 1 and sampling.temperature == 0:
+            raise InvalidRequestError("n > 1 samples need temperature > 0: greedy answers would all be the same.")
+        rows = [ids for ids in batch for _ in range(n)]
+        width = max(len(ids) for ids in rows)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
         kwargs: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": pad,
@@ -355,6 +363,7 @@ class TransformersBackend(Backend):
         elif own_sampler:
             # Unseeded rows draw their seed from torch's generator (torch.manual_seed still fixes them).
             row_seeds = [int(torch.randint(2**62, ())) if s is None else int(s) for s in seeds]
+            row_seeds = [sample_seed(seed, j) for seed in row_seeds for j in range(n)]  # one per sample
             sampler = RowSeededSampler(row_seeds, sampling.temperature, sampling.top_p)
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             kwargs["logits_processor"] = self._transformers.LogitsProcessorList([sampler])
@@ -382,8 +391,9 @@ class TransformersBackend(Backend):
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GenerationError(f"transformers generation failed: {exc}") from exc
         completions = []
-        for row, ids in zip(out, batch, strict=True):
-            completions.append(self._completion(row[width:].tolist(), len(ids), sampling))
+        for r, ids in enumerate(batch):
+            samples = [self._completion(row[width:].tolist(), len(ids), sampling) for row in out[r * n : (r + 1) * n]]
+            completions.append(with_samples(samples))
         return completions
 
     def _completion(self, generated: list[int], prompt_tokens: int, sampling: SamplingParams) -> Completion:
@@ -450,9 +460,18 @@ class RowSeededSampler:
         return logits + gumbel
 
 
+def sample_seed(seed: int, j: int) -> int:
+    """The seed of a request's ``j``-th sample: its own seed for the first, then derived from it."""
+    if j == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{j}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
 def _sampling_key(sampling: SamplingParams) -> str:
     return json.dumps(
         [
+            sampling.n,
             sampling.temperature,
             sampling.top_p,
             sampling.max_new_tokens,

@@ -36,6 +36,7 @@ from auto_model.backends.base import (
     cut_at_stop,
     dtype_name,
     encode_prompt,
+    with_samples,
 )
 from auto_model.errors import (
     EngineOutageError,
@@ -457,6 +458,8 @@ class VLLMBackend(Backend):
             "stop": list(sampling.stop) or None,
             "seed": sampling.seed,
         }
+        if sampling.n > 1:
+            kwargs["n"] = sampling.n
         if sampling.json_schema is not None:
             kwargs.update(self._json_constraint(sampling.json_schema))
         kwargs.update(sampling.extra)
@@ -515,10 +518,12 @@ class VLLMBackend(Backend):
 
     @staticmethod
     def _completion(output: Any, sampling: SamplingParams, latency: float) -> Completion:
-        first = output.outputs[0]
-        text, cut = cut_at_stop(first.text, sampling.stop)
-        finish: FinishReason = "length" if first.finish_reason == "length" and not cut else "stop"
-        return Completion(text, finish, len(output.prompt_token_ids or ()), len(first.token_ids), latency)
+        samples = []
+        for sample in output.outputs:  # n of them (in vLLM's order, by index)
+            text, cut = cut_at_stop(sample.text, sampling.stop)
+            finish: FinishReason = "length" if sample.finish_reason == "length" and not cut else "stop"
+            samples.append(Completion(text, finish, len(output.prompt_token_ids or ()), len(sample.token_ids), latency))
+        return with_samples(samples)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -108,6 +108,12 @@ def mean_value(score: Score) -> float | None:
     return sum(score.values.values()) / len(score.values)
 
 
+def best_index(values: Sequence[float | None]) -> int:
+    """The position of the highest value (an unscored one, None, never wins over a scored one; ties
+    go to the first)."""
+    return max(range(len(values)), key=lambda j: (values[j] is not None, values[j] or 0.0, -j))
+
+
 def has_rationales(score: Score) -> bool:
     """True when the reward gave a reason for every aspect it scored."""
     return bool(score.values) and all((score.rationales or {}).get(a) for a in score.values or {})
@@ -161,6 +167,7 @@ class _RecordedScore(ItemScore):
 
 __all__ = [
     "ItemScore",
+    "best_index",
     "Reward",
     "RewardItem",
     "Score",

@@ -88,18 +88,14 @@ def parse_reward_specs(texts: Sequence[str] | str) -> list[RewardSpec]:
 
 def check_reward_specs(specs: Sequence[RewardSpec]) -> None:
     """What can be checked before any engine loads: metric names, reward-model folders."""
-    from pathlib import Path
-
     from auto_model.rewards.metrics import METRICS
+    from auto_model.rewards.reward_model import check_reward_model_folder
 
     for spec in specs:
         if spec.kind == "metric" and spec.argument not in METRICS:
             raise InvalidRequestError(f"Unknown metric {spec.argument!r}; choose from {', '.join(METRICS)}.")
-        if spec.kind == "rm" and not (Path(str(spec.argument)).expanduser() / "reward_model.json").is_file():
-            raise InvalidRequestError(
-                f"{spec.argument} is not a reward model folder (no reward_model.json); train one with "
-                "auto-model-rm train."
-            )
+        if spec.kind == "rm":
+            check_reward_model_folder(str(spec.argument), "The reward model")
 
 
 def build_reward(specs: Sequence[RewardSpec], llm: Callable[[], Reward] | None = None) -> Reward:

@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
 from auto_model.rewards.base import ItemScore, RewardItem
 
 ASPECT = "Reward"
+
+
+def check_reward_model_folder(path: str | os.PathLike[str], name: str = "reward_model") -> Path:
+    """``path`` as a reward model folder (one written by ``auto-model-rm train``), checked before any
+    model loads; ``name`` is what the caller calls it in the error."""
+    folder = Path(path).expanduser()
+    if not (folder / "reward_model.json").is_file():
+        raise InvalidRequestError(
+            f"{name} {str(path)!r} is not a reward model folder (no reward_model.json); train one with "
+            "auto-model-rm train."
+        )
+    return folder
 
 
 class RewardModelReward:

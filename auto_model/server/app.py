@@ -66,10 +66,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.background import BackgroundTask
 
+from auto_model.backends.base import Completion
 from auto_model.errors import AutoModelError, InvalidRequestError
 from auto_model.model import SYSTEM_MESSAGE_MODES
 from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
+from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
 from auto_model.server.upstream import Upstream, UpstreamClient, UpstreamError
 
@@ -156,11 +158,13 @@ def create_app(
     upstream: Upstream | None = None,
     allow_alignment_override: bool = False,
     limits: ServerLimits | None = None,
+    best_of: int = 1,
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
     (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
     that assembles the alignment: an openai-backend :class:`~auto_model.AutoModel` for the upstream's
-    model)."""
+    model). ``best_of`` > 1: each sampled, non-streaming answer is the best of that many samples by
+    the model's reward (:attr:`AutoModel.reward`)."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
@@ -169,6 +173,10 @@ def create_app(
         raise InvalidRequestError(f"num_examples must be an integer >= 0, got {num_examples!r}.")
     if isinstance(api_keys, str):
         raise InvalidRequestError("api_keys must be a list of keys, not one string.")
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= _MAX_N:
+        raise InvalidRequestError(f"best_of must be an integer from 1 to {_MAX_N}, got {best_of!r}.")
+    if best_of > 1 and model.reward is None:
+        raise InvalidRequestError(f"best_of={best_of} needs a reward model: serve with --reward-model PATH.")
     if upstream is not None and not isinstance(upstream, Upstream):
         raise InvalidRequestError(f"upstream must be an Upstream, got {type(upstream).__name__}.")
     limits = limits or ServerLimits()
@@ -288,6 +296,8 @@ def create_app(
         }
         if routes:
             headers["x-auto-model-route"] = ",".join(routes)
+        if options.best_of > 1:
+            headers["x-auto-model-best-of"] = str(options.best_of)
         if timing:
             headers["server-timing"] = ", ".join(f"{k};dur={v * 1e3:.2f}" for k, v in timing.items())
         return headers
@@ -375,10 +385,17 @@ def create_app(
             raise _Refused(400, "'stream_options.include_usage' is not supported by this server's in-process engine; "
                            "the non-streaming response carries 'usage'.", param="stream_options")  # fmt: skip
 
+    def sampled_best_of(body: dict[str, Any]) -> int:
+        """How many samples a request's answer is chosen from: ``best_of``, except for streams and
+        greedy requests (one answer each)."""
+        greedy = isinstance(body.get("temperature"), (int, float)) and body["temperature"] == 0
+        return 1 if body.get("stream") or greedy else best_of
+
     def sampling(body: dict[str, Any], options: GenerationOptions, *limit_fields: str) -> GenerationOptions:
         # The sampling values are checked where every request's are (GenerationOptions): a 400.
         return replace(
             options,
+            best_of=sampled_best_of(body),
             temperature=1.0 if body.get("temperature") is None else body["temperature"],
             top_p=1.0 if body.get("top_p") is None else body["top_p"],
             max_new_tokens=max_tokens_of(body, *limit_fields) or min(512, limits.max_tokens),
@@ -514,8 +531,13 @@ def create_app(
     # -- upstream ------------------------------------------------------------------------------
 
     async def forward(request: Request, path: str, payload: dict[str, Any], options: GenerationOptions,
-                      routes: list[str], align: float) -> Any:  # fmt: skip
+                      routes: list[str], align: float, queries: list[Any]) -> Any:  # fmt: skip
+        """Send ``payload`` upstream (for ``best_of``, asking for that many choices per answer and
+        keeping the best of each group by the reward); ``queries``: what each prompt asks."""
         client: UpstreamClient = state["client"]
+        n = _number(payload, "n", 1, int)
+        if options.best_of > 1:
+            payload = {**payload, "n": n * options.best_of}
         assert upstream_slots is not None
         queue_depth.inc()
         waiting = True
@@ -535,6 +557,9 @@ def create_app(
                 queue_depth.dec()
         if "model" in data:
             data["model"] = name
+        if options.best_of > 1:
+            data["choices"] = await anyio.to_thread.run_sync(best_choices, data, queries, n, options.best_of,
+                                                             path == "chat/completions")  # fmt: skip
         counts = data.get("usage")
         if isinstance(counts, dict) and isinstance(counts.get("prompt_tokens"), int):
             tokens.labels("prompt").inc(counts["prompt_tokens"])
@@ -548,7 +573,8 @@ def create_app(
         payload.update(model=upstream_model, messages=prompt.prompt)
         cap(payload, "max_completion_tokens", "max_tokens")
         route = [prompt.route.name] if prompt.route else []
-        return await forward(request, "chat/completions", payload, options, route, align)
+        options = replace(options, best_of=sampled_best_of(body))
+        return await forward(request, "chat/completions", payload, options, route, align, [prompt.query])
 
     async def upstream_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         prompts = prompts_of(body)
@@ -561,7 +587,29 @@ def create_app(
                        stop=list(dict.fromkeys([*stop, *BASE_STOP])))  # fmt: skip
         cap(payload, "max_tokens")
         routes = [a.route.name for a in assembled if a.route]
-        return await forward(request, "completions", payload, options, routes, align)
+        options = replace(options, best_of=sampled_best_of(body))
+        return await forward(request, "completions", payload, options, routes, align, [a.query for a in assembled])
+
+    def best_choices(data: dict[str, Any], queries: list[Any], n: int, k: int, chat: bool) -> list[Any]:
+        """The upstream's choices, ``k`` per answer (prompt-major, as OpenAI orders them), reduced to
+        the best of each ``k`` by the reward (:meth:`AutoModel.rerank`), renumbered."""
+        choices = data.get("choices")
+        if not isinstance(choices, list) or len(choices) != len(queries) * n * k:
+            raise UpstreamError(502, {"error": {"message": f"The upstream answered with {len(choices or [])} choices "
+                                                f"for n={n * k}.", "type": "upstream_error", "param": None,
+                                                "code": None}})  # fmt: skip
+        choices = sorted(choices, key=lambda c: c.get("index") or 0)
+        groups = [choices[g * k : (g + 1) * k] for g in range(len(choices) // k)]
+
+        def text(choice: dict[str, Any]) -> str:
+            content = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+            return content if isinstance(content, str) else ""
+
+        sampled = [Completion(text(g[0]), "stop", 0, 0, samples=tuple(Completion(text(c), "stop", 0, 0) for c in g))
+                   for g in groups]  # fmt: skip
+        best = model.rerank([queries[g // n] or "" for g in range(len(groups))], sampled)
+        picks = [best_index(chosen.scores) for chosen in best]
+        return [{**group[pick], "index": g} for g, (group, pick) in enumerate(zip(groups, picks, strict=True))]
 
     def cap(payload: dict[str, Any], *fields: str) -> None:
         given = [f for f in fields if payload.get(f) is not None]

@@ -40,6 +40,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
             prompt_format="chat",
             prompt_path=options.get("prompt_path"),
             icl_path=options.get("icl_path"),
+            reward_model=options.get("reward_model"),
         )
     else:
         model = AutoModel(
@@ -48,6 +49,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
             backend=options.get("backend", "auto"),
             prompt_path=options.get("prompt_path"),
             icl_path=options.get("icl_path"),
+            reward_model=options.get("reward_model"),
         )
     app = create_app(
         model,
@@ -58,6 +60,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         upstream=upstream,
         allow_alignment_override=bool(options.get("allow_alignment_override")),
         limits=limits,
+        best_of=options.get("best_of", 1),
     )
     return app, model
 
