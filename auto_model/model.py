@@ -260,6 +260,21 @@ class AutoModel:
         with self._retriever_lock:
             self._reward_source, self._reward = source, None
 
+    @property
+    def reward_id(self) -> str | None:
+        """What names :attr:`reward` in request caches: a reward model folder by the SHA-256 of its
+        ``reward_model.json`` (a retrained model is another reward), another reward by its type."""
+        source = self._reward_source
+        if source is None:
+            return None
+        if isinstance(source, (str, os.PathLike)):
+            import hashlib
+            from pathlib import Path
+
+            digest = hashlib.sha256((Path(source) / "reward_model.json").read_bytes()).hexdigest()[:16]
+            return f"rm:{digest}"
+        return type(source).__name__
+
     def rerank(self, queries: Sequence[str], outcomes: Sequence[Outcome]) -> list[Outcome]:
         """For each query's outcome that carries several samples (a request with ``best_of`` > 1),
         the best sample by :attr:`reward`, with every sample's score on ``.scores``; all samples of

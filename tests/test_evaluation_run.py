@@ -266,7 +266,18 @@ def test_config_specs_and_files(tmp_path):
         "tuned", model="smollm2", optimized_prompt=False, num_optimized_icl=3, system_prompt="Be brief, and kind."
     )
     assert parse_config_spec("refusing: route=safety").route == "safety"
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "reward_model.json").write_text("{}")
+    best = parse_config_spec(f"bo4: best_of=4; reward_model={rm}")
+    assert (best.best_of, best.sampling(64).temperature, best.sampling(64).seed, best.sampling(64).best_of) == (
+        4, 0.7, 0, 4)  # fmt: skip
+    assert parse_config_spec("x: icl=1").sampling(64).temperature == 0  # greedy unless it samples
     for bad, message in [
+        ("x: best_of=4", "best_of needs reward_model=PATH"),
+        (f"x: best_of=4; reward_model={tmp_path}", "not a reward model folder"),
+        (f"x: best_of=4; reward_model={rm}; temperature=0", "temperature > 0"),
+        ("x: best_of=lots", "best_of must be an integer"),
         ("no-colon", "NAME: key=value"),
         ("x: icl=many", "integer"),
         ("x: colour=red", "unknown key"),

@@ -34,7 +34,8 @@ def _parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="A configuration spec is 'NAME: key=value; key=value' with keys model, backend, prompt (on|off), "
         "prompt_path (a .json/.txt file, or packaged:candidates/<file>), system (text), icl (examples per "
-        "query), base_url, dtype, prompt_format. Without --config/--configs: the default model alone, with "
+        "query), base_url, dtype, prompt_format, best_of and reward_model (the best of N samples by a reward "
+        "model), temperature. Without --config/--configs: the default model alone, with "
         "its prompt, and with prompt + 3 examples.",
     )
     p.add_argument(

@@ -74,6 +74,11 @@ class EvalConfig:
         system_prompt: a system prompt of your own.
         num_optimized_icl: retrieved examples per query (0: none).
         route: send every request down this route (``everyday`` or ``safety``); None: routed.
+        best_of: answer each item with the best of this many samples by ``reward_model`` (1: one
+            greedy answer).
+        reward_model: the reward model folder (``auto-model-rm train``) that chooses, for ``best_of``.
+        temperature: the sampling temperature (default: 0, greedy; 0.7 with ``best_of`` > 1); sampled
+            answers are seeded (seed 0), so a rerun is the same.
     """
 
     name: str
@@ -87,6 +92,9 @@ class EvalConfig:
     dtype: str = "auto"
     prompt_format: str = "auto"
     route: str | None = None
+    best_of: int = 1
+    reward_model: str | None = None
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.route is not None and self.route not in ROUTES:
@@ -105,6 +113,24 @@ class EvalConfig:
             )
         if self.system_prompt is not None and self.prompt_path is not None:
             raise InvalidRequestError(f"Configuration {self.name!r}: give system or prompt_path, not both.")
+        if self.best_of > 1 and not self.reward_model:
+            raise InvalidRequestError(f"Configuration {self.name!r}: best_of needs reward_model=PATH.")
+        try:
+            self.sampling(512)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"Configuration {self.name!r}: {exc}") from None
+        if self.reward_model:
+            from auto_model.rewards.reward_model import check_reward_model_folder
+
+            check_reward_model_folder(self.reward_model, f"Configuration {self.name!r}: reward_model")
+
+    def sampling(self, max_new_tokens: int) -> GenerationOptions:
+        """How this configuration samples (the prompt and example fields are set per configuration)."""
+        temperature = self.temperature if self.temperature is not None else 0.7 if self.best_of > 1 else 0.0
+        sampled = temperature > 0
+        return GenerationOptions(temperature=temperature, top_p=0.95 if sampled else 1.0,
+                                 max_new_tokens=max_new_tokens, seed=0 if sampled else None,
+                                 best_of=self.best_of)  # fmt: skip
 
     def engine_key(self, default_model: str) -> tuple[Any, ...]:
         return _engine_key(self.model or default_model, self.backend, self.base_url, self.dtype, self.prompt_format)
@@ -124,6 +150,9 @@ _SPEC_KEYS = {
     "dtype": "dtype",
     "prompt_format": "prompt_format",
     "route": "route",
+    "best_of": "best_of",
+    "reward_model": "reward_model",
+    "temperature": "temperature",
 }
 
 
@@ -136,17 +165,19 @@ def _coerce(name: str, key: str, value: Any) -> Any:
             value = parse_bool(value)
         except ValueError:
             raise InvalidRequestError(f"Configuration {name!r}: prompt must be on or off, got {value!r}.") from None
-    if field_name == "num_optimized_icl" and isinstance(value, str):
+    if field_name in ("num_optimized_icl", "best_of", "temperature") and isinstance(value, str):
+        kind, what = (float, "a number") if field_name == "temperature" else (int, "an integer")
         try:
-            value = int(value)
+            value = kind(value)
         except ValueError:
-            raise InvalidRequestError(f"Configuration {name!r}: icl must be an integer, got {value!r}.") from None
+            raise InvalidRequestError(f"Configuration {name!r}: {key} must be {what}, got {value!r}.") from None
     return field_name, value
 
 
 def parse_config_spec(spec: str) -> EvalConfig:
     """``"name: model=...; prompt=off; icl=3"`` -> :class:`EvalConfig` (keys: model, backend,
-    prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route)."""
+    prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route, best_of, reward_model,
+    temperature)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not sep or not name:
@@ -297,9 +328,9 @@ def answer_configs(
     progress: Callable[[str], None] = print,
     keep_engine: tuple[Any, ...] | None = None,
 ) -> AnsweredConfigs:
-    """Answer every item under every configuration, greedily, through the request cache (a rerun
-    sends nothing it already has). Configurations that share an engine share one load; the engine
-    whose key is ``keep_engine`` is loaded last and left open (``.kept``)."""
+    """Answer every item under every configuration (greedily, unless it says how to sample), through
+    the request cache (a rerun sends nothing it already has). Configurations that share an engine
+    share one load; the engine whose key is ``keep_engine`` is loaded last and left open (``.kept``)."""
     from auto_model import AutoModel, constants
 
     prompt_files = check_configs(configs, max_new_tokens)
@@ -308,7 +339,6 @@ def answer_configs(
     groups: dict[tuple[Any, ...], list[EvalConfig]] = {}
     for config in configs:
         groups.setdefault(config.engine_key(default_model), []).append(config)
-    options = GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     queries = [item.query for item in items]
     done = AnsweredConfigs([], {}, {})
     for key in sorted(groups, key=lambda k: k == keep_engine):
@@ -327,8 +357,10 @@ def answer_configs(
                 # A .json artifact is the model's artifact for this configuration, routes and routing included.
                 model.prompt_artifact = artifact if artifact is not None and custom is None else own_artifact
                 k = config.num_optimized_icl
-                asked = replace(options, user_specified_system_prompt=custom, optimized_prompt=config.optimized_prompt,
-                                optimized_icl=k > 0, num_optimized_icl=k, route=config.route)  # fmt: skip
+                model.reward = config.reward_model
+                asked = replace(config.sampling(max_new_tokens), user_specified_system_prompt=custom,
+                                optimized_prompt=config.optimized_prompt, optimized_icl=k > 0, num_optimized_icl=k,
+                                route=config.route)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.
                 requests = model.build_requests(queries, asked)
                 done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)

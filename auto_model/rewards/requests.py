@@ -39,17 +39,19 @@ class RequestCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT, completion TEXT)")
 
     @staticmethod
-    def key(model: str, backend: str, request: GenerationRequest) -> tuple[str, str]:
+    def key(model: str, backend: str, request: GenerationRequest, reward: str | None = None) -> tuple[str, str]:
+        """The request's key and JSON; ``reward`` names the reward that chooses among a request's
+        samples (``n`` > 1: the answer depends on it too)."""
         sampling = asdict(request.sampling)
         sampling["stop"] = list(sampling["stop"])
         if sampling["json_schema"] is None:  # keys of unconstrained requests as they were before the field
             del sampling["json_schema"]
-        blob = json.dumps(
-            {"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling},
-            sort_keys=True,
-            ensure_ascii=False,
-            default=repr,
-        )
+        if sampling["n"] == 1:  # keys of one-answer requests as they were before the field
+            del sampling["n"]
+        entry: dict[str, Any] = {"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling}
+        if request.sampling.n > 1:
+            entry["reward"] = reward
+        blob = json.dumps(entry, sort_keys=True, ensure_ascii=False, default=repr)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest(), blob
 
     def get(self, key: str) -> Completion | None:
@@ -58,10 +60,21 @@ class RequestCache:
         if row is None:
             return None
         data = json.loads(row[0])
-        return Completion(data["text"], data["finish_reason"], data["prompt_tokens"], data["completion_tokens"])
+        samples = tuple(Completion(s["text"], s["finish_reason"], data["prompt_tokens"], s["completion_tokens"])
+                        for s in data.get("samples", ()))  # fmt: skip
+        return Completion(data["text"], data["finish_reason"], data["prompt_tokens"], data["completion_tokens"],
+                          samples=samples, scores=tuple(s["score"] for s in data.get("samples", ())))  # fmt: skip
 
     def put(self, key: str, request_blob: str, completion: Completion) -> None:
-        data = {k: getattr(completion, k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")}
+        data: dict[str, Any] = {
+            k: getattr(completion, k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")
+        }
+        if completion.samples:  # a best-of answer keeps its candidates and their scores
+            scores = completion.scores or (None,) * len(completion.samples)
+            data["samples"] = [
+                {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens, "score": v}
+                for c, v in zip(completion.samples, scores, strict=True)
+            ]
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (key, request_blob, json.dumps(data)))
 
@@ -200,7 +213,8 @@ class Role:
         ``progress(n)`` is told of ``n`` more finished requests: the cached ones at once, then each
         answer as the engine reports it (e.g. a progress bar's ``update``)."""
         model_id, backend = self.model.backend.model_id, self.model.backend_name
-        keys = [RequestCache.key(model_id, backend, r) for r in requests]
+        reward = getattr(self.model, "reward_id", None)
+        keys = [RequestCache.key(model_id, backend, r, reward) for r in requests]
         results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
         stats = self.usage.roles.setdefault(self.name, RoleUsage())
         stats.cached += sum(r is not None for r in results)
