@@ -273,6 +273,10 @@ def test_config_specs_and_files(tmp_path):
     assert (best.best_of, best.sampling(64).temperature, best.sampling(64).seed, best.sampling(64).best_of) == (
         4, 0.7, 0, 4)  # fmt: skip
     assert parse_config_spec("x: icl=1").sampling(64).temperature == 0  # greedy unless it samples
+    from auto_model.evaluation.runner import check_configs
+
+    with pytest.raises(ArtifactError):  # a missing pool fails before any engine loads
+        check_configs([parse_config_spec(f"x: icl=3; icl_path={tmp_path / 'none.json'}")], 64)
     for bad, message in [
         ("x: best_of=4", "best_of needs reward_model=PATH"),
         (f"x: best_of=4; reward_model={tmp_path}", "not a reward model folder"),

@@ -26,6 +26,7 @@ from auto_model.evaluation.eval_set import EvalItem
 from auto_model.files import read_config_file
 from auto_model.flags import parse_bool
 from auto_model.options import GenerationOptions
+from auto_model.retrieval import ICLRetriever, load_icl_pool
 from auto_model.rewards.base import RewardItem
 from auto_model.rewards.judge import Judge
 from auto_model.rewards.proxies import (
@@ -74,6 +75,7 @@ class EvalConfig:
         system_prompt: a system prompt of your own.
         num_optimized_icl: retrieved examples per query (0: none).
         route: send every request down this route (``everyday`` or ``safety``); None: routed.
+        icl_path: the example pool to retrieve from (default: the model's own).
         best_of: answer each item with the best of this many samples by ``reward_model`` (1: one
             greedy answer).
         reward_model: the reward model folder (``auto-model-rm train``) that chooses, for ``best_of``.
@@ -92,6 +94,7 @@ class EvalConfig:
     dtype: str = "auto"
     prompt_format: str = "auto"
     route: str | None = None
+    icl_path: str | None = None
     best_of: int = 1
     reward_model: str | None = None
     temperature: float | None = None
@@ -150,6 +153,7 @@ _SPEC_KEYS = {
     "dtype": "dtype",
     "prompt_format": "prompt_format",
     "route": "route",
+    "icl_path": "icl_path",
     "best_of": "best_of",
     "reward_model": "reward_model",
     "temperature": "temperature",
@@ -176,8 +180,8 @@ def _coerce(name: str, key: str, value: Any) -> Any:
 
 def parse_config_spec(spec: str) -> EvalConfig:
     """``"name: model=...; prompt=off; icl=3"`` -> :class:`EvalConfig` (keys: model, backend,
-    prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route, best_of, reward_model,
-    temperature)."""
+    prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route, icl_path, best_of,
+    reward_model, temperature)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not sep or not name:
@@ -314,6 +318,9 @@ def check_configs(configs: Sequence[EvalConfig], max_new_tokens: int) -> dict[st
         raise InvalidRequestError(f"Configuration names must differ; repeated: {', '.join(duplicated)}.")
     if max_new_tokens < 1:
         raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+    for config in configs:
+        if config.icl_path:
+            load_icl_pool(config.icl_path)  # a missing or bad pool fails here, before any engine loads
     return {c.name: load_prompt_artifact(_prompt_file(c.prompt_path)) for c in configs if c.prompt_path}
 
 
@@ -345,7 +352,7 @@ def answer_configs(
         model_name, backend, base_url, dtype, prompt_format = key
         progress(f"loading {model_name} ({backend})")
         model = factory(model_name, dtype=dtype, backend=backend, base_url=base_url, prompt_format=prompt_format)
-        own_artifact = model.prompt_artifact
+        own_artifact, own_retriever = model.prompt_artifact, None
         try:
             role = Role("answer", model, cache, usage)
             for config in groups[key]:
@@ -358,6 +365,10 @@ def answer_configs(
                 model.prompt_artifact = artifact if artifact is not None and custom is None else own_artifact
                 k = config.num_optimized_icl
                 model.reward = config.reward_model
+                if config.icl_path or own_retriever is not None:  # this configuration's pool, or the model's own
+                    own_retriever = own_retriever or model.retriever
+                    model.retriever = (ICLRetriever(load_icl_pool(config.icl_path), model.embedding_model)
+                                       if config.icl_path else own_retriever)  # fmt: skip
                 asked = replace(config.sampling(max_new_tokens), user_specified_system_prompt=custom,
                                 optimized_prompt=config.optimized_prompt, optimized_icl=k > 0, num_optimized_icl=k,
                                 route=config.route)  # fmt: skip
