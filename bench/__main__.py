@@ -51,10 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         record_file = Path(tmp) / "records.jsonl"
         started = time.perf_counter()
-        for name in names:
-            cmd = [sys.executable, "-m", f"bench.{name}", "--record", str(record_file)] + (
-                ["--smoke"] if args.smoke else []
-            )
+        if args.smoke:  # quick starts, as many at once as there are cores; their output in order
+            from concurrent.futures import ThreadPoolExecutor
+
+            def smoke(name: str) -> tuple[str, subprocess.CompletedProcess[str], float]:
+                t0 = time.perf_counter()
+                cmd = [sys.executable, "-m", f"bench.{name}", "--smoke"]
+                done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                return name, done, time.perf_counter() - t0
+
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                for name, done, seconds in pool.map(smoke, names):
+                    print(f"\n=== {name}: -m bench.{name}\n{done.stdout}{done.stderr}", end="", flush=True)
+                    print(f"=== {name}: exit {done.returncode} after {seconds:.0f} s", flush=True)
+                    if done.returncode != 0:
+                        failed.append(name)
+        for name in () if args.smoke else names:
+            cmd = [sys.executable, "-m", f"bench.{name}", "--record", str(record_file)]
             print(f"\n=== {name}: {shlex.join(cmd[1:3])}", flush=True)
             t0 = time.perf_counter()
             code = subprocess.call(cmd, cwd=ROOT, env=env)
