@@ -286,8 +286,7 @@ class AutoModel:
         owners = [i for i, o in enumerate(outcomes) if isinstance(o, Completion) and o.samples]
         if not owners:
             return list(outcomes)
-        if self.reward is None:
-            raise InvalidRequestError("best_of needs a reward model: AutoModel(..., reward_model=PATH).")
+        self._check_best_of(max(len(o.samples) for o in outcomes if isinstance(o, Completion)))
         items = [
             RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason)
             for i in owners
@@ -513,7 +512,7 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self._check_best_of(options)
+        self._check_best_of(options.best_of)
         callback = None
         if on_completion is not None:
 
@@ -620,7 +619,7 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self._check_best_of(options)
+        self._check_best_of(options.best_of)
         if stream and options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream.")
         prompt = self._chat_prompt(messages, options, system_messages)
@@ -638,10 +637,11 @@ class AutoModel:
             raise InvalidRequestError("achat() does not stream; use chat(..., stream=True) in a thread.")
         return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
 
-    def _check_best_of(self, options: GenerationOptions) -> None:
-        if options.best_of > 1 and self._reward_source is None:
+    def _check_best_of(self, n: int) -> None:
+        """Several answers to choose from need a reward to choose with."""
+        if n > 1 and self._reward_source is None:
             raise InvalidRequestError(
-                f"best_of={options.best_of} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
+                f"best_of={n} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
                 "(a folder from auto-model-rm train)."
             )
 
@@ -785,9 +785,7 @@ class AutoModel:
         ``on_completion`` calls come once the batch is scored."""
         requests = list(requests)
         sampled = any(r.sampling.n > 1 for r in requests)
-        if sampled and self._reward_source is None:
-            raise InvalidRequestError("Requests with n > 1 samples need a reward to choose with: "
-                                      "AutoModel(..., reward_model=PATH).")  # fmt: skip
+        self._check_best_of(max((r.sampling.n for r in requests), default=1))
         callback = None if on_completion is None or sampled else (lambda i, c: on_completion(i, self._clean(c)))
         outcomes = [self._clean(c) for c in self._run(requests, callback)]
         if sampled:

@@ -239,6 +239,17 @@ def test_parse_prompt_reply():
     assert parse_prompt_reply("<prompt>Be kind and precise in every answer.") == "Be kind and precise in every answer."
     with pytest.raises(ValueError):
         parse_prompt_reply("I don't know")
+    # A reply that copies its request, loops or rambles is no prompt (seen from a 135M optimizer).
+    copied = (
+        "<prompt>\nA user asked:\nHow can I avoid overcommitting?\n\nThe assistant, using that system prompt, answered"
+    )
+    with pytest.raises(ValueError, match="copies its request's text"):
+        parse_prompt_reply(copied)
+    with pytest.raises(ValueError, match="loops"):
+        parse_prompt_reply("<prompt>" + "Be kind to the user. " * 20)
+    with pytest.raises(ValueError, match="runs to 500 words"):
+        parse_prompt_reply("<prompt>" + " ".join(f"word{i}" for i in range(500)))
+    assert parse_prompt_reply("<answer>Boil it for eight minutes.</answer>", "answer") == "Boil it for eight minutes."
 
 
 def test_training_data_is_sampled_reproducibly_and_is_disjoint_from_the_pool():

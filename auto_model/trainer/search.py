@@ -101,12 +101,34 @@ class Node:
         return sum(self.path_rewards) / len(self.path_rewards) if self.path_rewards else float("-inf")
 
 
+#: Text of the optimizer's own requests (``templates/``): a reply that repeats it has copied its
+#: request instead of writing a prompt or an answer.
+SCAFFOLDING = ("<prompt>", "</prompt>", "<answer>", "</answer>", "A user asked:", "The assistant, using that system "
+               "prompt", "The current system prompt:", "The current example answer:", "A reviewer scored",
+               "A scorer rated", "Reply with only")  # fmt: skip
+#: The most repetition (share of repeated word 3-grams) a usable reply may have: a looping one is not.
+MAX_REPETITION = 0.35
+#: The most words a new system prompt may have (the optimizer is asked for fewer than 300).
+MAX_PROMPT_WORDS = 450
+
+
 def parse_prompt_reply(text: str, tag: str = "prompt") -> str:
-    """The text between ``<tag>`` and ``</tag>`` (a missing closing tag is tolerated)."""
+    """The text between ``<tag>`` and ``</tag>`` (a missing closing tag is tolerated). A reply that
+    copies its request's own text (:data:`SCAFFOLDING`), loops (:data:`MAX_REPETITION`) or, for a
+    prompt, runs past :data:`MAX_PROMPT_WORDS` words is unusable (``ValueError``)."""
+    from auto_model.rewards.proxies import length_words, repetition
+
     match = re.search(rf"<{tag}>(.*?)(?:</{tag}>|$)", text, flags=re.S | re.I)
     body = (match.group(1) if match else "").strip()
     if len(body) < 8:  # nothing usable
         raise ValueError(f"no new {tag} between <{tag}> and </{tag}>")
+    copied = [s for s in SCAFFOLDING if s.lower() in body.lower()]
+    if copied:
+        raise ValueError(f"the {tag} copies its request's text ({copied[0]!r})")
+    if repetition(body) > MAX_REPETITION:
+        raise ValueError(f"the {tag} loops ({repetition(body):.0%} of its 3-word phrases repeat)")
+    if tag == "prompt" and length_words(body) > MAX_PROMPT_WORDS:
+        raise ValueError(f"the prompt runs to {length_words(body)} words")
     return body
 
 
