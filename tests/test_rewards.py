@@ -182,3 +182,15 @@ def test_with_reasons_the_optimizer_reads_the_judges_rationales_on_its_scale(tmp
         "A reviewer scored this answer from 1 to 5:\n- Helpfulness: 2/5. It skips the steps.\n- Safety: 5/5."
         in (optimizer.asked[0])
     )
+
+
+def test_a_search_whose_rewrites_are_all_unusable_says_so(tmp_path):
+    looping = ScriptedRole(lambda p: "<prompt>\n" + "Be helpful. " * 30 + "\n</prompt>")
+    copying = ScriptedRole(lambda p: "<prompt>\nA user asked: q0\n</prompt>")
+    for optimizer, reason in ((looping, "the prompt loops"), (copying, "the prompt copies its request's text")):
+        config = SearchConfig(depth=2, beam_size=1, n_actions=2, max_depth_increase=0, skip_threshold=None)
+        search = BeamSearch(ScriptedRole(None), optimizer, ScriptedReward(), config, ["q0", "q1"], "Be helpful, v1",
+                            tmp_path / f"{reason}.json")  # fmt: skip
+        assert search.run().prompt == "Be helpful, v1"  # carried unchanged
+        assert [row["rejected"] for row in search.summary()] == [0, 2]
+        assert f"The search did not move: no rewrite was usable (2 x {reason})" in search.summary_table()

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -95,6 +96,7 @@ class Node:
     path_rewards: list[float] = field(default_factory=list)  # every score along the path, root first
     extensions: int = 0  # levels added to this path by "keep"
     error: str | None = None  # why this node has no answer or no score
+    rejected: list[str] = field(default_factory=list)  # why the optimizer's other rewrites of the parent were dropped
 
     @property
     def path_mean(self) -> float:
@@ -375,23 +377,30 @@ class BeamSearch:
             self.optimizer.ask(prompts, self._optimizer_sampling(), seeds, prefill="<prompt>\n") if prompts else []
         )
         rewrites: dict[int, list[str]] = {p.id: [] for p, _ in to_rewrite}
+        rejected: dict[int, list[str]] = {p.id: [] for p, _ in to_rewrite}
         for parent, outcome in zip(owners, outcomes, strict=True):
             if not isinstance(outcome, Completion):
                 logger.warning("The optimizer failed for node %d: %s", parent.id, outcome)
+                rejected[parent.id].append(f"the optimizer failed: {outcome}")
                 continue
             try:
                 new = parse_prompt_reply(outcome.text)
             except ValueError as exc:
                 logger.info("Unusable rewrite for node %d: %s", parent.id, exc)
+                rejected[parent.id].append(str(exc))
                 continue
-            if new != parent.prompt and new not in rewrites[parent.id]:  # a copy is no rewrite
+            if new == parent.prompt or new in rewrites[parent.id]:  # a copy is no rewrite
+                rejected[parent.id].append("a copy of the prompt or of another rewrite")
+            else:
                 rewrites[parent.id].append(new)
         for parent, _ in to_rewrite:
             options = rewrites[parent.id]
+            first = len(proposals)
             if not options:  # no usable rewrite: the candidate goes on unchanged
                 child(parent, "carry", parent.prompt, parent.extensions)
             for new in options:
                 child(parent, "rewrite", new, parent.extensions)
+            proposals[first].rejected = rejected[parent.id]
         return proposals
 
     def rewrite_request(self, parent: Node, score: Score) -> str:
@@ -461,6 +470,7 @@ class BeamSearch:
                     "worst": min(rewards) if rewards else None,
                     "rewrites": len(rewrites),
                     "accepted": sum(n.id in kept for n in rewrites),
+                    "rejected": sum(len(n.rejected) for n in nodes),  # unusable rewrites of the parents
                     "actions": {
                         a: sum(n.action == a for n in nodes)
                         for a in ("init", "rewrite", "keep", "carry")
@@ -476,11 +486,20 @@ class BeamSearch:
         def fmt(value: float | None) -> str:
             return "-" if value is None else f"{value:.3g}"
 
-        lines = ["level  candidates  scored  best    mean    worst   rewrites accepted"]
-        for row in self.summary():
+        rows = self.summary()
+        lines = ["level  candidates  scored  best    mean    worst   rewrites accepted rejected"]
+        for row in rows:
             lines.append(
                 f"{row['level']:>5}  {row['candidates']:>10}  {row['scored']:>6}  {fmt(row['best']):<6}  "
-                f"{fmt(row['mean']):<6}  {fmt(row['worst']):<6}  {row['rewrites']:>8} {row['accepted']:>8}"
+                f"{fmt(row['mean']):<6}  {fmt(row['worst']):<6}  {row['rewrites']:>8} {row['accepted']:>8} "
+                f"{row['rejected']:>8}"
+            )
+        if rows and not any(row["rewrites"] for row in rows) and any(row["rejected"] for row in rows):
+            reasons = Counter(r.split(" (")[0] for n in self.nodes for r in n.rejected)
+            lines.append(
+                "The search did not move: no rewrite was usable ("
+                + "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+                + "). A stronger --optimize-model-name writes usable prompts."
             )
         return "\n".join(lines)
 
