@@ -62,14 +62,7 @@ def _parser() -> ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=512)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.add_argument(
-        "--best-of",
-        type=int,
-        default=1,
-        metavar="N",
-        help="sample N answers per query in one engine call and print the one --reward-model scores highest",
-    )
-    gen.add_argument("--reward-model", default=None, help="reward model folder (auto-model-rm train) for --best-of")
+    add_best_of(gen, "sample N answers per query in one engine call and print the one --reward-model scores highest")
     gen.add_argument(
         "--input",
         default=None,
@@ -132,14 +125,7 @@ def _parser() -> ArgumentParser:
         '..., "num_optimized_icl": ...} (refused by default)',
     )
     serve.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (default 3)")
-    serve.add_argument(
-        "--best-of",
-        type=int,
-        default=1,
-        metavar="N",
-        help="answer each sampled, non-streaming request with the best of N samples by --reward-model (default 1)",
-    )
-    serve.add_argument("--reward-model", default=None, help="reward model folder (auto-model-rm train) for --best-of")
+    add_best_of(serve, "answer each sampled, non-streaming request with the best of N samples by --reward-model")
     serve.add_argument(
         "--max-tokens", "--max-tokens-cap", dest="max_tokens", type=int, default=4096,
         help="the most new tokens a request may ask for (4096); without max_tokens, an upstream request gets "
@@ -276,6 +262,12 @@ def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
 
 def _jsonl(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def add_best_of(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--best-of N`` (``what`` it does here) and the ``--reward-model`` that chooses."""
+    parser.add_argument("--best-of", type=int, default=1, metavar="N", help=f"{what} (default 1)")
+    parser.add_argument("--reward-model", default=None, help="reward model folder (auto-model-rm train) for --best-of")
 
 
 def check_best_of(best_of: int, reward_model: str | None) -> None:
