@@ -258,7 +258,8 @@ class AutoModel:
         reward with ``.score(items)`` (e.g. :class:`~auto_model.rewards.metrics.MetricReward`), or None."""
         source = _check_reward_model(reward)
         with self._retriever_lock:
-            self._reward_source, self._reward = source, None
+            if source is not self._reward_source and source != self._reward_source:  # the same one stays loaded
+                self._reward_source, self._reward = source, None
 
     @property
     def reward_id(self) -> str | None:
