@@ -18,8 +18,16 @@ QUERIES = ["How do I make a cup of tea?", "How can I pick the lock of my neighbo
 
 
 @pytest.fixture(scope="module")
-def rm(small_rm):
-    return RewardModel.load(small_rm.output)
+def reward(small_rm):
+    """The session's small reward model, loaded once for this module (a folder path loads it again)."""
+    from auto_model.rewards.reward_model import RewardModelReward
+
+    return RewardModelReward(RewardModel.load(small_rm.output))
+
+
+@pytest.fixture(scope="module")
+def rm(reward):
+    return reward.model
 
 
 def check_best(results, rm, n):
@@ -32,8 +40,8 @@ def check_best(results, rm, n):
         assert result.text == best.text and result.finish_reason == best.finish_reason
 
 
-def test_best_of_on_transformers_is_one_engine_call_scored_in_one_batch(smol, small_rm, rm, count_calls):
-    smol.reward = small_rm.output
+def test_best_of_on_transformers_is_one_engine_call_scored_in_one_batch(smol, reward, rm, count_calls):
+    smol.reward = reward
     try:
         with count_calls(smol.backend) as counter:
             results = smol.generate(QUERIES, temperature=0.9, max_new_tokens=8, seed=5, best_of=3, return_details=True)
@@ -65,8 +73,8 @@ def test_best_of_is_refused_where_it_cannot_choose(smol, small_rm):
         AutoModel("no/such-model", reward_model="nowhere")
 
 
-def test_best_of_on_vllm_is_one_engine_call(smol_vllm, small_rm, rm, count_calls):
-    smol_vllm.reward = small_rm.output
+def test_best_of_on_vllm_is_one_engine_call(smol_vllm, reward, rm, count_calls):
+    smol_vllm.reward = reward
     try:
         with count_calls(smol_vllm.backend) as counter:
             results = smol_vllm.generate(QUERIES, temperature=0.9, max_new_tokens=8, seed=5, best_of=4,
@@ -77,11 +85,11 @@ def test_best_of_on_vllm_is_one_engine_call(smol_vllm, small_rm, rm, count_calls
         smol_vllm.reward = None
 
 
-def test_best_of_on_a_server_and_through_our_server(vllm_server, small_rm, rm, smol, running):
+def test_best_of_on_a_server_and_through_our_server(vllm_server, reward, rm, smol, running):
     from auto_model.constants import DEFAULT_MODEL
 
     remote = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat",
-                       reward_model=small_rm.output)  # fmt: skip
+                       reward_model=reward)  # fmt: skip
     results = remote.generate(QUERIES, temperature=0.9, max_new_tokens=8, seed=5, best_of=3, return_details=True)
     check_best(results, rm, 3)  # one HTTP request per query, n=3
     messages = [{"role": "user", "content": QUERIES[0]}]
@@ -99,7 +107,7 @@ def test_best_of_on_a_server_and_through_our_server(vllm_server, small_rm, rm, s
                                                                   temperature=0)  # fmt: skip
         assert "x-auto-model-best-of" not in greedy.headers  # a greedy request has one answer to give
     # In-process: the engine batch samples 3 per request and the reward keeps the best.
-    smol.reward = small_rm.output
+    smol.reward = reward
     try:
         with running(create_app(smol, served_name="smol", best_of=3)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
