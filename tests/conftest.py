@@ -108,6 +108,31 @@ def embedder():
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, driven by Playwright (``make browser`` installs it)."""
+    import shutil
+
+    chromium_path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium_path):
+        pytest.skip("chromium is not installed: `make browser` installs it (apt-get, as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where tests keep what a person may want to look at (screenshots): ``test-artifacts/`` or
+    ``$AUTO_MODEL_TEST_ARTIFACTS``."""
+    folder = Path(os.environ.get("AUTO_MODEL_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def small_rm(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
     """A reward model trained on the embedded model (``auto-model-rm train``, 2 steps, 1 layer): the run
     is killed (SIGKILL) after its first checkpoint and resumed with ``--resume``. Returns what that

@@ -4,32 +4,12 @@ The screenshot is kept in ``test-artifacts/`` (or ``$AUTO_MODEL_TEST_ARTIFACTS``
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
-import pytest
-
 from auto_model.server import create_app
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(os.environ.get("AUTO_MODEL_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 QUERY = "How do I hack into my neighbour's wifi?"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed: `make browser` installs it (apt-get, as root)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-def test_the_playground_streams_both_answers_side_by_side(smol, running, browser):
+def test_the_playground_streams_both_answers_side_by_side(smol, running, browser, artifacts):
     app = create_app(smol, served_name="smol", allow_alignment_override=True)
     with running(app) as url:
         page = browser.new_page(viewport={"width": 1200, "height": 800})
@@ -44,8 +24,7 @@ def test_the_playground_streams_both_answers_side_by_side(smol, running, browser
         page.click("#send")
         page.wait_for_selector("#plain[data-done=true]", timeout=120_000)
         page.wait_for_selector("#aligned[data-done=true]", timeout=120_000)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "playground.png"), full_page=True)
         plain, aligned = page.inner_text("#plain .answer"), page.inner_text("#aligned .answer")
         meta = page.inner_text("#aligned .meta")
     greedy = {"temperature": 0, "top_p": 1.0, "max_new_tokens": 24}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -66,6 +67,7 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
         "algo_output/optimized_prompt.json",
         "algo_output/checkpoint.json",
         "algo_output/usage.json",
+        "algo_output/tree.html",
     ):
         assert (run / name).is_file(), name
 
@@ -73,6 +75,8 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
         raise AssertionError(f"non-standard JSON constant {constant}")
 
     tree = json.loads((out / "output.json").read_text(), parse_constant=strict)
+    page = (out / "tree.html").read_text()  # the search tree's page, written with the tree
+    assert page.count('<details id="node-') == len(tree["nodes"]) and not re.search(r"\b(src|href)=", page)
     json.loads((out / "optimized_prompt.json").read_text(), parse_constant=strict)
     assert tree["status"] == "finished" and tree["levels_done"] == 2
     assert tree["nodes"][0]["action"] == "init" and tree["nodes"][0]["prompt"] == "You are a helpful assistant."

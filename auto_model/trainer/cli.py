@@ -430,6 +430,11 @@ def _run_prompt(
             unit="level",
             file=sys.stderr,
         )
+
+    def level_done(message: str) -> None:
+        _level_done(message, bar, usage, out_dir)
+        _write_tree(search, args, reward, usage, out_dir, started, "running")  # the tree and its page, to watch
+
     search = BeamSearch(
         roles["base"],
         roles["optimize"],
@@ -439,7 +444,7 @@ def _run_prompt(
         args.initial_system_prompt,
         checkpoint,
         harmful=[r["category"] == "harmful" if r.get("category") else None for r in rows],
-        progress=lambda message: _level_done(message, bar, usage, out_dir),
+        progress=level_done,
     )
     if args.resume and search.load():
         logger.info("Resumed from %s at level %d", checkpoint, search.level)
@@ -516,34 +521,29 @@ def _level_done(message: str, bar: Any, usage: Any, out_dir: Path) -> None:
         bar.update(1)
 
 
-def _write_tree(search: Any, args: argparse.Namespace, reward: Any, usage: Any, out_dir: Path, started: float) -> None:
-    from dataclasses import asdict
+def _write_tree(
+    search: Any,
+    args: argparse.Namespace,
+    reward: Any,
+    usage: Any,
+    out_dir: Path,
+    started: float,
+    status: str | None = None,
+) -> None:
+    """``output.json`` (the whole tree, the run's settings and usage) and its page, ``tree.html``."""
+    from auto_model.viewer import tree_html
 
-    try:
-        best = search.best()
-        result = {
-            "node": best.id,
-            "prompt": best.prompt,
-            "path_mean": best.path_mean if best.path_rewards else None,
-            "path": [n.id for n in search.path(best)],
-        }
-    except AutoModelError:  # no level finished yet
-        result = None
     tree = {
         "format": "auto_model.drpo_run/v1",
-        "status": "finished" if search.done() else "stopped",
+        "status": status or ("finished" if search.done() else "stopped"),
         "config": redacted(args),
-        "levels_done": search.level,
-        "result": result,
-        "beam": search.beam,
-        "finished": search.finished,
-        "levels": search.summary(),
-        "nodes": [asdict(n) for n in search.nodes],
+        **search.report(),
         "judge_failures": getattr(reward, "failures", []),
         "usage": usage.snapshot(),
         "wall_clock_s": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(out_dir / "output.json", json.dumps(tree, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "tree.html", tree_html(tree))
 
 
 def _run_icl(args: argparse.Namespace, roles: dict[str, Any], reward: Any, out_dir: Path) -> int:
@@ -636,10 +636,26 @@ def _run_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def visualize(argv: Sequence[str]) -> int:
+    """``auto-model-train visualize LOG_DIR [-o FILE.html]``: the run's search tree as one HTML page."""
+    from auto_model.viewer import write_tree_html
+
+    p = ArgumentParser(prog="auto-model-train visualize", description="Write a DRPO run's search tree as one "
+                       "self-contained HTML page (LOG_DIR/algo_output/tree.html unless -o says where).")  # fmt: skip
+    p.add_argument("log_dir", help="the run's --log-dir")
+    p.add_argument("-o", "--output", default=None, help="the page to write")
+    args = p.parse_args(list(argv))
+    print(write_tree_html(args.log_dir, args.output))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from auto_model.cli import run_reporting_errors
 
     def body() -> int:
+        given = list(sys.argv[1:] if argv is None else argv)
+        if given[:1] == ["visualize"]:
+            return visualize(given[1:])
         command, args = parse_args(argv)
         return run(command, resolve(args, command))
 

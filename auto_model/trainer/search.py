@@ -451,6 +451,28 @@ class BeamSearch:
 
     # -- reports -----------------------------------------------------------------------------
 
+    def report(self) -> dict[str, Any]:
+        """The search as JSON: levels done, the best result so far (its path), the beam, the finished
+        candidates, :meth:`summary` and every node (what ``output.json`` and its page show)."""
+        try:
+            best = self.best()
+            result: dict[str, Any] | None = {
+                "node": best.id,
+                "prompt": best.prompt,
+                "path_mean": best.path_mean if best.path_rewards else None,
+                "path": [n.id for n in self.path(best)],
+            }
+        except ArtifactError:  # no level finished yet
+            result = None
+        return {
+            "levels_done": self.level,
+            "result": result,
+            "beam": self.beam,
+            "finished": self.finished,
+            "levels": self.summary(),
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
     def summary(self) -> list[dict[str, Any]]:
         """Per level: how many candidates were made and scored, what their rewards were, and how
         many rewrites the beam took (``accepted``): whether the search moved."""
