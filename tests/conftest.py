@@ -107,9 +107,11 @@ def embedder():
     return load_embedder()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's chromium, headless, driven by Playwright (``make browser`` installs it)."""
+    """Debian's chromium, headless, driven by Playwright (``make browser`` installs it). Module-scoped:
+    Playwright's sync API keeps an event loop running while it is open, which ``asyncio.run`` in
+    later tests would refuse."""
     import shutil
 
     chromium_path = shutil.which("chromium") or "/usr/bin/chromium"
