@@ -216,14 +216,6 @@ class Evaluation:
         """The judge never replied (an outage), as opposed to replies that could not be read."""
         return self.scores is None and not self.replies
 
-    def all_at_least(self, threshold: float) -> bool:
-        return self.scores is not None and all(s["score"] >= threshold for s in self.scores.values())
-
-    def feedback(self) -> str:
-        if self.scores is None:
-            return "(no review)"
-        return "\n".join(f"- {a}: {s['score']:g}/5. {s['rationale']}" for a, s in self.scores.items())
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "aspects": self.aspects,
