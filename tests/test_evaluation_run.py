@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sqlite3
@@ -170,8 +171,11 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text(encoding="utf-8")  # its browser test: tests/test_report_page.py
 
     records = report["records"]
+    assert page.count('<article class="item"') == 6 and page.count('<div class="answer"') == 12
+    assert all(html.escape(r["answer"]) in page for r in records)
     assert len(records) == 12 and {r["config"] for r in records} == {"alone", "prompt+2icl"}
     for r in records:
         assert r["answer"] is not None and r["finish_reason"] in {"stop", "length"} and r["completion_tokens"] >= 1

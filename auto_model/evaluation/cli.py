@@ -39,7 +39,10 @@ def _parser() -> ArgumentParser:
         "its prompt, and with prompt + 3 examples.",
     )
     p.add_argument(
-        "--output", "-o", required=True, help="folder for report.md, report.json, report.png and the request cache"
+        "--output",
+        "-o",
+        required=True,
+        help="folder for report.md, report.html, report.json, report.png and the request cache",
     )
     p.add_argument(
         "--config", "-c", action="append", default=[], metavar="SPEC", help="a configuration (repeat for more)"
@@ -66,6 +69,11 @@ def _parser() -> ArgumentParser:
         action="store_true",
         help="constrain the judge's replies to their JSON schema (vllm and openai judges): every reply is readable",
     )
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite report.md, report.html and report.png from OUTPUT/report.json; runs and loads nothing",
+    )
     p.add_argument("--verbose", "-v", action="count", default=0)
     return p
 
@@ -83,6 +91,8 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
         run_evaluation,
     )
 
+    if args.render_only:
+        return _render_only(args.output)
     configs = [parse_config_spec(s) for s in args.config]
     if args.configs:
         configs += load_config_file(args.configs)
@@ -134,6 +144,22 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
         f"{run.seconds:.1f} s"
     )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _render_only(output: str) -> int:
+    import json
+    from pathlib import Path
+
+    from auto_model.evaluation.report import REPORT_FORMAT, write_report
+
+    source = Path(output) / "report.json"
+    if not source.is_file():
+        raise InvalidRequestError(f"{output} holds no report.json: give the --output folder of an earlier run.")
+    report = json.loads(source.read_text(encoding="utf-8"))
+    if report.get("format") != REPORT_FORMAT:
+        raise InvalidRequestError(f"{source} is not a {REPORT_FORMAT} report (format {report.get('format')!r}).")
+    print("wrote " + ", ".join(str(p) for p in write_report(report, output).values()))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Reports of an evaluation run: ``report.json`` (every item), ``report.md`` (tables), ``report.png``.
+"""Reports of an evaluation run: ``report.json`` (every item), ``report.md`` (tables), ``report.png``,
+and ``report.html`` (the tables, charts and every answer side by side; :mod:`auto_model.viewer.report`).
 
 Per configuration:
 
@@ -254,11 +255,19 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and report.png (when matplotlib is installed)."""
+    """Write report.json, report.md, report.html and report.png (when matplotlib is installed)."""
+    from auto_model.viewer import report_html
+
     output = Path(output_dir)
-    paths = {"json": output / "report.json", "markdown": output / "report.md", "plot": output / "report.png"}
+    paths = {
+        "json": output / "report.json",
+        "markdown": output / "report.md",
+        "html": output / "report.html",
+        "plot": output / "report.png",
+    }
     atomic_write_text(paths["json"], json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     atomic_write_text(paths["markdown"], render_markdown(report))
+    atomic_write_text(paths["html"], report_html(report))
     if not render_plot(report, paths["plot"]):
         del paths["plot"]
     return paths

@@ -19,19 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from auto_model.files import atomic_write_text
+from auto_model.viewer.page import document, fmt
 
 STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.4em}h2{font-size:1.1em;margin:1.4em 0 .4em;border-bottom:1px solid #ddd}
-.meta{color:#555}.meta b{color:#222}
 details{border:1px solid #ddd;border-radius:6px;margin:.35em 0;padding:.2em .6em;background:#fff}
 details.best{border:2px solid #2a7ae2;background:#f3f8ff}
 summary{cursor:pointer}summary .reward{font-weight:600}summary .tag{font-size:.85em;color:#2a7ae2}
 .action{display:inline-block;min-width:4.5em;color:#555}
-.failed{color:#b00020}
-pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;border-radius:4px;margin:.3em 0}
 ins{background:#d4f7d4;text-decoration:none}del{background:#fbd3d3}
-table{border-collapse:collapse;margin:.3em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
 """
 
 
@@ -49,10 +44,6 @@ def word_diff(before: str, after: str) -> str:
     return "".join(out)
 
 
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
-
-
 def _node(node: Mapping[str, Any], parent: Mapping[str, Any] | None, best: bool) -> str:
     e = html.escape
     evaluation = node.get("evaluation") or {}
@@ -61,7 +52,7 @@ def _node(node: Mapping[str, Any], parent: Mapping[str, Any] | None, best: bool)
     state = "failed" if reward is None and node.get("error") else ""
     summary = (
         f'<summary><span class="action">{e(node["action"])}</span> node {node["id"]} · '
-        f'<span class="reward {state}">{"no score" if reward is None else f"reward {_fmt(reward)}"}</span>'
+        f'<span class="reward {state}">{"no score" if reward is None else f"reward {fmt(reward)}"}</span>'
         + (' <span class="tag">best path</span>' if best else "")
         + "</summary>"
     )
@@ -76,7 +67,7 @@ def _node(node: Mapping[str, Any], parent: Mapping[str, Any] | None, best: bool)
     parts.append(f"<div>answer:</div><pre>{e(node.get('answer') or '(none)')}</pre>")
     if scores:
         rows = "".join(
-            f"<tr><td>{e(a)}</td><td>{_fmt(s.get('score'))}</td><td>{e(s.get('rationale') or '')}</td></tr>"
+            f"<tr><td>{e(a)}</td><td>{fmt(s.get('score'))}</td><td>{e(s.get('rationale') or '')}</td></tr>"
             for a, s in scores.items()
         )
         parts.append(f'<table class="scores"><tr><th>aspect</th><th>score</th><th>reason</th></tr>{rows}</table>')
@@ -100,7 +91,7 @@ def tree_html(run: Mapping[str, Any]) -> str:
     meta = [
         f"<b>{e(str(run.get('status', '?')))}</b> after {run.get('levels_done', '?')} levels",
         f"{len(nodes)} candidates",
-        f"best path mean {_fmt(result.get('path_mean'))}" if result else "no scored path yet",
+        f"best path mean {fmt(result.get('path_mean'))}" if result else "no scored path yet",
         f"reward {e(str(config.get('reward', 'llm')))}",
     ]
     sections = [f'<h1>{e(title)}</h1><p class="meta">{" · ".join(meta)}</p>']
@@ -109,13 +100,12 @@ def tree_html(run: Mapping[str, Any]) -> str:
         row = summary.get(level + 1, {})
         head = f"Level {level + 1}"
         if row:
-            head += (f" · {row.get('candidates')} candidates, best {_fmt(row.get('best'))}, "
-                     f"mean {_fmt(row.get('mean'))}, {row.get('accepted', 0)} of {row.get('rewrites', 0)} rewrites "
+            head += (f" · {row.get('candidates')} candidates, best {fmt(row.get('best'))}, "
+                     f"mean {fmt(row.get('mean'))}, {row.get('accepted', 0)} of {row.get('rewrites', 0)} rewrites "
                      f"kept, {row.get('rejected', 0)} rejected")  # fmt: skip
         items = [_node(n, by_id.get(n.get("parent")), n["id"] in best) for n in nodes if n["level"] == level]
         sections.append(f'<section class="level" id="level-{level + 1}"><h2>{e(head)}</h2>{"".join(items)}</section>')
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")  # fmt: skip
+    return document(title, "".join(sections), style=STYLE)
 
 
 def write_tree_html(log_dir: str | Path, output: str | Path | None = None) -> Path:
