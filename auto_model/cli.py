@@ -19,7 +19,7 @@ from typing import Any
 from auto_model import constants
 from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError, MissingDependencyError
 from auto_model.files import atomic_open, read_query_rows
-from auto_model.flags import ArgumentParser
+from auto_model.flags import ArgumentParser, add_replica_flags, replica_options
 from auto_model.logs import configure_cli_logging
 
 logger = logging.getLogger("auto_model.cli")
@@ -48,7 +48,8 @@ def _parser() -> ArgumentParser:
     gen.add_argument(
         "--base-url",
         default=None,
-        help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (the key comes from OPENAI_API_KEY)",
+        help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (the key comes from OPENAI_API_KEY); "
+        "several, comma-separated, are replicas of one model",
     )
     gen.add_argument("--system-prompt", default=None, help="your own system prompt (replaces the optimized one)")
     gen.add_argument("--no-optimized-prompt", action="store_true", help="do not inject the optimized system prompt")
@@ -72,6 +73,13 @@ def _parser() -> ArgumentParser:
     gen.add_argument(
         "--output", default=None, metavar="FILE.jsonl", help="write answers as JSON lines (default: print)"
     )
+    gen.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --input and --output: keep the answers --output already holds (of a run that was stopped) and "
+        "answer only the rest",
+    )
+    add_replica_flags(gen)
     gen.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -260,6 +268,23 @@ def _read_input(path: str) -> tuple[list[str], list[dict[str, Any]]]:
     return [r["query"] for r in rows if "query" in r], rows
 
 
+def _finished_rows(output: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The answered rows an earlier run of the same --input left in ``output``, by input line (a line
+    cut off by a kill, an error row or a row of another input is not kept)."""
+    queries = {r["line"]: r["query"] for r in rows if "query" in r}
+    done: dict[int, dict[str, Any]] = {}
+    if not output.is_file():
+        return done
+    for text in output.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "answer" in row and queries.get(row.get("line")) == row.get("query"):
+            done[row["line"]] = row
+    return done
+
+
 def _jsonl(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
@@ -316,6 +341,12 @@ def _generate(args: argparse.Namespace) -> int:
     )
     options.check_pool(len(load_icl_pool(args.icl_path)))
     check_best_of(args.best_of, args.reward_model)
+    output = Path(args.output) if args.output else None
+    done: dict[int, dict[str, Any]] = {}
+    if args.resume:
+        if output is None or not args.input:
+            raise InvalidRequestError("--resume goes with --input and --output: it keeps the answers --output holds.")
+        done = _finished_rows(output, rows)
     backend = choose_cli_backend(
         args.backend,
         args.model or constants.default_model(),
@@ -323,6 +354,11 @@ def _generate(args: argparse.Namespace) -> int:
         queries=len(queries),
         max_new_tokens=args.max_new_tokens,
     )
+    query_rows = [r for r in rows if "query" in r]
+    input_errors = len(rows) - len(query_rows)
+    for row in query_rows:
+        row.update(done.get(row.get("line", -1), {}))
+    todo = [i for i, r in enumerate(query_rows) if "answer" not in r]
     model = AutoModel(
         args.model,
         dtype=args.dtype,
@@ -331,25 +367,25 @@ def _generate(args: argparse.Namespace) -> int:
         icl_path=args.icl_path,
         reward_model=args.reward_model,
         **({"base_url": args.base_url} if args.base_url else {}),
+        **replica_options(args, backend),
     )
-    query_rows = [r for r in rows if "query" in r]
-    input_errors = len(rows) - len(query_rows)
-    output = Path(args.output) if args.output else None
     partial = None
     if output is not None:
         # Finished answers are appended as they arrive, so a crash loses nothing done; the file is
-        # rewritten in input order at the end.
+        # rewritten in input order at the end. A resumed run starts it from the answers it keeps.
         output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.open("w", encoding="utf-8")
-        partial.writelines(_jsonl(r) for r in rows if "error" in r)
+        with atomic_open(output) as fh:
+            fh.writelines(_jsonl(r) for r in rows if "error" in r or "answer" in r)
+        partial = output.open("a", encoding="utf-8")
     show_progress = args.progress if args.progress is not None else bool(args.input) and sys.stderr.isatty()
     progress = None
     if show_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=len(queries), desc="generating", unit="query", file=sys.stderr)
+        progress = tqdm(total=len(todo), desc="generating", unit="query", file=sys.stderr)
 
-    def finished(i: int, result: Any) -> None:
+    def finished(j: int, result: Any) -> None:
+        i = todo[j]
         if isinstance(result, BaseException):  # this query failed; the others go on
             query_rows[i]["error"] = f"{type(result).__name__}: {result}"
         else:
@@ -368,7 +404,12 @@ def _generate(args: argparse.Namespace) -> int:
             partial.flush()
 
     try:
-        model.generate(queries, options=options, return_exceptions=True, on_completion=finished)
+        if todo:
+            model.generate([queries[i] for i in todo], options=options, return_exceptions=True, on_completion=finished)
+        if model.replica_stats():
+            from auto_model.backends.replicas import stats_table
+
+            print(stats_table(model.replica_stats()), file=sys.stderr)
     finally:
         if progress is not None:
             progress.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
@@ -115,9 +115,66 @@ class ArgumentParser(argparse.ArgumentParser):
         return defaults
 
 
+def add_replica_flags(parser: argparse.ArgumentParser, what: str = "the local engine") -> None:
+    """``--replicas N`` and ``--ray-address``: data parallelism for a batch command (see :func:`replica_options`)."""
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"spread {what}'s requests over N replicas: Ray actors, one engine each, across the Ray cluster's "
+        "nodes (pip install 'auto-model[ray]'); with a comma-separated --base-url, one server per URL",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="the Ray cluster for --replicas, e.g. 10.0.0.1:6379 or 'auto' (default: RAY_ADDRESS, else a new "
+        "cluster on this machine)",
+    )
+
+
+def replica_options(args: argparse.Namespace, backend: str | None = None) -> dict[str, Any]:
+    """The ``AutoModel`` arguments of :func:`add_replica_flags` (none for one replica); ``backend``
+    ``"openai"``: a served model, whose replicas are its URLs (``--ray-address`` does not apply)."""
+    if args.replicas < 1:
+        raise InvalidRequestError(f"--replicas must be >= 1, got {args.replicas}.")
+    options: dict[str, Any] = {}
+    if args.replicas > 1:
+        options["replicas"] = args.replicas
+    if args.ray_address and backend != "openai":
+        options["ray_address"] = args.ray_address
+    return options
+
+
+def with_replicas(factory: Callable[..., Any], args: argparse.Namespace) -> Callable[..., Any]:
+    """``factory`` (``AutoModel``, or a test's) with :func:`replica_options` added to every engine it builds."""
+    from auto_model.backends import resolve_backend_name
+
+    options = {"replicas": args.replicas, "ray_address": args.ray_address}
+    if args.replicas == 1 and not args.ray_address:
+        return factory
+
+    def build(model_name: str, **kwargs: Any) -> Any:
+        backend = resolve_backend_name(kwargs.get("backend") or "auto", model_name, base_url=kwargs.get("base_url"))
+        return factory(model_name, **kwargs, **replica_options(argparse.Namespace(**options), backend))
+
+    return build
+
+
 def kebab(flag: str) -> str:
     """``--max_new_tokens`` -> ``--max-new-tokens``; ``--is_GPT`` -> ``--is-gpt``."""
     return re.sub(r"_", "-", flag).lower()
 
 
-__all__ = ["ArgumentParser", "FALSE_WORDS", "TRUE_WORDS", "bool_arg", "kebab", "parse_bool"]
+__all__ = [
+    "ArgumentParser",
+    "FALSE_WORDS",
+    "TRUE_WORDS",
+    "add_replica_flags",
+    "bool_arg",
+    "kebab",
+    "parse_bool",
+    "replica_options",
+    "with_replicas",
+]

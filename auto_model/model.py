@@ -14,7 +14,7 @@ from typing import Any
 
 from auto_model import constants
 from auto_model.artifacts import PromptArtifact, prompt_for_model
-from auto_model.backends import get_backend_class, resolve_backend_name
+from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
 from auto_model.backends.base import (
     Backend,
     Completion,
@@ -118,13 +118,22 @@ class AutoModel:
             ``openai`` for OpenAI model names, ``open_ai_model=True`` or a ``base_url``; else
             ``vllm`` when it is installed; else ``transformers``.
         base_url: an OpenAI-compatible server, e.g. ``"http://127.0.0.1:8000/v1"`` (default:
-            ``OPENAI_BASE_URL``, else the OpenAI API).
+            ``OPENAI_BASE_URL``, else the OpenAI API); several (a list, or comma-separated) are replicas
+            of one model: each batch is spread over them, and a server that goes away hands its
+            requests to the others.
         api_key: the server's key (default: ``OPENAI_API_KEY``); never logged or stored.
         prompt_path: a prompt artifact (``.json``) or plain-text prompt (``.txt``) to use instead of
             the packaged one.
         icl_path: an ICL pool JSON to use instead of the packaged ``data/ICL_examples.json``.
         embedding_model: sentence-transformers model for example retrieval (default all-MiniLM-L6-v2).
         prompt_format: ``"auto"``, ``"chat"`` (the model's chat template) or ``"base"``.
+        replicas: engines to spread each batch over (data parallelism). For local engines they are
+            Ray actors, one engine each, spread over the nodes of the Ray cluster at ``ray_address``
+            (``pip install "auto-model[ray]"``; ``cpus_per_replica=`` sets each one's CPUs, default 1);
+            a replica that goes away hands its unfinished requests to the others. For a served model,
+            one base URL per replica.
+        ray_address: the Ray cluster for ``replicas`` (``"auto"``: the one this machine joined;
+            default: ``RAY_ADDRESS``, else a new one on this machine).
         **engine_kwargs: passed to the engine unchanged. vllm: ``distributed_executor_backend``
             (``"mp"``, or ``"ray"`` across nodes), ``enable_prefix_caching``, ``enforce_eager``, any
             ``vllm.LLM`` argument. openai: ``max_retries`` (2), ``max_concurrency`` (16), any
@@ -155,16 +164,22 @@ class AutoModel:
         icl_path: str | os.PathLike[str] | None = None,
         embedding_model: str | None = None,
         prompt_format: str = "auto",
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         api_key: str | None = None,
         reward_model: str | os.PathLike[str] | Any = None,
+        replicas: int = 1,
+        ray_address: str | None = None,
         **engine_kwargs: Any,
     ):
         self.model_name = model_name or constants.default_model()
+        urls = _base_urls(base_url)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise InvalidRequestError(f"replicas must be an integer >= 1, got {replicas!r}.")
+        base_url = urls[0] if len(urls) == 1 else None
         self._reward_source = _check_reward_model(reward_model)
         self._reward: Any = None
         self.backend_name = resolve_backend_name(
-            backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url
+            backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url or (urls[0] if urls else None)
         )
         backend_cls = get_backend_class(self.backend_name)
         # The model, the artifacts and the pool are checked before the (slow) engine load, so a
@@ -187,14 +202,20 @@ class AutoModel:
             ignored = {k: v for k, (v, default) in local.items() if v != default}
             if ignored:
                 logger.debug("%s is served remotely: local engine arguments %s are ignored", self.model_name, ignored)
-            self.backend: Backend = backend_cls(
-                self.model_name,
-                base_url=base_url,
-                api_key=api_key,
-                timeout=timeout,
-                prompt_format=prompt_format,
-                **engine_kwargs,
-            )
+            if replicas > 1 and len(urls) != replicas:
+                raise InvalidRequestError(
+                    f"replicas={replicas} of a served model need {replicas} base URLs, one per server "
+                    f"(got {len(urls)}); pass base_url=[url1, url2, ...]."
+                )
+            if ray_address is not None:
+                raise InvalidRequestError("ray_address is for local engines; a served model's replicas are its URLs.")
+            remote_options = {"api_key": api_key, "timeout": timeout, "prompt_format": prompt_format, **engine_kwargs}
+            if len(urls) > 1:
+                from auto_model.backends.replicas import server_replicas
+
+                self.backend: Backend = server_replicas(self.model_name, urls, **remote_options)
+            else:
+                self.backend = backend_cls(self.model_name, base_url=base_url, **remote_options)
         else:
             if timeout != 600:
                 logger.debug("timeout=%s is unused by the local %s engine", timeout, self.backend_name)
@@ -203,16 +224,24 @@ class AutoModel:
                     f"base_url/api_key are for the openai backend, but backend={self.backend_name!r}; "
                     "use backend='openai' (or 'auto') to talk to a server."
                 )
-            self.backend = backend_cls(
-                source,
-                dtype=dtype,
-                num_gpus=num_gpus,
-                cuda_visible_devices=cuda_visible_devices,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                prompt_format=prompt_format,
+            local_options = {
+                "dtype": dtype,
+                "num_gpus": num_gpus,
+                "cuda_visible_devices": cuda_visible_devices,
+                "gpu_memory_utilization": gpu_memory_utilization,
+                "max_model_len": max_model_len,
+                "prompt_format": prompt_format,
                 **engine_kwargs,
-            )
+            }
+            if replicas > 1 or ray_address is not None:
+                from auto_model.backends.replicas import ray_replicas
+
+                cpus = local_options.pop("cpus_per_replica", 1)
+                gpus = num_gpus if has_gpu() else 0
+                self.backend = ray_replicas(self.backend_name, self.model_name, replicas, ray_address=ray_address,
+                                            cpus_per_replica=cpus, gpus_per_replica=gpus, **local_options)  # fmt: skip
+            else:
+                self.backend = backend_cls(source, **local_options)
         # Local engines run one batch at a time; threads and coroutines queue here.
         self._engine_lock: Any = nullcontext() if self.backend.thread_safe else threading.Lock()
 
@@ -866,6 +895,13 @@ class AutoModel:
             prompts.append(replace(prompt, route=route, query=query))
         return prompts
 
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Per replica of a replicated engine (``replicas=``, several ``base_url``): requests answered,
+        failures, completion tokens, busy seconds, requests and tokens per second, and whether it is
+        still there; empty for a single engine."""
+        stats = getattr(self.backend, "stats", None)
+        return stats() if callable(stats) else []
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -883,6 +919,19 @@ class AutoModel:
             f"AutoModel(model_name={self.model_name!r}, backend={self.backend_name!r}, "
             f"prompt={self.prompt_artifact.model_id!r}/{self.prompt_artifact.method}, icl_pool={len(self.icl_pool)})"
         )
+
+
+def _base_urls(base_url: str | Sequence[str] | None) -> list[str]:
+    """The server URLs of ``base_url``: one, several (a list, or comma-separated), or none."""
+    if base_url is None:
+        return []
+    parts = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    if not all(isinstance(u, str) for u in parts):
+        raise InvalidRequestError(f"base_url must be a URL or a list of URLs, got {base_url!r}.")
+    urls = [u.strip() for u in parts if u.strip()]
+    if not urls:
+        raise InvalidRequestError(f"base_url holds no URL: {base_url!r}.")
+    return urls
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,27 @@ def test_errors_are_one_readable_line(capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("auto-model: error:") and message in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_resume_keeps_the_answers_a_stopped_run_wrote_and_answers_only_the_rest(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    queries = ["What is 2 plus 2?", "Name a planet.", "Name a colour.", "Name a fruit."]
+    src.write_text("".join(json.dumps({"query": q}) + "\n" for q in queries))
+    dst = tmp_path / "answers.jsonl"
+    argv = ["generate", "--input", str(src), "--output", str(dst), "--temperature", "0", "--max-new-tokens", "12",
+            "--backend", "transformers", "--progress"]  # fmt: skip
+    assert main(argv) == 0
+    whole = dst.read_text()
+    assert "0/4" in capsys.readouterr().err
+    rows = whole.splitlines()
+    # A run stopped after two answers, killed in the middle of writing the third line.
+    dst.write_text(rows[2] + "\n" + rows[0] + "\n" + rows[1][:25])
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "0/2" in err and "wrote 4 answers" in err  # the two kept answers are not asked again
+    assert dst.read_text() == whole
+    # An answer of another input is not kept.
+    dst.write_text(json.dumps({"line": 1, "query": "Something else?", "answer": "x"}) + "\n")
+    assert main([*argv, "--resume"]) == 0 and "0/4" in capsys.readouterr().err
+    assert main(["generate", "Hi", "--resume"]) == 2
+    assert "--resume goes with --input and --output" in capsys.readouterr().err

@@ -124,3 +124,23 @@ def test_streams_carry_server_extensions_and_json_schema(served):
     assert "".join(pieces).strip()
     with pytest.raises(GenerationError, match="400"):
         list(served.stream("Name a colour.", max_new_tokens=4, min_tokens=-3))
+
+
+def test_several_base_urls_are_replicas_and_a_server_that_is_gone_hands_its_requests_over(vllm_server, smol_vllm):
+    """Two replicas: the real server and a port nothing listens on (a server that went away). Every
+    request is answered by the live one, in order, and the figures say which replica did what."""
+    import socket
+
+    with socket.socket() as s:  # a free port, closed again: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    model = AutoModel(DEFAULT_MODEL, base_url=f"{dead},{vllm_server}", max_retries=0)
+    try:
+        assert model.generate(QUERIES, temperature=0, max_new_tokens=16) == smol_vllm.generate(
+            QUERIES, temperature=0, max_new_tokens=16
+        )
+        gone, live = model.replica_stats()
+        assert (gone["alive"], gone["requests"]) == (False, 0) and gone["name"] == dead
+        assert live["alive"] and live["requests"] == len(QUERIES) and live["tokens_per_s"] > 0
+    finally:
+        model.close()

@@ -339,6 +339,13 @@ class VLLMBackend(Backend):
         from vllm.platforms import current_platform
 
         self.on_cpu = bool(current_platform.is_cpu())
+        if distributed_executor_backend == "ray" and not getattr(current_platform, "ray_device_key", ""):
+            raise InvalidRequestError(
+                f"vLLM cannot run its Ray executor on this machine's {current_platform.device_name} platform "
+                "(vLLM declares no Ray device for it, so its workers cannot be placed on Ray nodes). Use "
+                "distributed_executor_backend='mp' on one node, or replicas=N (--replicas N) to spread requests "
+                "over engines on several nodes."
+            )
         self._start_environment: dict[str, str] = {}  # variables vLLM reads only while the engine starts
         if self.on_cpu:
             self._cpu_engine_arguments(cuda_visible_devices, engine_kwargs)

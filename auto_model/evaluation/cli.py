@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
-from auto_model.flags import ArgumentParser
+from auto_model.flags import ArgumentParser, add_replica_flags, replica_options, with_replicas
 
 
 def _parser() -> ArgumentParser:
@@ -69,6 +69,7 @@ def _parser() -> ArgumentParser:
         action="store_true",
         help="constrain the judge's replies to their JSON schema (vllm and openai judges): every reply is readable",
     )
+    add_replica_flags(p, "each local engine")
     p.add_argument(
         "--render-only",
         action="store_true",
@@ -80,7 +81,7 @@ def _parser() -> ArgumentParser:
 
 def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
     """The command; ``model_factory`` (default :class:`AutoModel`) builds the engines."""
-    from auto_model import constants
+    from auto_model import AutoModel, constants
     from auto_model.evaluation.eval_set import load_eval_set, take
     from auto_model.evaluation.report import build_report, render_markdown, write_report
     from auto_model.evaluation.runner import (
@@ -93,6 +94,7 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
 
     if args.render_only:
         return _render_only(args.output)
+    replica_options(args)  # checked before anything loads
     configs = [parse_config_spec(s) for s in args.config]
     if args.configs:
         configs += load_config_file(args.configs)
@@ -131,7 +133,7 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
         output_dir=args.output,
         judge=judge,
         max_new_tokens=args.max_new_tokens,
-        model_factory=model_factory,
+        model_factory=with_replicas(model_factory or AutoModel, args),
         progress=lambda m: print(f"  {m}", flush=True),
     )
     report = build_report(run, eval_set=str(args.eval_set) if args.eval_set else "data/eval/eval.jsonl (packaged)")

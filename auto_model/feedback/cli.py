@@ -33,7 +33,7 @@ from auto_model.feedback.responses import (
     shipped_demos,
 )
 from auto_model.files import atomic_write_text
-from auto_model.flags import ArgumentParser, bool_arg
+from auto_model.flags import ArgumentParser, add_replica_flags, bool_arg, replica_options
 
 
 def _parser() -> ArgumentParser:
@@ -58,6 +58,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=None, help="pg, rg: vLLM's tensor-parallel size")
     p.add_argument("--distributed-executor-backend", default=None,
                    help="pg, rg: vLLM's executor across nodes ('ray' on a Ray cluster)")  # fmt: skip
+    add_replica_flags(p, "pg, rg: the engine")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: pg 64, rg 128")
     p.add_argument("--temperature", type=float, default=None, help="default: pg 1.2, rg 0.7")
     p.add_argument("--top-p", type=float, default=None, help="default: pg 0.9, rg 1.0")
@@ -97,6 +98,7 @@ def _progress(total: int, desc: str) -> Any:
 
 def _load(args: Any) -> Any:
     from auto_model import AutoModel
+    from auto_model.backends import resolve_backend_name
     from auto_model.constants import default_model
 
     kwargs: dict[str, Any] = {}
@@ -107,7 +109,9 @@ def _load(args: Any) -> Any:
     if args.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = args.distributed_executor_backend
     backend = "transformers" if args.use_hf else args.backend
-    return AutoModel(args.model_name_or_path or default_model(), backend=backend, **kwargs)
+    name = args.model_name_or_path or default_model()
+    kwargs.update(replica_options(args, resolve_backend_name(backend, name, base_url=args.base_url)))
+    return AutoModel(name, backend=backend, **kwargs)
 
 
 def _prompts(args: Any, output_dir: Path) -> int:

@@ -27,7 +27,7 @@ from auto_model import constants
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 from auto_model.errors import AutoModelError, EngineOutageError, InvalidRequestError
 from auto_model.files import atomic_write_text
-from auto_model.flags import ArgumentParser, bool_arg, kebab
+from auto_model.flags import ArgumentParser, add_replica_flags, bool_arg, kebab, replica_options
 
 logger = logging.getLogger("auto_model.trainer")
 
@@ -107,6 +107,7 @@ def parser() -> ArgumentParser:
         "(and for the base model with --is-gpt true)",
     )
     add("--dtype", default="auto")
+    add_replica_flags(p, "each local engine (the base model's answers, and the judge's on the same engine)")
     add(
         "--eval-per-aspect",
         type=bool_arg,
@@ -278,6 +279,7 @@ def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, A
                     kwargs["base_url"] = url
             else:
                 kwargs.update(num_gpus=args.num_gpus, cuda_visible_devices=args.cuda_visible_devices, dtype=args.dtype)
+                kwargs.update(replica_options(args, backend))
                 if (
                     args.base_model_download_dir and role == "base"
                 ):  # vLLM calls it download_dir, transformers cache_dir
