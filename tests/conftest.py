@@ -125,6 +125,18 @@ def browser():
         chromium.close()
 
 
+def open_offline_page(browser, html_file: Path, width: int, height: int):
+    """A viewer page opened from its file in ``browser``, and the list its problems go to: console
+    errors, page errors, and any request that is not for the file itself (the pages fetch nothing)."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    problems: list[str] = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("request", lambda request: request.url.startswith("file://") or problems.append(request.url))
+    page.goto(html_file.as_uri())
+    return page, problems
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     """Where tests keep what a person may want to look at (screenshots): ``test-artifacts/`` or

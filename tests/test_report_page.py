@@ -14,6 +14,7 @@ import pytest
 
 from auto_model.evaluation import cli as eval_cli
 from auto_model.viewer import report_html
+from tests.conftest import open_offline_page
 
 RUN = Path(__file__).resolve().parents[1] / "evaluations" / "default-models"
 
@@ -30,12 +31,7 @@ def test_the_report_page_shows_every_answer_and_filters_by_kind_tag_and_text(tmp
     page_file = tmp_path / "report.html"
     page_file.write_text(report_html(report), encoding="utf-8")
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    problems: list[str] = []
-    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
-    page.on("pageerror", lambda error: problems.append(str(error)))
-    page.on("request", lambda request: request.url.startswith("file://") or problems.append(request.url))
-    page.goto(page_file.as_uri())
+    page, problems = open_offline_page(browser, page_file, 1400, 1000)
     page.screenshot(path=str(artifacts / "eval-report.png"))
 
     # The tables: one row per configuration, with the figures of report.json.

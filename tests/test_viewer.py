@@ -13,6 +13,7 @@ from auto_model.rewards.base import ItemScore
 from auto_model.trainer.cli import main
 from auto_model.trainer.search import BeamSearch, SearchConfig
 from auto_model.viewer import tree_html
+from tests.conftest import open_offline_page
 
 
 class ScriptedRole:
@@ -51,12 +52,7 @@ def test_the_search_tree_page_highlights_the_best_path_and_opens_each_node(tmp_p
     page_file = tmp_path / "tree.html"
     page_file.write_text(tree_html(run), encoding="utf-8")
 
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    problems: list[str] = []
-    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
-    page.on("pageerror", lambda error: problems.append(str(error)))
-    page.on("request", lambda request: request.url.startswith("file://") or problems.append(request.url))
-    page.goto(page_file.as_uri())
+    page, problems = open_offline_page(browser, page_file, 1200, 900)
     assert page.locator("section.level").count() == 20
     # The best path is highlighted and open; every other node is closed.
     best = page.locator("details.best")

@@ -405,7 +405,12 @@ def ray_replicas(
     import ray
 
     try:
+        needed = {k: replicas * each for k, each in (("CPU", cpus_per_replica), ("GPU", gpus_per_replica)) if each}
+        deadline = time.monotonic() + 5  # replicas just closed give their resources back within a second or two
         free = ray.available_resources()
+        while any(free.get(k, 0) + 1e-9 < n for k, n in needed.items()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            free = ray.available_resources()
         for kind, each in (("CPU", cpus_per_replica), ("GPU", gpus_per_replica)):
             if each and free.get(kind, 0) + 1e-9 < replicas * each:
                 raise InvalidRequestError(
