@@ -219,7 +219,7 @@ class AutoModel:
         else:
             if timeout != 600:
                 logger.debug("timeout=%s is unused by the local %s engine", timeout, self.backend_name)
-            if base_url is not None or api_key is not None:
+            if urls or api_key is not None:
                 raise InvalidRequestError(
                     f"base_url/api_key are for the openai backend, but backend={self.backend_name!r}; "
                     "use backend='openai' (or 'auto') to talk to a server."

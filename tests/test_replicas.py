@@ -141,5 +141,7 @@ def test_replica_arguments_are_checked_before_anything_loads():
         AutoModel(backend="transformers", replicas=0)
     with pytest.raises(InvalidRequestError, match="need 2 base URLs"):
         AutoModel("served", base_url="http://127.0.0.1:9/v1", replicas=2)
+    with pytest.raises(InvalidRequestError, match="base_url/api_key are for the openai backend"):
+        AutoModel(backend="transformers", base_url=["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"])
     with pytest.raises(InvalidRequestError, match="ray_address is for local engines"):
         AutoModel("served", base_url="http://127.0.0.1:9/v1", ray_address="auto")
