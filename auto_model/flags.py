@@ -151,13 +151,12 @@ def with_replicas(factory: Callable[..., Any], args: argparse.Namespace) -> Call
     """``factory`` (``AutoModel``, or a test's) with :func:`replica_options` added to every engine it builds."""
     from auto_model.backends import resolve_backend_name
 
-    options = {"replicas": args.replicas, "ray_address": args.ray_address}
     if args.replicas == 1 and not args.ray_address:
         return factory
 
     def build(model_name: str, **kwargs: Any) -> Any:
         backend = resolve_backend_name(kwargs.get("backend") or "auto", model_name, base_url=kwargs.get("base_url"))
-        return factory(model_name, **kwargs, **replica_options(argparse.Namespace(**options), backend))
+        return factory(model_name, **kwargs, **replica_options(args, backend))
 
     return build
 

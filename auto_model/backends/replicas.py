@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -347,7 +347,6 @@ class RayReplica:
     name: str
     node: str
     pid: int
-    info: dict[str, Any] = field(default_factory=dict)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
         import ray
@@ -425,7 +424,7 @@ def ray_replicas(
             infos = ray.get([a.info.remote() for a in actors])
         except ray.exceptions.RayActorError as exc:
             raise GenerationError(f"A replica could not load {model_name!r}: {exc}") from exc
-        members = [RayReplica(a, f"replica {i} (node {info['ip']}, pid {info['pid']})", info["node"], info["pid"], info)
+        members = [RayReplica(a, f"replica {i} (node {info['ip']}, pid {info['pid']})", info["node"], info["pid"])
                    for i, (a, info) in enumerate(zip(actors, infos, strict=True))]  # fmt: skip
         tokenizer = _tokenizer(ray.get(actors[0].tokenizer_files.remote()))
     except BaseException:
