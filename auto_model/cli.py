@@ -9,6 +9,7 @@ Known errors print one readable line (exit 2); set ``AUTO_MODEL_DEBUG=1`` for tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -359,63 +360,68 @@ def _generate(args: argparse.Namespace) -> int:
     for row in query_rows:
         row.update(done.get(row.get("line", -1), {}))
     todo = [i for i, r in enumerate(query_rows) if "answer" not in r]
-    model = AutoModel(
-        args.model,
-        dtype=args.dtype,
-        backend=backend,
-        prompt_path=args.prompt_path,
-        icl_path=args.icl_path,
-        reward_model=args.reward_model,
-        **({"base_url": args.base_url} if args.base_url else {}),
-        **replica_options(args, backend),
-    )
-    partial = None
-    if output is not None:
-        # Finished answers are appended as they arrive, so a crash loses nothing done; the file is
-        # rewritten in input order at the end. A resumed run starts it from the answers it keeps.
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(output) as fh:
-            fh.writelines(_jsonl(r) for r in rows if "error" in r or "answer" in r)
-        partial = output.open("a", encoding="utf-8")
-    show_progress = args.progress if args.progress is not None else bool(args.input) and sys.stderr.isatty()
-    progress = None
-    if show_progress:
-        from tqdm import tqdm
+    # stdout is for the answers, printed once the engines are closed; until then it is stderr (on a Ray
+    # cluster, Ray's driver prints cluster events such as "(raylet) A worker died" on stdout).
+    with contextlib.redirect_stdout(sys.stderr):
+        model = AutoModel(
+            args.model,
+            dtype=args.dtype,
+            backend=backend,
+            prompt_path=args.prompt_path,
+            icl_path=args.icl_path,
+            reward_model=args.reward_model,
+            **({"base_url": args.base_url} if args.base_url else {}),
+            **replica_options(args, backend),
+        )
+        partial = None
+        if output is not None:
+            # Finished answers are appended as they arrive, so a crash loses nothing done; the file is
+            # rewritten in input order at the end. A resumed run starts it from the answers it keeps.
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(output) as fh:
+                fh.writelines(_jsonl(r) for r in rows if "error" in r or "answer" in r)
+            partial = output.open("a", encoding="utf-8")
+        show_progress = args.progress if args.progress is not None else bool(args.input) and sys.stderr.isatty()
+        progress = None
+        if show_progress:
+            from tqdm import tqdm
 
-        progress = tqdm(total=len(todo), desc="generating", unit="query", file=sys.stderr)
+            progress = tqdm(total=len(todo), desc="generating", unit="query", file=sys.stderr)
 
-    def finished(j: int, result: Any) -> None:
-        i = todo[j]
-        if isinstance(result, BaseException):  # this query failed; the others go on
-            query_rows[i]["error"] = f"{type(result).__name__}: {result}"
-        else:
-            query_rows[i].update(
-                answer=result.text,
-                finish_reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-            )
-            if result.candidates:
-                query_rows[i]["candidates"] = [{"text": c.text, "score": c.score} for c in result.candidates]
-        if progress is not None:
-            progress.update(1)
-        if partial is not None:
-            partial.write(_jsonl(query_rows[i]))
-            partial.flush()
+        def finished(j: int, result: Any) -> None:
+            i = todo[j]
+            if isinstance(result, BaseException):  # this query failed; the others go on
+                query_rows[i]["error"] = f"{type(result).__name__}: {result}"
+            else:
+                query_rows[i].update(
+                    answer=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                )
+                if result.candidates:
+                    query_rows[i]["candidates"] = [{"text": c.text, "score": c.score} for c in result.candidates]
+            if progress is not None:
+                progress.update(1)
+            if partial is not None:
+                partial.write(_jsonl(query_rows[i]))
+                partial.flush()
 
-    try:
-        if todo:
-            model.generate([queries[i] for i in todo], options=options, return_exceptions=True, on_completion=finished)
-        if model.replica_stats():
-            from auto_model.backends.replicas import stats_table
+        try:
+            if todo:
+                model.generate(
+                    [queries[i] for i in todo], options=options, return_exceptions=True, on_completion=finished
+                )
+            if model.replica_stats():
+                from auto_model.backends.replicas import stats_table
 
-            print(stats_table(model.replica_stats()), file=sys.stderr)
-    finally:
-        if progress is not None:
-            progress.close()
-        if partial is not None:
-            partial.close()
-        model.close()
+                print(stats_table(model.replica_stats()), file=sys.stderr)
+        finally:
+            if progress is not None:
+                progress.close()
+            if partial is not None:
+                partial.close()
+            model.close()
     if output is not None:
         with atomic_open(output) as fh:
             fh.writelines(_jsonl(r) for r in rows)

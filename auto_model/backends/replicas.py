@@ -114,6 +114,7 @@ class ReplicatedBackend(Backend):
         self.supports_json_schema = supports_json_schema  # type: ignore[misc]
         self.chunk_size = chunk_size
         self._stats = [ReplicaStats(r.name, r.node) for r in self.replicas]
+        self._stats_lock = threading.Lock()  # concurrent batches share the replicas and their figures
         self._on_close = on_close
         self._closed = False
 
@@ -122,7 +123,8 @@ class ReplicatedBackend(Backend):
 
     def stats(self) -> list[dict[str, Any]]:
         """Per replica: requests answered, failures, completion tokens, busy seconds, throughput, alive."""
-        return [s.to_dict() for s in self._stats]
+        with self._stats_lock:
+            return [s.to_dict() for s in self._stats]
 
     def _chunk(self, n: int, alive: int) -> int:
         if self.chunk_size is not None:
@@ -170,21 +172,21 @@ class ReplicatedBackend(Backend):
                 except Exception as exc:  # the replica's engine failed as a whole: this chunk fails, typed
                     failure = exc if isinstance(exc, GenerationError) else GenerationError(f"{replica.name}: {exc}")
                     outcomes = [failure] * len(chunk)
-                stats.seconds += time.perf_counter() - t0
                 lost = [i for i, o in zip(chunk, outcomes, strict=True) if isinstance(o, ReplicaLost)]
-                for i, outcome in zip(chunk, outcomes, strict=True):
-                    if isinstance(outcome, ReplicaLost):
-                        continue
-                    stats.requests += 1
-                    if isinstance(outcome, Completion):
-                        stats.completion_tokens += outcome.completion_tokens
-                    else:
-                        stats.failed += 1
+                answered = [(i, o) for i, o in zip(chunk, outcomes, strict=True) if not isinstance(o, ReplicaLost)]
+                with self._stats_lock:
+                    stats.seconds += time.perf_counter() - t0
+                    stats.requests += len(answered)
+                    done = [o for _, o in answered if isinstance(o, Completion)]
+                    stats.completion_tokens += sum(o.completion_tokens for o in done)
+                    stats.failed += len(answered) - len(done)
+                    if lost:
+                        stats.alive = False
+                for i, outcome in answered:
                     deliver(i, outcome)
                 with cond:
                     in_flight[0] -= 1
                     if lost:
-                        stats.alive = False
                         logger.warning("%s went away; its %d unfinished requests go to the others", replica.name,
                                        len(lost))  # fmt: skip
                         if any(s.alive for s in self._stats):
