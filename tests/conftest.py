@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY_MODULES = ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "openai")
+HEAVY_MODULES = ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "openai", "ray")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,10 @@ def test_import_auto_model_loads_no_engine():
 
 
 def test_cli_and_registry_import_light():
-    code = "import auto_model.cli, auto_model.backends, auto_model.retrieval, auto_model.artifacts, auto_model.resolve"
+    code = (
+        "import auto_model.cli, auto_model.backends, auto_model.retrieval, auto_model.artifacts, auto_model.resolve, "
+        "auto_model.flags, auto_model.backends.replicas"
+    )
     assert _loaded_after(code) == []
 
 
