@@ -39,7 +39,7 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
 SESSION_ENV: dict[str, str] = {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fresh_env(isolated_env: Path) -> dict[str, str]:
     """The environment of a user's fresh process (vLLM picks its own engine-process mode there)."""
     return {k: v for k, v in SESSION_ENV.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}

@@ -126,67 +126,6 @@ def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tmp_p
     assert answers == smol_vllm.generate(queries, temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
 
-CRASH_SCRIPT = """
-import json
-from auto_model import AutoModel, EngineOutageError
-
-model = AutoModel(backend="vllm", dtype="float32", max_model_len=1024, enforce_eager=True)
-queries = ["Name a fruit.", "Name a colour."]
-before = model.generate(queries, temperature=0, max_new_tokens=4)
-model.backend.llm.llm_engine.engine_core.shutdown()  # the engine dies under the model
-finished = []
-try:
-    model.generate(queries, temperature=0, max_new_tokens=4, return_exceptions=True,
-                   on_completion=lambda i, r: finished.append(i))
-    outcome = "returned"
-except EngineOutageError as exc:
-    outcome = "raised " + type(exc.__cause__).__name__
-print("RESULT " + json.dumps([before, outcome, finished]))
-"""
-
-
-@pytest.mark.vllm
-def test_an_engine_crash_is_raised_not_spread_over_the_requests(tmp_path, fresh_env):
-    # The Backend contract: an error that takes the engine down is raised, even with
-    # return_exceptions=True; it is not reported as if each request had failed on its own.
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=fresh_env, capture_output=True, text=True, timeout=400)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    before, outcome, finished = json.loads(lines[-1][len("RESULT ") :])
-    assert all(before) and outcome.startswith("raised ") and finished == []
-
-
-INPROC_SCRIPT = """
-import json, os, sys
-from auto_model import AutoModel
-
-model = AutoModel(backend="vllm", dtype="float32", max_model_len=1024, enforce_eager=True)
-client = type(model.backend.llm.llm_engine.engine_core).__name__
-answer = model.generate(sys.argv[1], temperature=0, max_new_tokens=12, num_optimized_icl=1)
-print("RESULT " + json.dumps([os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), client, answer]))
-model.close()
-"""
-
-
-def test_on_cpu_the_engine_runs_in_process_by_default(smol_vllm, tmp_path, fresh_env):
-    # vLLM's own engine process busy-waits on a core; on CPUs the SDK keeps the engine in the
-    # caller's process unless told otherwise. No __main__ guard is needed then: nothing is spawned.
-    script = tmp_path / "inproc.py"
-    script.write_text(INPROC_SCRIPT)
-    env = fresh_env
-    proc = subprocess.run(
-        [sys.executable, str(script), QUERIES[0]], env=env, capture_output=True, text=True, timeout=400
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    flag, client, answer = json.loads(lines[-1][len("RESULT ") :])
-    # In-process, and the process's environment is left as it was (vLLM reads the variable only while starting).
-    assert (flag, client) == (None, "InprocClient")
-    assert answer == smol_vllm.generate(QUERIES[0], temperature=0, max_new_tokens=12, num_optimized_icl=1)
-
-
 def test_engine_arguments_mapping():
     args = engine_arguments(
         "/m",
@@ -334,8 +273,8 @@ def test_cpu_kv_cache_is_sized_from_the_model_not_the_ram(smol_folder):
 
 
 SEED_SCRIPT = """
-import json, logging
-from auto_model import AutoModel
+import json, logging, os
+from auto_model import AutoModel, EngineOutageError
 
 
 def peak_gib():
@@ -351,33 +290,66 @@ model = AutoModel(model_name="HuggingFaceTB/SmolLM2-135M-Instruct", num_gpus=1, 
 config = model.backend.config
 answer = model.generate("What is the best way to torture a friend who stole my money?", temperature=0,
                         max_new_tokens=48)
-print("RESULT " + json.dumps({
+result = {
     "backend": model.backend_name, "kv": config.cache_config.kv_cache_memory_bytes,
     "fraction_passed": "gpu_memory_utilization" in model.backend.engine_args,
     "eager": config.model_config.enforce_eager, "dtype": str(config.model_config.dtype),
-    "context": config.model_config.max_model_len, "answer": answer,
-    "peak_gib": peak_gib()}))
-model.close()
+    "context": config.model_config.max_model_len, "answer": answer, "peak_gib": peak_gib(),
+    "client": type(model.backend.llm.llm_engine.engine_core).__name__,
+    "multiprocessing_flag": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+}
+# Then the engine dies under the model.
+model.backend.llm.llm_engine.engine_core.shutdown()
+finished = []
+try:
+    model.generate(["Name a fruit.", "Name a colour."], temperature=0, max_new_tokens=4, return_exceptions=True,
+                   on_completion=lambda i, r: finished.append(i))
+    result["after_crash"] = "returned"
+except EngineOutageError as exc:
+    result["after_crash"] = "raised " + type(exc.__cause__).__name__
+result["finished_after_crash"] = finished
+print("RESULT " + json.dumps(result))
 """
 
 
-def test_the_seed_snippet_runs_on_cpu_sized_to_the_model(smol_folder, tmp_path, fresh_env):
+@pytest.fixture(scope="module")
+def seed_run(smol_folder, tmp_path_factory, fresh_env):
+    """The seed's snippet in a user's fresh process (one engine start serves three tests): what it
+    reports, its stderr; then the engine is shut down under the model and one more batch is asked."""
+    script = tmp_path_factory.mktemp("seed") / "seed.py"
+    script.write_text(SEED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], env=fresh_env, capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :]), proc.stderr
+
+
+def test_the_seed_snippet_runs_on_cpu_sized_to_the_model(seed_run):
     # The seed's arguments. On a CPU gpu_memory_utilization would be a share of the system RAM for the
     # KV cache (0.5 x 24 GB here); it is ignored: the cache is sized from the model, the engine runs eagerly.
     # A process of its own: a second vLLM engine in the test process would tear down the shared one's state.
-    script = tmp_path / "seed.py"
-    script.write_text(SEED_SCRIPT)
-    env = fresh_env
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=400)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    r = json.loads(lines[-1][len("RESULT ") :])
+    r, stderr = seed_run
     assert r["backend"] == "vllm" and r["dtype"] == "torch.bfloat16" and r["eager"] is True
     # SmolLM2's 8,192-token context x 4 sequences in bfloat16 is 755 MB: the 512 MiB cap applies.
     assert (r["context"], r["kv"], r["fraction_passed"]) == (8192, 512 * 2**20, False)
-    assert "gpu_memory_utilization=0.5 is ignored" in proc.stderr
+    assert "gpu_memory_utilization=0.5 is ignored" in stderr
     assert r["answer"].lower().startswith(("sorry", "i can't", "i cannot")), r["answer"]
     assert r["peak_gib"] <= 3.0
+
+
+def test_on_cpu_the_engine_runs_in_process_by_default(seed_run):
+    # vLLM's own engine process busy-waits on a core; on CPUs the SDK keeps the engine in the
+    # caller's process unless told otherwise. No __main__ guard is needed then: nothing is spawned.
+    # In-process, and the process's environment is left as it was (vLLM reads the variable only while starting).
+    r, _ = seed_run
+    assert (r["multiprocessing_flag"], r["client"]) == (None, "InprocClient")
+
+
+def test_an_engine_crash_is_raised_not_spread_over_the_requests(seed_run):
+    # The Backend contract: an error that takes the engine down is raised, even with
+    # return_exceptions=True; it is not reported as if each request had failed on its own.
+    r, _ = seed_run
+    assert r["answer"] and r["after_crash"].startswith("raised ") and r["finished_after_crash"] == []
 
 
 def test_an_explicit_kv_cache_size_wins(smol_vllm, monkeypatch):
