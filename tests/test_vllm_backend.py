@@ -94,6 +94,15 @@ def test_num_gpus_is_tensor_parallel_size_checked_by_vllm(smol_folder):
         AutoModel(backend="vllm", num_gpus=2, dtype="float32", max_model_len=512, enforce_eager=True)
 
 
+def run_script(source: str, path, env: dict[str, str], *args: str):
+    """Runs a script in a process of its own; returns the JSON it printed after "RESULT ", and its stderr."""
+    path.write_text(source)
+    proc = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :]), proc.stderr
+
+
 TP_SCRIPT = """
 import json, sys
 from auto_model import AutoModel
@@ -112,16 +121,9 @@ if __name__ == "__main__":
 def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tmp_path, fresh_env):
     # vLLM reads its environment once per process, so the multi-worker engine gets a process of its
     # own; three CPU workers on a two-core machine are each bound to a core explicitly.
-    script = tmp_path / "tp3.py"
-    script.write_text(TP_SCRIPT)
     env = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
     queries = QUERIES[:3]
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(queries)], env=env, capture_output=True, text=True, timeout=400
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    tp, executor, answers = json.loads(lines[-1][len("RESULT ") :])
+    (tp, executor, answers), _ = run_script(TP_SCRIPT, tmp_path / "tp3.py", env, json.dumps(queries))
     assert (tp, executor) == (3, "mp")
     assert answers == smol_vllm.generate(queries, temperature=0, max_new_tokens=12, num_optimized_icl=1)
 
@@ -315,19 +317,14 @@ print("RESULT " + json.dumps(result))
 @pytest.fixture(scope="module")
 def seed_run(smol_folder, tmp_path_factory, fresh_env):
     """The seed's snippet in a user's fresh process (one engine start serves three tests): what it
-    reports, its stderr; then the engine is shut down under the model and one more batch is asked."""
-    script = tmp_path_factory.mktemp("seed") / "seed.py"
-    script.write_text(SEED_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=fresh_env, capture_output=True, text=True, timeout=400)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :]), proc.stderr
+    reports, its stderr; then the engine is shut down under the model and one more batch is asked.
+    A process of its own: a second vLLM engine in the test process would tear down the shared one's state."""
+    return run_script(SEED_SCRIPT, tmp_path_factory.mktemp("seed") / "seed.py", fresh_env)
 
 
 def test_the_seed_snippet_runs_on_cpu_sized_to_the_model(seed_run):
     # The seed's arguments. On a CPU gpu_memory_utilization would be a share of the system RAM for the
     # KV cache (0.5 x 24 GB here); it is ignored: the cache is sized from the model, the engine runs eagerly.
-    # A process of its own: a second vLLM engine in the test process would tear down the shared one's state.
     r, stderr = seed_run
     assert r["backend"] == "vllm" and r["dtype"] == "torch.bfloat16" and r["eager"] is True
     # SmolLM2's 8,192-token context x 4 sequences in bfloat16 is 755 MB: the 512 MiB cap applies.
