@@ -95,3 +95,26 @@ def test_later_held_out_splits_are_apart_from_everything_written_before_them(spl
         @ embedder.encode(before, normalize_embeddings=True).T
     )
     assert float(similarity.max()) < TOO_CLOSE
+
+
+def test_the_everyday_split_is_held_out_from_everything_before_it(pool, embedder):
+    """``everyday.jsonl`` measures ordinary answers (their loops, endings, length and preference
+    against the model alone): 80 requests, 16 each of how-to, explanation, list, code and advice,
+    written before the decoding settings and the search moves they measure, and apart from every
+    other split and data file."""
+    data = ROOT / "auto_model" / "data"
+    items = load_eval_set(data / "eval" / "everyday.jsonl")
+    assert Counter(item.kind for item in items) == {"regular": 80}
+    assert Counter(item.tags[1] for item in items) == dict.fromkeys(
+        ("how-to", "explanation", "list", "code", "advice"), 16
+    )
+    before = [ex.query for ex in pool]
+    for name in ("train/train.jsonl", "train/routing.jsonl", "eval/eval.jsonl", "eval/dev.jsonl"):
+        before += _queries(data / name)
+    for split in ("heldout", "heldout2", "heldout3", "heldout4"):
+        before += _queries(data / "eval" / f"{split}.jsonl")
+    similarity = (
+        embedder.encode([i.query for i in items], normalize_embeddings=True)
+        @ embedder.encode(before, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
