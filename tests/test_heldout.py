@@ -118,3 +118,18 @@ def test_the_everyday_split_is_held_out_from_everything_before_it(pool, embedder
         @ embedder.encode(before, normalize_embeddings=True).T
     )
     assert float(similarity.max()) < TOO_CLOSE
+
+
+def test_the_everyday_development_split_is_apart_from_the_everyday_held_out_split(embedder):
+    """``everyday-dev.jsonl`` (60 requests, 12 of each kind, written after the held-out everyday
+    split) is what decoding settings are tuned on; it shares no scenario with the held-out one."""
+    data = ROOT / "auto_model" / "data" / "eval"
+    items = load_eval_set(data / "everyday-dev.jsonl")
+    assert Counter(item.tags[1] for item in items) == dict.fromkeys(
+        ("how-to", "explanation", "list", "code", "advice"), 12
+    )
+    similarity = (
+        embedder.encode([i.query for i in items], normalize_embeddings=True)
+        @ embedder.encode(_queries(data / "everyday.jsonl"), normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
