@@ -3,18 +3,21 @@
 A file looks like::
 
     {
-      "format": "auto_model.prompt/v2",
+      "format": "auto_model.prompt/v3",
       "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
       "aliases": ["smollm2-135m-instruct"],
       "system_prompt": "...",                      # the everyday route's prompt
-      "routes": {"safety": {"system_prompt": "...", "provenance": {...}}},
+      "decoding": {"frequency_penalty": 0.6},      # every route's decoding settings
+      "routes": {"safety": {"system_prompt": "...", "decoding": {...}, "provenance": {...}}},
       "routing": {"threshold": 0.5, "neighbours": 8, "temperature": 0.05},
       "provenance": {"method": "drpo" | "curated" | ..., "created": "...", ...}
     }
 
 ``routes`` and ``routing`` are what v2 adds (query-adaptive alignment, see
-:mod:`auto_model.routing`); a file without them is written as ``auto_model.prompt/v1``, and v1
-files load unchanged (every route then gets their one prompt).
+:mod:`auto_model.routing`); ``decoding`` (the model's decoding settings, see
+:data:`~auto_model.backends.base.DECODING_SETTINGS`; a route's own override the artifact's) is what
+v3 adds. A file is written in the oldest format that holds what it has, and v1 and v2 files load
+unchanged (every route then gets their one prompt, and no decoding setting).
 
 Lookup goes by exact id, then alias, then a normalised name (case and punctuation ignored, with or
 without the organisation prefix). A model with no artifact gets the default alignment prompt and a
@@ -31,7 +34,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from auto_model.errors import ArtifactError
+from auto_model.backends.base import check_decoding
+from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.files import atomic_write_text
 from auto_model.resolve import normalize_name
 from auto_model.routing import ROUTES, RoutingSettings
@@ -39,8 +43,9 @@ from auto_model.routing import ROUTES, RoutingSettings
 logger = logging.getLogger(__name__)
 
 PROMPT_FORMAT_V1 = "auto_model.prompt/v1"
-PROMPT_FORMAT = "auto_model.prompt/v2"
-_READABLE = (PROMPT_FORMAT_V1, PROMPT_FORMAT)
+PROMPT_FORMAT_V2 = "auto_model.prompt/v2"
+PROMPT_FORMAT = "auto_model.prompt/v3"
+_READABLE = (PROMPT_FORMAT_V1, PROMPT_FORMAT_V2, PROMPT_FORMAT)
 DEFAULT_ARTIFACT_ID = "default"
 
 
@@ -59,6 +64,8 @@ class PromptArtifact:
             ``system_prompt``.
         route_provenance: route name -> how its prompt was made.
         routing: routing settings (threshold, neighbours, temperature); None: the defaults.
+        decoding: decoding settings for every route (``{"frequency_penalty": 0.6}``).
+        route_decoding: route name -> its own decoding settings (they override ``decoding``).
     """
 
     model_id: str | None
@@ -70,10 +77,16 @@ class PromptArtifact:
     routes: dict[str, str] = field(default_factory=dict)
     route_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     routing: dict[str, Any] | None = None
+    decoding: dict[str, Any] = field(default_factory=dict)
+    route_decoding: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def prompt_for(self, route: str | None) -> str:
         """The system prompt of ``route`` (its own, or the artifact's main prompt)."""
         return self.routes.get(route or "", self.system_prompt)
+
+    def decoding_for(self, route: str | None) -> dict[str, Any]:
+        """The decoding settings of ``route``: the artifact's, with the route's own over them."""
+        return {**self.decoding, **self.route_decoding.get(route or "", {})}
 
     @property
     def id(self) -> str | None:
@@ -87,18 +100,24 @@ class PromptArtifact:
         return {n for n in (self.model_id, *self.aliases) if n}
 
     def to_dict(self) -> dict[str, Any]:
+        fmt = PROMPT_FORMAT_V2 if self.routes or self.routing else PROMPT_FORMAT_V1
         data: dict[str, Any] = {
-            "format": PROMPT_FORMAT if self.routes or self.routing else PROMPT_FORMAT_V1,
+            "format": PROMPT_FORMAT if self.decoding or self.route_decoding else fmt,
             "model_id": self.model_id,
             "aliases": list(self.aliases),
             "system_prompt": self.system_prompt,
         }
-        if self.routes:
-            data["routes"] = {
-                name: {"system_prompt": text, **({"provenance": self.route_provenance[name]}
-                                                 if name in self.route_provenance else {})}
-                for name, text in self.routes.items()
-            }  # fmt: skip
+        if self.decoding:
+            data["decoding"] = dict(self.decoding)
+        if self.routes or self.route_decoding:
+            data["routes"] = {}
+            for name in dict.fromkeys([*self.routes, *self.route_decoding]):
+                entry: dict[str, Any] = {"system_prompt": self.prompt_for(name)}
+                if name in self.route_decoding:
+                    entry["decoding"] = dict(self.route_decoding[name])
+                if name in self.route_provenance:
+                    entry["provenance"] = self.route_provenance[name]
+                data["routes"][name] = entry
         if self.routing:
             data["routing"] = dict(self.routing)
         data["provenance"] = {"method": self.method, **{k: v for k, v in self.provenance.items() if k != "method"}}
@@ -115,6 +134,7 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
             "Upgrade auto-model or re-export the artifact."
         )
     routes, route_provenance, routing = _routes(data, fmt, source)
+    decoding, route_decoding = _decoding(data, fmt, source)
     text = data.get("system_prompt")
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError(f"{source}: 'system_prompt' must be a non-empty string.")
@@ -137,7 +157,30 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
         routes=routes,
         route_provenance=route_provenance,
         routing=routing,
+        decoding=decoding,
+        route_decoding=route_decoding,
     )
+
+
+def _decoding(data: dict[str, Any], fmt: str, source: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The v3 fields of an artifact (its decoding settings and its routes'), checked."""
+    routes = data.get("routes")
+    route_entries: dict[str, Any] = routes if isinstance(routes, dict) else {}
+    named = "decoding" in data or any(isinstance(e, dict) and "decoding" in e for e in route_entries.values())
+    if fmt != PROMPT_FORMAT:
+        if named:
+            raise ArtifactError(f"{source}: 'decoding' needs format {PROMPT_FORMAT!r}.")
+        return {}, {}
+    try:
+        decoding = check_decoding(data.get("decoding", {}), f"{source}: decoding")
+        per_route = {
+            name: check_decoding(entry["decoding"], f"{source}: routes.{name}.decoding")
+            for name, entry in route_entries.items()
+            if isinstance(entry, dict) and "decoding" in entry
+        }
+    except InvalidRequestError as exc:
+        raise ArtifactError(str(exc)) from None
+    return decoding, per_route
 
 
 def _routes(
@@ -172,6 +215,23 @@ def _routes(
         except (TypeError, ValueError) as exc:
             raise ArtifactError(str(exc)) from None
     return routes, provenance, routing
+
+
+def with_decoding(
+    extra: dict[str, Any], settings: dict[str, Any], supported: frozenset[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """A request's sampling arguments with an artifact's decoding ``settings`` under them: the
+    request's own win, and a setting the engine does not ``support`` is left out. Returns the
+    arguments and the names left out."""
+    merged, left_out = dict(extra), []
+    for name, value in settings.items():
+        if name in merged:
+            continue
+        if name in supported:
+            merged[name] = value
+        else:
+            left_out.append(name)
+    return merged, left_out
 
 
 def load_prompt_artifact(path: str | os.PathLike[str]) -> PromptArtifact:

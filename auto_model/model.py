@@ -7,24 +7,25 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from auto_model import constants
-from auto_model.artifacts import PromptArtifact, prompt_for_model
+from auto_model.artifacts import PromptArtifact, prompt_for_model, with_decoding
 from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
 from auto_model.backends.base import (
+    DECODING_SETTINGS,
     Backend,
     Completion,
     CompletionCallback,
     GenerationRequest,
     Outcome,
-    SamplingParams,
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from auto_model.errors import BatchGenerationError, InvalidRequestError
+from auto_model.loops import LoopGuard, cut_loop
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import (
     PROMPT_FORMATS,
@@ -69,6 +70,10 @@ class GenerationResult:
         route_score: its safety score (None when the route was chosen by the caller or not needed).
         candidates: for ``best_of=n``, the n answers sampled, in sampling order, with their rewards
             (``text`` is the best of them; ``completion_tokens`` counts the tokens of all n).
+        looped: the answer was cut where it started to repeat itself (``finish_reason`` is
+            ``"stop"``; see :mod:`auto_model.loops`); ``completion_tokens`` counts what was generated.
+        decoding: the decoding settings the engine applied (the artifact's for the request's route,
+            and your own; see :data:`~auto_model.backends.base.DECODING_SETTINGS`).
     """
 
     text: str
@@ -81,6 +86,8 @@ class GenerationResult:
     route: str | None = None
     route_score: float | None = field(default=None, compare=False)
     candidates: tuple[Candidate, ...] = ()
+    looped: bool = False
+    decoding: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.text
@@ -244,6 +251,7 @@ class AutoModel:
                 self.backend = backend_cls(source, **local_options)
         # Local engines run one batch at a time; threads and coroutines queue here.
         self._engine_lock: Any = nullcontext() if self.backend.thread_safe else threading.Lock()
+        self._left_out: set[str] = set()  # artifact decoding settings this engine lacks, logged once
 
     # -- what is injected --------------------------------------------------------------------
 
@@ -547,15 +555,14 @@ class AutoModel:
         if on_completion is not None:
 
             def callback(i: int, outcome: Outcome) -> None:
-                done = outcome if isinstance(outcome, BaseException) else self._result(outcome, True, prompts[i].route)
+                done = outcome if isinstance(outcome, BaseException) else self._result(outcome, True, requests[i])
                 on_completion(i, done)
 
-        prompts = self._assemble(queries, options)
-        sampling = options.sampling()
-        outcomes = self.run_requests([self._request(p, sampling) for p in prompts], callback)
+        requests = [self._request(p, options) for p in self._assemble(queries, options)]
+        outcomes = self.run_requests(requests, callback)
         results = [
-            o if isinstance(o, BaseException) else self._result(o, return_details, p.route)
-            for o, p in zip(outcomes, prompts, strict=True)
+            o if isinstance(o, BaseException) else self._result(o, return_details, r)
+            for o, r in zip(outcomes, requests, strict=True)
         ]
         if single:
             if isinstance(results[0], BaseException):
@@ -608,7 +615,7 @@ class AutoModel:
         if options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream; use generate().")
         prompt = self._assemble(queries, options)[0]
-        return self._stream(self._request(prompt, options.sampling()))
+        return self._stream(self._request(prompt, options))
 
     def chat(
         self,
@@ -653,13 +660,13 @@ class AutoModel:
         if stream and options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream.")
         prompt = self._chat_prompt(messages, options, system_messages)
-        request = self._request(prompt, options.sampling())
+        request = self._request(prompt, options)
         if stream:
             return self._stream(request)
         outcome = self.run_requests([request])[0]
         if isinstance(outcome, BaseException):
             raise outcome
-        return self._result(outcome, return_details, prompt.route)
+        return self._result(outcome, return_details, request)
 
     async def achat(self, messages: Sequence[Message], *args: Any, **kwargs: Any) -> Any:
         """:meth:`chat` for asyncio code (not with ``stream=True``)."""
@@ -675,7 +682,15 @@ class AutoModel:
                 "(a folder from auto-model-rm train)."
             )
 
-    def _request(self, prompt: AssembledPrompt, sampling: SamplingParams) -> GenerationRequest:
+    def _request(self, prompt: AssembledPrompt, options: GenerationOptions) -> GenerationRequest:
+        sampling = options.sampling()
+        if options.optimized_decoding:
+            settings = self.prompt_artifact.decoding_for(prompt.route.name if prompt.route else options.route)
+            extra, left_out = with_decoding(sampling.extra, settings, self.backend.decoding_settings)
+            for name in set(left_out) - self._left_out:  # said once per setting
+                self._left_out.add(name)
+                logger.debug("The %s engine has no %s: the artifact's setting is left out", self.backend_name, name)
+            sampling = replace(sampling, extra=extra)
         stop = tuple(dict.fromkeys(sampling.stop + prompt.stop))
         return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query)
 
@@ -684,26 +699,25 @@ class AutoModel:
             return self.backend.generate(requests, on_completion=callback)
 
     def _stream(self, request: GenerationRequest) -> Iterator[str]:
-        # Drop the answer's leading white space and <START> marker, as strip_markers does.
-        head, marker_checked, started = "", False, False
-        for chunk in self._engine_chunks(request):
-            if started:
-                yield chunk
-                continue
-            head = (head + chunk).lstrip()
-            if not marker_checked:
-                if len(head) < len(START) and START.startswith(head):
-                    continue  # could still become the marker
-                if head.startswith(START):
-                    head = head[len(START) :].lstrip()
-                marker_checked = True
-            if head:
-                started = True
-                yield head
-        if not started and head:
-            yield head
+        """The engine's chunks without the answer's leading white space and ``<START>`` marker (as
+        :func:`strip_markers` does) and, with ``cut_loops``, ended where the answer starts to loop:
+        closing the engine's stream stops the generation there."""
+        guard = LoopGuard() if request.sampling.cut_loops else None
+        chunks = self._engine_chunks(request)
+        try:
+            for piece in _without_start(chunks):
+                out = piece if guard is None else guard.feed(piece)
+                if out:
+                    yield out
+                if guard is not None and guard.looped:
+                    return
+            tail = "" if guard is None else guard.flush()
+            if tail:
+                yield tail
+        finally:
+            chunks.close()
 
-    def _engine_chunks(self, request: GenerationRequest) -> Iterator[str]:
+    def _engine_chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the
         engine generates, never while the caller holds a chunk: a caller that stops reading does not
         keep other requests waiting, and one that closes the stream stops the generation."""
@@ -762,7 +776,7 @@ class AutoModel:
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
         last = query if isinstance(query, str) else _conversation(query, open_format=True)[2]
-        return self._request(replace(prompt, query=last), options.sampling())
+        return self._request(replace(prompt, query=last), options)
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
         """The engine requests :meth:`generate` sends for these queries, routed and assembled the
@@ -771,8 +785,7 @@ class AutoModel:
         _, queries = parse_queries(user_query)
         if not isinstance(options, GenerationOptions):
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-        sampling = options.sampling()
-        return [self._request(p, sampling) for p in self._assemble(queries, options)]
+        return [self._request(p, options) for p in self._assemble(queries, options)]
 
     def build_chat_request(
         self, messages: Sequence[Message], options: GenerationOptions, system_messages: str = "replace"
@@ -783,7 +796,7 @@ class AutoModel:
         the engine in one call with :meth:`run_requests`."""
         if not isinstance(options, GenerationOptions):
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-        return self._request(self._chat_prompt(messages, options, system_messages), options.sampling())
+        return self._request(self._chat_prompt(messages, options, system_messages), options)
 
     def build_chat_requests(
         self, conversations: Sequence[Sequence[Message]], options: GenerationOptions, system_messages: str = "replace"
@@ -794,8 +807,7 @@ class AutoModel:
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise InvalidRequestError("conversations must be a non-empty list of message lists.")
-        sampling = options.sampling()
-        return [self._request(p, sampling) for p in self._chat_prompts(conversations, options, system_messages)]
+        return [self._request(p, options) for p in self._chat_prompts(conversations, options, system_messages)]
 
     def stream_request(self, request: GenerationRequest) -> Iterator[str]:
         """Stream one prepared request (from :meth:`build_request`, :meth:`build_requests` or
@@ -816,8 +828,9 @@ class AutoModel:
         requests = list(requests)
         sampled = any(r.sampling.n > 1 for r in requests)
         self._check_best_of(max((r.sampling.n for r in requests), default=1))
-        callback = None if on_completion is None or sampled else (lambda i, c: on_completion(i, self._clean(c)))
-        outcomes = [self._clean(c) for c in self._run(requests, callback)]
+        cuts = [r.sampling.cut_loops for r in requests]
+        callback = None if on_completion is None or sampled else (lambda i, c: on_completion(i, _clean(c, cuts[i])))
+        outcomes = [_clean(c, cut) for c, cut in zip(self._run(requests, callback), cuts, strict=True)]
         if sampled:
             outcomes = self.rerank([r.query or "" for r in requests], outcomes)
             if on_completion is not None:
@@ -825,16 +838,10 @@ class AutoModel:
                     on_completion(i, outcome)
         return outcomes
 
-    @staticmethod
-    def _clean(outcome: Outcome) -> Outcome:
-        if isinstance(outcome, BaseException):
-            return outcome
-        samples = tuple(replace(s, text=strip_markers(s.text)) for s in outcome.samples)
-        return replace(outcome, text=strip_markers(outcome.text), samples=samples)
-
-    def _result(self, completion: Completion, details: bool, route: Route | None = None) -> Any:
+    def _result(self, completion: Completion, details: bool, request: GenerationRequest) -> Any:
         if not details:
             return completion.text
+        route = request.route
         return GenerationResult(
             completion.text,
             completion.finish_reason,
@@ -851,6 +858,8 @@ class AutoModel:
                     completion.samples, completion.scores or [None] * len(completion.samples), strict=True
                 )
             ),
+            completion.looped,
+            {k: v for k, v in request.sampling.extra.items() if k in DECODING_SETTINGS},
         )
 
     def _assemble(
@@ -932,6 +941,44 @@ def _base_urls(base_url: str | Sequence[str] | None) -> list[str]:
     if not urls:
         raise InvalidRequestError(f"base_url holds no URL: {base_url!r}.")
     return urls
+
+
+def _without_start(chunks: Iterator[str]) -> Iterator[str]:
+    """``chunks`` without the answer's leading white space and ``<START>`` marker."""
+    head, marker_checked, started = "", False, False
+    for chunk in chunks:
+        if started:
+            yield chunk
+            continue
+        head = (head + chunk).lstrip()
+        if not marker_checked:
+            if len(head) < len(START) and START.startswith(head):
+                continue  # could still become the marker
+            if head.startswith(START):
+                head = head[len(START) :].lstrip()
+            marker_checked = True
+        if head:
+            started = True
+            yield head
+    if not started and head:
+        yield head
+
+
+def _clean(outcome: Outcome, cut_loops: bool) -> Outcome:
+    """An engine's completion as the SDK returns it: the ICL markers stripped and, with
+    ``cut_loops``, each answer cut where it starts to loop (:func:`~auto_model.loops.cut_loop`)."""
+    if isinstance(outcome, BaseException):
+        return outcome
+
+    def clean(completion: Completion) -> Completion:
+        text = strip_markers(completion.text)
+        if cut_loops:
+            cut, looped = cut_loop(text)
+            if looped:
+                return replace(completion, text=cut, finish_reason="stop", looped=True)
+        return replace(completion, text=text)
+
+    return replace(clean(outcome), samples=tuple(clean(s) for s in outcome.samples))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ class GenerationOptions:
         best_of: sample this many answers per query in the same engine call and return the one the
             model's reward model scores highest (1 to :data:`MAX_BEST_OF`; needs temperature > 0
             and ``AutoModel(reward_model=...)``).
+        optimized_decoding: apply the decoding settings of the model's artifact (its route's
+            ``decoding``: e.g. a frequency penalty); sampling arguments in ``extra`` win over them.
+        cut_loops: cut an answer where it starts to repeat itself (:mod:`auto_model.loops`); the
+            engine stops generating there where it can watch the answer grow.
     """
 
     user_specified_system_prompt: str | None = None
@@ -65,11 +69,13 @@ class GenerationOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)
     route: str | None = None
     best_of: int = 1
+    optimized_decoding: bool = True
+    cut_loops: bool = True
 
     def __post_init__(self) -> None:
         if self.user_specified_system_prompt is not None and not isinstance(self.user_specified_system_prompt, str):
             raise InvalidRequestError("user_specified_system_prompt must be a string or None.")
-        for name in ("optimized_prompt", "optimized_icl"):
+        for name in ("optimized_prompt", "optimized_icl", "optimized_decoding", "cut_loops"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         k = self.num_optimized_icl
@@ -112,12 +118,12 @@ class GenerationOptions:
 
     @classmethod
     def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> GenerationOptions:
-        """Options from :meth:`AutoModel.generate`'s arguments: ``seed``, ``json_schema`` and
-        ``route`` are taken out of ``sampling_kwargs``, the rest of them go to the engine unchanged."""
+        """Options from :meth:`AutoModel.generate`'s arguments: ``seed``, ``json_schema``, ``route``,
+        ``best_of``, ``optimized_decoding`` and ``cut_loops`` are taken out of ``sampling_kwargs``,
+        the rest of them go to the engine unchanged."""
         extra = dict(sampling_kwargs or {})
-        seed, schema, route = extra.pop("seed", None), extra.pop("json_schema", None), extra.pop("route", None)
-        best_of = extra.pop("best_of", 1)
-        return cls(**arguments, seed=seed, json_schema=schema, route=route, extra=extra, best_of=best_of)
+        own = {name: extra.pop(name) for name in _OWN_KEYWORDS if name in extra}
+        return cls(**arguments, **own, extra=extra)
 
     def check_pool(self, pool_size: int) -> None:
         """Raise :class:`InvalidRequestError` unless the pool has ``num_optimized_icl`` examples to give."""
@@ -139,7 +145,12 @@ class GenerationOptions:
             dict(self.extra),
             self.json_schema,
             int(self.best_of),
+            self.cut_loops,
         )
+
+
+#: keyword arguments of generate() that are options of the SDK, not the engine's sampling arguments
+_OWN_KEYWORDS = ("seed", "json_schema", "route", "best_of", "optimized_decoding", "cut_loops")
 
 
 def parse_queries(user_query: Any) -> tuple[bool, list[str]]:

@@ -12,6 +12,7 @@ import pytest
 from auto_model.artifacts import (
     PROMPT_FORMAT,
     PROMPT_FORMAT_V1,
+    PROMPT_FORMAT_V2,
     PromptArtifact,
     load_prompt_artifact,
     save_prompt_artifact,
@@ -81,7 +82,7 @@ def test_v2_artifacts_round_trip_and_v1_files_keep_loading(tmp_path):
                             routing={"threshold": 0.7, "neighbours": 6, "temperature": 0.05})  # fmt: skip
     path = save_prompt_artifact(routed, tmp_path / "routed.json")
     data = json.loads(path.read_text())
-    assert data["format"] == PROMPT_FORMAT and data["routes"][SAFETY]["system_prompt"] == SAFETY_PROMPT
+    assert data["format"] == PROMPT_FORMAT_V2 and data["routes"][SAFETY]["system_prompt"] == SAFETY_PROMPT
     again = load_prompt_artifact(path)
     assert again.routes == routed.routes and again.routing == routed.routing
     assert again.prompt_for(SAFETY) == SAFETY_PROMPT and again.prompt_for(EVERYDAY) == "Be helpful."
@@ -96,7 +97,7 @@ def test_v2_artifacts_round_trip_and_v1_files_keep_loading(tmp_path):
         ({"format": PROMPT_FORMAT, "routes": {"medical": {"system_prompt": "x"}}}, "unknown route 'medical'"),
         ({"format": PROMPT_FORMAT, "routes": {SAFETY: {"system_prompt": " "}}}, "non-empty 'system_prompt'"),
         ({"format": PROMPT_FORMAT, "routing": {"threshold": 2}}, "threshold"),
-        ({"format": "auto_model.prompt/v3"}, "unknown prompt artifact format"),
+        ({"format": "auto_model.prompt/v4"}, "unknown prompt artifact format"),
     ]:
         file = tmp_path / "bad.json"
         file.write_text(json.dumps({"model_id": "m", "system_prompt": "P.", **bad}))

@@ -35,6 +35,9 @@ class SamplingParams:
     json_schema: dict[str, Any] | None = None
     #: answers to sample for the request, in the same engine call (see :attr:`Completion.samples`)
     n: int = 1
+    #: stop an answer where it starts to loop (:mod:`auto_model.loops`); engines that can watch
+    #: the answer as it is generated stop generating there, the SDK cuts the text
+    cut_loops: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class Completion:
             first, with ``completion_tokens`` the total over the n); empty otherwise.
         scores: the reward of each sample, in the same order, once a reward model has scored them
             (:meth:`~auto_model.AutoModel.rerank`); this completion is then the best one.
+        looped: the answer was cut where it started to repeat itself (``finish_reason`` is then
+            ``"stop"``; see :mod:`auto_model.loops`).
     """
 
     text: str
@@ -74,6 +79,7 @@ class Completion:
     latency_s: float | None = field(default=None, compare=False)  # timing is not part of the answer
     samples: tuple[Completion, ...] = ()
     scores: tuple[float | None, ...] = ()
+    looped: bool = False
 
 
 def with_samples(samples: Sequence[Completion]) -> Completion:
@@ -107,6 +113,8 @@ class Backend(ABC):
     supports_chat: ClassVar[bool] = False  # accepts chat-message prompts (``"messages"`` format)
     #: honours ``SamplingParams.json_schema`` (constrained decoding); others reject such a request
     supports_json_schema: ClassVar[bool] = False
+    #: the :data:`DECODING_SETTINGS` this engine applies; an artifact's others are left out for it
+    decoding_settings: frozenset[str] = frozenset()
 
     model_id: str
     #: ``"chat"`` when the model is instruction-tuned with a chat template, else ``"base"``.
@@ -169,6 +177,39 @@ def dtype_name(dtype: Any) -> str:
     if name is None:
         raise InvalidRequestError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
     return name
+
+
+#: Decoding settings a prompt artifact may carry (``"decoding"``), with their allowed ranges. Every
+#: engine takes them as sampling arguments of these names where it supports them
+#: (:attr:`Backend.decoding_settings`).
+DECODING_SETTINGS: dict[str, tuple[type, float, float]] = {
+    "repetition_penalty": (float, 0.5, 2.0),  # > 1 makes every token already seen (prompt too) less likely
+    "frequency_penalty": (float, -2.0, 2.0),  # lowers a token by this much per time it was generated
+    "presence_penalty": (float, -2.0, 2.0),  # lowers a token by this much once it was generated
+    "no_repeat_ngram_size": (int, 0, 64),  # never generate an n-gram of this size twice (0: off)
+}
+
+
+def check_decoding(settings: Any, where: str = "decoding") -> dict[str, float | int]:
+    """Decoding settings checked against :data:`DECODING_SETTINGS`; :class:`InvalidRequestError`
+    names the setting and its range."""
+    if not isinstance(settings, Mapping):
+        raise InvalidRequestError(f"{where} must be an object of decoding settings, got {type(settings).__name__}.")
+    checked: dict[str, float | int] = {}
+    for name, value in settings.items():
+        if name not in DECODING_SETTINGS:
+            raise InvalidRequestError(
+                f"{where}: unknown decoding setting {name!r}; known: {', '.join(DECODING_SETTINGS)}."
+            )
+        kind, low, high = DECODING_SETTINGS[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and not float(value).is_integer()) or not low <= value <= high:
+            raise InvalidRequestError(
+                f"{where}: {name} must be {'an integer' if kind is int else 'a number'} from {low:g} to {high:g}, "
+                f"got {value!r}."
+            )
+        checked[name] = kind(value)
+    return checked
 
 
 #: Sampling arguments that ask an engine for several answers to one request.

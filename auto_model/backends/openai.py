@@ -66,6 +66,10 @@ def _import_openai() -> Any:
     return openai
 
 
+#: the decoding settings OpenAI's own API takes (other servers take repetition_penalty too)
+_OPENAI_DECODING = frozenset({"frequency_penalty", "presence_penalty"})
+
+
 def _is_loopback(url: str | None) -> bool:
     return bool(url) and (urlparse(url).hostname or "") in _LOOPBACK
 
@@ -143,6 +147,9 @@ class OpenAIBackend(Backend):
         packaged = find_packaged(self.model_id)
         self.prompt_style = choose_prompt_style(prompt_format, True, packaged.chat if packaged else None, self.model_id)
         self.tokenizer = None
+        # OpenAI's API takes its own two penalties; compatible servers (vLLM, SGLang, TGI) also repetition_penalty.
+        official = (urlparse(self.base_url).hostname or "").endswith("openai.com") if self.base_url else True
+        self.decoding_settings = _OPENAI_DECODING if official else _OPENAI_DECODING | {"repetition_penalty"}
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIBackend(model_id={self.model_id!r}, base_url={self.base_url!r})"

@@ -43,6 +43,7 @@ from auto_model.errors import (
     ModelNotFoundError,
 )
 from auto_model.logs import engine_progress_bars
+from auto_model.loops import LoopGuard
 from auto_model.resolve import ModelSource, gguf_parsed_once, gguf_special_token_flags, materialize_gguf
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class TransformersBackend(Backend):
 
     name = "transformers"
     supports_chat = False  # chat is rendered locally with the tokenizer's template
+    # frequency and presence penalties are this backend's own logits processor (OutputPenalty)
+    decoding_settings = frozenset(
+        {"repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty"}
+    )
 
     def __init__(
         self,
@@ -371,16 +376,26 @@ class TransformersBackend(Backend):
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        kwargs.update(sampling.extra)
+        extra = dict(sampling.extra)
+        penalty = OutputPenalty(width, extra.pop("frequency_penalty", 0.0), extra.pop("presence_penalty", 0.0))
+        if penalty.active:  # before the row sampler, which must see the final logits
+            processors = [penalty, *kwargs.get("logits_processor", [])]
+            kwargs["logits_processor"] = self._transformers.LogitsProcessorList(processors)
+        kwargs.update(extra)
         if streamer is not None:
             kwargs["streamer"] = streamer
+        criteria: list[Any] = []
         if cancelled is not None:
             event = cancelled
 
             def stop_when_cancelled(input_ids: Any, scores: Any, **_: Any) -> Any:
                 return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
 
-            kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList([stop_when_cancelled])
+            criteria.append(stop_when_cancelled)
+        if sampling.cut_loops:
+            criteria.append(LoopStop(self.tokenizer, width, len(rows)))
+        if criteria:
+            kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList(criteria)
         global_seed = None if own_sampler or sampling.temperature == 0 else sampling.seed
         rng = torch.random.fork_rng(devices=[]) if global_seed is not None else nullcontext()
         try:
@@ -458,6 +473,51 @@ class RowSeededSampler:
         uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(logits.device)
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
         return logits + gumbel
+
+
+class OutputPenalty:
+    """A transformers logits processor for OpenAI's and vLLM's frequency and presence penalties:
+    each token's logit is lowered by ``frequency`` per time the answer already holds it, and by
+    ``presence`` once it holds it at all. Only the answer counts (tokens from ``start`` on), not
+    the prompt; transformers has no such processor of its own."""
+
+    def __init__(self, start: int, frequency: float = 0.0, presence: float = 0.0):
+        self.start, self.frequency, self.presence = start, float(frequency), float(presence)
+        self.active = bool(self.frequency or self.presence)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        answer = input_ids[:, self.start :]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class LoopStop:
+    """A transformers stopping criterion that ends each row where its answer starts to loop
+    (:class:`~auto_model.loops.LoopGuard`, fed the row's text as its tokens arrive)."""
+
+    def __init__(self, tokenizer: Any, start: int, rows: int):
+        self.tokenizer, self.start = tokenizer, start
+        self.guards = [LoopGuard() for _ in range(rows)]
+        self.texts = [""] * rows
+
+    def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+        import torch
+
+        for r, guard in enumerate(self.guards):
+            if guard.looped:
+                continue
+            text = self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True)
+            if text.startswith(self.texts[r]):
+                guard.feed(text[len(self.texts[r]) :])
+            else:  # a token changed how the ones before it decode (rare): read the text anew
+                self.guards[r] = guard = LoopGuard()
+                guard.feed(text)
+            self.texts[r] = text
+        return torch.tensor([g.looped for g in self.guards], dtype=torch.bool, device=input_ids.device)
 
 
 def sample_seed(seed: int, j: int) -> int:

@@ -302,6 +302,7 @@ class VLLMBackend(Backend):
     name = "vllm"
     supports_chat = False  # chat is rendered with the model's template by the SDK, then generated
     supports_json_schema = True
+    decoding_settings = frozenset({"repetition_penalty", "frequency_penalty", "presence_penalty"})
 
     def __init__(
         self,
@@ -357,6 +358,11 @@ class VLLMBackend(Backend):
                 self.engine_args["logging_config"] = logging_config
         if "use_tqdm_on_load" not in engine_kwargs and quiet():
             self.engine_args["use_tqdm_on_load"] = False
+        from auto_model.backends.vllm_loops import EXTRA_ARG, LOGITS_PROCESSOR
+
+        # The loop cut watches each answer as it is generated (requests that ask carry EXTRA_ARG).
+        self._loop_arg = EXTRA_ARG
+        self.engine_args["logits_processors"] = [*(self.engine_args.get("logits_processors") or []), LOGITS_PROCESSOR]
         from transformers import AutoTokenizer
 
         try:
@@ -366,6 +372,7 @@ class VLLMBackend(Backend):
         self.prompt_style = choose_prompt_style(
             prompt_format, bool(getattr(self.tokenizer, "chat_template", None)), source.chat, source.model_id
         )
+        self._end_token = self.tokenizer.eos_token_id
         try:
             # vLLM warns once per weight when it casts a checkpoint to the dtype the user asked for.
             with (
@@ -469,7 +476,12 @@ class VLLMBackend(Backend):
             kwargs["n"] = sampling.n
         if sampling.json_schema is not None:
             kwargs.update(self._json_constraint(sampling.json_schema))
-        kwargs.update(sampling.extra)
+        extra = dict(sampling.extra)
+        if sampling.cut_loops and self._end_token is not None:
+            # the logits processor ends the answer with this token once it loops (see vllm_loops)
+            kwargs["extra_args"] = {**(extra.pop("extra_args", None) or {}), self._loop_arg: self._end_token}
+            kwargs["stop_token_ids"] = [*(extra.pop("stop_token_ids", None) or []), self._end_token]
+        kwargs.update(extra)
         try:
             return self._vllm.SamplingParams(**kwargs)
         except (TypeError, ValueError) as exc:

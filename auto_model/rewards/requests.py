@@ -48,6 +48,8 @@ class RequestCache:
             del sampling["json_schema"]
         if sampling["n"] == 1:  # keys of one-answer requests as they were before the field
             del sampling["n"]
+        if not sampling["cut_loops"]:  # keys of uncut requests as they were before the field
+            del sampling["cut_loops"]
         entry: dict[str, Any] = {"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling}
         if request.sampling.n > 1:
             entry["reward"] = reward
@@ -60,19 +62,29 @@ class RequestCache:
         if row is None:
             return None
         data = json.loads(row[0])
-        samples = tuple(Completion(s["text"], s["finish_reason"], data["prompt_tokens"], s["completion_tokens"])
+        samples = tuple(Completion(s["text"], s["finish_reason"], data["prompt_tokens"], s["completion_tokens"],
+                                   looped=bool(s.get("looped")))
                         for s in data.get("samples", ()))  # fmt: skip
         return Completion(data["text"], data["finish_reason"], data["prompt_tokens"], data["completion_tokens"],
-                          samples=samples, scores=tuple(s["score"] for s in data.get("samples", ())))  # fmt: skip
+                          samples=samples, scores=tuple(s["score"] for s in data.get("samples", ())),
+                          looped=bool(data.get("looped")))  # fmt: skip
 
     def put(self, key: str, request_blob: str, completion: Completion) -> None:
         data: dict[str, Any] = {
             k: getattr(completion, k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")
         }
+        if completion.looped:
+            data["looped"] = True
         if completion.samples:  # a best-of answer keeps its candidates and their scores
             scores = completion.scores or (None,) * len(completion.samples)
             data["samples"] = [
-                {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens, "score": v}
+                {
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "completion_tokens": c.completion_tokens,
+                    "score": v,
+                    **({"looped": True} if c.looped else {}),
+                }
                 for c, v in zip(completion.samples, scores, strict=True)
             ]
         with self._lock:

@@ -1,0 +1,178 @@
+"""Decoding settings in prompt artifacts (format v3) and the loop cut, on the real engines.
+
+An artifact's ``decoding`` (per route, or for all) reaches every engine that has the setting
+(vLLM's SamplingParams, transformers' generate with the SDK's own frequency/presence penalty, an
+OpenAI-compatible server's fields); a setting an engine lacks is left out with one debug line;
+the caller's own sampling arguments win; ``return_details`` says what was applied. A looping
+answer is cut at its first repeat, and the engines that watch the answer stop generating there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+
+from auto_model.artifacts import (
+    PROMPT_FORMAT,
+    PROMPT_FORMAT_V2,
+    PromptArtifact,
+    load_prompt_artifact,
+    save_prompt_artifact,
+    with_decoding,
+)
+from auto_model.errors import ArtifactError
+from auto_model.loops import cut_loop
+from auto_model.routing import EVERYDAY, SAFETY
+
+#: the demo's ordinary query: SmolLM2 loops on it under greedy decoding with no decoding settings
+FLOWERS = "How do I keep cut flowers fresh for longer?"
+RAW = {"cut_loops": False, "optimized_decoding": False}
+
+
+def test_v3_artifacts_round_trip_and_older_ones_load_unchanged(tmp_path):
+    tuned = PromptArtifact(
+        "my/model",
+        "Be helpful.",
+        "drpo",
+        routes={SAFETY: "Be careful."},
+        decoding={"frequency_penalty": 0.6},
+        route_decoding={SAFETY: {"frequency_penalty": 0.0}},
+    )
+    path = save_prompt_artifact(tuned, tmp_path / "tuned.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == PROMPT_FORMAT and data["decoding"] == {"frequency_penalty": 0.6}
+    assert data["routes"][SAFETY] == {"system_prompt": "Be careful.", "decoding": {"frequency_penalty": 0.0}}
+    again = load_prompt_artifact(path)
+    assert again.decoding_for(EVERYDAY) == {"frequency_penalty": 0.6}
+    assert again.decoding_for(SAFETY) == {"frequency_penalty": 0.0}
+    # Without decoding settings an artifact is written as v2, and a v2 file loads with none.
+    plain = save_prompt_artifact(replace(tuned, decoding={}, route_decoding={}), tmp_path / "plain.json")
+    assert json.loads(plain.read_text())["format"] == PROMPT_FORMAT_V2
+    assert load_prompt_artifact(plain).decoding_for(SAFETY) == {}
+    v2 = tmp_path / "v2.json"
+    v2.write_text(json.dumps({"format": PROMPT_FORMAT_V2, "model_id": "m", "system_prompt": "Hi.",
+                              "routes": {SAFETY: {"system_prompt": "No."}}}))  # fmt: skip
+    assert load_prompt_artifact(v2).decoding_for(EVERYDAY) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"format": PROMPT_FORMAT, "decoding": {"temperature": 0.3}}, "unknown decoding setting 'temperature'"),
+        ({"format": PROMPT_FORMAT, "decoding": {"frequency_penalty": 3}}, "frequency_penalty must be a number from -2"),
+        ({"format": PROMPT_FORMAT, "decoding": {"no_repeat_ngram_size": 2.5}}, "must be an integer"),
+        ({"format": PROMPT_FORMAT, "decoding": {"repetition_penalty": float("nan")}}, "repetition_penalty"),
+        ({"format": PROMPT_FORMAT, "decoding": [1]}, "decoding must be an object"),
+        ({"format": PROMPT_FORMAT_V2, "decoding": {"frequency_penalty": 0.5}}, "'decoding' needs format"),
+        (
+            {"format": PROMPT_FORMAT, "routes": {SAFETY: {"system_prompt": "x", "decoding": {"top_k": 3}}}},
+            "routes.safety.decoding: unknown decoding setting 'top_k'",
+        ),
+    ],
+)
+def test_bad_decoding_settings_fail_loudly_and_name_the_fix(tmp_path, body, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"system_prompt": "Hi.", **body}))
+    with pytest.raises(ArtifactError, match=message):
+        load_prompt_artifact(path)
+
+
+def test_the_callers_settings_win_and_an_engines_missing_ones_are_left_out():
+    merged, left_out = with_decoding(
+        {"frequency_penalty": 0.0, "top_k": 5},
+        {"frequency_penalty": 0.6, "no_repeat_ngram_size": 4, "repetition_penalty": 1.1},
+        frozenset({"frequency_penalty", "repetition_penalty"}),
+    )
+    assert merged == {"frequency_penalty": 0.0, "top_k": 5, "repetition_penalty": 1.1}
+    assert left_out == ["no_repeat_ngram_size"]
+
+
+def test_the_output_penalty_lowers_only_tokens_already_in_the_answer():
+    import torch
+
+    from auto_model.backends.transformers import OutputPenalty
+
+    ids = torch.tensor([[5, 6, 7, 7, 8], [5, 6, 1, 2, 2]])  # the prompt is the first two tokens
+    scores = torch.zeros(2, 10)
+    out = OutputPenalty(2, frequency=0.5, presence=0.25)(ids, scores)
+    assert out[0, 7].item() == pytest.approx(-1.25) and out[0, 8].item() == pytest.approx(-0.75)
+    assert out[0, 5].item() == 0 and out[0, 6].item() == 0  # prompt tokens are not penalised
+    assert out[1, 2].item() == pytest.approx(-1.25) and out[1, 1].item() == pytest.approx(-0.75)
+
+
+def _engine_applies_decoding(model, tmp_path, caplog, lacking=None):
+    own = model.prompt_artifact
+    decoding = {"frequency_penalty": 1.0, **({lacking: 3} if lacking else {})}
+    tuned_artifact = replace(own, decoding=decoding, route_decoding={})
+    model.prompt_artifact = load_prompt_artifact(save_prompt_artifact(tuned_artifact, tmp_path / "tuned.json"))
+    try:
+        with caplog.at_level(logging.DEBUG, logger="auto_model.model"):
+            tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, cut_loops=False)
+            model.generate(FLOWERS, temperature=0, max_new_tokens=4, cut_loops=False)
+        plain = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, **RAW)
+        mine = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, cut_loops=False,
+                              frequency_penalty=0.0)  # fmt: skip
+    finally:
+        model.prompt_artifact = own
+    assert tuned.decoding == {"frequency_penalty": 1.0}
+    assert tuned.text != plain.text  # the penalty changed the answer
+    assert plain.decoding == {}
+    assert mine.decoding == {"frequency_penalty": 0.0} and mine.text == plain.text  # the caller's value won
+    if lacking:
+        left_out = [r.getMessage() for r in caplog.records if lacking in r.getMessage()]
+        assert len(left_out) == 1 and "left out" in left_out[0]  # one debug line, not one per request
+
+
+def test_transformers_applies_an_artifacts_decoding(smol, tmp_path, caplog):
+    # frequency_penalty is the SDK's own logits processor here (transformers has none)
+    _engine_applies_decoding(smol, tmp_path, caplog)
+
+
+@pytest.mark.vllm
+def test_vllm_applies_an_artifacts_decoding_and_leaves_out_what_it_lacks(smol_vllm, tmp_path, caplog):
+    _engine_applies_decoding(smol_vllm, tmp_path, caplog, lacking="no_repeat_ngram_size")
+
+
+def _stops_the_loop(model, engine_stops: bool):
+    raw = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **RAW)
+    cut_text, looped = cut_loop(raw.text)
+    assert looped, "the model no longer loops on this query; pick one it loops on"
+    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, optimized_decoding=False)
+    assert cut.looped and cut.finish_reason == "stop" and cut.text == cut_text
+    assert not raw.looped and raw.text.startswith(cut.text)
+    if engine_stops:  # the engine stopped generating soon after the loop began, not at the limit
+        assert cut.completion_tokens < raw.completion_tokens
+    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, optimized_decoding=False))
+    assert streamed.rstrip() == cut.text
+    return raw, cut
+
+
+def test_transformers_stops_a_looping_answer_at_its_first_repeat(smol):
+    _stops_the_loop(smol, engine_stops=True)
+
+
+@pytest.mark.vllm
+def test_vllm_stops_a_looping_answer_at_its_first_repeat(smol_vllm):
+    raw, cut = _stops_the_loop(smol_vllm, engine_stops=True)
+    # the same answer with the cut off equals the cut answer's start: the cut changed nothing before the loop
+    assert raw.text.startswith(cut.text)
+
+
+def test_lists_and_code_from_the_real_model_are_not_cut(smol):
+    queries = ["Write a Python function that adds two numbers.", "List three colours of the rainbow."]
+    raw = smol.generate(queries, temperature=0, max_new_tokens=96, **RAW, return_details=True)
+    assert any("def " in r.text for r in raw) and all(not cut_loop(r.text)[1] for r in raw)
+    cut = smol.generate(queries, temperature=0, max_new_tokens=96, optimized_decoding=False, return_details=True)
+    assert [r.text for r in cut] == [r.text for r in raw] and not any(r.looped for r in cut)
+
+
+def test_the_official_openai_api_gets_only_its_own_penalties():
+    from auto_model.backends.openai import OpenAIBackend
+
+    official = OpenAIBackend("gpt-4o-mini", api_key="sk-not-used")  # nothing is sent
+    assert official.decoding_settings == {"frequency_penalty", "presence_penalty"}
+    served = OpenAIBackend("m", base_url="http://127.0.0.1:9/v1")
+    assert "repetition_penalty" in served.decoding_settings
