@@ -32,6 +32,7 @@ never cut.
 from __future__ import annotations
 
 import re
+from collections.abc import Generator, Iterator
 
 #: units of fewer words never count as a loop ("Yes.", "}", "Step 1:")
 MIN_UNIT_WORDS = 3
@@ -256,6 +257,51 @@ class LoopGuard:
         return hold
 
 
+class CutStream:
+    """The text chunks of one answer, ended where it starts to loop (with ``cut_loops``); closing
+    it closes ``chunks`` (an engine's stream: the generation stops). Once it has ended,
+    :attr:`looped` says whether it was cut."""
+
+    def __init__(self, chunks: Iterator[str], cut_loops: bool = True):
+        self._chunks = chunks
+        self._guard = LoopGuard() if cut_loops else None
+        self._pieces = self._run()
+
+    @property
+    def looped(self) -> bool:
+        return self._guard is not None and self._guard.looped
+
+    def _run(self) -> Generator[str, None, None]:
+        guard = self._guard
+        try:
+            for piece in self._chunks:
+                out = piece if guard is None else guard.feed(piece)
+                if out:
+                    yield out
+                if guard is not None and guard.looped:
+                    return
+            tail = "" if guard is None else guard.flush()
+            if tail:
+                yield tail
+        finally:
+            self.close_source()
+
+    def close_source(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if callable(close):
+            close()
+
+    def __iter__(self) -> CutStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.close_source()
+
+
 def cut_loop(text: str) -> tuple[str, bool]:
     """``text`` cut where it starts to loop (trailing white space removed), and whether it did."""
     guard = LoopGuard()
@@ -264,4 +310,4 @@ def cut_loop(text: str) -> tuple[str, bool]:
     return (guard.answer().rstrip(), True) if guard.looped else (text, False)
 
 
-__all__ = ["LoopGuard", "cut_loop", "MIN_UNIT_WORDS", "LONG_UNIT_WORDS", "MAX_PERIOD", "MIN_RUN_WORDS"]
+__all__ = ["CutStream", "LoopGuard", "cut_loop", "MIN_UNIT_WORDS", "LONG_UNIT_WORDS", "MAX_PERIOD", "MIN_RUN_WORDS"]

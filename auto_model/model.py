@@ -25,7 +25,7 @@ from auto_model.backends.base import (
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from auto_model.errors import BatchGenerationError, InvalidRequestError
-from auto_model.loops import LoopGuard, cut_loop
+from auto_model.loops import CutStream, cut_loop
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import (
     PROMPT_FORMATS,
@@ -682,6 +682,11 @@ class AutoModel:
                 "(a folder from auto-model-rm train)."
             )
 
+    def decoding_for(self, route: str | None = None) -> dict[str, Any]:
+        """The decoding settings of the artifact that this engine applies to a request down ``route``
+        (with ``optimized_decoding``, under the request's own sampling arguments)."""
+        return with_decoding({}, self.prompt_artifact.decoding_for(route), self.backend.decoding_settings)[0]
+
     def _request(self, prompt: AssembledPrompt, options: GenerationOptions) -> GenerationRequest:
         sampling = options.sampling()
         if options.optimized_decoding:
@@ -698,24 +703,11 @@ class AutoModel:
         with self._engine_lock:
             return self.backend.generate(requests, on_completion=callback)
 
-    def _stream(self, request: GenerationRequest) -> Iterator[str]:
+    def _stream(self, request: GenerationRequest) -> CutStream:
         """The engine's chunks without the answer's leading white space and ``<START>`` marker (as
         :func:`strip_markers` does) and, with ``cut_loops``, ended where the answer starts to loop:
         closing the engine's stream stops the generation there."""
-        guard = LoopGuard() if request.sampling.cut_loops else None
-        chunks = self._engine_chunks(request)
-        try:
-            for piece in _without_start(chunks):
-                out = piece if guard is None else guard.feed(piece)
-                if out:
-                    yield out
-                if guard is not None and guard.looped:
-                    return
-            tail = "" if guard is None else guard.flush()
-            if tail:
-                yield tail
-        finally:
-            chunks.close()
+        return CutStream(_without_start(self._engine_chunks(request)), request.sampling.cut_loops)
 
     def _engine_chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the
@@ -809,10 +801,11 @@ class AutoModel:
             raise InvalidRequestError("conversations must be a non-empty list of message lists.")
         return [self._request(p, options) for p in self._chat_prompts(conversations, options, system_messages)]
 
-    def stream_request(self, request: GenerationRequest) -> Iterator[str]:
+    def stream_request(self, request: GenerationRequest) -> CutStream:
         """Stream one prepared request (from :meth:`build_request`, :meth:`build_requests` or
         :meth:`build_chat_request`) in text chunks, as :meth:`stream` does; closing the iterator
-        stops the generation."""
+        stops the generation, and once it ends its ``looped`` says whether the answer was cut
+        where it started to repeat itself."""
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError(f"request must be a GenerationRequest, got {type(request).__name__}.")
         return self._stream(request)
@@ -943,25 +936,29 @@ def _base_urls(base_url: str | Sequence[str] | None) -> list[str]:
     return urls
 
 
-def _without_start(chunks: Iterator[str]) -> Iterator[str]:
-    """``chunks`` without the answer's leading white space and ``<START>`` marker."""
+def _without_start(chunks: Generator[str, None, None]) -> Generator[str, None, None]:
+    """``chunks`` without the answer's leading white space and ``<START>`` marker; closing it
+    closes ``chunks``."""
     head, marker_checked, started = "", False, False
-    for chunk in chunks:
-        if started:
-            yield chunk
-            continue
-        head = (head + chunk).lstrip()
-        if not marker_checked:
-            if len(head) < len(START) and START.startswith(head):
-                continue  # could still become the marker
-            if head.startswith(START):
-                head = head[len(START) :].lstrip()
-            marker_checked = True
-        if head:
-            started = True
+    try:
+        for chunk in chunks:
+            if started:
+                yield chunk
+                continue
+            head = (head + chunk).lstrip()
+            if not marker_checked:
+                if len(head) < len(START) and START.startswith(head):
+                    continue  # could still become the marker
+                if head.startswith(START):
+                    head = head[len(START) :].lstrip()
+                marker_checked = True
+            if head:
+                started = True
+                yield head
+        if not started and head:
             yield head
-    if not started and head:
-        yield head
+    finally:
+        chunks.close()
 
 
 def _clean(outcome: Outcome, cut_loops: bool) -> Outcome:

@@ -261,3 +261,51 @@ def test_serve_refuses_an_open_public_address_before_loading_anything(capsys, mo
     assert "--upstream needs --model" in capsys.readouterr().err
     assert main(["serve", "--max-queue", "-1"]) == 2
     assert "max_queue must be an integer >= 0" in capsys.readouterr().err
+
+
+FLOWERS = "How do I keep cut flowers fresh for longer?"  # SmolLM2 loops on it with no decoding settings
+
+
+def test_a_looping_answer_is_cut_and_marked_whole_or_streamed(served, smol):
+    messages = [{"role": "user", "content": FLOWERS}]
+    body = {"model": "smol", "messages": messages, "temperature": 0, "max_tokens": 160,
+            "extra_body": {"auto_model": {"optimized_decoding": False}}}  # fmt: skip
+    expected = smol.chat(messages, temperature=0, top_p=1.0, max_new_tokens=160, return_details=True,
+                         system_messages="prepend", optimized_decoding=False)  # fmt: skip
+    assert expected.looped
+    choice = client(served).chat.completions.create(**body).choices[0]
+    assert choice.message.content == expected.text and choice.finish_reason == "stop"
+    assert choice.model_extra["stop_reason"] == "loop"
+    chunks = list(client(served).chat.completions.create(**body, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).rstrip() == expected.text
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].model_extra["stop_reason"] == "loop"
+    # An answer that does not loop carries no mark.
+    plain = client(served).chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi!"}],
+                                                   temperature=0, max_tokens=8)  # fmt: skip
+    assert "stop_reason" not in (plain.choices[0].model_extra or {})
+
+
+def test_the_artifacts_decoding_settings_are_applied_and_named_and_a_clients_own_win(smol, running):
+    from dataclasses import replace
+
+    own = smol.prompt_artifact
+    smol.prompt_artifact = replace(own, decoding={"frequency_penalty": 0.5}, route_decoding={})
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    try:
+        with running(create_app(smol, served_name="smol")) as url:
+            raw = client(url).chat.completions.with_raw_response.create(
+                model="smol", messages=messages, temperature=0, max_tokens=24
+            )
+            expected = smol.chat(messages, temperature=0, top_p=1.0, max_new_tokens=24, return_details=True,
+                                 system_messages="prepend")  # fmt: skip
+            assert expected.decoding == {"frequency_penalty": 0.5}
+            assert raw.headers["x-auto-model-decoding"] == "frequency_penalty=0.5"
+            assert raw.parse().choices[0].message.content == expected.text
+            mine = client(url).chat.completions.with_raw_response.create(
+                model="smol", messages=messages, temperature=0, max_tokens=24, frequency_penalty=0.0
+            )
+            assert mine.headers["x-auto-model-decoding"] == "frequency_penalty=0.0"
+            with pytest.raises(openai.BadRequestError, match="frequency_penalty must be a number from -2"):
+                client(url).chat.completions.create(model="smol", messages=messages, frequency_penalty=7)
+    finally:
+        smol.prompt_artifact = own

@@ -287,3 +287,57 @@ def test_serve_with_two_workers_in_front_of_an_upstream(fault, tmp_path):
         server.wait(timeout=30)
         log.close()
     assert UPSTREAM_KEY not in (tmp_path / "serve.log").read_text()
+
+
+def test_the_upstream_gets_the_artifacts_decoding_and_looping_answers_come_back_cut(fault, running):
+    from dataclasses import replace
+
+    from auto_model.loops import cut_loop
+
+    facade = AutoModel("fault-model", backend="openai", base_url=fault.url, api_key="unused", prompt_format="chat")
+    decoding = {"frequency_penalty": 0.5, "repetition_penalty": 1.1}
+    facade.prompt_artifact = replace(facade.prompt_artifact, decoding=decoding)
+    looping = "Keep the vase in a cool place. Keep the vase in a cool place. Keep the vase in a cool place."
+    messages = [{"role": "user", "content": looping}]
+    with running(create_app(facade, served_name="aligned", upstream=Upstream(fault.url, UPSTREAM_KEY))) as url:
+        fault.reset()
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="aligned", messages=messages, presence_penalty=0.2
+        )
+        sent = fault.bodies[-1]
+        assert (sent["frequency_penalty"], sent["repetition_penalty"], sent["presence_penalty"]) == (0.5, 1.1, 0.2)
+        assert (
+            raw.headers["x-auto-model-decoding"] == "frequency_penalty=0.5,presence_penalty=0.2,repetition_penalty=1.1"
+        )
+        choice = raw.parse().choices[0]
+        cut, looped = cut_loop(f"echo: {looping}")
+        assert looped and choice.message.content == cut and choice.model_extra["stop_reason"] == "loop"
+        client(url).chat.completions.create(model="aligned", messages=messages, frequency_penalty=0.0)
+        assert fault.bodies[-1]["frequency_penalty"] == 0.0  # the client's own value wins
+        texts = client(url).completions.create(model="aligned", prompt=[looping, "Name a colour."], max_tokens=8)
+        assert [c.text for c in texts.choices] == [cut_loop(f"echo: {looping}")[0], "echo: Name a colour."]
+
+
+def test_a_looping_stream_from_a_real_vllm_server_is_cut_and_the_upstream_stops(vllm_server, running):
+    from auto_model.constants import DEFAULT_MODEL
+
+    facade = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")
+    app = create_app(facade, served_name="smol", upstream=Upstream(vllm_server), allow_alignment_override=True)
+    raw = {"min_tokens": 600, "auto_model": {"optimized_decoding": False}}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "How do I keep cut flowers fresh for longer?"}],
+            "temperature": 0, "max_tokens": 600, "extra_body": raw}  # fmt: skip
+    with running(app) as url:
+        stream = client(url).chat.completions.create(**body, stream=True)
+        chunks = list(stream)
+        # vLLM would go on for 600 tokens (about ten seconds here); the loop cut closed the stream, so it stopped.
+        deadline = time.monotonic() + 3
+        while running_requests(vllm_server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running_requests(vllm_server) == 0
+        last = chunks[-1].choices[0]
+        assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == "loop"
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).rstrip()
+        whole = client(url).chat.completions.create(
+            **{**body, "max_tokens": 200, "extra_body": {**raw, "min_tokens": 0}}
+        )
+        assert whole.choices[0].message.content == streamed and whole.choices[0].model_extra["stop_reason"] == "loop"

@@ -66,23 +66,26 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.background import BackgroundTask
 
-from auto_model.backends.base import Completion
+from auto_model.backends.base import DECODING_SETTINGS, Completion, check_decoding
 from auto_model.errors import AutoModelError, InvalidRequestError
+from auto_model.loops import CutStream, cut_loop
 from auto_model.model import SYSTEM_MESSAGE_MODES
 from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
-from auto_model.server.upstream import Upstream, UpstreamClient, UpstreamError
+from auto_model.server.upstream import StreamLoopCut, Upstream, UpstreamClient, UpstreamError
 
 #: What happens to a client's own system message (``client_system``).
 CLIENT_SYSTEM_MODES = SYSTEM_MESSAGE_MODES
 #: Request fields the in-process engine honours (and ``user``, accepted and ignored).
+#: the decoding settings a client may send (they win over the artifact's)
+_PENALTIES = ("frequency_penalty", "presence_penalty", "repetition_penalty")
 _CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stream",
-                "stream_options", "seed", "n", "user", "auto_model"}  # fmt: skip
+                "stream_options", "seed", "n", "user", "auto_model", *_PENALTIES}  # fmt: skip
 _COMPLETION_FIELDS = {"model", "prompt", "temperature", "top_p", "max_tokens", "stop", "stream", "stream_options",
-                      "seed", "n", "user", "auto_model"}  # fmt: skip
-_OVERRIDES = ("optimized_prompt", "optimized_icl", "num_optimized_icl")
+                      "seed", "n", "user", "auto_model", *_PENALTIES}  # fmt: skip
+_OVERRIDES = ("optimized_prompt", "optimized_icl", "num_optimized_icl", "optimized_decoding", "cut_loops")
 _MAX_N = 16
 
 
@@ -286,7 +289,9 @@ def create_app(
     def examples_for(options: GenerationOptions) -> int:
         return options.num_optimized_icl if options.optimized_icl else 0
 
-    def alignment_headers(options: GenerationOptions, routes: list[str], **timing: float) -> dict[str, str]:
+    def alignment_headers(
+        options: GenerationOptions, routes: list[str], decoding: dict[str, Any] | None = None, **timing: float
+    ) -> dict[str, str]:
         """The alignment's headers, and ``Server-Timing`` (milliseconds: ``align``, the routing and example
         retrieval; ``engine`` or ``upstream``, until its answer, or a stream's start)."""
         artifact = model.prompt_artifact.model_id if options.optimized_prompt else None
@@ -296,6 +301,8 @@ def create_app(
         }
         if routes:
             headers["x-auto-model-route"] = ",".join(routes)
+        if decoding:
+            headers["x-auto-model-decoding"] = ",".join(f"{k}={v}" for k, v in sorted(decoding.items()))
         if options.best_of > 1:
             headers["x-auto-model-best-of"] = str(options.best_of)
         if timing:
@@ -392,7 +399,8 @@ def create_app(
         return 1 if body.get("stream") or greedy else best_of
 
     def sampling(body: dict[str, Any], options: GenerationOptions, *limit_fields: str) -> GenerationOptions:
-        # The sampling values are checked where every request's are (GenerationOptions): a 400.
+        # The sampling values are checked where every request's are (GenerationOptions, check_decoding): a 400.
+        penalties = check_decoding({k: body[k] for k in _PENALTIES if body.get(k) is not None}, "the request")
         return replace(
             options,
             best_of=sampled_best_of(body),
@@ -401,6 +409,7 @@ def create_app(
             max_new_tokens=max_tokens_of(body, *limit_fields) or min(512, limits.max_tokens),
             stop=body.get("stop"),
             seed=body.get("seed"),
+            extra=penalties,
         )
 
     def count_n(body: dict[str, Any]) -> int:
@@ -457,19 +466,20 @@ def create_app(
         with preparing() as ready:
             prepared, align = await aligned("chat", messages, options)
             route = [prepared.route.name] if prepared.route else []
+            decoding = applied_decoding([prepared])
             if body.get("stream"):
                 chunks = model.stream_request(prepared)
-                events = (_chat_event(reply_id, now, name, delta, finish) for delta, finish in _deltas(chunks))
-                headers = alignment_headers(options, route, align=align)
+                events = (_chat_event(reply_id, now, name, *event) for event in _deltas(chunks))
+                headers = alignment_headers(options, route, decoding, align=align)
                 return streaming(request, _pump(events, chunks.close), headers)
             started = time.perf_counter()
             done = await run_batched(request, [prepared] * n, ready)
             engine = time.perf_counter() - started
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                    "logprobs": None} for i, c in enumerate(done)]  # fmt: skip
+                    "logprobs": None, **_loop_cut(c.looped)} for i, c in enumerate(done)]  # fmt: skip
         reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        return JSONResponse(reply, headers=alignment_headers(options, route, align=align, engine=engine))
+        return JSONResponse(reply, headers=alignment_headers(options, route, decoding, align=align, engine=engine))
 
     async def local_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         fields_supported(body, _COMPLETION_FIELDS)
@@ -482,20 +492,26 @@ def create_app(
         with preparing() as ready:
             prepared, align = await aligned("text", prompts, options)
             routes = [p.route.name for p in prepared if p.route]
+            decoding = applied_decoding(prepared)
             if body.get("stream"):
                 chunks = model.stream_request(prepared[0])
-                events = (_completion_event(reply_id, now, name, text, finish) for text, finish in _texts(chunks))
-                headers = alignment_headers(options, routes, align=align)
+                events = (_completion_event(reply_id, now, name, *event) for event in _texts(chunks))
+                headers = alignment_headers(options, routes, decoding, align=align)
                 return streaming(request, _pump(events, chunks.close), headers)
             started = time.perf_counter()
             done = await run_batched(request, [p for p in prepared for _ in range(n)], ready)
             engine = time.perf_counter() - started
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                   for i, c in enumerate(done)]  # fmt: skip
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None,
+                    **_loop_cut(c.looped)} for i, c in enumerate(done)]  # fmt: skip
         prompt_tokens = sum(c.prompt_tokens for c in done[::n])
         reply = {"id": reply_id, "object": "text_completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        return JSONResponse(reply, headers=alignment_headers(options, routes, align=align, engine=engine))
+        return JSONResponse(reply, headers=alignment_headers(options, routes, decoding, align=align, engine=engine))
+
+    def applied_decoding(prepared: list[Any]) -> dict[str, Any]:
+        """The decoding settings the engine applies to these requests (shared by all of them)."""
+        sets = [{k: v for k, v in p.sampling.extra.items() if k in DECODING_SETTINGS} for p in prepared]
+        return sets[0] if all(d == sets[0] for d in sets) else {}
 
     def prompts_of(body: dict[str, Any]) -> list[str]:
         prompt = body.get("prompt")
@@ -532,10 +548,18 @@ def create_app(
 
     async def forward(request: Request, path: str, payload: dict[str, Any], options: GenerationOptions,
                       routes: list[str], align: float, queries: list[Any]) -> Any:  # fmt: skip
-        """Send ``payload`` upstream (for ``best_of``, asking for that many choices per answer and
-        keeping the best of each group by the reward); ``queries``: what each prompt asks."""
+        """Send ``payload`` upstream (with the artifact's decoding settings for ``routes`` under the
+        client's own; for ``best_of``, asking for that many choices per answer and keeping the best of
+        each group by the reward); ``queries``: what each prompt asks. With ``cut_loops``, answers are
+        cut where they start to loop."""
         client: UpstreamClient = state["client"]
         n = _number(payload, "n", 1, int)
+        chat = path == "chat/completions"
+        if options.optimized_decoding:
+            for key, value in model.decoding_for(routes[0] if len(set(routes)) == 1 else None).items():
+                if payload.get(key) is None:
+                    payload[key] = value
+        decoding = {k: payload[k] for k in DECODING_SETTINGS if payload.get(k) is not None}
         if options.best_of > 1:
             payload = {**payload, "n": n * options.best_of}
         assert upstream_slots is not None
@@ -548,10 +572,14 @@ def create_app(
                 started = time.perf_counter()
                 if payload.get("stream"):
                     response, lines = await guarded(request, client.stream(path, payload))
-                    headers = alignment_headers(options, routes, align=align, upstream=time.perf_counter() - started)
-                    return streaming(request, _renamed_lines(response, lines, name), headers)
+                    took = time.perf_counter() - started
+                    headers = alignment_headers(options, routes, decoding, align=align, upstream=took)
+                    answers = n * (len(queries) if not chat else 1)
+                    cut = StreamLoopCut(answers, chat) if options.cut_loops else None
+                    return streaming(request, _renamed_lines(response, lines, name, cut), headers)
                 data = await guarded(request, client.post(path, payload))
-                headers = alignment_headers(options, routes, align=align, upstream=time.perf_counter() - started)
+                took = time.perf_counter() - started
+                headers = alignment_headers(options, routes, decoding, align=align, upstream=took)
         finally:
             if waiting:
                 queue_depth.dec()
@@ -559,7 +587,9 @@ def create_app(
             data["model"] = name
         if options.best_of > 1:
             data["choices"] = await anyio.to_thread.run_sync(best_choices, data, queries, n, options.best_of,
-                                                             path == "chat/completions")  # fmt: skip
+                                                             chat)  # fmt: skip
+        if options.cut_loops:
+            _cut_choices(data, chat)
         counts = data.get("usage")
         if isinstance(counts, dict) and isinstance(counts.get("prompt_tokens"), int):
             tokens.labels("prompt").inc(counts["prompt_tokens"])
@@ -719,29 +749,51 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def _deltas(chunks: Iterator[str]) -> Iterator[tuple[dict[str, Any], str | None]]:
-    yield {"role": "assistant", "content": ""}, None
+def _cut_choices(data: dict[str, Any], chat: bool) -> None:
+    """An upstream's answers cut where they start to loop (:func:`~auto_model.loops.cut_loop`)."""
+    for choice in data.get("choices") or []:
+        holder = choice.get("message") if chat and isinstance(choice, dict) else choice
+        text = holder.get("content" if chat else "text") if isinstance(holder, dict) else None
+        if isinstance(text, str):
+            cut, looped = cut_loop(text)
+            if looped:
+                holder["content" if chat else "text"] = cut  # type: ignore[index]
+                choice.update(finish_reason="stop", **_loop_cut(True))
+
+
+def _loop_cut(looped: bool) -> dict[str, str]:
+    """A choice's mark that its answer was cut where it started to repeat itself (vLLM's servers name
+    what ended an answer ``stop_reason``; ``finish_reason`` stays ``"stop"``)."""
+    return {"stop_reason": "loop"} if looped else {}
+
+
+def _deltas(chunks: CutStream) -> Iterator[tuple[dict[str, Any], str | None, dict[str, str]]]:
+    yield {"role": "assistant", "content": ""}, None, {}
     for text in chunks:
         if text:
-            yield {"content": text}, None
-    yield {}, "stop"
+            yield {"content": text}, None, {}
+    yield {}, "stop", _loop_cut(chunks.looped)
 
 
-def _texts(chunks: Iterator[str]) -> Iterator[tuple[str, str | None]]:
+def _texts(chunks: CutStream) -> Iterator[tuple[str, str | None, dict[str, str]]]:
     for text in chunks:
         if text:
-            yield text, None
-    yield "", "stop"
+            yield text, None, {}
+    yield "", "stop", _loop_cut(chunks.looped)
 
 
-def _chat_event(reply_id: str, created: int, name: str, delta: dict[str, Any], finish: str | None) -> str:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+def _chat_event(
+    reply_id: str, created: int, name: str, delta: dict[str, Any], finish: str | None, extra: dict[str, str]
+) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
     chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [choice]}
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-def _completion_event(reply_id: str, created: int, name: str, text: str, finish: str | None) -> str:
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+def _completion_event(
+    reply_id: str, created: int, name: str, text: str, finish: str | None, extra: dict[str, str]
+) -> str:
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None, **extra}
     chunk = {"id": reply_id, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
     return f"data: {json.dumps(chunk)}\n\n"
 
@@ -787,8 +839,11 @@ async def _pump(events: Iterator[str], close: Any) -> AsyncIterator[str]:
         stop.set()
 
 
-async def _renamed_lines(response: Any, lines: AsyncIterator[str], name: str) -> AsyncIterator[str]:
-    """An upstream's server-sent events, with the model named as the client asked for it."""
+async def _renamed_lines(
+    response: Any, lines: AsyncIterator[str], name: str, cut: StreamLoopCut | None = None
+) -> AsyncIterator[str]:
+    """An upstream's server-sent events, with the model named as the client asked for it and, with
+    ``cut``, each answer ended where it starts to loop (the upstream's stream is then closed)."""
     try:
         async for line in lines:
             if line.startswith("data: {"):
@@ -797,10 +852,16 @@ async def _renamed_lines(response: Any, lines: AsyncIterator[str], name: str) ->
                 except ValueError:
                     pass
                 else:
-                    if isinstance(chunk, dict) and "model" in chunk:
-                        chunk["model"] = name
+                    if isinstance(chunk, dict):
+                        if "model" in chunk:
+                            chunk["model"] = name
+                        if cut is not None and (chunk := cut.chunk(chunk)) is None:
+                            continue
                         line = f"data: {json.dumps(chunk)}"
             yield line + "\n"
+            if cut is not None and cut.done:
+                yield "\ndata: [DONE]\n\n"
+                return
     finally:
         if response.content.at_eof():
             response.release()  # the connection goes back to the pool

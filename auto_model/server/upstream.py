@@ -164,3 +164,51 @@ class UpstreamClient:
 
     async def close(self) -> None:
         await self._http.close()
+
+
+class StreamLoopCut:
+    """Cuts the answers of an upstream's streamed chunks where they start to loop: each choice's
+    text goes through a :class:`~auto_model.loops.LoopGuard`; a choice that loops gets its last
+    chunk at once (``finish_reason`` ``"stop"``, ``stop_reason`` ``"loop"``) and nothing after it.
+    Once all ``n`` choices are over, :attr:`done` is set: the caller stops reading (closing the
+    upstream's response stops its generation) and ends the stream."""
+
+    def __init__(self, n: int, chat: bool):
+        from auto_model.loops import LoopGuard
+
+        self._guard = LoopGuard
+        self.n, self.chat = n, chat
+        self.guards: dict[int, Any] = {}
+        self.cut: set[int] = set()
+        self.done = False
+
+    def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk with each choice's text as far as it can be shown; None when nothing is left of it."""
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return chunk  # e.g. the usage chunk
+        kept = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                kept.append(choice)
+                continue
+            index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
+            if index in self.cut:
+                continue
+            guard = self.guards.setdefault(index, self._guard())
+            holder = choice.get("delta") if self.chat else choice
+            text = holder.get("content" if self.chat else "text") if isinstance(holder, dict) else None
+            shown = guard.feed(text) if isinstance(text, str) else ""
+            if choice.get("finish_reason") is not None and not guard.looped:
+                shown += guard.flush()
+            if isinstance(text, str):
+                holder["content" if self.chat else "text"] = shown  # type: ignore[index]
+            if guard.looped:
+                self.cut.add(index)
+                choice["finish_reason"], choice["stop_reason"] = "stop", "loop"
+            kept.append(choice)
+        self.done = len(self.cut) >= self.n
+        if not kept:
+            return None
+        chunk["choices"] = kept
+        return chunk
