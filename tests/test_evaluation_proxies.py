@@ -100,3 +100,30 @@ print(matplotlib.get_backend())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "svg"
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loop_proxy_finds_repeated_items_and_phrases_but_not_lists():
+    from auto_model.rewards.proxies import loops
+
+    assert loops("1. Use fresh water.\n2. Use fresh water.\n3. Use fresh water.")  # an item three times
+    assert loops("and then " * 40)  # most 4-grams repeat
+    assert not loops("1. Use fresh water.\n2. Use fresh water.\n3. Cut the stems.")  # twice is not a loop
+    assert not loops("1. Cut the stems.\n2. Change the water daily.\n3. Keep the vase out of the sun.")
+
+
+def test_reward_model_preference_counts_ties_as_half_and_gives_a_fixed_interval():
+    from auto_model.evaluation.preference import mean_reward, preference
+
+    def record(config, item, reward, kind="regular"):
+        return {"config": config, "id": item, "kind": kind, "reward": reward}
+
+    records = [record("alone", str(i), 0.0) for i in range(10)] + [record("tuned", str(i), r) for i, r in
+               enumerate([1, 1, 1, 1, 1, 1, 0, 0, -1, None])]  # fmt: skip
+    records += [record("alone", "s", 5.0, "safety"), record("tuned", "s", -5.0, "safety")]  # safety items do not count
+    (row,) = preference(records, ["alone", "tuned"], "alone")
+    assert (row["win"], row["tie"], row["loss"], row["n"]) == (6, 2, 1, 9)
+    assert row["win_rate"] == pytest.approx(7 / 9)
+    low, high = row["ci95"]
+    assert low < 7 / 9 < high and 0 <= low and high <= 1
+    assert preference(records, ["alone", "tuned"], "alone") == [row]  # the same interval every time
+    assert mean_reward(records, "tuned") == pytest.approx(5 / 9) and mean_reward(records, "alone") == 0.0

@@ -16,6 +16,7 @@ from auto_model.evaluation import cli as eval_cli
 from auto_model.evaluation.eval_set import load_eval_set, take
 from auto_model.evaluation.report import pairwise, summarize
 from auto_model.evaluation.runner import EvalConfig, load_config_file, parse_config_spec
+from auto_model.rewards.proxies import loops
 
 REGULAR = ("Helpfulness", "Clarity", "Factuality", "Depth", "Engagement")
 
@@ -61,10 +62,14 @@ def _expected_row(records, config):
     regular = [r for r in answered if r["kind"] == "regular"]
     cells.append(_pct(_mean([r["proxies"]["refusal"] == "refusal" for r in safety])))
     cells.append(_pct(_mean([r["proxies"]["refusal"] == "refusal" for r in regular])))
-    cells.append(_pct(_mean([r["finish_reason"] == "stop" for r in answered])))
+    cells.append(_pct(_mean([r["finish_reason"] == "stop" and not r["looped"] for r in answered])))
+    cells.append(_pct(_mean([r["looped"] or loops(r["answer"]) for r in answered])))
+    cells.append(_pct(_mean([r["looped"] for r in answered])))
     cells.append(_pct(_mean([not r["answer"].split() for r in answered])))
     cells.append(_fmt(_mean([r["proxies"]["repetition"] for r in answered])))
     cells.append(f"{fmean(r['proxies']['words'] for r in answered):.1f}")
+    cells.append(f"{fmean(r['prompt_tokens'] for r in answered):.1f}")
+    cells.append(f"{fmean(r['completion_tokens'] for r in answered):.1f}")
     return cells
 
 
@@ -339,3 +344,37 @@ def test_judge_prompts_share_their_instructions_as_a_prefix():
         text = judge_template(kind).template
         # Everything that is the same for every item comes first (prefix caching), the item last.
         assert text.index("$aspects") < text.index("$form") < text.index("$query") < text.index("$answer")
+
+
+def test_everyday_quality_without_a_judge_loops_endings_and_a_reward_models_preference(
+    smol, small_rm, tmp_path, capsys
+):
+    """The model alone against the defaults on everyday items, as the README's everyday command runs it
+    (transformers here): loops, cuts, clean endings, prompt tokens, and the reward model's preference."""
+    eval_set = tmp_path / "everyday.jsonl"
+    eval_set.write_text("".join(json.dumps(i) + "\n" for i in ITEMS[:3]))
+    configs = tmp_path / "configs.toml"
+    engine = 'backend = "transformers"\ndtype = "float32"\n'
+    configs.write_text(f'[[config]]\nname = "alone"\n{engine}prompt = false\ndecoding = false\ncut_loops = false\n\n'
+                       f'[[config]]\nname = "defaults"\n{engine}icl = 1\n')  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--configs", str(configs), "--eval-set", str(eval_set), "--output", str(out), "--max-new-tokens", "24",
+            "--judge", "none", "--reward-model", str(small_rm.output)]  # fmt: skip
+    built: list[str] = []
+    code = eval_cli._run(
+        eval_cli._parser().parse_args(argv), model_factory=lambda name, **kw: _SharedEngine(smol, built)
+    )
+    assert code == 0 and built == ["closed"]
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["preference"]
+    assert row["config"] == "defaults" and row["baseline"] == "alone" and row["n"] == 3
+    assert row["win"] + row["tie"] + row["loss"] == 3 and row["ci95"][0] <= row["win_rate"] <= row["ci95"][1]
+    assert all(isinstance(r["reward"], float) for r in report["records"])
+    by = {s["config"]: s for s in report["summary"]}
+    assert by["defaults"]["prompt_tokens"] > by["alone"]["prompt_tokens"]  # the injected context
+    assert by["alone"]["cut_rate"] == 0.0 and all(not r["looped"] for r in report["records"] if r["config"] == "alone")
+    markdown = (out / "report.md").read_text()
+    assert "## Preference of a reward model" in markdown and "| defaults | alone |" in markdown
+    assert "Preference of a reward model" in (out / "report.html").read_text()
+    assert eval_cli.main([*argv, "--baseline", "nobody"]) == 2
+    assert "--baseline 'nobody' is not a configuration; choose from alone, defaults" in capsys.readouterr().err

@@ -69,6 +69,14 @@ def _parser() -> ArgumentParser:
         action="store_true",
         help="constrain the judge's replies to their JSON schema (vllm and openai judges): every reply is readable",
     )
+    p.add_argument(
+        "--reward-model",
+        metavar="PATH",
+        help="a reward model folder (auto-model-rm train): score every answer, and each configuration's "
+        "preference over --baseline on the regular items (win rate with a 95%% interval)",
+    )
+    p.add_argument("--baseline", metavar="NAME", help="the configuration preferences are measured against "
+                   "(default: the first)")  # fmt: skip
     add_replica_flags(p, "each local engine")
     p.add_argument(
         "--render-only",
@@ -106,6 +114,10 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
         )
     if args.judge_attempts < 1 or args.judge_max_new_tokens < 1:
         raise InvalidRequestError("--judge-attempts and --judge-max-new-tokens must be >= 1.")
+    if args.baseline is not None and args.baseline not in [c.name for c in configs]:
+        raise InvalidRequestError(
+            f"--baseline {args.baseline!r} is not a configuration; choose from {', '.join(c.name for c in configs)}."
+        )
     items = take(load_eval_set(args.eval_set), args.limit)
     judge_model = args.judge if args.judge is not None else constants.default_model()
     judge = (
@@ -135,8 +147,10 @@ def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
         max_new_tokens=args.max_new_tokens,
         model_factory=with_replicas(model_factory or AutoModel, args),
         progress=lambda m: print(f"  {m}", flush=True),
+        reward_model=args.reward_model,
     )
-    report = build_report(run, eval_set=str(args.eval_set) if args.eval_set else "data/eval/eval.jsonl (packaged)")
+    eval_set = str(args.eval_set) if args.eval_set else "data/eval/eval.jsonl (packaged)"
+    report = build_report(run, eval_set=eval_set, baseline=args.baseline)
     paths = write_report(report, args.output)
     print()
     print(render_markdown(report))

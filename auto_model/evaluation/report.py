@@ -8,8 +8,13 @@ Per configuration:
   judgement never parsed (they are left out of the means, never scored);
 * proxies — ``refusal``: share of safety answers that refuse (a partial refusal does not count);
   ``over-refusal``: share of regular answers that refuse; ``clean end``: share of answers that
-  ended by themselves rather than at the length limit; ``repetition``: mean share of repeated
-  3-grams; ``empty``: share of answers with no text; ``words``: mean length.
+  ended by themselves rather than at the length limit (an answer the SDK cut at a loop did not);
+  ``loops``: share of answers that loop (:func:`~auto_model.rewards.proxies.loops`) or that the
+  SDK cut where they started to; ``cut``: share the SDK cut; ``repetition``: mean share of repeated
+  3-grams; ``empty``: share of answers with no text; ``words``: mean length; ``prompt tokens``:
+  mean tokens per request (the injected context included), ``completion tokens``: mean generated.
+* with ``--reward-model``: the mean reward of the regular answers, and each configuration's
+  preference over a baseline (:mod:`auto_model.evaluation.preference`).
 
 Pairwise: for every two configurations, on the items both have a judge score for, how often the
 first scores higher (win), the same (tie) or lower (loss). An item's score is the mean of its five
@@ -27,6 +32,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from auto_model.evaluation.preference import mean_reward, preference
 from auto_model.evaluation.runner import REGULAR_ASPECTS, SAFETY_ASPECTS, EvalRun
 from auto_model.files import atomic_write_text
 
@@ -79,6 +85,11 @@ def summarize(records: Sequence[dict[str, Any]], config: str) -> dict[str, Any]:
         "empty_rate": _mean([r["proxies"]["words"] == 0 for r in answered]),
         "repetition": _mean([r["proxies"]["repetition"] for r in answered]),
         "words": _mean([r["proxies"]["words"] for r in answered]),
+        "loop_rate": _mean([bool(r["proxies"].get("loops")) for r in answered]),
+        "cut_rate": _mean([bool(r.get("looped")) for r in answered]),
+        "prompt_tokens": _mean([r.get("prompt_tokens", 0) for r in answered]),
+        "completion_tokens": _mean([r.get("completion_tokens", 0) for r in answered]),
+        "reward": mean_reward(records, config),
     }
 
 
@@ -100,9 +111,12 @@ def pairwise(records: Sequence[dict[str, Any]], configs: Sequence[str]) -> list[
     return rows
 
 
-def build_report(run: EvalRun, *, eval_set: str) -> dict[str, Any]:
+def build_report(run: EvalRun, *, eval_set: str, baseline: str | None = None) -> dict[str, Any]:
+    """The report of a run; ``baseline``: the configuration the others' reward-model preference is
+    measured against (default: the first)."""
     records = [a.record() for a in run.answers]
     names = [c.name for c in run.configs]
+    baseline = baseline or names[0]
     judge = None
     if run.judge is not None and run.judge.model is not None:
         judge = {
@@ -127,6 +141,8 @@ def build_report(run: EvalRun, *, eval_set: str) -> dict[str, Any]:
         ],
         "summary": [summarize(records, n) for n in names],
         "pairwise": pairwise(records, names),
+        "reward_model": run.reward_model,
+        "preference": preference(records, names, baseline) if run.reward_model else [],
         "usage": run.usage,
         "seconds": round(run.seconds, 1),
         "records": records,
@@ -139,6 +155,10 @@ def fmt_mean(x: float | None) -> str:
 
 def fmt_rate(x: float | None) -> str:
     return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def fmt_count(x: float | None) -> str:
+    return DASH if x is None else f"{x:.1f}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -162,9 +182,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "refusal",
         "over-refusal",
         "clean end",
+        "loops",
+        "cut",
         "empty",
         "repetition",
         "words",
+        "prompt tokens",
+        "completion tokens",
     ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -177,19 +201,43 @@ def render_markdown(report: dict[str, Any]) -> str:
             fmt_rate(s["refusal_rate"]),
             fmt_rate(s["over_refusal_rate"]),
             fmt_rate(s["clean_end_rate"]),
+            fmt_rate(s.get("loop_rate")),
+            fmt_rate(s.get("cut_rate")),
             fmt_rate(s["empty_rate"]),
             fmt_mean(s["repetition"]),
-            DASH if s["words"] is None else f"{s['words']:.1f}",
+            fmt_count(s["words"]),
+            fmt_count(s.get("prompt_tokens")),
+            fmt_count(s.get("completion_tokens")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Aspect means are over the items the judge scored (1-5). `judge failures`: unreadable judgements / "
         "answers judged. `refusal`: safety answers that refuse; `over-refusal`: regular answers that refuse; "
-        "`clean end`: answers that ended by themselves; `empty`: answers with no text; "
+        "`clean end`: answers that ended by themselves (not at the limit, not cut at a loop); `loops`: answers "
+        "that repeat a sentence or item three times or 35% of their 4-grams, or that were cut where they started "
+        "to; `cut`: answers the SDK cut at a loop; `empty`: answers with no text; "
         "`repetition`: mean share of repeated 3-grams; "
-        "`words`: mean answer length.",
+        "`words`: mean answer length; `prompt tokens`: mean per request (the injected context included).",
     ]
+    if report.get("preference"):
+        lines += [
+            "",
+            f"## Preference of a reward model (`{report['reward_model']}`, regular items)",
+            "",
+            "| config | against | wins | ties | losses | win rate (ties half) | 95% interval | mean reward |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rewards = {s["config"]: s.get("reward") for s in report["summary"]}
+        for p in report["preference"]:
+            low, high = p["ci95"] or (None, None)
+            lines.append(
+                f"| {p['config']} | {p['baseline']} | {p['win']} | {p['tie']} | {p['loss']} "
+                f"| {fmt_rate(p['win_rate'])} | {fmt_rate(low)} – {fmt_rate(high)} "
+                f"| {fmt_mean(rewards.get(p['config']))} |"
+            )
+        lines.append(f"| {report['preference'][0]['baseline']} (baseline) | | | | | | | "
+                     f"{fmt_mean(rewards.get(report['preference'][0]['baseline']))} |")  # fmt: skip
     if report["pairwise"] and judge:
         lines += [
             "",

@@ -32,6 +32,7 @@ from auto_model.rewards.judge import Judge
 from auto_model.rewards.proxies import (
     ended_cleanly,
     length_words,
+    loops,
     refusal_kind,
     repetition,
 )
@@ -81,6 +82,9 @@ class EvalConfig:
         reward_model: the reward model folder (``auto-model-rm train``) that chooses, for ``best_of``.
         temperature: the sampling temperature (default: 0, greedy; 0.7 with ``best_of`` > 1); sampled
             answers are seeded (seed 0), so a rerun is the same.
+        optimized_decoding: apply the artifact's decoding settings (``decoding`` in a spec).
+        cut_loops: cut answers where they start to loop (``cut_loops`` in a spec). "The model
+            alone" turns both off.
     """
 
     name: str
@@ -98,6 +102,8 @@ class EvalConfig:
     best_of: int = 1
     reward_model: str | None = None
     temperature: float | None = None
+    optimized_decoding: bool = True
+    cut_loops: bool = True
 
     def __post_init__(self) -> None:
         if self.route is not None and self.route not in ROUTES:
@@ -157,6 +163,8 @@ _SPEC_KEYS = {
     "best_of": "best_of",
     "reward_model": "reward_model",
     "temperature": "temperature",
+    "decoding": "optimized_decoding",
+    "cut_loops": "cut_loops",
 }
 
 
@@ -164,11 +172,11 @@ def _coerce(name: str, key: str, value: Any) -> Any:
     field_name = _SPEC_KEYS.get(key, key)
     if field_name not in {f.name for f in fields(EvalConfig)} or field_name == "name":
         raise InvalidRequestError(f"Configuration {name!r}: unknown key {key!r}; use {', '.join(_SPEC_KEYS)}.")
-    if field_name == "optimized_prompt" and isinstance(value, str):
+    if field_name in ("optimized_prompt", "optimized_decoding", "cut_loops") and isinstance(value, str):
         try:
             value = parse_bool(value)
         except ValueError:
-            raise InvalidRequestError(f"Configuration {name!r}: prompt must be on or off, got {value!r}.") from None
+            raise InvalidRequestError(f"Configuration {name!r}: {key} must be on or off, got {value!r}.") from None
     if field_name in ("num_optimized_icl", "best_of", "temperature") and isinstance(value, str):
         kind, what = (float, "a number") if field_name == "temperature" else (int, "an integer")
         try:
@@ -181,7 +189,7 @@ def _coerce(name: str, key: str, value: Any) -> Any:
 def parse_config_spec(spec: str) -> EvalConfig:
     """``"name: model=...; prompt=off; icl=3"`` -> :class:`EvalConfig` (keys: model, backend,
     prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route, icl_path, best_of,
-    reward_model, temperature)."""
+    reward_model, temperature, decoding, cut_loops)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not sep or not name:
@@ -213,10 +221,10 @@ def load_config_file(path: str | Path) -> list[EvalConfig]:
 
 
 def default_configs(model: str | None = None, backend: str = "auto") -> list[EvalConfig]:
-    """The comparison a user usually wants: the model alone, with its optimized prompt, and with the
-    prompt and 3 retrieved examples."""
+    """The comparison a user usually wants: the model alone (no prompt, no decoding settings, no loop
+    cut), with its optimized prompt, and with the prompt and 3 retrieved examples."""
     return [
-        EvalConfig("alone", model, backend, optimized_prompt=False),
+        EvalConfig("alone", model, backend, optimized_prompt=False, optimized_decoding=False, cut_loops=False),
         EvalConfig("prompt", model, backend),
         EvalConfig("prompt+3icl", model, backend, num_optimized_icl=3),
     ]
@@ -258,15 +266,20 @@ class Answer:
     error: str | None = None
     judgement: dict[str, Any] | None = None
     route: str | None = None
+    #: the SDK cut the answer where it started to loop
+    looped: bool = False
+    #: the reward model's score (``--reward-model``)
+    reward: float | None = None
 
     def record(self) -> dict[str, Any]:
         proxies = None
         if self.text is not None:
             proxies = {
                 "refusal": refusal_kind(self.text),
-                "ended_cleanly": ended_cleanly(self.finish_reason or ""),
+                "ended_cleanly": ended_cleanly(self.finish_reason or "") and not self.looped,
                 "repetition": round(repetition(self.text), 6),
                 "words": length_words(self.text),
+                "loops": self.looped or loops(self.text),
             }
         return {
             "config": self.config,
@@ -279,6 +292,8 @@ class Answer:
             "proxies": proxies,
             "judge": self.judgement,
             "route": self.route,
+            "looped": self.looped,
+            "reward": None if self.reward is None else round(self.reward, 6),
         }
 
 
@@ -294,6 +309,7 @@ class EvalRun:
     usage: dict[str, Any]
     seconds: float
     engines: dict[str, str] = field(default_factory=dict)
+    reward_model: str | None = None
 
 
 @dataclass
@@ -371,7 +387,8 @@ def answer_configs(
                                        if config.icl_path else own_retriever)  # fmt: skip
                 asked = replace(config.sampling(max_new_tokens), user_specified_system_prompt=custom,
                                 optimized_prompt=config.optimized_prompt, optimized_icl=k > 0, num_optimized_icl=k,
-                                route=config.route)  # fmt: skip
+                                route=config.route, optimized_decoding=config.optimized_decoding,
+                                cut_loops=config.cut_loops)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.
                 requests = model.build_requests(queries, asked)
                 done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)
@@ -386,6 +403,7 @@ def answer_configs(
                     answer = Answer(config.name, item, system, route=route)
                     if isinstance(outcome, Completion):
                         answer.text, answer.finish_reason = outcome.text, outcome.finish_reason
+                        answer.looped = outcome.looped
                         answer.prompt_tokens = outcome.prompt_tokens
                         answer.completion_tokens = outcome.completion_tokens
                     else:
@@ -411,12 +429,18 @@ def run_evaluation(
     max_new_tokens: int = 512,
     model_factory: Callable[..., Any] | None = None,
     progress: Callable[[str], None] = print,
+    reward_model: str | None = None,
 ) -> EvalRun:
     """Answer every item under every configuration (:func:`answer_configs`), then judge the answers
-    (:func:`judge_answers`); everything through the request cache in ``output_dir``."""
+    (:func:`judge_answers`); everything through the request cache in ``output_dir``. With
+    ``reward_model``, every answer is also scored by it (:mod:`auto_model.evaluation.preference`)."""
     from auto_model import AutoModel
 
     check_configs(configs, max_new_tokens)  # before anything is created
+    if reward_model is not None:
+        from auto_model.rewards.reward_model import check_reward_model_folder
+
+        check_reward_model_folder(reward_model, "--reward-model")
     factory = model_factory or AutoModel
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -436,6 +460,12 @@ def run_evaluation(
         if judge is not None and judge.model is not None:
             kept = kept or factory(judge.model, dtype=judge.dtype, backend=judge.backend, base_url=judge.base_url)
             judge_answers(done.answers, judge, Role("judge", kept, cache, usage), progress)
+        if reward_model is not None:
+            from auto_model.evaluation.preference import score_answers
+
+            t0 = time.perf_counter()
+            score_answers(done.answers, reward_model)
+            progress(f"scored {len(done.answers)} answers with the reward model in {time.perf_counter() - t0:.1f} s")
     finally:
         if kept is not None:
             kept.close()
@@ -449,6 +479,7 @@ def run_evaluation(
         usage.snapshot()["process"],
         time.perf_counter() - started,
         done.engines,
+        reward_model,
     )
 
 

@@ -11,6 +11,9 @@
 * :func:`length_words` — words in the answer.
 * :func:`ended_cleanly` — the answer ended on its own (stop marker or end of turn), not at the
   length limit.
+* :func:`loops` — the answer repeats itself: a sentence or list item three times or more, or over
+  35% of its word 4-grams repeat an earlier one. It is measured on the text as it is, independently
+  of the SDK's loop cut (:mod:`auto_model.loops`), which cuts such answers where they start.
 """
 
 from __future__ import annotations
@@ -62,6 +65,24 @@ def repetition(text: str, n: int = 3) -> float:
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
+
+
+_ITEM_MARKER = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*+\u2022])\s*")
+_UNIT_SPLIT = re.compile(r"(?<=[.!?])[\"')\]*_]*\s+|\n+")
+
+
+def loops(text: str) -> bool:
+    """Whether ``text`` repeats itself: one sentence or list item (of 3 words or more, case, list marker
+    and punctuation aside) three times or more, or over 35% of its word 4-grams repeated."""
+    counts: dict[str, int] = {}
+    for unit in _UNIT_SPLIT.split(text):
+        words = re.findall(r"\w+", _ITEM_MARKER.sub("", unit).lower())
+        if len(words) >= 3:
+            key = " ".join(words)
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] >= 3:
+                return True
+    return repetition(text, 4) > 0.35
 
 
 def length_words(text: str) -> int:

@@ -24,7 +24,9 @@ COLOURS = ("#2a7ae2", "#e2892a", "#3aa35b", "#c23b3b", "#8a5cc2", "#8c6d46", "#d
 PROXIES = (
     ("refusal", "refusal_rate", "safety answers that refuse"),
     ("over-refusal", "over_refusal_rate", "regular answers that refuse"),
-    ("clean end", "clean_end_rate", "answers that ended by themselves"),
+    ("clean end", "clean_end_rate", "answers that ended by themselves (not at the limit, not cut at a loop)"),
+    ("loops", "loop_rate", "answers that loop, or were cut where they started to"),
+    ("cut", "cut_rate", "answers the SDK cut at a loop"),
     ("empty", "empty_rate", "answers with no text"),
 )
 
@@ -135,20 +137,36 @@ def _configs_table(configs: Sequence[Mapping[str, Any]]) -> str:
 def _summary_table(summary: Sequence[Mapping[str, Any]], judged: bool) -> str:
     aspects = list(summary[0]["aspects"]) if summary and judged else []
     head = ["config", "n", *aspects, *(["judge failures"] if judged else []), *(p for p, _, _ in PROXIES)]
-    head += ["repetition", "words"]
+    head += ["repetition", "words", "prompt tokens", "completion tokens"]
     rows = []
     for s in summary:
         cells = [
             str(s["n"]),
             *(fmt(s["aspects"][a]) for a in aspects),
             *([f"{s['judge_failures']}/{s['judged']}"] if judged else []),
-            *(_rate(s[key]) for _, key, _ in PROXIES),
+            *(_rate(s.get(key)) for _, key, _ in PROXIES),
             fmt(s["repetition"]),
-            "–" if s["words"] is None else f"{s['words']:.1f}",
+            *("–" if s.get(k) is None else f"{s[k]:.1f}" for k in ("words", "prompt_tokens", "completion_tokens")),
         ]
         rows.append(f"<tr><td>{html.escape(s['config'])}</td>" + "".join(f"<td class=num>{c}</td>" for c in cells))
     return (f'<table class="summary"><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>'
             f'{"</tr>".join(rows)}</tr></table>')  # fmt: skip
+
+
+def _preference_table(report: Mapping[str, Any]) -> str:
+    e = html.escape
+    rewards = {s["config"]: s.get("reward") for s in report.get("summary") or []}
+    rows = []
+    for p in report["preference"]:
+        low, high = p.get("ci95") or (None, None)
+        rows.append(
+            f"<tr><td>{e(p['config'])}</td><td>{e(p['baseline'])}</td><td class=num>{p['win']}</td>"
+            f"<td class=num>{p['tie']}</td><td class=num>{p['loss']}</td><td class=num>{_rate(p['win_rate'])}</td>"
+            f"<td class=num>{_rate(low)} – {_rate(high)}</td><td class=num>{fmt(rewards.get(p['config']))}</td></tr>"
+        )
+    head = ("<tr><th>config</th><th>against</th><th>wins</th><th>ties</th><th>losses</th><th>win rate (ties half)</th>"
+            "<th>95% interval</th><th>mean reward</th></tr>")  # fmt: skip
+    return f'<table class="preference">{head}{"".join(rows)}</table>'
 
 
 def _pairwise_table(pairwise: Sequence[Mapping[str, Any]]) -> str:
@@ -189,12 +207,19 @@ def _answer(record: Mapping[str, Any]) -> str:
         label = {"refusal": "refuses", "partial": "partly refuses"}.get(refusal, "answers")
         good = (refusal == "refusal") == wanted
         badges.append(f'<span class="badge refusal {"good" if good else "bad"}">{label}</span>')
+        if record.get("looped"):
+            badges.append('<span class="badge bad">cut at a loop</span>')
+        elif proxies.get("loops"):
+            badges.append('<span class="badge bad">loops</span>')
         badges.append('<span class="badge">ended</span>' if proxies["ended_cleanly"]
-                      else '<span class="badge bad">length limit</span>')  # fmt: skip
+                      else '<span class="badge bad">length limit</span>' if record.get("finish_reason") == "length"
+                      else "")  # fmt: skip
         badges.append(f'<span class="badge">repetition {proxies["repetition"]:.2f}</span>')
         badges.append(f'<span class="badge">{proxies["words"]} words</span>')
     if record.get("route"):
         badges.append(f'<span class="badge">route {e(record["route"])}</span>')
+    if record.get("reward") is not None:
+        badges.append(f'<span class="badge">reward {record["reward"]:.2f}</span>')
     if record.get("generation_error"):
         body = f'<div class="failed">generation failed: {e(record["generation_error"])}</div>'
     elif record.get("answer"):
@@ -273,6 +298,9 @@ def report_html(report: Mapping[str, Any]) -> str:
         + "; ".join(f"{p}: {why}" for p, _, why in PROXIES)
         + "; repetition: mean share of repeated 3-grams; words: mean answer length.</p>"
     )
+    if report.get("preference"):
+        body.append(f"<h2>Preference of a reward model ({e(str(report.get('reward_model')))}, regular items)</h2>"
+                    + _preference_table(report))  # fmt: skip
     if judge and report.get("pairwise"):
         body.append("<h2>Pairwise (judge scores on the same items)</h2>" + _pairwise_table(report["pairwise"]))
     failures = [s for s in summary if s["generation_failures"]]
