@@ -8,16 +8,19 @@ A file looks like::
       "aliases": ["smollm2-135m-instruct"],
       "system_prompt": "...",                      # the everyday route's prompt
       "decoding": {"frequency_penalty": 0.6},      # every route's decoding settings
-      "routes": {"safety": {"system_prompt": "...", "decoding": {...}, "provenance": {...}}},
+      "num_examples": 1,                           # the everyday route's retrieved examples
+      "routes": {"safety": {"system_prompt": "...", "decoding": {...}, "num_examples": 3, "provenance": {...}}},
       "routing": {"threshold": 0.5, "neighbours": 8, "temperature": 0.05},
       "provenance": {"method": "drpo" | "curated" | ..., "created": "...", ...}
     }
 
 ``routes`` and ``routing`` are what v2 adds (query-adaptive alignment, see
 :mod:`auto_model.routing`); ``decoding`` (the model's decoding settings, see
-:data:`~auto_model.backends.base.DECODING_SETTINGS`; a route's own override the artifact's) is what
-v3 adds. A file is written in the oldest format that holds what it has, and v1 and v2 files load
-unchanged (every route then gets their one prompt, and no decoding setting).
+:data:`~auto_model.backends.base.DECODING_SETTINGS`; a route's own override the artifact's) and
+``num_examples`` (how many examples a request retrieves when the caller does not say,
+:data:`DEFAULT_NUM_EXAMPLES` where the artifact does not either) are what v3 adds. A file is
+written in the oldest format that holds what it has, and v1 and v2 files load unchanged (every
+route then gets their one prompt, no decoding setting, and 3 examples).
 
 Lookup goes by exact id, then alias, then a normalised name (case and punctuation ignored, with or
 without the organisation prefix). A model with no artifact gets the default alignment prompt and a
@@ -47,6 +50,10 @@ PROMPT_FORMAT_V2 = "auto_model.prompt/v2"
 PROMPT_FORMAT = "auto_model.prompt/v3"
 _READABLE = (PROMPT_FORMAT_V1, PROMPT_FORMAT_V2, PROMPT_FORMAT)
 DEFAULT_ARTIFACT_ID = "default"
+#: retrieved examples per request where neither the caller nor the artifact says
+DEFAULT_NUM_EXAMPLES = 3
+#: the most examples an artifact may ask for
+MAX_NUM_EXAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,9 @@ class PromptArtifact:
         routing: routing settings (threshold, neighbours, temperature); None: the defaults.
         decoding: decoding settings for every route (``{"frequency_penalty": 0.6}``).
         route_decoding: route name -> its own decoding settings (they override ``decoding``).
+        num_examples: retrieved examples per request on the everyday route (and on routes without
+            their own); None: :data:`DEFAULT_NUM_EXAMPLES`.
+        route_examples: route name -> its own number of examples.
     """
 
     model_id: str | None
@@ -79,6 +89,15 @@ class PromptArtifact:
     routing: dict[str, Any] | None = None
     decoding: dict[str, Any] = field(default_factory=dict)
     route_decoding: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_examples: int | None = None
+    route_examples: dict[str, int] = field(default_factory=dict)
+
+    def examples_for(self, route: str | None) -> int:
+        """How many examples a request down ``route`` retrieves when its caller does not say."""
+        own = self.route_examples.get(route or "")
+        if own is not None:
+            return own
+        return DEFAULT_NUM_EXAMPLES if self.num_examples is None else self.num_examples
 
     def prompt_for(self, route: str | None) -> str:
         """The system prompt of ``route`` (its own, or the artifact's main prompt)."""
@@ -101,20 +120,25 @@ class PromptArtifact:
 
     def to_dict(self) -> dict[str, Any]:
         fmt = PROMPT_FORMAT_V2 if self.routes or self.routing else PROMPT_FORMAT_V1
+        v3 = self.decoding or self.route_decoding or self.num_examples is not None or self.route_examples
         data: dict[str, Any] = {
-            "format": PROMPT_FORMAT if self.decoding or self.route_decoding else fmt,
+            "format": PROMPT_FORMAT if v3 else fmt,
             "model_id": self.model_id,
             "aliases": list(self.aliases),
             "system_prompt": self.system_prompt,
         }
         if self.decoding:
             data["decoding"] = dict(self.decoding)
-        if self.routes or self.route_decoding:
+        if self.num_examples is not None:
+            data["num_examples"] = self.num_examples
+        if self.routes or self.route_decoding or self.route_examples:
             data["routes"] = {}
-            for name in dict.fromkeys([*self.routes, *self.route_decoding]):
+            for name in dict.fromkeys([*self.routes, *self.route_decoding, *self.route_examples]):
                 entry: dict[str, Any] = {"system_prompt": self.prompt_for(name)}
                 if name in self.route_decoding:
                     entry["decoding"] = dict(self.route_decoding[name])
+                if name in self.route_examples:
+                    entry["num_examples"] = self.route_examples[name]
                 if name in self.route_provenance:
                     entry["provenance"] = self.route_provenance[name]
                 data["routes"][name] = entry
@@ -135,6 +159,7 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
         )
     routes, route_provenance, routing = _routes(data, fmt, source)
     decoding, route_decoding = _decoding(data, fmt, source)
+    num_examples, route_examples = _num_examples(data, fmt, source)
     text = data.get("system_prompt")
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError(f"{source}: 'system_prompt' must be a non-empty string.")
@@ -159,7 +184,25 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
         routing=routing,
         decoding=decoding,
         route_decoding=route_decoding,
+        num_examples=num_examples,
+        route_examples=route_examples,
     )
+
+
+def _num_examples(data: dict[str, Any], fmt: str, source: str) -> tuple[int | None, dict[str, int]]:
+    """The v3 example counts of an artifact and its routes, checked."""
+    routes = data.get("routes")
+    entries: dict[str, Any] = routes if isinstance(routes, dict) else {}
+    given = {"": data["num_examples"]} if "num_examples" in data else {}
+    given |= {name: e["num_examples"] for name, e in entries.items() if isinstance(e, dict) and "num_examples" in e}
+    if given and fmt != PROMPT_FORMAT:
+        raise ArtifactError(f"{source}: 'num_examples' needs format {PROMPT_FORMAT!r}.")
+    for name, value in given.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_NUM_EXAMPLES:
+            where = f"routes.{name}.num_examples" if name else "num_examples"
+            raise ArtifactError(f"{source}: {where} must be an integer from 0 to {MAX_NUM_EXAMPLES}, got {value!r}.")
+    top = given.pop("", None)
+    return top, given
 
 
 def _decoding(data: dict[str, Any], fmt: str, source: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

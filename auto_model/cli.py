@@ -55,8 +55,9 @@ def _parser() -> ArgumentParser:
     gen.add_argument("--system-prompt", default=None, help="your own system prompt (replaces the optimized one)")
     gen.add_argument("--no-optimized-prompt", action="store_true", help="do not inject the optimized system prompt")
     gen.add_argument(
-        "--icl", type=int, default=3, metavar="N", help="in-context examples to inject (0 disables; default 3)"
-    )
+        "--icl", type=int, default=None, metavar="N",
+        help="in-context examples to inject (0 disables; default: the artifact's number for the route, else 3)",
+    )  # fmt: skip
     gen.add_argument("--prompt-path", default=None, help="prompt artifact (.json) or plain-text prompt (.txt)")
     gen.add_argument("--icl-path", default=None, help="ICL pool JSON to retrieve examples from")
     gen.add_argument("--temperature", type=float, default=0.7)
@@ -133,7 +134,8 @@ def _parser() -> ArgumentParser:
         help='let a request switch its alignment with "auto_model": {"optimized_prompt": ..., "optimized_icl": '
         '..., "num_optimized_icl": ...} (refused by default)',
     )
-    serve.add_argument("--icl", type=int, default=3, metavar="N", help="in-context examples to inject (default 3)")
+    serve.add_argument("--icl", type=int, default=None, metavar="N",
+                       help="in-context examples to inject (default: the artifact's, else 3)")  # fmt: skip
     add_best_of(serve, "answer each sampled, non-streaming request with the best of N samples by --reward-model")
     serve.add_argument(
         "--max-tokens", "--max-tokens-cap", dest="max_tokens", type=int, default=4096,
@@ -186,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
     if not 0 < args.port < 65536:
         raise InvalidRequestError(f"--port must be in 1..65535, got {args.port}.")
-    if args.icl < 0:
+    if args.icl is not None and args.icl < 0:
         raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
     if args.backend not in ("auto", "vllm", "transformers"):
         raise InvalidRequestError(f"--backend must be auto, vllm or transformers, got {args.backend!r}.")
@@ -327,12 +329,12 @@ def _generate(args: argparse.Namespace) -> int:
         _, queries = parse_queries(list(args.queries))  # the checks generate() makes, before any engine loads
         rows = [{"query": q} for q in queries]
     # The whole request is checked before the (slow) engine load, with the checks generate() makes.
-    if args.icl < 0:
+    if args.icl is not None and args.icl < 0:
         raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
     options = GenerationOptions(
         user_specified_system_prompt=args.system_prompt,
         optimized_prompt=not args.no_optimized_prompt,
-        optimized_icl=args.icl > 0,
+        optimized_icl=args.icl != 0,
         num_optimized_icl=args.icl,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -37,7 +37,7 @@ from auto_model.prompting import (
 )
 from auto_model.resolve import resolve_model
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
-from auto_model.routing import EVERYDAY, Route, RoutedRetriever, RoutingSettings
+from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +396,16 @@ class AutoModel:
             return user_specified_system_prompt
         return self.prompt_artifact.system_prompt if optimized_prompt else None
 
+    def examples_for(self, route: str | None, options: GenerationOptions | None = None) -> int:
+        """How many examples a request down ``route`` gets with these options: none without
+        ``optimized_icl``, else ``num_optimized_icl``, else the artifact's number for the route."""
+        options = options or _DEFAULTS
+        if not options.optimized_icl:
+            return 0
+        if options.num_optimized_icl is not None:
+            return options.num_optimized_icl
+        return self.prompt_artifact.examples_for(route)
+
     def retrieve(self, queries: Sequence[str], k: int, route: str | None = None) -> list[list[ICLExample]]:
         """The ``k`` examples each query gets in :meth:`generate`: the most similar ones of its
         route's part of the pool (or of ``route``'s), most similar first."""
@@ -407,7 +417,7 @@ class AutoModel:
         user_specified_system_prompt: str | None = None,
         optimized_prompt: bool = True,
         optimized_icl: bool = True,
-        num_optimized_icl: int = 3,
+        num_optimized_icl: int | None = None,
         *,
         options: GenerationOptions | None = None,
         prompt_format: str | None = None,
@@ -431,7 +441,7 @@ class AutoModel:
         user_specified_system_prompt: str | None = None,
         optimized_prompt: bool = True,
         optimized_icl: bool = True,
-        num_optimized_icl: int = 3,
+        num_optimized_icl: int | None = None,
         *,
         options: GenerationOptions | None = None,
         system_messages: str = "replace",
@@ -491,7 +501,7 @@ class AutoModel:
         user_specified_system_prompt: str | None = None,
         optimized_prompt: bool = True,
         optimized_icl: bool = True,
-        num_optimized_icl: int = 3,
+        num_optimized_icl: int | None = None,
         temperature: float = 0.7,
         top_p: float = 0.95,
         max_new_tokens: int = 512,
@@ -515,7 +525,8 @@ class AutoModel:
             user_specified_system_prompt: your own system prompt; it replaces the optimized one.
             optimized_prompt: inject the model's optimized system prompt.
             optimized_icl: inject in-context examples retrieved from the pool.
-            num_optimized_icl: how many examples (0 to the pool size).
+            num_optimized_icl: how many examples (0 to the pool size); None (the default): as many
+                as the artifact gives the request's route (3 where it does not say).
             temperature: 0 for greedy decoding.
             top_p: nucleus sampling mass, in (0, 1].
             max_new_tokens: most tokens to generate per answer.
@@ -587,7 +598,7 @@ class AutoModel:
         user_specified_system_prompt: str | None = None,
         optimized_prompt: bool = True,
         optimized_icl: bool = True,
-        num_optimized_icl: int = 3,
+        num_optimized_icl: int | None = None,
         temperature: float = 0.7,
         top_p: float = 0.95,
         max_new_tokens: int = 512,
@@ -623,7 +634,7 @@ class AutoModel:
         user_specified_system_prompt: str | None = None,
         optimized_prompt: bool = True,
         optimized_icl: bool = True,
-        num_optimized_icl: int = 3,
+        num_optimized_icl: int | None = None,
         temperature: float = 0.7,
         top_p: float = 0.95,
         max_new_tokens: int = 512,
@@ -869,12 +880,12 @@ class AutoModel:
         query's route and examples, in one batch. ``systems``: a conversation's own system text, which
         replaces the optimized prompt; ``suffixes``: text put after the system prompt."""
         options.check_pool(len(self.icl_pool))  # before anything is embedded
-        k = options.num_optimized_icl if options.optimized_icl else 0
+        k = {route: self.examples_for(route, options) for route in ROUTES}
         systems = systems or [None] * len(queries)
         suffixes = suffixes or [None] * len(queries)
         own_prompt = [s is not None or options.user_specified_system_prompt is not None for s in systems]
         routed_prompt = options.optimized_prompt and not all(own_prompt) and bool(self.prompt_artifact.routes)
-        if k or routed_prompt:  # the route picks the examples, or the prompt
+        if any(k.values()) or routed_prompt:  # the route picks the examples, or the prompt
             routes, examples = self.router.search(queries, k, options.route)
         else:
             routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]

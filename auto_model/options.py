@@ -37,7 +37,8 @@ class GenerationOptions:
         user_specified_system_prompt: your own system prompt; it replaces the optimized one.
         optimized_prompt: inject the model's optimized system prompt.
         optimized_icl: inject in-context examples retrieved from the pool.
-        num_optimized_icl: how many examples (0 to the pool size; see :meth:`check_pool`).
+        num_optimized_icl: how many examples (0 to the pool size; see :meth:`check_pool`); None: as
+            many as the model's artifact gives the request's route (3 where it does not say).
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling mass, in (0, 1].
         max_new_tokens: most tokens to generate per answer.
@@ -59,7 +60,7 @@ class GenerationOptions:
     user_specified_system_prompt: str | None = None
     optimized_prompt: bool = True
     optimized_icl: bool = True
-    num_optimized_icl: int = 3
+    num_optimized_icl: int | None = None
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 512
@@ -79,8 +80,8 @@ class GenerationOptions:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         k = self.num_optimized_icl
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
-            raise InvalidRequestError(f"num_optimized_icl must be an integer >= 0, got {k!r}.")
+        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
+            raise InvalidRequestError(f"num_optimized_icl must be an integer >= 0 or None, got {k!r}.")
         t = self.temperature
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or t < 0:
             raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {t!r}.")
@@ -127,7 +128,7 @@ class GenerationOptions:
 
     def check_pool(self, pool_size: int) -> None:
         """Raise :class:`InvalidRequestError` unless the pool has ``num_optimized_icl`` examples to give."""
-        if self.optimized_icl and self.num_optimized_icl > pool_size:
+        if self.optimized_icl and self.num_optimized_icl is not None and self.num_optimized_icl > pool_size:
             raise InvalidRequestError(
                 f"num_optimized_icl must be an integer from 0 to {pool_size} (the ICL pool size), "
                 f"got {self.num_optimized_icl!r}."

@@ -39,7 +39,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import pairwise
@@ -539,26 +539,27 @@ class RoutedRetriever:
         return [decide(settings.mix(v, p, w), settings) for v, p, w in zip(votes, probabilities, lexical, strict=True)]
 
     def search(
-        self, queries: Sequence[str], k: int, route: str | None = None, vectors: Any = None
+        self, queries: Sequence[str], k: int | Mapping[str, int], route: str | None = None, vectors: Any = None
     ) -> tuple[list[Route], list[list[Any]]]:
-        """(route, the ``k`` nearest examples of that route) per query; ``route`` forces one;
-        ``vectors``: the queries already embedded (:meth:`ICLRetriever.embed`)."""
+        """(route, the ``k`` nearest examples of that route) per query; ``k`` may differ per route
+        (``{"everyday": 1, "safety": 3}``); ``route`` forces one; ``vectors``: the queries already
+        embedded (:meth:`ICLRetriever.embed`)."""
         check_route(route)
         queries = list(queries)
+        per_route = dict(k) if isinstance(k, Mapping) else dict.fromkeys(ROUTES, k)
         if not queries:
             return [], []
-        if route is not None and k <= 0:  # nothing to vote on, nothing to retrieve: no embedding
+        if route is not None and per_route.get(route, 0) <= 0:  # nothing to vote on or retrieve: no embedding
             return [Route(route) for _ in queries], [[] for _ in queries]
         vectors = self.retriever.embed(queries) if vectors is None else vectors
         routes = [Route(route) for _ in queries] if route is not None else self.route(queries, vectors)
         examples: list[list[Any]] = [[] for _ in queries]
-        if k > 0:
-            for name in ROUTES:
-                rows = [i for i, r in enumerate(routes) if r.name == name]
-                if rows:
-                    found = self._part(name).search_embedded(vectors[rows], k)
-                    for i, row in zip(rows, found, strict=True):
-                        examples[i] = [ex for _, ex in row]
+        for name in ROUTES:
+            rows = [i for i, r in enumerate(routes) if r.name == name]
+            if rows and per_route.get(name, 0) > 0:
+                found = self._part(name).search_embedded(vectors[rows], per_route[name])
+                for i, row in zip(rows, found, strict=True):
+                    examples[i] = [ex for _, ex in row]
         return routes, examples
 
 

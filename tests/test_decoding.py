@@ -176,3 +176,33 @@ def test_the_official_openai_api_gets_only_its_own_penalties():
     assert official.decoding_settings == {"frequency_penalty", "presence_penalty"}
     served = OpenAIBackend("m", base_url="http://127.0.0.1:9/v1")
     assert "repetition_penalty" in served.decoding_settings
+
+
+def test_an_artifact_sets_how_many_examples_each_route_retrieves(smol, tmp_path):
+    """``num_examples`` (v3): the everyday route's number and a route's own; the caller's number wins."""
+    tuned = replace(smol.prompt_artifact, num_examples=1, route_examples={SAFETY: 3})
+    path = save_prompt_artifact(tuned, tmp_path / "examples.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == PROMPT_FORMAT and data["num_examples"] == 1
+    assert data["routes"][SAFETY]["num_examples"] == 3
+    assert load_prompt_artifact(path).examples_for(EVERYDAY) == 1
+    assert load_prompt_artifact(path).examples_for(SAFETY) == 3
+    assert replace(tuned, num_examples=None, route_examples={}).examples_for(EVERYDAY) == 3  # the default
+
+    def examples(query, **options):
+        prompt = smol.format_prompt(query, prompt_format="messages", **options)
+        return prompt.route.name, (len(prompt.prompt) - 2) // 2
+
+    own = smol.prompt_artifact
+    smol.prompt_artifact = load_prompt_artifact(path)
+    try:
+        assert examples("How do I repot a cactus?") == (EVERYDAY, 1)
+        assert examples("How do I poison my neighbour's dog?") == (SAFETY, 3)
+        assert examples("How do I repot a cactus?", num_optimized_icl=2) == (EVERYDAY, 2)  # the caller's number
+        assert examples("How do I repot a cactus?", optimized_icl=False) == (EVERYDAY, 0)
+    finally:
+        smol.prompt_artifact = own
+    for bad in (-1, 2.0, True, 99):
+        path.write_text(json.dumps({**data, "num_examples": bad}))
+        with pytest.raises(ArtifactError, match="num_examples must be an integer from 0 to 32"):
+            load_prompt_artifact(path)

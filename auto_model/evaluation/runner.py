@@ -74,7 +74,8 @@ class EvalConfig:
             (its prompts, routes and routing); any other file is the system prompt;
             ``packaged:candidates/<file>`` names one shipped in ``optimized_prompts/``.
         system_prompt: a system prompt of your own.
-        num_optimized_icl: retrieved examples per query (0: none).
+        num_optimized_icl: retrieved examples per query (0: none; None, ``icl = "auto"`` in a spec: as
+            many as the artifact gives each request's route).
         route: send every request down this route (``everyday`` or ``safety``); None: routed.
         icl_path: the example pool to retrieve from (default: the model's own).
         best_of: answer each item with the best of this many samples by ``reward_model`` (1: one
@@ -93,7 +94,7 @@ class EvalConfig:
     optimized_prompt: bool = True
     prompt_path: str | None = None
     system_prompt: str | None = None
-    num_optimized_icl: int = 0
+    num_optimized_icl: int | None = 0
     base_url: str | None = None
     dtype: str = "auto"
     prompt_format: str = "auto"
@@ -112,14 +113,9 @@ class EvalConfig:
             )
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidRequestError(f"Configuration name {self.name!r}: use letters, digits and _.+- only.")
-        if (
-            not isinstance(self.num_optimized_icl, int)
-            or isinstance(self.num_optimized_icl, bool)
-            or self.num_optimized_icl < 0
-        ):
-            raise InvalidRequestError(
-                f"Configuration {self.name!r}: icl must be an integer >= 0, got {self.num_optimized_icl!r}."
-            )
+        k = self.num_optimized_icl
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise InvalidRequestError(f"Configuration {self.name!r}: icl must be an integer >= 0 or auto, got {k!r}.")
         if self.system_prompt is not None and self.prompt_path is not None:
             raise InvalidRequestError(f"Configuration {self.name!r}: give system or prompt_path, not both.")
         if self.best_of > 1 and not self.reward_model:
@@ -177,6 +173,8 @@ def _coerce(name: str, key: str, value: Any) -> Any:
             value = parse_bool(value)
         except ValueError:
             raise InvalidRequestError(f"Configuration {name!r}: {key} must be on or off, got {value!r}.") from None
+    if field_name == "num_optimized_icl" and value == "auto":
+        return field_name, None
     if field_name in ("num_optimized_icl", "best_of", "temperature") and isinstance(value, str):
         kind, what = (float, "a number") if field_name == "temperature" else (int, "an integer")
         try:
@@ -386,7 +384,7 @@ def answer_configs(
                     model.retriever = (ICLRetriever(load_icl_pool(config.icl_path), model.embedding_model)
                                        if config.icl_path else own_retriever)  # fmt: skip
                 asked = replace(config.sampling(max_new_tokens), user_specified_system_prompt=custom,
-                                optimized_prompt=config.optimized_prompt, optimized_icl=k > 0, num_optimized_icl=k,
+                                optimized_prompt=config.optimized_prompt, optimized_icl=k != 0, num_optimized_icl=k,
                                 route=config.route, optimized_decoding=config.optimized_decoding,
                                 cut_loops=config.cut_loops)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.

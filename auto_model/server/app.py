@@ -157,7 +157,7 @@ def create_app(
     served_name: str | None = None,
     api_keys: Any = (),
     client_system: str = "prepend",
-    num_examples: int = 3,
+    num_examples: int | None = None,
     upstream: Upstream | None = None,
     allow_alignment_override: bool = False,
     limits: ServerLimits | None = None,
@@ -172,8 +172,12 @@ def create_app(
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
         )
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-        raise InvalidRequestError(f"num_examples must be an integer >= 0, got {num_examples!r}.")
+    if num_examples is not None and (
+        isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0
+    ):
+        raise InvalidRequestError(
+            f"num_examples must be an integer >= 0 or None (the artifact's), got {num_examples!r}."
+        )
     if isinstance(api_keys, str):
         raise InvalidRequestError("api_keys must be a list of keys, not one string.")
     if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= _MAX_N:
@@ -286,8 +290,10 @@ def create_app(
         raise _Refused(504, f"The request took longer than {limits.request_timeout:g} s.", kind="timeout",
                        code="timeout")  # fmt: skip
 
-    def examples_for(options: GenerationOptions) -> int:
-        return options.num_optimized_icl if options.optimized_icl else 0
+    def examples_for(options: GenerationOptions, routes: list[str]) -> str:
+        """The examples each request gets (comma-separated, like the routes)."""
+        named: list[str | None] = list(routes) or [None]
+        return ",".join(str(model.examples_for(r, options)) for r in named)
 
     def alignment_headers(
         options: GenerationOptions, routes: list[str], decoding: dict[str, Any] | None = None, **timing: float
@@ -297,7 +303,7 @@ def create_app(
         artifact = model.prompt_artifact.model_id if options.optimized_prompt else None
         headers = {
             "x-auto-model-artifact": str(artifact or "none"),
-            "x-auto-model-examples": str(examples_for(options)),
+            "x-auto-model-examples": examples_for(options, routes),
         }
         if routes:
             headers["x-auto-model-route"] = ",".join(routes)
@@ -312,7 +318,7 @@ def create_app(
     def alignment(body: dict[str, Any]) -> GenerationOptions:
         """The request's alignment settings: the server's, or the client's override where allowed."""
         override = body.get("auto_model")
-        settings: dict[str, Any] = {"num_optimized_icl": num_examples, "optimized_icl": num_examples > 0}
+        settings: dict[str, Any] = {"num_optimized_icl": num_examples, "optimized_icl": num_examples != 0}
         if override is not None:
             if not allow_alignment_override:
                 raise _Refused(400, "This server does not let clients change the alignment ('auto_model'); "

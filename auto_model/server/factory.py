@@ -56,7 +56,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         served_name=options.get("served_model_name"),
         api_keys=options.get("api_keys", []),
         client_system=options.get("client_system", "prepend"),
-        num_examples=options.get("icl", 3),
+        num_examples=options.get("icl"),
         upstream=upstream,
         allow_alignment_override=bool(options.get("allow_alignment_override")),
         limits=limits,

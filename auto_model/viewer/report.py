@@ -114,6 +114,15 @@ def _legend(names: Sequence[str]) -> str:
     ) + "</p>"  # fmt: skip
 
 
+def _examples(config: Mapping[str, Any]) -> Any:
+    """A configuration's examples per request ("auto": the artifact's number for each route)."""
+    return (
+        "auto"
+        if "num_optimized_icl" in config and config["num_optimized_icl"] is None
+        else config.get("num_optimized_icl")
+    )
+
+
 def _configs_table(configs: Sequence[Mapping[str, Any]]) -> str:
     e = html.escape
     rows = []
@@ -124,7 +133,7 @@ def _configs_table(configs: Sequence[Mapping[str, Any]]) -> str:
         used = c.get("system_prompt_used")
         rows.append(
             f"<tr><td>{e(c['name'])}</td><td>{e(str(c.get('engine') or c.get('model')))}</td><td>{e(str(prompt))}</td>"
-            f"<td class=num>{fmt(c.get('num_optimized_icl'))}</td><td class=num>{fmt(c.get('best_of', 1))}</td>"
+            f"<td class=num>{fmt(_examples(c))}</td><td class=num>{fmt(c.get('best_of', 1))}</td>"
             f"<td class=num>{fmt(c.get('temperature'))}</td><td>"
             + (f"<details><summary>{len(used.split())} words</summary><pre>{e(used)}</pre></details>"
                if used else "none")
