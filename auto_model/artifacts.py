@@ -11,6 +11,7 @@ A file looks like::
       "num_examples": 1,                           # the everyday route's retrieved examples
       "routes": {"safety": {"system_prompt": "...", "decoding": {...}, "num_examples": 3, "provenance": {...}}},
       "routing": {"threshold": 0.5, "neighbours": 8, "temperature": 0.05},
+      "pool": {"drop": ["a pool query", ...], "add": [{"query": ..., "answer": ..., "tags": [...]}]},
       "provenance": {"method": "drpo" | "curated" | ..., "created": "...", ...}
     }
 
@@ -18,7 +19,9 @@ A file looks like::
 :mod:`auto_model.routing`); ``decoding`` (the model's decoding settings, see
 :data:`~auto_model.backends.base.DECODING_SETTINGS`; a route's own override the artifact's) and
 ``num_examples`` (how many examples a request retrieves when the caller does not say,
-:data:`DEFAULT_NUM_EXAMPLES` where the artifact does not either) are what v3 adds. A file is
+:data:`DEFAULT_NUM_EXAMPLES` where the artifact does not either) and ``pool`` (examples the model's
+pool drops, by query, and adds, over the packaged pool; :meth:`PromptArtifact.edit_pool`) are what
+v3 adds. A file is
 written in the oldest format that holds what it has, and v1 and v2 files load unchanged (every
 route then gets their one prompt, no decoding setting, and 3 examples).
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -76,6 +80,8 @@ class PromptArtifact:
         num_examples: retrieved examples per request on the everyday route (and on routes without
             their own); None: :data:`DEFAULT_NUM_EXAMPLES`.
         route_examples: route name -> its own number of examples.
+        pool_drop: queries of the packaged pool's examples this model does without.
+        pool_add: examples this model's pool has besides the packaged pool's (``ICLExample``).
     """
 
     model_id: str | None
@@ -91,6 +97,16 @@ class PromptArtifact:
     route_decoding: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_examples: int | None = None
     route_examples: dict[str, int] = field(default_factory=dict)
+    pool_drop: tuple[str, ...] = ()
+    pool_add: tuple[Any, ...] = ()
+
+    def edit_pool(self, pool: Sequence[Any]) -> list[Any]:
+        """``pool`` (examples) with this artifact's edits: its dropped queries left out, its added
+        examples after the rest."""
+        drop = set(self.pool_drop)
+        kept = [ex for ex in pool if ex.query not in drop]
+        have = {ex.query for ex in kept}
+        return kept + [ex for ex in self.pool_add if ex.query not in have and ex.query not in drop]
 
     def examples_for(self, route: str | None) -> int:
         """How many examples a request down ``route`` retrieves when its caller does not say."""
@@ -120,7 +136,8 @@ class PromptArtifact:
 
     def to_dict(self) -> dict[str, Any]:
         fmt = PROMPT_FORMAT_V2 if self.routes or self.routing else PROMPT_FORMAT_V1
-        v3 = self.decoding or self.route_decoding or self.num_examples is not None or self.route_examples
+        v3 = (self.decoding or self.route_decoding or self.num_examples is not None or self.route_examples
+              or self.pool_drop or self.pool_add)  # fmt: skip
         data: dict[str, Any] = {
             "format": PROMPT_FORMAT if v3 else fmt,
             "model_id": self.model_id,
@@ -144,6 +161,8 @@ class PromptArtifact:
                 data["routes"][name] = entry
         if self.routing:
             data["routing"] = dict(self.routing)
+        if self.pool_drop or self.pool_add:
+            data["pool"] = {"drop": list(self.pool_drop), "add": [ex.to_dict() for ex in self.pool_add]}
         data["provenance"] = {"method": self.method, **{k: v for k, v in self.provenance.items() if k != "method"}}
         return data
 
@@ -160,6 +179,7 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
     routes, route_provenance, routing = _routes(data, fmt, source)
     decoding, route_decoding = _decoding(data, fmt, source)
     num_examples, route_examples = _num_examples(data, fmt, source)
+    pool_drop, pool_add = _pool_edits(data, fmt, source)
     text = data.get("system_prompt")
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError(f"{source}: 'system_prompt' must be a non-empty string.")
@@ -186,7 +206,26 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
         route_decoding=route_decoding,
         num_examples=num_examples,
         route_examples=route_examples,
+        pool_drop=pool_drop,
+        pool_add=pool_add,
     )
+
+
+def _pool_edits(data: dict[str, Any], fmt: str, source: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The v3 ``pool`` edits of an artifact, checked."""
+    if "pool" not in data:
+        return (), ()
+    if fmt != PROMPT_FORMAT:
+        raise ArtifactError(f"{source}: 'pool' needs format {PROMPT_FORMAT!r}.")
+    from auto_model.retrieval import parse_icl_pool
+
+    pool = data["pool"]
+    if not isinstance(pool, dict) or set(pool) - {"drop", "add"}:
+        raise ArtifactError(f"{source}: 'pool' must be an object with 'drop' (queries) and 'add' (examples).")
+    drop = pool.get("drop", [])
+    if not isinstance(drop, list) or not all(isinstance(q, str) and q.strip() for q in drop):
+        raise ArtifactError(f"{source}: pool.drop must be a list of the queries of the examples to leave out.")
+    return tuple(drop), tuple(parse_icl_pool(pool.get("add", []), f"{source}: pool.add"))
 
 
 def _num_examples(data: dict[str, Any], fmt: str, source: str) -> tuple[int | None, dict[str, int]]:

@@ -193,7 +193,8 @@ class AutoModel:
         # wrong name or a bad file fails in about a second.
         source = None if backend_cls.remote else resolve_model(self.model_name)
         self._prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
-        self.icl_pool: list[ICLExample] = load_icl_pool(icl_path)
+        self._base_pool = load_icl_pool(icl_path)
+        self.icl_pool: list[ICLExample] = self._prompt_artifact.edit_pool(self._base_pool)
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
         self._router: RoutedRetriever | None = None
@@ -273,7 +274,7 @@ class AutoModel:
         with self._retriever_lock:
             self._retriever = retriever
             self._router = None
-            self.icl_pool = list(retriever.pool)
+            self.icl_pool = self._base_pool = list(retriever.pool)
 
     @property
     def reward(self) -> Any:
@@ -359,6 +360,9 @@ class AutoModel:
         if not isinstance(artifact, PromptArtifact):
             raise InvalidRequestError(f"prompt_artifact must be a PromptArtifact, got {type(artifact).__name__}.")
         with self._retriever_lock:
+            edited = artifact.edit_pool(self._base_pool)
+            if edited != self.icl_pool:  # the artifact's pool differs: its examples are retrieved from now on
+                self.icl_pool, self._retriever = edited, None
             self._prompt_artifact = artifact
             self._router = None
 

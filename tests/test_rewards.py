@@ -52,9 +52,12 @@ class ScriptedRole:
         self.asked.extend(prompts)
         return [Completion(self.reply(p), "stop", 1, 1) for p in prompts]
 
-    def answer(self, system_prompts, query, *, k, options):
-        self.asked.extend(system_prompts)
-        return [Completion(f"answer under {p}", "length" if "v1" in p else "stop", 1, 1) for p in system_prompts]
+    def answer_each(self, items):
+        self.asked.extend(p for p, _, _, _ in items)
+        return [Completion(f"answer under {p}", "length" if "v1" in p else "stop", 1, 1) for p, _, _, _ in items]
+
+    def examples(self, query, k, route=None):
+        return []
 
 
 def version(text: str) -> float:

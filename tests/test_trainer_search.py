@@ -49,10 +49,13 @@ class ScriptedRole:
             Completion(self.reply(p, None if seeds is None else seeds[i]), "stop", 1, 1) for i, p in enumerate(prompts)
         ]
 
-    def answer(self, system_prompts, query, *, k, options):
-        self.asked.extend(system_prompts)
-        self.queries.append(query)
-        return [Completion(self.reply(p, query), "stop", 1, 1) for p in system_prompts]
+    def answer_each(self, items):
+        self.asked.extend(p for p, _, _, _ in items)
+        self.queries.extend(dict.fromkeys(q for _, q, _, _ in items))
+        return [Completion(self.reply(p, q), "stop", 1, 1) for p, q, _, _ in items]
+
+    def examples(self, query, k, route=None):
+        return []
 
 
 def score_reply(scores: dict[str, float]) -> str:

@@ -30,8 +30,11 @@ class ScriptedRole:
             out.append(Completion(f"<prompt>\n{current} Rule {self.made}: be concrete.\n</prompt>", "stop", 1, 1))
         return out
 
-    def answer(self, system_prompts, query, *, k, options):
-        return [Completion(f"An answer under {len(p.split())} words of prompt.", "stop", 1, 1) for p in system_prompts]
+    def answer_each(self, items):
+        return [Completion(f"An answer under {len(p.split())} words of prompt.", "stop", 1, 1) for p, _, _, _ in items]
+
+    def examples(self, query, k, route=None):
+        return []
 
 
 class ScriptedReward:

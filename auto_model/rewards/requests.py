@@ -214,8 +214,22 @@ class Role:
     def answer(self, system_prompts: Sequence[str], query: str, *, k: int, options: GenerationOptions) -> list[Outcome]:
         """The model's answers to ``query`` under each system prompt, assembled as in inference
         (with the ``k`` examples of its route, or of ``options.route``), in one batch."""
-        examples = self.model.retrieve([query], k, options.route)[0] if k > 0 else []
-        return self.run([self.model.build_request(p, examples, query, options) for p in system_prompts])
+        examples = self.examples(query, k, options.route)
+        return self.answer_each([(p, query, examples, options) for p in system_prompts])
+
+    def answer_each(self, items: Sequence[tuple[str | None, str, Sequence[Any], GenerationOptions]]) -> list[Outcome]:
+        """Answers to several ``(system prompt, query, examples, options)``, each assembled as in
+        inference with the examples given, in one batch."""
+        return self.run([self.model.build_request(p, examples, q, o) for p, q, examples, o in items])
+
+    def examples(self, query: str, k: int, route: str | None = None) -> list[Any]:
+        """The ``k`` examples inference retrieves for ``query`` (down ``route``, or its own)."""
+        return self.model.retrieve([query], k, route)[0] if k > 0 else []
+
+    @property
+    def decoding_settings(self) -> frozenset[str]:
+        """The decoding settings the model's engine applies."""
+        return frozenset(self.model.backend.decoding_settings)
 
     def run(
         self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None

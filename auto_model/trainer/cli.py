@@ -81,7 +81,8 @@ def parser() -> ArgumentParser:
     add("--logging-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add("--ret-icl", type=bool_arg, default=True, help="retrieve in-context examples for the base model (true/false)")
     add("--is-gpt", type=bool_arg, default=False, help="the base model is served by the OpenAI API (true/false)")
-    add("--k", type=int, default=2, help="in-context examples retrieved per query")
+    add("--k", type=int, default=None, help="in-context examples retrieved per query (default: with --route, the "
+        "artifact's number for the route; else 2)")  # fmt: skip
     add("--cuda-visible-devices", default=None)
     add("--num-gpus", type=int, default=1)
     # Additions.
@@ -142,6 +143,20 @@ def parser() -> ArgumentParser:
         help="an answer this good on every aspect is not rewritten (default 4.5 for llm, 1 for metrics alone; none "
         "with a reward model)",
     )
+    add(
+        "--moves",
+        default="rewrite",
+        help="prompt: how candidates change, comma-separated: rewrite (the optimize model rewrites the prompt), "
+        "decoding (one decoding setting one step), examples (one example more or fewer per request, or a pool "
+        "example dropped, added from --example-bank, or replaced), sentences (a guideline sentence added, a "
+        "sentence dropped, two swapped); all but rewrite need --route",
+    )
+    add("--queries-per-level", type=int, default=1, help="prompt: training queries each candidate answers per level")
+    add("--token-cost", type=float, default=0.0, help="prompt: reward taken per 1,000 prompt tokens of a request")
+    add("--example-bank", default=None, help="prompt: examples the examples move may add: an ICL pool file, or the "
+        "responses of auto-model-feedback --mode rg (filtered: no loop, no refusal, 12-120 words)")  # fmt: skip
+    add("--guidelines", default=None, help="prompt: sentences the sentences move may add, one a line (default: the "
+        "packaged guidelines)")  # fmt: skip
     add("--num-iters", type=int, default=3, help="icl: rewrite rounds per example")
     add("--icl-path", default=None, help="icl: the pool to improve; router: the pool (default: the packaged pool)")
     add("--prompt-path", default=None, help="router and --route: the artifact to start from (default: the model's own)")
@@ -194,8 +209,26 @@ def _validate(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise InvalidRequestError(f"{kebab('--' + name)} must be >= 1, got {getattr(args, name)}.")
     for name in ("max_depth_increase", "k"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise InvalidRequestError(f"{kebab('--' + name)} must be >= 0, got {getattr(args, name)}.")
+    from auto_model.trainer.moves import MOVES
+
+    args.moves = tuple(m.strip() for m in str(args.moves).split(",") if m.strip())
+    unknown = [m for m in args.moves if m not in MOVES]
+    if unknown or not args.moves:
+        raise InvalidRequestError(
+            f"--moves takes some of {', '.join(MOVES)}, comma-separated; got {unknown or 'none'}."
+        )
+    if set(args.moves) - {"rewrite"} and args.route is None:
+        raise InvalidRequestError(
+            "--moves decoding, examples and sentences change a route's settings: pass --route everyday (or safety)."
+        )
+    if args.queries_per_level < 1:
+        raise InvalidRequestError(f"--queries-per-level must be >= 1, got {args.queries_per_level}.")
+    if args.token_cost < 0:
+        raise InvalidRequestError(f"--token-cost must be >= 0, got {args.token_cost}.")
+    if args.example_bank is not None and "examples" not in args.moves:
+        raise InvalidRequestError("--example-bank is what the examples move adds from: add examples to --moves.")
     if args.max_calls is not None and args.max_calls < 0:
         raise InvalidRequestError(f"--max-calls must be >= 0, got {args.max_calls}.")
     if args.temperature < 0:
@@ -245,11 +278,13 @@ def planned_calls(args: argparse.Namespace, command: str, pool_size: int = 0) ->
     if command == "icl":
         rewrites = pool_size * args.n_actions * args.num_iters
         return {"metrics": pool_size * judged, "eval": (pool_size + rewrites) * judged, "optimize": rewrites, "base": 0}
-    levels = min(args.depth + args.max_depth_increase, args.num_training_examples)
-    width = args.beam_size * args.n_actions
+    levels = min(args.depth + args.max_depth_increase, -(-args.num_training_examples // args.queries_per_level))
+    width = args.beam_size * args.n_actions * len(args.moves)
     candidates = 1 + width * (levels - 1)
-    return {"base": candidates, "metrics": levels * judged, "eval": candidates * judged,
-            "optimize": width * (levels - 1)}  # fmt: skip
+    rewrites = args.beam_size * args.n_actions * (levels - 1) if "rewrite" in args.moves else 0
+    answers = candidates * args.queries_per_level
+    return {"base": answers, "metrics": levels * args.queries_per_level * judged, "eval": answers * judged,
+            "optimize": rewrites}  # fmt: skip
 
 
 def build_roles(args: argparse.Namespace, cache: Any, usage: Any) -> dict[str, Any]:
@@ -392,10 +427,13 @@ def _run_prompt(
     started: float,
 ) -> int:
     from auto_model.trainer.data import load_training_queries, sample_training_queries
+    from auto_model.trainer.moves import Candidate, guideline_bank, load_example_bank
     from auto_model.trainer.search import BeamSearch, SearchConfig
 
     rows = load_training_queries(args.data_dir)
     base_artifact = None
+    bank = load_example_bank(args.example_bank, args.route) if args.example_bank else []  # checked before loading
+    guidelines = guideline_bank(args.guidelines) if "sentences" in args.moves else []
     if args.route is not None:
         from auto_model.artifacts import prompt_for_model
 
@@ -407,7 +445,13 @@ def _run_prompt(
             )
         if args.initial_system_prompt == ORIGINAL_DEFAULT_PROMPT:  # not given: the route's current prompt
             args.initial_system_prompt = base_artifact.prompt_for(args.route)
+    if args.k is None:
+        args.k = base_artifact.examples_for(args.route) if base_artifact is not None else 2
     rows = sample_training_queries(rows, args.num_training_examples, args.seed)
+    # The search starts from what the route holds now: its prompt, decoding settings and examples.
+    initial = Candidate(args.initial_system_prompt, examples=args.k)
+    if base_artifact is not None:
+        initial = initial.with_decoding(base_artifact.decoding_for(args.route))
     config = SearchConfig(
         depth=args.depth,
         beam_size=args.beam_size,
@@ -421,13 +465,16 @@ def _run_prompt(
         optimizer_max_new_tokens=args.judge_max_new_tokens,
         seed=args.seed,
         route=args.route,
+        moves=args.moves,
+        queries_per_level=args.queries_per_level,
+        token_cost=args.token_cost,
     )
     bar = None
     if not args.disable_tqdm:
         from tqdm import tqdm
 
         bar = tqdm(
-            total=min(args.depth + args.max_depth_increase, len(rows)),
+            total=min(args.depth + args.max_depth_increase, -(-len(rows) // args.queries_per_level)),
             desc="DRPO levels",
             unit="level",
             file=sys.stderr,
@@ -447,6 +494,9 @@ def _run_prompt(
         checkpoint,
         harmful=[r["category"] == "harmful" if r.get("category") else None for r in rows],
         progress=level_done,
+        initial=initial,
+        bank=bank,
+        guidelines=guidelines,
     )
     if args.resume and search.load():
         logger.info("Resumed from %s at level %d", checkpoint, search.level)
@@ -478,13 +528,23 @@ def _run_prompt(
             "ret_icl": args.ret_icl,
             "k": args.k,
             "seed": args.seed,
+            "moves": list(args.moves),
+            "queries_per_level": args.queries_per_level,
+            "token_cost": args.token_cost,
         },
         "best_node": best.id,
+        "best": {
+            "decoding": best.decoding,
+            "examples": best.examples,
+            "pool_drop": best.pool_drop,
+            "pool_add": best.pool_add,
+            "prompt_tokens": best.prompt_tokens,
+        },  # fmt: skip
         "path_rewards": best.path_rewards,
         "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
         "levels": search.summary(),
     }
-    artifact = _trained_artifact(args, best.prompt, provenance, base_artifact)
+    artifact = _trained_artifact(args, search.candidate(best), provenance, base_artifact, bank)
     output = Path(args.output) if args.output else out_dir / "optimized_prompt.json"
     save_prompt_artifact(artifact, output)
     print(search.summary_table(), file=sys.stderr)
@@ -494,25 +554,37 @@ def _run_prompt(
 
 
 def _trained_artifact(
-    args: argparse.Namespace, prompt: str, provenance: dict[str, Any], base: PromptArtifact | None
+    args: argparse.Namespace, best: Any, provenance: dict[str, Any], base: PromptArtifact | None, bank: Any = ()
 ) -> PromptArtifact:
     """The artifact a run writes: its prompt alone (v1), or, with --route, the model's artifact with
-    that route's prompt replaced (the other route, the routing and the aliases kept)."""
+    that route's state replaced: its prompt, and what the moves changed (its decoding settings, its
+    examples per request, the pool's edits); the other route, the routing and the aliases kept."""
     from dataclasses import replace
 
+    prompt = best.prompt
     if base is None or args.route is None:
         return PromptArtifact(model_id=args.base_model_name, system_prompt=prompt, method="drpo", provenance=provenance)
     made = {"method": "drpo", "route": args.route, **provenance}
     model_id = base.model_id if base.model_id not in (None, "default") else args.base_model_name
+    by_query = {ex.query: ex for ex in bank}
+    state: dict[str, Any] = {}
+    if best.settings != base.decoding_for(args.route):
+        state["route_decoding"] = {**base.route_decoding, args.route: best.settings}
+    if best.examples != base.examples_for(args.route):
+        state["route_examples"] = {**base.route_examples, args.route: best.examples}
+    if best.drop or best.add:
+        state["pool_drop"] = (*base.pool_drop, *best.drop)
+        state["pool_add"] = (*base.pool_add, *(by_query[q] for q in best.add))
     if args.route == "everyday":  # the artifact's main prompt is the everyday route's
         return replace(base, model_id=model_id, system_prompt=prompt, method="drpo", source=None,
-                       provenance={**made, "previous": base.provenance})  # fmt: skip
+                       provenance={**made, "previous": base.provenance}, **state)  # fmt: skip
     return replace(
         base,
         model_id=model_id,
         source=None,
         routes={**base.routes, args.route: prompt},
         route_provenance={**base.route_provenance, args.route: made},
+        **state,
     )
 
 

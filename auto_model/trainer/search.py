@@ -17,8 +17,16 @@ candidates:
   rationales, or, where the reward gives numbers without reasons, from a contrast: the answer's
   score beside the best- and worst-scoring answers of its level, with their scores.
 
+Besides the rewrite, ``moves`` may let a candidate change without a writer model
+(:mod:`auto_model.trainer.moves`): its decoding settings, its examples (how many, and which: the
+pool's or a bank's) and its prompt's sentences. A candidate is then a route's whole state
+(:class:`~auto_model.trainer.moves.Candidate`), answered with its own settings and examples. A
+level may answer ``queries_per_level`` training queries (the reward is the mean over them), and
+``token_cost`` takes that much reward per 1,000 prompt tokens a request pays, so that the injected
+context earns its cost.
+
 A path ends after ``depth`` levels (plus its extensions) or when the training queries run out. The
-result is the last prompt of the best finished path. After every level the whole tree is written
+result is the last candidate of the best finished path. After every level the whole tree is written
 atomically to a checkpoint, so a killed run resumes where it stopped; with the request cache, the
 interrupted level costs nothing it already paid for.
 """
@@ -28,10 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -42,6 +51,7 @@ from auto_model.errors import ArtifactError, EngineOutageError
 from auto_model.files import atomic_write_text
 from auto_model.options import GenerationOptions
 from auto_model.rewards.base import (
+    ItemScore,
     Reward,
     RewardItem,
     Score,
@@ -49,6 +59,15 @@ from auto_model.rewards.base import (
     has_rationales,
     score_from_record,
     score_record,
+)
+from auto_model.trainer.moves import (
+    MOVES,
+    Candidate,
+    Move,
+    decoding_moves,
+    example_moves,
+    pick,
+    sentence_moves,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +98,9 @@ class SearchConfig:
     optimizer_max_new_tokens: int = 512  # the optimizer's rewrites
     seed: int = 42
     route: str | None = None  # the base model's answers go down this route (None: routed as in inference)
+    moves: tuple[str, ...] = ("rewrite",)  # how candidates change (auto_model.trainer.moves.MOVES)
+    queries_per_level: int = 1  # training queries each candidate answers per level
+    token_cost: float = 0.0  # reward taken per 1,000 prompt tokens a request pays
 
 
 @dataclass
@@ -97,6 +119,13 @@ class Node:
     extensions: int = 0  # levels added to this path by "keep"
     error: str | None = None  # why this node has no answer or no score
     rejected: list[str] = field(default_factory=list)  # why the optimizer's other rewrites of the parent were dropped
+    decoding: dict[str, float] = field(default_factory=dict)  # the candidate's decoding settings
+    examples: int | None = None  # examples per request (None: the search's k)
+    pool_drop: list[str] = field(default_factory=list)  # queries of pool examples left out
+    pool_add: list[str] = field(default_factory=list)  # queries of bank examples added
+    note: str | None = None  # what a move changed
+    answers: list[dict[str, Any]] = field(default_factory=list)  # every query of the level: answer, reward, tokens
+    prompt_tokens: float | None = None  # mean prompt tokens of its requests
 
     @property
     def path_mean(self) -> float:
@@ -146,6 +175,23 @@ def feedback_lines(score: Score, scale: tuple[float, float] | None = None) -> st
     return "\n".join(lines) or "(no review)"
 
 
+def mean_score(scores: Sequence[Score]) -> Score:
+    """Scores of one candidate's answers to several queries as one: each aspect's mean over the
+    answers that have it (the first one's reasons); a failure if none was scored."""
+    scored = [s for s in scores if s.values]
+    if not scored:
+        return scores[0]
+    aspects = list(dict.fromkeys(a for s in scored for a in s.values or {}))
+    values = {a: sum(s.values[a] for s in scored if s.values and a in s.values)
+              / sum(1 for s in scored if s.values and a in s.values) for a in aspects}  # fmt: skip
+    return ItemScore(values, scored[0].rationales)
+
+
+def _as_saved(data: Any) -> Any:
+    """``data`` as it comes back from JSON (tuples as lists)."""
+    return json.loads(json.dumps(data))
+
+
 def clip(text: str, limit: int = 1200) -> str:
     """``text`` cut to ``limit`` characters (marked), so that long answers do not crowd a request."""
     text = text.strip()
@@ -175,8 +221,25 @@ class BeamSearch:
         *,
         harmful: Sequence[bool | None] | None = None,
         progress: Callable[[str], None] | None = None,
+        initial: Candidate | None = None,
+        bank: Sequence[Any] = (),
+        guidelines: Sequence[str] = (),
     ):
+        """``initial``: the root candidate (default: ``initial_prompt`` with no decoding settings,
+        ``config.k`` examples and the model's pool); ``bank``: examples the ``examples`` move may
+        add; ``guidelines``: sentences the ``sentences`` move may add."""
         self.base, self.optimizer, self.reward, self.config = base, optimizer, reward, config
+        unknown = set(config.moves) - set(MOVES)
+        if unknown or not config.moves:
+            raise ValueError(f"moves must be some of {', '.join(MOVES)}, got {', '.join(config.moves) or 'none'}.")
+        if config.queries_per_level < 1:
+            raise ValueError(f"queries_per_level must be >= 1, got {config.queries_per_level}.")
+        self.initial = initial or Candidate(initial_prompt, examples=config.k)
+        if self.initial.prompt != initial_prompt:
+            raise ValueError("the initial candidate's prompt must be the initial prompt.")
+        self.bank = {ex.query: ex for ex in bank}
+        self.guidelines = list(guidelines)
+        self._routers: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self.queries = list(queries)
         self.harmful = list(harmful) if harmful is not None else [None] * len(self.queries)
         if len(self.harmful) != len(self.queries):
@@ -194,9 +257,10 @@ class BeamSearch:
     def state(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": asdict(self.config),
+            "config": _as_saved(asdict(self.config)),
             "queries": self.queries,
             "initial_prompt": self.initial_prompt,
+            "initial": _as_saved(asdict(self.initial)),
             "level": self.level,
             "beam": self.beam,
             "finished": self.finished,
@@ -216,7 +280,8 @@ class BeamSearch:
         if (
             data["queries"] != self.queries
             or data["initial_prompt"] != self.initial_prompt
-            or {"route": None, **data["config"]} != asdict(self.config)  # older checkpoints have no route
+            or data.get("initial", _as_saved(asdict(self.initial))) != _as_saved(asdict(self.initial))
+            or _as_saved({**asdict(SearchConfig()), **data["config"]}) != _as_saved(asdict(self.config))
         ):
             raise ValueError(
                 f"{self.checkpoint_path} belongs to a run with other settings, training queries or initial prompt; "
@@ -274,45 +339,63 @@ class BeamSearch:
     def step(self) -> None:
         """Run one level: propose, answer, judge, select; then checkpoint."""
         level = self.level
-        if level >= len(self.queries):
+        indices = self._level_queries(level)
+        if not indices:
             self.finished.extend(self.beam)
             self.beam = []
             self.save()
             return
-        query = self.queries[level]
         proposals = self._proposals(level)
-        answers = self._answer([p.prompt for p in proposals], query)
-        for node, answer in zip(proposals, answers, strict=True):
-            if isinstance(answer, Completion):
-                node.answer, node.finish_reason = answer.text, answer.finish_reason
-            else:
-                node.error = f"the base model failed: {answer}"
-        judged = [n for n in proposals if n.answer is not None]
+        for node, outcomes in zip(proposals, self._answer(proposals, indices), strict=True):
+            for i, (answer, examples) in zip(indices, outcomes, strict=True):
+                if isinstance(answer, Completion):
+                    node.answers.append({"query": self.queries[i], "answer": answer.text, "examples": examples,
+                                         "finish_reason": answer.finish_reason,
+                                         "prompt_tokens": answer.prompt_tokens})  # fmt: skip
+                elif node.error is None:
+                    node.error = f"the base model failed: {answer}"
+            if node.answers:
+                node.answer, node.finish_reason = node.answers[0]["answer"], node.answers[0]["finish_reason"]
+                node.prompt_tokens = sum(a["prompt_tokens"] for a in node.answers) / len(node.answers)
+                node.error = None
+        judged = [n for n in proposals if n.answers]
         if not judged:  # an outage, not a result: the checkpoint keeps the last level that has answers
             raise EngineOutageError(
                 f"Level {level + 1}: every base-model request failed ({len(proposals)} of {len(proposals)}; "
                 f"{proposals[0].error}). "
                 f"Nothing of this level was saved; continue with --resume once the engine answers."
             )
-        harmful = self.harmful[level]
-        scores = self.reward.score(
-            [RewardItem(query, n.answer or "", harmful=harmful, finish_reason=n.finish_reason) for n in judged]
-        )
-        if all(s.unanswered for s in scores):  # the judge never replied at all
+        harmful = {self.queries[i]: self.harmful[i] for i in indices}
+        items = [RewardItem(a["query"], a["answer"], harmful=harmful[a["query"]], finish_reason=a["finish_reason"])
+                 for n in judged for a in n.answers]  # fmt: skip
+        scores = iter(self.reward.score(items))
+        per_node = [[next(scores) for _ in n.answers] for n in judged]
+        if all(s.unanswered for node_scores in per_node for s in node_scores):  # the judge never replied at all
             raise EngineOutageError(
-                f"Level {level + 1}: every judge request failed ({scores[0].error}). Nothing of this level "
+                f"Level {level + 1}: every judge request failed ({per_node[0][0].error}). Nothing of this level "
                 f"was saved; continue with --resume once the judge's engine answers."
             )
-        for node, score in zip(judged, scores, strict=True):
-            self._score(node, score)
+        for node, node_scores in zip(judged, per_node, strict=True):
+            for answer, score in zip(node.answers, node_scores, strict=True):
+                answer["reward"] = score.reward if score.values is not None else None
+            self._score(node, node_scores[0] if len(node_scores) == 1 else mean_score(node_scores))
         for node in proposals:
-            if node.answer is None:
+            if not node.answers:
                 node.path_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
         self.nodes.extend(proposals)
         self.level = level + 1
         best = self._select(proposals, level)
         self.progress(f"level {level + 1}: {len(proposals)} candidates, best path mean {best.path_mean:.2f}")
         self.save()
+
+    def _level_queries(self, level: int) -> list[int]:
+        """The training queries (indices) that level ``level`` answers."""
+        q = self.config.queries_per_level
+        return list(range(level * q, min((level + 1) * q, len(self.queries))))
+
+    def _levels(self) -> int:
+        """How many levels the training queries make."""
+        return -(-len(self.queries) // self.config.queries_per_level)
 
     def _select(self, proposals: Sequence[Node], level: int) -> Node:
         """Keep the best answered candidates of a level: in the beam, or finished where their path
@@ -321,7 +404,7 @@ class BeamSearch:
         keep = ranked[: self.config.beam_size]
         self.beam = []
         for node in keep:
-            if level + 1 >= self._limit(node) or level + 1 >= len(self.queries):
+            if level + 1 >= self._limit(node) or level + 1 >= self._levels():
                 self.finished.append(node.id)
             else:
                 self.beam.append(node.id)
@@ -331,41 +414,84 @@ class BeamSearch:
         parent_rewards = list(self.nodes[node.parent].path_rewards) if node.parent is not None else []
         node.evaluation = score_record(score)
         node.reward = score.reward if score.values is not None else None
+        if node.reward is not None and self.config.token_cost and node.prompt_tokens is not None:
+            node.reward -= self.config.token_cost * node.prompt_tokens / 1000  # what the injected context costs
         node.path_rewards = parent_rewards + ([node.reward] if node.reward is not None else [])
         if node.reward is None:
             attempts = node.evaluation.get("attempts", 1)
             node.error = f"the evaluation failed after {attempts} attempt{'s' * (attempts != 1)}: {score.error}"
 
+    def candidate(self, node: Node) -> Candidate:
+        """The state a node stands for."""
+        k = self.config.k if node.examples is None else node.examples
+        return Candidate(node.prompt, tuple(sorted(node.decoding.items())), k, tuple(node.pool_drop),
+                         tuple(node.pool_add))  # fmt: skip
+
     def _proposals(self, level: int) -> list[Node]:
         next_id = len(self.nodes)
-        if level == 0:
-            return [Node(next_id, None, 0, "init", self.initial_prompt, self.queries[0])]
-        proposals: list[Node] = []
+        first_query = self.queries[self._level_queries(level)[0]]
 
-        def child(parent: Node, action: str, prompt: str, extensions: int) -> None:
-            proposals.append(
-                Node(
-                    next_id + len(proposals),
-                    parent.id,
-                    level,
-                    action,
-                    prompt,
-                    self.queries[level],
-                    extensions=extensions,
-                )
-            )
+        def node(parent: Node | None, action: str, state: Candidate, extensions: int, note: str | None = None) -> Node:
+            return Node(next_id + len(proposals), None if parent is None else parent.id, level, action, state.prompt,
+                        first_query, extensions=extensions, decoding=state.settings, examples=state.examples,
+                        pool_drop=list(state.drop), pool_add=list(state.add), note=note)  # fmt: skip
+
+        proposals: list[Node] = []
+        if level == 0:
+            return [node(None, "init", self.initial, 0)]
+
+        def child(parent: Node, action: str, state: Candidate, extensions: int, note: str | None = None) -> None:
+            proposals.append(node(parent, action, state, extensions, note))
 
         to_rewrite: list[tuple[Node, Score]] = []
+        to_move: list[Node] = []
         for parent_id in self.beam:
             parent = self.nodes[parent_id]
             score: Score | None = score_from_record(parent.evaluation) if parent.evaluation else None
             if score is not None and all_at_least(score, self.config.skip_threshold):
-                child(parent, "keep", parent.prompt, parent.extensions + 1)
+                child(parent, "keep", self.candidate(parent), parent.extensions + 1)
             elif score is None or score.values is None:
-                child(parent, "carry", parent.prompt, parent.extensions)
+                child(parent, "carry", self.candidate(parent), parent.extensions)
             else:
-                to_rewrite.append((parent, score))
-        # All rewrites of the level in one batched optimizer call, each with its own seed.
+                to_move.append(parent)
+                if "rewrite" in self.config.moves:
+                    to_rewrite.append((parent, score))
+        rewrites, rejected = self._rewrites(to_rewrite)
+        for parent in to_move:
+            first, state = len(proposals), self.candidate(parent)
+            seen = {state}
+            for new in rewrites.get(parent.id, []):
+                seen.add(replace(state, prompt=new))
+                child(parent, "rewrite", replace(state, prompt=new), parent.extensions)
+            for move in self._moves(parent, state):
+                if move.candidate not in seen:
+                    seen.add(move.candidate)
+                    child(parent, move.kind, move.candidate, parent.extensions, move.note)
+            if len(proposals) == first:  # nothing usable: the candidate goes on unchanged
+                child(parent, "carry", state, parent.extensions)
+            proposals[first].rejected = rejected.get(parent.id, [])
+        return proposals
+
+    def _moves(self, parent: Node, state: Candidate) -> list[Move]:
+        """The parent's moves that need no writer model, ``n_actions`` of each kind (seeded)."""
+        made: list[Move] = []
+        for number, kind in enumerate(self.config.moves):
+            rng = random.Random(action_seed(self.config.seed, parent.id, 1000 + number))
+            if kind == "decoding":
+                options = decoding_moves(state, self.base.decoding_settings)
+            elif kind == "examples":
+                retrieved = [q for a in parent.answers for q in a.get("examples", [])]
+                options = example_moves(state, retrieved, list(self.bank))
+            elif kind == "sentences":
+                options = sentence_moves(state, self.guidelines)
+            else:
+                continue
+            made += pick(options, self.config.n_actions, rng)
+        return made
+
+    def _rewrites(self, to_rewrite: list[tuple[Node, Score]]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+        """The optimizer's usable rewrites of each parent's prompt, and why the others were dropped;
+        all of the level's in one batched optimizer call, each with its own seed."""
         prompts, seeds, owners = [], [], []
         for parent, score in to_rewrite:
             text = self.rewrite_request(parent, score)
@@ -393,15 +519,7 @@ class BeamSearch:
                 rejected[parent.id].append("a copy of the prompt or of another rewrite")
             else:
                 rewrites[parent.id].append(new)
-        for parent, _ in to_rewrite:
-            options = rewrites[parent.id]
-            first = len(proposals)
-            if not options:  # no usable rewrite: the candidate goes on unchanged
-                child(parent, "carry", parent.prompt, parent.extensions)
-            for new in options:
-                child(parent, "rewrite", new, parent.extensions)
-            proposals[first].rejected = rejected[parent.id]
-        return proposals
+        return rewrites, rejected
 
     def rewrite_request(self, parent: Node, score: Score) -> str:
         """The optimizer's request for rewrites of ``parent``'s prompt: the reward's reasons, or,
@@ -443,11 +561,45 @@ class BeamSearch:
             stop=("</prompt>",),
         )
 
-    def _answer(self, prompts: list[str], query: str) -> list[Any]:
-        options = GenerationOptions(
-            temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens, route=self.config.route
-        )
-        return self.base.answer(prompts, query, k=self.config.k if self.config.ret_icl else 0, options=options)
+    def _answer(self, nodes: Sequence[Node], indices: Sequence[int]) -> list[list[tuple[Any, list[str]]]]:
+        """Each node's answers to the level's queries, with the queries of the examples each request
+        got: every request of the level in one batched call (through the request cache)."""
+        items, examples = [], []
+        for node in nodes:
+            state = self.candidate(node)
+            for i in indices:
+                found = self._examples(state, self.queries[i])
+                examples.append([ex.query for ex in found])
+                items.append((node.prompt, self.queries[i], found, self._options(state)))
+        outcomes = iter(zip(self.base.answer_each(items), examples, strict=True))
+        return [[next(outcomes) for _ in indices] for _ in nodes]
+
+    def _options(self, state: Candidate) -> GenerationOptions:
+        """How the base model answers for a candidate: greedy, with the candidate's decoding settings."""
+        return GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens,
+                                 route=self.config.route, optimized_decoding=False, extra=state.settings)  # fmt: skip
+
+    def _examples(self, state: Candidate, query: str) -> list[Any]:
+        """The examples a request for ``query`` gets under ``state``, retrieved as in inference: from
+        the model's pool with the candidate's edits, down the search's route (or the query's own)."""
+        k = state.examples if self.config.ret_icl else 0
+        if k <= 0:
+            return []
+        if not state.drop and not state.add:
+            return self.base.examples(query, k, self.config.route)
+        model = self.base.model
+        key = (state.drop, state.add)
+        if key not in self._routers:
+            from auto_model.retrieval import ICLRetriever
+            from auto_model.routing import RoutedRetriever, RoutingSettings
+
+            edited = replace(
+                model.prompt_artifact, pool_drop=state.drop, pool_add=tuple(self.bank[q] for q in state.add)
+            )
+            settings = model.prompt_artifact.routing
+            self._routers[key] = RoutedRetriever(ICLRetriever(edited.edit_pool(model.icl_pool), model.embedding_model),
+                                                 RoutingSettings.from_dict(settings) if settings else None)  # fmt: skip
+        return self._routers[key].search([query], k, self.config.route)[1][0]
 
     # -- reports -----------------------------------------------------------------------------
 
@@ -481,7 +633,7 @@ class BeamSearch:
         for level in range(self.level):
             nodes = [n for n in self.nodes if n.level == level]
             rewards = [n.reward for n in nodes if n.reward is not None]
-            rewrites = [n for n in nodes if n.action == "rewrite"]
+            rewrites = [n for n in nodes if n.action in MOVES]  # the rewrites and the other moves
             rows.append(
                 {
                     "level": level + 1,
@@ -495,8 +647,13 @@ class BeamSearch:
                     "rejected": sum(len(n.rejected) for n in nodes),  # unusable rewrites of the parents
                     "actions": {
                         a: sum(n.action == a for n in nodes)
-                        for a in ("init", "rewrite", "keep", "carry")
+                        for a in ("init", *MOVES, "keep", "carry")
                         if any(n.action == a for n in nodes)
+                    },  # fmt: skip
+                    "accepted_by_kind": {
+                        a: sum(n.id in kept for n in rewrites if n.action == a)
+                        for a in MOVES
+                        if any(n.action == a for n in rewrites)
                     },  # fmt: skip
                 }
             )
@@ -530,6 +687,10 @@ class BeamSearch:
         for n in self.path(node):
             reward = "no score" if n.reward is None else f"reward {n.reward:.2f}"
             lines.append(f"=== level {n.level} · node {n.id} · {n.action} · {reward} · path mean {n.path_mean:.2f}")
+            if n.note:
+                lines.append(f"move: {n.note}")
+            if n.decoding or n.examples is not None:
+                lines.append(f"decoding: {n.decoding or 'none'} · examples per request: {n.examples}")
             lines.append(f"query: {n.query}")
             lines.append("prompt:")
             lines.append(n.prompt)

@@ -63,8 +63,21 @@ def _node(node: Mapping[str, Any], parent: Mapping[str, Any] | None, best: bool)
     else:
         parts.append(f'<div>prompt{" (unchanged)" if parent is not None else ""}:</div>'
                      f'<pre class="prompt">{e(node.get("prompt") or "")}</pre>')  # fmt: skip
-    parts.append(f"<div>query:</div><pre>{e(node.get('query') or '')}</pre>")
-    parts.append(f"<div>answer:</div><pre>{e(node.get('answer') or '(none)')}</pre>")
+    if node.get("note"):
+        parts.append(f'<div class="move">move: {e(node["note"])}</div>')
+    if node.get("decoding") or node.get("examples") is not None:
+        settings = ", ".join(f"{k} {v:g}" for k, v in (node.get("decoding") or {}).items()) or "none"
+        tokens = node.get("prompt_tokens")
+        parts.append(f"<div>decoding: {e(settings)} · examples per request: {fmt(node.get('examples'))}"
+                     + (f" · prompt tokens {tokens:.0f}" if tokens is not None else "") + "</div>")  # fmt: skip
+    answers = node.get("answers") or []
+    if len(answers) > 1:  # a level of several queries: each with its answer and reward
+        for a in answers:
+            parts.append(f"<div>query (reward {fmt(a.get('reward'))}):</div><pre>{e(a.get('query') or '')}</pre>"
+                         f"<pre>{e(a.get('answer') or '')}</pre>")  # fmt: skip
+    else:
+        parts.append(f"<div>query:</div><pre>{e(node.get('query') or '')}</pre>")
+        parts.append(f"<div>answer:</div><pre>{e(node.get('answer') or '(none)')}</pre>")
     if scores:
         rows = "".join(
             f"<tr><td>{e(a)}</td><td>{fmt(s.get('score'))}</td><td>{e(s.get('rationale') or '')}</td></tr>"

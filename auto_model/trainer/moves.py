@@ -1,0 +1,232 @@
+"""The search's moves that need no writer model: what a small model's search can change by itself.
+
+A candidate of the search is what a route of an artifact holds: its system prompt, its decoding
+settings, how many examples a request retrieves, and the example pool's edits. Besides the LLM
+rewrite of the prompt (``"rewrite"``, :mod:`auto_model.trainer.search`), each move changes one
+thing, chosen with the search's seeded random generator:
+
+* ``"decoding"`` — moves one decoding setting one step along :data:`DECODING_GRID`;
+* ``"examples"`` — one example more or fewer per request, drops a pool example that was retrieved
+  for the level's queries, adds an example from a candidate bank (:func:`load_example_bank`), or
+  replaces the one with the other;
+* ``"sentences"`` — adds a sentence from a bank of guidelines written for the project
+  (``templates/guidelines.txt``), drops a sentence, or swaps two neighbouring sentences.
+
+These are pure functions of a candidate; the search scores what they make like any candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from auto_model.errors import ArtifactError
+
+MOVES = ("rewrite", "decoding", "examples", "sentences")
+#: the values a move may take each decoding setting to, one step at a time
+DECODING_GRID: dict[str, tuple[float, ...]] = {
+    "frequency_penalty": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    "presence_penalty": (0.0, 0.2, 0.4, 0.6),
+    "repetition_penalty": (1.0, 1.05, 1.1, 1.15, 1.2),
+    "no_repeat_ngram_size": (0, 6, 5, 4),
+}
+#: the most examples a request may get from a move
+MAX_EXAMPLES = 5
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a route holds: its prompt, decoding settings, examples per request and pool edits."""
+
+    prompt: str
+    decoding: tuple[tuple[str, float], ...] = ()
+    examples: int = 3
+    drop: tuple[str, ...] = ()  # queries of pool examples left out
+    add: tuple[str, ...] = ()  # queries of bank examples added
+
+    @property
+    def settings(self) -> dict[str, float]:
+        return dict(self.decoding)
+
+    def with_decoding(self, settings: dict[str, float]) -> Candidate:
+        return replace(self, decoding=tuple(sorted((k, v) for k, v in settings.items())))
+
+
+@dataclass(frozen=True)
+class Move:
+    """A changed candidate and what changed (``note``, for the tree)."""
+
+    kind: str
+    candidate: Candidate
+    note: str
+
+
+def decoding_moves(candidate: Candidate, supported: frozenset[str] | set[str]) -> list[Move]:
+    """Every one-step move of one decoding setting (those the engine has) along the grid."""
+    moves = []
+    settings = candidate.settings
+    for name, grid in DECODING_GRID.items():
+        if name not in supported:
+            continue
+        current = settings.get(name, grid[0])
+        at = min(range(len(grid)), key=lambda i: abs(grid[i] - current))
+        for step in (-1, 1):
+            if 0 <= at + step < len(grid) and grid[at + step] != current:
+                value = grid[at + step]
+                new = {**settings, name: value}
+                if value == grid[0]:
+                    del new[name]  # the grid's first value is the engine's own default
+                moves.append(Move("decoding", candidate.with_decoding(new), f"{name} {current:g} -> {value:g}"))
+    return moves
+
+
+def example_moves(candidate: Candidate, retrieved: Sequence[str], bank: Sequence[str]) -> list[Move]:
+    """One example more or fewer per request; dropping one of the ``retrieved`` pool examples (their
+    queries: what the level's requests got); adding one of the ``bank``'s; replacing one by another."""
+    moves = []
+    k = candidate.examples
+    if k > 0:
+        moves.append(Move("examples", replace(candidate, examples=k - 1), f"examples per request {k} -> {k - 1}"))
+    if k < MAX_EXAMPLES:
+        moves.append(Move("examples", replace(candidate, examples=k + 1), f"examples per request {k} -> {k + 1}"))
+    added = set(candidate.add)
+    droppable = [q for q in dict.fromkeys(retrieved) if q not in candidate.drop]
+    fresh = [q for q in bank if q not in added]
+    for query in droppable:
+        if query in added:  # a bank example that was added: taking it out again
+            moves.append(Move("examples", replace(candidate, add=tuple(q for q in candidate.add if q != query)),
+                              f"removed the added example {query!r}"))  # fmt: skip
+        else:
+            moves.append(Move("examples", replace(candidate, drop=(*candidate.drop, query)), f"dropped {query!r}"))
+    for query in fresh:
+        moves.append(Move("examples", replace(candidate, add=(*candidate.add, query)), f"added {query!r}"))
+    for old in droppable[:2]:
+        for new in fresh[:2]:
+            if old not in added:
+                swapped = replace(candidate, drop=(*candidate.drop, old), add=(*candidate.add, new))
+                moves.append(Move("examples", swapped, f"replaced {old!r} by {new!r}"))
+    return moves
+
+
+def sentences(prompt: str) -> list[str]:
+    """A prompt's sentences (and lines), in order."""
+    return [s.strip() for s in _SENTENCE.split(prompt) if s.strip()]
+
+
+def _pieces(prompt: str) -> tuple[list[str], list[str]]:
+    """A prompt's sentences and the white space after each (its paragraphs and lines kept)."""
+    parts = re.split(f"({_SENTENCE.pattern})", prompt.strip())
+    return parts[0::2], [*parts[1::2], ""]
+
+
+def _join(parts: Sequence[str], gaps: Sequence[str]) -> str:
+    return "".join(p + g for p, g in zip(parts, gaps, strict=True)).strip()
+
+
+def sentence_moves(candidate: Candidate, bank: Sequence[str]) -> list[Move]:
+    """Adding a guideline the prompt lacks (at its end), dropping a sentence, swapping two
+    neighbouring sentences; the prompt's paragraphs and lines stay as they are."""
+    parts, gaps = _pieces(candidate.prompt)
+    moves = []
+    have = {p.strip().lower() for p in parts}
+    for line in bank:
+        if line.lower() not in have:
+            moves.append(Move("sentences", replace(candidate, prompt=f"{candidate.prompt.strip()} {line}"),
+                              f"added: {line}"))  # fmt: skip
+    if len(parts) > 1:
+        for i, part in enumerate(parts):
+            # the spaces on either side of the sentence become one, the wider (a paragraph break stays)
+            if i == 0:
+                keep_gaps = gaps[1:]
+            elif i == len(parts) - 1:
+                keep_gaps = [*gaps[: i - 1], ""]
+            else:
+                wider = max(gaps[i - 1], gaps[i], key=lambda g: (g.count("\n"), len(g)))
+                keep_gaps = [*gaps[: i - 1], wider, *gaps[i + 1 :]]
+            rest = parts[:i] + parts[i + 1 :]
+            moves.append(Move("sentences", replace(candidate, prompt=_join(rest, keep_gaps)), f"dropped: {part}"))
+        for i in range(len(parts) - 1):
+            swapped = [*parts[:i], parts[i + 1], parts[i], *parts[i + 2 :]]
+            moves.append(Move("sentences", replace(candidate, prompt=_join(swapped, gaps)),
+                              f"swapped sentences {i + 1} and {i + 2}"))  # fmt: skip
+    return moves
+
+
+def pick(moves: Sequence[Move], n: int, rng: random.Random) -> list[Move]:
+    """``n`` of ``moves`` (all of them if there are no more), in a seeded random order."""
+    moves = list(moves)
+    return moves if len(moves) <= n else rng.sample(moves, n)
+
+
+def guideline_bank(path: str | Path | None = None) -> list[str]:
+    """The guideline sentences the ``sentences`` move adds from: one a line (the packaged ones by default)."""
+    if path is None:
+        text = resources.files("auto_model.trainer").joinpath("templates/guidelines.txt").read_text(encoding="utf-8")
+    else:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+#: answers longer than this many words do not go into the example bank (the examples set the length)
+BANK_MAX_WORDS = 120
+BANK_MIN_WORDS = 12
+
+
+def load_example_bank(path: str | Path, route: str) -> list[Any]:
+    """The examples the ``examples`` move may add, for ``route``: an ICL pool file (its examples of
+    the route, as they are), or the responses of ``auto-model-feedback --mode rg`` filtered by the
+    metrics: no problem flagged, no loop, no refusal (for the everyday route; a refusal for
+    safety), between :data:`BANK_MIN_WORDS` and :data:`BANK_MAX_WORDS` words."""
+    from auto_model.prompting import format_answer
+    from auto_model.retrieval import ICLExample, parse_icl_pool
+    from auto_model.rewards.proxies import length_words, loops, refusal_kind
+    from auto_model.routing import SAFETY, SAFETY_TAG, example_route
+
+    source = Path(path).expanduser()
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"--example-bank {path}: not a readable JSON file ({exc}).") from exc
+    if isinstance(data, dict) and isinstance(data.get("responses"), list):
+        examples = []
+        for row in data["responses"]:
+            query, answer = row.get("prompt"), row.get("response")
+            if not isinstance(query, str) or not isinstance(answer, str) or row.get("problem"):
+                continue
+            refuses = refusal_kind(answer) == "refusal"
+            if (
+                loops(answer)
+                or refuses != (route == SAFETY)
+                or not BANK_MIN_WORDS <= length_words(answer) <= BANK_MAX_WORDS
+            ):
+                continue
+            tags = (SAFETY_TAG, "bank") if route == SAFETY else ("bank",)
+            examples.append(ICLExample(query.strip(), format_answer(answer.strip()), tags))
+    else:
+        examples = parse_icl_pool(data, str(source))
+    found = [ex for ex in examples if example_route(ex) == route]
+    if not found:
+        raise ArtifactError(f"--example-bank {path} holds no usable example for the {route} route.")
+    return found
+
+
+__all__ = [
+    "MOVES",
+    "DECODING_GRID",
+    "Candidate",
+    "Move",
+    "decoding_moves",
+    "example_moves",
+    "sentence_moves",
+    "sentences",
+    "pick",
+    "guideline_bank",
+    "load_example_bank",
+]
