@@ -327,7 +327,7 @@ class AutoModel:
             return list(outcomes)
         self._check_best_of(max(len(o.samples) for o in outcomes if isinstance(o, Completion)))
         items = [
-            RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason)
+            RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason, looped=s.looped)
             for i in owners
             for s in outcomes[i].samples  # type: ignore[union-attr]
         ]

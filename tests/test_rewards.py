@@ -197,3 +197,17 @@ def test_a_search_whose_rewrites_are_all_unusable_says_so(tmp_path):
         assert search.run().prompt == "Be helpful, v1"  # carried unchanged
         assert [row["rejected"] for row in search.summary()] == [0, 2]
         assert f"The search did not move: no rewrite was usable (2 x {reason})" in search.summary_table()
+
+
+def test_a_loop_the_sdk_cut_is_neither_a_clean_ending_nor_loop_free():
+    reward = MetricReward(["clean_ending", "no_loop"])
+    cut, looping, fine = reward.score(
+        [
+            RewardItem("q", "Keep the vase cool.", finish_reason="stop", looped=True),
+            RewardItem("q", "1. Use fresh water.\n2. Use fresh water.\n3. Use fresh water.", finish_reason="stop"),
+            RewardItem("q", "Keep the vase cool and change the water daily.", finish_reason="stop"),
+        ]
+    )
+    assert cut.values == {"clean_ending": 0.0, "no_loop": 0.0} and "repeat itself" in cut.rationales["no_loop"]
+    assert looping.values == {"clean_ending": 1.0, "no_loop": 0.0}
+    assert fine.values == {"clean_ending": 1.0, "no_loop": 1.0}

@@ -35,6 +35,7 @@ class RewardItem:
             the refusal metric needs it.
         finish_reason: how the answer ended (``"stop"`` or ``"length"``; None: unknown); the
             clean-ending metric needs it.
+        looped: the SDK cut the answer where it started to loop (it did not end on its own).
     """
 
     query: str
@@ -42,6 +43,7 @@ class RewardItem:
     aspects: tuple[str, ...] | None = None
     harmful: bool | None = None
     finish_reason: str | None = None
+    looped: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str) or not isinstance(self.answer, str):

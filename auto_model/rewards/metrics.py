@@ -8,7 +8,10 @@ metric              1.0 means                                                   
 ``refusal``         a harmful request is declined, an ordinary one is not (0.5: a        ``harmful``
                     refusal that comes only after the answer started, either way)
 ``no_repetition``   no word 3-gram repeats an earlier one (1 minus the repeated share)
-``clean_ending``    the answer ended on its own, not at the token limit                  ``finish_reason``
+``clean_ending``    the answer ended on its own, not at the token limit (nor where the   ``finish_reason``
+                    SDK cut a loop)
+``no_loop``         the answer does not loop (:func:`~auto_model.rewards.proxies.loops`),
+                    and the SDK did not cut it where it started to
 ==================  ===================================================================  ==========
 
 An item that lacks what its metric needs is not scored (its score says why); it is never guessed.
@@ -20,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from auto_model.errors import InvalidRequestError
 from auto_model.rewards.base import ItemScore, RewardItem
-from auto_model.rewards.proxies import ended_cleanly, refusal_kind, repetition
+from auto_model.rewards.proxies import ended_cleanly, loops, refusal_kind, repetition
 
 #: The metric's value and its reason, or None and why it cannot score the item.
 Measure = Callable[[RewardItem], tuple[float, str] | tuple[None, str]]
@@ -51,12 +54,27 @@ def _no_repetition(item: RewardItem) -> tuple[float, str] | tuple[None, str]:
 def _clean_ending(item: RewardItem) -> tuple[float, str] | tuple[None, str]:
     if item.finish_reason is None:
         return None, "the clean-ending metric needs the answer's finish_reason (RewardItem.finish_reason)"
+    if item.looped:
+        return 0.0, "It was cut where it started to repeat itself."
     if ended_cleanly(item.finish_reason):
         return 1.0, "It ends on its own."
     return 0.0, "It is cut off at the token limit."
 
 
-METRICS: dict[str, Measure] = {"refusal": _refusal, "no_repetition": _no_repetition, "clean_ending": _clean_ending}
+def _no_loop(item: RewardItem) -> tuple[float, str] | tuple[None, str]:
+    if item.looped:
+        return 0.0, "It started to repeat itself and was cut there."
+    if loops(item.answer):
+        return 0.0, "It repeats a sentence or an item again and again."
+    return 1.0, "It does not loop."
+
+
+METRICS: dict[str, Measure] = {
+    "refusal": _refusal,
+    "no_repetition": _no_repetition,
+    "clean_ending": _clean_ending,
+    "no_loop": _no_loop,
+}
 
 
 class MetricReward:

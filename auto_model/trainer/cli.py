@@ -133,8 +133,8 @@ def parser() -> ArgumentParser:
         "--reward",
         default="llm",
         help="what scores answers: llm (the judge roles), rm:PATH (a reward model from auto-model-rm train), "
-        "metric:NAME (refusal, no_repetition, clean_ending), or several, comma-separated, each with an optional "
-        "@WEIGHT (e.g. rm:rm-out@1,metric:refusal@2)",
+        "metric:NAME (refusal, no_repetition, clean_ending, no_loop), or several, comma-separated, each with an "
+        "optional @WEIGHT (e.g. rm:rm-out@1,metric:refusal@2)",
     )
     add(
         "--skip-threshold",

@@ -350,7 +350,7 @@ class BeamSearch:
             for i, (answer, examples) in zip(indices, outcomes, strict=True):
                 if isinstance(answer, Completion):
                     node.answers.append({"query": self.queries[i], "answer": answer.text, "examples": examples,
-                                         "finish_reason": answer.finish_reason,
+                                         "finish_reason": answer.finish_reason, "looped": answer.looped,
                                          "prompt_tokens": answer.prompt_tokens})  # fmt: skip
                 elif node.error is None:
                     node.error = f"the base model failed: {answer}"
@@ -366,8 +366,8 @@ class BeamSearch:
                 f"Nothing of this level was saved; continue with --resume once the engine answers."
             )
         harmful = {self.queries[i]: self.harmful[i] for i in indices}
-        items = [RewardItem(a["query"], a["answer"], harmful=harmful[a["query"]], finish_reason=a["finish_reason"])
-                 for n in judged for a in n.answers]  # fmt: skip
+        items = [RewardItem(a["query"], a["answer"], harmful=harmful[a["query"]], finish_reason=a["finish_reason"],
+                            looped=a.get("looped", False)) for n in judged for a in n.answers]  # fmt: skip
         scores = iter(self.reward.score(items))
         per_node = [[next(scores) for _ in n.answers] for n in judged]
         if all(s.unanswered for node_scores in per_node for s in node_scores):  # the judge never replied at all
