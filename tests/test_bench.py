@@ -16,7 +16,7 @@ def test_every_benchmark_starts():
         [sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "smoke: 11 of 11 benchmarks start" in out.stdout
+    assert "smoke: 12 of 12 benchmarks start" in out.stdout
     for name in (
         "batch_engine",
         "batch_loop",
@@ -27,6 +27,7 @@ def test_every_benchmark_starts():
         "default_path",
         "best_of",
         "replicas",
+        "alignment_tax",
     ):
         assert f"=== {name}: exit 0" in out.stdout
     # The one benchmark that needs no model runs in miniature against its 50 ms server.
