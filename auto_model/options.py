@@ -54,7 +54,8 @@ class GenerationOptions:
         optimized_decoding: apply the decoding settings of the model's artifact (its route's
             ``decoding``: e.g. a frequency penalty); sampling arguments in ``extra`` win over them.
         cut_loops: cut an answer where it starts to repeat itself (:mod:`auto_model.loops`); the
-            engine stops generating there where it can watch the answer grow.
+            engine stops generating there where it can watch the answer grow. Not for answers
+            constrained to a ``json_schema`` (cutting would break their structure).
     """
 
     user_specified_system_prompt: str | None = None
@@ -146,7 +147,7 @@ class GenerationOptions:
             dict(self.extra),
             self.json_schema,
             int(self.best_of),
-            self.cut_loops,
+            self.cut_loops and self.json_schema is None,  # a cut would break the JSON's structure
         )
 
 

@@ -198,7 +198,9 @@ class Role:
         if len(settings) != len(prompts):
             raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
         for i, text in enumerate(prompts):
-            s = settings[i] if seeds is None else replace(settings[i], seed=seeds[i])
+            # A judge's or an optimizer's reply is read by its parser, not shown: it is never cut.
+            s = replace(settings[i], cut_loops=False) if seeds is None else replace(settings[i], seed=seeds[i],
+                                                                                   cut_loops=False)  # fmt: skip
             request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
             if text_prompts and prefills[i]:
                 request = replace(request, prompt=request.prompt + prefills[i])
