@@ -206,3 +206,22 @@ def test_an_artifact_sets_how_many_examples_each_route_retrieves(smol, tmp_path)
         path.write_text(json.dumps({**data, "num_examples": bad}))
         with pytest.raises(ArtifactError, match="num_examples must be an integer from 0 to 32"):
             load_prompt_artifact(path)
+
+
+def test_an_artifacts_pool_edits_round_trip_and_apply_to_the_models_pool(tmp_path):
+    from auto_model.retrieval import ICLExample, load_icl_pool
+
+    pool = load_icl_pool()
+    added = ICLExample("How do I keep tulips standing up?", "<START>\nTrim them and use cold water.\n<END>", ("bank",))
+    edited = PromptArtifact("m", "Hi.", "drpo", pool_drop=(pool[0].query, added.query), pool_add=(added,))
+    path = save_prompt_artifact(replace(edited, pool_drop=(pool[0].query,)), tmp_path / "pool.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == PROMPT_FORMAT and data["pool"]["drop"] == [pool[0].query]
+    again = load_prompt_artifact(path)
+    assert again.pool_add == (added,) and again.edit_pool(pool) == [*pool[1:], added]
+    assert edited.edit_pool(pool) == pool[1:]  # an example both added and dropped is left out
+    for bad, message in [({"drop": "x"}, "pool.drop must be a list"), ({"add": [{"query": "q"}]}, "answer"),
+                         ({"keep": []}, "'pool' must be an object")]:  # fmt: skip
+        path.write_text(json.dumps({**data, "pool": bad}))
+        with pytest.raises(ArtifactError, match=message):
+            load_prompt_artifact(path)

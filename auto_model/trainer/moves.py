@@ -160,9 +160,20 @@ def sentence_moves(candidate: Candidate, bank: Sequence[str]) -> list[Move]:
 
 
 def pick(moves: Sequence[Move], n: int, rng: random.Random) -> list[Move]:
-    """``n`` of ``moves`` (all of them if there are no more), in a seeded random order."""
+    """``n`` of ``moves`` (all of them if there are no more), seeded: each pick first draws a kind of
+    change (the note's first word: ``added``, ``dropped``, a setting's name, ...), then one move of
+    that kind, so that a long list of one kind (a bank's examples) does not crowd out the others."""
     moves = list(moves)
-    return moves if len(moves) <= n else rng.sample(moves, n)
+    if len(moves) <= n:
+        return moves
+    groups: dict[str, list[Move]] = {}
+    for move in moves:
+        groups.setdefault(move.note.split(" ")[0].rstrip(":"), []).append(move)
+    chosen: list[Move] = []
+    while len(chosen) < n:
+        kind = rng.choice(sorted(k for k, group in groups.items() if group))
+        chosen.append(groups[kind].pop(rng.randrange(len(groups[kind]))))
+    return chosen
 
 
 def guideline_bank(path: str | Path | None = None) -> list[str]:

@@ -240,6 +240,7 @@ class BeamSearch:
         self.bank = {ex.query: ex for ex in bank}
         self.guidelines = list(guidelines)
         self._routers: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+        self._bank_index: Any = None
         self.queries = list(queries)
         self.harmful = list(harmful) if harmful is not None else [None] * len(self.queries)
         if len(self.harmful) != len(self.queries):
@@ -480,14 +481,28 @@ class BeamSearch:
             if kind == "decoding":
                 options = decoding_moves(state, self.base.decoding_settings)
             elif kind == "examples":
-                retrieved = [q for a in parent.answers for q in a.get("examples", [])]
-                options = example_moves(state, retrieved, list(self.bank))
+                # what the level's requests would get: the examples they retrieve now, the bank's nearest
+                queries = [self.queries[i] for i in self._level_queries(parent.level + 1)]
+                retrieved = [ex.query for q in queries for ex in self._examples(state, q)]
+                options = example_moves(state, retrieved, self._bank_near(queries))
             elif kind == "sentences":
                 options = sentence_moves(state, self.guidelines)
             else:
                 continue
             made += pick(options, self.config.n_actions, rng)
         return made
+
+    def _bank_near(self, queries: Sequence[str], per_query: int = 2) -> list[str]:
+        """The bank's examples nearest to ``queries`` (by the model's embedder): the ones an added
+        example would be retrieved for."""
+        if not self.bank:
+            return []
+        if self._bank_index is None:
+            from auto_model.retrieval import ICLRetriever
+
+            self._bank_index = ICLRetriever(list(self.bank.values()), self.base.model.embedding_model)
+        found = self._bank_index.search_embedded(self._bank_index.embed(list(queries)), per_query)
+        return list(dict.fromkeys(ex.query for row in found for _, ex in row))
 
     def _rewrites(self, to_rewrite: list[tuple[Node, Score]]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
         """The optimizer's usable rewrites of each parent's prompt, and why the others were dropped;

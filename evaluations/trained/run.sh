@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The auto-model-train runs whose artifacts are candidates to ship for the embedded models (everyday
+# route; moves that need no writer model; metrics as the reward, with a cost per prompt token), and
+# the evaluations that the rule in RULE.md reads. Run from the repository root:
+#   bash evaluations/trained/run.sh            # both models
+# A rerun answers every finished request from the runs' caches (runs/, not committed).
+set -euo pipefail
+BIN=${BIN:-.venv/bin}
+OUT=evaluations/trained
+TRAIN=(--route everyday --moves decoding,examples,sentences
+       --reward metric:clean_ending,metric:no_loop,metric:refusal --token-cost 0.2
+       --queries-per-level 8 --depth 6 --beam-size 2 --n-actions 2 --max-depth-increase 0
+       --num-training-examples 48 --max-new-tokens 256 --backend vllm --dtype float32 --seed 42
+       --example-bank feedback/embedded-models/gemma-3-270m-careful-3shot.json --disable-tqdm)
+step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+
+for MODEL in smollm2-135m-instruct gemma-3-270m; do
+    case $MODEL in
+        smollm2-135m-instruct) NAME=HuggingFaceTB/SmolLM2-135M-Instruct ;;
+        gemma-3-270m) NAME=google/gemma-3-270m ;;
+    esac
+    mkdir -p "$OUT/$MODEL"
+    [ -f "runs/trained-$MODEL/algo_output/checkpoint.json" ] && RESUME=--resume || RESUME=
+    step "$BIN/auto-model-train" "${TRAIN[@]}" --base-model-name "$NAME" --log-dir "runs/trained-$MODEL" $RESUME \
+        --output "$OUT/$MODEL/$MODEL.trained.json" 2> "$OUT/$MODEL/train.log"
+    cp "runs/trained-$MODEL/algo_output/output.json" "runs/trained-$MODEL/algo_output/tree.html" \
+        "runs/trained-$MODEL/algo_output/trace.txt" "$OUT/$MODEL/"
+done
