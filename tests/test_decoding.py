@@ -225,3 +225,28 @@ def test_an_artifacts_pool_edits_round_trip_and_apply_to_the_models_pool(tmp_pat
         path.write_text(json.dumps({**data, "pool": bad}))
         with pytest.raises(ArtifactError, match=message):
             load_prompt_artifact(path)
+
+
+@pytest.mark.vllm
+def test_an_openai_compatible_server_gets_the_decoding_settings_and_its_loops_are_cut(vllm_server, tmp_path):
+    """The openai backend against a real vLLM OpenAI server: the artifact's settings are sent (the
+    answer changes with them), a looping answer is cut when it is back, and a stream ends at the loop."""
+    from auto_model import AutoModel
+    from auto_model.constants import DEFAULT_MODEL
+
+    model = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")
+    assert "repetition_penalty" in model.backend.decoding_settings  # a server that is not OpenAI's own
+    raw = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **RAW)
+    cut_text, looped = cut_loop(raw.text)
+    assert looped
+    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, optimized_decoding=False)
+    assert cut.looped and cut.text == cut_text and cut.completion_tokens == raw.completion_tokens  # cut once back
+    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, optimized_decoding=False))
+    assert streamed.rstrip() == cut_text
+    model.prompt_artifact = replace(
+        model.prompt_artifact, decoding={"frequency_penalty": 1.0, "repetition_penalty": 1.1}
+    )
+    tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, cut_loops=False)
+    assert tuned.decoding == {"frequency_penalty": 1.0, "repetition_penalty": 1.1}
+    assert tuned.text != raw.text  # the server applied them
+    model.close()

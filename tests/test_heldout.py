@@ -133,3 +133,19 @@ def test_the_everyday_development_split_is_apart_from_the_everyday_held_out_spli
         @ embedder.encode(_queries(data / "everyday.jsonl"), normalize_embeddings=True).T
     )
     assert float(similarity.max()) < TOO_CLOSE
+
+
+def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_out_splits(embedder):
+    """An artifact's pool edits (``pool.add``, from a training run's example bank) become in-context
+    examples: they stay as far from every held-out query as the pool itself."""
+    from auto_model.artifacts import packaged_artifacts
+
+    added = [ex.query for artifact in packaged_artifacts() for ex in artifact.pool_add]
+    held = []
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "everyday"):
+        held += _queries(ROOT / "auto_model" / "data" / "eval" / f"{split}.jsonl")
+    probe = ["How do I get candle wax out of a tablecloth?"]  # a held-out query: the check can fail
+    vectors = embedder.encode(held, normalize_embeddings=True)
+    assert float((embedder.encode(probe, normalize_embeddings=True) @ vectors.T).max()) >= TOO_CLOSE
+    if added:
+        assert float((embedder.encode(added, normalize_embeddings=True) @ vectors.T).max()) < TOO_CLOSE

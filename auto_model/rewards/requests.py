@@ -198,9 +198,10 @@ class Role:
         if len(settings) != len(prompts):
             raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
         for i, text in enumerate(prompts):
-            # A judge's or an optimizer's reply is read by its parser, not shown: it is never cut.
-            s = replace(settings[i], cut_loops=False) if seeds is None else replace(settings[i], seed=seeds[i],
-                                                                                   cut_loops=False)  # fmt: skip
+            # A judge's or an optimizer's reply is read by its parser, not shown to a user: it is never cut,
+            # and the model's artifact does not choose its decoding.
+            plain = replace(settings[i], cut_loops=False, optimized_decoding=False)
+            s = plain if seeds is None else replace(plain, seed=seeds[i])
             request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
             if text_prompts and prefills[i]:
                 request = replace(request, prompt=request.prompt + prefills[i])

@@ -445,6 +445,8 @@ def _run_prompt(
             )
         if args.initial_system_prompt == ORIGINAL_DEFAULT_PROMPT:  # not given: the route's current prompt
             args.initial_system_prompt = base_artifact.prompt_for(args.route)
+        # The base model answers with that artifact: its routing, and its pool with the artifact's edits.
+        roles["base"].model.prompt_artifact = base_artifact
     if args.k is None:
         args.k = base_artifact.examples_for(args.route) if base_artifact is not None else 2
     rows = sample_training_queries(rows, args.num_training_examples, args.seed)
