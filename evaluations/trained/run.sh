@@ -26,3 +26,17 @@ for MODEL in smollm2-135m-instruct gemma-3-270m; do
     cp "runs/trained-$MODEL/algo_output/output.json" "runs/trained-$MODEL/algo_output/tree.html" \
         "runs/trained-$MODEL/algo_output/trace.txt" "$OUT/$MODEL/"
 done
+
+# The rule's measurements (RULE.md): the everyday held-out split (256 new tokens, with the reward
+# model's preference over the model alone), and the four held-out safety splits (96 new tokens).
+RM=feedback/embedded-models/rm   # trained by feedback/embedded-models/run.sh (its weights are not committed)
+[ -f "$RM/reward_model.json" ] || step "$BIN/auto-model-rm" train --data feedback/embedded-models/comparison.json \
+    --output "$RM" --epochs 2 --learning-rate 5e-5 > /dev/null
+for MODEL in smollm2-135m-instruct gemma-3-270m; do
+    step "$BIN/auto-model-eval" --configs "$OUT/$MODEL/configs.toml" --eval-set auto_model/data/eval/everyday.jsonl \
+        --output "$OUT/$MODEL/everyday" --max-new-tokens 256 --judge none --reward-model "$RM" --baseline alone
+    for SPLIT in heldout4 heldout heldout2 heldout3; do
+        step "$BIN/auto-model-eval" --configs "$OUT/$MODEL/configs.toml" --eval-set "auto_model/data/eval/$SPLIT.jsonl" \
+            --output "$OUT/$MODEL/$SPLIT" --max-new-tokens 96 --judge none
+    done
+done
