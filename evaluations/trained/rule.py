@@ -18,7 +18,7 @@ def records(model: str, split: str) -> list[dict]:
 
 
 def rate(values: list[bool]) -> float:
-    return 100 * sum(values) / len(values) if values else float("nan")
+    return 100 * (sum(values) / len(values)) if values else float("nan")  # as the reports round it
 
 
 def figures(model: str, config: str) -> dict[str, float]:
