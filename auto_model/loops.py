@@ -83,6 +83,9 @@ class LoopGuard:
     """
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.text = ""
         #: where the loop starts in :attr:`text`, once one is found
         self.cut: int | None = None
@@ -113,6 +116,15 @@ class LoopGuard:
         self.text += piece
         self._read(final=False)
         return self._show(final=False)
+
+    def follow(self, text: str) -> None:
+        """Read ``text``, the whole answer so far (an engine's decoded tokens): only what is new is
+        fed; if a token changed how the ones before it decode (rare), the answer is read anew."""
+        if self.cut is not None:
+            return
+        if not text.startswith(self.text):
+            self._reset()
+        self.feed(text[len(self.text) :])
 
     def flush(self) -> str:
         """The answer is complete: return the rest of what can be shown."""

@@ -170,3 +170,14 @@ def test_a_stream_holds_back_only_what_may_become_a_repeat():
     assert guard.feed(" week. Water the plant") == "a week. "  # the rest may become the same sentence again
     assert guard.feed(" twice in summer. ") == "Water the plant twice in summer. "
     assert not guard.looped
+
+
+def test_following_an_engines_decoded_text_reads_only_what_is_new_and_restarts_if_it_changed():
+    guard = LoopGuard()
+    guard.follow("Keep the vase cool.")
+    guard.follow("Keep the vase cool. Kee")
+    assert guard.text == "Keep the vase cool. Kee" and not guard.looped
+    guard.follow("Keep the vase cold. Keep")  # an earlier token decodes differently now: read anew
+    assert guard.text == "Keep the vase cold. Keep"
+    guard.follow("Keep the vase cold. Keep the vase cold. More")
+    assert guard.looped and guard.answer().rstrip() == "Keep the vase cold."

@@ -502,21 +502,13 @@ class LoopStop:
     def __init__(self, tokenizer: Any, start: int, rows: int):
         self.tokenizer, self.start = tokenizer, start
         self.guards = [LoopGuard() for _ in range(rows)]
-        self.texts = [""] * rows
 
     def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
         import torch
 
         for r, guard in enumerate(self.guards):
-            if guard.looped:
-                continue
-            text = self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True)
-            if text.startswith(self.texts[r]):
-                guard.feed(text[len(self.texts[r]) :])
-            else:  # a token changed how the ones before it decode (rare): read the text anew
-                self.guards[r] = guard = LoopGuard()
-                guard.feed(text)
-            self.texts[r] = text
+            if not guard.looped:
+                guard.follow(self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True))
         return torch.tensor([g.looped for g in self.guards], dtype=torch.bool, device=input_ids.device)
 
 

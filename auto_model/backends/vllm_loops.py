@@ -51,17 +51,10 @@ class RequestLoopStop:
     def __init__(self, tokenizer: Any, stop_token: int):
         self.tokenizer, self.stop_token = tokenizer, stop_token
         self.guard = LoopGuard()
-        self.text = ""
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         if not self.guard.looped and output_ids:
-            text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-            if text.startswith(self.text):
-                self.guard.feed(text[len(self.text) :])
-            else:  # a token changed how the ones before it decode (rare): read the text anew
-                self.guard = LoopGuard()
-                self.guard.feed(text)
-            self.text = text
+            self.guard.follow(self.tokenizer.decode(output_ids, skip_special_tokens=True))
         if self.guard.looped:
             forced = torch.full_like(logits, float("-inf"))
             forced[self.stop_token] = 0.0
