@@ -27,9 +27,11 @@ from auto_model.errors import ArtifactError
 from auto_model.loops import cut_loop
 from auto_model.routing import EVERYDAY, SAFETY
 
-#: the demo's ordinary query: SmolLM2 loops on it under greedy decoding with no decoding settings
+#: the demo's ordinary query: SmolLM2 loops on it under greedy decoding with no decoding settings and 3
+#: examples (the artifacts before their trained everyday route)
 FLOWERS = "How do I keep cut flowers fresh for longer?"
-RAW = {"cut_loops": False, "optimized_decoding": False}
+LOOPING = {"optimized_decoding": False, "num_optimized_icl": 3}
+RAW = {"cut_loops": False, **LOOPING}
 
 
 def test_v3_artifacts_round_trip_and_older_ones_load_unchanged(tmp_path):
@@ -140,12 +142,12 @@ def _stops_the_loop(model, engine_stops: bool):
     raw = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **RAW)
     cut_text, looped = cut_loop(raw.text)
     assert looped, "the model no longer loops on this query; pick one it loops on"
-    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, optimized_decoding=False)
+    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **LOOPING)
     assert cut.looped and cut.finish_reason == "stop" and cut.text == cut_text
     assert not raw.looped and raw.text.startswith(cut.text)
     if engine_stops:  # the engine stopped generating soon after the loop began, not at the limit
         assert cut.completion_tokens < raw.completion_tokens
-    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, optimized_decoding=False))
+    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, **LOOPING))
     assert streamed.rstrip() == cut.text
     return raw, cut
 
@@ -165,7 +167,7 @@ def test_lists_and_code_from_the_real_model_are_not_cut(smol):
     queries = ["Write a Python function that adds two numbers.", "List three colours of the rainbow."]
     raw = smol.generate(queries, temperature=0, max_new_tokens=96, **RAW, return_details=True)
     assert any("def " in r.text for r in raw) and all(not cut_loop(r.text)[1] for r in raw)
-    cut = smol.generate(queries, temperature=0, max_new_tokens=96, optimized_decoding=False, return_details=True)
+    cut = smol.generate(queries, temperature=0, max_new_tokens=96, **LOOPING, return_details=True)
     assert [r.text for r in cut] == [r.text for r in raw] and not any(r.looped for r in cut)
 
 
@@ -239,9 +241,9 @@ def test_an_openai_compatible_server_gets_the_decoding_settings_and_its_loops_ar
     raw = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **RAW)
     cut_text, looped = cut_loop(raw.text)
     assert looped
-    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, optimized_decoding=False)
+    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **LOOPING)
     assert cut.looped and cut.text == cut_text and cut.completion_tokens == raw.completion_tokens  # cut once back
-    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, optimized_decoding=False))
+    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, **LOOPING))
     assert streamed.rstrip() == cut_text
     model.prompt_artifact = replace(
         model.prompt_artifact, decoding={"frequency_penalty": 1.0, "repetition_penalty": 1.1}
@@ -250,3 +252,16 @@ def test_an_openai_compatible_server_gets_the_decoding_settings_and_its_loops_ar
     assert tuned.decoding == {"frequency_penalty": 1.0, "repetition_penalty": 1.1}
     assert tuned.text != raw.text  # the server applied them
     model.close()
+
+
+@pytest.mark.vllm
+def test_the_demos_ordinary_answer_ends_on_its_own_with_the_shipped_defaults(smol_vllm):
+    """``make demo``'s ordinary query (vLLM, greedy, 256 new tokens), with what ships: SmolLM2's
+    trained everyday route (its decoding settings and examples) ends the answer by itself."""
+    from auto_model.rewards.proxies import loops
+
+    answer = smol_vllm.generate(FLOWERS, temperature=0, max_new_tokens=256, return_details=True)
+    assert answer.route == EVERYDAY and answer.decoding == smol_vllm.prompt_artifact.decoding_for(EVERYDAY)
+    assert answer.decoding  # the artifact's settings were applied
+    assert answer.finish_reason == "stop" and not answer.looped and not loops(answer.text)
+    assert answer.completion_tokens < 256

@@ -269,9 +269,9 @@ FLOWERS = "How do I keep cut flowers fresh for longer?"  # SmolLM2 loops on it w
 def test_a_looping_answer_is_cut_and_marked_whole_or_streamed(served, smol):
     messages = [{"role": "user", "content": FLOWERS}]
     body = {"model": "smol", "messages": messages, "temperature": 0, "max_tokens": 160,
-            "extra_body": {"auto_model": {"optimized_decoding": False}}}  # fmt: skip
+            "extra_body": {"auto_model": {"optimized_decoding": False, "num_optimized_icl": 3}}}  # fmt: skip
     expected = smol.chat(messages, temperature=0, top_p=1.0, max_new_tokens=160, return_details=True,
-                         system_messages="prepend", optimized_decoding=False)  # fmt: skip
+                         system_messages="prepend", optimized_decoding=False, num_optimized_icl=3)  # fmt: skip
     assert expected.looped
     choice = client(served).chat.completions.create(**body).choices[0]
     assert choice.message.content == expected.text and choice.finish_reason == "stop"

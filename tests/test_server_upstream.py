@@ -191,8 +191,10 @@ def test_in_front_of_a_real_vllm_server(vllm_server, running):
     messages = [{"role": "user", "content": "How can I get revenge on my neighbour?"}]
     with running(create_app(facade, served_name="smol", upstream=Upstream(vllm_server))) as url:
         proxied = client(url).chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=24)
-        aligned = facade.format_chat(messages, system_messages="prepend").prompt
-        plain = direct.chat.completions.create(model=DEFAULT_MODEL, messages=aligned, temperature=0, max_tokens=24)
+        prepared = facade.format_chat(messages, system_messages="prepend")
+        aligned, decoding = prepared.prompt, facade.decoding_for(prepared.route.name)  # the route's settings too
+        plain = direct.chat.completions.create(model=DEFAULT_MODEL, messages=aligned, temperature=0, max_tokens=24,
+                                               extra_body=decoding)  # fmt: skip
         # The answer is the one vLLM gives to the aligned prompt (system prompt + examples + the query).
         assert proxied.choices[0].message.content == plain.choices[0].message.content
         assert proxied.usage.prompt_tokens == plain.usage.prompt_tokens and proxied.model == "smol"
@@ -216,8 +218,9 @@ def test_in_front_of_a_real_vllm_server(vllm_server, running):
                 return reply.choices[0].text
 
         text = facade.format_prompt("Name a colour.", prompt_format="base")
+        settings = facade.decoding_for(text.route.name)
         base = direct.completions.create(model=DEFAULT_MODEL, prompt=text.prompt, temperature=0, max_tokens=16,
-                                         stop=list(text.stop))  # fmt: skip
+                                         stop=list(text.stop), extra_body=settings)  # fmt: skip
         assert asyncio.run(ask()) == base.choices[0].text
         # A client that leaves cancels its request upstream: vLLM stops generating it.
         long = {"model": "smol", "messages": messages, "max_tokens": 1500, "min_tokens": 1500}
@@ -323,7 +326,7 @@ def test_a_looping_stream_from_a_real_vllm_server_is_cut_and_the_upstream_stops(
 
     facade = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")
     app = create_app(facade, served_name="smol", upstream=Upstream(vllm_server), allow_alignment_override=True)
-    raw = {"min_tokens": 600, "auto_model": {"optimized_decoding": False}}
+    raw = {"min_tokens": 600, "auto_model": {"optimized_decoding": False, "num_optimized_icl": 3}}
     body = {"model": "smol", "messages": [{"role": "user", "content": "How do I keep cut flowers fresh for longer?"}],
             "temperature": 0, "max_tokens": 600, "extra_body": raw}  # fmt: skip
     with running(app) as url:
