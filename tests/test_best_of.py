@@ -113,7 +113,7 @@ def test_best_of_on_a_server_and_through_our_server(vllm_server, reward, rm, smo
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
             raw = client.chat.completions.with_raw_response.create(model="smol", messages=messages, max_tokens=8,
                                                                     seed=5, temperature=0.9)  # fmt: skip
-            local = smol.chat(messages, temperature=0.9, max_new_tokens=8, seed=5, best_of=3,
+            local = smol.chat(messages, temperature=0.9, top_p=1.0, max_new_tokens=8, seed=5, best_of=3,
                               system_messages="prepend", return_details=True)  # fmt: skip
             assert raw.headers["x-auto-model-best-of"] == "3" and raw.parse().choices[0].message.content == local.text
             assert raw.parse().usage.completion_tokens == local.completion_tokens  # all three answers' tokens

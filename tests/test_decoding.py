@@ -108,7 +108,7 @@ def test_the_output_penalty_lowers_only_tokens_already_in_the_answer():
 def _engine_applies_decoding(model, tmp_path, caplog, lacking=None):
     own = model.prompt_artifact
     decoding = {"frequency_penalty": 1.0, **({lacking: 3} if lacking else {})}
-    tuned_artifact = replace(own, decoding=decoding, route_decoding={})
+    tuned_artifact = replace(own, decoding=decoding, route_decoding={}, route_examples={})  # 3 examples, as RAW
     model.prompt_artifact = load_prompt_artifact(save_prompt_artifact(tuned_artifact, tmp_path / "tuned.json"))
     try:
         with caplog.at_level(logging.DEBUG, logger="auto_model.model"):
@@ -246,7 +246,7 @@ def test_an_openai_compatible_server_gets_the_decoding_settings_and_its_loops_ar
     streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, **LOOPING))
     assert streamed.rstrip() == cut_text
     model.prompt_artifact = replace(
-        model.prompt_artifact, decoding={"frequency_penalty": 1.0, "repetition_penalty": 1.1}
+        model.prompt_artifact, decoding={"frequency_penalty": 1.0, "repetition_penalty": 1.1}, route_decoding={}
     )
     tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, cut_loops=False)
     assert tuned.decoding == {"frequency_penalty": 1.0, "repetition_penalty": 1.1}

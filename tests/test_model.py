@@ -71,7 +71,7 @@ def test_format_prompt_injects_artifact_and_retrieved_examples(smol):
     assert "What is the capital of Australia?" in p.prompt
     assert p.prompt.count("<|im_start|>assistant\n") == 3  # two examples + the open turn
     assert smol.prompt_artifact.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert smol.prompt_artifact.method == "curated"
+    assert smol.prompt_artifact.method == "drpo"  # its everyday route came from auto-model-train
 
 
 def test_switches_for_prompt_and_examples(smol):
@@ -137,4 +137,4 @@ def test_user_prompt_and_pool_files(smol, tmp_path):
 
 
 def test_repr_names_backend_and_prompt(smol):
-    assert "backend='transformers'" in repr(smol) and "curated" in repr(smol)
+    assert "backend='transformers'" in repr(smol) and "/drpo" in repr(smol)

@@ -48,8 +48,13 @@ def test_base_completions_match_the_offline_engine(vllm_server, smol_vllm):
     prompt = base.format_prompt("Name three prime numbers.", num_optimized_icl=2)
     assert isinstance(prompt.prompt, str) and prompt.prompt.endswith("# Answer:\n<START>\n")
     remote = base.generate("Name three prime numbers.", num_optimized_icl=2, return_details=True, **GREEDY)
+    settings = base.decoding_for(prompt.route.name)  # the route's decoding settings, which the server got too
     local = smol_vllm.backend.generate(
-        [GenerationRequest(prompt.prompt, SamplingParams(temperature=0, max_new_tokens=24, stop=prompt.stop))]
+        [
+            GenerationRequest(
+                prompt.prompt, SamplingParams(temperature=0, max_new_tokens=24, stop=prompt.stop, extra=settings)
+            )
+        ]
     )[0]
     assert remote.text == local.text.strip() and remote.text
     assert remote.prompt_tokens == local.prompt_tokens

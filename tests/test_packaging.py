@@ -78,7 +78,8 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
     module_file, pool_size, ids, train_size, template_ok = json.loads(out.stdout)
     assert module_file.startswith(str(target))
     assert pool_size >= 32 and "default" in ids and train_size == 180 and template_ok
-    assert len(ids) == 2  # the candidates folder is shipped, but a candidate is not a default
+    # the candidates folder is shipped, but a candidate is not a default
+    assert ids == ["HuggingFaceTB/SmolLM2-135M-Instruct", "default", "google/gemma-3-270m"]
 
 
 def test_top_level_folders_point_at_the_package_data():

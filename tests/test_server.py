@@ -235,13 +235,14 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(smol, runn
     assert 2 <= float(count) < 16  # the requests went to the engine in a few calls, not one each
 
 
-def test_a_client_that_leaves_a_stream_frees_the_engine(served):
+def test_a_client_that_leaves_a_stream_frees_the_engine(served, smol):
     messages = [{"role": "user", "content": "Write a very long essay about the history of the sea."}]
     started = time.perf_counter()
     body = {"model": "smol", "messages": messages, "max_tokens": 400, "stream": True}
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{served}/v1/chat/completions", headers=headers, json=body) as response:
-        assert response.headers["x-auto-model-route"] == "everyday" and response.headers["x-auto-model-examples"] == "3"
+        assert response.headers["x-auto-model-route"] == "everyday"
+        assert response.headers["x-auto-model-examples"] == str(smol.examples_for("everyday"))
         next(response.iter_lines())  # the stream has started; the client leaves
     quick = client(served).chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=2

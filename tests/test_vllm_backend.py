@@ -69,9 +69,12 @@ def test_a_batch_of_16_is_one_engine_call_equal_to_direct_vllm(smol_vllm):
 
     # The facade adds no distortion: the engine itself, given the same assembled prompts, says the same.
     prompts = smol_vllm.format_prompt(QUERIES)
-    direct = smol_vllm.backend.llm.generate(
-        [p.prompt for p in prompts], vllm.SamplingParams(temperature=0, max_tokens=24), use_tqdm=False
-    )
+    # ... and the decoding settings of each request's route (the artifact's), which it says it applied
+    params = [
+        vllm.SamplingParams(temperature=0, max_tokens=24, **smol_vllm.decoding_for(p.route.name)) for p in prompts
+    ]
+    direct = smol_vllm.backend.llm.generate([p.prompt for p in prompts], params, use_tqdm=False)
+    assert [a.decoding for a in answers] == [smol_vllm.decoding_for(p.route.name) for p in prompts]
     assert [a.text for a in answers] == [d.outputs[0].text.strip() for d in direct]
     assert [a.prompt_tokens for a in answers] == [len(d.prompt_token_ids) for d in direct]
     assert answers[1].text.lower().startswith("sorry, but i can't help")  # the injected prompt and examples at work

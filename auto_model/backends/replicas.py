@@ -82,7 +82,7 @@ class ReplicatedBackend(Backend):
     Args:
         replicas: the replicas (:func:`ray_replicas`, :func:`server_replicas`).
         model_id, prompt_style, tokenizer: what the replicas serve and how its prompts are rendered.
-        supports_chat, supports_json_schema: the replicas' engine's capabilities.
+        supports_chat, supports_json_schema, decoding_settings: the replicas' engine's capabilities.
         chunk_size: requests per chunk (default: half a batch's share of each replica, at most 64).
         on_close: called once the replicas are closed (e.g. to leave the Ray cluster).
     """
@@ -99,6 +99,7 @@ class ReplicatedBackend(Backend):
         tokenizer: Any = None,
         supports_chat: bool = False,
         supports_json_schema: bool = False,
+        decoding_settings: frozenset[str] | Sequence[str] = frozenset(),
         chunk_size: int | None = None,
         on_close: Any = None,
     ):
@@ -112,6 +113,7 @@ class ReplicatedBackend(Backend):
         self.tokenizer = tokenizer
         self.supports_chat = supports_chat  # type: ignore[misc]
         self.supports_json_schema = supports_json_schema  # type: ignore[misc]
+        self.decoding_settings = frozenset(decoding_settings)
         self.chunk_size = chunk_size
         self._stats = [ReplicaStats(r.name, r.node) for r in self.replicas]
         self._stats_lock = threading.Lock()  # concurrent batches share the replicas and their figures
@@ -265,6 +267,7 @@ def server_replicas(model_name: str, base_urls: Sequence[str], **options: Any) -
         prompt_style=first.prompt_style,
         supports_chat=True,
         supports_json_schema=True,
+        decoding_settings=frozenset.intersection(*(b.decoding_settings for b in backends)),
     )
 
 
@@ -324,6 +327,7 @@ class EngineActor:
             "prompt_style": backend.prompt_style,
             "supports_chat": backend.supports_chat,
             "supports_json_schema": backend.supports_json_schema,
+            "decoding_settings": sorted(backend.decoding_settings),
         }
 
     def tokenizer_files(self) -> dict[str, bytes]:
@@ -441,6 +445,7 @@ def ray_replicas(
         tokenizer=tokenizer,
         supports_chat=first["supports_chat"],
         supports_json_schema=first["supports_json_schema"],
+        decoding_settings=first.get("decoding_settings", ()),
         chunk_size=chunk_size,
         on_close=ray.shutdown if started else None,
     )

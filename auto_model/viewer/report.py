@@ -293,7 +293,7 @@ def report_html(report: Mapping[str, Any]) -> str:
         body.append(bar_chart("Judge scores (1-5)", aspects,
                               [(s["config"], [s["aspects"][a] for a in aspects]) for s in summary], 5))  # fmt: skip
     body.append(bar_chart("Proxies (% of answers)", [p for p, _, _ in PROXIES],
-                          [(s["config"], [None if s[k] is None else 100 * s[k] for _, k, _ in PROXIES])
+                          [(s["config"], [None if s.get(k) is None else 100 * s[k] for _, k, _ in PROXIES])
                            for s in summary], 100, "%"))  # fmt: skip
     body.append("</div><h2>Scores and proxies</h2>" + _summary_table(summary, bool(judge)))
     body.append(
