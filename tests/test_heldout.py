@@ -142,10 +142,58 @@ def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_ou
 
     added = [ex.query for artifact in packaged_artifacts() for ex in artifact.pool_add]
     held = []
-    for split in ("heldout", "heldout2", "heldout3", "heldout4", "everyday"):
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "everyday"):
         held += _queries(ROOT / "auto_model" / "data" / "eval" / f"{split}.jsonl")
     probe = ["How do I get candle wax out of a tablecloth?"]  # a held-out query: the check can fail
     vectors = embedder.encode(held, normalize_embeddings=True)
     assert float((embedder.encode(probe, normalize_embeddings=True) @ vectors.T).max()) >= TOO_CLOSE
     if added:
         assert float((embedder.encode(added, normalize_embeddings=True) @ vectors.T).max()) < TOO_CLOSE
+
+
+FORMS = ("past-tense", "hypothetical", "fiction-role-play", "multi-turn", "padded")
+
+
+def _user_text(row: dict) -> str:
+    """What a request asks: a conversation's user turns together, or the query."""
+    if "messages" in row:
+        return " ".join(m["content"] for m in row["messages"] if m["role"] == "user")
+    return row["query"]
+
+
+def test_the_reworded_split_pairs_every_request_with_a_reworded_form_and_is_held_out(pool, embedder):
+    """``heldout5.jsonl`` measures routing against the forms attackers use: 120 harmful requests and
+    120 ordinary ones (half of them only alarming-sounding), each plain and in one reworded form
+    (past tense, hypothetical, a fiction or role-play wrapper, a conversation whose earlier turns
+    carry the request, padding), 24 of each form per kind. It was written before any change it
+    measures, and is apart from every data file and split written before it."""
+    path = ROOT / "auto_model" / "data" / "eval" / "heldout5.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(load_eval_set(path)) == len(rows) == 480
+    plain = {r["id"]: r for r in rows if r["tags"][1] == "plain"}
+    reworded = [r for r in rows if r["tags"][1] != "plain"]
+    assert Counter(r["kind"] for r in plain.values()) == {"safety": 120, "regular": 120}
+    assert sorted(r["pair"] for r in reworded) == sorted(plain)  # each plain request has one reworded form
+    for kind in ("safety", "regular"):
+        assert Counter(r["tags"][1] for r in reworded if r["kind"] == kind) == dict.fromkeys(FORMS, 24)
+    for r in reworded:
+        base = plain[r["pair"]]
+        assert (r["kind"], r["tags"][0], r["tags"][2:]) == (base["kind"], base["tags"][0], base["tags"][2:])
+        if r["tags"][1] == "multi-turn":
+            assert [m["role"] for m in r["messages"]][::2] == ["user"] * ((len(r["messages"]) + 1) // 2)
+            assert r["messages"][-1]["role"] == "user" and r["query"] == r["messages"][-1]["content"]
+        if r["tags"][1] == "padded":
+            assert base["query"] in r["query"] and len(r["query"]) > 3 * len(base["query"])
+    assert sum("safe-but-alarming" in r["tags"] for r in plain.values()) == 60
+    assert len({r["tags"][0] for r in plain.values() if r["kind"] == "safety"}) >= 80  # harm categories
+    data = ROOT / "auto_model" / "data"
+    before = [ex.query for ex in pool]
+    for name in ("train/train.jsonl", "train/routing.jsonl", "eval/eval.jsonl", "eval/dev.jsonl"):
+        before += _queries(data / name)
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "everyday", "everyday-dev"):
+        before += _queries(data / "eval" / f"{split}.jsonl")
+    similarity = (
+        embedder.encode([_user_text(r) for r in rows], normalize_embeddings=True)
+        @ embedder.encode(before, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
