@@ -13,7 +13,7 @@ import pytest
 from auto_model.constants import DEFAULT_MODEL
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation import cli as eval_cli
-from auto_model.evaluation.eval_set import load_eval_set, take
+from auto_model.evaluation.eval_set import EvalItem, load_eval_set, take
 from auto_model.evaluation.report import pairwise, summarize
 from auto_model.evaluation.runner import EvalConfig, load_config_file, parse_config_spec
 from auto_model.rewards.proxies import loops
@@ -97,7 +97,10 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
     from auto_model.evaluation.runner import answer_configs
     from auto_model.rewards.requests import RequestCache, Usage
 
-    items = take(load_eval_set(), 2)
+    talk = EvalItem("talk", "Which one should I try first?", "regular", ("chat",),
+                    (("user", "I want to learn to juggle or to knit."), ("assistant", "Both are fun hobbies."),
+                     ("user", "Which one should I try first?")))  # fmt: skip
+    items = [*take(load_eval_set(), 2), talk]
     routed = save_prompt_artifact(
         PromptArtifact("m", "Everyday prompt.", "user", routes={"safety": "Safety prompt."}), tmp_path / "a.json"
     )
@@ -126,9 +129,15 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
         assert {a.system_prompt for a in forced} == {own.prompt_for("safety")}
         assert {a.system_prompt for a in done.answers if a.config == "artifact"} == {"Safety prompt."}
         assert smol.prompt_artifact is own
-        # 8 requests; one item's routed request and its forced one can be the same request (cached).
+        # 12 requests; one item's routed request and its forced one can be the same request (cached).
         sent = usage.calls
-        assert built == ["closed"] and sent + usage.roles["answer"].cached == 8 and done.kept is None
+        assert built == ["closed"] and sent + usage.roles["answer"].cached == 12 and done.kept is None
+        # A conversation is sent as chat() sends it: its earlier turns are in the prompt.
+        from auto_model.evaluation.runner import _requests
+        from auto_model.options import GenerationOptions
+
+        (request,) = _requests(smol, [talk], [talk.query], GenerationOptions(max_new_tokens=8))
+        assert "learn to juggle" in str(request.prompt) and request.query == talk.query
         again = answer()
         assert usage.calls == sent and [a.text for a in again.answers] == [a.text for a in done.answers]  # all cached
     finally:
@@ -322,6 +331,13 @@ def test_eval_set_validation_and_limit(tmp_path):
     path.write_text('{"id": "a", "query": "q"}\n{"id": "a", "query": "r"}\n', encoding="utf-8")
     with pytest.raises(ArtifactError, match="duplicate id"):
         load_eval_set(path)
+    path.write_text('{"id": "a", "query": "q", "messages": [{"role": "user", "content": "other"}]}\n', encoding="utf-8")
+    with pytest.raises(ArtifactError, match="last turn is the user's query"):
+        load_eval_set(path)
+    turns = [{"role": r, "content": c} for r, c in (("user", "hi"), ("assistant", "hello"), ("user", "q"))]
+    path.write_text(json.dumps({"id": "a", "query": "q", "messages": turns}) + "\n", encoding="utf-8")
+    (item,) = load_eval_set(path)
+    assert item.conversation == turns and item.to_dict()["messages"] == turns
     items = load_eval_set()
     six = take(items, 6)
     assert [i.kind for i in six].count("safety") == 2 and len(six) == 6

@@ -1,5 +1,8 @@
 """Eval sets: JSONL, one item per line: ``{"id": ..., "query": ..., "kind": "regular" | "safety", "tags": [...]}``.
 
+An item may be a conversation: ``messages`` (``{"role": "user" | "assistant", "content": ...}``
+turns, ending with a user turn) is then what is sent, and ``query`` is its last user turn.
+
 The packaged set (``data/eval/eval.jsonl``) holds 100 regular queries (everyday, expert, creative,
 advice) and 40 harmful requests, disjoint from the training queries and the ICL pool. Any file with
 the same fields works, e.g. a converted just-eval-instruct file. ``kind`` defaults to ``regular``.
@@ -24,9 +27,38 @@ class EvalItem:
     query: str
     kind: str = "regular"
     tags: tuple[str, ...] = field(default_factory=tuple)
+    #: the whole conversation, when the item is one (its last turn is ``query``)
+    messages: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def conversation(self) -> list[dict[str, str]] | None:
+        """The item's turns as chat messages, or ``None`` for a single request."""
+        if self.messages is None:
+            return None
+        return [{"role": role, "content": content} for role, content in self.messages]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "query": self.query, "kind": self.kind, "tags": list(self.tags)}
+        row: dict[str, Any] = {"id": self.id, "query": self.query, "kind": self.kind, "tags": list(self.tags)}
+        if self.conversation is not None:
+            row["messages"] = self.conversation
+        return row
+
+
+def _messages(row: dict[str, Any], where: str) -> tuple[tuple[str, str], ...] | None:
+    messages = row.get("messages")
+    if messages is None:
+        return None
+    turns = []
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str):
+                turns.append((m["role"], m["content"]))
+    if not turns or len(turns) != len(messages) or turns[-1] != ("user", row["query"]):
+        raise ArtifactError(
+            f"{where}: messages must be a list of user and assistant turns ({{'role': ..., 'content': ...}}) "
+            "whose last turn is the user's query."
+        )
+    return tuple(turns)
 
 
 def packaged_eval_path() -> Path:
@@ -54,7 +86,7 @@ def load_eval_set(path: str | Path | None = None) -> list[EvalItem]:
         tags = row.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ArtifactError(f"{where}: tags must be a list of strings.")
-        items.append(EvalItem(item_id, row["query"], kind, tuple(tags)))
+        items.append(EvalItem(item_id, row["query"], kind, tuple(tags), _messages(row, where)))
     if not items:
         raise ArtifactError(f"{path} holds no eval items.")
     return items

@@ -388,7 +388,7 @@ def answer_configs(
                                 route=config.route, optimized_decoding=config.optimized_decoding,
                                 cut_loops=config.cut_loops)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.
-                requests = model.build_requests(queries, asked)
+                requests = _requests(model, items, queries, asked)
                 done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)
                 t0 = time.perf_counter()
                 outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
@@ -416,6 +416,19 @@ def answer_configs(
         else:
             model.close()
     return done
+
+
+def _requests(model: Any, items: Sequence[EvalItem], queries: list[str], options: Any) -> list[Any]:
+    """The engine requests for the items, in order: single requests as ``generate`` sends them,
+    conversations as ``chat`` does."""
+    talks = {i: item.conversation for i, item in enumerate(items) if item.conversation is not None}
+    single = [i for i in range(len(items)) if i not in talks]
+    out: dict[int, Any] = {}
+    if single:
+        out.update(zip(single, model.build_requests([queries[i] for i in single], options), strict=True))
+    if talks:
+        out.update(zip(talks, model.build_chat_requests(list(talks.values()), options), strict=True))
+    return [out[i] for i in range(len(items))]
 
 
 def run_evaluation(
