@@ -194,7 +194,8 @@ class AutoModel:
         source = None if backend_cls.remote else resolve_model(self.model_name)
         self._prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
         self._base_pool = load_icl_pool(icl_path)
-        self.icl_pool: list[ICLExample] = self._prompt_artifact.edit_pool(self._base_pool)
+        self._own_pool = icl_path is not None  # your own pool is used as it is; artifacts edit the packaged one
+        self.icl_pool: list[ICLExample] = self._edited_pool(self._prompt_artifact)
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
         self._router: RoutedRetriever | None = None
@@ -360,11 +361,15 @@ class AutoModel:
         if not isinstance(artifact, PromptArtifact):
             raise InvalidRequestError(f"prompt_artifact must be a PromptArtifact, got {type(artifact).__name__}.")
         with self._retriever_lock:
-            edited = artifact.edit_pool(self._base_pool)
+            edited = self._edited_pool(artifact)
             if edited != self.icl_pool:  # the artifact's pool differs: its examples are retrieved from now on
                 self.icl_pool, self._retriever = edited, None
             self._prompt_artifact = artifact
             self._router = None
+
+    def _edited_pool(self, artifact: PromptArtifact) -> list[ICLExample]:
+        """The pool requests retrieve from: the packaged pool with the artifact's edits, or your own."""
+        return list(self._base_pool) if self._own_pool else artifact.edit_pool(self._base_pool)
 
     @property
     def router(self) -> RoutedRetriever:

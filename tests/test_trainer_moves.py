@@ -131,6 +131,7 @@ def test_decoding_and_sentence_moves_on_the_real_trainer_with_a_token_cost(tmp_p
     best = tree["nodes"][tree["result"]["node"]]
     artifact = load_prompt_artifact(out)
     assert artifact.system_prompt == best["prompt"] and artifact.decoding_for(EVERYDAY) == best["decoding"]
+    assert artifact.prompt_for(EVERYDAY) == best["prompt"]  # the route's own copy too, where the start has one
     assert artifact.examples_for(EVERYDAY) == best["examples"] and artifact.routing == own.routing
     assert artifact.prompt_for("safety") == own.prompt_for("safety") and artifact.decoding_for("safety") == {}
     assert artifact.provenance["search"]["moves"] == ["decoding", "sentences", "examples"]
