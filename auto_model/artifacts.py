@@ -45,7 +45,7 @@ from auto_model.backends.base import check_decoding
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.files import atomic_write_text
 from auto_model.resolve import normalize_name
-from auto_model.routing import ROUTES, RoutingSettings
+from auto_model.routing import EVERYDAY, ROUTES, RoutingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
     text = data.get("system_prompt")
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError(f"{source}: 'system_prompt' must be a non-empty string.")
+    if routes.get(EVERYDAY) == text.strip():  # the copy to_dict writes beside the route's settings: the main
+        del routes[EVERYDAY]  # prompt is the everyday route's, and a later change to it changes the route too
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise ArtifactError(f"{source}: 'aliases' must be a list of strings.")

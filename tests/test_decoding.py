@@ -222,6 +222,11 @@ def test_an_artifacts_pool_edits_round_trip_and_apply_to_the_models_pool(tmp_pat
     again = load_prompt_artifact(path)
     assert again.pool_add == (added,) and again.edit_pool(pool) == [*pool[1:], added]
     assert edited.edit_pool(pool) == pool[1:]  # an example both added and dropped is left out
+    # A route that only has settings is saved with a copy of the main prompt; it loads as the main prompt's.
+    settled = save_prompt_artifact(replace(edited, route_decoding={EVERYDAY: {"frequency_penalty": 0.4}}), path)
+    again = load_prompt_artifact(settled)
+    assert json.loads(settled.read_text())["routes"][EVERYDAY]["system_prompt"] == "Hi."
+    assert EVERYDAY not in again.routes and replace(again, system_prompt="New.").prompt_for(EVERYDAY) == "New."
     for bad, message in [({"drop": "x"}, "pool.drop must be a list"), ({"add": [{"query": "q"}]}, "answer"),
                          ({"keep": []}, "'pool' must be an object")]:  # fmt: skip
         path.write_text(json.dumps({**data, "pool": bad}))

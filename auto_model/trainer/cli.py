@@ -577,8 +577,8 @@ def _trained_artifact(
     if best.drop or best.add:
         state["pool_drop"] = (*base.pool_drop, *best.drop)
         state["pool_add"] = (*base.pool_add, *(by_query[q] for q in best.add))
-    if args.route == "everyday":  # the artifact's main prompt is the everyday route's (and its own copy, if it has one)
-        routes = {**base.routes, args.route: prompt} if args.route in base.routes else base.routes
+    if args.route == "everyday":  # the artifact's main prompt is the everyday route's (no prompt of its own)
+        routes = {name: text for name, text in base.routes.items() if name != args.route}
         return replace(base, model_id=model_id, system_prompt=prompt, routes=routes, method="drpo", source=None,
                        provenance={**made, "previous": base.provenance}, **state)  # fmt: skip
     return replace(
