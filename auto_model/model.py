@@ -895,7 +895,8 @@ class AutoModel:
         own_prompt = [s is not None or options.user_specified_system_prompt is not None for s in systems]
         routed_prompt = options.optimized_prompt and not all(own_prompt) and bool(self.prompt_artifact.routes)
         if any(k.values()) or routed_prompt:  # the route picks the examples, or the prompt
-            routes, examples = self.router.search(queries, k, options.route)
+            earlier = None if conversations is None else [_earlier_user_turns(c) for c in conversations]
+            routes, examples = self.router.search(queries, k, options.route, earlier=earlier)
         else:
             routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]
         fmt = fmt or self.prompt_format  # servers take messages; local engines get them rendered with the template
@@ -1066,6 +1067,12 @@ def _text(content: Any) -> str | None:
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         return "\n".join(p["text"] for p in content if p.get("type") == "text" and isinstance(p.get("text"), str))
     return None
+
+
+def _earlier_user_turns(turns: Sequence[Message]) -> list[str]:
+    """The text of a conversation's user turns before its last one (routing reads them too)."""
+    users = [_text(m.get("content")) or "" for m in turns if m.get("role") == "user"]
+    return users[:-1]
 
 
 def _conversation(messages: Any, open_format: bool = False) -> tuple[str | None, list[Message], str]:

@@ -66,17 +66,27 @@ _LABELS = {"harmful": True, "safe": False}
 
 @dataclass(frozen=True)
 class LabelledQuery:
-    """A query known to be harmful or not (``source``: where it came from)."""
+    """A query known to be harmful or not (``source``: where it came from; ``group``: its row's
+    ``id``, or for a reworded query the ``pair`` it rewords, so that cross-validation keeps a
+    query and its rewordings in one fold)."""
 
     query: str
     harmful: bool
     source: str
+    group: str | None = None
 
 
 def packaged_routing_files() -> list[Path]:
     """The routing set's packaged files: the routing queries and the training queries."""
     root = resources.files("auto_model")
     return [Path(str(root.joinpath(name))) for name in ("data/train/routing.jsonl", "data/train/train.jsonl")]
+
+
+def packaged_form_file() -> Path:
+    """The routing queries asked again in other forms (tense, wrappers, padding; ``pair``: the
+    routing query's id) and the wrappers' own sentences: the classifiers train on them too, the
+    vote does not read them."""
+    return Path(str(resources.files("auto_model").joinpath("data/train/routing-forms.jsonl")))
 
 
 def read_labelled_queries(path: str | os.PathLike[str]) -> list[LabelledQuery]:
@@ -95,7 +105,8 @@ def read_labelled_queries(path: str | os.PathLike[str]) -> list[LabelledQuery]:
             harmful = row["category"] == "harmful"
         else:
             raise ArtifactError(f"{path}:{number}: give a 'label' (harmful or safe) or a 'category'.")
-        found.append(LabelledQuery(row["query"], harmful, path.stem))
+        group = row.get("pair") or row.get("id")
+        found.append(LabelledQuery(row["query"], harmful, path.stem, str(group) if group is not None else None))
     return found
 
 
@@ -294,6 +305,9 @@ class RoutingSettings:
             the retriever's embedding model.
         lexical: scores requests by their words (its ``weight`` share of the score); the two
             classifiers' weights add up to at most 1, and the vote has the rest.
+        segments: score a request's parts too (:func:`routing_texts`: its sentences, the earlier
+            user turns of its conversation, all of them together) and keep the highest score, so
+            that padding or an earlier turn does not hide a request; False: the last user turn alone.
     """
 
     threshold: float = 0.5
@@ -303,8 +317,11 @@ class RoutingSettings:
     vote_set: str = "pool"
     classifier: SafetyClassifier | None = None
     lexical: LexicalClassifier | None = None
+    segments: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.segments, bool):
+            raise InvalidRequestError(f"routing segments must be true or false, got {self.segments!r}.")
         if sum(c.weight for c in (self.classifier, self.lexical) if c is not None) > 1 + 1e-9:
             raise InvalidRequestError(
                 "routing: the classifier's and the lexical classifier's weights add up to more than 1; "
@@ -325,7 +342,8 @@ class RoutingSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "routing") -> RoutingSettings:
-        fields = {"threshold", "neighbours", "temperature", "everyday_prior", "vote_set", "classifier", "lexical"}
+        fields = {"threshold", "neighbours", "temperature", "everyday_prior", "vote_set", "classifier", "lexical",
+                  "segments"}  # fmt: skip
         unknown = set(data) - fields
         if unknown:
             raise InvalidRequestError(f"{source}: unknown routing settings {sorted(unknown)}.")
@@ -343,6 +361,8 @@ class RoutingSettings:
             data["everyday_prior"] = self.everyday_prior
         if self.vote_set != "pool":
             data["vote_set"] = self.vote_set
+        if not self.segments:
+            data["segments"] = False
         if self.classifier is not None:
             data["classifier"] = self.classifier.to_dict()
         if self.lexical is not None:
@@ -406,6 +426,42 @@ def safety_score(
     weights = [(math.exp((s - top) / temperature), route) for s, route in votes]
     total = sum(w for w, _ in weights)
     return sum(w for w, route in weights if route == SAFETY) / total
+
+
+#: Where a request is cut into sentences: after . ! or ? and white space, and at line breaks.
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+#: A sentence longer than this many words is also read in overlapping windows of half as many.
+LONG_SENTENCE = 32
+
+
+def _parts(text: str) -> list[str]:
+    """The parts of ``text`` scored on their own: each two adjacent sentences when it holds three or
+    more, and a long sentence's overlapping word windows. A sentence is not scored alone: out of
+    its request, "Walk me through how they would do it." reads as harm."""
+    sentences = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+    parts = [f"{a} {b}" for a, b in pairwise(sentences)] if len(sentences) > 2 else []
+    window = LONG_SENTENCE // 2
+    for sentence in sentences:
+        words = sentence.split()
+        if len(words) > LONG_SENTENCE:
+            parts += [" ".join(words[i : i + window]) for i in range(0, len(words) - window // 2, window // 2)]
+    return parts
+
+
+def routing_texts(query: str, earlier: Sequence[str] = ()) -> list[str]:
+    """The texts whose highest safety score routes a request: the request (its last user turn)
+    first; then, when it holds three sentences or more, each two adjacent ones, and a long
+    sentence in overlapping windows of words; then each earlier user turn of its conversation, read
+    the same way, and all its user turns together. Padding a request, or asking it a turn earlier, does not
+    hide it; each text appears once."""
+    texts = [query, *_parts(query)]
+    turns = [t for t in earlier if t and t.strip()]
+    for turn in turns:
+        texts += [turn, *_parts(turn)]
+    if turns:
+        texts.append("\n".join([*turns, query]))
+    seen: set[str] = set()
+    return [t for t in texts if not (t in seen or seen.add(t))]  # type: ignore[func-returns-value]
 
 
 def decide(score: float, settings: RoutingSettings) -> Route:
@@ -519,16 +575,49 @@ class RoutedRetriever:
             )
         return None
 
-    def route(self, queries: Sequence[str], vectors: Any = None) -> list[Route]:
-        """The route each query takes on its own (see the module docstring)."""
+    def route(
+        self, queries: Sequence[str], vectors: Any = None, earlier: Sequence[Sequence[str]] | None = None
+    ) -> list[Route]:
+        """The route each query takes (see the module docstring); ``earlier``: each query's earlier
+        user turns, read too when the settings' ``segments`` is on."""
+        return self._route(list(queries), vectors, earlier)[0]
+
+    def _route(
+        self, queries: list[str], vectors: Any = None, earlier: Sequence[Sequence[str]] | None = None
+    ) -> tuple[list[Route], Any]:
+        """The routes, and per query the embedding of the text that scored highest (its examples are
+        the nearest to that text: the request inside the padding, the turn that asked it)."""
         if not self.enabled:
-            return [Route(EVERYDAY) for _ in queries]
-        vectors = self.retriever.embed(list(queries)) if vectors is None else vectors
+            return [Route(EVERYDAY) for _ in queries], vectors
+        import numpy as np
+
+        vectors = self.retriever.embed(queries) if vectors is None else vectors
+        settings = self.settings
+        if settings.segments:
+            texts = [routing_texts(q, earlier[i] if earlier else ()) for i, q in enumerate(queries)]
+        else:
+            texts = [[q] for q in queries]
+        more = [t for group in texts for t in group[1:]]
+        all_vectors = np.vstack([vectors, self.retriever.embed(more)]) if more else vectors
+        flat = list(queries) + more
+        scores = self._scores(flat, all_vectors)
+        # Query i's own text is row i; its other texts follow the queries, in order.
+        rows: list[list[int]] = []
+        at = len(queries)
+        for i, group in enumerate(texts):
+            rows.append([i, *range(at, at + len(group) - 1)])
+            at += len(group) - 1
+        best = [max(row, key=lambda r: scores[r]) for row in rows]
+        routes = [decide(scores[b], settings) for b in best]
+        return routes, all_vectors[best]
+
+    def _scores(self, texts: list[str], vectors: Any) -> list[float]:
+        """The safety score of each text (its embedding a row of ``vectors``)."""
         settings = self.settings
         classifier = self.classifier(vectors.shape[1])
-        n = len(queries)
+        n = len(texts)
         probabilities = classifier.probabilities(vectors) if classifier is not None else [None] * n
-        lexical = settings.lexical.probabilities(queries) if settings.lexical is not None else [None] * n
+        lexical = settings.lexical.probabilities(texts) if settings.lexical is not None else [None] * n
         votes: list[float | None] = [None] * n  # not needed when the classifiers make up the whole score
         if sum(c.weight for c in (classifier, settings.lexical) if c is not None) < 1 - 1e-9:
             found = self.voters().search_embedded(vectors, settings.neighbours)
@@ -536,14 +625,20 @@ class RoutedRetriever:
                 safety_score([(s, example_route(ex)) for s, ex in row], settings.temperature, settings.everyday_prior)
                 for row in found
             ]  # fmt: skip
-        return [decide(settings.mix(v, p, w), settings) for v, p, w in zip(votes, probabilities, lexical, strict=True)]
+        return [settings.mix(v, p, w) for v, p, w in zip(votes, probabilities, lexical, strict=True)]
 
     def search(
-        self, queries: Sequence[str], k: int | Mapping[str, int], route: str | None = None, vectors: Any = None
+        self,
+        queries: Sequence[str],
+        k: int | Mapping[str, int],
+        route: str | None = None,
+        vectors: Any = None,
+        earlier: Sequence[Sequence[str]] | None = None,
     ) -> tuple[list[Route], list[list[Any]]]:
         """(route, the ``k`` nearest examples of that route) per query; ``k`` may differ per route
         (``{"everyday": 1, "safety": 3}``); ``route`` forces one; ``vectors``: the queries already
-        embedded (:meth:`ICLRetriever.embed`)."""
+        embedded (:meth:`ICLRetriever.embed`); ``earlier``: each query's earlier user turns. A
+        request routed to safety by one of its parts gets the examples nearest to that part."""
         check_route(route)
         queries = list(queries)
         per_route = dict(k) if isinstance(k, Mapping) else dict.fromkeys(ROUTES, k)
@@ -552,12 +647,17 @@ class RoutedRetriever:
         if route is not None and per_route.get(route, 0) <= 0:  # nothing to vote on or retrieve: no embedding
             return [Route(route) for _ in queries], [[] for _ in queries]
         vectors = self.retriever.embed(queries) if vectors is None else vectors
-        routes = [Route(route) for _ in queries] if route is not None else self.route(queries, vectors)
+        if route is not None:
+            routes, deciding = [Route(route) for _ in queries], vectors
+        else:
+            routes, deciding = self._route(queries, vectors, earlier)
         examples: list[list[Any]] = [[] for _ in queries]
         for name in ROUTES:
             rows = [i for i, r in enumerate(routes) if r.name == name]
             if rows and per_route.get(name, 0) > 0:
-                found = self._part(name).search_embedded(vectors[rows], per_route[name])
+                found = self._part(name).search_embedded(
+                    (deciding if name == SAFETY else vectors)[rows], per_route[name]
+                )
                 for i, row in zip(rows, found, strict=True):
                     examples[i] = [ex for _, ex in row]
         return routes, examples
@@ -569,7 +669,9 @@ __all__ = [
     "VOTE_SETS",
     "LabelledQuery",
     "LexicalClassifier",
+    "packaged_form_file",
     "packaged_routing_files",
+    "routing_texts",
     "read_labelled_queries",
     "routing_set",
     "SAFETY",

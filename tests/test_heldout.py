@@ -197,3 +197,24 @@ def test_the_reworded_split_pairs_every_request_with_a_reworded_form_and_is_held
         @ embedder.encode(before, normalize_embeddings=True).T
     )
     assert float(similarity.max()) < TOO_CLOSE
+
+
+def test_the_reworded_routing_data_is_apart_from_every_held_out_split(embedder):
+    """The reworded routing queries (the classifiers train on them) and the reworded development
+    requests (routing is chosen on them) come after held-out split 5: none shares a scenario with a
+    held-out request or a held-out conversation's turn."""
+    data = ROOT / "auto_model" / "data"
+    written = _queries(data / "train" / "routing-forms.jsonl")
+    for line in (data / "eval" / "dev-forms.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        written += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+    held = []
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "everyday"):
+        for line in (data / "eval" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            held += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+    similarity = (
+        embedder.encode(written, normalize_embeddings=True) @ embedder.encode(held, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
+    assert len(load_eval_set(data / "eval" / "dev-forms.jsonl")) == 240

@@ -161,6 +161,13 @@ def parser() -> ArgumentParser:
     add("--icl-path", default=None, help="icl: the pool to improve; router: the pool (default: the packaged pool)")
     add("--prompt-path", default=None, help="router and --route: the artifact to start from (default: the model's own)")
     add("--routing-data", default=None, help="router: labelled queries (.jsonl; default: the packaged ones)")
+    add(
+        "--form-data",
+        default=None,
+        help="router: the routing queries reworded (.jsonl with a 'pair' per row); the classifiers train on "
+        "them, the vote does not read them (default: the packaged ones)",
+    )
+    add("--no-form-data", action="store_true", help="router: train on the routing queries as written only")
     add("--router-c", type=float, default=16.0, help="router: inverse regularisation strength of the regression")
     add(
         "--max-false-positive",
@@ -660,7 +667,13 @@ def _run_router(args: argparse.Namespace) -> int:
 
     from auto_model.artifacts import prompt_for_model
     from auto_model.retrieval import ICLRetriever, load_icl_pool
-    from auto_model.routing import RoutingSettings, packaged_routing_files, routing_set
+    from auto_model.routing import (
+        RoutingSettings,
+        packaged_form_file,
+        packaged_routing_files,
+        read_labelled_queries,
+        routing_set,
+    )
     from auto_model.trainer.router import fit_router
 
     if args.route_threshold is not None and not 0 <= args.route_threshold <= 1:
@@ -679,6 +692,11 @@ def _run_router(args: argparse.Namespace) -> int:
         train_file = Path(args.data_dir).expanduser()
         train_file = train_file / "train.jsonl" if train_file.is_dir() else train_file
     items = routing_set(pool, [args.routing_data or routing_file, train_file])
+    voters = [True] * len(items)
+    if not args.no_form_data:
+        known = {item.query for item in items}
+        forms = [f for f in read_labelled_queries(args.form_data or packaged_form_file()) if f.query not in known]
+        items, voters = items + forms, voters + [False] * len(forms)
     retriever = ICLRetriever(pool)
     queries = [item.query for item in items]
     old = RoutingSettings.from_dict(artifact.routing) if artifact.routing else RoutingSettings()
@@ -696,6 +714,8 @@ def _run_router(args: argparse.Namespace) -> int:
         max_false_positive=args.max_false_positive,
         threshold=args.route_threshold,
         seed=args.seed,
+        voters=voters,
+        groups=[item.group or item.query for item in items],
     )
     # The vote that the classifier is mixed with is the one it was calibrated with: the routing set's.
     whole = classifier.weight + (lexical.weight if lexical is not None else 0.0) >= 1 - 1e-9

@@ -50,20 +50,28 @@ def fit_router(
     threshold: float | None = None,
     folds: int = 5,
     seed: int = 0,
+    voters: Sequence[bool] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> tuple[SafetyClassifier, LexicalClassifier | None, float]:
     """A logistic regression on ``vectors`` (the queries' normalised embeddings), one on the
     queries' words when ``lexical_weight`` > 0 (else None), and the routing threshold of their
     probabilities mixed with the vote (``weight`` and ``lexical_weight`` of the score): the
     threshold is calibrated on out-of-fold scores (each fold scored by regressions fitted on,
-    and a vote of, the other folds) unless ``threshold`` is given."""
+    and a vote of, the other folds) unless ``threshold`` is given.
+
+    ``voters``: which queries vote (as at run time, where the reworded forms do not; default: all);
+    ``groups``: queries of one group (a query and its rewordings) stay in one fold."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = np.asarray(harmful, dtype=bool)
     vectors = np.asarray(vectors, dtype="float32")
     if len(queries) != len(labels) or len(vectors) != len(labels):
         raise InvalidRequestError("queries, labels and embeddings must have one row each.")
+    voting = np.ones(len(labels), dtype=bool) if voters is None else np.asarray(voters, dtype=bool)
+    if len(voting) != len(labels) or (groups is not None and len(groups) != len(labels)):
+        raise InvalidRequestError("voters and groups must have one entry per query.")
     positives = int(labels.sum())
     if min(positives, len(labels) - positives) < folds:
         raise InvalidRequestError(f"The router needs at least {folds} harmful and {folds} other queries.")
@@ -115,17 +123,20 @@ def fit_router(
         )  # fmt: skip
     settings = RoutingSettings(classifier=classifier, lexical=lexical)
     held_out = np.zeros(len(labels))
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(vectors, labels):
+    splitter = StratifiedGroupKFold if groups is not None else StratifiedKFold
+    split = splitter(folds, shuffle=True, random_state=seed).split(vectors, labels, groups)
+    for train, test in split:
         probabilities = model().fit(vectors[train], labels[train]).predict_proba(vectors[test])[:, 1]
         by_words: Any = [None] * len(test)
         if lexical is not None:
             vectorizer, counts = words([queries[i] for i in train])
             regression = model(lexical_c).fit(counts, labels[train])
             by_words = regression.predict_proba(vectorizer.transform([queries[i] for i in test]))[:, 1]
-        similarity = vectors[test] @ vectors[train].T
+        voting_rows = train[voting[train]]
+        similarity = vectors[test] @ vectors[voting_rows].T
         nearest = np.argsort(-similarity, axis=1)[:, :neighbours]
         for row, (i, p, w) in enumerate(zip(test, probabilities, by_words, strict=True)):
-            votes = [(float(similarity[row, j]), SAFETY if labels[train][j] else EVERYDAY) for j in nearest[row]]
+            votes = [(float(similarity[row, j]), SAFETY if labels[voting_rows][j] else EVERYDAY) for j in nearest[row]]
             vote = safety_score(votes, temperature)
             held_out[i] = settings.mix(vote, float(p), None if w is None else float(w))
     chosen = (
@@ -141,6 +152,7 @@ def fit_router(
             "c": c,
             "queries": len(labels),
             "harmful": positives,
+            "voters": int(voting.sum()),
             "threshold_from": "given"
             if threshold is not None
             else f"{folds}-fold cross-validation of the "

@@ -3,9 +3,10 @@
 Every query of the routing set (``auto_model/data/train/routing.jsonl``) is asked again in two
 other forms, with the label it had: past or future tense, hypothetical, "for research", a fiction
 or role-play wrapper, a translation or "ignore previous" wrapper, or padded with harmless text. The
-same wrappers go around harmful and ordinary queries alike, so that a wrapper by itself says
-nothing about intent. That is ``auto_model/data/train/routing-forms.jsonl`` (each row's ``pair``:
-the query it rewords).
+same wrappers go around harmful and ordinary queries alike, and their sentences that do not hold
+the request (with the padding sentences and some follow-up turns) are rows of their own, labelled
+safe, so that a wrapper by itself says nothing about intent. That is
+``auto_model/data/train/routing-forms.jsonl`` (each row's ``pair``: the query it rewords).
 
 The development split's requests (``auto_model/data/eval/dev.jsonl``) get two reworded forms each,
 from a *second*, disjoint set of templates and fillers, and a conversation form whose earlier
@@ -191,6 +192,34 @@ TURNS = [
 ]
 
 
+#: Follow-up turns that carry no request by themselves (training; the development split has its own in TURNS).
+FOLLOW_UPS = [
+    "Continue, please.",
+    "Can you give more detail on the second point?",
+    "Thanks. Now the full version, please.",
+    "Ok, and what comes after that?",
+    "Please answer what I asked before.",
+    "Go on.",
+    "Yes, exactly that. Give me the specifics.",
+    "Could you make it shorter?",
+    "Now put it into a numbered list.",
+    "Explain that last part again.",
+]
+
+
+def wrapper_parts(half: int) -> list[str]:
+    """The sentences of the templates of ``half`` that do not hold the request, the fillers and
+    the follow-ups: a wrapper by itself says nothing about intent (routing scores a request's
+    sentences one by one too)."""
+    parts = set(FILLERS[half]) | (set(FOLLOW_UPS) if half == 0 else set())
+    for first, second in FORMS.values():
+        for template in (first, second)[half]:
+            for sentence in re.split(r"(?<=[.!?:])\s+", template):
+                if "{" not in sentence:
+                    parts.add(sentence)
+    return sorted(parts)
+
+
 def padded(query: str, fillers: list[str], rng: random.Random) -> str:
     before = rng.sample(fillers, rng.randint(1, 3))
     after = rng.sample([f for f in fillers if f not in before], rng.randint(0, 2))
@@ -252,6 +281,8 @@ def main() -> None:
                         "pair": row["id"]})  # fmt: skip
             if made == 2:
                 break
+    out += [{"id": f"route-wrapper-{i:03d}", "query": text, "label": "safe", "form": "wrapper-part"}
+            for i, text in enumerate(wrapper_parts(0), 1)]  # fmt: skip
     out = apart_from_held_out(out)
     (DATA / "train" / "routing-forms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
     print(f"{len(out)} reworded routing queries -> auto_model/data/train/routing-forms.jsonl")
