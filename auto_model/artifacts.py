@@ -12,6 +12,7 @@ A file looks like::
       "routes": {"safety": {"system_prompt": "...", "decoding": {...}, "num_examples": 3, "provenance": {...}}},
       "routing": {"threshold": 0.5, "neighbours": 8, "temperature": 0.05},
       "pool": {"drop": ["a pool query", ...], "add": [{"query": ..., "answer": ..., "tags": [...]}]},
+      "answer_check": {"threshold": 0.8, "classifier": {...}, "lexical": {...}, "refusal": "...", "window": 200},
       "provenance": {"method": "drpo" | "curated" | ..., "created": "...", ...}
     }
 
@@ -21,8 +22,8 @@ A file looks like::
 ``num_examples`` (how many examples a request retrieves when the caller does not say,
 :data:`DEFAULT_NUM_EXAMPLES` where the artifact does not either) and ``pool`` (examples the model's
 pool drops, by query, and adds, over the packaged pool; :meth:`PromptArtifact.edit_pool`) are what
-v3 adds. A file is
-written in the oldest format that holds what it has, and v1 and v2 files load unchanged (every
+v3 adds; ``answer_check`` (the output rail, :class:`~auto_model.answer_check.AnswerCheck`) is what
+v4 adds. A file is written in the oldest format that holds what it has, and v1 and v2 files load unchanged (every
 route then gets their one prompt, no decoding setting, and 3 examples).
 
 Lookup goes by exact id, then alias, then a normalised name (case and punctuation ignored, with or
@@ -51,8 +52,10 @@ logger = logging.getLogger(__name__)
 
 PROMPT_FORMAT_V1 = "auto_model.prompt/v1"
 PROMPT_FORMAT_V2 = "auto_model.prompt/v2"
-PROMPT_FORMAT = "auto_model.prompt/v3"
-_READABLE = (PROMPT_FORMAT_V1, PROMPT_FORMAT_V2, PROMPT_FORMAT)
+PROMPT_FORMAT_V3 = "auto_model.prompt/v3"
+PROMPT_FORMAT = "auto_model.prompt/v4"
+_READABLE = (PROMPT_FORMAT_V1, PROMPT_FORMAT_V2, PROMPT_FORMAT_V3, PROMPT_FORMAT)
+_V3_OR_LATER = (PROMPT_FORMAT_V3, PROMPT_FORMAT)
 DEFAULT_ARTIFACT_ID = "default"
 #: retrieved examples per request where neither the caller nor the artifact says
 DEFAULT_NUM_EXAMPLES = 3
@@ -82,6 +85,8 @@ class PromptArtifact:
         route_examples: route name -> its own number of examples.
         pool_drop: queries of the packaged pool's examples this model does without.
         pool_add: examples this model's pool has besides the packaged pool's (``ICLExample``).
+        answer_check: how its answers are checked (the :class:`~auto_model.answer_check.AnswerCheck`
+            fields); None: they are not.
     """
 
     model_id: str | None
@@ -99,6 +104,7 @@ class PromptArtifact:
     route_examples: dict[str, int] = field(default_factory=dict)
     pool_drop: tuple[str, ...] = ()
     pool_add: tuple[Any, ...] = ()
+    answer_check: dict[str, Any] | None = None
 
     def edit_pool(self, pool: Sequence[Any]) -> list[Any]:
         """``pool`` (examples) with this artifact's edits: its dropped queries left out, its added
@@ -139,7 +145,7 @@ class PromptArtifact:
         v3 = (self.decoding or self.route_decoding or self.num_examples is not None or self.route_examples
               or self.pool_drop or self.pool_add)  # fmt: skip
         data: dict[str, Any] = {
-            "format": PROMPT_FORMAT if v3 else fmt,
+            "format": PROMPT_FORMAT if self.answer_check else PROMPT_FORMAT_V3 if v3 else fmt,
             "model_id": self.model_id,
             "aliases": list(self.aliases),
             "system_prompt": self.system_prompt,
@@ -163,6 +169,8 @@ class PromptArtifact:
             data["routing"] = dict(self.routing)
         if self.pool_drop or self.pool_add:
             data["pool"] = {"drop": list(self.pool_drop), "add": [ex.to_dict() for ex in self.pool_add]}
+        if self.answer_check:
+            data["answer_check"] = dict(self.answer_check)
         data["provenance"] = {"method": self.method, **{k: v for k, v in self.provenance.items() if k != "method"}}
         return data
 
@@ -180,6 +188,7 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
     decoding, route_decoding = _decoding(data, fmt, source)
     num_examples, route_examples = _num_examples(data, fmt, source)
     pool_drop, pool_add = _pool_edits(data, fmt, source)
+    answer_check = _answer_check(data, fmt, source)
     text = data.get("system_prompt")
     if not isinstance(text, str) or not text.strip():
         raise ArtifactError(f"{source}: 'system_prompt' must be a non-empty string.")
@@ -210,15 +219,31 @@ def parse_prompt_artifact(data: Any, source: str = "<artifact>") -> PromptArtifa
         route_examples=route_examples,
         pool_drop=pool_drop,
         pool_add=pool_add,
+        answer_check=answer_check,
     )
+
+
+def _answer_check(data: dict[str, Any], fmt: str, source: str) -> dict[str, Any] | None:
+    """The v4 ``answer_check`` of an artifact, checked (kept as the object it is)."""
+    if "answer_check" not in data:
+        return None
+    if fmt != PROMPT_FORMAT:
+        raise ArtifactError(f"{source}: 'answer_check' needs format {PROMPT_FORMAT!r}.")
+    from auto_model.answer_check import AnswerCheck
+
+    try:
+        AnswerCheck.from_dict(data["answer_check"], f"{source}: answer_check")
+    except InvalidRequestError as exc:
+        raise ArtifactError(str(exc)) from exc
+    return dict(data["answer_check"])
 
 
 def _pool_edits(data: dict[str, Any], fmt: str, source: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
     """The v3 ``pool`` edits of an artifact, checked."""
     if "pool" not in data:
         return (), ()
-    if fmt != PROMPT_FORMAT:
-        raise ArtifactError(f"{source}: 'pool' needs format {PROMPT_FORMAT!r}.")
+    if fmt not in _V3_OR_LATER:
+        raise ArtifactError(f"{source}: 'pool' needs format {PROMPT_FORMAT_V3!r} or later.")
     from auto_model.retrieval import parse_icl_pool
 
     pool = data["pool"]
@@ -236,8 +261,8 @@ def _num_examples(data: dict[str, Any], fmt: str, source: str) -> tuple[int | No
     entries: dict[str, Any] = routes if isinstance(routes, dict) else {}
     given = {"": data["num_examples"]} if "num_examples" in data else {}
     given |= {name: e["num_examples"] for name, e in entries.items() if isinstance(e, dict) and "num_examples" in e}
-    if given and fmt != PROMPT_FORMAT:
-        raise ArtifactError(f"{source}: 'num_examples' needs format {PROMPT_FORMAT!r}.")
+    if given and fmt not in _V3_OR_LATER:
+        raise ArtifactError(f"{source}: 'num_examples' needs format {PROMPT_FORMAT_V3!r} or later.")
     for name, value in given.items():
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_NUM_EXAMPLES:
             where = f"routes.{name}.num_examples" if name else "num_examples"
@@ -251,9 +276,9 @@ def _decoding(data: dict[str, Any], fmt: str, source: str) -> tuple[dict[str, An
     routes = data.get("routes")
     route_entries: dict[str, Any] = routes if isinstance(routes, dict) else {}
     named = "decoding" in data or any(isinstance(e, dict) and "decoding" in e for e in route_entries.values())
-    if fmt != PROMPT_FORMAT:
+    if fmt not in _V3_OR_LATER:
         if named:
-            raise ArtifactError(f"{source}: 'decoding' needs format {PROMPT_FORMAT!r}.")
+            raise ArtifactError(f"{source}: 'decoding' needs format {PROMPT_FORMAT_V3!r} or later.")
         return {}, {}
     try:
         decoding = check_decoding(data.get("decoding", {}), f"{source}: decoding")
@@ -275,7 +300,7 @@ def _routes(
     if fmt == PROMPT_FORMAT_V1:
         extra = {"routes", "routing"} & set(data)
         if extra:
-            raise ArtifactError(f"{source}: {sorted(extra)} need format {PROMPT_FORMAT!r}.")
+            raise ArtifactError(f"{source}: {sorted(extra)} need format {PROMPT_FORMAT_V2!r} or later.")
         return {}, {}, None
     raw = data.get("routes", {})
     if not isinstance(raw, dict):

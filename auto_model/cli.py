@@ -134,6 +134,21 @@ def _parser() -> ArgumentParser:
         help='let a request switch its alignment with "auto_model": {"optimized_prompt": ..., "optimized_icl": '
         '..., "num_optimized_icl": ...} (refused by default)',
     )
+    serve.add_argument(
+        "--unchecked-key",
+        action="append",
+        default=[],
+        help='a key (one of --api-key) whose requests may turn the answer check off with "auto_model": '
+        '{"check_answers": false} (repeatable; also AUTO_MODEL_UNCHECKED_KEYS, comma-separated)',
+    )
+    serve.add_argument(
+        "--check-window",
+        type=int,
+        default=None,
+        metavar="CHARS",
+        help="characters of a streamed answer between two answer checks (default: the artifact's, 200); a client "
+        "sees only text that passed a check",
+    )
     serve.add_argument("--icl", type=int, default=None, metavar="N",
                        help="in-context examples to inject (default: the artifact's, else 3)")  # fmt: skip
     add_best_of(serve, "answer each sampled, non-streaming request with the best of N samples by --reward-model")
@@ -177,6 +192,17 @@ def _serve(args: argparse.Namespace) -> int:
     keys = [k for k in args.api_key if k] + [
         k.strip() for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k.strip()
     ]
+    unchecked = [k for k in args.unchecked_key if k] + [
+        k.strip() for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k.strip()
+    ]
+    if set(unchecked) - set(keys):
+        raise InvalidRequestError(
+            "--unchecked-key must be one of the server's keys (--api-key or AUTO_MODEL_API_KEYS)."
+        )
+    if args.check_window is not None:
+        from auto_model.answer_check import check_window
+
+        check_window(args.check_window)
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -233,6 +259,7 @@ def _serve(args: argparse.Namespace) -> int:
         "limits": limits,
         "best_of": args.best_of,
         "reward_model": args.reward_model,
+        "check_window": args.check_window,
     }
     name = args.served_model_name or args.model or constants.default_model()
     target = f" in front of {args.upstream}" if args.upstream else ""
@@ -242,6 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
         # (never in a file), as they may have come.
         os.environ[OPTIONS_ENV] = json.dumps(options)
         os.environ["AUTO_MODEL_API_KEYS"] = ",".join(keys)
+        os.environ["AUTO_MODEL_UNCHECKED_KEYS"] = ",".join(unchecked)
         if upstream_key:
             os.environ["AUTO_MODEL_UPSTREAM_API_KEY"] = upstream_key
         print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target}{workers} (Ctrl-C stops)",
@@ -249,7 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("auto_model.server.factory:app_from_env", factory=True, workers=args.workers, host=args.host,
                     port=args.port, log_level="warning")  # fmt: skip
         return 0
-    app, model = build({**options, "api_keys": keys, "upstream_api_key": upstream_key})
+    app, model = build({**options, "api_keys": keys, "unchecked_keys": unchecked, "upstream_api_key": upstream_key})
     try:
         print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target} (Ctrl-C stops)",
               file=sys.stderr)  # fmt: skip

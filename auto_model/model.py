@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from auto_model import constants
+from auto_model.answer_check import CONTENT_FILTER, AnswerCheck, CheckedStream
 from auto_model.artifacts import PromptArtifact, prompt_for_model, with_decoding
 from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
 from auto_model.backends.base import (
@@ -40,6 +41,9 @@ from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings
 
 logger = logging.getLogger(__name__)
+#: A streamed answer: its text chunks; ``looped`` (cut where it began to loop) and, when checked,
+#: ``filtered`` (a check failed: the last chunk is the refusal) once it has ended.
+AnswerStream = CutStream | CheckedStream
 
 __all__ = [
     "AutoModel",
@@ -59,7 +63,8 @@ class GenerationResult:
     Attributes:
         text: the answer, as ``generate`` returns it.
         finish_reason: ``"stop"`` (the answer ended), ``"length"`` (``max_new_tokens`` cut it) or
-            ``"content_filter"`` (a server withheld it).
+            ``"content_filter"`` (the answer check replaced the answer with its refusal, or a server
+            withheld it).
         prompt_tokens: tokens in the assembled prompt (system prompt and examples included).
         completion_tokens: tokens generated.
         backend: the engine that answered (``"vllm"``, ``"openai"``, ``"transformers"``).
@@ -74,6 +79,8 @@ class GenerationResult:
             ``"stop"``; see :mod:`auto_model.loops`); ``completion_tokens`` counts what was generated.
         decoding: the decoding settings the engine applied (the artifact's for the request's route,
             and your own; see :data:`~auto_model.backends.base.DECODING_SETTINGS`).
+        answer_score: the answer check's score of the generated answer (None: not checked; see
+            :mod:`auto_model.answer_check`).
     """
 
     text: str
@@ -88,6 +95,7 @@ class GenerationResult:
     candidates: tuple[Candidate, ...] = ()
     looped: bool = False
     decoding: dict[str, Any] = field(default_factory=dict)
+    answer_score: float | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return self.text
@@ -199,6 +207,7 @@ class AutoModel:
         self.embedding_model = embedding_model or constants.default_embedding_model()
         self._retriever: ICLRetriever | None = None
         self._router: RoutedRetriever | None = None
+        self._answer_check: tuple[PromptArtifact | None, AnswerCheck | None] = (None, None)
         self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
         if backend_cls.remote:
             local = {
@@ -707,6 +716,48 @@ class AutoModel:
         (with ``optimized_decoding``, under the request's own sampling arguments)."""
         return with_decoding({}, self.prompt_artifact.decoding_for(route), self.backend.decoding_settings)[0]
 
+    @property
+    def answer_check(self) -> AnswerCheck | None:
+        """The answer check of the artifact (:mod:`auto_model.answer_check`), or None where it has
+        none or its classifier was trained on another embedding model than the retriever's."""
+        artifact = self.prompt_artifact
+        if self._answer_check[0] is not artifact:
+            found = AnswerCheck.from_dict(artifact.answer_check) if artifact.answer_check else None
+            if found is not None and not found.fits(self.embedding_model):
+                logger.warning("The artifact's answer check was trained on other embeddings than %s: answers are not "
+                               "checked", self.embedding_model)  # fmt: skip
+                found = None
+            self._answer_check = (artifact, found)
+        return self._answer_check[1]
+
+    def answer_scores(self, answers: Sequence[str]) -> list[float]:
+        """The answer check's score of each answer (at or above its ``threshold`` an answer is
+        replaced); InvalidRequestError where the artifact has no answer check."""
+        check = self.answer_check
+        if check is None:
+            raise InvalidRequestError(
+                "This model's prompt artifact has no answer check (see auto-model-train answer-check)."
+            )
+        return check.scores(list(answers), self.retriever.embed)
+
+    def _checked(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome]) -> list[Outcome]:
+        """The outcomes with each checked answer scored, and replaced by the refusal where the check blocks it."""
+        check = self.answer_check
+        rows = [i for i, (r, o) in enumerate(zip(requests, outcomes, strict=True))
+                if r.check_answer and isinstance(o, Completion) and o.text.strip()]  # fmt: skip
+        if check is None or not rows:
+            return outcomes
+        scores = self.answer_scores([outcomes[i].text for i in rows])  # type: ignore[union-attr]
+        out = list(outcomes)
+        for i, score in zip(rows, scores, strict=True):
+            completion = out[i]
+            assert isinstance(completion, Completion)
+            if check.blocks(score):
+                out[i] = replace(completion, text=check.refusal, finish_reason=CONTENT_FILTER, answer_score=score)
+            else:
+                out[i] = replace(completion, answer_score=score)
+        return out
+
     def _request(self, prompt: AssembledPrompt, options: GenerationOptions) -> GenerationRequest:
         sampling = options.sampling()
         if options.optimized_decoding:
@@ -717,17 +768,24 @@ class AutoModel:
                 logger.debug("The %s engine has no %s: the artifact's setting is left out", self.backend_name, name)
             sampling = replace(sampling, extra=extra)
         stop = tuple(dict.fromkeys(sampling.stop + prompt.stop))
-        return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query)
+        check = options.check_answers and self.answer_check is not None and options.json_schema is None
+        return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query,
+                                 check_answer=check)  # fmt: skip
 
     def _run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         with self._engine_lock:
             return self.backend.generate(requests, on_completion=callback)
 
-    def _stream(self, request: GenerationRequest) -> CutStream:
+    def _stream(self, request: GenerationRequest, window: int | None = None) -> AnswerStream:
         """The engine's chunks without the answer's leading white space and ``<START>`` marker (as
-        :func:`strip_markers` does) and, with ``cut_loops``, ended where the answer starts to loop:
-        closing the engine's stream stops the generation there."""
-        return CutStream(_without_start(self._engine_chunks(request)), request.sampling.cut_loops)
+        :func:`strip_markers` does), with ``cut_loops`` ended where the answer starts to loop, and
+        with the answer check released only once checked (every ``window`` characters): closing
+        the engine's stream stops the generation there."""
+        chunks = CutStream(_without_start(self._engine_chunks(request)), request.sampling.cut_loops)
+        check = self.answer_check if request.check_answer else None
+        if check is None:
+            return chunks
+        return CheckedStream(chunks, check, lambda text: self.answer_scores([text])[0], window)
 
     def _engine_chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the
@@ -821,14 +879,16 @@ class AutoModel:
             raise InvalidRequestError("conversations must be a non-empty list of message lists.")
         return [self._request(p, options) for p in self._chat_prompts(conversations, options, system_messages)]
 
-    def stream_request(self, request: GenerationRequest) -> CutStream:
+    def stream_request(self, request: GenerationRequest, window: int | None = None) -> AnswerStream:
         """Stream one prepared request (from :meth:`build_request`, :meth:`build_requests` or
         :meth:`build_chat_request`) in text chunks, as :meth:`stream` does; closing the iterator
         stops the generation, and once it ends its ``looped`` says whether the answer was cut
-        where it started to repeat itself."""
+        where it started to repeat itself, and (for a checked answer) ``filtered`` whether the
+        answer check replaced its rest with the refusal; ``window``: characters between checks
+        (default: the artifact's)."""
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError(f"request must be a GenerationRequest, got {type(request).__name__}.")
-        return self._stream(request)
+        return self._stream(request, window)
 
     def run_requests(
         self, requests: Sequence[GenerationRequest], on_completion: CompletionCallback | None = None
@@ -842,14 +902,25 @@ class AutoModel:
         sampled = any(r.sampling.n > 1 for r in requests)
         self._check_best_of(max((r.sampling.n for r in requests), default=1))
         cuts = [r.sampling.cut_loops for r in requests]
-        callback = None if on_completion is None or sampled else (lambda i, c: on_completion(i, _clean(c, cuts[i])))
-        outcomes = [_clean(c, cut) for c, cut in zip(self._run(requests, callback), cuts, strict=True)]
+        finished: dict[int, Outcome] = {}  # answers cleaned and checked as they came
+
+        def callback(i: int, outcome: Outcome) -> None:
+            finished[i] = self._checked([requests[i]], [_clean(outcome, cuts[i])])[0]
+            on_completion(i, finished[i])  # type: ignore[misc]
+
+        raw = self._run(requests, None if on_completion is None or sampled else callback)
+        outcomes = [_clean(c, cut) for c, cut in zip(raw, cuts, strict=True)]
         if sampled:
             outcomes = self.rerank([r.query or "" for r in requests], outcomes)
-            if on_completion is not None:
-                for i, outcome in enumerate(outcomes):
-                    on_completion(i, outcome)
-        return outcomes
+        rest = [i for i in range(len(requests)) if i not in finished]
+        for i, outcome in zip(
+            rest, self._checked([requests[i] for i in rest], [outcomes[i] for i in rest]), strict=True
+        ):
+            outcomes[i] = finished[i] = outcome
+        if sampled and on_completion is not None:
+            for i, outcome in enumerate(outcomes):
+                on_completion(i, outcome)
+        return [finished[i] for i in range(len(requests))]
 
     def _result(self, completion: Completion, details: bool, request: GenerationRequest) -> Any:
         if not details:
@@ -873,6 +944,7 @@ class AutoModel:
             ),
             completion.looped,
             {k: v for k, v in request.sampling.extra.items() if k in DECODING_SETTINGS},
+            completion.answer_score,
         )
 
     def _assemble(

@@ -56,6 +56,9 @@ class GenerationOptions:
         cut_loops: cut an answer where it starts to repeat itself (:mod:`auto_model.loops`); the
             engine stops generating there where it can watch the answer grow. Not for answers
             constrained to a ``json_schema`` (cutting would break their structure).
+        check_answers: check each answer with the artifact's answer check
+            (:mod:`auto_model.answer_check`) where it has one: an answer that complies with a
+            harmful request is replaced by a refusal, ``finish_reason`` ``"content_filter"``.
     """
 
     user_specified_system_prompt: str | None = None
@@ -73,11 +76,12 @@ class GenerationOptions:
     best_of: int = 1
     optimized_decoding: bool = True
     cut_loops: bool = True
+    check_answers: bool = True
 
     def __post_init__(self) -> None:
         if self.user_specified_system_prompt is not None and not isinstance(self.user_specified_system_prompt, str):
             raise InvalidRequestError("user_specified_system_prompt must be a string or None.")
-        for name in ("optimized_prompt", "optimized_icl", "optimized_decoding", "cut_loops"):
+        for name in ("optimized_prompt", "optimized_icl", "optimized_decoding", "cut_loops", "check_answers"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         k = self.num_optimized_icl
@@ -121,7 +125,7 @@ class GenerationOptions:
     @classmethod
     def from_arguments(cls, *, sampling_kwargs: Mapping[str, Any] | None = None, **arguments: Any) -> GenerationOptions:
         """Options from :meth:`AutoModel.generate`'s arguments: ``seed``, ``json_schema``, ``route``,
-        ``best_of``, ``optimized_decoding`` and ``cut_loops`` are taken out of ``sampling_kwargs``,
+        ``best_of``, ``optimized_decoding``, ``cut_loops`` and ``check_answers`` are taken out of ``sampling_kwargs``,
         the rest of them go to the engine unchanged."""
         extra = dict(sampling_kwargs or {})
         own = {name: extra.pop(name) for name in _OWN_KEYWORDS if name in extra}
@@ -152,7 +156,7 @@ class GenerationOptions:
 
 
 #: keyword arguments of generate() that are options of the SDK, not the engine's sampling arguments
-_OWN_KEYWORDS = ("seed", "json_schema", "route", "best_of", "optimized_decoding", "cut_loops")
+_OWN_KEYWORDS = ("seed", "json_schema", "route", "best_of", "optimized_decoding", "cut_loops", "check_answers")
 
 
 def parse_queries(user_query: Any) -> tuple[bool, list[str]]:

@@ -37,9 +37,10 @@ from bench._common import (
 TARGET = 1.5
 CONFIGS: dict[str, dict[str, Any]] = {
     "the model alone": {"optimized_prompt": False, "optimized_icl": False, "optimized_decoding": False,
-                        "cut_loops": False},
+                        "cut_loops": False, "check_answers": False},
     "the defaults": {},
-    "3 examples, nothing else new": {"num_optimized_icl": 3, "optimized_decoding": False, "cut_loops": False},
+    "3 examples, nothing else new": {"num_optimized_icl": 3, "optimized_decoding": False, "cut_loops": False,
+                                     "check_answers": False},
 }  # fmt: skip
 
 

@@ -18,6 +18,7 @@ import pytest
 from auto_model.artifacts import (
     PROMPT_FORMAT,
     PROMPT_FORMAT_V2,
+    PROMPT_FORMAT_V3,
     PromptArtifact,
     load_prompt_artifact,
     save_prompt_artifact,
@@ -45,7 +46,7 @@ def test_v3_artifacts_round_trip_and_older_ones_load_unchanged(tmp_path):
     )
     path = save_prompt_artifact(tuned, tmp_path / "tuned.json")
     data = json.loads(path.read_text())
-    assert data["format"] == PROMPT_FORMAT and data["decoding"] == {"frequency_penalty": 0.6}
+    assert data["format"] == PROMPT_FORMAT_V3 and data["decoding"] == {"frequency_penalty": 0.6}
     assert data["routes"][SAFETY] == {"system_prompt": "Be careful.", "decoding": {"frequency_penalty": 0.0}}
     again = load_prompt_artifact(path)
     assert again.decoding_for(EVERYDAY) == {"frequency_penalty": 0.6}
@@ -185,7 +186,7 @@ def test_an_artifact_sets_how_many_examples_each_route_retrieves(smol, tmp_path)
     tuned = replace(smol.prompt_artifact, num_examples=1, route_examples={SAFETY: 3})
     path = save_prompt_artifact(tuned, tmp_path / "examples.json")
     data = json.loads(path.read_text())
-    assert data["format"] == PROMPT_FORMAT and data["num_examples"] == 1
+    assert data["format"] == PROMPT_FORMAT_V3 and data["num_examples"] == 1
     assert data["routes"][SAFETY]["num_examples"] == 3
     assert load_prompt_artifact(path).examples_for(EVERYDAY) == 1
     assert load_prompt_artifact(path).examples_for(SAFETY) == 3
@@ -218,7 +219,7 @@ def test_an_artifacts_pool_edits_round_trip_and_apply_to_the_models_pool(tmp_pat
     edited = PromptArtifact("m", "Hi.", "drpo", pool_drop=(pool[0].query, added.query), pool_add=(added,))
     path = save_prompt_artifact(replace(edited, pool_drop=(pool[0].query,)), tmp_path / "pool.json")
     data = json.loads(path.read_text())
-    assert data["format"] == PROMPT_FORMAT and data["pool"]["drop"] == [pool[0].query]
+    assert data["format"] == PROMPT_FORMAT_V3 and data["pool"]["drop"] == [pool[0].query]
     again = load_prompt_artifact(path)
     assert again.pool_add == (added,) and again.edit_pool(pool) == [*pool[1:], added]
     assert edited.edit_pool(pool) == pool[1:]  # an example both added and dropped is left out

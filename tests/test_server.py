@@ -262,6 +262,12 @@ def test_serve_refuses_an_open_public_address_before_loading_anything(capsys, mo
     assert "--upstream needs --model" in capsys.readouterr().err
     assert main(["serve", "--max-queue", "-1"]) == 2
     assert "max_queue must be an integer >= 0" in capsys.readouterr().err
+    monkeypatch.delenv("AUTO_MODEL_UNCHECKED_KEYS", raising=False)
+    assert main(["serve", "--api-key", "sk-a-0001", "--unchecked-key", "sk-b-0002"]) == 2
+    err = capsys.readouterr().err
+    assert "--unchecked-key must be one of the server's keys" in err and "sk-b-0002" not in err
+    assert main(["serve", "--check-window", "0"]) == 2
+    assert "window must be an integer from 1" in capsys.readouterr().err
 
 
 FLOWERS = "How do I keep cut flowers fresh for longer?"  # SmolLM2 loops on it with no decoding settings

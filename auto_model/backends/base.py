@@ -51,6 +51,8 @@ class GenerationRequest:
     #: the query (a conversation's last user turn) the request answers; a reward model scores
     #: the request's samples against it (engines do not read it)
     query: str | None = field(default=None, compare=False)
+    #: the SDK checks the answer (:mod:`auto_model.answer_check`); engines do not read it
+    check_answer: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Completion:
             (:meth:`~auto_model.AutoModel.rerank`); this completion is then the best one.
         looped: the answer was cut where it started to repeat itself (``finish_reason`` is then
             ``"stop"``; see :mod:`auto_model.loops`).
+        answer_score: the answer check's score of the answer (None: not checked); an answer it
+            replaced has ``finish_reason`` ``"content_filter"``.
     """
 
     text: str
@@ -80,6 +84,7 @@ class Completion:
     samples: tuple[Completion, ...] = ()
     scores: tuple[float | None, ...] = ()
     looped: bool = False
+    answer_score: float | None = field(default=None, compare=False)
 
 
 def with_samples(samples: Sequence[Completion]) -> Completion:

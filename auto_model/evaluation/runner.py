@@ -84,8 +84,10 @@ class EvalConfig:
         temperature: the sampling temperature (default: 0, greedy; 0.7 with ``best_of`` > 1); sampled
             answers are seeded (seed 0), so a rerun is the same.
         optimized_decoding: apply the artifact's decoding settings (``decoding`` in a spec).
-        cut_loops: cut answers where they start to loop (``cut_loops`` in a spec). "The model
-            alone" turns both off.
+        cut_loops: cut answers where they start to loop (``cut_loops`` in a spec).
+        check_answers: check answers with the artifact's answer check (``check_answers`` in a spec;
+            a replaced answer is its refusal, ``finish_reason`` ``content_filter``). "The model alone"
+            turns the three off.
     """
 
     name: str
@@ -105,6 +107,7 @@ class EvalConfig:
     temperature: float | None = None
     optimized_decoding: bool = True
     cut_loops: bool = True
+    check_answers: bool = True
 
     def __post_init__(self) -> None:
         if self.route is not None and self.route not in ROUTES:
@@ -161,6 +164,7 @@ _SPEC_KEYS = {
     "temperature": "temperature",
     "decoding": "optimized_decoding",
     "cut_loops": "cut_loops",
+    "check_answers": "check_answers",
 }
 
 
@@ -168,7 +172,9 @@ def _coerce(name: str, key: str, value: Any) -> Any:
     field_name = _SPEC_KEYS.get(key, key)
     if field_name not in {f.name for f in fields(EvalConfig)} or field_name == "name":
         raise InvalidRequestError(f"Configuration {name!r}: unknown key {key!r}; use {', '.join(_SPEC_KEYS)}.")
-    if field_name in ("optimized_prompt", "optimized_decoding", "cut_loops") and isinstance(value, str):
+    if field_name in ("optimized_prompt", "optimized_decoding", "cut_loops", "check_answers") and isinstance(
+        value, str
+    ):
         try:
             value = parse_bool(value)
         except ValueError:
@@ -187,7 +193,7 @@ def _coerce(name: str, key: str, value: Any) -> Any:
 def parse_config_spec(spec: str) -> EvalConfig:
     """``"name: model=...; prompt=off; icl=3"`` -> :class:`EvalConfig` (keys: model, backend,
     prompt, prompt_path, system, icl, base_url, dtype, prompt_format, route, icl_path, best_of,
-    reward_model, temperature, decoding, cut_loops)."""
+    reward_model, temperature, decoding, cut_loops, check_answers)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not sep or not name:
@@ -220,9 +226,17 @@ def load_config_file(path: str | Path) -> list[EvalConfig]:
 
 def default_configs(model: str | None = None, backend: str = "auto") -> list[EvalConfig]:
     """The comparison a user usually wants: the model alone (no prompt, no decoding settings, no loop
-    cut), with its optimized prompt, and with the prompt and 3 retrieved examples."""
+    cut, no answer check), with its optimized prompt, and with the prompt and 3 retrieved examples."""
     return [
-        EvalConfig("alone", model, backend, optimized_prompt=False, optimized_decoding=False, cut_loops=False),
+        EvalConfig(
+            "alone",
+            model,
+            backend,
+            optimized_prompt=False,
+            optimized_decoding=False,
+            cut_loops=False,
+            check_answers=False,
+        ),
         EvalConfig("prompt", model, backend),
         EvalConfig("prompt+3icl", model, backend, num_optimized_icl=3),
     ]
@@ -386,7 +400,7 @@ def answer_configs(
                 asked = replace(config.sampling(max_new_tokens), user_specified_system_prompt=custom,
                                 optimized_prompt=config.optimized_prompt, optimized_icl=k != 0, num_optimized_icl=k,
                                 route=config.route, optimized_decoding=config.optimized_decoding,
-                                cut_loops=config.cut_loops)  # fmt: skip
+                                cut_loops=config.cut_loops, check_answers=config.check_answers)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.
                 requests = _requests(model, items, queries, asked)
                 done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)

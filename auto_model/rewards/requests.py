@@ -39,9 +39,12 @@ class RequestCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT, completion TEXT)")
 
     @staticmethod
-    def key(model: str, backend: str, request: GenerationRequest, reward: str | None = None) -> tuple[str, str]:
+    def key(
+        model: str, backend: str, request: GenerationRequest, reward: str | None = None, check: str | None = None
+    ) -> tuple[str, str]:
         """The request's key and JSON; ``reward`` names the reward that chooses among a request's
-        samples (``n`` > 1: the answer depends on it too)."""
+        samples (``n`` > 1: the answer depends on it too); ``check`` names the answer check of a
+        checked request (the answer kept is the checked one)."""
         sampling = asdict(request.sampling)
         sampling["stop"] = list(sampling["stop"])
         if sampling["json_schema"] is None:  # keys of unconstrained requests as they were before the field
@@ -53,6 +56,8 @@ class RequestCache:
         entry: dict[str, Any] = {"model": model, "backend": backend, "prompt": request.prompt, "sampling": sampling}
         if request.sampling.n > 1:
             entry["reward"] = reward
+        if request.check_answer:
+            entry["answer_check"] = check
         blob = json.dumps(entry, sort_keys=True, ensure_ascii=False, default=repr)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest(), blob
 
@@ -198,9 +203,9 @@ class Role:
         if len(settings) != len(prompts):
             raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
         for i, text in enumerate(prompts):
-            # A judge's or an optimizer's reply is read by its parser, not shown to a user: it is never cut,
+            # A judge's or an optimizer's reply is read by its parser, not shown to a user: it is never cut or checked,
             # and the model's artifact does not choose its decoding.
-            plain = replace(settings[i], cut_loops=False, optimized_decoding=False)
+            plain = replace(settings[i], cut_loops=False, optimized_decoding=False, check_answers=False)
             s = plain if seeds is None else replace(plain, seed=seeds[i])
             request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
             if text_prompts and prefills[i]:
@@ -243,7 +248,11 @@ class Role:
         answer as the engine reports it (e.g. a progress bar's ``update``)."""
         model_id, backend = self.model.backend.model_id, self.model.backend_name
         reward = getattr(self.model, "reward_id", None)
-        keys = [RequestCache.key(model_id, backend, r, reward) for r in requests]
+        check = getattr(self.model, "answer_check", None)
+        check_id = (
+            None if check is None else hashlib.sha256(json.dumps(check.to_dict(), sort_keys=True).encode()).hexdigest()
+        )
+        keys = [RequestCache.key(model_id, backend, r, reward, check_id) for r in requests]
         results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
         stats = self.usage.roles.setdefault(self.name, RoleUsage())
         stats.cached += sum(r is not None for r in results)

@@ -66,9 +66,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.background import BackgroundTask
 
+from auto_model.answer_check import CONTENT_FILTER
+from auto_model.answer_check import check_window as check_window_size
 from auto_model.backends.base import DECODING_SETTINGS, Completion, check_decoding
 from auto_model.errors import AutoModelError, InvalidRequestError
-from auto_model.loops import CutStream, cut_loop
+from auto_model.loops import cut_loop
 from auto_model.model import SYSTEM_MESSAGE_MODES
 from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
@@ -162,12 +164,16 @@ def create_app(
     allow_alignment_override: bool = False,
     limits: ServerLimits | None = None,
     best_of: int = 1,
+    unchecked_keys: Any = (),
+    check_window: int | None = None,
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
     (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
     that assembles the alignment: an openai-backend :class:`~auto_model.AutoModel` for the upstream's
     model). ``best_of`` > 1: each sampled, non-streaming answer is the best of that many samples by
-    the model's reward (:attr:`AutoModel.reward`)."""
+    the model's reward (:attr:`AutoModel.reward`). ``unchecked_keys``: the keys whose requests may
+    turn the answer check off; ``check_window``: characters of a streamed answer between checks
+    (default: the artifact's)."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
@@ -190,6 +196,13 @@ def create_app(
     name = served_name or model.model_name
     upstream_model = (upstream.model if upstream else None) or model.model_name
     keys = [k.encode() for k in api_keys if k]
+    if isinstance(unchecked_keys, str):
+        raise InvalidRequestError("unchecked_keys must be a list of keys, not one string.")
+    may_skip_checks = [k.encode() for k in unchecked_keys if k]
+    if set(may_skip_checks) - set(keys):
+        raise InvalidRequestError("unchecked_keys must be keys of api_keys.")
+    if check_window is not None:
+        check_window_size(check_window)
     created = int(time.time())
     registry = CollectorRegistry()
     requests = Counter("auto_model_requests", "Requests answered, by endpoint and HTTP status.",
@@ -201,6 +214,10 @@ def create_app(
     in_progress = Gauge("auto_model_requests_in_progress", "Requests being answered now.", registry=registry)
     queue_depth = Gauge("auto_model_queue_depth", "Requests waiting for or in an engine batch, or for an upstream "
                         "slot.", registry=registry)  # fmt: skip
+    checks_run = Counter("auto_model_answer_checks", "Answers the answer check scored, by route.", ["route"],
+                         registry=registry)  # fmt: skip
+    replaced = Counter("auto_model_answers_replaced", "Answers the answer check replaced with the refusal, by route.",
+                       ["route"], registry=registry)  # fmt: skip
     batch_sizes = Histogram("auto_model_batch_size", "Requests per in-process engine call.", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
     state: dict[str, Any] = {"admitted": 0, "client": None, "preparing": 0}
@@ -238,14 +255,17 @@ def create_app(
 
     # -- shared request handling ---------------------------------------------------------------
 
-    def authorised(request: Request) -> None:
+    def authorised(request: Request) -> bytes | None:
+        """The request's key (None: the server has none); a 401 unless it is one of them."""
         if not keys:
-            return
+            return None
         given = request.headers.get("authorization", "")
         token = given[7:].encode() if given[:7].lower() == "bearer " else b""
-        if not any(hmac.compare_digest(token, key) for key in keys):
+        found = [key for key in keys if hmac.compare_digest(token, key)]
+        if not found:
             raise _Refused(401, "Missing or wrong API key: pass 'Authorization: Bearer KEY'.",
                            kind="authentication_error", code="invalid_api_key")  # fmt: skip
+        return found[0]
 
     async def read_json(request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
@@ -296,7 +316,11 @@ def create_app(
         return ",".join(str(model.examples_for(r, options)) for r in named)
 
     def alignment_headers(
-        options: GenerationOptions, routes: list[str], decoding: dict[str, Any] | None = None, **timing: float
+        options: GenerationOptions,
+        routes: list[str],
+        decoding: dict[str, Any] | None = None,
+        checks: list[str] | None = None,
+        **timing: float,
     ) -> dict[str, str]:
         """The alignment's headers, and ``Server-Timing`` (milliseconds: ``align``, the routing and example
         retrieval; ``engine`` or ``upstream``, until its answer, or a stream's start)."""
@@ -311,24 +335,67 @@ def create_app(
             headers["x-auto-model-decoding"] = ",".join(f"{k}={v}" for k, v in sorted(decoding.items()))
         if options.best_of > 1:
             headers["x-auto-model-best-of"] = str(options.best_of)
+        headers["x-auto-model-checks"] = ",".join(checks_of(options) if checks is None else checks) or "none"
         if timing:
             headers["server-timing"] = ", ".join(f"{k};dur={v * 1e3:.2f}" for k, v in timing.items())
         return headers
 
-    def alignment(body: dict[str, Any]) -> GenerationOptions:
-        """The request's alignment settings: the server's, or the client's override where allowed."""
+    def alignment(body: dict[str, Any], key: bytes | None = None) -> GenerationOptions:
+        """The request's alignment settings: the server's, or the client's override where allowed
+        (``check_answers`` by the keys of ``unchecked_keys``, the rest with ``allow_alignment_override``)."""
         override = body.get("auto_model")
         settings: dict[str, Any] = {"num_optimized_icl": num_examples, "optimized_icl": num_examples != 0}
         if override is not None:
-            if not allow_alignment_override:
+            if not isinstance(override, dict) or set(override) - {*_OVERRIDES, "check_answers"}:
+                raise _Refused(400, f"'auto_model' must be an object with some of {', '.join(_OVERRIDES)}, "
+                               "check_answers.", param="auto_model")  # fmt: skip
+            override = dict(override)
+            if "check_answers" in override and override["check_answers"] is not True:
+                if not (key is not None and any(hmac.compare_digest(key, k) for k in may_skip_checks)):
+                    raise _Refused(403, "This key may not turn the answer check off ('auto_model.check_answers'); "
+                                   "the server's operator names the keys that may (--unchecked-key).",
+                                   kind="permission_error", param="auto_model")  # fmt: skip
+            settings["check_answers"] = override.pop("check_answers", True)
+            if override and not allow_alignment_override:
                 raise _Refused(400, "This server does not let clients change the alignment ('auto_model'); "
                                "its operator can allow it with --allow-alignment-override.",
                                param="auto_model")  # fmt: skip
-            if not isinstance(override, dict) or set(override) - set(_OVERRIDES):
-                raise _Refused(400, f"'auto_model' must be an object with some of {', '.join(_OVERRIDES)}.",
-                               param="auto_model")  # fmt: skip
             settings.update(override)
         return GenerationOptions(**settings)
+
+    def checks_of(options: GenerationOptions, *, answers: bool = True) -> list[str]:
+        """The checks a request's answers get: ``answer`` (the answer check) and ``loop`` (the loop cut)."""
+        found = []
+        if answers and options.check_answers and model.answer_check is not None:
+            found.append("answer")
+        if options.cut_loops:
+            found.append("loop")
+        return found
+
+    def checks_of_request(prepared: Any) -> list[str]:
+        """The checks an engine request's answer gets."""
+        return (["answer"] if prepared.check_answer else []) + (["loop"] if prepared.sampling.cut_loops else [])
+
+    def counted(routes: list[str]) -> Any:
+        """Called once a checked stream has ended: counts its check and whether it replaced the answer."""
+        route = routes[0] if routes else "none"
+
+        def count(stream: Any) -> None:
+            if getattr(stream, "checks", 0):
+                checks_run.labels(route).inc()
+                if stream.filtered:
+                    replaced.labels(route).inc()
+
+        return count
+
+    def count_checks(routes: list[str], completions: list[Any]) -> None:
+        """Prometheus counters of the answers checked and replaced, by route."""
+        for i, completion in enumerate(completions):
+            route = routes[i] if i < len(routes) else routes[-1] if routes else "none"
+            if getattr(completion, "answer_score", None) is not None:
+                checks_run.labels(route).inc()
+                if completion.finish_reason == CONTENT_FILTER:
+                    replaced.labels(route).inc()
 
     def check_model(body: dict[str, Any]) -> None:
         if body.get("model") != name:
@@ -355,10 +422,10 @@ def create_app(
     async def respond(request: Request, work: Any) -> Any:
         admitted = False
         try:
-            authorised(request)
+            key = authorised(request)
             body = await read_json(request)
             check_model(body)
-            options = alignment(body)
+            options = alignment(body, key)
             admit()
             admitted = True
             response = await work(request, body, options)
@@ -474,18 +541,20 @@ def create_app(
             route = [prepared.route.name] if prepared.route else []
             decoding = applied_decoding([prepared])
             if body.get("stream"):
-                chunks = model.stream_request(prepared)
-                events = (_chat_event(reply_id, now, name, *event) for event in _deltas(chunks))
-                headers = alignment_headers(options, route, decoding, align=align)
+                chunks = model.stream_request(prepared, check_window)
+                events = (_chat_event(reply_id, now, name, *event) for event in _deltas(chunks, counted(route)))
+                headers = alignment_headers(options, route, decoding, checks_of_request(prepared), align=align)
                 return streaming(request, _pump(events, chunks.close), headers)
             started = time.perf_counter()
             done = await run_batched(request, [prepared] * n, ready)
             engine = time.perf_counter() - started
+        count_checks(route, done)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": None, **_loop_cut(c.looped)} for i, c in enumerate(done)]  # fmt: skip
         reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        return JSONResponse(reply, headers=alignment_headers(options, route, decoding, align=align, engine=engine))
+        headers = alignment_headers(options, route, decoding, checks_of_request(prepared), align=align, engine=engine)
+        return JSONResponse(reply, headers=headers)
 
     async def local_completions(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         fields_supported(body, _COMPLETION_FIELDS)
@@ -500,19 +569,22 @@ def create_app(
             routes = [p.route.name for p in prepared if p.route]
             decoding = applied_decoding(prepared)
             if body.get("stream"):
-                chunks = model.stream_request(prepared[0])
-                events = (_completion_event(reply_id, now, name, *event) for event in _texts(chunks))
-                headers = alignment_headers(options, routes, decoding, align=align)
+                chunks = model.stream_request(prepared[0], check_window)
+                events = (_completion_event(reply_id, now, name, *event) for event in _texts(chunks, counted(routes)))
+                headers = alignment_headers(options, routes, decoding, checks_of_request(prepared[0]), align=align)
                 return streaming(request, _pump(events, chunks.close), headers)
             started = time.perf_counter()
             done = await run_batched(request, [p for p in prepared for _ in range(n)], ready)
             engine = time.perf_counter() - started
+        count_checks([r for r in routes for _ in range(n)], done)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None,
                     **_loop_cut(c.looped)} for i, c in enumerate(done)]  # fmt: skip
         prompt_tokens = sum(c.prompt_tokens for c in done[::n])
         reply = {"id": reply_id, "object": "text_completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
-        return JSONResponse(reply, headers=alignment_headers(options, routes, decoding, align=align, engine=engine))
+        headers = alignment_headers(options, routes, decoding, checks_of_request(prepared[0]), align=align,
+                                    engine=engine)  # fmt: skip
+        return JSONResponse(reply, headers=headers)
 
     def applied_decoding(prepared: list[Any]) -> dict[str, Any]:
         """The decoding settings the engine applies to these requests (shared by all of them)."""
@@ -579,7 +651,9 @@ def create_app(
                 if payload.get("stream"):
                     response, lines = await guarded(request, client.stream(path, payload))
                     took = time.perf_counter() - started
-                    headers = alignment_headers(options, routes, decoding, align=align, upstream=took)
+                    # An upstream's stream is not checked (only its loops are cut): the header says so.
+                    headers = alignment_headers(options, routes, decoding, checks_of(options, answers=False),
+                                                align=align, upstream=took)  # fmt: skip
                     answers = n * (len(queries) if not chat else 1)
                     cut = StreamLoopCut(answers, chat) if options.cut_loops else None
                     return streaming(request, _renamed_lines(response, lines, name, cut), headers)
@@ -596,6 +670,8 @@ def create_app(
                                                              chat)  # fmt: skip
         if options.cut_loops:
             _cut_choices(data, chat)
+        if "answer" in checks_of(options):
+            await anyio.to_thread.run_sync(check_choices, data, chat, routes, n)
         counts = data.get("usage")
         if isinstance(counts, dict) and isinstance(counts.get("prompt_tokens"), int):
             tokens.labels("prompt").inc(counts["prompt_tokens"])
@@ -646,6 +722,28 @@ def create_app(
         best = model.rerank([queries[g // n] or "" for g in range(len(groups))], sampled)
         picks = [best_index(chosen.scores) for chosen in best]
         return [{**group[pick], "index": g} for g, (group, pick) in enumerate(zip(groups, picks, strict=True))]
+
+    def check_choices(data: dict[str, Any], chat: bool, routes: list[str], n: int) -> None:
+        """An upstream's answers checked (:meth:`AutoModel.answer_scores`); each one the check blocks
+        is replaced by its refusal, ``finish_reason`` ``content_filter``."""
+        check = model.answer_check
+        holders: list[tuple[dict[str, Any], dict[str, Any], str]] = []
+        for choice in data.get("choices") or []:
+            holder = choice.get("message") if chat and isinstance(choice, dict) else choice
+            text = holder.get("content" if chat else "text") if isinstance(holder, dict) else None
+            if isinstance(choice, dict) and isinstance(holder, dict) and isinstance(text, str) and text.strip():
+                holders.append((choice, holder, text))
+        if check is None or not holders:
+            return
+        scores = model.answer_scores([text for _, _, text in holders])
+        for (choice, holder, _), score in zip(holders, scores, strict=True):
+            index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
+            route = routes[min(index // max(n, 1), len(routes) - 1)] if routes else "none"
+            checks_run.labels(route).inc()
+            if check.blocks(score):
+                holder["content" if chat else "text"] = check.refusal
+                choice["finish_reason"] = CONTENT_FILTER
+                replaced.labels(route).inc()
 
     def cap(payload: dict[str, Any], *fields: str) -> None:
         given = [f for f in fields if payload.get(f) is not None]
@@ -773,19 +871,28 @@ def _loop_cut(looped: bool) -> dict[str, str]:
     return {"stop_reason": "loop"} if looped else {}
 
 
-def _deltas(chunks: CutStream) -> Iterator[tuple[dict[str, Any], str | None, dict[str, str]]]:
+def _finish(chunks: Any) -> str:
+    """How a streamed answer ended: ``content_filter`` when the answer check replaced its rest."""
+    return CONTENT_FILTER if getattr(chunks, "filtered", False) else "stop"
+
+
+def _deltas(chunks: Any, ended: Any = None) -> Iterator[tuple[dict[str, Any], str | None, dict[str, str]]]:
     yield {"role": "assistant", "content": ""}, None, {}
     for text in chunks:
         if text:
             yield {"content": text}, None, {}
-    yield {}, "stop", _loop_cut(chunks.looped)
+    if ended is not None:
+        ended(chunks)
+    yield {}, _finish(chunks), _loop_cut(chunks.looped)
 
 
-def _texts(chunks: CutStream) -> Iterator[tuple[str, str | None, dict[str, str]]]:
+def _texts(chunks: Any, ended: Any = None) -> Iterator[tuple[str, str | None, dict[str, str]]]:
     for text in chunks:
         if text:
             yield text, None, {}
-    yield "", "stop", _loop_cut(chunks.looped)
+    if ended is not None:
+        ended(chunks)
+    yield "", _finish(chunks), _loop_cut(chunks.looped)
 
 
 def _chat_event(

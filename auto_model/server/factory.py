@@ -61,6 +61,8 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         allow_alignment_override=bool(options.get("allow_alignment_override")),
         limits=limits,
         best_of=options.get("best_of", 1),
+        unchecked_keys=options.get("unchecked_keys", []),
+        check_window=options.get("check_window"),
     )
     return app, model
 
@@ -69,6 +71,7 @@ def app_from_env() -> Any:
     """The app of one ``--workers`` process: the options the parent put in :data:`OPTIONS_ENV`."""
     options = json.loads(os.environ[OPTIONS_ENV])
     options["api_keys"] = [k for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k]
+    options["unchecked_keys"] = [k for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k]
     options["upstream_api_key"] = os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY")
     app, _ = build(options)
     return app

@@ -48,7 +48,8 @@ def parser() -> ArgumentParser:
         snake_case_aliases=True,
         description="DRPO: optimize a model's system prompt (stage 2, "
         "'prompt', the default) or its in-context examples (stage 1, 'icl'); or train the router that "
-        "picks each request's route ('router', no engine needed). Every flag is also "
+        "picks each request's route ('router', no engine needed), or the answer check ('answer-check "
+        "--answers REPORT.json', no engine needed). Every flag is also "
         "accepted with underscores, as the original scripts spelled it (--max-new-tokens).",
     )
     add = p.add_argument
@@ -753,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         if given[:1] == ["visualize"]:
             return visualize(given[1:])
+        if given[:1] == ["answer-check"]:
+            from auto_model.trainer.answer_check import main as answer_check
+
+            return answer_check(given[1:])
         command, args = parse_args(argv)
         return run(command, resolve(args, command))
 

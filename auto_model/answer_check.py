@@ -1,0 +1,210 @@
+"""The answer check (an output rail): does an answer comply with a harmful request?
+
+Routing (:mod:`auto_model.routing`) reads the request; a request it misses gets the everyday prompt,
+and a small model then often complies. The answer check reads what the model wrote. Its score is
+the mix of two logistic regressions trained on answers (``auto-model-train answer-check``): one over
+the answer's sentence embedding (the retriever's MiniLM, :class:`~auto_model.routing.SafetyClassifier`)
+and one over its words and word pairs (:class:`~auto_model.routing.LexicalClassifier`), each
+``weight`` of the score. At or above ``threshold`` the answer is replaced by ``refusal`` and its
+``finish_reason`` is ``"content_filter"`` (the OpenAI value).
+
+A streamed answer is checked in windows: the text is held back until the answer so far has passed
+the check, which runs each time ``window`` more characters have arrived and once at the end. A
+client sees only text that passed a check; when a check fails, the stream ends with the refusal
+(after the text it has already seen: at most the answer up to the last passed check), and the
+engine stops generating.
+
+The check's settings and weights are the prompt artifact's ``answer_check`` (plain JSON numbers;
+:class:`AnswerCheck`). Everything here is pure and needs no engine: scores come from an embedding
+function the SDK passes (the retriever's).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from auto_model.errors import InvalidRequestError
+from auto_model.routing import LexicalClassifier, SafetyClassifier
+
+logger = logging.getLogger(__name__)
+
+#: What a blocked answer is replaced with when the artifact does not say.
+DEFAULT_REFUSAL = "Sorry, but I can't help with that."
+#: Characters of a streamed answer between two checks when the artifact does not say.
+DEFAULT_WINDOW = 200
+#: The most characters a window may be.
+MAX_WINDOW = 100_000
+#: The ``finish_reason`` of an answer the check replaced.
+CONTENT_FILTER: Final = "content_filter"
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """How answers are checked.
+
+    Attributes:
+        threshold: the score at or above which an answer is replaced.
+        classifier: P(the answer complies with a harmful request) from its embedding; ``weight`` of
+            the score.
+        lexical: the same from its words; ``weight`` of the score. The two weights add up to 1 (one
+            of them may be missing: the other then has weight 1).
+        refusal: the text that replaces a blocked answer.
+        window: characters of a streamed answer between two checks.
+        provenance: how it was trained (data, figures).
+    """
+
+    threshold: float
+    classifier: SafetyClassifier | None = None
+    lexical: LexicalClassifier | None = None
+    refusal: str = DEFAULT_REFUSAL
+    window: int = DEFAULT_WINDOW
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        parts = [c for c in (self.classifier, self.lexical) if c is not None]
+        if not parts:
+            raise InvalidRequestError("answer_check needs a classifier, a lexical classifier or both.")
+        if abs(sum(c.weight for c in parts) - 1) > 1e-6:
+            raise InvalidRequestError("answer_check: the classifiers' weights must add up to 1.")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1:
+            raise InvalidRequestError(f"answer_check threshold must be in [0, 1], got {t!r}.")
+        if not isinstance(self.refusal, str) or not self.refusal.strip():
+            raise InvalidRequestError("answer_check refusal must be a non-empty string.")
+        check_window(self.window)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "answer_check") -> AnswerCheck:
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"{source}: answer_check is an object, got {type(data).__name__}.")
+        unknown = set(data) - {"threshold", "classifier", "lexical", "refusal", "window", "provenance"}
+        if unknown:
+            raise InvalidRequestError(f"{source}: unknown answer_check fields {sorted(unknown)}.")
+        classifier = data.get("classifier")
+        lexical = data.get("lexical")
+        return cls(
+            threshold=data.get("threshold", float("nan")),
+            classifier=None if classifier is None else SafetyClassifier.from_dict(classifier, f"{source}.classifier"),
+            lexical=None if lexical is None else LexicalClassifier.from_dict(lexical, f"{source}.lexical"),
+            refusal=data.get("refusal", DEFAULT_REFUSAL),
+            window=data.get("window", DEFAULT_WINDOW),
+            provenance=dict(data.get("provenance") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"threshold": self.threshold, "refusal": self.refusal, "window": self.window}
+        if self.provenance:
+            data["provenance"] = dict(self.provenance)
+        if self.classifier is not None:
+            data["classifier"] = self.classifier.to_dict()
+        if self.lexical is not None:
+            data["lexical"] = self.lexical.to_dict()
+        return data
+
+    def fits(self, embedding_model: str) -> bool:
+        """Whether its embedding classifier (if any) was trained on ``embedding_model``'s embeddings."""
+        return self.classifier is None or self.classifier.fits(embedding_model)
+
+    def scores(self, answers: Sequence[str], embed: Callable[[list[str]], Any] | None = None) -> list[float]:
+        """Each answer's score (``embed``: the texts' normalised embeddings, needed with a classifier)."""
+        answers = list(answers)
+        if not answers:
+            return []
+        total = [0.0] * len(answers)
+        if self.classifier is not None:
+            if embed is None:
+                raise InvalidRequestError("answer_check: scoring with an embedding classifier needs embeddings.")
+            for i, p in enumerate(self.classifier.probabilities(embed(answers))):
+                total[i] += self.classifier.weight * p
+        if self.lexical is not None:
+            for i, p in enumerate(self.lexical.probabilities(answers)):
+                total[i] += self.lexical.weight * p
+        return total
+
+    def blocks(self, score: float) -> bool:
+        return score >= self.threshold
+
+
+def check_window(window: Any) -> int:
+    """``window`` if it is a number of characters a streamed answer may be checked after; else InvalidRequestError."""
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+        raise InvalidRequestError(f"answer check window must be an integer from 1 to {MAX_WINDOW}, got {window!r}.")
+    return window
+
+
+class CheckedStream:
+    """The chunks of a streamed answer, released once the answer so far has passed the check.
+
+    ``chunks``: the answer's text chunks (an object with ``close`` and ``looped``, such as a
+    :class:`~auto_model.loops.CutStream`, or any iterator); ``score``: the answer's score;
+    ``window``: characters between checks. Once it has ended, :attr:`filtered` says whether a check
+    failed (the last chunk was then ``refusal``), :attr:`score` is the last check's score and
+    :attr:`looped` is the inner stream's."""
+
+    def __init__(
+        self, chunks: Iterator[str], check: AnswerCheck, score: Callable[[str], float], window: int | None = None
+    ):
+        self._chunks = chunks
+        self._check = check
+        self._score = score
+        self._window = check.window if window is None else check_window(window)
+        self.filtered = False
+        self.score: float | None = None
+        self.checks = 0
+        self._pieces = self._run()
+
+    @property
+    def looped(self) -> bool:
+        return bool(getattr(self._chunks, "looped", False))
+
+    def _passes(self, text: str) -> bool:
+        self.checks += 1
+        self.score = self._score(text)
+        return not self._check.blocks(self.score)
+
+    def _run(self) -> Generator[str, None, None]:
+        seen, held = "", ""
+        try:
+            for piece in self._chunks:
+                held += piece
+                if len(held) < self._window:
+                    continue
+                if not self._passes(seen + held):
+                    self.filtered = True
+                    yield self._refusal(seen)
+                    return
+                seen, released, held = seen + held, held, ""
+                yield released
+            if (seen + held).strip() and held and not self._passes(seen + held):
+                self.filtered = True
+                yield self._refusal(seen)
+                return
+            if held:
+                yield held
+        finally:
+            self.close_source()
+
+    def _refusal(self, seen: str) -> str:
+        return self._check.refusal if not seen else f"\n\n{self._check.refusal}"
+
+    def close_source(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if callable(close):
+            close()
+
+    def __iter__(self) -> CheckedStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.close_source()
+
+
+__all__ = ["AnswerCheck", "CheckedStream", "CONTENT_FILTER", "DEFAULT_REFUSAL", "DEFAULT_WINDOW", "check_window"]
