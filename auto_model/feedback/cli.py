@@ -78,6 +78,7 @@ def _options(args: Any, defaults: dict[str, float]) -> Any:
         seed=args.seed,
         optimized_prompt=False,
         optimized_icl=False,
+        check_answers=False,  # the model's own responses are the data
     )
 
 

@@ -590,9 +590,11 @@ class BeamSearch:
         return [[next(outcomes) for _ in indices] for _ in nodes]
 
     def _options(self, state: Candidate) -> GenerationOptions:
-        """How the base model answers for a candidate: greedy, with the candidate's decoding settings."""
+        """How the base model answers for a candidate: greedy, with the candidate's decoding settings,
+        unchecked (the reward measures what the candidate makes the model write)."""
         return GenerationOptions(temperature=0.0, top_p=1.0, max_new_tokens=self.config.max_new_tokens,
-                                 route=self.config.route, optimized_decoding=False, extra=state.settings)  # fmt: skip
+                                 route=self.config.route, optimized_decoding=False, extra=state.settings,
+                                 check_answers=False)  # fmt: skip
 
     def _examples(self, state: Candidate, query: str) -> list[Any]:
         """The examples a request for ``query`` gets under ``state``, retrieved as in inference: from
