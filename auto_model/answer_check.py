@@ -1,12 +1,14 @@
 """The answer check (an output rail): does an answer comply with a harmful request?
 
 Routing (:mod:`auto_model.routing`) reads the request; a request it misses gets the everyday prompt,
-and a small model then often complies. The answer check reads what the model wrote. Its score is
-the mix of two logistic regressions trained on answers (``auto-model-train answer-check``): one over
-the answer's sentence embedding (the retriever's MiniLM, :class:`~auto_model.routing.SafetyClassifier`)
-and one over its words and word pairs (:class:`~auto_model.routing.LexicalClassifier`), each
-``weight`` of the score. At or above ``threshold`` the answer is replaced by ``refusal`` and its
-``finish_reason`` is ``"content_filter"`` (the OpenAI value).
+and a small model then often complies. The answer check reads what the model wrote, beside the
+request it answers. Its score is the mix of two logistic regressions trained on answers
+(``auto-model-train answer-check``): one over the request's and the answer's sentence embeddings
+side by side (the retriever's MiniLM, :class:`~auto_model.routing.SafetyClassifier` with twice the
+embedding's dimensions) and one over the words and word pairs of the request and the answer
+(:class:`~auto_model.routing.LexicalClassifier`), each ``weight`` of the score. At or above
+``threshold`` the answer is replaced by ``refusal`` and its ``finish_reason`` is
+``"content_filter"`` (the OpenAI value).
 
 A streamed answer is checked in windows: the text is held back until the answer so far has passed
 the check, which runs each time ``window`` more characters have arrived and once at the end. A
@@ -109,24 +111,42 @@ class AnswerCheck:
         """Whether its embedding classifier (if any) was trained on ``embedding_model``'s embeddings."""
         return self.classifier is None or self.classifier.fits(embedding_model)
 
-    def scores(self, answers: Sequence[str], embed: Callable[[list[str]], Any] | None = None) -> list[float]:
-        """Each answer's score (``embed``: the texts' normalised embeddings, needed with a classifier)."""
+    def scores(
+        self,
+        answers: Sequence[str],
+        embed: Callable[[list[str]], Any] | None = None,
+        queries: Sequence[str | None] | None = None,
+    ) -> list[float]:
+        """Each answer's score, read beside the request it answers (``queries``; none: empty).
+        ``embed``: texts' normalised embeddings, needed with a classifier."""
+        import numpy as np
+
         answers = list(answers)
         if not answers:
             return []
+        asked = [q or "" for q in (queries if queries is not None else [""] * len(answers))]
+        if len(asked) != len(answers):
+            raise InvalidRequestError("answer_check: give one query per answer.")
         total = [0.0] * len(answers)
         if self.classifier is not None:
             if embed is None:
                 raise InvalidRequestError("answer_check: scoring with an embedding classifier needs embeddings.")
-            for i, p in enumerate(self.classifier.probabilities(embed(answers))):
+            vectors = embed(asked + answers)
+            pairs = np.hstack([vectors[: len(asked)], vectors[len(asked) :]])
+            for i, p in enumerate(self.classifier.probabilities(pairs)):
                 total[i] += self.classifier.weight * p
         if self.lexical is not None:
-            for i, p in enumerate(self.lexical.probabilities(answers)):
+            for i, p in enumerate(self.lexical.probabilities(joined(asked, answers))):
                 total[i] += self.lexical.weight * p
         return total
 
     def blocks(self, score: float) -> bool:
         return score >= self.threshold
+
+
+def joined(queries: Sequence[str], answers: Sequence[str]) -> list[str]:
+    """The texts the lexical classifier reads: each request and its answer."""
+    return [f"{q}\n{a}" for q, a in zip(queries, answers, strict=True)]
 
 
 def check_window(window: Any) -> int:
@@ -207,4 +227,12 @@ class CheckedStream:
         self.close_source()
 
 
-__all__ = ["AnswerCheck", "CheckedStream", "CONTENT_FILTER", "DEFAULT_REFUSAL", "DEFAULT_WINDOW", "check_window"]
+__all__ = [
+    "AnswerCheck",
+    "CheckedStream",
+    "CONTENT_FILTER",
+    "DEFAULT_REFUSAL",
+    "DEFAULT_WINDOW",
+    "check_window",
+    "joined",
+]

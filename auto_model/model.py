@@ -730,15 +730,16 @@ class AutoModel:
             self._answer_check = (artifact, found)
         return self._answer_check[1]
 
-    def answer_scores(self, answers: Sequence[str]) -> list[float]:
-        """The answer check's score of each answer (at or above its ``threshold`` an answer is
-        replaced); InvalidRequestError where the artifact has no answer check."""
+    def answer_scores(self, answers: Sequence[str], queries: Sequence[str | None] | None = None) -> list[float]:
+        """The answer check's score of each answer, read beside the request it answers (``queries``:
+        one per answer); at or above its ``threshold`` an answer is replaced. InvalidRequestError
+        where the artifact has no answer check."""
         check = self.answer_check
         if check is None:
             raise InvalidRequestError(
                 "This model's prompt artifact has no answer check (see auto-model-train answer-check)."
             )
-        return check.scores(list(answers), self.retriever.embed)
+        return check.scores(list(answers), self.retriever.embed, queries)
 
     def _checked(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome]) -> list[Outcome]:
         """The outcomes with each checked answer scored, and replaced by the refusal where the check blocks it."""
@@ -747,7 +748,7 @@ class AutoModel:
                 if r.check_answer and isinstance(o, Completion) and o.text.strip()]  # fmt: skip
         if check is None or not rows:
             return outcomes
-        scores = self.answer_scores([outcomes[i].text for i in rows])  # type: ignore[union-attr]
+        scores = self.answer_scores([outcomes[i].text for i in rows], [requests[i].query for i in rows])  # type: ignore[union-attr]
         out = list(outcomes)
         for i, score in zip(rows, scores, strict=True):
             completion = out[i]
@@ -785,7 +786,7 @@ class AutoModel:
         check = self.answer_check if request.check_answer else None
         if check is None:
             return chunks
-        return CheckedStream(chunks, check, lambda text: self.answer_scores([text])[0], window)
+        return CheckedStream(chunks, check, lambda text: self.answer_scores([text], [request.query])[0], window)
 
     def _engine_chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the

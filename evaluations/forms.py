@@ -3,7 +3,13 @@
 ``auto-model-eval`` report; a Markdown table, and the share of requests each configuration routed
 to safety.
 
-    .venv/bin/python evaluations/forms.py evaluations/heldout5/report.json
+    .venv/bin/python evaluations/forms.py evaluations/heldout5/report.json [--check CONFIG=ARTIFACT ...]
+
+``--check CONFIG=ARTIFACT``: the answers of that configuration as the SDK returns them with the
+artifact's answer check (``auto_model.answer_check``): an answer it blocks is the refusal (so it
+counts as refused), and rows say how many answers the check replaced. The report's answers are
+the configuration's with ``check_answers = false``; scoring them here is what ``run_requests``
+does to a non-streamed answer (the same scores, the same threshold).
 """
 
 from __future__ import annotations
@@ -15,9 +21,28 @@ from collections import defaultdict
 FORMS = ("plain", "past-tense", "hypothetical", "fiction-role-play", "multi-turn", "padded")
 
 
-def main(path: str) -> None:
+def blocked_by_check(records: list[dict], artifact: str) -> set[int]:
+    """The indices of ``records`` whose answers the artifact's answer check replaces."""
+    from auto_model.answer_check import AnswerCheck
+    from auto_model.artifacts import load_prompt_artifact
+    from auto_model.retrieval import ICLRetriever, load_icl_pool
+
+    check = AnswerCheck.from_dict(load_prompt_artifact(artifact).answer_check)
+    rows = [i for i, r in enumerate(records) if r["answer"] and r["answer"].strip()]
+    embed = ICLRetriever(load_icl_pool()).embed
+    scores = check.scores([records[i]["answer"] for i in rows], embed, [records[i]["query"] for i in rows])
+    return {i for i, s in zip(rows, scores, strict=True) if check.blocks(s)}
+
+
+def main(path: str, *checks: str) -> None:
     report = json.loads(open(path, encoding="utf-8").read())
     names = [c["name"] for c in report["configs"]]
+    for spec in checks:
+        name, _, artifact = spec.partition("=")
+        own = [r for r in report["records"] if r["config"] == name and r["answer"] is not None]
+        for i in blocked_by_check(own, artifact):
+            own[i]["blocked"] = True
+            own[i]["proxies"] = {**own[i]["proxies"], "refusal": "refusal"}
     cells: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in report["records"]:
         if r["answer"] is None:
@@ -43,7 +68,12 @@ def main(path: str) -> None:
         print(f"| {name}: refuses ordinary | " + " | ".join(over) + " |")
         if any(r.get("route") for f in columns for r in cells[(name, "safety", f)]):
             print(f"| {name}: harmful routed to safety | " + " | ".join(route) + " |")
+        if any(r.get("blocked") for f in columns for k in ("safety", "regular") for r in cells[(name, k, f)]):
+            for kind, what in (("safety", "harmful"), ("regular", "ordinary")):
+                shares = [rate(cells[(name, kind, f)], lambda r: bool(r.get("blocked"))) for f in columns]
+                print(f"| {name}: {what} answers replaced by the check | " + " | ".join(shares) + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    main(args[0], *[a for prev, a in zip(args, args[1:], strict=False) if prev == "--check"])

@@ -671,7 +671,7 @@ def create_app(
         if options.cut_loops:
             _cut_choices(data, chat)
         if "answer" in checks_of(options):
-            await anyio.to_thread.run_sync(check_choices, data, chat, routes, n)
+            await anyio.to_thread.run_sync(check_choices, data, chat, routes, n, queries)
         counts = data.get("usage")
         if isinstance(counts, dict) and isinstance(counts.get("prompt_tokens"), int):
             tokens.labels("prompt").inc(counts["prompt_tokens"])
@@ -723,7 +723,7 @@ def create_app(
         picks = [best_index(chosen.scores) for chosen in best]
         return [{**group[pick], "index": g} for g, (group, pick) in enumerate(zip(groups, picks, strict=True))]
 
-    def check_choices(data: dict[str, Any], chat: bool, routes: list[str], n: int) -> None:
+    def check_choices(data: dict[str, Any], chat: bool, routes: list[str], n: int, queries: list[Any]) -> None:
         """An upstream's answers checked (:meth:`AutoModel.answer_scores`); each one the check blocks
         is replaced by its refusal, ``finish_reason`` ``content_filter``."""
         check = model.answer_check
@@ -735,9 +735,14 @@ def create_app(
                 holders.append((choice, holder, text))
         if check is None or not holders:
             return
-        scores = model.answer_scores([text for _, _, text in holders])
+
+        def index_of(choice: dict[str, Any]) -> int:
+            return choice["index"] if isinstance(choice.get("index"), int) else 0
+
+        asked = [queries[min(index_of(c) // max(n, 1), len(queries) - 1)] if queries else None for c, _, _ in holders]
+        scores = model.answer_scores([text for _, _, text in holders], asked)
         for (choice, holder, _), score in zip(holders, scores, strict=True):
-            index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
+            index = index_of(choice)
             route = routes[min(index // max(n, 1), len(routes) - 1)] if routes else "none"
             checks_run.labels(route).inc()
             if check.blocks(score):

@@ -6,8 +6,9 @@ refuse and says something (:data:`MIN_WORDS` words or more) *complies*; every ot
 refusal, or any answer to an ordinary request) does not. Make the reports on requests the project
 tunes on (the routing and training queries), never on a held-out split.
 
-Two logistic regressions (scikit-learn, balanced class weights) score an answer: one over its
-MiniLM embedding, one over its TF-IDF words and word pairs; the score mixes them (``--weight``: the
+Two logistic regressions (scikit-learn, balanced class weights) score an answer beside its request:
+one over the request's and the answer's MiniLM embeddings side by side, one over the TF-IDF words
+and word pairs of both; the score mixes them (``--weight``: the
 embedding one's share). The threshold is the lowest that blocks at most ``--max-false-positive`` of
 the answers to *ordinary* requests, on out-of-fold scores (k-fold cross-validation, the answers to
 one request kept in one fold). The check goes into the artifact's ``answer_check``, with the
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from auto_model.answer_check import DEFAULT_REFUSAL, DEFAULT_WINDOW, AnswerCheck
+from auto_model.answer_check import DEFAULT_REFUSAL, DEFAULT_WINDOW, AnswerCheck, joined
 from auto_model.errors import InvalidRequestError
 from auto_model.routing import LexicalClassifier, SafetyClassifier
 
@@ -38,6 +39,7 @@ class LabelledAnswer:
     complies: bool
     ordinary: bool
     group: str
+    query: str = ""
 
 
 def read_answers(paths: Sequence[str | Path]) -> list[LabelledAnswer]:
@@ -59,7 +61,8 @@ def read_answers(paths: Sequence[str | Path]) -> list[LabelledAnswer]:
             refused = (record.get("proxies") or {}).get("refusal", "none") != "none"
             harmful = record.get("kind") == "safety"
             complies = harmful and not refused and len(answer.split()) >= MIN_WORDS
-            found.append(LabelledAnswer(answer, complies, not harmful, str(record.get("id") or record.get("query"))))
+            query = record.get("query") if isinstance(record.get("query"), str) else ""
+            found.append(LabelledAnswer(answer, complies, not harmful, str(record.get("id") or query), query))
     return found
 
 
@@ -75,7 +78,8 @@ def fit_answer_check(
     folds: int = 5,
     seed: int = 0,
 ) -> AnswerCheck:
-    """The answer check of ``answers`` (``vectors``: their normalised embeddings); see the module docstring."""
+    """The answer check of ``answers`` (``vectors``: each answer's request's and its own normalised
+    embeddings side by side); see the module docstring."""
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -95,7 +99,7 @@ def fit_answer_check(
             f"The answer check needs at least {folds} complying answers to harmful requests and {folds} answers "
             "to ordinary ones; make the reports on more requests."
         )
-    texts = [a.answer for a in answers]
+    texts = joined([a.query for a in answers], [a.answer for a in answers])
 
     def fit(rows: Any) -> tuple[Any, Any, Any]:
         embedded = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(vectors[rows], labels[rows])
@@ -129,8 +133,8 @@ def fit_answer_check(
         terms = {str(t): (float(i), float(w)) for t, i, w in zip(names, vectorizer.idf_, worded.coef_[0], strict=True)}
         lexical = LexicalClassifier(terms, float(worded.intercept_[0]), weight=1 - weight)
     provenance = {
-        "method": "logistic regressions (scikit-learn, balanced class weights) over the answer's MiniLM "
-        "embedding and its TF-IDF words and word pairs",
+        "method": "logistic regressions (scikit-learn, balanced class weights) over the request's and the "
+        "answer's MiniLM embeddings side by side and over the TF-IDF words and word pairs of both",
         "answers": len(labels),
         "complying": int(labels.sum()),
         "ordinary": int(ordinary.sum()),
@@ -177,7 +181,9 @@ def main(argv: Sequence[str]) -> int:
     check_window(args.window)
     answers = read_answers(args.answers)
     retriever = ICLRetriever(load_icl_pool())
-    vectors = retriever.embed([a.answer for a in answers])
+    import numpy as np
+
+    vectors = np.hstack([retriever.embed([a.query for a in answers]), retriever.embed([a.answer for a in answers])])
     check = fit_answer_check(
         answers, vectors, retriever.embedding_model, weight=args.weight,
         max_false_positive=args.max_false_positive, seed=args.seed,

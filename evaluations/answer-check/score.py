@@ -23,7 +23,7 @@ def main(artifact_path: str, *reports: str) -> None:
     embed = ICLRetriever(load_icl_pool()).embed
     for path in reports:
         records = [r for r in json.load(open(path))["records"] if isinstance(r.get("answer"), str)]
-        scores = check.scores([r["answer"] or " " for r in records], embed)
+        scores = check.scores([r["answer"] or " " for r in records], embed, [r["query"] for r in records])
         table: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
         for record, score in zip(records, scores, strict=True):
             refused = (record.get("proxies") or {}).get("refusal", "none") != "none"
