@@ -183,7 +183,7 @@ def test_the_official_openai_api_gets_only_its_own_penalties():
 
 def test_an_artifact_sets_how_many_examples_each_route_retrieves(smol, tmp_path):
     """``num_examples`` (v3): the everyday route's number and a route's own; the caller's number wins."""
-    tuned = replace(smol.prompt_artifact, num_examples=1, route_examples={SAFETY: 3})
+    tuned = replace(smol.prompt_artifact, num_examples=1, route_examples={SAFETY: 3}, answer_check=None)
     path = save_prompt_artifact(tuned, tmp_path / "examples.json")
     data = json.loads(path.read_text())
     assert data["format"] == PROMPT_FORMAT_V3 and data["num_examples"] == 1
