@@ -8,7 +8,8 @@ side by side (the retriever's MiniLM, :class:`~auto_model.routing.SafetyClassifi
 embedding's dimensions) and one over the words and word pairs of the request and the answer
 (:class:`~auto_model.routing.LexicalClassifier`), each ``weight`` of the score. At or above
 ``threshold`` the answer is replaced by ``refusal`` and its ``finish_reason`` is
-``"content_filter"`` (the OpenAI value).
+``"content_filter"`` (the OpenAI value), unless it already opens by declining
+(:func:`~auto_model.rewards.proxies.refusal_kind`): a refusal keeps its own safe alternative.
 
 A streamed answer is checked in windows: the text is held back until the answer so far has passed
 the check, which runs each time ``window`` more characters have arrived and once at the end. A
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from auto_model.errors import InvalidRequestError
+from auto_model.rewards.proxies import refusal_kind
 from auto_model.routing import LexicalClassifier, SafetyClassifier
 
 logger = logging.getLogger(__name__)
@@ -141,7 +143,13 @@ class AnswerCheck:
         return total
 
     def blocks(self, score: float) -> bool:
+        """Whether ``score`` is at or above the threshold."""
         return score >= self.threshold
+
+    def replaces(self, answer: str, score: float) -> bool:
+        """Whether an answer of this score is replaced: it is blocked and does not already open by
+        declining (a refusal is not compliance; it keeps its own safe alternative)."""
+        return self.blocks(score) and refusal_kind(answer) != "refusal"
 
 
 def joined(queries: Sequence[str], answers: Sequence[str]) -> list[str]:
@@ -184,7 +192,7 @@ class CheckedStream:
     def _passes(self, text: str) -> bool:
         self.checks += 1
         self.score = self._score(text)
-        return not self._check.blocks(self.score)
+        return not self._check.replaces(text, self.score)
 
     def _run(self) -> Generator[str, None, None]:
         seen, held = "", ""

@@ -753,7 +753,7 @@ class AutoModel:
         for i, score in zip(rows, scores, strict=True):
             completion = out[i]
             assert isinstance(completion, Completion)
-            if check.blocks(score):
+            if check.replaces(completion.text, score):
                 out[i] = replace(completion, text=check.refusal, finish_reason=CONTENT_FILTER, answer_score=score)
             else:
                 out[i] = replace(completion, answer_score=score)

@@ -31,7 +31,7 @@ def blocked_by_check(records: list[dict], artifact: str) -> set[int]:
     rows = [i for i, r in enumerate(records) if r["answer"] and r["answer"].strip()]
     embed = ICLRetriever(load_icl_pool()).embed
     scores = check.scores([records[i]["answer"] for i in rows], embed, [records[i]["query"] for i in rows])
-    return {i for i, s in zip(rows, scores, strict=True) if check.blocks(s)}
+    return {i for i, s in zip(rows, scores, strict=True) if check.replaces(records[i]["answer"], s)}
 
 
 def main(path: str, *checks: str) -> None:

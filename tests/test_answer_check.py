@@ -42,6 +42,9 @@ def _score(check):
 def test_a_check_is_validated_scored_and_round_trips():
     assert FLOWERS.scores(["Roses are flowers.", "Bread is food."])[0] > 0.99
     assert FLOWERS.scores(["Bread is food."])[0] < 0.01 and FLOWERS.blocks(0.5) and not FLOWERS.blocks(0.49)
+    # A refusal is not compliance: blocked or not, it is kept with its own safe alternative.
+    assert FLOWERS.replaces("Cut the flowers at night.", 0.9)
+    assert not FLOWERS.replaces("Sorry, but I can't help with flowers. Ask a florist.", 0.9)
     again = AnswerCheck.from_dict(json.loads(json.dumps(FLOWERS.to_dict())))
     assert again == FLOWERS and again.refusal == DEFAULT_REFUSAL and again.window == 200
     with pytest.raises(InvalidRequestError, match="needs a classifier"):

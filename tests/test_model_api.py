@@ -43,9 +43,14 @@ def test_a_failing_item_keeps_the_others(smol):
 
 def test_stream_yields_tokens_that_join_to_the_answer(smol):
     query = "Write two sentences about the moon."
-    chunks = list(smol.stream(query, temperature=0, max_new_tokens=40))
+    unchecked = {"temperature": 0, "max_new_tokens": 40, "check_answers": False}  # token by token
+    chunks = list(smol.stream(query, **unchecked))
     assert len(chunks) > 3
-    assert "".join(chunks).strip() == smol.generate(query, temperature=0, max_new_tokens=40)
+    assert "".join(chunks).strip() == smol.generate(query, **unchecked)
+    # Checked (the default), the answer comes in checked windows and joins to the same answer.
+    checked = list(smol.stream(query, temperature=0, max_new_tokens=40))
+    assert len(checked) < len(chunks) and "".join(checked).strip() == smol.generate(query, temperature=0,
+                                                                                     max_new_tokens=40)  # fmt: skip
     with pytest.raises(InvalidRequestError, match="one query"):
         smol.stream(["a", "b"])
 
@@ -61,7 +66,8 @@ def test_closing_a_stream_stops_the_generation(smol, monkeypatch):
 
     monkeypatch.setattr(smol.backend, "_generate_batch", recorded)
     # Greedy, and at least 300 tokens unless stopped: the engine would work for about 15 s.
-    chunks = smol.stream("Tell me a long story about a dragon.", temperature=0, max_new_tokens=300, min_new_tokens=300)
+    chunks = smol.stream("Tell me a long story about a dragon.", temperature=0, max_new_tokens=300, min_new_tokens=300,
+                         check_answers=False)  # fmt: skip
     first = [next(chunks), next(chunks)]
     assert all(first)
     chunks.close()
@@ -72,7 +78,7 @@ def test_closing_a_stream_stops_the_generation(smol, monkeypatch):
 def test_a_stream_left_unread_does_not_hold_the_engine(smol):
     import threading
 
-    chunks = smol.stream("Name three rivers.", temperature=0, max_new_tokens=16)
+    chunks = smol.stream("Name three rivers.", temperature=0, max_new_tokens=16, check_answers=False)
     assert next(chunks)  # started, then left open and unread
     answers = []
     other = threading.Thread(target=lambda: answers.append(smol.generate("Name a fruit.", **GREEDY)))

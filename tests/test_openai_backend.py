@@ -62,11 +62,15 @@ def test_base_completions_match_the_offline_engine(vllm_server, smol_vllm):
 
 def test_streaming_joins_to_the_greedy_answer(served):
     query = "Give me a tip for sleeping better."
-    chunks = list(served.stream(query, temperature=0, max_new_tokens=32))
+    unchecked = {"temperature": 0, "max_new_tokens": 32, "check_answers": False}  # token by token
+    chunks = list(served.stream(query, **unchecked))
     assert len(chunks) > 3  # really streamed, token by token
-    assert "".join(chunks).strip() == served.generate(query, temperature=0, max_new_tokens=32)
-    chat_chunks = list(served.chat([{"role": "user", "content": query}], temperature=0, max_new_tokens=32, stream=True))
+    assert "".join(chunks).strip() == served.generate(query, **unchecked)
+    chat_chunks = list(served.chat([{"role": "user", "content": query}], stream=True, **unchecked))
     assert "".join(chat_chunks) == "".join(chunks)
+    # Checked (the default), the answer comes in checked windows and joins to the same answer.
+    checked = list(served.stream(query, temperature=0, max_new_tokens=32))
+    assert "".join(checked).strip() == served.generate(query, temperature=0, max_new_tokens=32)
 
 
 def test_a_batch_of_32_concurrently_matches_the_offline_engine(served, smol_vllm):

@@ -99,7 +99,7 @@ def test_v2_artifacts_round_trip_and_v1_files_keep_loading(tmp_path):
         ({"format": PROMPT_FORMAT, "routes": {"medical": {"system_prompt": "x"}}}, "unknown route 'medical'"),
         ({"format": PROMPT_FORMAT, "routes": {SAFETY: {"system_prompt": " "}}}, "non-empty 'system_prompt'"),
         ({"format": PROMPT_FORMAT, "routing": {"threshold": 2}}, "threshold"),
-        ({"format": "auto_model.prompt/v4"}, "unknown prompt artifact format"),
+        ({"format": "auto_model.prompt/v5"}, "unknown prompt artifact format"),
     ]:
         file = tmp_path / "bad.json"
         file.write_text(json.dumps({"model_id": "m", "system_prompt": "P.", **bad}))

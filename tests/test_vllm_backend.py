@@ -63,7 +63,9 @@ def test_a_batch_of_16_is_one_engine_call_equal_to_direct_vllm(smol_vllm):
     import vllm
 
     with EngineCalls(smol_vllm.backend.llm) as engine:
-        answers = smol_vllm.generate(QUERIES, temperature=0, max_new_tokens=24, return_details=True)
+        # Unchecked: the engine's own answers (the answer check may replace one with its refusal).
+        answers = smol_vllm.generate(QUERIES, temperature=0, max_new_tokens=24, return_details=True,
+                                     check_answers=False)  # fmt: skip
     assert engine.calls == [("generate", 16)]
     assert all(a.backend == "vllm" and a.completion_tokens > 0 for a in answers)
 

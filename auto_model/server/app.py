@@ -741,11 +741,11 @@ def create_app(
 
         asked = [queries[min(index_of(c) // max(n, 1), len(queries) - 1)] if queries else None for c, _, _ in holders]
         scores = model.answer_scores([text for _, _, text in holders], asked)
-        for (choice, holder, _), score in zip(holders, scores, strict=True):
+        for (choice, holder, text), score in zip(holders, scores, strict=True):
             index = index_of(choice)
             route = routes[min(index // max(n, 1), len(routes) - 1)] if routes else "none"
             checks_run.labels(route).inc()
-            if check.blocks(score):
+            if check.replaces(text, score):
                 holder["content" if chat else "text"] = check.refusal
                 choice["finish_reason"] = CONTENT_FILTER
                 replaced.labels(route).inc()

@@ -35,7 +35,7 @@ def main(artifact_path: str, *reports: str) -> None:
                 what = "ordinary"
             form = (record.get("tags") or ["", "plain"])[-1] if len(record.get("tags") or []) > 1 else "plain"
             for key in (form, "all"):
-                table[(record["config"], what, key)].append(check.blocks(score))
+                table[(record["config"], what, key)].append(check.replaces(record["answer"], score))
         print(f"# {path} (threshold {check.threshold:.4f})")
         for (config, what, form), hits in sorted(table.items()):
             print(
