@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from auto_model.errors import InvalidRequestError
+from auto_model.loops import ChunkStream
 from auto_model.rewards.proxies import refusal_kind
 from auto_model.routing import LexicalClassifier, SafetyClassifier
 
@@ -164,7 +165,7 @@ def check_window(window: Any) -> int:
     return window
 
 
-class CheckedStream:
+class CheckedStream(ChunkStream):
     """The chunks of a streamed answer, released once the answer so far has passed the check.
 
     ``chunks``: the answer's text chunks (an object with ``close`` and ``looped``, such as a
@@ -176,14 +177,13 @@ class CheckedStream:
     def __init__(
         self, chunks: Iterator[str], check: AnswerCheck, score: Callable[[str], float], window: int | None = None
     ):
-        self._chunks = chunks
         self._check = check
         self._score = score
         self._window = check.window if window is None else check_window(window)
         self.filtered = False
         self.score: float | None = None
         self.checks = 0
-        self._pieces = self._run()
+        super().__init__(chunks)
 
     @property
     def looped(self) -> bool:
@@ -218,21 +218,6 @@ class CheckedStream:
 
     def _refusal(self, seen: str) -> str:
         return self._check.refusal if not seen else f"\n\n{self._check.refusal}"
-
-    def close_source(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if callable(close):
-            close()
-
-    def __iter__(self) -> CheckedStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def close(self) -> None:
-        self._pieces.close()
-        self.close_source()
 
 
 __all__ = [

@@ -269,15 +269,41 @@ class LoopGuard:
         return hold
 
 
-class CutStream:
+class ChunkStream:
+    """Text chunks made from an engine's stream (``chunks``) by :meth:`_run`; closing it closes
+    ``chunks`` (the generation stops). The streams the SDK returns build on it."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self._chunks = chunks
+        self._pieces = self._run()
+
+    def _run(self) -> Generator[str, None, None]:  # pragma: no cover - each stream has its own
+        raise NotImplementedError
+
+    def close_source(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if callable(close):
+            close()
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.close_source()
+
+
+class CutStream(ChunkStream):
     """The text chunks of one answer, ended where it starts to loop (with ``cut_loops``); closing
     it closes ``chunks`` (an engine's stream: the generation stops). Once it has ended,
     :attr:`looped` says whether it was cut."""
 
     def __init__(self, chunks: Iterator[str], cut_loops: bool = True):
-        self._chunks = chunks
         self._guard = LoopGuard() if cut_loops else None
-        self._pieces = self._run()
+        super().__init__(chunks)
 
     @property
     def looped(self) -> bool:
@@ -298,21 +324,6 @@ class CutStream:
         finally:
             self.close_source()
 
-    def close_source(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if callable(close):
-            close()
-
-    def __iter__(self) -> CutStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def close(self) -> None:
-        self._pieces.close()
-        self.close_source()
-
 
 def cut_loop(text: str) -> tuple[str, bool]:
     """``text`` cut where it starts to loop (trailing white space removed), and whether it did."""
@@ -322,4 +333,13 @@ def cut_loop(text: str) -> tuple[str, bool]:
     return (guard.answer().rstrip(), True) if guard.looped else (text, False)
 
 
-__all__ = ["CutStream", "LoopGuard", "cut_loop", "MIN_UNIT_WORDS", "LONG_UNIT_WORDS", "MAX_PERIOD", "MIN_RUN_WORDS"]
+__all__ = [
+    "ChunkStream",
+    "CutStream",
+    "LoopGuard",
+    "cut_loop",
+    "MIN_UNIT_WORDS",
+    "LONG_UNIT_WORDS",
+    "MAX_PERIOD",
+    "MIN_RUN_WORDS",
+]
