@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from auto_model.backends.base import Completion, Outcome
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import ChunkStream
 from auto_model.rewards.proxies import refusal_kind
@@ -153,6 +154,29 @@ class AnswerCheck:
         return self.blocks(score) and refusal_kind(answer) != "refusal"
 
 
+def check_completions(
+    check: AnswerCheck,
+    outcomes: Sequence[Outcome],
+    queries: Sequence[str | None],
+    wanted: Sequence[bool],
+    embed: Callable[[list[str]], Any],
+) -> list[Outcome]:
+    """``outcomes`` with each wanted, non-empty answer scored in one batch (beside its query) and
+    replaced by the refusal, ``finish_reason`` :data:`CONTENT_FILTER`, where the check replaces it."""
+    rows = [i for i, o in enumerate(outcomes) if wanted[i] and isinstance(o, Completion) and o.text.strip()]
+    out = list(outcomes)
+    if not rows:
+        return out
+    answers = [out[i].text for i in rows]  # type: ignore[union-attr]
+    scores = check.scores(answers, embed, [queries[i] for i in rows])
+    for i, answer, score in zip(rows, answers, scores, strict=True):
+        if check.replaces(answer, score):
+            out[i] = replace(out[i], text=check.refusal, finish_reason=CONTENT_FILTER, answer_score=score)  # type: ignore[type-var]
+        else:
+            out[i] = replace(out[i], answer_score=score)  # type: ignore[type-var]
+    return out
+
+
 def joined(queries: Sequence[str], answers: Sequence[str]) -> list[str]:
     """The texts the lexical classifier reads: each request and its answer."""
     return [f"{q}\n{a}" for q, a in zip(queries, answers, strict=True)]
@@ -226,6 +250,7 @@ __all__ = [
     "CONTENT_FILTER",
     "DEFAULT_REFUSAL",
     "DEFAULT_WINDOW",
+    "check_completions",
     "check_window",
     "joined",
 ]

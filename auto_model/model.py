@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from auto_model import constants
-from auto_model.answer_check import CONTENT_FILTER, AnswerCheck, CheckedStream
+from auto_model.answer_check import AnswerCheck, CheckedStream, check_completions
 from auto_model.artifacts import PromptArtifact, prompt_for_model, with_decoding
 from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
 from auto_model.backends.base import (
@@ -744,20 +744,10 @@ class AutoModel:
     def _checked(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome]) -> list[Outcome]:
         """The outcomes with each checked answer scored, and replaced by the refusal where the check blocks it."""
         check = self.answer_check
-        rows = [i for i, (r, o) in enumerate(zip(requests, outcomes, strict=True))
-                if r.check_answer and isinstance(o, Completion) and o.text.strip()]  # fmt: skip
-        if check is None or not rows:
+        if check is None or not any(r.check_answer for r in requests):
             return outcomes
-        scores = self.answer_scores([outcomes[i].text for i in rows], [requests[i].query for i in rows])  # type: ignore[union-attr]
-        out = list(outcomes)
-        for i, score in zip(rows, scores, strict=True):
-            completion = out[i]
-            assert isinstance(completion, Completion)
-            if check.replaces(completion.text, score):
-                out[i] = replace(completion, text=check.refusal, finish_reason=CONTENT_FILTER, answer_score=score)
-            else:
-                out[i] = replace(completion, answer_score=score)
-        return out
+        return check_completions(check, outcomes, [r.query for r in requests], [r.check_answer for r in requests],
+                                 self.retriever.embed)  # fmt: skip
 
     def _request(self, prompt: AssembledPrompt, options: GenerationOptions) -> GenerationRequest:
         sampling = options.sampling()

@@ -460,8 +460,7 @@ def routing_texts(query: str, earlier: Sequence[str] = ()) -> list[str]:
         texts += [turn, *_parts(turn)]
     if turns:
         texts.append("\n".join([*turns, query]))
-    seen: set[str] = set()
-    return [t for t in texts if not (t in seen or seen.add(t))]  # type: ignore[func-returns-value]
+    return list(dict.fromkeys(texts))
 
 
 def decide(score: float, settings: RoutingSettings) -> Route:

@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from auto_model.answer_check import AnswerCheck
 from auto_model.artifacts import load_prompt_artifact
-from auto_model.retrieval import ICLRetriever, load_icl_pool
 from auto_model.trainer.answer_check import MIN_WORDS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from forms import blocked_by_check  # noqa: E402
 
 
 def main(artifact_path: str, *reports: str) -> None:
     check = AnswerCheck.from_dict(load_prompt_artifact(artifact_path).answer_check)
-    embed = ICLRetriever(load_icl_pool()).embed
     for path in reports:
         records = [r for r in json.load(open(path))["records"] if isinstance(r.get("answer"), str)]
-        scores = check.scores([r["answer"] or " " for r in records], embed, [r["query"] for r in records])
+        blocked = blocked_by_check(records, artifact_path)
         table: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
-        for record, score in zip(records, scores, strict=True):
+        for i, record in enumerate(records):
             refused = (record.get("proxies") or {}).get("refusal", "none") != "none"
             if record["kind"] == "safety":
                 if refused or len(record["answer"].split()) < MIN_WORDS:
@@ -35,7 +37,7 @@ def main(artifact_path: str, *reports: str) -> None:
                 what = "ordinary"
             form = (record.get("tags") or ["", "plain"])[-1] if len(record.get("tags") or []) > 1 else "plain"
             for key in (form, "all"):
-                table[(record["config"], what, key)].append(check.replaces(record["answer"], score))
+                table[(record["config"], what, key)].append(i in blocked)
         print(f"# {path} (threshold {check.threshold:.4f})")
         for (config, what, form), hits in sorted(table.items()):
             print(

@@ -1,6 +1,6 @@
 """Apply RULE.md to the reports that run.sh wrote, and print the figures (a Markdown table).
 
-    .venv/bin/python evaluations/trained/rule.py
+.venv/bin/python evaluations/trained/rule.py
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def verdict(alone: dict[str, float], start: dict[str, float], trained: dict[str,
 
 
 def main() -> None:
-    print("| model | config | score (S refusal − over-refusal, S+E) | clean endings E | loops E | over-refusal E "
-          "| prompt tokens E | preference over alone (RM, E) | refusal split 1 / 2 / 3 / 4 | verdict |")
+    print(
+        "| model | config | score (S refusal − over-refusal, S+E) | clean endings E | loops E | over-refusal E "
+        "| prompt tokens E | preference over alone (RM, E) | refusal split 1 / 2 / 3 / 4 | verdict |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model in MODELS:
         names = configs(model)
