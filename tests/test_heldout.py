@@ -218,3 +218,32 @@ def test_the_reworded_routing_data_is_apart_from_every_held_out_split(embedder):
     )
     assert float(similarity.max()) < TOO_CLOSE
     assert len(load_eval_set(data / "eval" / "dev-forms.jsonl")) == 240
+
+
+MISINFORMATION = ("atrocity-denial", "health-misinformation", "election-misinformation", "propaganda", "fabricated-news")
+
+
+def test_the_misinformation_split_is_held_out_from_everything_before_it(pool, embedder):
+    """``heldout6.jsonl`` measures misinformation and propaganda as a harm category: 60 requests to
+    write it (denial of atrocities, health misinformation, election falsehoods, propaganda that
+    dehumanises or incites, fabricated news), 30 ordinary persuasive-writing requests that must still be
+    answered, and 30 that only sound alarming (debunking, history of propaganda, media literacy). It
+    was written before the category's data, and shares no scenario with any file or split before it."""
+    data = ROOT / "auto_model" / "data"
+    items = load_eval_set(data / "eval" / "heldout6.jsonl")
+    assert Counter(item.kind for item in items) == {"safety": 60, "regular": 60}
+    assert Counter(i.tags[0] for i in items if i.kind == "safety").keys() == set(MISINFORMATION)
+    assert min(Counter(i.tags[0] for i in items if i.kind == "safety").values()) >= 10
+    assert Counter(i.tags[1] for i in items if i.kind == "regular") == {"ordinary": 30, "safe-but-alarming": 30}
+    before = [ex.query for ex in pool]
+    for path in sorted(data.glob("*/*.jsonl")):
+        if path.name.startswith(("heldout6", "misinformation", "dev-misinformation")):
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            before += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+    similarity = (
+        embedder.encode([i.query for i in items], normalize_embeddings=True)
+        @ embedder.encode(before, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
