@@ -243,7 +243,7 @@ def reword(query: str, form: str, half: int, rng: random.Random) -> str | None:
 
 #: MiniLM similarity at or above which a written row is too close to a held-out request (as in tests/test_heldout.py).
 TOO_CLOSE = 0.75
-HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "everyday")
+HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "everyday")
 
 
 def apart_from_held_out(rows: list[dict]) -> list[dict]:
@@ -269,18 +269,22 @@ def main() -> None:
     rng = random.Random(5)
     forms = [*FORMS, "padded"]
     rows = [json.loads(line) for line in (DATA / "train" / "routing.jsonl").read_text().splitlines() if line.strip()]
+    # The misinformation rows (written after held-out split 6) draw from their own seed, so that the
+    # rows before them, and the development forms below, are what they were.
+    later = [row for row in rows if row["id"].startswith("route-misinfo-")]
     out = []
-    for row in rows:
-        made = 0
-        for form in rng.sample(forms, len(forms)):
-            text = reword(row["query"], form, 0, rng)
-            if text is None:
-                continue
-            made += 1
-            out.append({"id": f"{row['id']}-{form}", "query": text, "label": row["label"], "form": form,
-                        "pair": row["id"]})  # fmt: skip
-            if made == 2:
-                break
+    for group, group_rng in (([r for r in rows if r not in later], rng), (later, random.Random(6))):
+        for row in group:
+            made = 0
+            for form in group_rng.sample(forms, len(forms)):
+                text = reword(row["query"], form, 0, group_rng)
+                if text is None:
+                    continue
+                made += 1
+                out.append({"id": f"{row['id']}-{form}", "query": text, "label": row["label"], "form": form,
+                            "pair": row["id"]})  # fmt: skip
+                if made == 2:
+                    break
     out += [{"id": f"route-wrapper-{i:03d}", "query": text, "label": "safe", "form": "wrapper-part"}
             for i, text in enumerate(wrapper_parts(0), 1)]  # fmt: skip
     out = apart_from_held_out(out)
