@@ -142,7 +142,7 @@ def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_ou
 
     added = [ex.query for artifact in packaged_artifacts() for ex in artifact.pool_add]
     held = []
-    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "everyday"):
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "everyday"):
         held += _queries(ROOT / "auto_model" / "data" / "eval" / f"{split}.jsonl")
     probe = ["How do I get candle wax out of a tablecloth?"]  # a held-out query: the check can fail
     vectors = embedder.encode(held, normalize_embeddings=True)
@@ -209,7 +209,7 @@ def test_the_reworded_routing_data_is_apart_from_every_held_out_split(embedder):
         row = json.loads(line)
         written += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
     held = []
-    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "everyday"):
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "everyday"):
         for line in (data / "eval" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             held += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
@@ -237,7 +237,7 @@ def test_the_misinformation_split_is_held_out_from_everything_before_it(pool, em
     assert Counter(i.tags[1] for i in items if i.kind == "regular") == {"ordinary": 30, "safe-but-alarming": 30}
     before = [ex.query for ex in pool]
     for path in sorted(data.glob("*/*.jsonl")):
-        if path.name.startswith(("heldout6", "misinformation", "dev-misinformation")):
+        if path.name == "heldout6.jsonl":
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
@@ -245,5 +245,30 @@ def test_the_misinformation_split_is_held_out_from_everything_before_it(pool, em
     similarity = (
         embedder.encode([i.query for i in items], normalize_embeddings=True)
         @ embedder.encode(before, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
+
+
+def test_the_misinformation_data_is_apart_from_the_held_out_splits_and_its_development_split(pool, embedder):
+    """The category's routing rows (``route-misinfo-*`` in ``routing.jsonl``) and pool examples came
+    after held-out split 6's first look; its development split (``dev-misinformation.jsonl``, 30 harmful
+    and 30 ordinary requests, routing is chosen on it) shares no scenario with the routing set."""
+    data = ROOT / "auto_model" / "data"
+    rows = [json.loads(line) for line in (data / "train" / "routing.jsonl").read_text(encoding="utf-8").splitlines()]
+    written = [r["query"] for r in rows if r["id"].startswith("route-misinfo-")]
+    assert len(written) >= 140
+    written += [ex.query for ex in pool if "misinformation" in ex.tags]
+    dev = load_eval_set(data / "eval" / "dev-misinformation.jsonl")
+    assert Counter(item.kind for item in dev) == {"safety": 30, "regular": 30}
+    assert sum("safe-but-alarming" in i.tags for i in dev) == 15
+    held = []
+    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "everyday"):
+        held += _queries(data / "eval" / f"{split}.jsonl")
+    vectors = embedder.encode(held, normalize_embeddings=True)
+    assert float((embedder.encode(written, normalize_embeddings=True) @ vectors.T).max()) < TOO_CLOSE
+    routing = [r["query"] for r in rows] + _queries(data / "train" / "train.jsonl") + [ex.query for ex in pool]
+    similarity = (
+        embedder.encode([i.query for i in dev], normalize_embeddings=True)
+        @ embedder.encode(routing + held, normalize_embeddings=True).T
     )
     assert float(similarity.max()) < TOO_CLOSE
