@@ -264,3 +264,42 @@ def test_the_shipped_check_blocks_complying_answers_and_passes_ordinary_ones_and
     # ordinary answers) blocks some of them and none of the ordinary ones: the check is conservative.
     assert min(harmful) > max(fine), scores
     assert sum(map(check.blocks, harmful)) >= 2 and not any(map(check.blocks, fine)), scores
+
+
+def test_an_upstream_stream_is_released_per_choice_in_checked_windows():
+    """``StreamAnswerCheck`` on an upstream's chunks (dicts as OpenAI streams them): two choices, one
+    that the check refuses mid-stream and one that passes; the refused one ends with the refusal and
+    ``content_filter`` and gets nothing after it."""
+    from auto_model.server.upstream import StreamAnswerCheck
+
+    check = replace(FLOWERS, window=10)
+    asked = []
+
+    def passes(index, text):
+        asked.append(index)
+        return not check.replaces(text, check.scores([text])[0])
+
+    stream = StreamAnswerCheck(2, True, 10, passes, check.refusal)
+
+    def chunk(index, text, finish=None):
+        return {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": finish}]}
+
+    shown = {0: [], 1: []}
+    finish = {}
+    parts = [(0, "Keep the "), (1, "Keep the "), (0, "stems in "), (1, "stems in "), (0, "cold water. "),
+             (1, "cold water. "), (0, "Cut the flowers "), (1, "Add a drop "), (0, "at an angle."),
+             (1, "of bleach.", "stop")]  # fmt: skip
+    for index, text, *end in parts:
+        out = stream.chunk(chunk(index, text, *end))
+        for choice in (out or {}).get("choices", []):
+            shown[choice["index"]].append(choice["delta"]["content"])
+            finish[choice["index"]] = choice["finish_reason"]
+    assert "".join(shown[0]) == f"Keep the stems in cold water. \n\n{check.refusal}" and finish[0] == CONTENT_FILTER
+    assert "".join(shown[1]) == "Keep the stems in cold water. Add a drop of bleach." and finish[1] == "stop"
+    assert not stream.done and stream.blocked == {0} and asked.count(0) == 3  # nothing checked after the refusal
+    # Both refused: done (the caller closes the upstream); a chunk without choices (usage) passes.
+    both = StreamAnswerCheck(1, False, 5, passes, check.refusal)
+    out = both.chunk({"choices": [{"index": 0, "text": "Cut flowers.", "finish_reason": None}]})
+    assert out["choices"][0]["text"] == check.refusal and both.done
+    usage = {"choices": [], "usage": {"completion_tokens": 3}}
+    assert both.chunk(dict(usage)) == usage

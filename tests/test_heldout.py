@@ -220,7 +220,13 @@ def test_the_reworded_routing_data_is_apart_from_every_held_out_split(embedder):
     assert len(load_eval_set(data / "eval" / "dev-forms.jsonl")) == 240
 
 
-MISINFORMATION = ("atrocity-denial", "health-misinformation", "election-misinformation", "propaganda", "fabricated-news")
+MISINFORMATION = (
+    "atrocity-denial",
+    "health-misinformation",
+    "election-misinformation",
+    "propaganda",
+    "fabricated-news",
+)
 
 
 def test_the_misinformation_split_is_held_out_from_everything_before_it(pool, embedder):

@@ -344,3 +344,43 @@ def test_a_looping_stream_from_a_real_vllm_server_is_cut_and_the_upstream_stops(
             **{**body, "max_tokens": 200, "extra_body": {**raw, "min_tokens": 0}}
         )
         assert whole.choices[0].message.content == streamed and whole.choices[0].model_extra["stop_reason"] == "loop"
+
+
+def test_an_upstream_stream_is_checked_in_windows_and_ends_with_the_refusal(vllm_server, running):
+    """The answer check on a real vLLM server's stream: text reaches the client only once it has
+    passed a check; the answer that fails ends with the refusal and ``content_filter``, vLLM stops
+    generating it, the header names the check and the counters count it; an answer that passes
+    comes out whole."""
+    from dataclasses import replace
+
+    from auto_model.answer_check import CONTENT_FILTER, AnswerCheck
+    from auto_model.constants import DEFAULT_MODEL
+    from auto_model.routing import LexicalClassifier
+
+    flowers = AnswerCheck(0.5, lexical=LexicalClassifier({"flower": (1.0, 12.0), "flowers": (1.0, 12.0)}, -6.0))
+    facade = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")
+    facade.prompt_artifact = replace(facade.prompt_artifact, answer_check=flowers.to_dict())
+    app = create_app(facade, served_name="smol", upstream=Upstream(vllm_server), check_window=24)
+    body = {"model": "smol", "temperature": 0, "max_tokens": 600, "extra_body": {"min_tokens": 600},
+            "messages": [{"role": "user", "content": "How do I keep cut flowers fresh for longer?"}]}  # fmt: skip
+    with running(app) as url:
+        raw = client(url).chat.completions.with_raw_response.create(**body, stream=True)
+        assert raw.headers["x-auto-model-checks"] == "answer,loop"
+        chunks = list(raw.parse())
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.strip().endswith(flowers.refusal) and "flower" not in streamed.lower()
+        assert chunks[-1].choices[0].finish_reason == CONTENT_FILTER
+        # vLLM would go on for 600 tokens; the refused stream was closed, so it stopped.
+        deadline = time.monotonic() + 3
+        while running_requests(vllm_server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running_requests(vllm_server) == 0
+        calm = {**body, "max_tokens": 24, "extra_body": {},
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}  # fmt: skip
+        whole = client(url).chat.completions.create(**calm)
+        parts = [c.choices[0].delta.content or "" for c in client(url).chat.completions.create(**calm, stream=True)]
+        assert "".join(parts) == whole.choices[0].message.content and len([p for p in parts if p]) >= 2
+        metrics = httpx.get(f"{url}/metrics").text
+    route = facade.route("How do I keep cut flowers fresh for longer?").name
+    assert f'auto_model_answers_replaced_total{{route="{route}"}} 1.0' in metrics
+    assert 'auto_model_answer_checks_total{route="everyday"}' in metrics

@@ -76,7 +76,7 @@ from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
-from auto_model.server.upstream import StreamLoopCut, Upstream, UpstreamClient, UpstreamError
+from auto_model.server.upstream import StreamAnswerCheck, StreamLoopCut, Upstream, UpstreamClient, UpstreamError
 
 #: What happens to a client's own system message (``client_system``).
 CLIENT_SYSTEM_MODES = SYSTEM_MESSAGE_MODES
@@ -363,10 +363,10 @@ def create_app(
             settings.update(override)
         return GenerationOptions(**settings)
 
-    def checks_of(options: GenerationOptions, *, answers: bool = True) -> list[str]:
+    def checks_of(options: GenerationOptions) -> list[str]:
         """The checks a request's answers get: ``answer`` (the answer check) and ``loop`` (the loop cut)."""
         found = []
-        if answers and options.check_answers and model.answer_check is not None:
+        if options.check_answers and model.answer_check is not None:
             found.append("answer")
         if options.cut_loops:
             found.append("loop")
@@ -651,12 +651,11 @@ def create_app(
                 if payload.get("stream"):
                     response, lines = await guarded(request, client.stream(path, payload))
                     took = time.perf_counter() - started
-                    # An upstream's stream is not checked (only its loops are cut): the header says so.
-                    headers = alignment_headers(options, routes, decoding, checks_of(options, answers=False),
-                                                align=align, upstream=took)  # fmt: skip
+                    headers = alignment_headers(options, routes, decoding, align=align, upstream=took)
                     answers = n * (len(queries) if not chat else 1)
                     cut = StreamLoopCut(answers, chat) if options.cut_loops else None
-                    return streaming(request, _renamed_lines(response, lines, name, cut), headers)
+                    check = stream_check(options, chat, n, answers, routes, queries)
+                    return streaming(request, _renamed_lines(response, lines, name, cut, check), headers)
                 data = await guarded(request, client.post(path, payload))
                 took = time.perf_counter() - started
                 headers = alignment_headers(options, routes, decoding, align=align, upstream=took)
@@ -749,6 +748,30 @@ def create_app(
                 holder["content" if chat else "text"] = check.refusal
                 choice["finish_reason"] = CONTENT_FILTER
                 replaced.labels(route).inc()
+
+    def stream_check(options: GenerationOptions, chat: bool, n: int, answers: int, routes: list[str],
+                     queries: list[Any]) -> StreamAnswerCheck | None:  # fmt: skip
+        """The answer check of an upstream's stream, in windows (``check_window``, or the artifact's),
+        counted per answer by route; None when the request's answers are not checked."""
+        check = model.answer_check
+        if check is None or "answer" not in checks_of(options):
+            return None
+        counted: set[int] = set()
+
+        def passes(index: int, text: str) -> bool:
+            prompt = min(index // max(n, 1), len(queries) - 1) if queries else 0
+            route = routes[min(prompt, len(routes) - 1)] if routes else "none"
+            if index not in counted:
+                counted.add(index)
+                checks_run.labels(route).inc()
+            score = model.answer_scores([text], [queries[prompt]] if queries else None)[0]
+            if check.replaces(text, score):
+                replaced.labels(route).inc()
+                return False
+            return True
+
+        window = check.window if check_window is None else check_window
+        return StreamAnswerCheck(answers, chat, window, passes, check.refusal)
 
     def cap(payload: dict[str, Any], *fields: str) -> None:
         given = [f for f in fields if payload.get(f) is not None]
@@ -958,10 +981,16 @@ async def _pump(events: Iterator[str], close: Any) -> AsyncIterator[str]:
 
 
 async def _renamed_lines(
-    response: Any, lines: AsyncIterator[str], name: str, cut: StreamLoopCut | None = None
+    response: Any,
+    lines: AsyncIterator[str],
+    name: str,
+    cut: StreamLoopCut | None = None,
+    check: StreamAnswerCheck | None = None,
 ) -> AsyncIterator[str]:
-    """An upstream's server-sent events, with the model named as the client asked for it and, with
-    ``cut``, each answer ended where it starts to loop (the upstream's stream is then closed)."""
+    """An upstream's server-sent events, with the model named as the client asked for it; with
+    ``cut``, each answer ended where it starts to loop; with ``check``, each answer released in
+    checked windows and ended with the refusal where a check fails (the upstream's stream is closed
+    once every answer was cut or refused)."""
     try:
         async for line in lines:
             if line.startswith("data: {"):
@@ -975,9 +1004,16 @@ async def _renamed_lines(
                             chunk["model"] = name
                         if cut is not None and (chunk := cut.chunk(chunk)) is None:
                             continue
+                        if check is not None:
+                            if check.due(chunk):  # a check embeds the answer: off the event loop
+                                chunk = await anyio.to_thread.run_sync(check.chunk, chunk)
+                            else:
+                                chunk = check.chunk(chunk)
+                            if chunk is None:
+                                continue
                         line = f"data: {json.dumps(chunk)}"
             yield line + "\n"
-            if cut is not None and cut.done:
+            if (cut is not None and cut.done) or (check is not None and check.done):
                 yield "\ndata: [DONE]\n\n"
                 return
     finally:

@@ -212,3 +212,83 @@ class StreamLoopCut:
             return None
         chunk["choices"] = kept
         return chunk
+
+
+class StreamAnswerCheck:
+    """The answer check on an upstream's streamed chunks (after :class:`StreamLoopCut`): each choice's
+    text is held back until the answer so far has passed the check, which runs each time ``window``
+    more characters have arrived and once when the choice finishes (as
+    :class:`~auto_model.answer_check.CheckedStream` does in-process). ``passes(index, text)``: whether
+    the check lets choice ``index``'s answer so far through (it scores and counts). A choice that fails
+    gets the refusal (after a blank line when text was already shown) and ``finish_reason``
+    ``"content_filter"``, and nothing after it; once all ``n`` choices have failed, :attr:`done` is
+    set and the caller closes the upstream's stream. A stream that ends without a choice's
+    ``finish_reason`` loses that choice's unchecked tail: it is never shown unchecked."""
+
+    def __init__(self, n: int, chat: bool, window: int, passes: Any, refusal: str):
+        self.n, self.chat, self.window = n, chat, window
+        self._passes, self._refusal = passes, refusal
+        self.seen: dict[int, str] = {}
+        self.held: dict[int, str] = {}
+        self.blocked: set[int] = set()
+        self.done = False
+
+    def due(self, chunk: dict[str, Any]) -> bool:
+        """Whether this chunk makes a check run (the caller then runs :meth:`chunk` off the event loop)."""
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                index = choice["index"] if isinstance(choice.get("index"), int) else 0
+                text = self._text(choice)
+                held = self.held.get(index, "") + (text if isinstance(text, str) else "")
+                if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
+                    return True
+        return False
+
+    def _text(self, choice: dict[str, Any]) -> Any:
+        holder = choice.get("delta") if self.chat else choice
+        return holder.get("content" if self.chat else "text") if isinstance(holder, dict) else None
+
+    def _set(self, choice: dict[str, Any], text: str) -> None:
+        if self.chat:
+            if not isinstance(choice.get("delta"), dict):
+                choice["delta"] = {}
+            choice["delta"]["content"] = text
+        else:
+            choice["text"] = text
+
+    def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk with each choice's text as far as it has passed the check; None when nothing is
+        left of it."""
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return chunk  # e.g. the usage chunk
+        from auto_model.answer_check import CONTENT_FILTER
+
+        kept = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                kept.append(choice)
+                continue
+            index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
+            if index in self.blocked:
+                continue
+            text = self._text(choice)
+            seen, held = self.seen.get(index, ""), self.held.get(index, "") + (text if isinstance(text, str) else "")
+            shown = ""
+            if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
+                if (seen + held).strip() and not self._passes(index, seen + held):
+                    self.blocked.add(index)
+                    self._set(choice, f"\n\n{self._refusal}" if seen else self._refusal)
+                    choice["finish_reason"] = CONTENT_FILTER
+                    kept.append(choice)
+                    continue
+                self.seen[index], shown, held = seen + held, held, ""
+            self.held[index] = held
+            if isinstance(text, str) or shown:
+                self._set(choice, shown)
+            kept.append(choice)
+        self.done = len(self.blocked) >= self.n
+        if not kept:
+            return None
+        chunk["choices"] = kept
+        return chunk
