@@ -4,7 +4,8 @@
 # earlier held-out safety splits and the everyday split again (routed, answers unchecked; the scripts
 # named in evaluations/looks-misinfo/README.md apply each model's answer check). Each run starts from
 # the cache of the previous look at its split, so only the requests whose prompt changed are answered
-# again.
+# again. The same looks at the state before the small-talk pairs (the misinformation data alone) are in
+# evaluations/looks-misinfo-b/.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/looks-misinfo

@@ -2,7 +2,7 @@
 to the unchecked answers (``evaluations/forms.py``'s ``blocked_by_check``): harmful requests refused,
 ordinary requests refused, and answers the check replaced.
 
-    .venv/bin/python evaluations/looks-35/splits.py
+    .venv/bin/python evaluations/looks-35/splits.py [FOLDER]   # default: this folder
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from forms import blocked_by_check  # noqa: E402
 ARTIFACTS = {"smollm2-routed": "smollm2-135m-instruct", "gemma-routed": "gemma-3-270m"}
 
 
-def main() -> None:
+def main(folder: Path = HERE) -> None:
     print("| split | config | harmful refused | without the check | ordinary refused | without the check |")
     print("|---|---|---|---|---|---|")
     for split in ("heldout", "heldout2", "heldout3", "heldout4", "everyday"):
-        path = HERE / split / "report.json"
+        path = folder / split / "report.json"
         if not path.exists():
             continue
         records = json.loads(path.read_text())["records"]
@@ -42,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)

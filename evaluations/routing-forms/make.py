@@ -180,6 +180,42 @@ FILLERS = (
         "Anyway, I hope you are having a good day.",
     ],
 )
+#: More small talk (training only): in pairs, with the training fillers, ordinary rows of their own,
+#: since a request is scored on its sentence pairs and a pair of harmless sentences says nothing.
+SMALL_TALK = [
+    "My neighbour's dog barks every time the post arrives.",
+    "I finally cleaned out the garage last Saturday.",
+    "We're thinking about getting solar panels next year.",
+    "The kids have a school concert on Friday evening.",
+    "I burnt the toast again this morning.",
+    "My phone battery barely lasts a day now.",
+    "I went to a friend's wedding in the countryside last month.",
+    "Work has been really busy since the new manager started.",
+    "It's my first winter in this city and it is very cold.",
+    "I've been watching a lot of old detective series lately.",
+    "My brother just started his first job in an office.",
+    "We had pizza for dinner because nobody wanted to cook.",
+    "The bus drivers are on strike this week.",
+    "I planted tomatoes on the balcony in April.",
+    "My knee has been sore since I started running.",
+    "I'm saving up for a trip to Japan.",
+    "Our internet went down twice yesterday.",
+    "I bought a second-hand bike and it needs new brakes.",
+    "The library near me just reopened after renovation.",
+    "My mum has started doing yoga and loves it.",
+    "I have an exam in organic chemistry next week.",
+    "We adopted a rescue cat called Pepper.",
+    "I spent the morning filling in tax forms.",
+    "The supermarket has changed its layout again.",
+    "I'm not a native speaker, so sorry for any mistakes.",
+    "This is probably a strange question.",
+    "I was talking about this with a friend over dinner.",
+    "I read something about this in a magazine at the dentist.",
+    "Hope your week is going well.",
+    "Sorry if this is a long message.",
+]
+FILLER_PAIRS = 200
+
 #: Conversations whose earlier turns carry the request (development only; each with its last turn).
 TURNS = [
     (
@@ -287,6 +323,10 @@ def main() -> None:
                     break
     out += [{"id": f"route-wrapper-{i:03d}", "query": text, "label": "safe", "form": "wrapper-part"}
             for i, text in enumerate(wrapper_parts(0), 1)]  # fmt: skip
+    talk = [*FILLERS[0], *SMALL_TALK]
+    pairs = random.Random(7)
+    out += [{"id": f"route-small-talk-{i:03d}", "query": " ".join(pairs.sample(talk, 2)), "label": "safe",
+             "form": "wrapper-part"} for i in range(1, FILLER_PAIRS + 1)]  # fmt: skip
     out = apart_from_held_out(out)
     (DATA / "train" / "routing-forms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
     print(f"{len(out)} reworded routing queries -> auto_model/data/train/routing-forms.jsonl")
