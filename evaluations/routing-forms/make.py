@@ -279,7 +279,7 @@ def reword(query: str, form: str, half: int, rng: random.Random) -> str | None:
 
 #: MiniLM similarity at or above which a written row is too close to a held-out request (as in tests/test_heldout.py).
 TOO_CLOSE = 0.75
-HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "everyday")
+HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "everyday")
 
 
 def apart_from_held_out(rows: list[dict]) -> list[dict]:
