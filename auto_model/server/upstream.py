@@ -166,83 +166,16 @@ class UpstreamClient:
         await self._http.close()
 
 
-class StreamLoopCut:
-    """Cuts the answers of an upstream's streamed chunks where they start to loop: each choice's
-    text goes through a :class:`~auto_model.loops.LoopGuard`; a choice that loops gets its last
-    chunk at once (``finish_reason`` ``"stop"``, ``stop_reason`` ``"loop"``) and nothing after it.
-    Once all ``n`` choices are over, :attr:`done` is set: the caller stops reading (closing the
+class _ChoiceStream:
+    """Per-choice work on an upstream's streamed chunks (the loop cut, the answer check): each choice
+    of a chunk goes through :meth:`_choice`; a choice in :attr:`ended` gets nothing more, and once
+    all ``n`` choices have ended, :attr:`done` is set: the caller stops reading (closing the
     upstream's response stops its generation) and ends the stream."""
 
     def __init__(self, n: int, chat: bool):
-        from auto_model.loops import LoopGuard
-
-        self._guard = LoopGuard
         self.n, self.chat = n, chat
-        self.guards: dict[int, Any] = {}
-        self.cut: set[int] = set()
+        self.ended: set[int] = set()
         self.done = False
-
-    def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
-        """The chunk with each choice's text as far as it can be shown; None when nothing is left of it."""
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices:
-            return chunk  # e.g. the usage chunk
-        kept = []
-        for choice in choices:
-            if not isinstance(choice, dict):
-                kept.append(choice)
-                continue
-            index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
-            if index in self.cut:
-                continue
-            guard = self.guards.setdefault(index, self._guard())
-            holder = choice.get("delta") if self.chat else choice
-            text = holder.get("content" if self.chat else "text") if isinstance(holder, dict) else None
-            shown = guard.feed(text) if isinstance(text, str) else ""
-            if choice.get("finish_reason") is not None and not guard.looped:
-                shown += guard.flush()
-            if isinstance(text, str):
-                holder["content" if self.chat else "text"] = shown  # type: ignore[index]
-            if guard.looped:
-                self.cut.add(index)
-                choice["finish_reason"], choice["stop_reason"] = "stop", "loop"
-            kept.append(choice)
-        self.done = len(self.cut) >= self.n
-        if not kept:
-            return None
-        chunk["choices"] = kept
-        return chunk
-
-
-class StreamAnswerCheck:
-    """The answer check on an upstream's streamed chunks (after :class:`StreamLoopCut`): each choice's
-    text is held back until the answer so far has passed the check, which runs each time ``window``
-    more characters have arrived and once when the choice finishes (as
-    :class:`~auto_model.answer_check.CheckedStream` does in-process). ``passes(index, text)``: whether
-    the check lets choice ``index``'s answer so far through (it scores and counts). A choice that fails
-    gets the refusal (after a blank line when text was already shown) and ``finish_reason``
-    ``"content_filter"``, and nothing after it; once all ``n`` choices have failed, :attr:`done` is
-    set and the caller closes the upstream's stream. A stream that ends without a choice's
-    ``finish_reason`` loses that choice's unchecked tail: it is never shown unchecked."""
-
-    def __init__(self, n: int, chat: bool, window: int, passes: Any, refusal: str):
-        self.n, self.chat, self.window = n, chat, window
-        self._passes, self._refusal = passes, refusal
-        self.seen: dict[int, str] = {}
-        self.held: dict[int, str] = {}
-        self.blocked: set[int] = set()
-        self.done = False
-
-    def due(self, chunk: dict[str, Any]) -> bool:
-        """Whether this chunk makes a check run (the caller then runs :meth:`chunk` off the event loop)."""
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict):
-                index = choice["index"] if isinstance(choice.get("index"), int) else 0
-                text = self._text(choice)
-                held = self.held.get(index, "") + (text if isinstance(text, str) else "")
-                if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
-                    return True
-        return False
 
     def _text(self, choice: dict[str, Any]) -> Any:
         holder = choice.get("delta") if self.chat else choice
@@ -256,39 +189,102 @@ class StreamAnswerCheck:
         else:
             choice["text"] = text
 
+    def _choice(self, index: int, choice: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
-        """The chunk with each choice's text as far as it has passed the check; None when nothing is
-        left of it."""
+        """The chunk with each choice's text as far as it can be shown; None when nothing is left of it."""
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
             return chunk  # e.g. the usage chunk
-        from auto_model.answer_check import CONTENT_FILTER
-
         kept = []
         for choice in choices:
             if not isinstance(choice, dict):
                 kept.append(choice)
                 continue
             index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
-            if index in self.blocked:
+            if index in self.ended:
                 continue
-            text = self._text(choice)
-            seen, held = self.seen.get(index, ""), self.held.get(index, "") + (text if isinstance(text, str) else "")
-            shown = ""
-            if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
-                if (seen + held).strip() and not self._passes(index, seen + held):
-                    self.blocked.add(index)
-                    self._set(choice, f"\n\n{self._refusal}" if seen else self._refusal)
-                    choice["finish_reason"] = CONTENT_FILTER
-                    kept.append(choice)
-                    continue
-                self.seen[index], shown, held = seen + held, held, ""
-            self.held[index] = held
-            if isinstance(text, str) or shown:
-                self._set(choice, shown)
+            self._choice(index, choice)
             kept.append(choice)
-        self.done = len(self.blocked) >= self.n
+        self.done = len(self.ended) >= self.n
         if not kept:
             return None
         chunk["choices"] = kept
         return chunk
+
+
+class StreamLoopCut(_ChoiceStream):
+    """Cuts the answers of an upstream's streamed chunks where they start to loop: each choice's
+    text goes through a :class:`~auto_model.loops.LoopGuard`; a choice that loops gets its last
+    chunk at once (``finish_reason`` ``"stop"``, ``stop_reason`` ``"loop"``) and nothing after it."""
+
+    def __init__(self, n: int, chat: bool):
+        from auto_model.loops import LoopGuard
+
+        super().__init__(n, chat)
+        self._guard = LoopGuard
+        self.guards: dict[int, Any] = {}
+
+    def _choice(self, index: int, choice: dict[str, Any]) -> None:
+        guard = self.guards.setdefault(index, self._guard())
+        text = self._text(choice)
+        shown = guard.feed(text) if isinstance(text, str) else ""
+        if choice.get("finish_reason") is not None and not guard.looped:
+            shown += guard.flush()
+        if isinstance(text, str):
+            self._set(choice, shown)
+        if guard.looped:
+            self.ended.add(index)
+            choice["finish_reason"], choice["stop_reason"] = "stop", "loop"
+
+
+class StreamAnswerCheck(_ChoiceStream):
+    """The answer check on an upstream's streamed chunks (after :class:`StreamLoopCut`): each choice's
+    text is held back until the answer so far has passed the check, which runs each time ``window``
+    more characters have arrived and once when the choice finishes (as
+    :class:`~auto_model.answer_check.CheckedStream` does in-process). ``passes(index, text)``: whether
+    the check lets choice ``index``'s answer so far through (it scores and counts). A choice that fails
+    gets the refusal (after a blank line when text was already shown) and ``finish_reason``
+    ``"content_filter"``, and nothing after it. A stream that ends without a choice's
+    ``finish_reason`` loses that choice's unchecked tail: it is never shown unchecked."""
+
+    def __init__(self, n: int, chat: bool, window: int, passes: Any, refusal: str):
+        super().__init__(n, chat)
+        self.window = window
+        self._passes, self._refusal = passes, refusal
+        self.seen: dict[int, str] = {}
+        self.held: dict[int, str] = {}
+
+    @property
+    def blocked(self) -> set[int]:
+        """The choices the check refused."""
+        return self.ended
+
+    def due(self, chunk: dict[str, Any]) -> bool:
+        """Whether this chunk makes a check run (the caller then runs :meth:`chunk` off the event loop)."""
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                index = choice["index"] if isinstance(choice.get("index"), int) else 0
+                text = self._text(choice)
+                held = self.held.get(index, "") + (text if isinstance(text, str) else "")
+                if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
+                    return True
+        return False
+
+    def _choice(self, index: int, choice: dict[str, Any]) -> None:
+        from auto_model.answer_check import CONTENT_FILTER
+
+        text = self._text(choice)
+        seen, held = self.seen.get(index, ""), self.held.get(index, "") + (text if isinstance(text, str) else "")
+        shown = ""
+        if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
+            if (seen + held).strip() and not self._passes(index, seen + held):
+                self.ended.add(index)
+                self._set(choice, f"\n\n{self._refusal}" if seen else self._refusal)
+                choice["finish_reason"] = CONTENT_FILTER
+                return
+            self.seen[index], shown, held = seen + held, held, ""
+        self.held[index] = held
+        if isinstance(text, str) or shown:
+            self._set(choice, shown)
