@@ -26,7 +26,6 @@ ORDINARY = ("ordinary", "safe-but-alarming")
 def main(path: str, *checks: str) -> None:
     report = json.loads(Path(path).read_text(encoding="utf-8"))
     names = [c["name"] for c in report["configs"]]
-    blocked: dict[str, set[int]] = {}
     for spec in checks:
         name, _, artifact = spec.partition("=")
         own = [r for r in report["records"] if r["config"] == name and r["answer"] is not None]

@@ -76,7 +76,16 @@ from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
-from auto_model.server.upstream import StreamAnswerCheck, StreamLoopCut, Upstream, UpstreamClient, UpstreamError
+from auto_model.server.upstream import (
+    StreamAnswerCheck,
+    StreamLoopCut,
+    Upstream,
+    UpstreamClient,
+    UpstreamError,
+    asked_of,
+    choice_index,
+    relay_lines,
+)
 
 #: What happens to a client's own system message (``client_system``).
 CLIENT_SYSTEM_MODES = SYSTEM_MESSAGE_MODES
@@ -655,7 +664,7 @@ def create_app(
                     answers = n * (len(queries) if not chat else 1)
                     cut = StreamLoopCut(answers, chat) if options.cut_loops else None
                     check = stream_check(options, chat, n, answers, routes, queries)
-                    return streaming(request, _renamed_lines(response, lines, name, cut, check), headers)
+                    return streaming(request, relay_lines(response, lines, name, cut, check), headers)
                 data = await guarded(request, client.post(path, payload))
                 took = time.perf_counter() - started
                 headers = alignment_headers(options, routes, decoding, align=align, upstream=took)
@@ -734,15 +743,9 @@ def create_app(
                 holders.append((choice, holder, text))
         if check is None or not holders:
             return
-
-        def index_of(choice: dict[str, Any]) -> int:
-            return choice["index"] if isinstance(choice.get("index"), int) else 0
-
-        asked = [queries[min(index_of(c) // max(n, 1), len(queries) - 1)] if queries else None for c, _, _ in holders]
-        scores = model.answer_scores([text for _, _, text in holders], asked)
-        for (choice, holder, text), score in zip(holders, scores, strict=True):
-            index = index_of(choice)
-            route = routes[min(index // max(n, 1), len(routes) - 1)] if routes else "none"
+        asked = [asked_of(choice_index(c), n, queries, routes) for c, _, _ in holders]
+        scores = model.answer_scores([text for _, _, text in holders], [query for query, _ in asked])
+        for (choice, holder, text), score, (_, route) in zip(holders, scores, asked, strict=True):
             checks_run.labels(route).inc()
             if check.replaces(text, score):
                 holder["content" if chat else "text"] = check.refusal
@@ -759,12 +762,11 @@ def create_app(
         counted: set[int] = set()
 
         def passes(index: int, text: str) -> bool:
-            prompt = min(index // max(n, 1), len(queries) - 1) if queries else 0
-            route = routes[min(prompt, len(routes) - 1)] if routes else "none"
+            query, route = asked_of(index, n, queries, routes)
             if index not in counted:
                 counted.add(index)
                 checks_run.labels(route).inc()
-            score = model.answer_scores([text], [queries[prompt]] if queries else None)[0]
+            score = model.answer_scores([text], [query])[0]
             if check.replaces(text, score):
                 replaced.labels(route).inc()
                 return False
@@ -978,46 +980,3 @@ async def _pump(events: Iterator[str], close: Any) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     finally:
         stop.set()
-
-
-async def _renamed_lines(
-    response: Any,
-    lines: AsyncIterator[str],
-    name: str,
-    cut: StreamLoopCut | None = None,
-    check: StreamAnswerCheck | None = None,
-) -> AsyncIterator[str]:
-    """An upstream's server-sent events, with the model named as the client asked for it; with
-    ``cut``, each answer ended where it starts to loop; with ``check``, each answer released in
-    checked windows and ended with the refusal where a check fails (the upstream's stream is closed
-    once every answer was cut or refused)."""
-    try:
-        async for line in lines:
-            if line.startswith("data: {"):
-                try:
-                    chunk = json.loads(line[6:])
-                except ValueError:
-                    pass
-                else:
-                    if isinstance(chunk, dict):
-                        if "model" in chunk:
-                            chunk["model"] = name
-                        if cut is not None and (chunk := cut.chunk(chunk)) is None:
-                            continue
-                        if check is not None:
-                            if check.due(chunk):  # a check embeds the answer: off the event loop
-                                chunk = await anyio.to_thread.run_sync(check.chunk, chunk)
-                            else:
-                                chunk = check.chunk(chunk)
-                            if chunk is None:
-                                continue
-                        line = f"data: {json.dumps(chunk)}"
-            yield line + "\n"
-            if (cut is not None and cut.done) or (check is not None and check.done):
-                yield "\ndata: [DONE]\n\n"
-                return
-    finally:
-        if response.content.at_eof():
-            response.release()  # the connection goes back to the pool
-        else:
-            response.close()  # mid-stream (the client left): the connection closes, the upstream stops generating

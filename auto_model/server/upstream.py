@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from auto_model.errors import InvalidRequestError
 
 REDACTED = "[redacted]"
@@ -166,6 +168,11 @@ class UpstreamClient:
         await self._http.close()
 
 
+def choice_index(choice: dict[str, Any]) -> int:
+    """A choice's ``index`` (0 when it has none)."""
+    return choice["index"] if isinstance(choice.get("index"), int) else 0
+
+
 class _ChoiceStream:
     """Per-choice work on an upstream's streamed chunks (the loop cut, the answer check): each choice
     of a chunk goes through :meth:`_choice`; a choice in :attr:`ended` gets nothing more, and once
@@ -202,7 +209,7 @@ class _ChoiceStream:
             if not isinstance(choice, dict):
                 kept.append(choice)
                 continue
-            index: int = choice["index"] if isinstance(choice.get("index"), int) else 0
+            index = choice_index(choice)
             if index in self.ended:
                 continue
             self._choice(index, choice)
@@ -263,22 +270,24 @@ class StreamAnswerCheck(_ChoiceStream):
 
     def due(self, chunk: dict[str, Any]) -> bool:
         """Whether this chunk makes a check run (the caller then runs :meth:`chunk` off the event loop)."""
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict):
-                index = choice["index"] if isinstance(choice.get("index"), int) else 0
-                text = self._text(choice)
-                held = self.held.get(index, "") + (text if isinstance(text, str) else "")
-                if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
-                    return True
-        return False
+        return any(
+            isinstance(choice, dict) and self._held(choice_index(choice), choice)[1]
+            for choice in chunk.get("choices") or []
+        )
+
+    def _held(self, index: int, choice: dict[str, Any]) -> tuple[str, bool]:
+        """The choice's text not yet shown, with this chunk's; and whether it is checked now."""
+        text = self._text(choice)
+        held = self.held.get(index, "") + (text if isinstance(text, str) else "")
+        return held, bool(held) and (len(held) >= self.window or choice.get("finish_reason") is not None)
 
     def _choice(self, index: int, choice: dict[str, Any]) -> None:
         from auto_model.answer_check import CONTENT_FILTER
 
         text = self._text(choice)
-        seen, held = self.seen.get(index, ""), self.held.get(index, "") + (text if isinstance(text, str) else "")
+        seen, (held, due) = self.seen.get(index, ""), self._held(index, choice)
         shown = ""
-        if held and (len(held) >= self.window or choice.get("finish_reason") is not None):
+        if due:
             if (seen + held).strip() and not self._passes(index, seen + held):
                 self.ended.add(index)
                 self._set(choice, f"\n\n{self._refusal}" if seen else self._refusal)
@@ -288,3 +297,53 @@ class StreamAnswerCheck(_ChoiceStream):
         self.held[index] = held
         if isinstance(text, str) or shown:
             self._set(choice, shown)
+
+
+def asked_of(index: int, n: int, queries: list[Any], routes: list[str]) -> tuple[Any, str]:
+    """What an upstream's choice ``index`` answers and its route (``n`` choices per prompt, in prompt order)."""
+    prompt = index // max(n, 1)
+    query = queries[min(prompt, len(queries) - 1)] if queries else None
+    return query, routes[min(prompt, len(routes) - 1)] if routes else "none"
+
+
+async def relay_lines(
+    response: Any,
+    lines: AsyncIterator[str],
+    name: str,
+    cut: StreamLoopCut | None = None,
+    check: StreamAnswerCheck | None = None,
+) -> AsyncIterator[str]:
+    """An upstream's server-sent events, with the model named as the client asked for it; with
+    ``cut``, each answer ended where it starts to loop; with ``check``, each answer released in
+    checked windows and ended with the refusal where a check fails (the upstream's stream is closed
+    once every answer was cut or refused)."""
+    try:
+        async for line in lines:
+            if line.startswith("data: {"):
+                try:
+                    chunk = json.loads(line[6:])
+                except ValueError:
+                    pass
+                else:
+                    if isinstance(chunk, dict):
+                        if "model" in chunk:
+                            chunk["model"] = name
+                        if cut is not None and (chunk := cut.chunk(chunk)) is None:
+                            continue
+                        if check is not None:
+                            if check.due(chunk):  # a check embeds the answer: off the event loop
+                                chunk = await anyio.to_thread.run_sync(check.chunk, chunk)
+                            else:
+                                chunk = check.chunk(chunk)
+                            if chunk is None:
+                                continue
+                        line = f"data: {json.dumps(chunk)}"
+            yield line + "\n"
+            if (cut is not None and cut.done) or (check is not None and check.done):
+                yield "\ndata: [DONE]\n\n"
+                return
+    finally:
+        if response.content.at_eof():
+            response.release()  # the connection goes back to the pool
+        else:
+            response.close()  # mid-stream (the client left): the connection closes, the upstream stops generating
