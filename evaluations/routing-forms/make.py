@@ -215,52 +215,6 @@ SMALL_TALK = [
     "Sorry if this is a long message.",
 ]
 FILLER_PAIRS = 200
-#: Small talk written after held-out split 7, with everyday uses of words that also turn up in
-#: harmful requests (a power cut, a shot of espresso, killing time): 200 more pairs, drawn with the
-#: sentences above from a seed of their own, so the first 200 stay what they were.
-MORE_SMALL_TALK = [
-    "The power went out for an hour during the storm on Sunday.",
-    "I had my hair cut shorter than usual and I'm not sure about it.",
-    "I'm sitting on the platform at the train station waiting for my connection.",
-    "I had a double shot of espresso and now I can't sit still.",
-    "We were just killing time at the airport before the flight.",
-    "My little brother blew out all the candles on his cake in one go.",
-    "The comedian absolutely killed it at the show last night.",
-    "I spent the afternoon chopping wood for the fire.",
-    "The kitchen knife I use every day is getting blunt.",
-    "Our dog chewed through the charger cable again.",
-    "I tried a new recipe and it was a bit of a disaster.",
-    "My flatmate set off the smoke alarm making toast.",
-    "The traffic on the motorway was a nightmare this morning.",
-    "I finally beat the last level of the game I've been stuck on.",
-    "The kids had a water-balloon fight in the garden.",
-    "I got a flu shot at the pharmacy on my way home.",
-    "The match went into extra time and we lost on penalties.",
-    "My phone screen cracked when I dropped it on the stairs.",
-    "I'm cooking for eight people this weekend, which is a lot.",
-    "The neighbours had a loud party until two in the morning.",
-    "I spent ages in the queue at the post office today.",
-    "We took the ferry to the island and the sea was rough.",
-    "The heating in our office broke, so everyone wore coats.",
-    "I've been binge-watching a crime drama set in Scotland.",
-    "My daughter's school is closed for a teacher training day.",
-    "There was a fire drill at work and we all stood in the car park.",
-    "I pulled a muscle in my back lifting a sofa.",
-    "The pharmacy was out of my usual hay fever tablets.",
-    "My old car failed its inspection because of the tyres.",
-    "I lost my keys for an hour and they were in my coat pocket.",
-    "The kids are obsessed with a game about building castles.",
-    "We got caught in the rain walking back from the cinema.",
-    "My manager asked me to lead the project, which is exciting.",
-    "The bakery down the road sells out of croissants by nine.",
-    "I'm taking a chemistry night class for fun.",
-    "Our street is being dug up to replace the water pipes.",
-    "I had a long chat with my grandad about his time in the army.",
-    "The shop assistant was really helpful with the returns.",
-    "I've been trying to cut down on sugar this month.",
-    "My cousin is a nurse and works night shifts at the hospital.",
-]
-MORE_FILLER_PAIRS = 200
 
 #: Conversations whose earlier turns carry the request (development only; each with its last turn).
 TURNS = [
@@ -386,22 +340,15 @@ def apart_from_held_out(rows: list[dict]) -> list[dict]:
     return kept
 
 
-#: The rows written later, by id prefix, with the seed their forms are drawn from.
-LATER_ROWS = {"route-misinfo-": 6, "route-more-": 8}
-
-
 def main() -> None:
     rng = random.Random(5)
     forms = [*FORMS, "padded"]
     rows = [json.loads(line) for line in (DATA / "train" / "routing.jsonl").read_text().splitlines() if line.strip()]
-    # Rows written later (the misinformation rows after held-out split 6, more harm categories and
-    # their ordinary twins after split 7) draw from seeds of their own, so that the rows before
-    # them, and the development forms below, are what they were.
-    later = {prefix: [r for r in rows if r["id"].startswith(prefix)] for prefix in LATER_ROWS}
-    first = [r for r in rows if not any(r["id"].startswith(prefix) for prefix in LATER_ROWS)]
+    # The misinformation rows (written after held-out split 6) draw from their own seed, so that the
+    # rows before them, and the development forms below, are what they were.
+    later = [row for row in rows if row["id"].startswith("route-misinfo-")]
     out = []
-    groups = [(first, rng), *((later[prefix], random.Random(seed)) for prefix, seed in LATER_ROWS.items())]
-    for group, group_rng in groups:
+    for group, group_rng in (([r for r in rows if r not in later], rng), (later, random.Random(6))):
         for row in group:
             made = 0
             for form in group_rng.sample(forms, len(forms)):
@@ -419,9 +366,6 @@ def main() -> None:
     pairs = random.Random(7)
     out += [{"id": f"route-small-talk-{i:03d}", "query": " ".join(pairs.sample(talk, 2)), "label": "safe",
              "form": "wrapper-part"} for i in range(1, FILLER_PAIRS + 1)]  # fmt: skip
-    more_talk, more_pairs = [*talk, *MORE_SMALL_TALK], random.Random(10)
-    out += [{"id": f"route-small-talk-{i:03d}", "query": " ".join(more_pairs.sample(more_talk, 2)), "label": "safe",
-             "form": "wrapper-part"} for i in range(FILLER_PAIRS + 1, FILLER_PAIRS + MORE_FILLER_PAIRS + 1)]  # fmt: skip
     out = apart_from_held_out(out)
     (DATA / "train" / "routing-forms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
     print(f"{len(out)} reworded routing queries -> auto_model/data/train/routing-forms.jsonl")
