@@ -38,7 +38,7 @@ def main() -> None:
         routes = router.route([i.query for i in items], earlier=earlier)
         table: dict[tuple[str, str], list[bool]] = defaultdict(list)
         for item, route in zip(items, routes, strict=True):
-            form = item.tags[-1] if split == "dev-forms" else "plain"
+            form = item.tags[-1] if split.startswith("dev-forms") else "plain"
             for key in (form, "all"):
                 table[(item.kind, key)].append(route.name == "safety")
         for (kind, form), hits in sorted(table.items()):
