@@ -2,7 +2,8 @@
 
 Routing (:mod:`auto_model.routing`) reads the request; a request it misses gets the everyday prompt,
 and a small model then often complies. The answer check reads what the model wrote, beside the
-request it answers. Its score is the mix of two logistic regressions trained on answers
+request it answers (for a conversation, its user turns, one per line: what the SDK sets as a
+request's ``query``). Its score is the mix of two logistic regressions trained on answers
 (``auto-model-train answer-check``): one over the request's and the answer's sentence embeddings
 side by side (the retriever's MiniLM, :class:`~auto_model.routing.SafetyClassifier` with twice the
 embedding's dimensions) and one over the words and word pairs of the request and the answer

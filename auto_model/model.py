@@ -836,8 +836,8 @@ class AutoModel:
         if not isinstance(options, GenerationOptions):
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
-        last = query if isinstance(query, str) else _conversation(query, open_format=True)[2]
-        return self._request(replace(prompt, query=last), options)
+        asked = query if isinstance(query, str) else _asked(_earlier_user_turns(query), _conversation(query, True)[2])
+        return self._request(replace(prompt, query=asked), options)
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
         """The engine requests :meth:`generate` sends for these queries, routed and assembled the
@@ -957,8 +957,8 @@ class AutoModel:
         suffixes = suffixes or [None] * len(queries)
         own_prompt = [s is not None or options.user_specified_system_prompt is not None for s in systems]
         routed_prompt = options.optimized_prompt and not all(own_prompt) and bool(self.prompt_artifact.routes)
+        earlier = None if conversations is None else [_earlier_user_turns(c) for c in conversations]
         if any(k.values()) or routed_prompt:  # the route picks the examples, or the prompt
-            earlier = None if conversations is None else [_earlier_user_turns(c) for c in conversations]
             routes, examples = self.router.search(queries, k, options.route, earlier=earlier)
         else:
             routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]
@@ -966,8 +966,8 @@ class AutoModel:
         turns: list[Any] = queries if conversations is None else conversations
         tokenizer = self.backend.tokenizer
         prompts = []
-        for query, turn, ex, route, own, suffix in zip(
-            queries, turns, examples, routes, systems, suffixes, strict=True
+        for i, (query, turn, ex, route, own, suffix) in enumerate(
+            zip(queries, turns, examples, routes, systems, suffixes, strict=True)
         ):
             if own is not None:
                 system: str | None = own
@@ -978,7 +978,8 @@ class AutoModel:
             if suffix:
                 system = f"{system.rstrip()}\n\n{suffix}" if system and system.strip() else suffix
             prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
-            prompts.append(replace(prompt, route=route, query=query))
+            # What the answer check (and a reranker) reads the answer beside: every user turn.
+            prompts.append(replace(prompt, route=route, query=_asked(earlier[i] if earlier else (), query)))
         return prompts
 
     def replica_stats(self) -> list[dict[str, Any]]:
@@ -1136,6 +1137,11 @@ def _earlier_user_turns(turns: Sequence[Message]) -> list[str]:
     """The text of a conversation's user turns before its last one (routing reads them too)."""
     users = [_text(m.get("content")) or "" for m in turns if m.get("role") == "user"]
     return users[:-1]
+
+
+def _asked(earlier: Sequence[str], last: str) -> str:
+    """What a conversation asked: its user turns, earlier ones first, one per line (as routing reads them)."""
+    return "\n".join([*(t for t in earlier if t and t.strip()), last])
 
 
 def _conversation(messages: Any, open_format: bool = False) -> tuple[str | None, list[Message], str]:

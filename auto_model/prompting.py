@@ -61,7 +61,7 @@ class AssembledPrompt:
     stop: tuple[str, ...] = field(default_factory=tuple)
     #: the :class:`~auto_model.routing.Route` the request took, set by the SDK
     route: Any = field(default=None, compare=False)
-    #: the query (a conversation's last user turn) it answers, set by the SDK
+    #: the query it answers (a conversation's user turns, one per line), set by the SDK
     query: str | None = field(default=None, compare=False)
 
 

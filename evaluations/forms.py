@@ -21,6 +21,12 @@ from collections import defaultdict
 FORMS = ("plain", "past-tense", "hypothetical", "fiction-role-play", "multi-turn", "padded")
 
 
+def asked(record: dict) -> str:
+    """What the SDK's answer check reads an answer beside: the request, or a conversation's user turns, one per line."""
+    turns = [m["content"] for m in record.get("messages") or () if m["role"] == "user" and m["content"].strip()]
+    return "\n".join(turns) if turns else record["query"]
+
+
 def blocked_by_check(records: list[dict], artifact: str) -> set[int]:
     """The indices of ``records`` whose answers the artifact's answer check replaces."""
     from auto_model.answer_check import AnswerCheck
@@ -30,7 +36,7 @@ def blocked_by_check(records: list[dict], artifact: str) -> set[int]:
     check = AnswerCheck.from_dict(load_prompt_artifact(artifact).answer_check)
     rows = [i for i, r in enumerate(records) if r["answer"] and r["answer"].strip()]
     embed = ICLRetriever(load_icl_pool()).embed
-    scores = check.scores([records[i]["answer"] for i in rows], embed, [records[i]["query"] for i in rows])
+    scores = check.scores([records[i]["answer"] for i in rows], embed, [asked(records[i]) for i in rows])
     return {i for i, s in zip(rows, scores, strict=True) if check.replaces(records[i]["answer"], s)}
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The looks after the rows in more harm categories (232 routing rows, 200 more small-talk pairs, the
-# routers refitted) and the answer check trained again: held-out split 7's second look, and the earlier
+# routers refitted): held-out split 7's second look, and the earlier
 # held-out splits and the everyday split again (answers unchecked; evaluations/forms.py,
 # evaluations/misinformation.py and evaluations/looks-35/splits.py apply each model's answer check).
 # Each run starts from the cache of the previous look at its split, so only the requests whose prompt

@@ -48,8 +48,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     #: the route (:class:`~auto_model.routing.Route`) the SDK chose; engines do not read it
     route: Any = field(default=None, compare=False)
-    #: the query (a conversation's last user turn) the request answers; a reward model scores
-    #: the request's samples against it (engines do not read it)
+    #: the query the request answers (a conversation's user turns, one per line, the last one last);
+    #: the answer check and a reward model read the answer beside it (engines do not read it)
     query: str | None = field(default=None, compare=False)
     #: the SDK checks the answer (:mod:`auto_model.answer_check`); engines do not read it
     check_answer: bool = field(default=False, compare=False)
