@@ -10,7 +10,10 @@ embedding's dimensions) and one over the words and word pairs of the request and
 (:class:`~auto_model.routing.LexicalClassifier`), each ``weight`` of the score. At or above
 ``threshold`` the answer is replaced by ``refusal`` and its ``finish_reason`` is
 ``"content_filter"`` (the OpenAI value), unless it already opens by declining
-(:func:`~auto_model.rewards.proxies.refusal_kind`): a refusal keeps its own safe alternative.
+(:func:`~auto_model.rewards.proxies.refusal_kind`): a refusal keeps its own safe alternative. A
+route may have a threshold of its own (``route_thresholds``): on the safety route, where the router
+found the request harmful and the prompt asks for a refusal, an answer that complies anyway can be
+held to a lower one.
 
 A streamed answer is checked in windows: the text is held back until the answer so far has passed
 the check, which runs each time ``window`` more characters have arrived and once at the end. A
@@ -35,7 +38,7 @@ from auto_model.backends.base import Completion, Outcome
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import ChunkStream
 from auto_model.rewards.proxies import refusal_kind
-from auto_model.routing import LexicalClassifier, SafetyClassifier
+from auto_model.routing import ROUTES, LexicalClassifier, SafetyClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ DEFAULT_REFUSAL = "Sorry, but I can't help with that."
 DEFAULT_WINDOW = 200
 #: The most characters a window may be.
 MAX_WINDOW = 100_000
+#: The fields of an artifact's ``answer_check``.
+FIELDS = ("threshold", "classifier", "lexical", "refusal", "window", "route_thresholds", "provenance")
 #: The ``finish_reason`` of an answer the check replaced.
 CONTENT_FILTER: Final = "content_filter"
 
@@ -61,6 +66,8 @@ class AnswerCheck:
             of them may be missing: the other then has weight 1).
         refusal: the text that replaces a blocked answer.
         window: characters of a streamed answer between two checks.
+        route_thresholds: a route's own threshold (``{"safety": 0.3}``), in place of ``threshold``
+            for the answers of requests on that route.
         provenance: how it was trained (data, figures).
     """
 
@@ -69,6 +76,7 @@ class AnswerCheck:
     lexical: LexicalClassifier | None = None
     refusal: str = DEFAULT_REFUSAL
     window: int = DEFAULT_WINDOW
+    route_thresholds: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,9 +85,14 @@ class AnswerCheck:
             raise InvalidRequestError("answer_check needs a classifier, a lexical classifier or both.")
         if abs(sum(c.weight for c in parts) - 1) > 1e-6:
             raise InvalidRequestError("answer_check: the classifiers' weights must add up to 1.")
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1:
-            raise InvalidRequestError(f"answer_check threshold must be in [0, 1], got {t!r}.")
+        _check_threshold(self.threshold, "threshold")
+        if not isinstance(self.route_thresholds, dict):
+            raise InvalidRequestError("answer_check route_thresholds is an object of route names and thresholds.")
+        for route, t in self.route_thresholds.items():
+            if route not in ROUTES:
+                known = ", ".join(ROUTES)
+                raise InvalidRequestError(f"answer_check route_thresholds: unknown route {route!r} (one of {known}).")
+            _check_threshold(t, f"route_thresholds.{route}")
         if not isinstance(self.refusal, str) or not self.refusal.strip():
             raise InvalidRequestError("answer_check refusal must be a non-empty string.")
         check_window(self.window)
@@ -88,7 +101,7 @@ class AnswerCheck:
     def from_dict(cls, data: Any, source: str = "answer_check") -> AnswerCheck:
         if not isinstance(data, dict):
             raise InvalidRequestError(f"{source}: answer_check is an object, got {type(data).__name__}.")
-        unknown = set(data) - {"threshold", "classifier", "lexical", "refusal", "window", "provenance"}
+        unknown = set(data) - {*FIELDS}
         if unknown:
             raise InvalidRequestError(f"{source}: unknown answer_check fields {sorted(unknown)}.")
         classifier = data.get("classifier")
@@ -99,11 +112,14 @@ class AnswerCheck:
             lexical=None if lexical is None else LexicalClassifier.from_dict(lexical, f"{source}.lexical"),
             refusal=data.get("refusal", DEFAULT_REFUSAL),
             window=data.get("window", DEFAULT_WINDOW),
+            route_thresholds=data.get("route_thresholds", {}),
             provenance=dict(data.get("provenance") or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"threshold": self.threshold, "refusal": self.refusal, "window": self.window}
+        if self.route_thresholds:
+            data["route_thresholds"] = dict(self.route_thresholds)
         if self.provenance:
             data["provenance"] = dict(self.provenance)
         if self.classifier is not None:
@@ -145,14 +161,19 @@ class AnswerCheck:
                 total[i] += self.lexical.weight * p
         return total
 
-    def blocks(self, score: float) -> bool:
-        """Whether ``score`` is at or above the threshold."""
-        return score >= self.threshold
+    def threshold_for(self, route: str | None = None) -> float:
+        """The threshold of the answers of requests on ``route`` (its own, or :attr:`threshold`)."""
+        return self.route_thresholds.get(route, self.threshold) if route is not None else self.threshold
 
-    def replaces(self, answer: str, score: float) -> bool:
-        """Whether an answer of this score is replaced: it is blocked and does not already open by
-        declining (a refusal is not compliance; it keeps its own safe alternative)."""
-        return self.blocks(score) and refusal_kind(answer) != "refusal"
+    def blocks(self, score: float, route: str | None = None) -> bool:
+        """Whether ``score`` is at or above the threshold (``route``'s, where it has its own)."""
+        return score >= self.threshold_for(route)
+
+    def replaces(self, answer: str, score: float, route: str | None = None) -> bool:
+        """Whether an answer of this score (to a request on ``route``) is replaced: it is blocked and
+        does not already open by declining (a refusal is not compliance; it keeps its own safe
+        alternative)."""
+        return self.blocks(score, route) and refusal_kind(answer) != "refusal"
 
 
 def check_completions(
@@ -161,9 +182,11 @@ def check_completions(
     queries: Sequence[str | None],
     wanted: Sequence[bool],
     embed: Callable[[list[str]], Any],
+    routes: Sequence[str | None] | None = None,
 ) -> list[Outcome]:
     """``outcomes`` with each wanted, non-empty answer scored in one batch (beside its query) and
-    replaced by the refusal, ``finish_reason`` :data:`CONTENT_FILTER`, where the check replaces it."""
+    replaced by the refusal, ``finish_reason`` :data:`CONTENT_FILTER`, where the check replaces it
+    (``routes``: each request's route, for its threshold)."""
     rows = [i for i, o in enumerate(outcomes) if wanted[i] and isinstance(o, Completion) and o.text.strip()]
     out = list(outcomes)
     if not rows:
@@ -171,11 +194,21 @@ def check_completions(
     answers = [out[i].text for i in rows]  # type: ignore[union-attr]
     scores = check.scores(answers, embed, [queries[i] for i in rows])
     for i, answer, score in zip(rows, answers, scores, strict=True):
-        if check.replaces(answer, score):
+        if check.replaces(answer, score, routes[i] if routes is not None else None):
             out[i] = replace(out[i], text=check.refusal, finish_reason=CONTENT_FILTER, answer_score=score)  # type: ignore[type-var]
         else:
             out[i] = replace(out[i], answer_score=score)  # type: ignore[type-var]
     return out
+
+
+def _check_threshold(value: Any, what: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= 1
+    ):  # noqa: E501
+        raise InvalidRequestError(f"answer_check {what} must be in [0, 1], got {value!r}.")
 
 
 def joined(queries: Sequence[str], answers: Sequence[str]) -> list[str]:
@@ -195,14 +228,20 @@ class CheckedStream(ChunkStream):
 
     ``chunks``: the answer's text chunks (an object with ``close`` and ``looped``, such as a
     :class:`~auto_model.loops.CutStream`, or any iterator); ``score``: the answer's score;
-    ``window``: characters between checks. Once it has ended, :attr:`filtered` says whether a check
-    failed (the last chunk was then ``refusal``), :attr:`score` is the last check's score and
-    :attr:`looped` is the inner stream's."""
+    ``window``: characters between checks; ``route``: the request's route (for its threshold).
+    Once it has ended, :attr:`filtered` says whether a check failed (the last chunk was then
+    ``refusal``), :attr:`score` is the last check's score and :attr:`looped` is the inner stream's."""
 
     def __init__(
-        self, chunks: Iterator[str], check: AnswerCheck, score: Callable[[str], float], window: int | None = None
+        self,
+        chunks: Iterator[str],
+        check: AnswerCheck,
+        score: Callable[[str], float],
+        window: int | None = None,
+        route: str | None = None,
     ):
         self._check = check
+        self._route = route
         self._score = score
         self._window = check.window if window is None else check_window(window)
         self.filtered = False
@@ -217,7 +256,7 @@ class CheckedStream(ChunkStream):
     def _passes(self, text: str) -> bool:
         self.checks += 1
         self.score = self._score(text)
-        return not self._check.replaces(text, self.score)
+        return not self._check.replaces(text, self.score, self._route)
 
     def _run(self) -> Generator[str, None, None]:
         seen, held = "", ""

@@ -746,8 +746,9 @@ class AutoModel:
         check = self.answer_check
         if check is None or not any(r.check_answer for r in requests):
             return outcomes
+        routes = [r.route.name if r.route else None for r in requests]
         return check_completions(check, outcomes, [r.query for r in requests], [r.check_answer for r in requests],
-                                 self.retriever.embed)  # fmt: skip
+                                 self.retriever.embed, routes)  # fmt: skip
 
     def _request(self, prompt: AssembledPrompt, options: GenerationOptions) -> GenerationRequest:
         sampling = options.sampling()
@@ -776,7 +777,8 @@ class AutoModel:
         check = self.answer_check if request.check_answer else None
         if check is None:
             return chunks
-        return CheckedStream(chunks, check, lambda text: self.answer_scores([text], [request.query])[0], window)
+        route = request.route.name if request.route else None
+        return CheckedStream(chunks, check, lambda text: self.answer_scores([text], [request.query])[0], window, route)
 
     def _engine_chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the

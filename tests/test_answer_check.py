@@ -59,6 +59,29 @@ def test_a_check_is_validated_scored_and_round_trips():
         AnswerCheck.from_dict({**FLOWERS.to_dict(), "mode": "strict"})
 
 
+def test_a_route_may_hold_answers_to_a_threshold_of_its_own():
+    strict = replace(FLOWERS, threshold=0.999, route_thresholds={"safety": 0.2})
+    assert strict.threshold_for("safety") == 0.2
+    assert strict.threshold_for("everyday") == strict.threshold_for(None) == 0.999
+    assert strict.replaces("Cut the flowers.", 0.5, "safety")
+    assert not strict.replaces("Cut the flowers.", 0.5, "everyday")
+    assert not strict.replaces("Cut the flowers.", 0.5) and not strict.replaces("Sorry, I can't help.", 0.5, "safety")
+    assert AnswerCheck.from_dict(json.loads(json.dumps(strict.to_dict()))) == strict
+    assert "route_thresholds" not in FLOWERS.to_dict()
+    with pytest.raises(InvalidRequestError, match="unknown route 'chat'"):
+        replace(FLOWERS, route_thresholds={"chat": 0.5})
+    with pytest.raises(InvalidRequestError, match=r"route_thresholds.safety must be in \[0, 1\]"):
+        replace(FLOWERS, route_thresholds={"safety": 1.5})
+    with pytest.raises(InvalidRequestError, match="route_thresholds is an object"):
+        AnswerCheck.from_dict({**FLOWERS.to_dict(), "route_thresholds": [0.5]})
+    # A stream of a request on the safety route is held to the safety route's threshold.
+    half = lambda text: 0.5  # noqa: E731
+    on_safety = CheckedStream(Source(["Cut the flowers."]), strict, half, route="safety")
+    assert list(on_safety) == [DEFAULT_REFUSAL] and on_safety.filtered
+    on_everyday = CheckedStream(Source(["Cut the flowers."]), strict, half, route="everyday")
+    assert list(on_everyday) == ["Cut the flowers."] and not on_everyday.filtered
+
+
 def test_a_stream_is_released_in_checked_windows_and_ends_with_the_refusal_when_a_check_fails():
     check = replace(FLOWERS, window=10)
     parts = ["Keep the ", "stems in ", "cold water. ", "Cut the flowers ", "at an angle ", "every day."]
@@ -186,6 +209,24 @@ def test_generate_chat_and_stream_replace_an_answer_the_check_blocks(checked_smo
     assert "".join(whole).strip() == plain.text and not hasattr(whole, "filtered")
     with pytest.raises(InvalidRequestError, match="check_answers must be True or False"):
         model.generate(QUESTION, check_answers="no")
+
+
+def test_the_facade_holds_each_request_to_its_route_s_threshold(smol):
+    own = smol.prompt_artifact
+    strict = replace(FLOWERS, threshold=0.999999, route_thresholds={"safety": 0.5})
+    smol.prompt_artifact = replace(own, answer_check=strict.to_dict())
+    try:
+        asked = dict(temperature=0, max_new_tokens=40, return_details=True, optimized_prompt=False, optimized_icl=False)
+        everyday = smol.generate(QUESTION, route="everyday", **asked)
+        assert "flower" in everyday.text.lower() and everyday.finish_reason != CONTENT_FILTER
+        assert 0.5 <= everyday.answer_score < 0.999999
+        safety = smol.generate(QUESTION, route="safety", **asked)
+        assert safety.text == DEFAULT_REFUSAL and safety.finish_reason == CONTENT_FILTER
+        stream = smol.stream(QUESTION, route="safety", temperature=0, max_new_tokens=40, optimized_prompt=False,
+                             optimized_icl=False)  # fmt: skip
+        assert list(stream)[-1].strip() == DEFAULT_REFUSAL and stream.filtered
+    finally:
+        smol.prompt_artifact = own
 
 
 def test_the_server_names_counts_and_applies_the_check_and_keys_decide_who_may_skip_it(checked_smol, running):

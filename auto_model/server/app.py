@@ -747,7 +747,7 @@ def create_app(
         scores = model.answer_scores([text for _, _, text in holders], [query for query, _ in asked])
         for (choice, holder, text), score, (_, route) in zip(holders, scores, asked, strict=True):
             checks_run.labels(route).inc()
-            if check.replaces(text, score):
+            if check.replaces(text, score, route):
                 holder["content" if chat else "text"] = check.refusal
                 choice["finish_reason"] = CONTENT_FILTER
                 replaced.labels(route).inc()
@@ -767,7 +767,7 @@ def create_app(
                 counted.add(index)
                 checks_run.labels(route).inc()
             score = model.answer_scores([text], [query])[0]
-            if check.replaces(text, score):
+            if check.replaces(text, score, route):
                 replaced.labels(route).inc()
                 return False
             return True

@@ -148,7 +148,7 @@ def fit_answer_check(
         if (~labels & ~ordinary).any()
         else 0,
     }
-    return AnswerCheck(round(threshold, 6), classifier, lexical, DEFAULT_REFUSAL, DEFAULT_WINDOW, provenance)
+    return AnswerCheck(round(threshold, 6), classifier, lexical, DEFAULT_REFUSAL, DEFAULT_WINDOW, provenance=provenance)
 
 
 def main(argv: Sequence[str]) -> int:
