@@ -28,7 +28,7 @@ def asked(record: dict) -> str:
 
 
 def blocked_by_check(records: list[dict], artifact: str) -> set[int]:
-    """The indices of ``records`` whose answers the artifact's answer check replaces."""
+    """The indices of ``records`` whose answers the artifact's answer check replaces (at their routes' thresholds)."""
     from auto_model.answer_check import AnswerCheck
     from auto_model.artifacts import load_prompt_artifact
     from auto_model.retrieval import ICLRetriever, load_icl_pool
@@ -37,7 +37,9 @@ def blocked_by_check(records: list[dict], artifact: str) -> set[int]:
     rows = [i for i, r in enumerate(records) if r["answer"] and r["answer"].strip()]
     embed = ICLRetriever(load_icl_pool()).embed
     scores = check.scores([records[i]["answer"] for i in rows], embed, [asked(records[i]) for i in rows])
-    return {i for i, s in zip(rows, scores, strict=True) if check.replaces(records[i]["answer"], s)}
+    return {
+        i for i, s in zip(rows, scores, strict=True) if check.replaces(records[i]["answer"], s, records[i].get("route"))
+    }
 
 
 def main(path: str, *checks: str) -> None:
