@@ -168,6 +168,16 @@ def test_the_check_is_trained_from_eval_reports_into_an_artifact(tmp_path, capsy
     assert check.window == 64 and check.classifier is not None and check.lexical is not None
     assert check.provenance["cv_caught"] > 0.5 and check.provenance["cv_blocked_ordinary"] <= 0.05
     assert artifact.system_prompt == load_prompt_artifact_of("default").system_prompt  # the rest is kept
+    # The starting artifact's route thresholds are kept unless given.
+    shipped = load_prompt_artifact_of("default").answer_check["route_thresholds"]
+    assert check.route_thresholds == shipped == {"safety": 0.4}
+    given = ["--route-threshold", "safety=0.25", "--route-threshold", "everyday=0.9"]
+    assert main(["answer-check", "--answers", str(report), "--output", str(out), *given]) == 0
+    assert AnswerCheck.from_dict(load_prompt_artifact(out).answer_check).route_thresholds == {
+        "safety": 0.25, "everyday": 0.9}  # fmt: skip
+    capsys.readouterr()
+    assert main(["answer-check", "--answers", str(report), "--output", str(out), "--route-threshold", "safety"]) == 2
+    assert "ROUTE=THRESHOLD" in capsys.readouterr().err
     # Bad input: a clear error before anything loads.
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

@@ -151,6 +151,21 @@ def fit_answer_check(
     return AnswerCheck(round(threshold, 6), classifier, lexical, DEFAULT_REFUSAL, DEFAULT_WINDOW, provenance=provenance)
 
 
+def route_thresholds(specs: Sequence[str]) -> dict[str, float]:
+    """``["safety=0.4"]`` as ``{"safety": 0.4}``; InvalidRequestError naming the fix otherwise (the
+    routes and values are checked by :class:`AnswerCheck`)."""
+    found = {}
+    for spec in specs:
+        route, sep, value = spec.partition("=")
+        try:
+            found[route.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidRequestError(f"--route-threshold takes ROUTE=THRESHOLD, such as safety=0.4; got {spec!r}.")
+    return found
+
+
 def main(argv: Sequence[str]) -> int:
     """``auto-model-train answer-check``: fit the answer check and write the artifact that carries it."""
     from auto_model.artifacts import prompt_for_model, save_prompt_artifact
@@ -172,6 +187,13 @@ def main(argv: Sequence[str]) -> int:
     )
     p.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the text that replaces a blocked answer")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="characters of a streamed answer between checks")
+    p.add_argument(
+        "--route-threshold",
+        action="append",
+        default=None,
+        metavar="ROUTE=T",
+        help="a route's own threshold, e.g. safety=0.4 (repeatable; default: the starting artifact's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(list(argv))
     from auto_model.answer_check import check_window
@@ -188,8 +210,10 @@ def main(argv: Sequence[str]) -> int:
         answers, vectors, retriever.embedding_model, weight=args.weight,
         max_false_positive=args.max_false_positive, seed=args.seed,
     )  # fmt: skip
-    check = replace(check, refusal=args.refusal, window=args.window)
     artifact = prompt_for_model(args.base_model_name or default_model(), args.prompt_path)
+    own = (artifact.answer_check or {}).get("route_thresholds", {})
+    routes = own if args.route_threshold is None else route_thresholds(args.route_threshold)
+    check = replace(check, refusal=args.refusal, window=args.window, route_thresholds=dict(routes))
     save_prompt_artifact(replace(artifact, answer_check=check.to_dict(), source=None), args.output)
     f = check.provenance
     print(
