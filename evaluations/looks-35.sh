@@ -6,7 +6,7 @@
 # evaluations/answer-check/score.py apply each model's answer check to them (what run_requests does).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/steps.sh"
 step "$BIN/auto-model-eval" --configs evaluations/heldout5-look2.toml --eval-set auto_model/data/eval/heldout5.jsonl \
     --output evaluations/heldout5-look2 --max-new-tokens 96 --judge none
 for SPLIT in heldout heldout2 heldout3 heldout4; do

@@ -9,8 +9,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/looks-misinfo
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
-seed() { mkdir -p "$2"; [ -f "$2/cache.sqlite" ] || { [ -f "$1/cache.sqlite" ] && cp "$1/cache.sqlite" "$2/cache.sqlite"; } || true; }
+. "$(dirname "$0")/steps.sh"
 seed evaluations/heldout6 "$OUT/heldout6"
 step "$BIN/auto-model-eval" --configs evaluations/heldout6.toml --eval-set auto_model/data/eval/heldout6.jsonl \
     --output "$OUT/heldout6" --max-new-tokens 96 --judge none

@@ -8,8 +8,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/looks-more
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
-seed() { mkdir -p "$2"; [ -f "$2/cache.sqlite" ] || { [ -f "$1/cache.sqlite" ] && cp "$1/cache.sqlite" "$2/cache.sqlite"; } || true; }
+. "$(dirname "$0")/steps.sh"
 seed evaluations/heldout7 "$OUT/heldout7"
 step "$BIN/auto-model-eval" --configs evaluations/heldout7.toml --eval-set auto_model/data/eval/heldout7.jsonl \
     --output "$OUT/heldout7" --max-new-tokens 96 --judge none

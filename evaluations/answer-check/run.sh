@@ -9,7 +9,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/answer-check
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/../steps.sh"
 "$BIN/python" $OUT/train_set.py $OUT/train-set.jsonl
 step "$BIN/auto-model-eval" --configs $OUT/alone.toml --eval-set $OUT/train-set.jsonl --output $OUT/train \
     --max-new-tokens 96 --judge none

@@ -11,7 +11,7 @@ BIN=${BIN:-.venv/bin}
 RM=feedback/embedded-models/rm
 REWARD="rm:$RM,metric:refusal,metric:clean_ending@0.5"
 COMMON=(--backend vllm --dtype float32 --reward "$REWARD" --disable-tqdm --seed 42)
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/../steps.sh"
 
 # DRPO on the everyday route (its prompt is the one most requests get; the safety route and the
 # routing are kept): 10 levels, beam 2, 3 rewrites, answers as the evaluation asks for them.

@@ -9,7 +9,7 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
 RM=feedback/embedded-models/rm
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/../steps.sh"
 for MODEL in ${MODELS:-smollm2-135m-instruct gemma-3-270m}; do
     CONFIGS=$OUT/$MODEL/configs2.toml
     step "$BIN/auto-model-eval" --configs "$CONFIGS" --eval-set auto_model/data/eval/everyday.jsonl \

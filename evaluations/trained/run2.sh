@@ -12,7 +12,7 @@ TRAIN=(--route everyday --moves decoding,examples,sentences
        --queries-per-level 8 --depth 10 --beam-size 2 --n-actions 2 --max-depth-increase 0
        --num-training-examples 80 --max-new-tokens 256 --backend vllm --dtype float32 --seed 43
        --example-bank feedback/embedded-models/gemma-3-270m-careful-3shot.json --disable-tqdm)
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/../steps.sh"
 
 for MODEL in smollm2-135m-instruct gemma-3-270m; do
     case $MODEL in

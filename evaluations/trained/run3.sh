@@ -10,7 +10,7 @@ BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
 RM=feedback/embedded-models/rm
 MODEL=smollm2-135m-instruct
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/../steps.sh"
 [ -f "runs/trained3-$MODEL/algo_output/checkpoint.json" ] && RESUME=--resume || RESUME=
 step "$BIN/auto-model-train" --route everyday --moves decoding,examples,sentences \
     --reward metric:clean_ending,metric:no_loop,metric:refusal --token-cost 1.0 \

@@ -6,7 +6,7 @@ DIR=${1:-feedback/embedded-models}
 BIN=${BIN:-.venv/bin}
 SMOL=HuggingFaceTB/SmolLM2-135M-Instruct
 GEMMA=google/gemma-3-270m
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; /usr/bin/time -f "   %e s, %M KB max RSS" "$@"; }
+. "$(dirname "$0")/../../evaluations/steps.sh"
 
 step "$BIN/auto-model-feedback" --mode pg --output_dir "$DIR" --model_name_or_path "$SMOL" --num_generation 250
 step "$BIN/auto-model-feedback" --mode rg --output_dir "$DIR" --model_name_or_path "$GEMMA" --prompt_file_path careful --n_shot 3
