@@ -838,8 +838,10 @@ class AutoModel:
         if not isinstance(options, GenerationOptions):
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
-        asked = query if isinstance(query, str) else _asked(_earlier_user_turns(query), _conversation(query, True)[2])
-        return self._request(replace(prompt, query=asked), options)
+        if not isinstance(query, str):
+            last = _conversation(query, open_format=True)[2]  # validated before its turns are read
+            query = _asked(_earlier_user_turns(query), last)
+        return self._request(replace(prompt, query=query), options)
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
         """The engine requests :meth:`generate` sends for these queries, routed and assembled the

@@ -137,7 +137,8 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
         from auto_model.options import GenerationOptions
 
         (request,) = _requests(smol, [talk], [talk.query], GenerationOptions(max_new_tokens=8))
-        assert "learn to juggle" in str(request.prompt) and request.query == talk.query
+        assert "learn to juggle" in str(request.prompt)
+        assert request.query == f"I want to learn to juggle or to knit.\n{talk.query}"  # every user turn, as checked
         again = answer()
         assert usage.calls == sent and [a.text for a in again.answers] == [a.text for a in done.answers]  # all cached
     finally:
