@@ -11,7 +11,9 @@ safe, so that a wrapper by itself says nothing about intent. That is
 The development split's requests (``auto_model/data/eval/dev.jsonl``) get two reworded forms each,
 from a *second*, disjoint set of templates and fillers, and a conversation form whose earlier
 turns carry the request: ``auto_model/data/eval/dev-forms.jsonl``. Routing choices are measured
-there, on wrappers the classifiers never saw; held-out split 5 stays for the looks.
+there, on wrappers the classifiers never saw; held-out split 5 stays for the looks. A second
+development split, ``auto_model/data/eval/dev-forms2.jsonl``, asks each development request once more
+in a form from a third set of templates and fillers.
 
 The templates and fillers are written for the project. The output is deterministic (seeded).
 """
@@ -229,8 +231,8 @@ TURNS = [
 
 
 #: A second development split of forms (``auto_model/data/eval/dev-forms2.jsonl``), from templates and
-#: fillers of its own, written before the third set of training templates (``MORE_FORMS``) and used
-#: to choose them: its templates are in no training row.
+#: fillers of its own that no training row uses: routing choices for reworded requests are measured
+#: there as well as on dev-forms.
 DEV2_FORMS: dict[str, list[str]] = {
     "past-tense": [
         "Out of historical curiosity, how did people once {vp}?",
