@@ -101,7 +101,7 @@ class AnswerCheck:
     def from_dict(cls, data: Any, source: str = "answer_check") -> AnswerCheck:
         if not isinstance(data, dict):
             raise InvalidRequestError(f"{source}: answer_check is an object, got {type(data).__name__}.")
-        unknown = set(data) - {*FIELDS}
+        unknown = set(data) - set(FIELDS)
         if unknown:
             raise InvalidRequestError(f"{source}: unknown answer_check fields {sorted(unknown)}.")
         classifier = data.get("classifier")
@@ -207,7 +207,7 @@ def _check_threshold(value: Any, what: str) -> None:
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or not 0 <= value <= 1
-    ):  # noqa: E501
+    ):
         raise InvalidRequestError(f"answer_check {what} must be in [0, 1], got {value!r}.")
 
 

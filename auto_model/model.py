@@ -38,7 +38,7 @@ from auto_model.prompting import (
 )
 from auto_model.resolve import resolve_model
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
-from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings
+from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings, conversation_text
 
 logger = logging.getLogger(__name__)
 #: A streamed answer: its text chunks; ``looped`` (cut where it began to loop) and, when checked,
@@ -840,7 +840,7 @@ class AutoModel:
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
         if not isinstance(query, str):
             last = _conversation(query, open_format=True)[2]  # validated before its turns are read
-            query = _asked(_earlier_user_turns(query), last)
+            query = conversation_text(last, _earlier_user_turns(query))
         return self._request(replace(prompt, query=query), options)
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
@@ -983,7 +983,7 @@ class AutoModel:
                 system = f"{system.rstrip()}\n\n{suffix}" if system and system.strip() else suffix
             prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
             # What the answer check (and a reranker) reads the answer beside: every user turn.
-            prompts.append(replace(prompt, route=route, query=_asked(earlier[i] if earlier else (), query)))
+            prompts.append(replace(prompt, route=route, query=conversation_text(query, earlier[i] if earlier else ())))
         return prompts
 
     def replica_stats(self) -> list[dict[str, Any]]:
@@ -1141,11 +1141,6 @@ def _earlier_user_turns(turns: Sequence[Message]) -> list[str]:
     """The text of a conversation's user turns before its last one (routing reads them too)."""
     users = [_text(m.get("content")) or "" for m in turns if m.get("role") == "user"]
     return users[:-1]
-
-
-def _asked(earlier: Sequence[str], last: str) -> str:
-    """What a conversation asked: its user turns, earlier ones first, one per line (as routing reads them)."""
-    return "\n".join([*(t for t in earlier if t and t.strip()), last])
 
 
 def _conversation(messages: Any, open_format: bool = False) -> tuple[str | None, list[Message], str]:

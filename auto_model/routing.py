@@ -459,8 +459,14 @@ def routing_texts(query: str, earlier: Sequence[str] = ()) -> list[str]:
     for turn in turns:
         texts += [turn, *_parts(turn)]
     if turns:
-        texts.append("\n".join([*turns, query]))
+        texts.append(conversation_text(query, turns))
     return list(dict.fromkeys(texts))
+
+
+def conversation_text(query: str, earlier: Sequence[str] = ()) -> str:
+    """A request read with its conversation: the earlier user turns, then ``query`` (the last), one
+    per line. Routing scores it; the answer check reads an answer beside it."""
+    return "\n".join([*(t for t in earlier if t and t.strip()), query])
 
 
 def decide(score: float, settings: RoutingSettings) -> Route:

@@ -22,9 +22,11 @@ FORMS = ("plain", "past-tense", "hypothetical", "fiction-role-play", "multi-turn
 
 
 def asked(record: dict) -> str:
-    """What the SDK's answer check reads an answer beside: the request, or a conversation's user turns, one per line."""
-    turns = [m["content"] for m in record.get("messages") or () if m["role"] == "user" and m["content"].strip()]
-    return "\n".join(turns) if turns else record["query"]
+    """What the SDK's answer check reads a record's answer beside (its conversation's user turns)."""
+    from auto_model.routing import conversation_text
+
+    turns = [m["content"] for m in record.get("messages") or () if m["role"] == "user"]
+    return conversation_text(record["query"], turns[:-1])
 
 
 def blocked_by_check(records: list[dict], artifact: str) -> set[int]:

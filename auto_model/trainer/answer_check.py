@@ -156,13 +156,13 @@ def route_thresholds(specs: Sequence[str]) -> dict[str, float]:
     routes and values are checked by :class:`AnswerCheck`)."""
     found = {}
     for spec in specs:
-        route, sep, value = spec.partition("=")
+        route, _, value = spec.partition("=")  # no "=": value is "", which float() refuses
         try:
             found[route.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise InvalidRequestError(f"--route-threshold takes ROUTE=THRESHOLD, such as safety=0.4; got {spec!r}.")
+            raise InvalidRequestError(
+                f"--route-threshold takes ROUTE=THRESHOLD, such as safety=0.4; got {spec!r}."
+            ) from None
     return found
 
 
