@@ -16,6 +16,7 @@ need no engine, so a command line checks its whole request with them before it l
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from auto_model.routing import check_route
 
 #: the most answers :attr:`GenerationOptions.best_of` may sample per query
 MAX_BEST_OF = 64
+#: the seeds every engine takes (a 64-bit signed integer, as vLLM's and OpenAI's servers accept)
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ class GenerationOptions:
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
             raise InvalidRequestError(f"num_optimized_icl must be an integer >= 0 or None, got {k!r}.")
         t = self.temperature
-        if not isinstance(t, numbers.Real) or isinstance(t, bool) or t < 0:
-            raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {t!r}.")
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}.")
         p = self.top_p
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 < p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}.")
@@ -103,8 +106,12 @@ class GenerationOptions:
             or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop))
         ):
             raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {stop!r}.")
-        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.")
+        if self.seed is not None and (
+            not isinstance(self.seed, numbers.Integral)
+            or isinstance(self.seed, bool)
+            or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            raise InvalidRequestError(f"seed must be a 64-bit signed integer (-2**63 to 2**63 - 1), got {self.seed!r}.")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise InvalidRequestError(f"json_schema must be a JSON Schema dict, got {type(self.json_schema).__name__}.")
         if not isinstance(self.extra, Mapping):

@@ -99,7 +99,7 @@ def test_progress_bar_on_stderr_when_asked(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "hi", "--temperature", "-1"], "temperature must be a number >= 0"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["generate"], "No queries to answer"),
         (["generate", "hi", "--backend", "nope"], "Valid backends: auto, openai, transformers, vllm"),
         (["generate", "hi", "--model", "./no/such/dir"], "does not exist"),

@@ -97,7 +97,7 @@ def test_stop_argument(smol):
         ({"user_query": []}, "empty list"),
         ({"user_query": ["ok", None]}, r"user_query\[1\] must be a string"),
         ({"user_query": ["ok", ""]}, r"user_query\[1\] is empty"),
-        ({"temperature": -0.1}, "temperature must be a number >= 0"),
+        ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
         ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, "top_p"),
@@ -107,7 +107,10 @@ def test_stop_argument(smol):
         ({"num_optimized_icl": 10_000}, "num_optimized_icl must be an integer from 0 to"),
         ({"num_optimized_icl": True}, "num_optimized_icl"),
         ({"stop": [""]}, "stop must be"),
-        ({"seed": "x"}, "seed must be an integer"),
+        ({"seed": "x"}, "seed must be a 64-bit signed integer"),
+        ({"seed": 2**64}, "seed must be a 64-bit signed integer"),  # past what the engines take
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
         ({"user_specified_system_prompt": 5}, "user_specified_system_prompt must be a string"),
     ],
 )
