@@ -264,8 +264,8 @@ class TransformersBackend(Backend):
                             seeds=[requests[i].sampling.seed for i in chunk],
                         )
                     )
-                except GenerationError as exc:
-                    outs = [exc] * len(chunk)
+                except GenerationError as exc:  # one bad row fails the batch: each request again, alone
+                    outs = [exc] if len(chunk) == 1 else [self._alone(encoded[i], requests[i]) for i in chunk]
                 latency = time.perf_counter() - t0
                 for i, outcome in zip(chunk, outs, strict=True):
                     if isinstance(outcome, Completion):
@@ -276,6 +276,13 @@ class TransformersBackend(Backend):
                         )
                     finish(i, outcome)
         return [r for r in results if r is not None]
+
+    def _alone(self, ids: list[int], request: GenerationRequest) -> Outcome:
+        """One request in a batch of its own: its completion, or the error it fails with."""
+        try:
+            return self._generate_batch([ids], request.sampling, seeds=[request.sampling.seed])[0]
+        except GenerationError as exc:
+            return exc
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """Yield text as tokens are generated (a background thread runs ``model.generate``)."""
@@ -369,13 +376,14 @@ class TransformersBackend(Backend):
             # Unseeded rows draw their seed from torch's generator (torch.manual_seed still fixes them).
             row_seeds = [int(torch.randint(2**62, ())) if s is None else int(s) for s in seeds]
             row_seeds = [sample_seed(seed, j) for seed in row_seeds for j in range(n)]  # one per sample
-            sampler = RowSeededSampler(row_seeds, sampling.temperature, sampling.top_p)
+            try:
+                sampler = RowSeededSampler(row_seeds, sampling.temperature, sampling.top_p)
+            except (ValueError, OverflowError) as exc:  # a seed torch cannot take
+                raise GenerationError(f"transformers generation failed: {exc}") from exc
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             kwargs["logits_processor"] = self._transformers.LogitsProcessorList([sampler])
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         extra = dict(sampling.extra)
         penalty = OutputPenalty(width, extra.pop("frequency_penalty", 0.0), extra.pop("presence_penalty", 0.0))
         if penalty.active:  # before the row sampler, which must see the final logits
@@ -392,6 +400,8 @@ class TransformersBackend(Backend):
                 return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
 
             criteria.append(stop_when_cancelled)
+        if sampling.stop:
+            criteria.append(StopText(self.tokenizer, width, len(rows), sampling.stop))
         if sampling.cut_loops:
             criteria.append(LoopStop(self.tokenizer, width, len(rows)))
         if criteria:
@@ -493,6 +503,27 @@ class OutputPenalty:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class StopText:
+    """A transformers stopping criterion that ends each row once its answer contains a stop string.
+
+    It reads each row's decoded text, so its cost grows with the answer, not with the vocabulary:
+    transformers' own ``stop_strings`` matches every stop string against every token of the
+    vocabulary before the first step (a 20,000-character stop string took minutes)."""
+
+    def __init__(self, tokenizer: Any, start: int, rows: int, stops: Sequence[str]):
+        self.tokenizer, self.start, self.stops = tokenizer, start, tuple(stops)
+        self.done = [False] * rows
+
+    def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+        import torch
+
+        for r in range(len(self.done)):
+            if not self.done[r]:
+                text = self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True)
+                self.done[r] = any(stop in text for stop in self.stops)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 class LoopStop:
