@@ -17,10 +17,12 @@ with prefix caching reuse it across a batch.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from auto_model.errors import InvalidRequestError
 
@@ -38,6 +40,63 @@ PromptFormat = Literal["base", "chat", "messages"]
 PROMPT_FORMATS: tuple[str, ...] = ("base", "chat", "messages")
 Message = dict[str, str]
 Prompt = str | list[Message]
+
+
+#: Text that engines or templates read as structure: chat-template control tokens (ChatML and
+#: Llama-3 ``<|...|>``, DeepSeek ``<｜...｜>``, Gemma's turn markers, ``<s>``, ``[INST]``, ``<<SYS>>``)
+#: and the base format's own markers and headers.
+_MARKERS = re.compile(
+    r"<\|[^<>|\s]{1,64}\|>|<｜[^<>｜\s]{1,64}｜>|</?s>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk|mask)>"
+    r"|\[/?INST\]|<</?SYS>>|<START>|<END>|^#(?= (?:Query|Answer):)",
+    re.MULTILINE,
+)
+#: what :func:`neutralize` puts after a marker's first character
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def _broken(match: re.Match[str]) -> str:
+    return match.group(0)[0] + ZERO_WIDTH_SPACE + match.group(0)[1:]
+
+
+def neutralize(text: str, specials: Iterable[str] = ()) -> str:
+    """``text`` with everything that looks like a control token or a prompt marker broken by a
+    zero-width space after its first character (``<|im_start|>`` becomes ``<\u200b|im_start|>``),
+    so that a template and a tokenizer read it as text: a user's message can never open a turn of
+    its own. ``specials``: a tokenizer's own special tokens, broken too.
+
+    >>> neutralize("hi<|im_end|>") == "hi<" + ZERO_WIDTH_SPACE + "|im_end|>"
+    True
+    """
+    text = _MARKERS.sub(_broken, text)
+    for token in specials:
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+    return text
+
+
+@functools.lru_cache(maxsize=16)
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """A tokenizer's special tokens (its named ones and every added token marked special)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found.update(t.content for t in added.values() if getattr(t, "special", False) and getattr(t, "content", None))
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def _neutral_message(message: Message, specials: Sequence[str]) -> Message:
+    """A user's message whose text (a string, or the text of its parts) cannot become control tokens."""
+    message = dict(message)
+    content: Any = message.get("content")
+    if isinstance(content, str):
+        message["content"] = neutralize(content, specials)
+    elif isinstance(content, list):
+        message["content"] = [  # type: ignore[assignment]
+            {**part, "text": neutralize(part["text"], specials)}
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+            else part
+            for part in content
+        ]
+    return message
 
 
 class Example(Protocol):
@@ -90,16 +149,23 @@ def format_answer(body: str) -> str:
     return f"{START}\n{strip_markers(body)}\n{END}"
 
 
-def build_base_prompt(system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]) -> str:
+def build_base_prompt(
+    system_prompt: str | None,
+    examples: Sequence[Example],
+    query: str | Sequence[Message],
+    specials: Sequence[str] = (),
+) -> str:
     """Base-model text. A conversation continues the examples: each earlier user/assistant pair
-    becomes one more ``# Query:``/``# Answer:`` block, and the last user turn is the open query."""
-    parts = [system_prompt.strip()] if system_prompt and system_prompt.strip() else []
+    becomes one more ``# Query:``/``# Answer:`` block, and the last user turn is the open query.
+    The system text and the user's side pass through :func:`neutralize` (``specials``: the tokenizer's own)."""
+    parts = [neutralize(system_prompt.strip(), specials)] if system_prompt and system_prompt.strip() else []
     for ex in examples:
         parts.append(f"{QUERY_HEADER}\n{ex.query.strip()}\n\n{ANSWER_HEADER}\n{format_answer(ex.answer)}")
     if isinstance(query, str):
-        turns: list[tuple[str, str | None]] = [(query, None)]
+        turns: list[tuple[str, str | None]] = [(neutralize(query, specials), None)]
     else:
-        turns = _conversation_pairs(query)
+        turns = [(neutralize(user, specials), None if answer is None else neutralize(answer, specials))
+                 for user, answer in _conversation_pairs(query)]  # fmt: skip
     for user, answer in turns:
         if answer is None:
             parts.append(f"{QUERY_HEADER}\n{user.strip()}\n\n{ANSWER_HEADER}\n{START}\n")
@@ -127,19 +193,23 @@ def _conversation_pairs(messages: Sequence[Message]) -> list[tuple[str, str | No
 
 
 def build_messages(
-    system_prompt: str | None, examples: Sequence[Example], query: str | Sequence[Message]
+    system_prompt: str | None,
+    examples: Sequence[Example],
+    query: str | Sequence[Message],
+    specials: Sequence[str] = (),
 ) -> list[Message]:
-    """System turn, example turns, then the query (a string or the user's own conversation)."""
+    """System turn, example turns, then the query (a string or the user's own conversation). The
+    system text and the user's side pass through :func:`neutralize` (``specials``: the tokenizer's own)."""
     messages: list[Message] = []
     if system_prompt and system_prompt.strip():
-        messages.append({"role": "system", "content": system_prompt.strip()})
+        messages.append({"role": "system", "content": neutralize(system_prompt.strip(), specials)})
     for ex in examples:
         messages.append({"role": "user", "content": ex.query.strip()})
         messages.append({"role": "assistant", "content": answer_body(ex.answer)})
     if isinstance(query, str):
-        messages.append({"role": "user", "content": query.strip()})
-    else:
-        messages.extend(dict(m) for m in query)  # a server's messages may carry more than role and content
+        messages.append({"role": "user", "content": neutralize(query.strip(), specials)})
+    else:  # a server's messages may carry more than role and content
+        messages.extend(_neutral_message(m, specials) for m in query)
     return messages
 
 
@@ -190,9 +260,10 @@ def assemble(
     Returns:
         The prompt (text, or messages for ``"messages"``) and the stop strings it needs.
     """
+    specials = special_tokens(cast(Any, tokenizer)) if tokenizer is not None else ()
     if format == "base":
-        return AssembledPrompt(build_base_prompt(system_prompt, examples, query), "base", BASE_STOP)
-    messages = build_messages(system_prompt, examples, query)
+        return AssembledPrompt(build_base_prompt(system_prompt, examples, query, specials), "base", BASE_STOP)
+    messages = build_messages(system_prompt, examples, query, specials)
     if format == "messages":
         return AssembledPrompt(messages, "messages")
     if format == "chat":
