@@ -26,6 +26,17 @@ from auto_model.logs import configure_cli_logging
 logger = logging.getLogger("auto_model.cli")
 
 
+#: ``auto-model serve``'s limits on a request body (:class:`~auto_model.server.ServerLimits`): flag, default, what
+_BODY_LIMITS = (
+    ("--max-stop", 8, "stop strings in a request"),
+    ("--max-stop-chars", 200, "characters in a stop string"),
+    ("--max-messages", 256, "messages in a conversation"),
+    ("--max-parts", 64, "content parts in a message"),
+    ("--max-prompts", 64, "prompts in a /v1/completions request"),
+    ("--max-depth", 32, "levels of nesting in a request body"),
+)
+
+
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="auto-model", description="Aligned answers from any LLM, without fine-tuning.")
     parser.add_argument(
@@ -172,6 +183,8 @@ def _parser() -> ArgumentParser:
         help="in-process: milliseconds to wait for more requests to batch with the first (10)",
     )
     serve.add_argument("--max-batch", type=int, default=16, help="in-process: most requests per engine call (16)")
+    for flag, default, what in _BODY_LIMITS:
+        serve.add_argument(flag, type=int, default=default, help=f"the most {what}; beyond it a 400 ({default})")
     serve.add_argument(
         "--workers",
         type=int,
@@ -235,6 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
         "request_timeout": args.request_timeout,
         "batch_window": args.batch_window_ms / 1000,
         "max_batch": args.max_batch,
+        **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _BODY_LIMITS},
     }
     ServerLimits(**limits)  # checked before anything loads
     if args.upstream:

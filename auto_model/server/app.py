@@ -56,7 +56,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -76,6 +76,7 @@ from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
+from auto_model.server.protocol import MAX_N, BodyError, ServerLimits, parse_body
 from auto_model.server.upstream import (
     StreamAnswerCheck,
     StreamLoopCut,
@@ -97,43 +98,6 @@ _CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_
 _COMPLETION_FIELDS = {"model", "prompt", "temperature", "top_p", "max_tokens", "stop", "stream", "stream_options",
                       "seed", "n", "user", "auto_model", *_PENALTIES}  # fmt: skip
 _OVERRIDES = ("optimized_prompt", "optimized_icl", "num_optimized_icl", "optimized_decoding", "cut_loops")
-_MAX_N = 16
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one server accepts.
-
-    Attributes:
-        max_body_bytes: largest request body (413 beyond).
-        max_tokens: cap on a request's ``max_tokens``; a request without one gets the cap from an upstream,
-            at most 512 tokens in-process.
-        max_queue: requests that may wait for the engine or the upstream (429 beyond).
-        max_concurrency: requests in flight to the upstream at once (upstream mode).
-        request_timeout: seconds a request may take before it gets a 504.
-        batch_window: seconds the in-process engine waits for more requests to batch with the first.
-        max_batch: most requests in one in-process engine call.
-    """
-
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_tokens: int = 4096
-    max_queue: int = 256
-    max_concurrency: int = 64
-    request_timeout: float = 600.0
-    batch_window: float = 0.01
-    max_batch: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_tokens", "max_concurrency", "max_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}.")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise InvalidRequestError(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
-        if not isinstance(self.request_timeout, (int, float)) or self.request_timeout <= 0:
-            raise InvalidRequestError(f"request_timeout must be a number of seconds > 0, got {self.request_timeout!r}.")
-        if not isinstance(self.batch_window, (int, float)) or not 0 <= self.batch_window <= 10:
-            raise InvalidRequestError(f"batch_window must be 0 to 10 seconds, got {self.batch_window!r}.")
 
 
 class _Refused(Exception):
@@ -151,15 +115,6 @@ class _Refused(Exception):
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
-
-
-def _number(body: dict[str, Any], name: str, default: Any, kind: type = float) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise _Refused(400, f"'{name}' must be a number, got {value!r}.", param=name)
-    return kind(value)
 
 
 def create_app(
@@ -195,8 +150,8 @@ def create_app(
         )
     if isinstance(api_keys, str):
         raise InvalidRequestError("api_keys must be a list of keys, not one string.")
-    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= _MAX_N:
-        raise InvalidRequestError(f"best_of must be an integer from 1 to {_MAX_N}, got {best_of!r}.")
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_N:
+        raise InvalidRequestError(f"best_of must be an integer from 1 to {MAX_N}, got {best_of!r}.")
     if best_of > 1 and model.reward is None:
         raise InvalidRequestError(f"best_of={best_of} needs a reward model: serve with --reward-model PATH.")
     if upstream is not None and not isinstance(upstream, Upstream):
@@ -276,7 +231,8 @@ def create_app(
                            kind="authentication_error", code="invalid_api_key")  # fmt: skip
         return found[0]
 
-    async def read_json(request: Request) -> dict[str, Any]:
+    async def read_json(request: Request, endpoint: str) -> dict[str, Any]:
+        """The body, checked against the endpoint's request model and the limits (:mod:`.protocol`)."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise _too_large(limits.max_body_bytes)
@@ -286,12 +242,9 @@ def create_app(
             if len(raw) > limits.max_body_bytes:
                 raise _too_large(limits.max_body_bytes)
         try:
-            body = json.loads(raw)
-        except ValueError:
-            raise _Refused(400, "The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise _Refused(400, "The request body must be a JSON object.")
-        return body
+            return parse_body(raw, endpoint, limits)
+        except BodyError as exc:
+            raise _Refused(400, str(exc), param=exc.param) from None
 
     def admit() -> None:
         if state["admitted"] >= capacity:
@@ -415,24 +368,21 @@ def create_app(
         value = next((body[f] for f in fields if body.get(f) is not None), None)
         if value is None:
             return None
-        value = _number({"max_tokens": value}, "max_tokens", None, int)
-        if value < 1:
-            raise _Refused(400, "'max_tokens' must be >= 1.", param="max_tokens")
-        return int(min(value, limits.max_tokens))
+        return int(min(value, limits.max_tokens))  # an integer >= 1 (protocol)
 
     async def handle(request: Request, endpoint: str, work: Any) -> Any:
         started = time.perf_counter()
         with in_progress.track_inprogress():
-            response = await respond(request, work)
+            response = await respond(request, endpoint, work)
         requests.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
-    async def respond(request: Request, work: Any) -> Any:
+    async def respond(request: Request, endpoint: str, work: Any) -> Any:
         admitted = False
         try:
             key = authorised(request)
-            body = await read_json(request)
+            body = await read_json(request, endpoint)
             check_model(body)
             options = alignment(body, key)
             admit()
@@ -495,9 +445,7 @@ def create_app(
         )
 
     def count_n(body: dict[str, Any]) -> int:
-        n = _number(body, "n", 1, int)
-        if not 1 <= n <= _MAX_N:
-            raise _Refused(400, f"'n' must be 1 to {_MAX_N}.", param="n")
+        n = body.get("n") or 1  # 1 to MAX_N (protocol)
         if n > 1 and body.get("stream"):
             raise _Refused(400, "'n' must be 1 when streaming from this server's in-process engine.", param="n")
         return int(n)
@@ -533,16 +481,10 @@ def create_app(
         finally:
             queue_depth.dec(len(prepared))
 
-    def messages_of(body: dict[str, Any]) -> Any:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _Refused(400, "'messages' must be a non-empty list.", param="messages")
-        return messages
-
     async def local_chat(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         fields_supported(body, _CHAT_FIELDS)
         n = count_n(body)
-        messages = messages_of(body)
+        messages = body["messages"]  # a non-empty list (protocol)
         options = sampling(body, options, "max_completion_tokens", "max_tokens")
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         with preparing() as ready:
@@ -640,7 +582,7 @@ def create_app(
         each group by the reward); ``queries``: what each prompt asks. With ``cut_loops``, answers are
         cut where they start to loop."""
         client: UpstreamClient = state["client"]
-        n = _number(payload, "n", 1, int)
+        n = payload.get("n") or 1
         chat = path == "chat/completions"
         if options.optimized_decoding:
             for key, value in model.decoding_for(routes[0] if len(set(routes)) == 1 else None).items():
@@ -687,7 +629,7 @@ def create_app(
         return JSONResponse(data, headers=headers)
 
     async def upstream_chat(request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
-        messages = messages_of(body)
+        messages = body["messages"]  # a non-empty list (protocol)
         prompt, align = await aligned("chat", messages, options)
         payload = {k: v for k, v in body.items() if k != "auto_model"}
         payload.update(model=upstream_model, messages=prompt.prompt)
