@@ -274,6 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
         "best_of": args.best_of,
         "reward_model": args.reward_model,
         "check_window": args.check_window,
+        "hosts": [args.host],
     }
     name = args.served_model_name or args.model or constants.default_model()
     target = f" in front of {args.upstream}" if args.upstream else ""

@@ -139,7 +139,8 @@ def test_client_errors_keys_and_health(proxy, fault, facade, running):
         openai.OpenAI(base_url=f"{proxy}/v1", api_key="wrong", max_retries=0).chat.completions.create(
             model="aligned", **ask
         )
-    bad = httpx.post(f"{proxy}/v1/chat/completions", content=b'{"model": ', headers={"authorization": f"Bearer {KEY}"})
+    bad = httpx.post(f"{proxy}/v1/chat/completions", content=b'{"model": ',
+                     headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})  # fmt: skip
     assert bad.status_code == 400
     huge = {"model": "aligned", "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
     too_big = httpx.post(f"{proxy}/v1/chat/completions", json=huge, headers={"authorization": f"Bearer {KEY}"})

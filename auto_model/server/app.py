@@ -77,6 +77,7 @@ from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
 from auto_model.server.protocol import MAX_N, BodyError, ServerLimits, parse_body
+from auto_model.server.security import BrowserGuard
 from auto_model.server.upstream import (
     StreamAnswerCheck,
     StreamLoopCut,
@@ -130,6 +131,7 @@ def create_app(
     best_of: int = 1,
     unchecked_keys: Any = (),
     check_window: int | None = None,
+    hosts: Any = (),
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
     (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
@@ -137,7 +139,8 @@ def create_app(
     model). ``best_of`` > 1: each sampled, non-streaming answer is the best of that many samples by
     the model's reward (:attr:`AutoModel.reward`). ``unchecked_keys``: the keys whose requests may
     turn the answer check off; ``check_window``: characters of a streamed answer between checks
-    (default: the artifact's)."""
+    (default: the artifact's); ``hosts``: the names a server without keys answers to besides the
+    loopback ones (:mod:`auto_model.server.security`)."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
@@ -216,6 +219,7 @@ def create_app(
                 await state["client"].close()
 
     app = FastAPI(title="auto-model", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BrowserGuard, check_host=not keys, hosts=[hosts] if isinstance(hosts, str) else hosts)
 
     # -- shared request handling ---------------------------------------------------------------
 

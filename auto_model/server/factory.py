@@ -63,6 +63,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         best_of=options.get("best_of", 1),
         unchecked_keys=options.get("unchecked_keys", []),
         check_window=options.get("check_window"),
+        hosts=options.get("hosts", ()),
     )
     return app, model
 
