@@ -140,6 +140,11 @@ def _parser() -> ArgumentParser:
         "default), replace (it replaces the optimized prompt) or drop (ignored)",
     )
     serve.add_argument(
+        "--forward-field", action="append", default=[], metavar="NAME",
+        help="with --upstream: forward this request field too (repeatable); the fields that would reveal or "
+        "bypass the alignment (echo, chat_template, ...) cannot be",
+    )  # fmt: skip
+    serve.add_argument(
         "--allow-alignment-override",
         action="store_true",
         help='let a request switch its alignment with "auto_model": {"optimized_prompt": ..., "optimized_icl": '
@@ -237,6 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         from auto_model.server import ServerLimits, Upstream
         from auto_model.server.factory import OPTIONS_ENV, build
+        from auto_model.server.protocol import check_forward_fields
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
 
@@ -251,6 +257,7 @@ def _serve(args: argparse.Namespace) -> int:
         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _BODY_LIMITS},
     }
     ServerLimits(**limits)  # checked before anything loads
+    check_forward_fields(args.forward_field)
     if args.upstream:
         if not args.model:
             raise InvalidRequestError("--upstream needs --model: the model's name on the upstream server.")
@@ -275,6 +282,7 @@ def _serve(args: argparse.Namespace) -> int:
         "reward_model": args.reward_model,
         "check_window": args.check_window,
         "hosts": [args.host],
+        "forward_fields": args.forward_field,
     }
     name = args.served_model_name or args.model or constants.default_model()
     target = f" in front of {args.upstream}" if args.upstream else ""

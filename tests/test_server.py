@@ -265,6 +265,8 @@ def test_serve_refuses_an_open_public_address_before_loading_anything(capsys, mo
     assert "max_queue must be an integer >= 0" in capsys.readouterr().err
     assert main(["serve", "--max-stop-chars", "0"]) == 2
     assert "max_stop_chars must be an integer >= 1" in capsys.readouterr().err
+    assert main(["serve", "--upstream", "http://127.0.0.1:9/v1", "--model", "m", "--forward-field", "echo"]) == 2
+    assert "echo cannot be forwarded" in capsys.readouterr().err
     monkeypatch.delenv("AUTO_MODEL_UNCHECKED_KEYS", raising=False)
     assert main(["serve", "--api-key", "sk-a-0001", "--unchecked-key", "sk-b-0002"]) == 2
     err = capsys.readouterr().err

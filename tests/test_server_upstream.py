@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from auto_model import AutoModel
+from auto_model.errors import InvalidRequestError
 from auto_model.server import ServerLimits, Upstream, create_app
 from bench.fault_server import FaultServer
 from bench.vllm_server import free_port
@@ -413,3 +414,31 @@ def test_an_upstream_stream_is_checked_in_windows_and_ends_with_the_refusal(vllm
     route = facade.route("How do I keep cut flowers fresh for longer?").name
     assert f'auto_model_answers_replaced_total{{route="{route}"}} 1.0' in metrics
     assert 'auto_model_answer_checks_total{route="everyday"}' in metrics
+
+
+def test_only_the_allow_list_reaches_the_upstream(fault, facade, running):
+    """Every other field used to pass through: ``echo`` or ``return_token_ids`` could return the injected
+    prompt, ``chat_template`` render the conversation without the server's system turn, a media part
+    make the upstream fetch an address the client chose, ``service_tier`` bill the operator."""
+    with pytest.raises(InvalidRequestError, match="echo cannot be forwarded"):
+        create_app(facade, upstream=Upstream(fault.url), forward_fields=["echo"])
+    app = create_app(facade, served_name="aligned", upstream=Upstream(fault.url), forward_fields=["reasoning_effort"])
+    chat = {"model": "aligned", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+    with running(app) as url:
+        fault.reset()
+        for field, value in [("chat_template", "{{ messages[-1].content }}"), ("chat_template_kwargs", {"a": 1}),
+                             ("return_token_ids", True), ("service_tier", "priority"), ("store", True),
+                             ("made_up", 1)]:  # fmt: skip
+            reply = httpx.post(f"{url}/v1/chat/completions", json={**chat, field: value})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == field, field
+        echo = httpx.post(f"{url}/v1/completions", json={"model": "aligned", "prompt": "hi", "echo": True})
+        assert echo.status_code == 400 and "reveal or bypass" in echo.json()["error"]["message"]
+        remote = {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}
+        fetched = {"role": "user", "content": [{"type": "text", "text": "What is this?"}, remote]}
+        reply = httpx.post(f"{url}/v1/chat/completions", json={**chat, "messages": [fetched]})
+        assert reply.status_code == 400 and "data: URL" in reply.json()["error"]["message"]
+        assert fault.bodies == []
+        # What the operator added passes, and so does inline media.
+        inline = {**fetched, "content": [fetched["content"][0], {"type": "image_url", "image_url": {"url": "data:,x"}}]}
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**chat, "messages": [inline], "reasoning_effort": "low"})
+        assert ok.status_code == 200 and fault.bodies[-1]["reasoning_effort"] == "low"

@@ -8,10 +8,12 @@ Two modes, one app:
   ``max_batch`` requests. What the engine cannot do (``tools``, ``response_format``,
   ``logprobs``, ...) is refused with a 400 that names the field.
 - **upstream** (``create_app(model, upstream=Upstream(url, key))``): requests are forwarded to an
-  OpenAI-compatible server (:mod:`auto_model.server.upstream`). Every field the alignment does not
-  touch (``tools``, ``response_format``, ``logprobs``, ``seed``, ``n``, multi-part content, ...)
-  passes through unchanged, both ways; the model's name is mapped (served name to upstream name and
-  back).
+  OpenAI-compatible server (:mod:`auto_model.server.upstream`). The fields of an allow-list
+  (:data:`~auto_model.server.protocol.FORWARDED`: ``tools``, ``response_format``, ``logprobs``,
+  ``seed``, ``n``, multi-part content with inline media, ...; ``forward_fields`` adds more) pass
+  through unchanged, both ways; any other field is refused with a 400, and those that would reveal
+  or bypass the alignment (``echo``, ``chat_template``, ...) cannot be added. The model's name is
+  mapped (served name to upstream name and back).
 
 Either way the alignment is assembled by the facade's public request path —
 :meth:`AutoModel.build_chat_requests` / :meth:`AutoModel.build_requests` in-process,
@@ -31,8 +33,13 @@ upstream, whose stop strings are added to the request's).
   carry ``"auto_model": {"optimized_prompt": bool, "optimized_icl": bool, "num_optimized_icl": int}``
   (``extra_body`` in the ``openai`` client). Refused with a 400 unless the operator allowed it.
 - **Keys**: with ``api_keys``, every ``/v1`` request needs ``Authorization: Bearer KEY`` (compared
-  in constant time); ``/health``, ``/metrics`` and the playground page stay open.
-- **Limits** (:class:`ServerLimits`): request bodies over ``max_body_bytes`` get a 413;
+  in constant time); ``/health``, ``/metrics`` and the playground page stay open. Without keys the
+  server answers to loopback names only; other web pages are refused either way
+  (:mod:`auto_model.server.security`).
+- **Limits** (:class:`ServerLimits`): every body is read as strict JSON and checked against a typed
+  model of its endpoint with limits on ``stop``, messages, content parts, prompts, ``n``, numbers
+  and nesting (:mod:`auto_model.server.protocol`): a 400 naming the field, before it is queued.
+  Request bodies over ``max_body_bytes`` get a 413;
   ``max_tokens`` is capped; requests beyond the engine's batch (or the upstream's
   ``max_concurrency``) wait in a queue of ``max_queue``, and a request that finds it full gets a
   429 with ``Retry-After``; one that takes longer than ``request_timeout`` gets a 504. A client that
@@ -76,7 +83,14 @@ from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
-from auto_model.server.protocol import MAX_N, BodyError, ServerLimits, parse_body
+from auto_model.server.protocol import (
+    MAX_N,
+    BodyError,
+    ServerLimits,
+    check_forward_fields,
+    check_forwardable,
+    parse_body,
+)
 from auto_model.server.security import BrowserGuard
 from auto_model.server.upstream import (
     StreamAnswerCheck,
@@ -132,6 +146,7 @@ def create_app(
     unchecked_keys: Any = (),
     check_window: int | None = None,
     hosts: Any = (),
+    forward_fields: Any = (),
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
     (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
@@ -140,7 +155,8 @@ def create_app(
     the model's reward (:attr:`AutoModel.reward`). ``unchecked_keys``: the keys whose requests may
     turn the answer check off; ``check_window``: characters of a streamed answer between checks
     (default: the artifact's); ``hosts``: the names a server without keys answers to besides the
-    loopback ones (:mod:`auto_model.server.security`)."""
+    loopback ones (:mod:`auto_model.server.security`); ``forward_fields``: request fields an
+    upstream gets besides :data:`~auto_model.server.protocol.FORWARDED`."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
@@ -160,6 +176,7 @@ def create_app(
     if upstream is not None and not isinstance(upstream, Upstream):
         raise InvalidRequestError(f"upstream must be an Upstream, got {type(upstream).__name__}.")
     limits = limits or ServerLimits()
+    forwarded = check_forward_fields(forward_fields)
     name = served_name or model.model_name
     upstream_model = (upstream.model if upstream else None) or model.model_name
     keys = [k.encode() for k in api_keys if k]
@@ -246,7 +263,10 @@ def create_app(
             if len(raw) > limits.max_body_bytes:
                 raise _too_large(limits.max_body_bytes)
         try:
-            return parse_body(raw, endpoint, limits)
+            body = parse_body(raw, endpoint, limits)
+            if upstream is not None:
+                check_forwardable(body, endpoint, forwarded)
+            return body
         except BodyError as exc:
             raise _Refused(400, str(exc), param=exc.param) from None
 

@@ -64,6 +64,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         unchecked_keys=options.get("unchecked_keys", []),
         check_window=options.get("check_window"),
         hosts=options.get("hosts", ()),
+        forward_fields=options.get("forward_fields", ()),
     )
     return app, model
 

@@ -196,6 +196,54 @@ class CompletionRequest(_Request):
 #: the request model of each endpoint
 REQUESTS: dict[str, type[_Request]] = {"chat.completions": ChatRequest, "completions": CompletionRequest}
 
+# -- what an upstream is sent ---------------------------------------------------------------------
+
+_SAMPLING = {"model", "temperature", "top_p", "max_tokens", "stop", "stream", "stream_options", "seed", "n", "user",
+             "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "auto_model"}  # fmt: skip
+#: the fields each endpoint forwards to an upstream (``auto-model serve --forward-field`` adds more)
+FORWARDED: dict[str, frozenset[str]] = {
+    "chat.completions": frozenset(_SAMPLING | {
+        "messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+        "logprobs", "top_logprobs", "functions", "function_call"}),
+    "completions": frozenset(_SAMPLING | {"prompt", "logprobs", "best_of", "suffix"}),
+}  # fmt: skip
+#: fields never forwarded, whatever the operator adds: they would return the injected prompt
+#: (``echo``, ``prompt_logprobs``, ``return_token_ids``, ...), render the conversation without the
+#: server's system turn (``chat_template``, ...), or bill the operator's account for more than an answer
+NEVER_FORWARDED = frozenset({
+    "echo", "prompt_logprobs", "return_token_ids", "return_tokens_as_token_ids", "chat_template",
+    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+    "prompt_embeds", "documents", "mm_processor_kwargs", "service_tier", "store", "metadata",
+})  # fmt: skip
+
+
+def check_forward_fields(fields: Any) -> frozenset[str]:
+    """The extra fields an operator lets through to an upstream, checked: names, none of
+    :data:`NEVER_FORWARDED`."""
+    if isinstance(fields, str) or not all(isinstance(f, str) and f.isidentifier() for f in fields):
+        raise InvalidRequestError(f"forward_fields must be a list of field names, got {fields!r}.")
+    barred = sorted(set(fields) & NEVER_FORWARDED)
+    if barred:
+        raise InvalidRequestError(f"{', '.join(barred)} cannot be forwarded: it would reveal or bypass the alignment.")
+    return frozenset(fields)
+
+
+def check_forwardable(body: dict[str, Any], endpoint: str, extra: frozenset[str] = frozenset()) -> None:
+    """Refuse (a :class:`BodyError`) a body for an upstream with a field that is not forwarded, or a
+    media part given by URL (the upstream would fetch an address the client chose)."""
+    for name in body:
+        if name not in FORWARDED[endpoint] and name not in extra:
+            why = ("it would reveal or bypass the alignment" if name in NEVER_FORWARDED else
+                   "the server's operator can allow it with --forward-field")  # fmt: skip
+            raise BodyError(f"'{name}' is not forwarded to the upstream: {why}.", param=name)
+    for i, message in enumerate(body.get("messages") or []):
+        for part in message.get("content") or [] if isinstance(message.get("content"), list) else []:
+            for value in part.values() if isinstance(part, dict) else []:
+                url = value.get("url") if isinstance(value, dict) else None
+                if isinstance(url, str) and not url.startswith("data:"):
+                    raise BodyError(f"'messages.{i}.content': media is forwarded inline only (a data: URL), not "
+                                    "fetched from an address.", param="messages")  # fmt: skip
+
 
 # -- reading a body ------------------------------------------------------------------------------
 
