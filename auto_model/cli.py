@@ -21,7 +21,7 @@ from auto_model import constants
 from auto_model.errors import ArtifactError, AutoModelError, InvalidRequestError, MissingDependencyError
 from auto_model.files import atomic_open, read_query_rows
 from auto_model.flags import ArgumentParser, add_replica_flags, replica_options
-from auto_model.logs import configure_cli_logging
+from auto_model.logs import configure_cli_logging, redact_url
 
 logger = logging.getLogger("auto_model.cli")
 
@@ -140,6 +140,11 @@ def _parser() -> ArgumentParser:
         "default), replace (it replaces the optimized prompt) or drop (ignored)",
     )
     serve.add_argument(
+        "--metrics-key", default=None, metavar="KEY",
+        help="the key /metrics needs (Authorization: Bearer KEY; or AUTO_MODEL_METRICS_KEY); with --api-key, any "
+        "API key works too; without either, /metrics is open",
+    )  # fmt: skip
+    serve.add_argument(
         "--forward-field", action="append", default=[], metavar="NAME",
         help="with --upstream: forward this request field too (repeatable); the fields that would reveal or "
         "bypass the alignment (echo, chat_template, ...) cannot be",
@@ -217,6 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(
             "--unchecked-key must be one of the server's keys (--api-key or AUTO_MODEL_API_KEYS)."
         )
+    if any("," in k or k != k.strip() or not k.isprintable() for k in [*keys, *unchecked, args.metrics_key or ""]):
+        raise InvalidRequestError("An API key may not hold commas, white space at its ends or control characters.")
     if args.check_window is not None:
         from auto_model.answer_check import check_window
 
@@ -284,8 +291,9 @@ def _serve(args: argparse.Namespace) -> int:
         "hosts": [args.host],
         "forward_fields": args.forward_field,
     }
+    metrics_key = args.metrics_key or os.environ.get("AUTO_MODEL_METRICS_KEY")
     name = args.served_model_name or args.model or constants.default_model()
-    target = f" in front of {args.upstream}" if args.upstream else ""
+    target = f" in front of {redact_url(args.upstream)}" if args.upstream else ""
     workers = f", {args.workers} workers" if args.workers > 1 else ""
     if args.workers > 1:
         # Each worker process builds its own app from the options; the keys travel in the environment
@@ -293,6 +301,8 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[OPTIONS_ENV] = json.dumps(options)
         os.environ["AUTO_MODEL_API_KEYS"] = ",".join(keys)
         os.environ["AUTO_MODEL_UNCHECKED_KEYS"] = ",".join(unchecked)
+        if metrics_key:
+            os.environ["AUTO_MODEL_METRICS_KEY"] = metrics_key
         if upstream_key:
             os.environ["AUTO_MODEL_UPSTREAM_API_KEY"] = upstream_key
         print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target}{workers} (Ctrl-C stops)",
@@ -300,7 +310,8 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("auto_model.server.factory:app_from_env", factory=True, workers=args.workers, host=args.host,
                     port=args.port, log_level="warning")  # fmt: skip
         return 0
-    app, model = build({**options, "api_keys": keys, "unchecked_keys": unchecked, "upstream_api_key": upstream_key})
+    app, model = build({**options, "api_keys": keys, "unchecked_keys": unchecked, "upstream_api_key": upstream_key,
+                        "metrics_key": metrics_key})  # fmt: skip
     try:
         print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target} (Ctrl-C stops)",
               file=sys.stderr)  # fmt: skip

@@ -20,6 +20,9 @@ has not configured them:
   sentence-transformers' notes on deprecated attributes that tracing the embedder reads) are
   dropped while that call runs (:func:`drop_records`).
 
+- **Addresses** the SDK prints or writes (a server's banner, a run's settings, a report) pass
+  through :func:`redact_url` first: credentials in a URL never reach a log or a file.
+
 Command lines call :func:`configure_cli_logging` once: one stderr handler, WARNING by default,
 ``-v`` for INFO (engines included), ``-vv`` for DEBUG, and engine warnings of the Python
 ``warnings`` kind shown only when verbose.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -258,3 +262,33 @@ __all__ = [
     "tame_vllm_logging",
     "user_configured_vllm_logging",
 ]
+
+
+#: query parameters whose values :func:`redact_url` hides (by the words of their names)
+_SECRET_PARAMETER = re.compile(r"(?i)key|token|secret|passw|auth|sig|credential")
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` without the credentials it may carry: its user and password, and the values of query
+    parameters named like secrets (``?api_key=...``).
+
+    >>> redact_url("https://user:pw@api.example/v1?api_key=sk-1&x=2")
+    'https://[redacted]@api.example/v1?api_key=[redacted]&x=2'
+    """
+    if not url:
+        return url
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "[redacted]"
+    netloc = f"[redacted]@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [k for k, _ in pairs if _SECRET_PARAMETER.search(k)]
+    query = parts.query
+    if secret:
+        query = urlencode([(k, "[redacted]" if k in secret else v) for k, v in pairs], safe="[]")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -269,7 +269,7 @@ def test_the_server_names_counts_and_applies_the_check_and_keys_decide_who_may_s
         assert unchecked.headers["x-auto-model-checks"] == "loop"
         import httpx
 
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{url}/metrics", headers={"authorization": "Bearer sk-a-0001"}).text
     route = checked_smol.route(QUESTION).name
     assert f'auto_model_answer_checks_total{{route="{route}"}} 2.0' in metrics
     assert f'auto_model_answers_replaced_total{{route="{route}"}} 2.0' in metrics

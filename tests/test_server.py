@@ -97,13 +97,15 @@ def test_models_health_and_openai_style_errors(served):
 
 
 def test_metrics_count_requests_statuses_and_tokens_without_keys_or_text(served):
-    before = httpx.get(f"{served}/metrics").text
+    assert httpx.get(f"{served}/metrics").status_code == 401  # a server with keys: /metrics needs one too
+    auth = {"authorization": f"Bearer {KEY}"}
+    before = httpx.get(f"{served}/metrics", headers=auth).text
     reply = client(served).chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=8
     )
     with pytest.raises(openai.NotFoundError):
         client(served).chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])
-    after = httpx.get(f"{served}/metrics")
+    after = httpx.get(f"{served}/metrics", headers=auth)
     assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
 
     def value(text: str, sample: str) -> float:
@@ -118,9 +120,19 @@ def test_metrics_count_requests_statuses_and_tokens_without_keys_or_text(served)
     assert 'auto_model_request_seconds_count{endpoint="chat.completions"}' in after.text
     listed = 'auto_model_requests_total{endpoint="models",status="200"}'
     client(served).models.list()
-    assert value(httpx.get(f"{served}/metrics").text, listed) == value(after.text, listed) + 1
+    assert value(httpx.get(f"{served}/metrics", headers=auth).text, listed) == value(after.text, listed) + 1
     assert value(after.text, "auto_model_requests_in_progress") == 0
     assert KEY not in after.text and "Name a colour" not in after.text
+
+
+def test_metrics_take_their_own_key_and_a_key_with_a_comma_is_refused(smol, running, capsys, monkeypatch):
+    with running(create_app(smol, served_name="smol", metrics_key="sk-metrics-01")) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"authorization": "Bearer sk-metrics-01"}).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # still open
+    monkeypatch.delenv("AUTO_MODEL_API_KEYS", raising=False)
+    assert main(["serve", "--api-key", "sk-a,b"]) == 2  # it would be two keys for a second worker
+    assert "may not hold commas" in capsys.readouterr().err
 
 
 def test_the_operator_decides_what_a_client_system_message_does(smol):

@@ -129,7 +129,8 @@ def test_the_upstream_key_never_reaches_a_client_or_the_metrics(proxy, fault):
                           json={"model": "aligned", "messages": [{"role": "user", "content": "who am i"}]})  # fmt: skip
     assert fault.auth_headers[-1] == f"Bearer {UPSTREAM_KEY}"  # the upstream got it, and repeated it back
     assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_auth"
-    assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in httpx.get(f"{proxy}/metrics").text
+    metrics = httpx.get(f"{proxy}/metrics", headers={"authorization": f"Bearer {KEY}"})
+    assert metrics.status_code == 200 and UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in metrics.text
 
 
 def test_client_errors_keys_and_health(proxy, fault, facade, running):

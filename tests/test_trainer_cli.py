@@ -379,3 +379,15 @@ def test_a_route_prompt_is_trained_on_the_route_queries_answered_down_the_route(
     # The rest of the model's artifact is kept: its everyday prompt and its routing.
     assert artifact.system_prompt == own.system_prompt and artifact.routing == own.routing
     assert artifact.model_id == default_model()
+
+
+def test_credentials_in_an_address_are_redacted_in_args_and_reports():
+    from argparse import Namespace
+
+    from auto_model.logs import redact_url
+    from auto_model.trainer.cli import redacted
+
+    shown = redacted(Namespace(base_url="https://user:pw@api.example/v1?api_key=sk-9&x=2", judge_base_url=None))
+    assert shown == {"base_url": "https://[redacted]@api.example/v1?api_key=[redacted]&x=2", "judge_base_url": None}
+    assert redact_url("http://127.0.0.1:8001/v1") == "http://127.0.0.1:8001/v1"  # nothing to hide: unchanged
+    assert redact_url("http://h/v1?token=abc&Signature=x") == "http://h/v1?token=[redacted]&Signature=[redacted]"

@@ -35,6 +35,7 @@ from typing import Any
 from auto_model.evaluation.preference import mean_reward, preference
 from auto_model.evaluation.runner import REGULAR_ASPECTS, SAFETY_ASPECTS, EvalRun
 from auto_model.files import atomic_write_text
+from auto_model.logs import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def build_report(run: EvalRun, *, eval_set: str, baseline: str | None = None) ->
         judge = {
             "model": run.judge.model,
             "backend": run.judge.backend,
-            "base_url": run.judge.base_url,
+            "base_url": redact_url(run.judge.base_url),
             "attempts": run.judge.attempts,
             "max_new_tokens": run.judge.max_new_tokens,
             "per_aspect": run.judge.per_aspect,
@@ -136,7 +137,12 @@ def build_report(run: EvalRun, *, eval_set: str, baseline: str | None = None) ->
         "items": len(run.items),
         "judge": judge,
         "configs": [
-            {**c.to_dict(), "engine": run.engines.get(c.name), "system_prompt_used": run.system_prompts.get(c.name)}
+            {
+                **c.to_dict(),
+                "base_url": redact_url(c.base_url),
+                "engine": run.engines.get(c.name),
+                "system_prompt_used": run.system_prompts.get(c.name),
+            }  # fmt: skip
             for c in run.configs
         ],
         "summary": [summarize(records, n) for n in names],

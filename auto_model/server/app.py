@@ -33,7 +33,8 @@ upstream, whose stop strings are added to the request's).
   carry ``"auto_model": {"optimized_prompt": bool, "optimized_icl": bool, "num_optimized_icl": int}``
   (``extra_body`` in the ``openai`` client). Refused with a 400 unless the operator allowed it.
 - **Keys**: with ``api_keys``, every ``/v1`` request needs ``Authorization: Bearer KEY`` (compared
-  in constant time); ``/health``, ``/metrics`` and the playground page stay open. Without keys the
+  in constant time), and ``/metrics`` too (or ``metrics_key``); ``/health`` and the playground page
+  stay open. Without keys the
   server answers to loopback names only; other web pages are refused either way
   (:mod:`auto_model.server.security`).
 - **Limits** (:class:`ServerLimits`): every body is read as strict JSON and checked against a typed
@@ -49,7 +50,7 @@ upstream, whose stop strings are added to the request's).
   app): requests by endpoint and status, latency until the response starts, tokens, requests in
   progress, queue depth, engine batch sizes. No key, query or answer appears there.
 - **Health**: ``GET /health`` is 200 once the engine is loaded (in-process) or while the upstream
-  answers ``GET /models``; 503 otherwise.
+  answers ``GET /models`` (asked at most every :data:`HEALTH_TTL` seconds); 503 otherwise.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ from auto_model.server.upstream import (
     relay_lines,
 )
 
+#: Seconds an upstream's answer to ``/health`` is reused for.
+HEALTH_TTL = 2.0
 #: What happens to a client's own system message (``client_system``).
 CLIENT_SYSTEM_MODES = SYSTEM_MESSAGE_MODES
 #: Request fields the in-process engine honours (and ``user``, accepted and ignored).
@@ -147,6 +150,7 @@ def create_app(
     check_window: int | None = None,
     hosts: Any = (),
     forward_fields: Any = (),
+    metrics_key: str | None = None,
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
     (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
@@ -156,7 +160,8 @@ def create_app(
     turn the answer check off; ``check_window``: characters of a streamed answer between checks
     (default: the artifact's); ``hosts``: the names a server without keys answers to besides the
     loopback ones (:mod:`auto_model.server.security`); ``forward_fields``: request fields an
-    upstream gets besides :data:`~auto_model.server.protocol.FORWARDED`."""
+    upstream gets besides :data:`~auto_model.server.protocol.FORWARDED`; ``metrics_key``: the key
+    ``/metrics`` needs (with ``api_keys``, any of them works too; without either it is open)."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
@@ -240,13 +245,13 @@ def create_app(
 
     # -- shared request handling ---------------------------------------------------------------
 
-    def authorised(request: Request) -> bytes | None:
-        """The request's key (None: the server has none); a 401 unless it is one of them."""
-        if not keys:
+    def authorised(request: Request, accepted: list[bytes] = keys) -> bytes | None:
+        """The request's key (None: the server has none); a 401 unless it is one of ``accepted``."""
+        if not accepted:
             return None
         given = request.headers.get("authorization", "")
         token = given[7:].encode() if given[:7].lower() == "bearer " else b""
-        found = [key for key in keys if hmac.compare_digest(token, key)]
+        found = [key for key in accepted if hmac.compare_digest(token, key)]
         if not found:
             raise _Refused(401, "Missing or wrong API key: pass 'Authorization: Bearer KEY'.",
                            kind="authentication_error", code="invalid_api_key")  # fmt: skip
@@ -753,13 +758,21 @@ def create_app(
     @app.get("/health")
     async def health() -> Any:
         if upstream is not None:
-            problem = await state["client"].ready()
+            # The upstream is asked at most once every HEALTH_TTL seconds, however often /health is called.
+            checked, problem = state.get("health") or (float("-inf"), None)
+            if time.monotonic() - checked > HEALTH_TTL:
+                problem = await state["client"].ready()
+                state["health"] = (time.monotonic(), problem)
             if problem:
                 return JSONResponse({"status": "unavailable", "model": name, "reason": problem}, status_code=503)
         return {"status": "ok", "model": name}
 
     @app.get("/metrics")
-    def metrics() -> Any:
+    def metrics(request: Request) -> Any:
+        try:
+            authorised(request, [*keys, *([metrics_key.encode()] if metrics_key else [])])
+        except _Refused as error:
+            return error.response()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)

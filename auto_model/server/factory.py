@@ -65,6 +65,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         check_window=options.get("check_window"),
         hosts=options.get("hosts", ()),
         forward_fields=options.get("forward_fields", ()),
+        metrics_key=options.get("metrics_key"),
     )
     return app, model
 
@@ -75,5 +76,6 @@ def app_from_env() -> Any:
     options["api_keys"] = [k for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k]
     options["unchecked_keys"] = [k for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k]
     options["upstream_api_key"] = os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY")
+    options["metrics_key"] = os.environ.get("AUTO_MODEL_METRICS_KEY")
     app, _ = build(options)
     return app

@@ -28,6 +28,7 @@ from auto_model.artifacts import PromptArtifact, save_prompt_artifact
 from auto_model.errors import AutoModelError, EngineOutageError, InvalidRequestError
 from auto_model.files import atomic_write_text
 from auto_model.flags import ArgumentParser, add_replica_flags, bool_arg, kebab, replica_options
+from auto_model.logs import redact_url
 
 logger = logging.getLogger("auto_model.trainer")
 
@@ -268,11 +269,15 @@ def resolve(args: argparse.Namespace, command: str) -> argparse.Namespace:
 
 
 def redacted(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        k: ("<redacted>" if v and is_secret_name(k) else v)
-        for k, v in sorted(vars(args).items())
-        if k != "reward_specs"
-    }
+    """The run's settings as written to ``args.txt`` and ``output.json``: secrets and the
+    credentials in addresses hidden."""
+    return {k: _shown(k, v) for k, v in sorted(vars(args).items()) if k != "reward_specs"}
+
+
+def _shown(name: str, value: Any) -> Any:
+    if value and is_secret_name(name):
+        return "<redacted>"
+    return redact_url(value) if name.endswith("url") and isinstance(value, str) else value
 
 
 def uses_judge(args: argparse.Namespace) -> bool:
