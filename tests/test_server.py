@@ -460,3 +460,28 @@ def test_a_server_without_keys_answers_to_loopback_names_only_and_never_to_other
         f"{served}/v1/models", headers={"origin": "http://evil.example", "authorization": f"Bearer {KEY}"}
     )
     assert foreign.status_code == 403
+
+
+def test_a_slow_body_gets_a_408_and_a_stream_ends_at_the_request_timeout(smol, running):
+    """A body sent slowly was waited for without limit, and ``request_timeout`` did not cover streams:
+    one client could hold a place (and, streaming, the engine) for as long as it liked."""
+    import socket
+
+    limits = ServerLimits(body_timeout=0.5, request_timeout=2.0)
+    with running(create_app(smol, served_name="smol", limits=limits)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 200\r\n\r\n{\"model\": \"smol\"")  # fmt: skip
+            started = time.perf_counter()
+            answer = raw.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "body_timeout" in answer and time.perf_counter() - started < 5
+        essay = [{"role": "user", "content": "Write a very long essay about the history of the sea."}]
+        body = {"model": "smol", "stream": True, "max_tokens": 2000, "temperature": 0, "messages": essay}
+        started = time.perf_counter()
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert time.perf_counter() - started < 15
+        assert '"code": "timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+        calm = {**body, "stream": False, "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=calm, timeout=30).status_code == 200

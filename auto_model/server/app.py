@@ -43,7 +43,8 @@ upstream, whose stop strings are added to the request's).
   Request bodies over ``max_body_bytes`` get a 413;
   ``max_tokens`` is capped; requests beyond the engine's batch (or the upstream's
   ``max_concurrency``) wait in a queue of ``max_queue``, and a request that finds it full gets a
-  429 with ``Retry-After``; one that takes longer than ``request_timeout`` gets a 504. A client that
+  429 with ``Retry-After``; one that takes longer than ``request_timeout`` gets a 504 (a stream ends
+  with an error event), and a body slower than ``body_timeout`` a 408. A client that
   disconnects cancels its upstream request, or its place in the engine's queue (a streamed local
   answer stops generating).
 - **Metrics**: ``GET /metrics`` in Prometheus's text format (``prometheus_client``, one registry per
@@ -263,10 +264,18 @@ def create_app(
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise _too_large(limits.max_body_bytes)
         raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limits.max_body_bytes:
-                raise _too_large(limits.max_body_bytes)
+
+        async def read() -> None:
+            async for part in request.stream():
+                raw.extend(part)
+                if len(raw) > limits.max_body_bytes:
+                    raise _too_large(limits.max_body_bytes)
+
+        try:
+            await asyncio.wait_for(read(), limits.body_timeout)  # a body sent slowly is not waited for
+        except asyncio.TimeoutError:
+            raise _Refused(408, f"The request body took longer than {limits.body_timeout:g} s to arrive.",
+                           code="body_timeout") from None  # fmt: skip
         try:
             body = parse_body(raw, endpoint, limits)
             if upstream is not None:
@@ -593,9 +602,18 @@ def create_app(
                 await events.aclose()
 
         async def body() -> AsyncIterator[str]:
+            deadline = time.monotonic() + limits.request_timeout  # a stream ends, however slow its source
             try:
-                async for event in events:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(events.__anext__(), deadline - time.monotonic())
+                    except StopAsyncIteration:
+                        break
                     yield event
+            except asyncio.TimeoutError:
+                error = {"message": f"The stream took longer than {limits.request_timeout:g} s.", "type": "timeout",
+                         "param": None, "code": "timeout"}  # fmt: skip
+                yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
             finally:
                 await finish()
 

@@ -54,6 +54,7 @@ class ServerLimits:
         max_parts: most content parts in one message.
         max_prompts: most prompts in one ``/v1/completions`` request.
         max_depth: deepest nesting of a request body's JSON (objects and lists).
+        body_timeout: seconds a request body may take to arrive (408 beyond).
     """
 
     max_body_bytes: int = 4 * 1024 * 1024
@@ -69,6 +70,7 @@ class ServerLimits:
     max_parts: int = 64
     max_prompts: int = 64
     max_depth: int = 32
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_tokens", "max_concurrency", "max_batch", "max_stop", "max_stop_chars",
@@ -78,8 +80,10 @@ class ServerLimits:
                 raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}.")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise InvalidRequestError(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
-        if not isinstance(self.request_timeout, (int, float)) or self.request_timeout <= 0:
-            raise InvalidRequestError(f"request_timeout must be a number of seconds > 0, got {self.request_timeout!r}.")
+        for name in ("request_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise InvalidRequestError(f"{name} must be a number of seconds > 0, got {value!r}.")
         if not isinstance(self.batch_window, (int, float)) or not 0 <= self.batch_window <= 10:
             raise InvalidRequestError(f"batch_window must be 0 to 10 seconds, got {self.batch_window!r}.")
 
