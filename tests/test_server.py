@@ -4,6 +4,7 @@ embedded model on the real transformers engine (the tests' shared engine)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -485,3 +486,64 @@ def test_a_slow_body_gets_a_408_and_a_stream_ends_at_the_request_timeout(smol, r
         assert '"code": "timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
         calm = {**body, "stream": False, "max_tokens": 2}
         assert httpx.post(f"{url}/v1/chat/completions", json=calm, timeout=30).status_code == 200
+
+
+def test_random_bodies_never_give_a_500_or_stop_the_engine(smol, running):
+    """A fuzz test of the request schema: bodies written by Hypothesis (the fields the endpoints know,
+    with values of every JSON kind: huge, negative, non-finite numbers, markers in strings, odd
+    nesting; fields of their own; and answerable bodies with one or two fields at or past the edges
+    of their ranges) get a 200 or a 4xx with an OpenAI-style error, never a 500 (NaN temperatures and
+    out-of-range seeds gave 500s), and the engine answers after them."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.sampled_from("ab <|>_/\n#:[]{}\u200b"), max_size=30)
+    leaves = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
+
+    def nested(inner: st.SearchStrategy) -> st.SearchStrategy:
+        return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+    values = st.recursive(leaves, nested, max_leaves=12)
+    roles = st.sampled_from(["user", "assistant", "system", "tool", "x"]) | values
+    message = st.fixed_dictionaries({"role": roles, "content": st.text(max_size=40) | values})
+    known = ["temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stream", "seed", "n", "user",
+             "frequency_penalty", "presence_penalty", "repetition_penalty", "stream_options", "auto_model",
+             "prompt"]  # fmt: skip
+    odd = st.fixed_dictionaries(
+        {"model": st.just("smol") | values, "messages": st.lists(message, min_size=1, max_size=3) | values},
+        optional={name: values for name in [*known, "tools", "logprobs", "zzz"]},
+    )
+    edges = {  # one or two fields of an answerable body, at or past the edges of their ranges
+        "temperature": st.floats(0, 2) | st.floats(allow_nan=True), "top_p": st.floats(allow_nan=True),
+        "max_tokens": st.integers(-3, 3), "seed": st.integers(-(2**70), 2**70), "n": st.integers(-1, 20),
+        "stop": st.lists(text, max_size=3) | values, "stream": st.booleans(), "user": values,
+    }  # fmt: skip
+    asks = st.just([{"role": "user", "content": "Hi"}]) | st.lists(
+        st.fixed_dictionaries({"role": st.just("user"), "content": text}), min_size=1, max_size=2
+    )
+    one_edge = st.one_of([st.fixed_dictionaries({k: v}) for k, v in edges.items()])
+
+    def answerable(messages: list, changes: list[dict]) -> dict:
+        return {"model": "smol", "messages": messages, **{k: v for change in changes for k, v in change.items()}}
+
+    fitting = st.builds(answerable, asks, st.lists(one_edge, max_size=2))
+    bodies = odd | fitting
+    limits = ServerLimits(max_tokens=2, max_batch=4)
+    with running(create_app(smol, served_name="smol", num_examples=0, limits=limits)) as url, httpx.Client(
+        base_url=url, timeout=60, headers={"content-type": "application/json"}
+    ) as http:  # fmt: skip
+        seen: list[int] = []
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(bodies, st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+        def check(body: dict, path: str) -> None:
+            reply = http.post(path, content=json.dumps(body, allow_nan=True))
+            seen.append(reply.status_code)
+            assert reply.status_code < 500, (body, reply.text)
+            data = reply.json() if not reply.headers["content-type"].startswith("text/event-stream") else {}
+            assert reply.status_code == 200 or set(data["error"]) == {"message", "type", "param", "code"}
+
+        check()
+        assert any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
+        ask = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert http.post("/v1/chat/completions", json=ask).status_code == 200
