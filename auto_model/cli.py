@@ -187,6 +187,9 @@ def _parser() -> ArgumentParser:
     )
     serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a 504 (600)")
     serve.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive; a 408 beyond (30)"
+    )
+    serve.add_argument(
         "--batch-window-ms",
         type=float,
         default=10.0,
@@ -259,6 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "max_concurrency": args.max_concurrency,
         "request_timeout": args.request_timeout,
+        "body_timeout": args.body_timeout,
         "batch_window": args.batch_window_ms / 1000,
         "max_batch": args.max_batch,
         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _BODY_LIMITS},
