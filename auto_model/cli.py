@@ -140,6 +140,12 @@ def _parser() -> ArgumentParser:
         "default), replace (it replaces the optimized prompt) or drop (ignored)",
     )
     serve.add_argument(
+        "--key-file", default=None, metavar="PATH",
+        help="a JSON file of keys and what each may do (or AUTO_MODEL_KEY_FILE): "
+        '{"keys": [{"key": "sk-...", "name": "app", "may": ["override_alignment", "skip_answer_check"], '
+        '"requests_per_minute": 60}]}',
+    )  # fmt: skip
+    serve.add_argument(
         "--metrics-key", default=None, metavar="KEY",
         help="the key /metrics needs (Authorization: Bearer KEY; or AUTO_MODEL_METRICS_KEY); with --api-key, any "
         "API key works too; without either, /metrics is open",
@@ -221,7 +227,14 @@ def _serve(args: argparse.Namespace) -> int:
     unchecked = [k for k in args.unchecked_key if k] + [
         k.strip() for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k.strip()
     ]
-    if set(unchecked) - set(keys):
+    key_file = args.key_file or os.environ.get("AUTO_MODEL_KEY_FILE")
+    if key_file:
+        from auto_model.server.security import load_key_file
+
+        file_keys = [policy.key for policy in load_key_file(key_file)]  # checked before anything loads
+    else:
+        file_keys = []
+    if set(unchecked) - set(keys + file_keys):
         raise InvalidRequestError(
             "--unchecked-key must be one of the server's keys (--api-key or AUTO_MODEL_API_KEYS)."
         )
@@ -235,7 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback and not keys and not args.insecure:
+    if not loopback and not (keys or file_keys) and not args.insecure:
         raise InvalidRequestError(
             f"Refusing to listen on {args.host} without an API key: pass --api-key (or AUTO_MODEL_API_KEYS), "
             "or --insecure to serve it open."
@@ -294,6 +307,7 @@ def _serve(args: argparse.Namespace) -> int:
         "check_window": args.check_window,
         "hosts": [args.host],
         "forward_fields": args.forward_field,
+        "key_file": key_file,
     }
     metrics_key = args.metrics_key or os.environ.get("AUTO_MODEL_METRICS_KEY")
     name = args.served_model_name or args.model or constants.default_model()
@@ -314,8 +328,8 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("auto_model.server.factory:app_from_env", factory=True, workers=args.workers, host=args.host,
                     port=args.port, log_level="warning")  # fmt: skip
         return 0
-    app, model = build({**options, "api_keys": keys, "unchecked_keys": unchecked, "upstream_api_key": upstream_key,
-                        "metrics_key": metrics_key})  # fmt: skip
+    app, model = build({**options, "api_keys": keys, "unchecked_keys": unchecked,
+                        "upstream_api_key": upstream_key, "metrics_key": metrics_key})  # fmt: skip
     try:
         print(f"auto-model: serving {name} on http://{args.host}:{args.port}/v1{target} (Ctrl-C stops)",
               file=sys.stderr)  # fmt: skip

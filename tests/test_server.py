@@ -547,3 +547,43 @@ def test_random_bodies_never_give_a_500_or_stop_the_engine(smol, running):
         assert any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
         ask = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
         assert http.post("/v1/chat/completions", json=ask).status_code == 200
+
+
+def test_each_key_carries_its_own_permissions_and_rate(smol, running, tmp_path, capsys):
+    """``--allow-alignment-override`` was one switch for every client; a key file says, per key, who may
+    switch the alignment or the answer check off, and how many requests a minute it may send."""
+    from auto_model.server.security import load_key_file
+
+    keys = {"keys": [
+        {"key": "sk-studio-001", "name": "studio", "may": ["override_alignment"]},
+        {"key": "sk-batch-0002", "name": "batch", "may": ["skip_answer_check"], "requests_per_minute": 2},
+        {"key": "sk-app-000003", "name": "app"},
+    ]}  # fmt: skip
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys))
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    switch = {**ask, "auto_model": {"optimized_icl": False}}
+    unchecked = {**ask, "auto_model": {"check_answers": False}}
+    with running(create_app(smol, served_name="smol", key_policies=load_key_file(path))) as url:
+
+        def post(key: str, body: dict) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                              timeout=60)  # fmt: skip
+
+        assert post("sk-studio-001", switch).status_code == 200
+        assert post("sk-app-000003", switch).status_code == 400  # not this key's to switch
+        assert post("sk-studio-001", unchecked).status_code == 403
+        assert post("sk-batch-0002", unchecked).status_code == 200
+        assert post("sk-batch-0002", ask).status_code == 200
+        limited = post("sk-batch-0002", ask)  # its third in a minute
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 30
+        assert post("sk-app-000003", ask).status_code == 200  # the others are not slowed
+        assert post("sk-unknown-0001", ask).status_code == 401
+    for bad, says in [({"keys": []}, "non-empty list"), ({"keys": [{"key": "sk-x-0001", "may": ["root"]}]}, "may must"),
+                      ({"keys": [{"key": "sk-x-0001"}, {"key": "sk-x-0001"}]}, "listed twice"),
+                      ({"keys": [{"key": "sk-x-0001", "requests_per_minute": 0}]}, "requests_per_minute")]:  # fmt: skip
+        path.write_text(json.dumps(bad))
+        assert main(["serve", "--key-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "sk-x-0001" not in err

@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import threading
 import time
 import uuid
@@ -93,7 +94,7 @@ from auto_model.server.protocol import (
     check_forwardable,
     parse_body,
 )
-from auto_model.server.security import BrowserGuard
+from auto_model.server.security import BrowserGuard, KeyPolicy, RateLimiter
 from auto_model.server.upstream import (
     StreamAnswerCheck,
     StreamLoopCut,
@@ -152,6 +153,7 @@ def create_app(
     hosts: Any = (),
     forward_fields: Any = (),
     metrics_key: str | None = None,
+    key_policies: Any = (),
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
     (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
@@ -162,7 +164,9 @@ def create_app(
     (default: the artifact's); ``hosts``: the names a server without keys answers to besides the
     loopback ones (:mod:`auto_model.server.security`); ``forward_fields``: request fields an
     upstream gets besides :data:`~auto_model.server.protocol.FORWARDED`; ``metrics_key``: the key
-    ``/metrics`` needs (with ``api_keys``, any of them works too; without either it is open)."""
+    ``/metrics`` needs (with ``api_keys``, any of them works too; without either it is open);
+    ``key_policies``: keys with what each may do (:class:`~auto_model.server.security.KeyPolicy`),
+    besides ``api_keys``."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
@@ -185,12 +189,17 @@ def create_app(
     forwarded = check_forward_fields(forward_fields)
     name = served_name or model.model_name
     upstream_model = (upstream.model if upstream else None) or model.model_name
-    keys = [k.encode() for k in api_keys if k]
     if isinstance(unchecked_keys, str):
         raise InvalidRequestError("unchecked_keys must be a list of keys, not one string.")
-    may_skip_checks = [k.encode() for k in unchecked_keys if k]
-    if set(may_skip_checks) - set(keys):
-        raise InvalidRequestError("unchecked_keys must be keys of api_keys.")
+    if set(unchecked_keys) - {*api_keys, *(p.key for p in key_policies)}:
+        raise InvalidRequestError("unchecked_keys must be keys of api_keys or key_policies.")
+    listed = [KeyPolicy(k, f"api key {i + 1}", unchecked=k in unchecked_keys) for i, k in enumerate(api_keys) if k]
+    listed += [replace(p, unchecked=p.unchecked or p.key in unchecked_keys) for p in key_policies]
+    policies = {p.key.encode(): p for p in listed}
+    if len(policies) != len(listed):
+        raise InvalidRequestError("A key is given twice (api_keys and key_policies).")
+    keys = list(policies)
+    rates = RateLimiter()
     if check_window is not None:
         check_window_size(check_window)
     created = int(time.time())
@@ -342,7 +351,9 @@ def create_app(
 
     def alignment(body: dict[str, Any], key: bytes | None = None) -> GenerationOptions:
         """The request's alignment settings: the server's, or the client's override where allowed
-        (``check_answers`` by the keys of ``unchecked_keys``, the rest with ``allow_alignment_override``)."""
+        (``check_answers`` by the keys that may skip it, the rest by those that may override, or by
+        everyone with ``allow_alignment_override``)."""
+        policy = policies.get(key) if key is not None else None
         override = body.get("auto_model")
         settings: dict[str, Any] = {"num_optimized_icl": num_examples, "optimized_icl": num_examples != 0}
         if override is not None:
@@ -351,15 +362,16 @@ def create_app(
                                "check_answers.", param="auto_model")  # fmt: skip
             override = dict(override)
             if "check_answers" in override and override["check_answers"] is not True:
-                if not (key is not None and any(hmac.compare_digest(key, k) for k in may_skip_checks)):
+                if not (policy and policy.unchecked):
                     raise _Refused(403, "This key may not turn the answer check off ('auto_model.check_answers'); "
-                                   "the server's operator names the keys that may (--unchecked-key).",
+                                   "the server's operator names the keys that may (--unchecked-key, or a key "
+                                   "file's skip_answer_check).",
                                    kind="permission_error", param="auto_model")  # fmt: skip
             settings["check_answers"] = override.pop("check_answers", True)
-            if override and not allow_alignment_override:
-                raise _Refused(400, "This server does not let clients change the alignment ('auto_model'); "
-                               "its operator can allow it with --allow-alignment-override.",
-                               param="auto_model")  # fmt: skip
+            if override and not (allow_alignment_override or (policy and policy.override)):
+                raise _Refused(400, "This server does not let this client change the alignment ('auto_model'); "
+                               "its operator can allow it with --allow-alignment-override, or for a key with "
+                               "a key file's override_alignment.", param="auto_model")  # fmt: skip
             settings.update(override)
         return GenerationOptions(**settings)
 
@@ -420,6 +432,11 @@ def create_app(
         admitted = False
         try:
             key = authorised(request)
+            wait = rates.wait(policies[key]) if key is not None else 0.0
+            if wait:
+                raise _Refused(429, "This key has sent more requests a minute than its limit; retry shortly.",
+                               kind="rate_limit_error", code="rate_limited",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
             body = await read_json(request, endpoint)
             check_model(body)
             options = alignment(body, key)

@@ -14,6 +14,7 @@ from typing import Any
 
 from auto_model.model import AutoModel
 from auto_model.server.app import ServerLimits, create_app
+from auto_model.server.security import load_key_file
 from auto_model.server.upstream import Upstream
 
 #: The options of ``auto-model serve``, as JSON, for ``--workers`` processes.
@@ -66,6 +67,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         hosts=options.get("hosts", ()),
         forward_fields=options.get("forward_fields", ()),
         metrics_key=options.get("metrics_key"),
+        key_policies=load_key_file(options["key_file"]) if options.get("key_file") else (),
     )
     return app, model
 

@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from auto_model.backends.base import DECODING_SETTINGS
 from auto_model.errors import InvalidRequestError
 from auto_model.options import SEED_RANGE
 
@@ -203,7 +204,11 @@ REQUESTS: dict[str, type[_Request]] = {"chat.completions": ChatRequest, "complet
 # -- what an upstream is sent ---------------------------------------------------------------------
 
 _SAMPLING = {"model", "temperature", "top_p", "max_tokens", "stop", "stream", "stream_options", "seed", "n", "user",
-             "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "auto_model"}  # fmt: skip
+             "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "auto_model",
+             # vLLM's sampling and output-format extras
+             "top_k", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "length_penalty",
+             "include_stop_str_in_output", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+             "guided_grammar", *DECODING_SETTINGS}  # fmt: skip
 #: the fields each endpoint forwards to an upstream (``auto-model serve --forward-field`` adds more)
 FORWARDED: dict[str, frozenset[str]] = {
     "chat.completions": frozenset(_SAMPLING | {

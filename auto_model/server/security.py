@@ -1,4 +1,6 @@
-"""What keeps web pages out of ``auto-model serve``: an ASGI middleware in front of the app.
+"""What keeps web pages and other clients' keys out of ``auto-model serve``.
+
+Web pages: an ASGI middleware in front of the app (:class:`BrowserGuard`).
 
 - **Host** (a server without keys): the ``Host`` header must name a loopback address
   (``localhost``, ``127.0.0.1``, ``::1``) or one of the names the server was bound to, so that a page
@@ -11,14 +13,23 @@
 - **Headers on every response**: ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``,
   ``Referrer-Policy: no-referrer`` and a ``Content-Security-Policy`` that lets the playground run
   its own script and talk to its own server only.
+
+Keys (:class:`KeyPolicy`, from ``--api-key`` or a key file, :func:`load_key_file`): each key says
+whether its requests may switch their alignment or turn the answer check off, and how many
+requests a minute it may send (:class:`RateLimiter`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from auto_model.errors import InvalidRequestError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -96,3 +107,94 @@ class BrowserGuard:
         if method == "POST" and headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return 415, "unsupported_media_type", "Send the request body as JSON ('Content-Type: application/json')."
         return None
+
+
+# -- keys and what each may do ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """One API key and what its requests may do.
+
+    Attributes:
+        key: the key, as clients send it (``Authorization: Bearer KEY``).
+        name: what the operator calls it (in errors and logs; never the key itself).
+        override: may switch its request's alignment (``"auto_model": {"optimized_prompt": ...}``).
+        unchecked: may turn the answer check off (``"auto_model": {"check_answers": false}``).
+        per_minute: the most requests a minute (a 429 with ``Retry-After`` beyond); None: no limit.
+    """
+
+    key: str
+    name: str = "key"
+    override: bool = False
+    unchecked: bool = False
+    per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key or "," in self.key or self.key != self.key.strip() or (
+            not self.key.isprintable()
+        ):  # fmt: skip
+            raise InvalidRequestError("An API key must be a non-empty string without commas, white space at its ends "
+                                      "or control characters.")  # fmt: skip
+        for flag in ("override", "unchecked"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidRequestError(f"Key {self.name!r}: {flag} must be true or false.")
+        rate = self.per_minute
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+            raise InvalidRequestError(f"Key {self.name!r}: requests_per_minute must be an integer >= 1, got {rate!r}.")
+
+
+#: what a key file's entries may say
+_KEY_FIELDS = {"key", "name", "may", "requests_per_minute"}
+_PERMISSIONS = {"override_alignment": "override", "skip_answer_check": "unchecked"}
+
+
+def load_key_file(path: str | Path) -> list[KeyPolicy]:
+    """The keys of a key file: JSON, ``{"keys": [{"key": "sk-...", "name": "app", "may":
+    ["override_alignment", "skip_answer_check"], "requests_per_minute": 60}, ...]}`` (``name``,
+    ``may`` and ``requests_per_minute`` optional). A bad file is an :class:`InvalidRequestError`
+    that says where, and never shows a key."""
+    where = f"Key file {path}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidRequestError(f"{where} cannot be read ({exc.strerror}).") from None
+    except ValueError:
+        raise InvalidRequestError(f"{where} is not valid JSON.") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InvalidRequestError(f'{where} must be an object with a non-empty list "keys".')
+    policies = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) - _KEY_FIELDS or "key" not in entry:
+            raise InvalidRequestError(f"{where}: keys[{i}] must be an object with \"key\" and some of "
+                                      f"{', '.join(sorted(_KEY_FIELDS - {'key'}))}.")  # fmt: skip
+        may = entry.get("may", [])
+        if not isinstance(may, list) or set(may) - set(_PERMISSIONS):
+            raise InvalidRequestError(f"{where}: keys[{i}].may must be a list of {', '.join(_PERMISSIONS)}.")
+        flags = {_PERMISSIONS[p]: True for p in may}
+        policies.append(KeyPolicy(entry["key"], str(entry.get("name", f"keys[{i}]")), per_minute=entry.get(
+            "requests_per_minute"), **flags))  # fmt: skip
+    if len({p.key for p in policies}) != len(policies):
+        raise InvalidRequestError(f"{where}: a key is listed twice.")
+    return policies
+
+
+class RateLimiter:
+    """Requests a minute per key: a token bucket of ``per_minute`` tokens, refilled evenly."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # key name -> (tokens, when)
+
+    def wait(self, policy: KeyPolicy) -> float:
+        """0 if a request of ``policy``'s key may go now (and counts it); else the seconds until one may."""
+        if policy.per_minute is None:
+            return 0.0
+        now = time.monotonic()
+        tokens, when = self._buckets.get(policy.key, (float(policy.per_minute), now))
+        tokens = min(float(policy.per_minute), tokens + (now - when) * policy.per_minute / 60)
+        if tokens < 1:
+            self._buckets[policy.key] = (tokens, now)
+            return (1 - tokens) * 60 / policy.per_minute
+        self._buckets[policy.key] = (tokens - 1, now)
+        return 0.0
