@@ -22,14 +22,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from auto_model.backends.base import SamplingParams, check_one_sample
+from auto_model.backends.base import SEED_RANGE, SamplingParams, check_one_sample
 from auto_model.errors import InvalidRequestError
 from auto_model.routing import check_route
 
 #: the most answers :attr:`GenerationOptions.best_of` may sample per query
 MAX_BEST_OF = 64
-#: the seeds every engine takes (a 64-bit signed integer, as vLLM's and OpenAI's servers accept)
-SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,20 @@ def test_a_too_long_request_fails_alone(smol_vllm):
     assert out[0] == out[2] and out[0].text
 
 
+def test_a_seed_the_engine_cannot_take_fails_alone_and_the_engine_lives(smol_vllm):
+    """A seed past 64 bits raised inside vLLM's engine: the whole batch failed and the engine was gone."""
+    prompt = smol_vllm.format_prompt("Name a fruit.").prompt
+    good = GenerationRequest(prompt, SamplingParams(temperature=1.0, max_new_tokens=6, seed=5))
+    bad = GenerationRequest(prompt, SamplingParams(temperature=1.0, max_new_tokens=6, seed=2**64))
+    first, failed, second = smol_vllm.backend.generate([good, bad, good])
+    assert isinstance(failed, InvalidRequestError) and "64-bit" in str(failed)
+    assert first == second == smol_vllm.backend.generate([good])[0]
+    # A stop string of 20,000 characters costs vLLM nothing more than none.
+    long = GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=12, stop=("x" * 20000,)))
+    free = GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=12))
+    assert smol_vllm.backend.generate([long])[0].text == smol_vllm.backend.generate([free])[0].text
+
+
 def test_stream_is_one_chunk_equal_to_generate(smol_vllm):
     # The offline engine gives the whole answer at once; the loop cut may hold back its tail (text that
     # could become a repeat) until the answer is over, so the chunks join to the answer either way.

@@ -187,6 +187,8 @@ def dtype_name(dtype: Any) -> str:
 #: Decoding settings a prompt artifact may carry (``"decoding"``), with their allowed ranges. Every
 #: engine takes them as sampling arguments of these names where it supports them
 #: (:attr:`Backend.decoding_settings`).
+#: the seeds every engine takes (a 64-bit signed integer, as vLLM's and OpenAI's servers accept)
+SEED_RANGE = (-(2**63), 2**63 - 1)
 DECODING_SETTINGS: dict[str, tuple[type, float, float]] = {
     "repetition_penalty": (float, 0.5, 2.0),  # > 1 makes every token already seen (prompt too) less likely
     "frequency_penalty": (float, -2.0, 2.0),  # lowers a token by this much per time it was generated

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from auto_model.backends.base import (
+    SEED_RANGE,
     Backend,
     Completion,
     CompletionCallback,
@@ -500,6 +501,9 @@ class VLLMBackend(Backend):
                     raise InvalidRequestError(
                         f"Request {i}: the vllm backend takes rendered text prompts, not message lists."
                     )
+                seed = req.sampling.seed
+                if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it would stop the engine
+                    raise InvalidRequestError(f"Request {i}: seed {seed} is not a 64-bit signed integer.")
                 ids = self._encode(req.prompt)
                 if len(ids) + req.sampling.max_new_tokens > self.context_length:
                     raise InvalidRequestError(

@@ -28,9 +28,8 @@ from pydantic import (
     field_validator,
 )
 
-from auto_model.backends.base import DECODING_SETTINGS
+from auto_model.backends.base import DECODING_SETTINGS, SEED_RANGE
 from auto_model.errors import InvalidRequestError
-from auto_model.options import SEED_RANGE
 
 #: most answers one request may ask for (``n``, ``best_of``)
 MAX_N = 16
