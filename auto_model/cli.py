@@ -221,6 +221,16 @@ def _serve(args: argparse.Namespace) -> int:
     from auto_model.options import GenerationOptions
     from auto_model.retrieval import load_icl_pool
 
+    try:
+        import uvicorn
+
+        from auto_model.server import ServerLimits, Upstream
+        from auto_model.server.factory import OPTIONS_ENV, build
+        from auto_model.server.protocol import check_forward_fields
+        from auto_model.server.security import check_key, load_key_file
+    except ImportError as exc:
+        raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
+
     keys = [k for k in args.api_key if k] + [
         k.strip() for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k.strip()
     ]
@@ -228,18 +238,13 @@ def _serve(args: argparse.Namespace) -> int:
         k.strip() for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k.strip()
     ]
     key_file = args.key_file or os.environ.get("AUTO_MODEL_KEY_FILE")
-    if key_file:
-        from auto_model.server.security import load_key_file
-
-        file_keys = [policy.key for policy in load_key_file(key_file)]  # checked before anything loads
-    else:
-        file_keys = []
+    file_keys = [policy.key for policy in load_key_file(key_file)] if key_file else []  # checked before loading
     if set(unchecked) - set(keys + file_keys):
         raise InvalidRequestError(
             "--unchecked-key must be one of the server's keys (--api-key or AUTO_MODEL_API_KEYS)."
         )
-    if any("," in k or k != k.strip() or not k.isprintable() for k in [*keys, *unchecked, args.metrics_key or ""]):
-        raise InvalidRequestError("An API key may not hold commas, white space at its ends or control characters.")
+    for key in [*keys, *unchecked, *([args.metrics_key] if args.metrics_key else [])]:
+        check_key(key)
     if args.check_window is not None:
         from auto_model.answer_check import check_window
 
@@ -260,15 +265,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend not in ("auto", "vllm", "transformers"):
         raise InvalidRequestError(f"--backend must be auto, vllm or transformers, got {args.backend!r}.")
     GenerationOptions(num_optimized_icl=args.icl).check_pool(len(load_icl_pool(args.icl_path)))
-    try:
-        import uvicorn
-
-        from auto_model.server import ServerLimits, Upstream
-        from auto_model.server.factory import OPTIONS_ENV, build
-        from auto_model.server.protocol import check_forward_fields
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
-
     limits = {
         "max_body_bytes": args.max_body_bytes,
         "max_tokens": args.max_tokens,

@@ -468,7 +468,7 @@ def test_a_slow_body_gets_a_408_and_a_stream_ends_at_the_request_timeout(smol, r
     one client could hold a place (and, streaming, the engine) for as long as it liked."""
     import socket
 
-    limits = ServerLimits(body_timeout=0.5, request_timeout=2.0)
+    limits = ServerLimits(body_timeout=0.5, request_timeout=3.0)  # the next request needs ~2 s (see below)
     with running(create_app(smol, served_name="smol", limits=limits)) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -484,6 +484,7 @@ def test_a_slow_body_gets_a_408_and_a_stream_ends_at_the_request_timeout(smol, r
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert time.perf_counter() - started < 15
         assert '"code": "timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+        # (the engine is busy for about 1.2 s after the stream's end before this one starts)
         calm = {**body, "stream": False, "max_tokens": 2}
         assert httpx.post(f"{url}/v1/chat/completions", json=calm, timeout=30).status_code == 200
 

@@ -400,10 +400,8 @@ class TransformersBackend(Backend):
                 return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
 
             criteria.append(stop_when_cancelled)
-        if sampling.stop:
-            criteria.append(StopText(self.tokenizer, width, len(rows), sampling.stop))
-        if sampling.cut_loops:
-            criteria.append(LoopStop(self.tokenizer, width, len(rows)))
+        if sampling.stop or sampling.cut_loops:
+            criteria.append(AnswerStop(self.tokenizer, width, len(rows), sampling.stop, sampling.cut_loops))
         if criteria:
             kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList(criteria)
         global_seed = None if own_sampler or sampling.temperature == 0 else sampling.seed
@@ -505,42 +503,31 @@ class OutputPenalty:
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-class StopText:
-    """A transformers stopping criterion that ends each row once its answer contains a stop string.
+class AnswerStop:
+    """A transformers stopping criterion that ends each row once its answer contains one of
+    ``stops``, or (``cut_loops``) where it starts to loop (:class:`~auto_model.loops.LoopGuard`).
 
-    It reads each row's decoded text, so its cost grows with the answer, not with the vocabulary:
-    transformers' own ``stop_strings`` matches every stop string against every token of the
-    vocabulary before the first step (a 20,000-character stop string took minutes)."""
+    Each unfinished row's text is decoded once a step for both. It reads the answer's text, so its
+    cost grows with the answer, not with the vocabulary: transformers' own ``stop_strings`` matches
+    every stop string against every token of the vocabulary before the first step (a
+    20,000-character stop string took minutes)."""
 
-    def __init__(self, tokenizer: Any, start: int, rows: int, stops: Sequence[str]):
+    def __init__(self, tokenizer: Any, start: int, rows: int, stops: Sequence[str], cut_loops: bool):
         self.tokenizer, self.start, self.stops = tokenizer, start, tuple(stops)
+        self.guards = [LoopGuard() for _ in range(rows)] if cut_loops else None
         self.done = [False] * rows
 
     def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
         import torch
 
         for r in range(len(self.done)):
-            if not self.done[r]:
-                text = self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True)
-                self.done[r] = any(stop in text for stop in self.stops)
+            if self.done[r]:
+                continue
+            text = self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True)
+            if self.guards is not None:
+                self.guards[r].follow(text)
+            self.done[r] = any(stop in text for stop in self.stops) or bool(self.guards and self.guards[r].looped)
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-
-class LoopStop:
-    """A transformers stopping criterion that ends each row where its answer starts to loop
-    (:class:`~auto_model.loops.LoopGuard`, fed the row's text as its tokens arrive)."""
-
-    def __init__(self, tokenizer: Any, start: int, rows: int):
-        self.tokenizer, self.start = tokenizer, start
-        self.guards = [LoopGuard() for _ in range(rows)]
-
-    def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-        import torch
-
-        for r, guard in enumerate(self.guards):
-            if not guard.looped:
-                guard.follow(self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True))
-        return torch.tensor([g.looped for g in self.guards], dtype=torch.bool, device=input_ids.device)
 
 
 def sample_seed(seed: int, j: int) -> int:

@@ -244,13 +244,12 @@ def check_forwardable(body: dict[str, Any], endpoint: str, extra: frozenset[str]
             why = ("it would reveal or bypass the alignment" if name in NEVER_FORWARDED else
                    "the server's operator can allow it with --forward-field")  # fmt: skip
             raise BodyError(f"'{name}' is not forwarded to the upstream: {why}.", param=name)
-    for i, message in enumerate(body.get("messages") or []):
-        for part in message.get("content") or [] if isinstance(message.get("content"), list) else []:
-            for value in part.values() if isinstance(part, dict) else []:
-                url = value.get("url") if isinstance(value, dict) else None
-                if isinstance(url, str) and not url.startswith("data:"):
-                    raise BodyError(f"'messages.{i}.content': media is forwarded inline only (a data: URL), not "
-                                    "fetched from an address.", param="messages")  # fmt: skip
+    for i, message in enumerate(body.get("messages") or []):  # checked by ChatRequest: dicts, parts dicts
+        parts = message.get("content") if isinstance(message.get("content"), list) else []
+        urls = [v.get("url") for part in parts for v in part.values() if isinstance(v, dict)]
+        if any(isinstance(url, str) and not url.startswith("data:") for url in urls):
+            raise BodyError(f"'messages.{i}.content': media is forwarded inline only (a data: URL), not fetched "
+                            "from an address.", param="messages")  # fmt: skip
 
 
 # -- reading a body ------------------------------------------------------------------------------

@@ -112,6 +112,14 @@ class BrowserGuard:
 # -- keys and what each may do ---------------------------------------------------------------------
 
 
+def check_key(key: Any) -> None:
+    """Refuse a key that cannot travel as one (a comma would make it two keys in ``AUTO_MODEL_API_KEYS``),
+    without showing it."""
+    if not isinstance(key, str) or not key or "," in key or key != key.strip() or not key.isprintable():
+        raise InvalidRequestError("An API key may not hold commas, white space at its ends or control characters, "
+                                  "nor be empty.")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class KeyPolicy:
     """One API key and what its requests may do.
@@ -131,11 +139,7 @@ class KeyPolicy:
     per_minute: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, str) or not self.key or "," in self.key or self.key != self.key.strip() or (
-            not self.key.isprintable()
-        ):  # fmt: skip
-            raise InvalidRequestError("An API key must be a non-empty string without commas, white space at its ends "
-                                      "or control characters.")  # fmt: skip
+        check_key(self.key)
         for flag in ("override", "unchecked"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidRequestError(f"Key {self.name!r}: {flag} must be true or false.")
