@@ -135,6 +135,31 @@ def test_the_everyday_development_split_is_apart_from_the_everyday_held_out_spli
     assert float(similarity.max()) < TOO_CLOSE
 
 
+def test_the_second_everyday_split_is_held_out_from_every_data_file_and_split(pool, embedder):
+    """``everyday2.jsonl`` (80 requests, 16 of each kind) was written before the shortened examples and
+    the search round it measures, after the first everyday split had been looked at; it shares no
+    scenario with any data file, split or example the artifacts add."""
+    from auto_model.artifacts import load_prompt_artifact
+
+    data = ROOT / "auto_model" / "data"
+    items = load_eval_set(data / "eval" / "everyday2.jsonl")
+    assert Counter(item.kind for item in items) == {"regular": 80} and len({i.query for i in items}) == 80
+    assert Counter(item.tags[1] for item in items) == dict.fromkeys(
+        ("how-to", "explanation", "list", "code", "advice"), 16
+    )
+    before = [ex.query for ex in pool]
+    for path in sorted(data.glob("*/*.jsonl")):
+        if path.name != "everyday2.jsonl":
+            before += [_user_text(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for path in sorted((ROOT / "auto_model" / "optimized_prompts").glob("*.json")):
+        before += [ex.query for ex in load_prompt_artifact(path).pool_add]
+    similarity = (
+        embedder.encode([i.query for i in items], normalize_embeddings=True)
+        @ embedder.encode(before, normalize_embeddings=True).T
+    )
+    assert float(similarity.max()) < TOO_CLOSE
+
+
 def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_out_splits(embedder):
     """An artifact's pool edits (``pool.add``, from a training run's example bank) become in-context
     examples: they stay as far from every held-out query as the pool itself."""
@@ -142,7 +167,17 @@ def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_ou
 
     added = [ex.query for artifact in packaged_artifacts() for ex in artifact.pool_add]
     held = []
-    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "everyday"):
+    for split in (
+        "heldout",
+        "heldout2",
+        "heldout3",
+        "heldout4",
+        "heldout5",
+        "heldout6",
+        "heldout7",
+        "everyday",
+        "everyday2",
+    ):
         held += _queries(ROOT / "auto_model" / "data" / "eval" / f"{split}.jsonl")
     probe = ["How do I get candle wax out of a tablecloth?"]  # a held-out query: the check can fail
     vectors = embedder.encode(held, normalize_embeddings=True)
@@ -209,7 +244,17 @@ def test_the_reworded_routing_data_is_apart_from_every_held_out_split(embedder):
         row = json.loads(line)
         written += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
     held = []
-    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "everyday"):
+    for split in (
+        "heldout",
+        "heldout2",
+        "heldout3",
+        "heldout4",
+        "heldout5",
+        "heldout6",
+        "heldout7",
+        "everyday",
+        "everyday2",
+    ):
         for line in (data / "eval" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             held += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
@@ -268,7 +313,17 @@ def test_the_misinformation_data_is_apart_from_the_held_out_splits_and_its_devel
     assert Counter(item.kind for item in dev) == {"safety": 30, "regular": 30}
     assert sum("safe-but-alarming" in i.tags for i in dev) == 15
     held = []
-    for split in ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "everyday"):
+    for split in (
+        "heldout",
+        "heldout2",
+        "heldout3",
+        "heldout4",
+        "heldout5",
+        "heldout6",
+        "heldout7",
+        "everyday",
+        "everyday2",
+    ):
         held += _queries(data / "eval" / f"{split}.jsonl")
     vectors = embedder.encode(held, normalize_embeddings=True)
     assert float((embedder.encode(written, normalize_embeddings=True) @ vectors.T).max()) < TOO_CLOSE
