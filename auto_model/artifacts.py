@@ -21,7 +21,8 @@ A file looks like::
 :data:`~auto_model.backends.base.DECODING_SETTINGS`; a route's own override the artifact's) and
 ``num_examples`` (how many examples a request retrieves when the caller does not say,
 :data:`DEFAULT_NUM_EXAMPLES` where the artifact does not either) and ``pool`` (examples the model's
-pool drops, by query, and adds, over the packaged pool; :meth:`PromptArtifact.edit_pool`) are what
+pool drops, by query, and adds, over the packaged pool; an added example with a pool example's
+query replaces it, as a shortened answer does; :meth:`PromptArtifact.edit_pool`) are what
 v3 adds; ``answer_check`` (the output rail, :class:`~auto_model.answer_check.AnswerCheck`) is what
 v4 adds. A file is written in the oldest format that holds what it has, and v1 and v2 files load unchanged (every
 route then gets their one prompt, no decoding setting, and 3 examples).
@@ -108,11 +109,12 @@ class PromptArtifact:
 
     def edit_pool(self, pool: Sequence[Any]) -> list[Any]:
         """``pool`` (examples) with this artifact's edits: its dropped queries left out, its added
-        examples after the rest."""
+        examples after the rest, except that one with the query of a kept example takes that
+        example's place (the later of two added with one query wins)."""
         drop = set(self.pool_drop)
-        kept = [ex for ex in pool if ex.query not in drop]
-        have = {ex.query for ex in kept}
-        return kept + [ex for ex in self.pool_add if ex.query not in have and ex.query not in drop]
+        added = {ex.query: ex for ex in self.pool_add if ex.query not in drop}
+        kept = [added.pop(ex.query, ex) for ex in pool if ex.query not in drop]
+        return kept + list(added.values())
 
     def examples_for(self, route: str | None) -> int:
         """How many examples a request down ``route`` retrieves when its caller does not say."""

@@ -1,4 +1,4 @@
-"""The search's moves that need no writer model (decoding, examples, sentences): the moves themselves
+"""The search's moves that need no writer model (decoding, examples, sentences, shorten): the moves themselves
 (pure), and each on the real trainer end to end (SmolLM2 on transformers, one level of children)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from auto_model.artifacts import load_prompt_artifact, prompt_for_model
 from auto_model.constants import default_model
 from auto_model.errors import ArtifactError
+from auto_model.retrieval import ICLExample
 from auto_model.routing import EVERYDAY
 from auto_model.trainer.cli import main
 from auto_model.trainer.moves import (
@@ -22,6 +23,8 @@ from auto_model.trainer.moves import (
     load_example_bank,
     sentence_moves,
     sentences,
+    shorten_moves,
+    shortened,
 )
 
 START = Candidate("Be helpful. Answer clearly.", (("frequency_penalty", 0.4),), examples=2)
@@ -64,6 +67,65 @@ def test_sentence_moves_add_a_guideline_drop_or_swap_a_sentence():
     edited = {m.note: m.candidate.prompt for m in sentence_moves(paragraphs, [])}
     assert edited["dropped: Two."] == "One.\n\nThree." and edited["dropped: Three."] == "One. Two."
     assert edited["swapped sentences 2 and 3"] == "One. Three.\n\nTwo."
+
+
+LONG = """Act quickly, and blot, never rub. Rubbing spreads the stain.
+
+1. **Blot** up as much as you can with a clean, dry cloth or a few paper towels.
+2. **Rinse**: pour a little cold water on it and blot again, then repeat this two or three times.
+3. **Clean** it with this mix:
+   ```text
+   1 tbsp dish soap + 1 tbsp white vinegar + 2 cups warm water
+   ```
+4. **Dry** the spot with a towel and a heavy book on top overnight, then vacuum the carpet well.
+
+Test any cleaner on a hidden spot first, and avoid hot water, which sets the stain for good."""
+
+
+def _example(body: str) -> ICLExample:
+    return ICLExample("How do I get juice out of a carpet?", f"<START>\n{body}\n<END>", ("everyday",))
+
+
+def test_shortened_keeps_whole_sentences_list_items_and_code_blocks_and_never_ends_on_an_opener():
+    ex = _example(LONG)
+    short = shortened(ex, max_words=50)
+    assert short is not None and short.query == ex.query and short.tags == ex.tags
+    assert short.answer.startswith("<START>\n") and short.answer.endswith("\n<END>")
+    assert short.body == LONG[: LONG.index("\n3.")]  # item 3 (with its code) does not fit: cut before it
+    with_code = shortened(ex, max_words=70)
+    assert with_code is not None and with_code.body.endswith("```") and "4. **Dry**" not in with_code.body
+    # prose that leads into a cut list goes with it; so does a line ending in a colon
+    intro = _example("Sure. Here is what to do.\n\n" + "\n".join(f"{i}. Step {i} takes a few careful words." for i in
+                                                                 range(1, 9)))  # fmt: skip
+    assert shortened(intro, max_words=12) is None  # what is left, "Sure.", is under a third of 12 words
+    assert shortened(intro, max_words=21).body == "Sure. Here is what to do.\n\n1. Step 1 takes a few careful words."
+    colon = _example("You need three things: " + "a pan, a lid and a spoon. " * 3 + "Then:\n- heat it " * 9)
+    assert not shortened(colon, max_words=60).body.rstrip().endswith(":")
+    # e.g. does not end a sentence; an answer that is short already, or barely longer, is left alone
+    abbreviation = _example("Use a mild soap, e.g. dish soap, on it. " * 3 + "Then rinse it well with cold water. " * 9)
+    assert shortened(abbreviation, max_words=30).body.endswith("on it.")
+    assert shortened(_example("Blot it, then rinse it with cold water."), max_words=60) is None
+    assert shortened(_example("word " * 64), max_words=60) is None  # one sentence of 64 words: nothing fits
+
+
+def test_shorten_moves_shorten_retrieved_pool_examples_once():
+    moves = shorten_moves(START, retrieved=["q1", "q2", "q1", "q3"], short={"q1", "q3", "q9"})
+    assert [(m.kind, m.candidate.add, m.note) for m in moves] == [
+        ("shorten", ("q1",), "shortened 'q1'"), ("shorten", ("q3",), "shortened 'q3'")]  # fmt: skip
+    assert shorten_moves(moves[0].candidate, ["q1", "q3"], {"q1", "q3"})[0].candidate.add == ("q1", "q3")
+    assert shorten_moves(replace(START, drop=("q1",)), ["q1"], {"q1"}) == []
+
+
+def test_an_added_example_with_a_pool_query_takes_its_place(pool):
+    own = prompt_for_model(default_model())
+    first = pool[0]
+    short = ICLExample(first.query, "<START>\nShorter.\n<END>", first.tags)
+    extra = ICLExample("A query no pool has", "<START>\nNew.\n<END>", ("everyday",))
+    edited = replace(own, pool_drop=(), pool_add=(extra, short)).edit_pool(pool)
+    assert edited == [short, *pool[1:], extra]  # in the original's place, the new one after the rest
+    later = ICLExample(first.query, "<START>\nShorter still.\n<END>", first.tags)
+    assert replace(own, pool_drop=(), pool_add=(short, later)).edit_pool(pool)[0] == later
+    assert replace(own, pool_drop=(first.query,), pool_add=(short,)).edit_pool(pool) == pool[1:]
 
 
 def test_the_example_bank_keeps_clean_answers_of_the_route(tmp_path):
@@ -165,9 +227,44 @@ def test_the_examples_move_adds_a_bank_example_retrieved_exactly_as_inference_re
         assert any(BANK_ANSWER in json.dumps(r["prompt"]) for r in _sent(run))
 
 
+def test_the_shorten_move_on_the_real_trainer_sends_and_ships_the_shorter_answer(smol, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "everyday.json"
+    args = [*COMMON, "--moves", "shorten", "--n-actions", "8", "--num-training-examples", "2", "--queries-per-level",
+            "1", "--k", "4"]  # fmt: skip
+    assert main([*args, "--log-dir", str(run), "--output", str(out)]) == 0
+    tree = _tree(run)
+    shorter = [n for n in tree["nodes"] if n["action"] == "shorten"]
+    assert shorter, [n["note"] for n in tree["nodes"]]
+    node = shorter[0]
+    query = node["pool_add"][-1]
+    assert node["note"] == f"shortened {query!r}" and node["pool_drop"] == []
+    original = next(ex for ex in smol.icl_pool if ex.query == query)
+    short = shortened(original)
+    assert short is not None and len(short.body.split()) < len(original.body.split())
+    assert query in node["answers"][0]["examples"]  # shortened: one its level's request retrieves
+    # Its request carried the shorter answer in the original's place.
+    prompts = [json.dumps(r["prompt"]) for r in _sent(run)]
+    last_line = json.dumps(original.body.splitlines()[-1])[1:-1]
+    assert any(json.dumps(short.body)[1:-1] in p and last_line not in p for p in prompts)
+    # The artifact ships it as a pool addition with the pool's query: loaded, it replaces the original.
+    artifact, start = load_prompt_artifact(out), prompt_for_model(default_model())
+    best = tree["nodes"][tree["result"]["node"]]
+    assert [ex.query for ex in artifact.pool_add] == [ex.query for ex in start.pool_add] + best["pool_add"]
+    if best["action"] == "shorten":
+        assert artifact.pool_add[-1].body == shortened(next(ex for ex in smol.icl_pool
+                                                            if ex.query == best["pool_add"][-1])).body  # fmt: skip
+    own, size = smol.prompt_artifact, len(smol.icl_pool)
+    try:
+        smol.prompt_artifact = replace(own, pool_add=(*own.pool_add, short))
+        assert next(ex for ex in smol.icl_pool if ex.query == query).body == short.body
+        assert len(smol.icl_pool) == size  # in its place: no example more
+    finally:
+        smol.prompt_artifact = own
+
+
 def test_moves_other_than_the_rewrite_need_a_route_and_known_names(capsys):
     assert main(["--moves", "decoding", "--dry-run"]) == 2
     assert "pass --route everyday" in capsys.readouterr().err
     assert main(["--moves", "dance", "--route", "everyday", "--dry-run"]) == 2
-    assert "--moves takes some of rewrite, decoding, examples, sentences" in capsys.readouterr().err
+    assert "--moves takes some of rewrite, decoding, examples, sentences, shorten" in capsys.readouterr().err
     assert main(["--route", "everyday", "--example-bank", "x.json", "--dry-run"]) == 2

@@ -151,7 +151,8 @@ def parser() -> ArgumentParser:
         help="prompt: how candidates change, comma-separated: rewrite (the optimize model rewrites the prompt), "
         "decoding (one decoding setting one step), examples (one example more or fewer per request, or a pool "
         "example dropped, added from --example-bank, or replaced), sentences (a guideline sentence added, a "
-        "sentence dropped, two swapped); all but rewrite need --route",
+        "sentence dropped, two swapped), shorten (a retrieved pool example's answer cut to its first sentences); "
+        "all but rewrite need --route",
     )
     add("--queries-per-level", type=int, default=1, help="prompt: training queries each candidate answers per level")
     add("--token-cost", type=float, default=0.0, help="prompt: reward taken per 1,000 prompt tokens of a request")
@@ -230,7 +231,8 @@ def _validate(args: argparse.Namespace) -> None:
         )
     if set(args.moves) - {"rewrite"} and args.route is None:
         raise InvalidRequestError(
-            "--moves decoding, examples and sentences change a route's settings: pass --route everyday (or safety)."
+            "--moves decoding, examples, sentences and shorten change a route's settings: "
+            "pass --route everyday (or safety)."
         )
     if args.queries_per_level < 1:
         raise InvalidRequestError(f"--queries-per-level must be >= 1, got {args.queries_per_level}.")
@@ -559,7 +561,8 @@ def _run_prompt(
         "path_mean": best.path_mean if best.path_rewards else None,  # None: no level was scored
         "levels": search.summary(),
     }
-    artifact = _trained_artifact(args, search.candidate(best), provenance, base_artifact, bank)
+    state = search.candidate(best)
+    artifact = _trained_artifact(args, state, provenance, base_artifact, search.added(state))
     output = Path(args.output) if args.output else out_dir / "optimized_prompt.json"
     save_prompt_artifact(artifact, output)
     print(search.summary_table(), file=sys.stderr)
@@ -569,7 +572,7 @@ def _run_prompt(
 
 
 def _trained_artifact(
-    args: argparse.Namespace, best: Any, provenance: dict[str, Any], base: PromptArtifact | None, bank: Any = ()
+    args: argparse.Namespace, best: Any, provenance: dict[str, Any], base: PromptArtifact | None, added: Any = ()
 ) -> PromptArtifact:
     """The artifact a run writes: its prompt alone (v1), or, with --route, the model's artifact with
     that route's state replaced: its prompt, and what the moves changed (its decoding settings, its
@@ -581,7 +584,6 @@ def _trained_artifact(
         return PromptArtifact(model_id=args.base_model_name, system_prompt=prompt, method="drpo", provenance=provenance)
     made = {"method": "drpo", "route": args.route, **provenance}
     model_id = base.model_id if base.model_id not in (None, "default") else args.base_model_name
-    by_query = {ex.query: ex for ex in bank}
     state: dict[str, Any] = {}
     if best.settings != base.decoding_for(args.route):
         state["route_decoding"] = {**base.route_decoding, args.route: best.settings}
@@ -589,7 +591,7 @@ def _trained_artifact(
         state["route_examples"] = {**base.route_examples, args.route: best.examples}
     if best.drop or best.add:
         state["pool_drop"] = (*base.pool_drop, *best.drop)
-        state["pool_add"] = (*base.pool_add, *(by_query[q] for q in best.add))
+        state["pool_add"] = (*base.pool_add, *added)
     if args.route == "everyday":  # the artifact's main prompt is the everyday route's (no prompt of its own)
         routes = {name: text for name, text in base.routes.items() if name != args.route}
         return replace(base, model_id=model_id, system_prompt=prompt, routes=routes, method="drpo", source=None,

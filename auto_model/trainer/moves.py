@@ -10,7 +10,11 @@ thing, chosen with the search's seeded random generator:
   for the level's queries, adds an example from a candidate bank (:func:`load_example_bank`), or
   replaces the one with the other;
 * ``"sentences"`` — adds a sentence from a bank of guidelines written for the project
-  (``templates/guidelines.txt``), drops a sentence, or swaps two neighbouring sentences.
+  (``templates/guidelines.txt``), drops a sentence, or swaps two neighbouring sentences;
+* ``"shorten"`` — shortens the answer of one pool example that the level's requests retrieve to
+  its first sentences and list items (:func:`shortened`, at most :data:`SHORT_WORDS` words): the
+  examples are most of what every request pays for, and their length sets the answers'. The
+  shorter example replaces the pool's under the same query (an artifact's ``pool.add``).
 
 These are pure functions of a candidate; the search scores what they make like any candidate.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any
 
 from auto_model.errors import ArtifactError
 
-MOVES = ("rewrite", "decoding", "examples", "sentences")
+MOVES = ("rewrite", "decoding", "examples", "sentences", "shorten")
 #: the values a move may take each decoding setting to, one step at a time
 DECODING_GRID: dict[str, tuple[float, ...]] = {
     "frequency_penalty": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
@@ -39,6 +43,10 @@ DECODING_GRID: dict[str, tuple[float, ...]] = {
 #: the most examples a request may get from a move
 MAX_EXAMPLES = 5
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
+#: the most words a shortened example's answer keeps
+SHORT_WORDS = 60
+_LIST_ITEM = re.compile(r"^\s{0,3}(?:[-*+•]|\d{1,2}[.)])\s")
+_ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "vs.", "dr.", "mr.", "mrs.", "ms.", "st.", "approx."})
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,88 @@ def sentence_moves(candidate: Candidate, bank: Sequence[str]) -> list[Move]:
     return moves
 
 
+def _units(body: str) -> list[str]:
+    """An answer's pieces in order, each whole: a paragraph's sentences, a list item (with its
+    indented lines), a fenced code block with the line before it; each with its line break."""
+    units: list[str] = []
+    fenced = False
+    for line in body.splitlines(keepends=True):
+        opens = line.lstrip().startswith("```")
+        if units and (fenced or line[:1] in (" ", "\t") and line.strip()) or (opens and fenced):
+            units[-1] += line  # inside a code block, or a list item's indented continuation
+        elif not line.strip() or _LIST_ITEM.match(line) or opens:
+            units.append(line)
+        else:
+            parts: list[str] = []
+            for part in re.split(r"(?<=[.!?])\s+(?=\S)", line.rstrip("\n")):
+                if parts and parts[-1].rsplit(" ", 1)[-1].lower() in _ABBREVIATIONS:
+                    parts[-1] += f" {part}"  # "e.g. a ..." is one sentence
+                else:
+                    parts.append(part)
+            units += [f"{part} " for part in parts[:-1]] + [parts[-1] + line[len(line.rstrip("\n")) :]]
+        if opens:
+            fenced = not fenced
+    return units
+
+
+def _opens(unit: str, follows: str) -> bool:
+    """Whether ``unit``, an answer's last kept piece, leads into something cut (``follows``: the
+    first piece cut): it ends with a colon, is a heading, or is prose before a list, code or table."""
+    text = unit.strip()
+    if text.endswith(":") or text.startswith("#") or (text.startswith("**") and text.endswith("**")):
+        return True
+    prose = not _LIST_ITEM.match(unit) and not text.startswith(("```", "|"))
+    return (
+        prose and bool(follows) and (_LIST_ITEM.match(follows) is not None or follows.lstrip().startswith(("```", "|")))
+    )
+
+
+def shortened(example: Any, max_words: int = SHORT_WORDS) -> Any | None:
+    """``example`` (an :class:`~auto_model.retrieval.ICLExample`) with its answer cut to its first
+    whole sentences, list items and code blocks that fit in ``max_words`` words, ending where one
+    ends (never on a line that opens a list, ``...:``); None when it is already that short, when
+    what fits is under a third of ``max_words`` (a title, a greeting), or when the cut would keep
+    nine tenths of it or more."""
+    from dataclasses import replace as replaced
+
+    from auto_model.prompting import format_answer
+
+    body = example.body
+    words = len(body.split())
+    if words <= max_words:
+        return None
+    units = _units(body)
+    kept: list[str] = []
+    count = 0
+    for unit in units:
+        if count + len(unit.split()) > max_words:
+            break
+        kept.append(unit)
+        count += len(unit.split())
+    rest = [u for u in units[len(kept) :] if u.strip()]
+    follows = rest[0] if rest else ""
+    # a last line that opens what was cut (a list, code, a table), or a heading, goes with it
+    while kept and (not kept[-1].strip() or _opens(kept[-1], follows)):
+        unit = kept.pop()
+        follows = unit if unit.strip() else follows
+    count = sum(len(unit.split()) for unit in kept)
+    if count < max_words // 3 or count >= 0.9 * words:
+        return None
+    return replaced(example, answer=format_answer("".join(kept).strip()))
+
+
+def shorten_moves(candidate: Candidate, retrieved: Sequence[str], short: Collection[str]) -> list[Move]:
+    """Shortening one of the ``retrieved`` pool examples (their queries: what the level's requests
+    got) that has a shorter version (``short``: the queries of :func:`shortened` examples), by
+    adding that version, which replaces the pool's under its query."""
+    added = set(candidate.add)
+    return [
+        Move("shorten", replace(candidate, add=(*candidate.add, query)), f"shortened {query!r}")
+        for query in dict.fromkeys(retrieved)
+        if query in short and query not in added and query not in candidate.drop
+    ]
+
+
 def pick(moves: Sequence[Move], n: int, rng: random.Random) -> list[Move]:
     """``n`` of ``moves`` (all of them if there are no more), seeded: each pick first draws a kind of
     change (the note's first word: ``added``, ``dropped``, a setting's name, ...), then one move of
@@ -237,6 +327,9 @@ __all__ = [
     "example_moves",
     "sentence_moves",
     "sentences",
+    "SHORT_WORDS",
+    "shortened",
+    "shorten_moves",
     "pick",
     "guideline_bank",
     "load_example_bank",

@@ -19,7 +19,8 @@ candidates:
 
 Besides the rewrite, ``moves`` may let a candidate change without a writer model
 (:mod:`auto_model.trainer.moves`): its decoding settings, its examples (how many, and which: the
-pool's or a bank's) and its prompt's sentences. A candidate is then a route's whole state
+pool's or a bank's; or a shorter version of a pool example's answer) and its prompt's sentences.
+A candidate is then a route's whole state
 (:class:`~auto_model.trainer.moves.Candidate`), answered with its own settings and examples. A
 level may answer ``queries_per_level`` training queries (the reward is the mean over them), and
 ``token_cost`` takes that much reward per 1,000 prompt tokens a request pays, so that the injected
@@ -68,6 +69,8 @@ from auto_model.trainer.moves import (
     example_moves,
     pick,
     sentence_moves,
+    shorten_moves,
+    shortened,
 )
 
 logger = logging.getLogger(__name__)
@@ -241,6 +244,7 @@ class BeamSearch:
         self.guidelines = list(guidelines)
         self._routers: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._bank_index: Any = None
+        self._shortened: dict[str, Any] | None = None
         self.queries = list(queries)
         self.harmful = list(harmful) if harmful is not None else [None] * len(self.queries)
         if len(self.harmful) != len(self.queries):
@@ -480,17 +484,40 @@ class BeamSearch:
             rng = random.Random(action_seed(self.config.seed, parent.id, 1000 + number))
             if kind == "decoding":
                 options = decoding_moves(state, self.base.decoding_settings)
-            elif kind == "examples":
+            elif kind in ("examples", "shorten"):
                 # what the level's requests would get: the examples they retrieve now, the bank's nearest
                 queries = [self.queries[i] for i in self._level_queries(parent.level + 1)]
                 retrieved = [ex.query for q in queries for ex in self._examples(state, q)]
-                options = example_moves(state, retrieved, self._bank_near(queries))
+                if kind == "examples":
+                    options = example_moves(state, retrieved, self._bank_near(queries))
+                else:
+                    options = shorten_moves(state, retrieved, self.short_examples())
             elif kind == "sentences":
                 options = sentence_moves(state, self.guidelines)
             else:
                 continue
             made += pick(options, self.config.n_actions, rng)
         return made
+
+    def short_examples(self) -> dict[str, Any]:
+        """The shorter versions of the route's pool examples that the ``shorten`` move adds, by
+        query (:func:`~auto_model.trainer.moves.shortened`; none unless the move is on)."""
+        if self._shortened is None:
+            from auto_model.routing import example_route
+
+            self._shortened = {}
+            if "shorten" in self.config.moves:
+                for example in self.base.model.icl_pool:
+                    short = shortened(example)
+                    if short is not None and self.config.route in (None, example_route(example)):
+                        self._shortened[example.query] = short
+        return self._shortened
+
+    def added(self, state: Candidate) -> tuple[Any, ...]:
+        """The examples ``state`` adds to the pool (its ``add`` queries): the shorter versions of pool
+        examples (:meth:`short_examples`) and the bank's."""
+        short = self.short_examples()
+        return tuple(short[q] if q in short else self.bank[q] for q in state.add)
 
     def _bank_near(self, queries: Sequence[str], per_query: int = 2) -> list[str]:
         """The bank's examples nearest to ``queries`` (by the model's embedder): the ones an added
@@ -610,9 +637,7 @@ class BeamSearch:
             from auto_model.retrieval import ICLRetriever
             from auto_model.routing import RoutedRetriever, RoutingSettings
 
-            edited = replace(
-                model.prompt_artifact, pool_drop=state.drop, pool_add=tuple(self.bank[q] for q in state.add)
-            )
+            edited = replace(model.prompt_artifact, pool_drop=state.drop, pool_add=self.added(state))
             settings = model.prompt_artifact.routing
             self._routers[key] = RoutedRetriever(ICLRetriever(edited.edit_pool(model.icl_pool), model.embedding_model),
                                                  RoutingSettings.from_dict(settings) if settings else None)  # fmt: skip
