@@ -55,7 +55,7 @@ def _parser() -> ArgumentParser:
     gen.add_argument(
         "--backend",
         default="auto",
-        help="engine: auto, vllm, openai or transformers (auto on a machine without a GPU: see README)",
+        help="engine: auto, vllm, openai or transformers (auto on a machine without a GPU: see docs/usage.md)",
     )
     gen.add_argument(
         "--base-url",

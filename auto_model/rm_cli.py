@@ -11,7 +11,7 @@ stderr, the summary (JSON) on stdout. ``score`` prints one reward a line; ``eval
 accuracy, on the held-out split when the file is the one the model was trained on; ``refusals``
 whether the model prefers a refusal to a compliant answer on an eval set's harmful queries and a
 direct answer to a refusal on its ordinary ones (:mod:`auto_model.evaluation.refusals`). For several GPUs,
-start ``train`` under ``accelerate launch`` or ``torchrun`` (see the README).
+start ``train`` under ``accelerate launch`` or ``torchrun`` (see docs/feedback.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ compiled (``enforce_eager=False``, torch.compile at every start), and the openai
 real vLLM OpenAI server on 127.0.0.1 (started first; its start-up is reported, not counted).
 
 The decoding rates give the break-even job size between the two local engines, which the command
-line's engine rule uses (README, "Which engine a command line uses").
+line's engine rule uses (docs/usage.md, "Which engine a command line uses").
 """
 
 from __future__ import annotations

@@ -366,7 +366,7 @@ def test_judge_prompts_share_their_instructions_as_a_prefix():
 def test_everyday_quality_without_a_judge_loops_endings_and_a_reward_models_preference(
     smol, small_rm, tmp_path, capsys
 ):
-    """The model alone against the defaults on everyday items, as the README's everyday command runs it
+    """The model alone against the defaults on everyday items, as the everyday command of docs/eval.md runs it
     (transformers here): loops, cuts, clean endings, prompt tokens, and the reward model's preference."""
     eval_set = tmp_path / "everyday.jsonl"
     eval_set.write_text("".join(json.dumps(i) + "\n" for i in ITEMS[:3]))

@@ -1,9 +1,9 @@
-"""Scale-out on a real Ray cluster of two nodes on this machine, started the way the README tells
+"""Scale-out on a real Ray cluster of two nodes on this machine, started the way docs/backends.md tells
 users to start one on several machines (``ray start --head`` and ``ray start --address``: two
 raylets with their own ports, one CPU each), with real engines.
 
 - data parallelism: ``auto-model generate --input ... --replicas 2 --ray-address HEAD`` (the
-  README's recipe, as written) puts one transformers engine on each node; its answers equal the
+  docs/backends.md recipe, as written) puts one transformers engine on each node; its answers equal the
   single engine's, in input order, and a replica killed with SIGKILL mid-run loses no finished
   answer (its unfinished requests go to the other);
 - the batch commands' ``--replicas``/``--ray-address`` flags reach every local engine;
@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(isolated_env, tmp_path_factory):
-    """The README's two commands, head then worker, one CPU each; yields the head's address.
+    """The two commands of docs/backends.md, head then worker, one CPU each; yields the head's address.
 
     (``ray stop`` at the end stops every Ray process of this user on the machine, as it does for users.)"""
     head = f"{ray.util.get_node_ip_address()}:{_free_port()}"

@@ -1,4 +1,5 @@
-"""The showcase is honest: the README's example queries and `make demo`'s are not the example pool's.
+"""The showcase is honest: the example queries of the README and docs/, and `make demo`'s, are not the
+example pool's.
 
 A query of the pool gets that pool answer as an in-context example, so its answer is a copy and
 shows nothing. Rewordings are caught too: by normalised text, and by real MiniLM similarity.
@@ -21,8 +22,9 @@ def normalise(text: str) -> str:
 
 
 def readme_strings() -> list[str]:
-    """Every double-quoted string of three words or more in the README's code blocks."""
-    blocks = re.findall(r"```(?:python|bash)\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    """Every double-quoted string of three words or more in the code blocks of the README and docs/."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    blocks = re.findall(r"```(?:python|bash)\n(.*?)```", text, re.S)
     strings = [s for block in blocks for s in re.findall(r'"([^"\n]*)"', block)]  # quoted strings, in order
     return [s for s in dict.fromkeys(strings) if len(s.split()) >= 3 and not s.startswith(("http", "/", "."))]
 

@@ -82,7 +82,7 @@ def resolve_backend_name(
 
 #: On a machine without a GPU, a one-shot command line whose answers add up to at most this many new
 #: tokens runs on transformers, a larger one on vLLM: transformers starts sooner, vLLM decodes faster
-#: (see README "Which engine a command line uses" and the cold-start benchmark).
+#: (see docs/usage.md, "Which engine a command line uses" and the cold-start benchmark).
 CLI_TRANSFORMERS_MAX_TOKENS = 256
 
 
