@@ -52,6 +52,9 @@ def test_example_moves_change_the_count_drop_retrieved_ones_add_and_replace_from
     again = example_moves(added.candidate, retrieved=["bank q"], bank=["bank q"])
     assert [m.candidate.add for m in again if m.note.startswith("removed")] == [()]
     assert all("bank q" not in m.candidate.drop for m in again)
+    # a base model's run keeps at least one example: the count never goes below min_examples
+    floor = example_moves(START, retrieved=["pool q1"], bank=[], min_examples=2)
+    assert {m.candidate.examples for m in floor if m.note.startswith("examples")} == {3}
 
 
 def test_sentence_moves_add_a_guideline_drop_or_swap_a_sentence():
@@ -267,4 +270,6 @@ def test_moves_other_than_the_rewrite_need_a_route_and_known_names(capsys):
     assert "pass --route everyday" in capsys.readouterr().err
     assert main(["--moves", "dance", "--route", "everyday", "--dry-run"]) == 2
     assert "--moves takes some of rewrite, decoding, examples, sentences, shorten" in capsys.readouterr().err
+    assert main(["--route", "everyday", "--moves", "examples", "--min-examples", "9", "--dry-run"]) == 2
+    assert "--min-examples must be in [0, 5], got 9" in capsys.readouterr().err
     assert main(["--route", "everyday", "--example-bank", "x.json", "--dry-run"]) == 2

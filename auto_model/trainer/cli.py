@@ -156,6 +156,8 @@ def parser() -> ArgumentParser:
     )
     add("--queries-per-level", type=int, default=1, help="prompt: training queries each candidate answers per level")
     add("--token-cost", type=float, default=0.0, help="prompt: reward taken per 1,000 prompt tokens of a request")
+    add("--min-examples", type=int, default=0, help="prompt: the fewest examples per request the examples move "
+        "goes down to (a base model answers off-topic without one)")  # fmt: skip
     add("--example-bank", default=None, help="prompt: examples the examples move may add: an ICL pool file, or the "
         "responses of auto-model-feedback --mode rg (filtered: no loop, no refusal, 12-120 words)")  # fmt: skip
     add("--guidelines", default=None, help="prompt: sentences the sentences move may add, one a line (default: the "
@@ -221,7 +223,7 @@ def _validate(args: argparse.Namespace) -> None:
     for name in ("max_depth_increase", "k"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise InvalidRequestError(f"{kebab('--' + name)} must be >= 0, got {getattr(args, name)}.")
-    from auto_model.trainer.moves import MOVES
+    from auto_model.trainer.moves import MAX_EXAMPLES, MOVES
 
     args.moves = tuple(m.strip() for m in str(args.moves).split(",") if m.strip())
     unknown = [m for m in args.moves if m not in MOVES]
@@ -238,6 +240,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--queries-per-level must be >= 1, got {args.queries_per_level}.")
     if args.token_cost < 0:
         raise InvalidRequestError(f"--token-cost must be >= 0, got {args.token_cost}.")
+    if not 0 <= args.min_examples <= MAX_EXAMPLES:
+        raise InvalidRequestError(f"--min-examples must be in [0, {MAX_EXAMPLES}], got {args.min_examples}.")
     if args.example_bank is not None and "examples" not in args.moves:
         raise InvalidRequestError("--example-bank is what the examples move adds from: add examples to --moves.")
     if args.max_calls is not None and args.max_calls < 0:
@@ -485,6 +489,7 @@ def _run_prompt(
         moves=args.moves,
         queries_per_level=args.queries_per_level,
         token_cost=args.token_cost,
+        min_examples=args.min_examples,
     )
     bar = None
     if not args.disable_tqdm:
@@ -548,6 +553,7 @@ def _run_prompt(
             "moves": list(args.moves),
             "queries_per_level": args.queries_per_level,
             "token_cost": args.token_cost,
+            "min_examples": args.min_examples,
         },
         "best_node": best.id,
         "best": {

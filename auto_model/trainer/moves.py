@@ -95,12 +95,15 @@ def decoding_moves(candidate: Candidate, supported: frozenset[str] | set[str]) -
     return moves
 
 
-def example_moves(candidate: Candidate, retrieved: Sequence[str], bank: Sequence[str]) -> list[Move]:
-    """One example more or fewer per request; dropping one of the ``retrieved`` pool examples (their
-    queries: what the level's requests got); adding one of the ``bank``'s; replacing one by another."""
+def example_moves(
+    candidate: Candidate, retrieved: Sequence[str], bank: Sequence[str], min_examples: int = 0
+) -> list[Move]:
+    """One example more or fewer per request (never fewer than ``min_examples``: a base model needs
+    one to answer at all); dropping one of the ``retrieved`` pool examples (their queries: what the
+    level's requests got); adding one of the ``bank``'s; replacing one by another."""
     moves = []
     k = candidate.examples
-    if k > 0:
+    if k > min_examples:
         moves.append(Move("examples", replace(candidate, examples=k - 1), f"examples per request {k} -> {k - 1}"))
     if k < MAX_EXAMPLES:
         moves.append(Move("examples", replace(candidate, examples=k + 1), f"examples per request {k} -> {k + 1}"))

@@ -62,6 +62,7 @@ from auto_model.rewards.base import (
     score_record,
 )
 from auto_model.trainer.moves import (
+    MAX_EXAMPLES,
     MOVES,
     Candidate,
     Move,
@@ -104,6 +105,7 @@ class SearchConfig:
     moves: tuple[str, ...] = ("rewrite",)  # how candidates change (auto_model.trainer.moves.MOVES)
     queries_per_level: int = 1  # training queries each candidate answers per level
     token_cost: float = 0.0  # reward taken per 1,000 prompt tokens a request pays
+    min_examples: int = 0  # the fewest examples per request the examples move goes down to
 
 
 @dataclass
@@ -237,6 +239,8 @@ class BeamSearch:
             raise ValueError(f"moves must be some of {', '.join(MOVES)}, got {', '.join(config.moves) or 'none'}.")
         if config.queries_per_level < 1:
             raise ValueError(f"queries_per_level must be >= 1, got {config.queries_per_level}.")
+        if not 0 <= config.min_examples <= MAX_EXAMPLES:
+            raise ValueError(f"min_examples must be in [0, {MAX_EXAMPLES}], got {config.min_examples}.")
         self.initial = initial or Candidate(initial_prompt, examples=config.k)
         if self.initial.prompt != initial_prompt:
             raise ValueError("the initial candidate's prompt must be the initial prompt.")
@@ -489,7 +493,7 @@ class BeamSearch:
                 queries = [self.queries[i] for i in self._level_queries(parent.level + 1)]
                 retrieved = [ex.query for q in queries for ex in self._examples(state, q)]
                 if kind == "examples":
-                    options = example_moves(state, retrieved, self._bank_near(queries))
+                    options = example_moves(state, retrieved, self._bank_near(queries), self.config.min_examples)
                 else:
                     options = shorten_moves(state, retrieved, self.short_examples())
             elif kind == "sentences":
