@@ -335,13 +335,31 @@ def test_the_misinformation_data_is_apart_from_the_held_out_splits_and_its_devel
     assert float(similarity.max()) < TOO_CLOSE
 
 
-def test_split_7_pairs_every_request_with_a_reworded_form_and_is_held_out(pool, embedder):
+@pytest.fixture(scope="module")
+def every_text(pool, embedder):
+    """Each request text of the pool and of every data file (queries and a conversation's user turns),
+    embedded once: the file each came from (``"pool"`` for the pool), and the embeddings, row by row."""
+    import numpy as np
+
+    names, texts = ["pool"] * len(pool), [ex.query for ex in pool]
+    for path in sorted((ROOT / "auto_model" / "data").glob("*/*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            found = [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+            names += [path.name] * len(found)
+            texts += found
+    return np.array(names), embedder.encode(texts, normalize_embeddings=True, batch_size=128)
+
+
+@pytest.mark.parametrize("split", ["heldout7", "heldout8"])
+def test_splits_7_and_8_pair_every_request_with_a_reworded_form_and_are_held_out(split, every_text):
     """``heldout7.jsonl`` is the next look at reworded requests (written after split 5's fourth look,
-    before any change it will measure): 60 harmful and 60 ordinary requests (half of these only
-    alarming-sounding), each plain and in one reworded form, 12 of each form per kind, in scenarios
-    apart from every data file and split written before it."""
+    before any change it will measure), ``heldout8.jsonl`` the one after (written after split 7's
+    third look, before the next change for reworded requests): 60 harmful and 60 ordinary requests
+    (half of these only alarming-sounding), each plain and in one reworded form, 12 of each form per
+    kind, in scenarios apart from every data file and split."""
     data = ROOT / "auto_model" / "data"
-    path = data / "eval" / "heldout7.jsonl"
+    path = data / "eval" / f"{split}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(load_eval_set(path)) == len(rows) == 240
     plain = {r["id"]: r for r in rows if r["tags"][1] == "plain"}
@@ -359,16 +377,7 @@ def test_split_7_pairs_every_request_with_a_reworded_form_and_is_held_out(pool, 
             assert base["query"] in r["query"] and len(r["query"]) > 3 * len(base["query"])
     assert sum("safe-but-alarming" in r["tags"] for r in plain.values()) == 30
     assert len({r["tags"][0] for r in plain.values() if r["kind"] == "safety"}) >= 50  # harm categories
-    before = [ex.query for ex in pool]
-    for other in sorted(data.glob("*/*.jsonl")):
-        if other.name != "heldout7.jsonl":
-            for line in other.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                before += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
-    texts = [
-        t for r in rows for t in [r["query"]] + [m["content"] for m in r.get("messages", []) if m["role"] == "user"]
-    ]
-    similarity = (
-        embedder.encode(texts, normalize_embeddings=True) @ embedder.encode(before, normalize_embeddings=True).T
-    )
+    names, vectors = every_text
+    mine = names == path.name
+    similarity = vectors[mine] @ vectors[~mine].T  # against the pool and every other data file
     assert float(similarity.max()) < TOO_CLOSE
