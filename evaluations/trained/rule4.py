@@ -99,6 +99,10 @@ def main() -> None:
         look = report(model, "everyday2")
         if look is None:
             continue
+        if candidate not in {r["config"] for r in look["records"]}:  # no candidate passed: the shipped one measured
+            for c in ("alone", "shipped"):
+                print(row(model, "everyday2 (held out)", c, everyday(look, c), "stays" if c == "shipped" else ""))
+            continue
         e = {c: everyday(look, c) for c in ("alone", "shipped", candidate)}
         splits = {s: (refusal(model, s, "shipped"), refusal(model, s, candidate)) for s in SPLITS}
         verdict = "replaces the shipped artifact" if replaces(e["alone"], e["shipped"], e[candidate], splits) else (
