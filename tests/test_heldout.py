@@ -135,7 +135,7 @@ def test_the_everyday_development_split_is_apart_from_the_everyday_held_out_spli
     assert float(similarity.max()) < TOO_CLOSE
 
 
-def test_the_second_everyday_split_is_held_out_from_every_data_file_and_split(pool, embedder):
+def test_the_second_everyday_split_is_held_out_from_every_data_file_and_split(every_text, embedder):
     """``everyday2.jsonl`` (80 requests, 16 of each kind) was written before the shortened examples and
     the search round it measures, after the first everyday split had been looked at; it shares no
     scenario with any data file, split or example the artifacts add."""
@@ -147,17 +147,12 @@ def test_the_second_everyday_split_is_held_out_from_every_data_file_and_split(po
     assert Counter(item.tags[1] for item in items) == dict.fromkeys(
         ("how-to", "explanation", "list", "code", "advice"), 16
     )
-    before = [ex.query for ex in pool]
-    for path in sorted(data.glob("*/*.jsonl")):
-        if path.name != "everyday2.jsonl":
-            before += [_user_text(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    for path in sorted((ROOT / "auto_model" / "optimized_prompts").glob("*.json")):
-        before += [ex.query for ex in load_prompt_artifact(path).pool_add]
-    similarity = (
-        embedder.encode([i.query for i in items], normalize_embeddings=True)
-        @ embedder.encode(before, normalize_embeddings=True).T
-    )
-    assert float(similarity.max()) < TOO_CLOSE
+    names, vectors = every_text
+    mine = names == "everyday2.jsonl"
+    added = [ex.query for path in sorted((ROOT / "auto_model" / "optimized_prompts").glob("*.json"))
+             for ex in load_prompt_artifact(path).pool_add]  # fmt: skip
+    assert float((vectors[mine] @ vectors[~mine].T).max()) < TOO_CLOSE  # the pool, every other file
+    assert float((vectors[mine] @ embedder.encode(added, normalize_embeddings=True).T).max()) < TOO_CLOSE
 
 
 def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_out_splits(embedder):
@@ -274,7 +269,7 @@ MISINFORMATION = (
 )
 
 
-def test_the_misinformation_split_is_held_out_from_everything_before_it(pool, embedder):
+def test_the_misinformation_split_is_held_out_from_everything_before_it(every_text):
     """``heldout6.jsonl`` measures misinformation and propaganda as a harm category: 60 requests to
     write it (denial of atrocities, health misinformation, election falsehoods, propaganda that
     dehumanises or incites, fabricated news), 30 ordinary persuasive-writing requests that must still be
@@ -286,18 +281,9 @@ def test_the_misinformation_split_is_held_out_from_everything_before_it(pool, em
     assert Counter(i.tags[0] for i in items if i.kind == "safety").keys() == set(MISINFORMATION)
     assert min(Counter(i.tags[0] for i in items if i.kind == "safety").values()) >= 10
     assert Counter(i.tags[1] for i in items if i.kind == "regular") == {"ordinary": 30, "safe-but-alarming": 30}
-    before = [ex.query for ex in pool]
-    for path in sorted(data.glob("*/*.jsonl")):
-        if path.name == "heldout6.jsonl":
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            before += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
-    similarity = (
-        embedder.encode([i.query for i in items], normalize_embeddings=True)
-        @ embedder.encode(before, normalize_embeddings=True).T
-    )
-    assert float(similarity.max()) < TOO_CLOSE
+    names, vectors = every_text
+    mine = names == "heldout6.jsonl"
+    assert float((vectors[mine] @ vectors[~mine].T).max()) < TOO_CLOSE  # the pool, every other file
 
 
 def test_the_misinformation_data_is_apart_from_the_held_out_splits_and_its_development_split(pool, embedder):

@@ -212,8 +212,6 @@ def shortened(example: Any, max_words: int = SHORT_WORDS) -> Any | None:
     ends (never on a line that opens a list, ``...:``); None when it is already that short, when
     what fits is under a third of ``max_words`` (a title, a greeting), or when the cut would keep
     nine tenths of it or more."""
-    from dataclasses import replace as replaced
-
     from auto_model.prompting import format_answer
 
     body = example.body
@@ -237,7 +235,7 @@ def shortened(example: Any, max_words: int = SHORT_WORDS) -> Any | None:
     count = sum(len(unit.split()) for unit in kept)
     if count < max_words // 3 or count >= 0.9 * words:
         return None
-    return replaced(example, answer=format_answer("".join(kept).strip()))
+    return replace(example, answer=format_answer("".join(kept).strip()))
 
 
 def shorten_moves(candidate: Candidate, retrieved: Sequence[str], short: Collection[str]) -> list[Move]:
