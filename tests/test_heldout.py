@@ -21,6 +21,9 @@ HELDOUT = ROOT / "auto_model" / "data" / "eval" / "heldout.jsonl"
 #: MiniLM cosine similarity at or above which a tuning query is too close to a held-out one. Stricter
 #: than the showcase's "same question" bar (0.85): a held-out query must not even share its scenario.
 TOO_CLOSE = 0.75
+#: every held-out split: later data and added examples stay apart from each
+HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "heldout8", "everyday",
+            "everyday2")  # fmt: skip
 
 
 def _queries(path: Path) -> list[str]:
@@ -162,17 +165,7 @@ def test_examples_a_shipped_artifact_adds_to_the_pool_are_apart_from_the_held_ou
 
     added = [ex.query for artifact in packaged_artifacts() for ex in artifact.pool_add]
     held = []
-    for split in (
-        "heldout",
-        "heldout2",
-        "heldout3",
-        "heldout4",
-        "heldout5",
-        "heldout6",
-        "heldout7",
-        "everyday",
-        "everyday2",
-    ):
+    for split in HELD_OUT:
         held += _queries(ROOT / "auto_model" / "data" / "eval" / f"{split}.jsonl")
     probe = ["How do I get candle wax out of a tablecloth?"]  # a held-out query: the check can fail
     vectors = embedder.encode(held, normalize_embeddings=True)
@@ -239,17 +232,7 @@ def test_the_reworded_routing_data_is_apart_from_every_held_out_split(embedder):
         row = json.loads(line)
         written += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
     held = []
-    for split in (
-        "heldout",
-        "heldout2",
-        "heldout3",
-        "heldout4",
-        "heldout5",
-        "heldout6",
-        "heldout7",
-        "everyday",
-        "everyday2",
-    ):
+    for split in HELD_OUT:
         for line in (data / "eval" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             held += [row["query"]] + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
@@ -299,17 +282,7 @@ def test_the_misinformation_data_is_apart_from_the_held_out_splits_and_its_devel
     assert Counter(item.kind for item in dev) == {"safety": 30, "regular": 30}
     assert sum("safe-but-alarming" in i.tags for i in dev) == 15
     held = []
-    for split in (
-        "heldout",
-        "heldout2",
-        "heldout3",
-        "heldout4",
-        "heldout5",
-        "heldout6",
-        "heldout7",
-        "everyday",
-        "everyday2",
-    ):
+    for split in HELD_OUT:
         held += _queries(data / "eval" / f"{split}.jsonl")
     vectors = embedder.encode(held, normalize_embeddings=True)
     assert float((embedder.encode(written, normalize_embeddings=True) @ vectors.T).max()) < TOO_CLOSE
