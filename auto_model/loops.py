@@ -43,11 +43,13 @@ MAX_PERIOD = 24
 #: the fewest words a looping run must span before it counts (three cycles at the least)
 MIN_RUN_WORDS = 12
 
-_FENCES = ("```", "~~~")
+#: what opens or closes a Markdown code block
+FENCES = ("```", "~~~")
 _BOUNDARY = re.compile(r"\n|(?<=[.!?])[\"')\]*_]*\s")
 _MARKER_ONLY = re.compile(r"^\s*(?:\d{1,3}|[A-Za-z])[.)]\s*$")
 _MARKER_SO_FAR = re.compile(r"^\s*(?:\d{1,3}|[A-Za-z])?[.)]?\s*$")  # what may still become "12. "
-_LIST_MARKER = re.compile(r"^\s*(?:(?:\d{1,3}|[A-Za-z])[.)]|[-*+\u2022])\s+")
+#: a list item's marker ("1. ", "a) ", "- ", "• ") and the space after it
+LIST_MARKER = re.compile(r"^\s*(?:(?:\d{1,3}|[A-Za-z])[.)]|[-*+\u2022])\s+")
 _LABEL = re.compile(r"^[^:.!?\n]{1,60}?:\s+(?=\S)")  # "**Use a tripod**: " before an item's text
 _WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")
 _TOKEN = re.compile(r"\S+")
@@ -56,7 +58,7 @@ _EDGE = re.compile(r"^\W+|\W+$")
 
 def _unit_words(raw: str) -> list[str]:
     """The words a unit is compared by: no list marker, short label, case or punctuation."""
-    text = _LIST_MARKER.sub("", raw.strip())
+    text = LIST_MARKER.sub("", raw.strip())
     label = _LABEL.match(text)
     if label and len(_WORD.findall(label.group())) <= 6:
         text = text[label.end() :]
@@ -189,7 +191,7 @@ class LoopGuard:
         start, self._unit_start = self._unit_start, end
         if newline:
             line_start, self._line_start = self._line_start, end
-            if self.text[line_start:end].strip().startswith(_FENCES):
+            if self.text[line_start:end].strip().startswith(FENCES):
                 self._in_code = not self._in_code
                 if self._in_code:
                     self._block_start = line_start
@@ -201,7 +203,7 @@ class LoopGuard:
                 return self._count(words, " ".join(words), self._block_start + len(block) - len(block.lstrip()))
         if self._in_code:
             return False
-        whole = " ".join(_WORD.findall(_LIST_MARKER.sub("", raw.strip()).lower()))
+        whole = " ".join(_WORD.findall(LIST_MARKER.sub("", raw.strip()).lower()))
         return self._count(_unit_words(raw), whole, start + (len(raw) - len(raw.lstrip())))
 
     def _count(self, words: list[str], whole: str, start: int) -> bool:
@@ -249,13 +251,13 @@ class LoopGuard:
         if self._in_code:  # an open code block may become the same block again
             content = self.text[self._block_start :].split("\n", 1)[-1]
             head, _, last = content.rpartition("\n")
-            if last.strip() and (last.strip().startswith(_FENCES) or any(f.startswith(last.strip()) for f in _FENCES)):
+            if last.strip() and (last.strip().startswith(FENCES) or any(f.startswith(last.strip()) for f in FENCES)):
                 content = head  # the closing fence, on its way
             partial = whole = " ".join(_code_words(content))
             start = self._block_start
         else:
             raw = self.text[self._unit_start :]
-            item = _LIST_MARKER.sub("", raw.lstrip())
+            item = LIST_MARKER.sub("", raw.lstrip())
             whole = "" if _MARKER_SO_FAR.match(raw) else " ".join(_WORD.findall(item.lower()))
             # a few words without a colon yet may still turn out to be a label ("Tripod: ..."): the
             # text the unit is counted by is not known yet

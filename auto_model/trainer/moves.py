@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_model.errors import ArtifactError
+from auto_model.loops import FENCES, LIST_MARKER
 
 MOVES = ("rewrite", "decoding", "examples", "sentences", "shorten")
 #: the values a move may take each decoding setting to, one step at a time
@@ -42,10 +43,10 @@ DECODING_GRID: dict[str, tuple[float, ...]] = {
 }
 #: the most examples a request may get from a move
 MAX_EXAMPLES = 5
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
+_SENTENCE_END = r"(?<=[.!?])\s+(?=\S)"
+_SENTENCE = re.compile(f"{_SENTENCE_END}|\\n+")
 #: the most words a shortened example's answer keeps
 SHORT_WORDS = 60
-_LIST_ITEM = re.compile(r"^\s{0,3}(?:[-*+•]|\d{1,2}[.)])\s")
 _ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "vs.", "dr.", "mr.", "mrs.", "ms.", "st.", "approx."})
 
 
@@ -176,14 +177,14 @@ def _units(body: str) -> list[str]:
     units: list[str] = []
     fenced = False
     for line in body.splitlines(keepends=True):
-        opens = line.lstrip().startswith("```")
+        opens = line.lstrip().startswith(FENCES)
         if units and (fenced or line[:1] in (" ", "\t") and line.strip()) or (opens and fenced):
             units[-1] += line  # inside a code block, or a list item's indented continuation
-        elif not line.strip() or _LIST_ITEM.match(line) or opens:
+        elif not line.strip() or LIST_MARKER.match(line) or opens:
             units.append(line)
         else:
             parts: list[str] = []
-            for part in re.split(r"(?<=[.!?])\s+(?=\S)", line.rstrip("\n")):
+            for part in re.split(_SENTENCE_END, line.rstrip("\n")):
                 if parts and parts[-1].rsplit(" ", 1)[-1].lower() in _ABBREVIATIONS:
                     parts[-1] += f" {part}"  # "e.g. a ..." is one sentence
                 else:
@@ -200,10 +201,9 @@ def _opens(unit: str, follows: str) -> bool:
     text = unit.strip()
     if text.endswith(":") or text.startswith("#") or (text.startswith("**") and text.endswith("**")):
         return True
-    prose = not _LIST_ITEM.match(unit) and not text.startswith(("```", "|"))
-    return (
-        prose and bool(follows) and (_LIST_ITEM.match(follows) is not None or follows.lstrip().startswith(("```", "|")))
-    )
+    blocks = (*FENCES, "|")  # code, a table
+    prose = not LIST_MARKER.match(unit) and not text.startswith(blocks)
+    return prose and bool(follows) and (LIST_MARKER.match(follows) is not None or follows.lstrip().startswith(blocks))
 
 
 def shortened(example: Any, max_words: int = SHORT_WORDS) -> Any | None:

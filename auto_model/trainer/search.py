@@ -484,15 +484,17 @@ class BeamSearch:
     def _moves(self, parent: Node, state: Candidate) -> list[Move]:
         """The parent's moves that need no writer model, ``n_actions`` of each kind (seeded)."""
         made: list[Move] = []
+        # what the level's requests would get: the examples they retrieve now (for both example moves)
+        queries = [self.queries[i] for i in self._level_queries(parent.level + 1)]
+        retrieved: list[str] | None = None
         for number, kind in enumerate(self.config.moves):
             rng = random.Random(action_seed(self.config.seed, parent.id, 1000 + number))
             if kind == "decoding":
                 options = decoding_moves(state, self.base.decoding_settings)
             elif kind in ("examples", "shorten"):
-                # what the level's requests would get: the examples they retrieve now, the bank's nearest
-                queries = [self.queries[i] for i in self._level_queries(parent.level + 1)]
-                retrieved = [ex.query for q in queries for ex in self._examples(state, q)]
-                if kind == "examples":
+                if retrieved is None:
+                    retrieved = [ex.query for q in queries for ex in self._examples(state, q)]
+                if kind == "examples":  # and the bank's examples nearest to the level's queries
                     options = example_moves(state, retrieved, self._bank_near(queries), self.config.min_examples)
                 else:
                     options = shorten_moves(state, retrieved, self.short_examples())
