@@ -48,6 +48,7 @@ from typing import Any
 
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.files import read_query_rows
+from auto_model.rewording import plain_forms
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +309,9 @@ class RoutingSettings:
         segments: score a request's parts too (:func:`routing_texts`: its sentences, the earlier
             user turns of its conversation, all of them together) and keep the highest score, so
             that padding or an earlier turn does not hide a request; False: the last user turn alone.
+        rewordings: with ``segments``, score the plain requests a reworded one may hide too (its
+            text after a preface, restated in the present tense, a "how to" clause inside a story:
+            :func:`auto_model.rewording.plain_forms`).
     """
 
     threshold: float = 0.5
@@ -318,10 +322,12 @@ class RoutingSettings:
     classifier: SafetyClassifier | None = None
     lexical: LexicalClassifier | None = None
     segments: bool = True
+    rewordings: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.segments, bool):
-            raise InvalidRequestError(f"routing segments must be true or false, got {self.segments!r}.")
+        for name in ("segments", "rewordings"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"routing {name} must be true or false, got {getattr(self, name)!r}.")
         if sum(c.weight for c in (self.classifier, self.lexical) if c is not None) > 1 + 1e-9:
             raise InvalidRequestError(
                 "routing: the classifier's and the lexical classifier's weights add up to more than 1; "
@@ -343,7 +349,7 @@ class RoutingSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "routing") -> RoutingSettings:
         fields = {"threshold", "neighbours", "temperature", "everyday_prior", "vote_set", "classifier", "lexical",
-                  "segments"}  # fmt: skip
+                  "segments", "rewordings"}  # fmt: skip
         unknown = set(data) - fields
         if unknown:
             raise InvalidRequestError(f"{source}: unknown routing settings {sorted(unknown)}.")
@@ -363,6 +369,8 @@ class RoutingSettings:
             data["vote_set"] = self.vote_set
         if not self.segments:
             data["segments"] = False
+        if not self.rewordings:
+            data["rewordings"] = False
         if self.classifier is not None:
             data["classifier"] = self.classifier.to_dict()
         if self.lexical is not None:
@@ -448,18 +456,23 @@ def _parts(text: str) -> list[str]:
     return parts
 
 
-def routing_texts(query: str, earlier: Sequence[str] = ()) -> list[str]:
+def routing_texts(query: str, earlier: Sequence[str] = (), rewordings: bool = True) -> list[str]:
     """The texts whose highest safety score routes a request: the request (its last user turn)
     first; then, when it holds three sentences or more, each two adjacent ones, and a long
     sentence in overlapping windows of words; then each earlier user turn of its conversation, read
-    the same way, and all its user turns together. Padding a request, or asking it a turn earlier, does not
-    hide it; each text appears once."""
+    the same way, and all its user turns together; then (``rewordings``) the plain requests that the
+    request and each earlier turn may hide behind a preface, another tense or a story
+    (:func:`auto_model.rewording.plain_forms`). Padding a request, asking it a turn earlier or
+    rewording it does not hide it; each text appears once."""
     texts = [query, *_parts(query)]
     turns = [t for t in earlier if t and t.strip()]
     for turn in turns:
         texts += [turn, *_parts(turn)]
     if turns:
         texts.append(conversation_text(query, turns))
+    if rewordings:
+        for text in (query, *turns):
+            texts += plain_forms(text)
     return list(dict.fromkeys(texts))
 
 
@@ -599,7 +612,9 @@ class RoutedRetriever:
         vectors = self.retriever.embed(queries) if vectors is None else vectors
         settings = self.settings
         if settings.segments:
-            texts = [routing_texts(q, earlier[i] if earlier else ()) for i, q in enumerate(queries)]
+            texts = [
+                routing_texts(q, earlier[i] if earlier else (), settings.rewordings) for i, q in enumerate(queries)
+            ]
         else:
             texts = [[q] for q in queries]
         more = [t for group in texts for t in group[1:]]
