@@ -26,7 +26,7 @@ _WHO = r"(?:people|someone|somebody|one|they|he|she|criminals|a person|anyone|a 
 #: (pattern, replacement) applied in order: tense and mood back to the asker's own present request.
 _RULES = [
     (
-        rf"\bhow (?:did|would|could|might|will|were|was|do|does|can|should)(?: \w+){{0,3}}? {_WHO}"
+        rf"\bhow (?:did|would|could|might|will|were|was|do|does|can|should)(?: (?!I\b)\w+)? {_WHO}"
         r"(?: once| back then| in the past| historically| have| be able to| go about| used to| use to"
         r"| manage to| typically| usually| actually)*\b",
         "how do I",
@@ -53,9 +53,13 @@ _BEFORE_MARK = re.compile(r"\s+([?.!,])")
 
 
 def _restated(text: str) -> str:
+    """``text`` with the rules applied (unchanged when none applies)."""
+    restated = text
     for pattern, replacement in _COMPILED:
-        text = pattern.sub(replacement, text)
-    return _BEFORE_MARK.sub(r"\1", _SPACES.sub(" ", text)).strip()
+        restated = pattern.sub(replacement, restated)
+    if restated == text:
+        return text
+    return _BEFORE_MARK.sub(r"\1", _SPACES.sub(" ", restated)).strip()
 
 
 def plain_forms(text: str) -> list[str]:
