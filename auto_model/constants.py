@@ -17,10 +17,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from auto_model.flags import parse_bool
-
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(value: str | bool) -> bool:
+    """``True``/``False`` for a boolean word (``true``/``false``, ``yes``/``no``, ``on``/``off``,
+    ``1``/``0``, in any case; every command-line flag and environment variable reads them so);
+    ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected true or false (yes/no, on/off, 1/0), got {value!r}")
 
 
 def _env(name: str) -> str | None:
@@ -47,7 +63,7 @@ def default_embedding_model() -> str:
 
 
 def _is_true(value: str | None) -> bool:
-    """An environment flag: a true word of :func:`auto_model.flags.parse_bool`; anything else is off."""
+    """An environment flag: a true word of :func:`parse_bool`; anything else is off."""
     try:
         return value is not None and parse_bool(value)
     except ValueError:

@@ -18,22 +18,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from auto_model.constants import FALSE_WORDS, TRUE_WORDS, parse_bool
 from auto_model.errors import InvalidRequestError
-
-TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-FALSE_WORDS = frozenset({"0", "false", "no", "off"})
-
-
-def parse_bool(value: str | bool) -> bool:
-    """``True``/``False`` for a boolean word (see the module docstring); ValueError otherwise."""
-    if isinstance(value, bool):
-        return value
-    word = str(value).strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ValueError(f"expected true or false (yes/no, on/off, 1/0), got {value!r}")
 
 
 def bool_arg(value: str) -> bool:

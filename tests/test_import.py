@@ -65,37 +65,65 @@ def _imports(path):
     return {name for name in found if name.startswith("auto_model")}
 
 
+#: The package's layers, lowest first: a module imports from its own layer or a lower one, never a higher
+#: one (lazy imports inside functions included). A unit is a top-level module or a subpackage;
+#: ``__init__`` is ``from auto_model import ...`` (the facade).
+LAYERS = (
+    ("errors",),
+    ("constants", "files", "logs"),
+    ("resolve", "prompting", "loops", "rewording", "viewer"),
+    ("backends",),
+    ("retrieval",),
+    ("routing",),
+    ("options",),
+    ("rewards",),
+    ("answer_check",),
+    ("artifacts",),
+    ("model", "__init__"),
+    ("server",),
+    ("flags",),
+    ("cli",),
+    ("feedback",),
+    ("evaluation",),
+    ("trainer",),
+    ("rm_cli",),
+)
+
+
+def _unit(name, package):
+    """The layer unit of an ``auto_model...`` import name."""
+    parts = name.split(".")
+    if (package / parts[1]).is_dir() or (package / f"{parts[1]}.py").is_file():
+        return parts[1]
+    return "__init__"  # ``from auto_model import AutoModel``
+
+
+def _upward_imports(package, layers):
+    level = {unit: i for i, units in enumerate(layers) for unit in units}
+    found = []
+    for p in package.rglob("*.py"):
+        unit = p.relative_to(package).with_suffix("").parts[0]
+        assert unit in level, f"{unit} is in no layer: add it to LAYERS"
+        for name in _imports(p) - {"auto_model"}:  # ``from auto_model import x`` also names x
+            target = _unit(name, package)
+            if level[target] > level[unit]:
+                found.append((str(p.relative_to(package)), name))
+    return sorted(set(found))
+
+
 def test_layers_point_down_and_nothing_reaches_into_privates():
     import re
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     package = repo / "auto_model"
-    upward = {
-        "evaluation": ("auto_model.trainer", "auto_model.server"),
-        "rewards": ("auto_model.trainer", "auto_model.evaluation", "auto_model.server"),
-        "server": ("auto_model.trainer", "auto_model.evaluation", "auto_model.cli"),
-        "feedback": ("auto_model.trainer", "auto_model.evaluation", "auto_model.server"),
-        "backends": ("auto_model.model", "auto_model.server"),
-        # the viewer renders what the tools wrote; it never runs an engine or a tool
-        "viewer": (
-            "auto_model.model",
-            "auto_model.trainer",
-            "auto_model.evaluation",
-            "auto_model.server",
-            "auto_model.feedback",
-            "auto_model.rewards",
-            "auto_model.backends",
-        ),
-    }
-    wrong = [
-        (str(p.relative_to(repo)), name)
-        for layer, banned in upward.items()
-        for p in (package / layer).rglob("*.py")
-        for name in _imports(p)
-        if name.startswith(banned)
-    ]
-    assert wrong == []
+    assert _upward_imports(package, LAYERS) == []
+    # The check can fail: with rewards put below backends, its imports of backends point up.
+    lowered = tuple(units for units in (tuple(u for u in units if u != "rewards") for units in LAYERS) if units)
+    lowered = (*lowered[:3], ("rewards",), *lowered[3:])
+    assert any(
+        f.startswith("rewards/") and n.startswith("auto_model.backends") for f, n in _upward_imports(package, lowered)
+    )
     # The SDK's tools and the benchmarks use the public request path only: no private member of
     # another module, and no private module.
     private = re.compile(r"model\._|\._complete|\._sampling|\._retriever|\._embedder")

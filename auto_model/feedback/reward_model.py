@@ -1,4 +1,4 @@
-"""A reward model trained on synthetic comparisons (ALMoST's RM), and the reader that scores with it.
+"""A reward model trained on synthetic comparisons (ALMoST's RM).
 
 Training is TRL's :class:`~trl.RewardTrainer`: a sequence-classification head with one output on a
 causal LM, and the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``. A comparison is
@@ -20,7 +20,6 @@ the held-out accuracy). It loads offline and never from a pickle. Checkpoints
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -28,30 +27,23 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
 from auto_model.files import atomic_write_text
+from auto_model.rewards.reward_model import (
+    RM_FILE,
+    RM_FORMAT,
+    TEMPLATE,
+    Comparison,
+    RewardModel,
+    dialogue,
+    quiet_transformers,
+)
 
-RM_FORMAT = "auto_model.reward_model/v1"
 COMPARISONS_FORMAT = "auto_model.comparisons/v1"
-TEMPLATE = "Human: {prompt}\n\nAssistant: {response}"
-RM_FILE = "reward_model.json"
-
-
-def dialogue(prompt: str, response: str) -> str:
-    """The text the reward model reads for one response (the end-of-text token is added after it)."""
-    return TEMPLATE.format(prompt=prompt.strip(), response=response.strip())
-
-
-@dataclass(frozen=True)
-class Comparison:
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 def read_comparisons(path: str | os.PathLike[str]) -> list[Comparison]:
@@ -119,31 +111,6 @@ def base_model_folder(name: str) -> str:
     if source.kind == "gguf":
         return str(materialize_gguf(source.path))
     return source.path
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Training logs and bars on stderr; stdout stays for the command's result."""
-    import transformers
-
-    from auto_model.logs import engine_progress_bars
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        import datasets
-
-        bars = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-    except ImportError:  # scoring needs no datasets
-        bars = False
-    try:
-        with contextlib.redirect_stdout(sys.stderr), engine_progress_bars(False):  # no loading and saving bars
-            yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        if bars:
-            datasets.enable_progress_bars()
 
 
 def _freeze_below(model: Any, train_layers: int | None) -> None:
@@ -231,7 +198,7 @@ def train_reward_model(
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
         _freeze_below(model, train_layers)
@@ -301,72 +268,16 @@ def train_reward_model(
     return summary
 
 
-class RewardModel:
-    """A trained reward model: :meth:`score` gives one number per (prompt, response); higher is better."""
-
-    def __init__(self, model: Any, tokenizer: Any, info: dict[str, Any], path: Path):
-        self.model, self.tokenizer, self.info, self.path = model, tokenizer, info, path
-        self.max_length = int(info.get("max_length") or 512)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RewardModel:
-        """Load an RM folder written by :func:`train_reward_model` (offline; safetensors only)."""
-        path = Path(path)
-        info_file = path / RM_FILE
-        if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
-            raise ModelNotFoundError(f"No reward model in {path}: train one with auto-model-rm train.")
-        info: dict[str, Any] = {}
-        if info_file.exists():
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-            if info.get("format") != RM_FORMAT:
-                raise ArtifactError(f"{info_file}: unknown format {info.get('format')!r} (expected {RM_FORMAT}).")
-        try:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        except ImportError as exc:
-            raise MissingDependencyError("transformers", "hf", purpose="to score with a reward model") from exc
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), dtype=torch.float32, use_safetensors=True
-            )
-        model.eval()
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        return cls(model, tokenizer, info, path)
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
-        """The reward of each response to its prompt, in batches."""
-        if isinstance(prompts, str) or isinstance(responses, str):
-            raise InvalidRequestError("prompts and responses must be lists of strings (one prompt per response).")
-        if len(prompts) != len(responses):
-            raise InvalidRequestError(f"{len(prompts)} prompts for {len(responses)} responses: pass one per response.")
-        import torch
-
-        texts = [dialogue(p, r) + (self.tokenizer.eos_token or "") for p, r in zip(prompts, responses, strict=True)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
-        scores: list[float] = [0.0] * len(texts)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                part = order[start : start + batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in part],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                )
-                logits = self.model(**batch).logits.squeeze(-1)
-                for i, value in zip(part, logits.tolist(), strict=True):
-                    scores[i] = float(value)
-        return scores
-
-    def accuracy(self, pairs: Sequence[Comparison]) -> float:
-        """How often the chosen response scores above the rejected one."""
-        if not pairs:
-            raise InvalidRequestError("No comparisons to measure the accuracy on.")
-        prompts = [p.prompt for p in pairs]
-        chosen = self.score(prompts, [p.chosen for p in pairs])
-        rejected = self.score(prompts, [p.rejected for p in pairs])
-        return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+__all__ = [
+    "COMPARISONS_FORMAT",
+    "RM_FILE",
+    "RM_FORMAT",
+    "Comparison",
+    "RewardModel",
+    "base_model_folder",
+    "data_sha256",
+    "last_checkpoint",
+    "read_comparisons",
+    "split",
+    "train_reward_model",
+]
