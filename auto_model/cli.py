@@ -231,13 +231,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "fastapi", "serve", purpose="to serve a model") from exc
 
-    keys = [k for k in args.api_key if k] + [
-        k.strip() for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k.strip()
-    ]
-    unchecked = [k for k in args.unchecked_key if k] + [
-        k.strip() for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k.strip()
-    ]
-    key_file = args.key_file or os.environ.get("AUTO_MODEL_KEY_FILE")
+    keys = [k for k in args.api_key if k] + constants.env_list("AUTO_MODEL_API_KEYS")
+    unchecked = [k for k in args.unchecked_key if k] + constants.env_list("AUTO_MODEL_UNCHECKED_KEYS")
+    key_file = args.key_file or constants.env_value("AUTO_MODEL_KEY_FILE")
     file_keys = [policy.key for policy in load_key_file(key_file)] if key_file else []  # checked before loading
     if set(unchecked) - set(keys + file_keys):
         raise InvalidRequestError(
@@ -305,7 +301,7 @@ def _serve(args: argparse.Namespace) -> int:
         "forward_fields": args.forward_field,
         "key_file": key_file,
     }
-    metrics_key = args.metrics_key or os.environ.get("AUTO_MODEL_METRICS_KEY")
+    metrics_key = args.metrics_key or constants.env_value("AUTO_MODEL_METRICS_KEY")
     name = args.served_model_name or args.model or constants.default_model()
     target = f" in front of {redact_url(args.upstream)}" if args.upstream else ""
     workers = f", {args.workers} workers" if args.workers > 1 else ""

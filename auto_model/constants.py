@@ -1,7 +1,11 @@
 """The one place that reads ``AUTO_MODEL_*`` environment variables.
 
 Values are read when asked for (not frozen at import) so that a process, or a test, can point
-them elsewhere before building a model; nothing in the SDK writes to ``os.environ``.
+them elsewhere before building a model. The SDK never writes them; ``auto-model serve --workers``
+hands its keys and options to its worker processes through ``AUTO_MODEL_API_KEYS``,
+``AUTO_MODEL_UNCHECKED_KEYS``, ``AUTO_MODEL_METRICS_KEY``, ``AUTO_MODEL_UPSTREAM_API_KEY`` and the
+server's options variable (never through a file), which the workers read with :func:`env_list` and
+:func:`env_value`.
 
 | variable                      | meaning                                          | default                        |
 |-------------------------------|--------------------------------------------------|--------------------------------|
@@ -10,6 +14,10 @@ them elsewhere before building a model; nothing in the SDK writes to ``os.enviro
 | ``AUTO_MODEL_EMBEDDING_MODEL``| sentence-transformers model for ICL retrieval    | all-MiniLM-L6-v2               |
 | ``AUTO_MODEL_OFFLINE``        | never contact the Hugging Face Hub (``1``)       | ``HF_HUB_OFFLINE``             |
 | ``AUTO_MODEL_DEBUG``          | command lines print tracebacks (``1``)           | unset                          |
+| ``AUTO_MODEL_API_KEYS``       | ``auto-model serve``: keys, comma-separated      | unset                          |
+| ``AUTO_MODEL_UNCHECKED_KEYS`` | keys that may turn the answer check off          | unset                          |
+| ``AUTO_MODEL_KEY_FILE``       | ``auto-model serve``: a key file with policies   | unset                          |
+| ``AUTO_MODEL_METRICS_KEY``    | the key ``/metrics`` asks for                    | unset                          |
 """
 
 from __future__ import annotations
@@ -72,6 +80,17 @@ def _is_true(value: str | None) -> bool:
 
 def offline() -> bool:
     return _is_true(_env("AUTO_MODEL_OFFLINE") or _env("HF_HUB_OFFLINE"))
+
+
+def env_list(name: str) -> list[str]:
+    """A comma-separated variable (``AUTO_MODEL_API_KEYS``, ``AUTO_MODEL_UNCHECKED_KEYS``) as its
+    items, each stripped, empty ones dropped."""
+    return [item.strip() for item in (_env(name) or "").split(",") if item.strip()]
+
+
+def env_value(name: str) -> str | None:
+    """A variable's value, or None when it is unset or empty."""
+    return _env(name)
 
 
 def debug() -> bool:

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from auto_model import constants
 from auto_model.model import AutoModel
 from auto_model.server.app import ServerLimits, create_app
 from auto_model.server.security import load_key_file
@@ -75,9 +76,9 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
 def app_from_env() -> Any:
     """The app of one ``--workers`` process: the options the parent put in :data:`OPTIONS_ENV`."""
     options = json.loads(os.environ[OPTIONS_ENV])
-    options["api_keys"] = [k for k in os.environ.get("AUTO_MODEL_API_KEYS", "").split(",") if k]
-    options["unchecked_keys"] = [k for k in os.environ.get("AUTO_MODEL_UNCHECKED_KEYS", "").split(",") if k]
-    options["upstream_api_key"] = os.environ.get("AUTO_MODEL_UPSTREAM_API_KEY")
-    options["metrics_key"] = os.environ.get("AUTO_MODEL_METRICS_KEY")
+    options["api_keys"] = constants.env_list("AUTO_MODEL_API_KEYS")
+    options["unchecked_keys"] = constants.env_list("AUTO_MODEL_UNCHECKED_KEYS")
+    options["upstream_api_key"] = constants.env_value("AUTO_MODEL_UPSTREAM_API_KEY")
+    options["metrics_key"] = constants.env_value("AUTO_MODEL_METRICS_KEY")
     app, _ = build(options)
     return app
