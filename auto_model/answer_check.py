@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from auto_model.backends.base import Completion, Outcome
+from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import ChunkStream
 from auto_model.rewards.proxies import refusal_kind
@@ -218,7 +219,7 @@ def joined(queries: Sequence[str], answers: Sequence[str]) -> list[str]:
 
 def check_window(window: Any) -> int:
     """``window`` if it is a number of characters a streamed answer may be checked after; else InvalidRequestError."""
-    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+    if not is_whole(window, 1, MAX_WINDOW):
         raise InvalidRequestError(f"answer check window must be an integer from 1 to {MAX_WINDOW}, got {window!r}.")
     return window
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_model.backends.base import check_decoding
+from auto_model.constants import is_whole
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.files import atomic_write_text
 from auto_model.resolve import normalize_name
@@ -266,7 +267,7 @@ def _num_examples(data: dict[str, Any], fmt: str, source: str) -> tuple[int | No
     if given and fmt not in _V3_OR_LATER:
         raise ArtifactError(f"{source}: 'num_examples' needs format {PROMPT_FORMAT_V3!r} or later.")
     for name, value in given.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_NUM_EXAMPLES:
+        if not is_whole(value, 0, MAX_NUM_EXAMPLES):
             where = f"routes.{name}.num_examples" if name else "num_examples"
             raise ArtifactError(f"{source}: {where} must be an integer from 0 to {MAX_NUM_EXAMPLES}, got {value!r}.")
     top = given.pop("", None)

@@ -22,8 +22,10 @@ server's options variable (never through a file), which the workers read with :f
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -45,6 +47,15 @@ def parse_bool(value: str | bool) -> bool:
     if word in FALSE_WORDS:
         return False
     raise ValueError(f"expected true or false (yes/no, on/off, 1/0), got {value!r}")
+
+
+def is_whole(value: Any, low: int | None = None, high: int | None = None) -> bool:
+    """Whether ``value`` is an integer (``True`` and ``False`` are not) within ``low`` and ``high``
+    (each optional, both included): the one check behind every "must be an integer >= n" error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    number = int(value)
+    return (low is None or number >= low) and (high is None or number <= high)
 
 
 def _env(name: str) -> str | None:

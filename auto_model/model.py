@@ -24,7 +24,7 @@ from auto_model.backends.base import (
     GenerationRequest,
     Outcome,
 )
-from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
+from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, is_whole
 from auto_model.errors import BatchGenerationError, InvalidRequestError
 from auto_model.loops import CutStream, cut_loop
 from auto_model.options import GenerationOptions, parse_queries
@@ -188,7 +188,7 @@ class AutoModel:
     ):
         self.model_name = model_name or constants.default_model()
         urls = _base_urls(base_url)
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        if not is_whole(replicas, 1):
             raise InvalidRequestError(f"replicas must be an integer >= 1, got {replicas!r}.")
         base_url = urls[0] if len(urls) == 1 else None
         self._reward_source = _check_reward_model(reward_model)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from auto_model.backends.base import SEED_RANGE, SamplingParams, check_one_sample
+from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
 from auto_model.routing import check_route
 
@@ -86,7 +87,7 @@ class GenerationOptions:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         k = self.num_optimized_icl
-        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
+        if k is not None and not is_whole(k, 0):
             raise InvalidRequestError(f"num_optimized_icl must be an integer >= 0 or None, got {k!r}.")
         t = self.temperature
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
@@ -95,7 +96,7 @@ class GenerationOptions:
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 < p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}.")
         n = self.max_new_tokens
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+        if not is_whole(n, 1):
             raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {n!r}.")
         stop = self.stop
         if not (
@@ -119,7 +120,7 @@ class GenerationOptions:
         check_one_sample(self.extra)
         check_route(self.route)
         b = self.best_of
-        if not isinstance(b, numbers.Integral) or isinstance(b, bool) or not 1 <= b <= MAX_BEST_OF:
+        if not is_whole(b, 1, MAX_BEST_OF):
             raise InvalidRequestError(f"best_of must be an integer from 1 to {MAX_BEST_OF}, got {b!r}.")
         if b > 1 and self.temperature == 0:
             raise InvalidRequestError(

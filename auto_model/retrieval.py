@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import numbers
 import os
 import threading
 import warnings
@@ -245,7 +244,7 @@ class ICLRetriever:
         embeddings: Any = None,
     ):
         for name, value in (("exact_search_max", exact_search_max), ("nprobe", nprobe)):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not constants.is_whole(value, 1):
                 raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}.")
         if not pool:
             raise ArtifactError("The ICL pool is empty; retrieval needs at least one example.")
@@ -420,7 +419,7 @@ class ICLRetriever:
 
     def search(self, queries: Sequence[str], k: int) -> list[list[ICLExample]]:
         """The ``k`` most similar examples for each query, most similar first (one batched search)."""
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k <= len(self.pool):
+        if not constants.is_whole(k, 0, len(self.pool)):
             raise InvalidRequestError(
                 f"num_optimized_icl must be an integer from 0 to {len(self.pool)} (the ICL pool size), got {k!r}."
             )

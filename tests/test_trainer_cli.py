@@ -243,6 +243,26 @@ def test_the_original_snake_case_flags_and_config_keys_still_work(tmp_path):
     assert (args.is_gpt, args.max_new_tokens, args.beam_size) == (True, 32, 1)  # the command line wins
 
 
+def test_one_integer_check_for_every_count_and_the_environment_lists(monkeypatch):
+    import numpy as np
+
+    from auto_model import constants
+    from auto_model.errors import InvalidRequestError
+    from auto_model.options import GenerationOptions
+
+    assert [constants.is_whole(v, 1) for v in (1, np.int64(3), 0, True, 1.0, "2", None)] == [
+        True, True, False, False, False, False, False,
+    ]  # fmt: skip
+    assert constants.is_whole(5, 1, 5) and not constants.is_whole(6, 1, 5) and constants.is_whole(-3)
+    for bad in (True, 0, 2.0):  # the SDK's options refuse them through it
+        with pytest.raises(InvalidRequestError, match="max_new_tokens must be an integer >= 1"):
+            GenerationOptions(max_new_tokens=bad)
+    monkeypatch.setenv("AUTO_MODEL_API_KEYS", " a-key ,, b-key,")
+    assert constants.env_list("AUTO_MODEL_API_KEYS") == ["a-key", "b-key"]
+    monkeypatch.setenv("AUTO_MODEL_METRICS_KEY", "")
+    assert constants.env_value("AUTO_MODEL_METRICS_KEY") is None
+
+
 def test_one_boolean_parser_for_flags_specs_and_the_environment(monkeypatch):
     from auto_model import constants
     from auto_model.evaluation.runner import parse_config_spec

@@ -40,6 +40,7 @@ from auto_model.backends.base import (
     choose_prompt_style,
     cut_at_stop,
 )
+from auto_model.constants import is_whole
 from auto_model.errors import (
     AuthenticationError,
     EngineConnectionError,
@@ -115,7 +116,7 @@ class OpenAIBackend(Backend):
             raise InvalidRequestError("model_name must be the model's name on the server, e.g. 'gpt-4o-mini'.")
         if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidRequestError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
-        if not isinstance(max_retries, numbers.Integral) or isinstance(max_retries, bool) or max_retries < 0:
+        if not is_whole(max_retries, 0):
             raise InvalidRequestError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
         if (
             not isinstance(max_concurrency, numbers.Integral)

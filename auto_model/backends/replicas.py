@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from auto_model import errors
 from auto_model.backends.base import Backend, Completion, CompletionCallback, GenerationRequest, Outcome, SamplingParams
+from auto_model.constants import is_whole
 from auto_model.errors import EngineConnectionError, GenerationError, InvalidRequestError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
@@ -404,7 +405,7 @@ def ray_replicas(
 ) -> ReplicatedBackend:
     """``replicas`` engines, one per Ray actor, spread over the cluster's nodes; ``options`` go to each
     engine as they would to one (``dtype``, ``batch_size``, ...)."""
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+    if not is_whole(replicas, 1):
         raise InvalidRequestError(f"replicas must be an integer >= 1, got {replicas!r}.")
     started = connect_ray(ray_address)
     import ray

@@ -39,6 +39,7 @@ from auto_model.backends.base import (
     encode_prompt,
     with_samples,
 )
+from auto_model.constants import is_whole
 from auto_model.errors import (
     EngineOutageError,
     GenerationError,
@@ -252,7 +253,7 @@ def engine_arguments(
     **engine_kwargs: Any,
 ) -> dict[str, Any]:
     """The keyword arguments ``vllm.LLM`` gets for the SDK's arguments (validated)."""
-    if not isinstance(num_gpus, numbers.Integral) or isinstance(num_gpus, bool) or num_gpus < 1:
+    if not is_whole(num_gpus, 1):
         raise InvalidRequestError(f"num_gpus must be an integer >= 1, got {num_gpus!r}.")
     if not isinstance(gpu_memory_utilization, numbers.Real) or not 0 < gpu_memory_utilization <= 1:
         raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}.")

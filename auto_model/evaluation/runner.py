@@ -21,6 +21,7 @@ from typing import Any
 
 from auto_model.artifacts import PromptArtifact, load_prompt_artifact
 from auto_model.backends.base import Completion
+from auto_model.constants import is_whole
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation.eval_set import EvalItem
 from auto_model.files import read_config_file
@@ -117,7 +118,7 @@ class EvalConfig:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidRequestError(f"Configuration name {self.name!r}: use letters, digits and _.+- only.")
         k = self.num_optimized_icl
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+        if k is not None and not is_whole(k, 0):
             raise InvalidRequestError(f"Configuration {self.name!r}: icl must be an integer >= 0 or auto, got {k!r}.")
         if self.system_prompt is not None and self.prompt_path is not None:
             raise InvalidRequestError(f"Configuration {self.name!r}: give system or prompt_path, not both.")

@@ -79,6 +79,7 @@ from starlette.background import BackgroundTask
 from auto_model.answer_check import CONTENT_FILTER
 from auto_model.answer_check import check_window as check_window_size
 from auto_model.backends.base import DECODING_SETTINGS, Completion, check_decoding
+from auto_model.constants import is_whole
 from auto_model.errors import AutoModelError, InvalidRequestError
 from auto_model.loops import cut_loop
 from auto_model.model import SYSTEM_MESSAGE_MODES
@@ -171,15 +172,13 @@ def create_app(
         raise InvalidRequestError(
             f"client_system must be one of {', '.join(CLIENT_SYSTEM_MODES)}, got {client_system!r}."
         )
-    if num_examples is not None and (
-        isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0
-    ):
+    if num_examples is not None and not is_whole(num_examples, 0):
         raise InvalidRequestError(
             f"num_examples must be an integer >= 0 or None (the artifact's), got {num_examples!r}."
         )
     if isinstance(api_keys, str):
         raise InvalidRequestError("api_keys must be a list of keys, not one string.")
-    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_N:
+    if not is_whole(best_of, 1, MAX_N):
         raise InvalidRequestError(f"best_of must be an integer from 1 to {MAX_N}, got {best_of!r}.")
     if best_of > 1 and model.reward is None:
         raise InvalidRequestError(f"best_of={best_of} needs a reward model: serve with --reward-model PATH.")

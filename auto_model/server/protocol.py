@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from auto_model.backends.base import DECODING_SETTINGS, SEED_RANGE
+from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
 
 #: most answers one request may ask for (``n``, ``best_of``)
@@ -76,9 +77,9 @@ class ServerLimits:
         for name in ("max_body_bytes", "max_tokens", "max_concurrency", "max_batch", "max_stop", "max_stop_chars",
                      "max_messages", "max_parts", "max_prompts", "max_depth"):  # fmt: skip
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value, 1):
                 raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}.")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+        if not is_whole(self.max_queue, 0):
             raise InvalidRequestError(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
         for name in ("request_timeout", "body_timeout"):
             value = getattr(self, name)

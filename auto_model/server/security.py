@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
 
 Scope = MutableMapping[str, Any]
@@ -144,7 +145,7 @@ class KeyPolicy:
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidRequestError(f"Key {self.name!r}: {flag} must be true or false.")
         rate = self.per_minute
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+        if rate is not None and not is_whole(rate, 1):
             raise InvalidRequestError(f"Key {self.name!r}: requests_per_minute must be an integer >= 1, got {rate!r}.")
 
 
