@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -65,6 +65,31 @@ def read_query_rows(path: str | os.PathLike[str], *, skip_bad: bool = False) -> 
         if not skip_bad:
             raise ArtifactError(f"{path}:{number}: {error}.")
         yield number, {"error": error}
+
+
+def read_jsonl_rows(path: str | os.PathLike[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+    """The objects of a JSONL file whose every line (blank ones aside) holds the string ``fields``
+    (other keys are kept). A missing file is an InvalidRequestError, a bad line an ArtifactError
+    naming ``file:line``."""
+    from auto_model.errors import ArtifactError, InvalidRequestError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path}:{number}: not valid JSON ({exc.msg}).") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
+            raise ArtifactError(f"{path}:{number}: needs the string fields {', '.join(repr(f) for f in fields)}.")
+        rows.append(row)
+    return rows
 
 
 def read_config_file(path: str | os.PathLike[str], option: str) -> Any:

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from auto_model.errors import ArtifactError, InvalidRequestError
+from auto_model.errors import InvalidRequestError
+from auto_model.files import read_jsonl_rows
 from auto_model.flags import ArgumentParser
 
 
@@ -88,26 +89,8 @@ def _train(args: Any) -> int:
 
 def _score_rows(args: Any) -> tuple[list[str], list[str]]:
     if args.input:
-        try:
-            lines = Path(args.input).read_text(encoding="utf-8").splitlines()
-        except OSError:
-            raise InvalidRequestError(f"{args.input} does not exist.") from None
-        prompts, responses = [], []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise ArtifactError(f"{args.input}:{n} is not JSON.") from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("prompt"), str)
-                or not isinstance(row.get("response"), str)
-            ):
-                raise ArtifactError(f"{args.input}:{n} needs 'prompt' and 'response' strings.")
-            prompts.append(row["prompt"])
-            responses.append(row["response"])
+        rows = read_jsonl_rows(args.input, ("prompt", "response"))
+        prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
         return prompts, responses
     if args.prompt is None or args.response is None:
         raise InvalidRequestError("score needs --prompt and --response, or --input FILE.jsonl.")

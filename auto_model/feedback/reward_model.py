@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_model.errors import ArtifactError, InvalidRequestError, MissingDependencyError
-from auto_model.files import atomic_write_text
+from auto_model.files import atomic_write_text, read_jsonl_rows
 from auto_model.rewards.reward_model import (
     RM_FILE,
     RM_FORMAT,
@@ -50,20 +50,19 @@ def read_comparisons(path: str | os.PathLike[str]) -> list[Comparison]:
     """The pairs of a ``comparison.json`` (``auto-model-feedback --mode cs``), or of a JSONL file of
     ``{prompt, chosen, rejected}`` rows."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+    fields = ("prompt", "chosen", "rejected")
+    if not path.is_file():
         raise InvalidRequestError(
             f"{path} does not exist: make it with auto-model-feedback --mode cs, or pass a JSONL file of "
             "{prompt, chosen, rejected} rows."
-        ) from None
-    jsonl = path.suffix == ".jsonl"
-    try:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()] if jsonl else json.loads(text)
-    except ValueError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    rows: Any = data
-    if not jsonl:
+        )
+    if path.suffix == ".jsonl":
+        rows: Any = read_jsonl_rows(path, fields)
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != COMPARISONS_FORMAT:
             raise ArtifactError(f"{path} is not a comparisons file ({COMPARISONS_FORMAT}) nor a .jsonl file.")
         rows = data.get("comparisons")
@@ -71,7 +70,7 @@ def read_comparisons(path: str | os.PathLike[str]) -> list[Comparison]:
         raise ArtifactError(f"{path}: 'comparisons' must be a list.")
     pairs = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
             raise ArtifactError(f"{path}: comparison {i} needs 'prompt', 'chosen' and 'rejected' strings.")
         pairs.append(Comparison(row["prompt"], row["chosen"], row["rejected"]))
     if not pairs:
