@@ -82,11 +82,23 @@ class Score(Protocol):
 
 @runtime_checkable
 class Reward(Protocol):
-    """Scores answers; see the module docstring. A reward may also say the range of its values as
-    ``scale = (low, high)`` (None or absent: no fixed range), which the optimizer is told."""
+    """Scores answers; see the module docstring. Two members are optional, and read only through
+    :func:`reward_scale` and :func:`reward_failures`: ``scale = (low, high)``, the range of its values,
+    which the optimizer is told (None or absent: no fixed range), and ``failures``, the records of
+    the items it could not score (a judge's unparsable replies), which runs write beside their result."""
 
     def score(self, items: Sequence[RewardItem]) -> Sequence[Score]:
         """One :class:`Score` per item, in the order given."""
+
+
+def reward_scale(reward: Reward) -> tuple[float, float] | None:
+    """A reward's ``scale`` (None when it has none)."""
+    return getattr(reward, "scale", None)
+
+
+def reward_failures(reward: Reward) -> list[Any]:
+    """A reward's ``failures`` so far (empty when it keeps none)."""
+    return list(getattr(reward, "failures", ()))
 
 
 @dataclass(frozen=True)

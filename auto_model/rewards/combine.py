@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from auto_model.errors import InvalidRequestError
-from auto_model.rewards.base import Reward, RewardItem, Score
+from auto_model.rewards.base import Reward, RewardItem, Score, reward_failures, reward_scale
 
 KINDS = ("llm", "rm", "metric")
 
@@ -155,13 +155,13 @@ class WeightedReward:
         if any(not w > 0 for _, _, w in parts):
             raise InvalidRequestError("Every weight of a weighted reward must be above 0.")
         self.parts = list(parts)
-        scales = {getattr(reward, "scale", None) for _, reward, _ in self.parts}
+        scales = {reward_scale(reward) for _, reward, _ in self.parts}
         #: the parts' common scale, or None when they differ (or one has no top)
         self.scale: tuple[float, float] | None = scales.pop() if len(scales) == 1 else None
 
     @property
     def failures(self) -> list[Any]:
-        return [f for _, reward, _ in self.parts for f in getattr(reward, "failures", [])]
+        return [f for _, reward, _ in self.parts for f in reward_failures(reward)]
 
     def score(self, items: Sequence[RewardItem]) -> list[WeightedScore]:
         items = list(items)

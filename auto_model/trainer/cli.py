@@ -29,6 +29,7 @@ from auto_model.errors import AutoModelError, EngineOutageError, InvalidRequestE
 from auto_model.files import atomic_write_text
 from auto_model.flags import ArgumentParser, add_replica_flags, bool_arg, kebab, replica_options
 from auto_model.logs import redact_url
+from auto_model.rewards.base import reward_failures
 
 logger = logging.getLogger("auto_model.trainer")
 
@@ -636,7 +637,7 @@ def _write_tree(
         "status": status or ("finished" if search.done() else "stopped"),
         "config": redacted(args),
         **search.report(),
-        "judge_failures": getattr(reward, "failures", []),
+        "judge_failures": reward_failures(reward),
         "usage": usage.snapshot(),
         "wall_clock_s": round(time.perf_counter() - started, 2),
     }
@@ -666,9 +667,7 @@ def _run_icl(args: argparse.Namespace, roles: dict[str, Any], reward: Any, out_d
     history = [{"query": s.example.query, "history": s.history} for s in states]
     atomic_write_text(
         out_dir / "icl_output.json",
-        json.dumps(
-            {"examples": history, "judge_failures": getattr(reward, "failures", [])}, indent=1, ensure_ascii=False
-        )
+        json.dumps({"examples": history, "judge_failures": reward_failures(reward)}, indent=1, ensure_ascii=False)
         + "\n",
     )
     print(f"new pool ({len(states)} examples) -> {output}")

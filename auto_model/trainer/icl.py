@@ -23,7 +23,7 @@ from auto_model.backends.base import Completion
 from auto_model.options import GenerationOptions
 from auto_model.prompting import format_answer, strip_markers
 from auto_model.retrieval import ICLExample, save_icl_pool
-from auto_model.rewards.base import Reward, RewardItem, Score, all_at_least, has_rationales, score_record
+from auto_model.rewards.base import Reward, RewardItem, Score, all_at_least, has_rationales, reward_scale, score_record
 from auto_model.trainer.search import action_seed, clip, feedback_lines, parse_prompt_reply, template
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def optimize_pool(
     for state, evaluation in zip(states, first, strict=True):
         state.evaluation = evaluation
         state.history.append({"round": 0, "answer": state.answer, "evaluation": score_record(evaluation)})
-    scale = getattr(reward, "scale", None)
+    scale = reward_scale(reward)
     sampling = GenerationOptions(
         temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, stop=("</answer>",)
     )

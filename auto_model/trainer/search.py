@@ -58,6 +58,7 @@ from auto_model.rewards.base import (
     Score,
     all_at_least,
     has_rationales,
+    reward_scale,
     score_from_record,
     score_record,
 )
@@ -572,7 +573,7 @@ class BeamSearch:
     def rewrite_request(self, parent: Node, score: Score) -> str:
         """The optimizer's request for rewrites of ``parent``'s prompt: the reward's reasons, or,
         where it gives none, a contrast with the best- and worst-scoring answers of the level."""
-        scale = getattr(self.reward, "scale", None)
+        scale = reward_scale(self.reward)
         if has_rationales(score):
             return template("optimize_prompt").substitute(
                 system_prompt=parent.prompt,
