@@ -102,6 +102,28 @@ def seeds_for(node_id, n, seed=1):
     return [action_seed(seed, node_id, j) for j in range(n)]
 
 
+def test_a_search_config_is_checked_when_made_and_cannot_change():
+    import dataclasses
+
+    config = SearchConfig(moves=["rewrite", "examples"], route="everyday", k=1)
+    assert config.moves == ("rewrite", "examples")  # a list from a checkpoint's JSON is kept as a tuple
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.depth = 3  # type: ignore[misc]
+    for fields, message in (
+        ({"depth": 0}, r"--depth must be >= 1, got 0 \(SearchConfig.depth\)"),
+        ({"optimizer_max_new_tokens": True}, r"--judge-max-new-tokens must be >= 1"),
+        ({"k": -1}, r"--k must be >= 0"),
+        ({"min_examples": 9}, r"--min-examples must be in \[0, 5\], got 9"),
+        ({"temperature": float("nan")}, r"--temperature must be >= 0"),
+        ({"skip_threshold": float("inf")}, r"--skip-threshold must be a number or None"),
+        ({"moves": ("rewrite", "dance")}, r"--moves takes some of rewrite, decoding"),
+        ({"moves": ("examples",)}, r"pass --route everyday"),
+        ({"route": "sideways"}, r"route must be one of everyday, safety"),
+    ):
+        with pytest.raises(InvalidRequestError, match=message):
+            SearchConfig(**fields)
+
+
 def test_beam_keeps_the_best_paths_and_returns_the_best_finished_prompt(tmp_path):
     search, optimizer, _ = make_search(tmp_path, depth=3, beam_size=2, n_actions=2)
     best = search.run()

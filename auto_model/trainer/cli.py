@@ -207,48 +207,41 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
     return args.command, args
 
 
+def search_config(args: argparse.Namespace, k: int) -> Any:
+    """The :class:`~auto_model.trainer.search.SearchConfig` of the parsed flags, with ``k`` examples
+    per request (checked when made: a bad flag is a typed error naming it)."""
+    from auto_model.trainer.search import SearchConfig
+
+    return SearchConfig(
+        depth=args.depth,
+        beam_size=args.beam_size,
+        n_actions=args.n_actions,
+        max_depth_increase=args.max_depth_increase,
+        temperature=args.temperature,
+        skip_threshold=args.skip_threshold,
+        ret_icl=args.ret_icl,
+        k=k,
+        max_new_tokens=args.max_new_tokens,
+        optimizer_max_new_tokens=args.judge_max_new_tokens,
+        seed=args.seed,
+        route=args.route,
+        moves=args.moves,
+        queries_per_level=args.queries_per_level,
+        token_cost=args.token_cost,
+        min_examples=args.min_examples,
+    )
+
+
 def _validate(args: argparse.Namespace) -> None:
-    for name in (
-        "n_actions",
-        "depth",
-        "beam_size",
-        "num_training_examples",
-        "max_new_tokens",
-        "judge_max_new_tokens",
-        "num_gpus",
-        "num_iters",
-        "batch_size",
-    ):
+    for name in ("num_training_examples", "num_gpus", "num_iters", "batch_size"):
         if getattr(args, name) < 1:
             raise InvalidRequestError(f"{kebab('--' + name)} must be >= 1, got {getattr(args, name)}.")
-    for name in ("max_depth_increase", "k"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise InvalidRequestError(f"{kebab('--' + name)} must be >= 0, got {getattr(args, name)}.")
-    from auto_model.trainer.moves import MAX_EXAMPLES, MOVES
-
     args.moves = tuple(m.strip() for m in str(args.moves).split(",") if m.strip())
-    unknown = [m for m in args.moves if m not in MOVES]
-    if unknown or not args.moves:
-        raise InvalidRequestError(
-            f"--moves takes some of {', '.join(MOVES)}, comma-separated; got {unknown or 'none'}."
-        )
-    if set(args.moves) - {"rewrite"} and args.route is None:
-        raise InvalidRequestError(
-            "--moves decoding, examples, sentences and shorten change a route's settings: "
-            "pass --route everyday (or safety)."
-        )
-    if args.queries_per_level < 1:
-        raise InvalidRequestError(f"--queries-per-level must be >= 1, got {args.queries_per_level}.")
-    if args.token_cost < 0:
-        raise InvalidRequestError(f"--token-cost must be >= 0, got {args.token_cost}.")
-    if not 0 <= args.min_examples <= MAX_EXAMPLES:
-        raise InvalidRequestError(f"--min-examples must be in [0, {MAX_EXAMPLES}], got {args.min_examples}.")
+    search_config(args, 0 if args.k is None else args.k)  # the search's settings, checked before anything loads
     if args.example_bank is not None and "examples" not in args.moves:
         raise InvalidRequestError("--example-bank is what the examples move adds from: add examples to --moves.")
     if args.max_calls is not None and args.max_calls < 0:
         raise InvalidRequestError(f"--max-calls must be >= 0, got {args.max_calls}.")
-    if args.temperature < 0:
-        raise InvalidRequestError(f"--temperature must be >= 0, got {args.temperature}.")
     from auto_model.rewards.combine import check_reward_specs, parse_reward_specs
 
     args.reward_specs = parse_reward_specs(args.reward)
@@ -448,7 +441,7 @@ def _run_prompt(
 ) -> int:
     from auto_model.trainer.data import load_training_queries, sample_training_queries
     from auto_model.trainer.moves import Candidate, guideline_bank, load_example_bank
-    from auto_model.trainer.search import BeamSearch, SearchConfig
+    from auto_model.trainer.search import BeamSearch
 
     rows = load_training_queries(args.data_dir)
     base_artifact = None
@@ -474,24 +467,7 @@ def _run_prompt(
     initial = Candidate(args.initial_system_prompt, examples=args.k)
     if base_artifact is not None:
         initial = initial.with_decoding(base_artifact.decoding_for(args.route))
-    config = SearchConfig(
-        depth=args.depth,
-        beam_size=args.beam_size,
-        n_actions=args.n_actions,
-        max_depth_increase=args.max_depth_increase,
-        temperature=args.temperature,
-        skip_threshold=args.skip_threshold,
-        ret_icl=args.ret_icl,
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        optimizer_max_new_tokens=args.judge_max_new_tokens,
-        seed=args.seed,
-        route=args.route,
-        moves=args.moves,
-        queries_per_level=args.queries_per_level,
-        token_cost=args.token_cost,
-        min_examples=args.min_examples,
-    )
+    config = search_config(args, args.k)
     bar = None
     if not args.disable_tqdm:
         from tqdm import tqdm

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 from collections import Counter
@@ -48,7 +49,8 @@ from string import Template
 from typing import Any
 
 from auto_model.backends.base import Completion
-from auto_model.errors import ArtifactError, EngineOutageError
+from auto_model.constants import is_whole
+from auto_model.errors import ArtifactError, EngineOutageError, InvalidRequestError
 from auto_model.files import atomic_write_text
 from auto_model.options import GenerationOptions
 from auto_model.rewards.base import (
@@ -62,6 +64,7 @@ from auto_model.rewards.base import (
     score_from_record,
     score_record,
 )
+from auto_model.routing import check_route
 from auto_model.trainer.moves import (
     MAX_EXAMPLES,
     MOVES,
@@ -89,8 +92,20 @@ def template(name: str) -> Template:
 CHECKPOINT_FORMAT = "auto_model.drpo_checkpoint/v1"
 
 
-@dataclass
+#: The command-line flag of each search setting whose flag is not its name in kebab-case.
+_FLAGS = {"optimizer_max_new_tokens": "--judge-max-new-tokens"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+@dataclass(frozen=True)
 class SearchConfig:
+    """The beam search's settings, checked when made (a typed error naming the setting and its
+    ``auto-model-train`` flag): the CLI builds one from its flags before any model loads, and a
+    Python user builds one to run :class:`BeamSearch` directly."""
+
     depth: int = 20
     beam_size: int = 2
     n_actions: int = 3
@@ -107,6 +122,43 @@ class SearchConfig:
     queries_per_level: int = 1  # training queries each candidate answers per level
     token_cost: float = 0.0  # reward taken per 1,000 prompt tokens a request pays
     min_examples: int = 0  # the fewest examples per request the examples move goes down to
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moves", tuple(self.moves))
+        for name in ("depth", "beam_size", "n_actions", "max_new_tokens", "optimizer_max_new_tokens",
+                     "queries_per_level"):  # fmt: skip
+            if not is_whole(getattr(self, name), 1):
+                self._refuse(name, "must be >= 1")
+        for name in ("max_depth_increase", "k"):
+            if not is_whole(getattr(self, name), 0):
+                self._refuse(name, "must be >= 0")
+        if not is_whole(self.min_examples, 0, MAX_EXAMPLES):
+            self._refuse("min_examples", f"must be in [0, {MAX_EXAMPLES}]")
+        if not is_whole(self.seed):
+            self._refuse("seed", "must be an integer")
+        for name in ("temperature", "token_cost"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                self._refuse(name, "must be >= 0")
+        threshold = self.skip_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):  # fmt: skip
+            self._refuse("skip_threshold", "must be a number or None")
+        unknown = [m for m in self.moves if m not in MOVES]
+        if unknown or not self.moves:
+            raise InvalidRequestError(
+                f"--moves takes some of {', '.join(MOVES)}, comma-separated; got {unknown or 'none'} "
+                "(SearchConfig.moves)."
+            )
+        if set(self.moves) - {"rewrite"} and self.route is None:
+            raise InvalidRequestError(
+                "--moves decoding, examples, sentences and shorten change a route's settings: "
+                "pass --route everyday (or safety) (SearchConfig.route)."
+            )
+        check_route(self.route)
+
+    def _refuse(self, name: str, rule: str) -> None:
+        raise InvalidRequestError(f"{_flag(name)} {rule}, got {getattr(self, name)!r} (SearchConfig.{name}).")
 
 
 @dataclass
@@ -234,14 +286,7 @@ class BeamSearch:
         """``initial``: the root candidate (default: ``initial_prompt`` with no decoding settings,
         ``config.k`` examples and the model's pool); ``bank``: examples the ``examples`` move may
         add; ``guidelines``: sentences the ``sentences`` move may add."""
-        self.base, self.optimizer, self.reward, self.config = base, optimizer, reward, config
-        unknown = set(config.moves) - set(MOVES)
-        if unknown or not config.moves:
-            raise ValueError(f"moves must be some of {', '.join(MOVES)}, got {', '.join(config.moves) or 'none'}.")
-        if config.queries_per_level < 1:
-            raise ValueError(f"queries_per_level must be >= 1, got {config.queries_per_level}.")
-        if not 0 <= config.min_examples <= MAX_EXAMPLES:
-            raise ValueError(f"min_examples must be in [0, {MAX_EXAMPLES}], got {config.min_examples}.")
+        self.base, self.optimizer, self.reward, self.config = base, optimizer, reward, config  # checked when made
         self.initial = initial or Candidate(initial_prompt, examples=config.k)
         if self.initial.prompt != initial_prompt:
             raise ValueError("the initial candidate's prompt must be the initial prompt.")
