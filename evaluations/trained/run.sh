@@ -11,7 +11,7 @@ TRAIN=(--route everyday --moves decoding,examples,sentences
        --reward metric:clean_ending,metric:no_loop,metric:refusal --token-cost 0.2
        --queries-per-level 8 --depth 6 --beam-size 2 --n-actions 2 --max-depth-increase 0
        --num-training-examples 48 --max-new-tokens 256 --backend vllm --dtype float32 --seed 42
-       --example-bank feedback/embedded-models/gemma-3-270m-careful-3shot.json --disable-tqdm)
+       --example-bank feedback-runs/embedded-models/gemma-3-270m-careful-3shot.json --disable-tqdm)
 . "$(dirname "$0")/../steps.sh"
 
 for MODEL in smollm2-135m-instruct gemma-3-270m; do
@@ -29,8 +29,8 @@ done
 
 # The rule's measurements (RULE.md): the everyday held-out split (256 new tokens, with the reward
 # model's preference over the model alone), and the four held-out safety splits (96 new tokens).
-RM=feedback/embedded-models/rm   # trained by feedback/embedded-models/run.sh (its weights are not committed)
-[ -f "$RM/reward_model.json" ] || step "$BIN/auto-model-rm" train --data feedback/embedded-models/comparison.json \
+RM=feedback-runs/embedded-models/rm   # trained by feedback-runs/embedded-models/run.sh (its weights are not committed)
+[ -f "$RM/reward_model.json" ] || step "$BIN/auto-model-rm" train --data feedback-runs/embedded-models/comparison.json \
     --output "$RM" --epochs 2 --learning-rate 5e-5 > /dev/null
 for MODEL in smollm2-135m-instruct gemma-3-270m; do
     step "$BIN/auto-model-eval" --configs "$OUT/$MODEL/configs.toml" --eval-set auto_model/data/eval/everyday.jsonl \

@@ -6,12 +6,12 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
-RM=feedback/embedded-models/rm
+RM=feedback-runs/embedded-models/rm
 TRAIN=(--route everyday --moves decoding,examples,sentences
        --reward metric:clean_ending,metric:no_loop,metric:refusal --token-cost 0.2
        --queries-per-level 8 --depth 10 --beam-size 2 --n-actions 2 --max-depth-increase 0
        --num-training-examples 80 --max-new-tokens 256 --backend vllm --dtype float32 --seed 43
-       --example-bank feedback/embedded-models/gemma-3-270m-careful-3shot.json --disable-tqdm)
+       --example-bank feedback-runs/embedded-models/gemma-3-270m-careful-3shot.json --disable-tqdm)
 . "$(dirname "$0")/../steps.sh"
 
 for MODEL in smollm2-135m-instruct gemma-3-270m; do

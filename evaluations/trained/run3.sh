@@ -8,7 +8,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
-RM=feedback/embedded-models/rm
+RM=feedback-runs/embedded-models/rm
 MODEL=smollm2-135m-instruct
 . "$(dirname "$0")/../steps.sh"
 [ -f "runs/trained3-$MODEL/algo_output/checkpoint.json" ] && RESUME=--resume || RESUME=

@@ -7,7 +7,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
-RM=feedback/embedded-models/rm
+RM=feedback-runs/embedded-models/rm
 . "$(dirname "$0")/../steps.sh"
 for MODEL in ${MODELS:-smollm2-135m-instruct gemma-3-270m}; do
     CONFIGS=$OUT/$MODEL/configs4.toml

@@ -6,7 +6,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
-RM=feedback/embedded-models/rm
+RM=feedback-runs/embedded-models/rm
 TRAIN=(--route everyday --moves shorten,examples,decoding
        --reward metric:clean_ending,metric:no_loop,metric:refusal --token-cost 0.5
        --queries-per-level 8 --depth 6 --beam-size 2 --n-actions 2 --max-depth-increase 0

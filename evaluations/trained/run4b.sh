@@ -4,7 +4,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=evaluations/trained
-RM=feedback/embedded-models/rm
+RM=feedback-runs/embedded-models/rm
 MODEL=gemma-3-270m
 . "$(dirname "$0")/../steps.sh"
 [ -f "runs/trained4b-$MODEL/algo_output/checkpoint.json" ] && RESUME=--resume || RESUME=

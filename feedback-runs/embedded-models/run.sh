@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic-feedback run committed here, on the embedded models, on CPUs (see README.md beside it).
-# Usage: bash feedback/embedded-models/run.sh [DIR]   (a rerun answers finished requests from DIR/cache)
+# Usage: bash feedback-runs/embedded-models/run.sh [DIR]   (a rerun answers finished requests from DIR/cache)
 set -euo pipefail
-DIR=${1:-feedback/embedded-models}
+DIR=${1:-feedback-runs/embedded-models}
 BIN=${BIN:-.venv/bin}
 SMOL=HuggingFaceTB/SmolLM2-135M-Instruct
 GEMMA=google/gemma-3-270m
