@@ -25,6 +25,7 @@ from auto_model.backends.base import (
     Outcome,
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, is_whole
+from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
 from auto_model.errors import BatchGenerationError, InvalidRequestError
 from auto_model.loops import CutStream, cut_loop
 from auto_model.options import GenerationOptions, parse_queries
@@ -497,7 +498,7 @@ class AutoModel:
             raise InvalidRequestError(
                 f"system_messages must be one of {', '.join(SYSTEM_MESSAGE_MODES)}, got {system_messages!r}."
             )
-        parsed = [_conversation(m, open_format=self.prompt_format == "messages") for m in conversations]
+        parsed = [parse_conversation(m, open_format=self.prompt_format == "messages") for m in conversations]
         own = [system if system_messages == "replace" else None for system, _, _ in parsed]
         if options.user_specified_system_prompt is not None and any(s is not None for s in own):
             raise InvalidRequestError(
@@ -839,8 +840,8 @@ class AutoModel:
             raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
         prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
         if not isinstance(query, str):
-            last = _conversation(query, open_format=True)[2]  # validated before its turns are read
-            query = conversation_text(last, _earlier_user_turns(query))
+            last = parse_conversation(query, open_format=True)[2]  # validated before its turns are read
+            query = conversation_text(last, earlier_user_turns(query))
         return self._request(replace(prompt, query=query), options)
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
@@ -961,7 +962,7 @@ class AutoModel:
         suffixes = suffixes or [None] * len(queries)
         own_prompt = [s is not None or options.user_specified_system_prompt is not None for s in systems]
         routed_prompt = options.optimized_prompt and not all(own_prompt) and bool(self.prompt_artifact.routes)
-        earlier = None if conversations is None else [_earlier_user_turns(c) for c in conversations]
+        earlier = None if conversations is None else [earlier_user_turns(c) for c in conversations]
         if any(k.values()) or routed_prompt:  # the route picks the examples, or the prompt
             routes, examples = self.router.search(queries, k, options.route, earlier=earlier)
         else:
@@ -1119,70 +1120,3 @@ def _check_reward_model(source: Any) -> Any:
 #: The per-request arguments of generate, stream and chat, in the seed's order.
 _ARGUMENT_NAMES = ("user_specified_system_prompt", "optimized_prompt", "optimized_icl", "num_optimized_icl",
                    "temperature", "top_p", "max_new_tokens", "stop")  # fmt: skip
-
-
-_ROLES = ("system", "user", "assistant")
-#: What a system message in a conversation does (``chat(..., system_messages=...)``).
-SYSTEM_MESSAGE_MODES = ("replace", "prepend", "drop")
-#: The roles of OpenAI's chat API, which a server engine takes.
-_OPEN_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-def _text(content: Any) -> str | None:
-    """The text of a message's content: a string, or the joined text of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        return "\n".join(p["text"] for p in content if p.get("type") == "text" and isinstance(p.get("text"), str))
-    return None
-
-
-def _earlier_user_turns(turns: Sequence[Message]) -> list[str]:
-    """The text of a conversation's user turns before its last one (routing reads them too)."""
-    users = [_text(m.get("content")) or "" for m in turns if m.get("role") == "user"]
-    return users[:-1]
-
-
-def _conversation(messages: Any, open_format: bool = False) -> tuple[str | None, list[Message], str]:
-    """Validate a conversation; return its system text (or None), the other turns and the text of
-    the last user turn. ``open_format`` (an engine that takes OpenAI messages) also lets through
-    OpenAI's other roles, multi-part content and extra fields, unchanged."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidRequestError('messages must be a non-empty list of {"role": ..., "content": ...} dicts.')
-    system: list[str] = []
-    turns: list[Message] = []
-    for i, m in enumerate(messages):
-        if open_format:
-            if not isinstance(m, dict) or m.get("role") not in _OPEN_ROLES:
-                raise InvalidRequestError(
-                    f"messages[{i}] must be a dict whose role is one of {', '.join(_OPEN_ROLES)}, got {m!r}."
-                )
-            content = m.get("content")
-            if content is not None and _text(content) is None:
-                raise InvalidRequestError(f"messages[{i}].content must be a string or a list of content parts.")
-            if m["role"] in ("system", "developer"):
-                if turns:
-                    raise InvalidRequestError(
-                        f"messages[{i}]: a {m['role']} message must come before the conversation turns."
-                    )
-                system.append(_text(content) or "")
-            else:
-                turns.append(dict(m))
-            continue
-        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(
-                f'messages[{i}] must be {{"role": "system" | "user" | "assistant", "content": str}}, got {m!r}.'
-            )
-        if m["role"] == "system":
-            if turns:
-                raise InvalidRequestError(f"messages[{i}]: a system message must come before the conversation turns.")
-            system.append(m["content"])
-        else:
-            turns.append({"role": m["role"], "content": m["content"]})
-    last = turns[-1]["role"] if turns else None
-    if last != "user" and not (open_format and last in ("tool", "function")):
-        raise InvalidRequestError("The last message must be a user turn: the one to answer.")
-    last_user = next((_text(m.get("content")) or "" for m in reversed(turns) if m["role"] == "user"), "")
-    if not last_user.strip():
-        raise InvalidRequestError("The last user message is empty; pass the question to answer.")
-    return ("\n\n".join(system) if system else None), turns, last_user

@@ -72,6 +72,7 @@ LAYERS = (
     ("errors",),
     ("constants", "files", "logs"),
     ("resolve", "prompting", "loops", "rewording", "viewer"),
+    ("conversations",),
     ("backends",),
     ("retrieval",),
     ("routing",),

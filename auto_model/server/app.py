@@ -80,9 +80,9 @@ from auto_model.answer_check import CONTENT_FILTER
 from auto_model.answer_check import check_window as check_window_size
 from auto_model.backends.base import DECODING_SETTINGS, Completion, check_decoding
 from auto_model.constants import is_whole
+from auto_model.conversations import SYSTEM_MESSAGE_MODES
 from auto_model.errors import AutoModelError, InvalidRequestError
 from auto_model.loops import cut_loop
-from auto_model.model import SYSTEM_MESSAGE_MODES
 from auto_model.options import GenerationOptions
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
