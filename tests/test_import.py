@@ -72,7 +72,7 @@ LAYERS = (
     ("errors",),
     ("constants", "files", "logs"),
     ("resolve", "prompting", "loops", "rewording", "viewer"),
-    ("conversations",),
+    ("conversations", "results"),
     ("backends",),
     ("retrieval",),
     ("routing",),
