@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import threading
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from auto_model import constants
 from auto_model.answer_check import AnswerCheck, CheckedStream, check_completions
 from auto_model.artifacts import PromptArtifact, prompt_for_model, with_decoding
-from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
 from auto_model.backends.base import (
     DECODING_SETTINGS,
     Backend,
@@ -26,18 +23,17 @@ from auto_model.backends.base import (
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, is_whole
 from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
+from auto_model.engine import Engine, answer_chunks, choose_backend, clean_outcome, start_backend
 from auto_model.errors import BatchGenerationError, InvalidRequestError
-from auto_model.loops import CutStream, cut_loop
+from auto_model.loops import CutStream
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import (
     PROMPT_FORMATS,
-    START,
     AssembledPrompt,
     Message,
     assemble,
     strip_markers,
 )
-from auto_model.resolve import resolve_model
 from auto_model.results import Candidate, GenerationResult, ResultCallback
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings, conversation_text
@@ -131,19 +127,14 @@ class AutoModel:
         **engine_kwargs: Any,
     ):
         self.model_name = model_name or constants.default_model()
-        urls = _base_urls(base_url)
         if not is_whole(replicas, 1):
             raise InvalidRequestError(f"replicas must be an integer >= 1, got {replicas!r}.")
-        base_url = urls[0] if len(urls) == 1 else None
         self._reward_source = _check_reward_model(reward_model)
         self._reward: Any = None
-        self.backend_name = resolve_backend_name(
-            backend, self.model_name, open_ai_model=open_ai_model, base_url=base_url or (urls[0] if urls else None)
-        )
-        backend_cls = get_backend_class(self.backend_name)
         # The model, the artifacts and the pool are checked before the (slow) engine load, so a
         # wrong name or a bad file fails in about a second.
-        source = None if backend_cls.remote else resolve_model(self.model_name)
+        choice = choose_backend(self.model_name, backend, base_url, open_ai_model)
+        self.backend_name = choice.name
         self._prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
         self._base_pool = load_icl_pool(icl_path)
         self._own_pool = icl_path is not None  # your own pool is used as it is; artifacts edit the packaged one
@@ -153,59 +144,13 @@ class AutoModel:
         self._router: RoutedRetriever | None = None
         self._answer_check: tuple[PromptArtifact | None, AnswerCheck | None] = (None, None)
         self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
-        if backend_cls.remote:
-            local = {
-                "num_gpus": (num_gpus, 1),
-                "cuda_visible_devices": (cuda_visible_devices, None),
-                "dtype": (dtype, "auto"),
-                "gpu_memory_utilization": (gpu_memory_utilization, 0.9),
-                "max_model_len": (max_model_len, None),
-            }
-            ignored = {k: v for k, (v, default) in local.items() if v != default}
-            if ignored:
-                logger.debug("%s is served remotely: local engine arguments %s are ignored", self.model_name, ignored)
-            if replicas > 1 and len(urls) != replicas:
-                raise InvalidRequestError(
-                    f"replicas={replicas} of a served model need {replicas} base URLs, one per server "
-                    f"(got {len(urls)}); pass base_url=[url1, url2, ...]."
-                )
-            if ray_address is not None:
-                raise InvalidRequestError("ray_address is for local engines; a served model's replicas are its URLs.")
-            remote_options = {"api_key": api_key, "timeout": timeout, "prompt_format": prompt_format, **engine_kwargs}
-            if len(urls) > 1:
-                from auto_model.backends.replicas import server_replicas
-
-                self.backend: Backend = server_replicas(self.model_name, urls, **remote_options)
-            else:
-                self.backend = backend_cls(self.model_name, base_url=base_url, **remote_options)
-        else:
-            if timeout != 600:
-                logger.debug("timeout=%s is unused by the local %s engine", timeout, self.backend_name)
-            if urls or api_key is not None:
-                raise InvalidRequestError(
-                    f"base_url/api_key are for the openai backend, but backend={self.backend_name!r}; "
-                    "use backend='openai' (or 'auto') to talk to a server."
-                )
-            local_options = {
-                "dtype": dtype,
-                "num_gpus": num_gpus,
-                "cuda_visible_devices": cuda_visible_devices,
-                "gpu_memory_utilization": gpu_memory_utilization,
-                "max_model_len": max_model_len,
-                "prompt_format": prompt_format,
-                **engine_kwargs,
-            }
-            if replicas > 1 or ray_address is not None:
-                from auto_model.backends.replicas import ray_replicas
-
-                cpus = local_options.pop("cpus_per_replica", 1)
-                gpus = num_gpus if has_gpu() else 0
-                self.backend = ray_replicas(self.backend_name, self.model_name, replicas, ray_address=ray_address,
-                                            cpus_per_replica=cpus, gpus_per_replica=gpus, **local_options)  # fmt: skip
-            else:
-                self.backend = backend_cls(source, **local_options)
-        # Local engines run one batch at a time; threads and coroutines queue here.
-        self._engine_lock: Any = nullcontext() if self.backend.thread_safe else threading.Lock()
+        #: the engine: local ones run one batch at a time (threads and coroutines queue on its lock)
+        self.engine = Engine(start_backend(
+            choice, self.model_name, num_gpus=num_gpus, cuda_visible_devices=cuda_visible_devices, dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, timeout=timeout,
+            prompt_format=prompt_format, api_key=api_key, replicas=replicas, ray_address=ray_address, **engine_kwargs,
+        ))  # fmt: skip
+        self.backend: Backend = self.engine.backend
         self._left_out: set[str] = set()  # artifact decoding settings this engine lacks, logged once
 
     # -- what is injected --------------------------------------------------------------------
@@ -708,57 +653,17 @@ class AutoModel:
         return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query,
                                  check_answer=check)  # fmt: skip
 
-    def _run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
-        with self._engine_lock:
-            return self.backend.generate(requests, on_completion=callback)
-
     def _stream(self, request: GenerationRequest, window: int | None = None) -> AnswerStream:
         """The engine's chunks without the answer's leading white space and ``<START>`` marker (as
         :func:`strip_markers` does), with ``cut_loops`` ended where the answer starts to loop, and
         with the answer check released only once checked (every ``window`` characters): closing
         the engine's stream stops the generation there."""
-        chunks = CutStream(_without_start(self._engine_chunks(request)), request.sampling.cut_loops)
+        chunks = CutStream(answer_chunks(self.engine.chunks(request)), request.sampling.cut_loops)
         check = self.answer_check if request.check_answer else None
         if check is None:
             return chunks
         route = request.route.name if request.route else None
         return CheckedStream(chunks, check, lambda text: self.answer_scores([text], [request.query])[0], window, route)
-
-    def _engine_chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
-        """The engine's stream, produced by a worker thread that holds the engine lock while the
-        engine generates, never while the caller holds a chunk: a caller that stops reading does not
-        keep other requests waiting, and one that closes the stream stops the generation."""
-        chunks: queue.Queue[Any] = queue.Queue()
-        stop = threading.Event()
-        done = object()
-
-        def produce() -> None:
-            try:
-                with self._engine_lock:
-                    engine = self.backend.stream(request)
-                    try:
-                        for chunk in engine:
-                            chunks.put(chunk)
-                            if stop.is_set():
-                                break
-                    finally:
-                        close = getattr(engine, "close", None)
-                        if callable(close):
-                            close()  # the engine's own clean-up: it stops generating
-            except BaseException as exc:  # surfaced in the caller's thread
-                chunks.put(_Failure(exc))
-            finally:
-                chunks.put(done)
-
-        worker = threading.Thread(target=produce, name="auto-model-stream", daemon=True)
-        worker.start()
-        try:
-            while (item := chunks.get()) is not done:
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
 
     # -- building blocks for tools built on the SDK (the trainer, evaluation) ------------------
 
@@ -844,11 +749,11 @@ class AutoModel:
         finished: dict[int, Outcome] = {}  # answers cleaned and checked as they came
 
         def callback(i: int, outcome: Outcome) -> None:
-            finished[i] = self._checked([requests[i]], [_clean(outcome, cuts[i])])[0]
+            finished[i] = self._checked([requests[i]], [clean_outcome(outcome, cuts[i])])[0]
             on_completion(i, finished[i])  # type: ignore[misc]
 
-        raw = self._run(requests, None if on_completion is None or sampled else callback)
-        outcomes = [_clean(c, cut) for c, cut in zip(raw, cuts, strict=True)]
+        raw = self.engine.run(requests, None if on_completion is None or sampled else callback)
+        outcomes = [clean_outcome(c, cut) for c, cut in zip(raw, cuts, strict=True)]
         if sampled:
             outcomes = self.rerank([r.query or "" for r in requests], outcomes)
         rest = [i for i in range(len(requests)) if i not in finished]
@@ -941,7 +846,7 @@ class AutoModel:
 
     def close(self) -> None:
         """Release the engine."""
-        self.backend.close()
+        self.engine.close()
 
     def __enter__(self) -> AutoModel:
         return self
@@ -954,66 +859,6 @@ class AutoModel:
             f"AutoModel(model_name={self.model_name!r}, backend={self.backend_name!r}, "
             f"prompt={self.prompt_artifact.model_id!r}/{self.prompt_artifact.method}, icl_pool={len(self.icl_pool)})"
         )
-
-
-def _base_urls(base_url: str | Sequence[str] | None) -> list[str]:
-    """The server URLs of ``base_url``: one, several (a list, or comma-separated), or none."""
-    if base_url is None:
-        return []
-    parts = base_url.split(",") if isinstance(base_url, str) else list(base_url)
-    if not all(isinstance(u, str) for u in parts):
-        raise InvalidRequestError(f"base_url must be a URL or a list of URLs, got {base_url!r}.")
-    urls = [u.strip() for u in parts if u.strip()]
-    if not urls:
-        raise InvalidRequestError(f"base_url holds no URL: {base_url!r}.")
-    return urls
-
-
-def _without_start(chunks: Generator[str, None, None]) -> Generator[str, None, None]:
-    """``chunks`` without the answer's leading white space and ``<START>`` marker; closing it
-    closes ``chunks``."""
-    head, marker_checked, started = "", False, False
-    try:
-        for chunk in chunks:
-            if started:
-                yield chunk
-                continue
-            head = (head + chunk).lstrip()
-            if not marker_checked:
-                if len(head) < len(START) and START.startswith(head):
-                    continue  # could still become the marker
-                if head.startswith(START):
-                    head = head[len(START) :].lstrip()
-                marker_checked = True
-            if head:
-                started = True
-                yield head
-        if not started and head:
-            yield head
-    finally:
-        chunks.close()
-
-
-def _clean(outcome: Outcome, cut_loops: bool) -> Outcome:
-    """An engine's completion as the SDK returns it: the ICL markers stripped and, with
-    ``cut_loops``, each answer cut where it starts to loop (:func:`~auto_model.loops.cut_loop`)."""
-    if isinstance(outcome, BaseException):
-        return outcome
-
-    def clean(completion: Completion) -> Completion:
-        text = strip_markers(completion.text)
-        if cut_loops:
-            cut, looped = cut_loop(text)
-            if looped:
-                return replace(completion, text=cut, finish_reason="stop", looped=True)
-        return replace(completion, text=text)
-
-    return replace(clean(outcome), samples=tuple(clean(s) for s in outcome.samples))
-
-
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException
 
 
 _DEFAULTS = GenerationOptions()

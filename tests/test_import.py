@@ -74,6 +74,7 @@ LAYERS = (
     ("resolve", "prompting", "loops", "rewording", "viewer"),
     ("conversations", "results"),
     ("backends",),
+    ("engine",),
     ("retrieval",),
     ("routing",),
     ("options",),

@@ -1,0 +1,235 @@
+"""One engine over a backend: choosing and starting it, one batch at a time, and one streaming pump.
+
+:func:`choose_backend` resolves which backend serves a model and checks the model's name (fast:
+nothing loads); :func:`start_backend` starts it (slow: weights, a server connection, replicas).
+:class:`Engine` runs requests on it: local engines take one batch at a time (threads and
+coroutines queue on its lock), and :meth:`Engine.chunks` is the one streaming pump, a worker thread
+that holds the lock while the engine generates and never while the caller holds a chunk.
+:func:`answer_chunks` and :func:`clean_outcome` turn what an engine wrote into the answer the SDK
+returns (markers stripped, loops cut).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Generator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any
+
+from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
+from auto_model.backends.base import Backend, Completion, CompletionCallback, GenerationRequest, Outcome
+from auto_model.errors import InvalidRequestError
+from auto_model.loops import cut_loop
+from auto_model.prompting import START, strip_markers
+from auto_model.resolve import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def base_urls(base_url: str | Sequence[str] | None) -> list[str]:
+    """The server URLs of ``base_url``: one, several (a list, or comma-separated), or none."""
+    if base_url is None:
+        return []
+    parts = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    if not all(isinstance(u, str) for u in parts):
+        raise InvalidRequestError(f"base_url must be a URL or a list of URLs, got {base_url!r}.")
+    urls = [u.strip() for u in parts if u.strip()]
+    if not urls:
+        raise InvalidRequestError(f"base_url holds no URL: {base_url!r}.")
+    return urls
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend serves a model, checked before anything loads (:func:`choose_backend`)."""
+
+    name: str
+    cls: type[Backend]
+    source: Any  # the resolved local model (None for a served one)
+    urls: tuple[str, ...]
+
+
+def choose_backend(
+    model_name: str, backend: str = "auto", base_url: str | Sequence[str] | None = None, open_ai_model: bool = False
+) -> BackendChoice:
+    """The backend for ``model_name`` (``backend="auto"`` picks by the name and ``base_url``); a
+    local model's name is resolved here, so a wrong one fails in about a second."""
+    urls = base_urls(base_url)
+    name = resolve_backend_name(backend, model_name, open_ai_model=open_ai_model, base_url=urls[0] if urls else None)
+    cls = get_backend_class(name)
+    return BackendChoice(name, cls, None if cls.remote else resolve_model(model_name), tuple(urls))
+
+
+def start_backend(
+    choice: BackendChoice,
+    model_name: str,
+    *,
+    num_gpus: int = 1,
+    cuda_visible_devices: str | None = None,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    timeout: float = 600,
+    prompt_format: str = "auto",
+    api_key: str | None = None,
+    replicas: int = 1,
+    ray_address: str | None = None,
+    **engine_kwargs: Any,
+) -> Backend:
+    """Start the chosen backend: a served model (one URL, or one replica per URL), or a local engine
+    (one, or ``replicas`` of it on Ray)."""
+    urls = list(choice.urls)
+    if choice.cls.remote:
+        local = {
+            "num_gpus": (num_gpus, 1),
+            "cuda_visible_devices": (cuda_visible_devices, None),
+            "dtype": (dtype, "auto"),
+            "gpu_memory_utilization": (gpu_memory_utilization, 0.9),
+            "max_model_len": (max_model_len, None),
+        }
+        ignored = {k: v for k, (v, default) in local.items() if v != default}
+        if ignored:
+            logger.debug("%s is served remotely: local engine arguments %s are ignored", model_name, ignored)
+        if replicas > 1 and len(urls) != replicas:
+            raise InvalidRequestError(
+                f"replicas={replicas} of a served model need {replicas} base URLs, one per server "
+                f"(got {len(urls)}); pass base_url=[url1, url2, ...]."
+            )
+        if ray_address is not None:
+            raise InvalidRequestError("ray_address is for local engines; a served model's replicas are its URLs.")
+        remote_options = {"api_key": api_key, "timeout": timeout, "prompt_format": prompt_format, **engine_kwargs}
+        if len(urls) > 1:
+            from auto_model.backends.replicas import server_replicas
+
+            return server_replicas(model_name, urls, **remote_options)
+        return choice.cls(model_name, base_url=urls[0] if urls else None, **remote_options)
+    if timeout != 600:
+        logger.debug("timeout=%s is unused by the local %s engine", timeout, choice.name)
+    if urls or api_key is not None:
+        raise InvalidRequestError(
+            f"base_url/api_key are for the openai backend, but backend={choice.name!r}; "
+            "use backend='openai' (or 'auto') to talk to a server."
+        )
+    local_options = {
+        "dtype": dtype,
+        "num_gpus": num_gpus,
+        "cuda_visible_devices": cuda_visible_devices,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "prompt_format": prompt_format,
+        **engine_kwargs,
+    }
+    if replicas > 1 or ray_address is not None:
+        from auto_model.backends.replicas import ray_replicas
+
+        cpus = local_options.pop("cpus_per_replica", 1)
+        gpus = num_gpus if has_gpu() else 0
+        return ray_replicas(choice.name, model_name, replicas, ray_address=ray_address, cpus_per_replica=cpus,
+                            gpus_per_replica=gpus, **local_options)  # fmt: skip
+    return choice.cls(choice.source, **local_options)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+class Engine:
+    """A started backend and the lock its batches queue on (none for a thread-safe backend)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
+
+    def run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
+        """The engine's outcome of each request (one batch; ``callback`` as each one finishes)."""
+        with self._lock:
+            return self.backend.generate(requests, on_completion=callback)
+
+    def chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
+        """The engine's stream, produced by a worker thread that holds the engine lock while the
+        engine generates, never while the caller holds a chunk: a caller that stops reading does not
+        keep other requests waiting, and one that closes the stream stops the generation."""
+        chunks: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                with self._lock:
+                    engine = self.backend.stream(request)
+                    try:
+                        for chunk in engine:
+                            chunks.put(chunk)
+                            if stop.is_set():
+                                break
+                    finally:
+                        close = getattr(engine, "close", None)
+                        if callable(close):
+                            close()  # the engine's own clean-up: it stops generating
+            except BaseException as exc:  # surfaced in the caller's thread
+                chunks.put(_Failure(exc))
+            finally:
+                chunks.put(done)
+
+        worker = threading.Thread(target=produce, name="auto-model-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := chunks.get()) is not done:
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+
+    def close(self) -> None:
+        """Release the engine."""
+        self.backend.close()
+
+
+def answer_chunks(chunks: Generator[str, None, None]) -> Generator[str, None, None]:
+    """``chunks`` without the answer's leading white space and ``<START>`` marker (as
+    :func:`~auto_model.prompting.strip_markers` does); closing it closes ``chunks``."""
+    head, marker_checked, started = "", False, False
+    try:
+        for chunk in chunks:
+            if started:
+                yield chunk
+                continue
+            head = (head + chunk).lstrip()
+            if not marker_checked:
+                if len(head) < len(START) and START.startswith(head):
+                    continue  # could still become the marker
+                if head.startswith(START):
+                    head = head[len(START) :].lstrip()
+                marker_checked = True
+            if head:
+                started = True
+                yield head
+        if not started and head:
+            yield head
+    finally:
+        chunks.close()
+
+
+def clean_outcome(outcome: Outcome, cut_loops: bool) -> Outcome:
+    """An engine's completion as the SDK returns it: the ICL markers stripped and, with
+    ``cut_loops``, each answer cut where it starts to loop (:func:`~auto_model.loops.cut_loop`)."""
+    if isinstance(outcome, BaseException):
+        return outcome
+
+    def clean(completion: Completion) -> Completion:
+        text = strip_markers(completion.text)
+        if cut_loops:
+            cut, looped = cut_loop(text)
+            if looped:
+                return replace(completion, text=cut, finish_reason="stop", looped=True)
+        return replace(completion, text=text)
+
+    return replace(clean(outcome), samples=tuple(clean(s) for s in outcome.samples))
+
+
+__all__ = ["BackendChoice", "Engine", "answer_chunks", "base_urls", "choose_backend", "clean_outcome", "start_backend"]
