@@ -311,7 +311,8 @@ class RoutingSettings:
             that padding or an earlier turn does not hide a request; False: the last user turn alone.
         rewordings: with ``segments``, score the plain requests a reworded one may hide too (its
             text after a preface, restated in the present tense, a "how to" clause inside a story:
-            :func:`auto_model.rewording.plain_forms`).
+            :func:`auto_model.rewording.plain_forms`). Off unless an artifact turns it on: on held-out
+            split 8 it changed no route and one of Gemma's refusals (see docs/safety.md).
     """
 
     threshold: float = 0.5
@@ -322,7 +323,7 @@ class RoutingSettings:
     classifier: SafetyClassifier | None = None
     lexical: LexicalClassifier | None = None
     segments: bool = True
-    rewordings: bool = True
+    rewordings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("segments", "rewordings"):
@@ -369,8 +370,8 @@ class RoutingSettings:
             data["vote_set"] = self.vote_set
         if not self.segments:
             data["segments"] = False
-        if not self.rewordings:
-            data["rewordings"] = False
+        if self.rewordings:
+            data["rewordings"] = True
         if self.classifier is not None:
             data["classifier"] = self.classifier.to_dict()
         if self.lexical is not None:
@@ -456,7 +457,7 @@ def _parts(text: str) -> list[str]:
     return parts
 
 
-def routing_texts(query: str, earlier: Sequence[str] = (), rewordings: bool = True) -> list[str]:
+def routing_texts(query: str, earlier: Sequence[str] = (), rewordings: bool = False) -> list[str]:
     """The texts whose highest safety score routes a request: the request (its last user turn)
     first; then, when it holds three sentences or more, each two adjacent ones, and a long
     sentence in overlapping windows of words; then each earlier user turn of its conversation, read

@@ -11,11 +11,7 @@ OUT=evaluations/looks-rewordings
 "$BIN/python" "$OUT/before.py"
 step "$BIN/auto-model-eval" --configs "$OUT/split8.toml" --eval-set auto_model/data/eval/heldout8.jsonl \
     --output "$OUT/heldout8" --max-new-tokens 96 --judge none
-for SPLIT in heldout7 heldout5 heldout6 heldout heldout2 heldout3 heldout4; do
-    step "$BIN/auto-model-eval" --configs "$OUT/before-after.toml" --eval-set "auto_model/data/eval/$SPLIT.jsonl" \
-        --output "$OUT/$SPLIT" --max-new-tokens 96 --judge none
-done
-for SPLIT in everyday everyday2; do
-    step "$BIN/auto-model-eval" --configs "$OUT/before-after.toml" --eval-set "auto_model/data/eval/$SPLIT.jsonl" \
-        --output "$OUT/$SPLIT" --max-new-tokens 256 --judge none
-done
+# The rule failed on split 8 (README.md), so the earlier splits were not looked at again: the run
+# was stopped here. Their looks, were a later change to need them, are:
+#   for SPLIT in heldout7 heldout5 heldout6 heldout heldout2 heldout3 heldout4 (96 tokens), everyday everyday2 (256):
+#     auto-model-eval --configs "$OUT/before-after.toml" --eval-set auto_model/data/eval/$SPLIT.jsonl --output "$OUT/$SPLIT"
