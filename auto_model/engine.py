@@ -1,4 +1,5 @@
-"""One engine over a backend: choosing and starting it, one batch at a time, and one streaming pump.
+"""One engine over a backend: choosing and starting it, one batch at a time, one streaming pump, and
+the reward that picks the best of several sampled answers.
 
 :func:`choose_backend` resolves which backend serves a model and checks the model's name (fast:
 nothing loads); :func:`start_backend` starts it (slow: weights, a server connection, replicas).
@@ -11,12 +12,15 @@ returns (markers stripped, loops cut).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Generator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
@@ -137,12 +141,108 @@ class _Failure:
     error: BaseException
 
 
-class Engine:
-    """A started backend and the lock its batches queue on (none for a thread-safe backend)."""
+def check_reward_model(source: Any) -> Any:
+    """``reward_model`` checked before any engine loads: None, a reward model folder (from
+    ``auto-model-rm train``), or any object with the reward interface's ``score``."""
+    if source is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        from auto_model.rewards.reward_model import check_reward_model_folder
 
-    def __init__(self, backend: Backend):
+        return check_reward_model_folder(source)
+    if not callable(getattr(source, "score", None)):
+        raise InvalidRequestError(
+            f"reward_model must be a folder from auto-model-rm train or a reward with .score(items), got "
+            f"{type(source).__name__}."
+        )
+    return source
+
+
+class Engine:
+    """A started backend, the lock its batches queue on (none for a thread-safe backend), and the
+    reward that picks the best of several sampled answers (``best_of``)."""
+
+    def __init__(self, backend: Backend, reward: Any = None):
         self.backend = backend
         self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
+        self._reward_source = check_reward_model(reward)
+        self._reward: Any = None
+        self._reward_lock = threading.Lock()  # concurrent first calls load one reward model
+
+    @property
+    def reward(self) -> Any:
+        """The reward that picks the best of ``best_of`` answers (loaded on first use), or None."""
+        if self._reward is None and self._reward_source is not None:
+            with self._reward_lock:
+                if self._reward is None:
+                    source = self._reward_source
+                    if isinstance(source, (str, os.PathLike)):
+                        from auto_model.rewards.reward_model import RewardModelReward
+
+                        source = RewardModelReward(source)
+                    self._reward = source
+        return self._reward
+
+    @reward.setter
+    def reward(self, reward: str | os.PathLike[str] | Any) -> None:
+        source = check_reward_model(reward)
+        with self._reward_lock:
+            if source is not self._reward_source and source != self._reward_source:  # the same one stays loaded
+                self._reward_source, self._reward = source, None
+
+    @property
+    def reward_id(self) -> str | None:
+        """What names :attr:`reward` in request caches: a reward model folder by the SHA-256 of its
+        ``reward_model.json`` (a retrained model is another reward), another reward by its type."""
+        source = self._reward_source
+        if source is None:
+            return None
+        if isinstance(source, (str, os.PathLike)):
+            digest = hashlib.sha256((Path(source) / "reward_model.json").read_bytes()).hexdigest()[:16]
+            return f"rm:{digest}"
+        return type(source).__name__
+
+    def check_best_of(self, n: int) -> None:
+        """Several answers to choose from need a reward to choose with."""
+        if n > 1 and self._reward_source is None:
+            raise InvalidRequestError(
+                f"best_of={n} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
+                "(a folder from auto-model-rm train)."
+            )
+
+    def rerank(self, queries: Sequence[str], outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """For each query's outcome that carries several samples (a request with ``best_of`` > 1),
+        the best sample by :attr:`reward`, with every sample's score on ``.scores``; all samples of
+        all queries are scored in one call. Other outcomes come back unchanged."""
+        from auto_model.rewards.base import RewardItem, best_index
+
+        if len(queries) != len(outcomes):
+            raise InvalidRequestError(f"rerank needs one query per outcome, got {len(queries)} and {len(outcomes)}.")
+        owners = [i for i, o in enumerate(outcomes) if isinstance(o, Completion) and o.samples]
+        if not owners:
+            return list(outcomes)
+        self.check_best_of(max(len(o.samples) for o in outcomes if isinstance(o, Completion)))
+        items = [
+            RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason, looped=s.looped)
+            for i in owners
+            for s in outcomes[i].samples  # type: ignore[union-attr]
+        ]
+        scores = iter(self.reward.score(items))
+        out = list(outcomes)
+        for i in owners:
+            completion = outcomes[i]
+            assert isinstance(completion, Completion)
+            values = tuple(next(scores).reward for _ in completion.samples)
+            best = best_index(values)
+            chosen = completion.samples[best]
+            out[i] = replace(
+                chosen,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                samples=completion.samples,
+                scores=values,
+            )
+        return out
 
     def run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         """The engine's outcome of each request (one batch; ``callback`` as each one finishes)."""
@@ -232,4 +332,13 @@ def clean_outcome(outcome: Outcome, cut_loops: bool) -> Outcome:
     return replace(clean(outcome), samples=tuple(clean(s) for s in outcome.samples))
 
 
-__all__ = ["BackendChoice", "Engine", "answer_chunks", "base_urls", "choose_backend", "clean_outcome", "start_backend"]
+__all__ = [
+    "BackendChoice",
+    "Engine",
+    "answer_chunks",
+    "base_urls",
+    "check_reward_model",
+    "choose_backend",
+    "clean_outcome",
+    "start_backend",
+]

@@ -23,16 +23,15 @@ from auto_model.backends.base import (
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, is_whole
 from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
-from auto_model.engine import Engine, answer_chunks, choose_backend, clean_outcome, start_backend
+from auto_model.engine import Engine, answer_chunks, check_reward_model, choose_backend, clean_outcome, start_backend
 from auto_model.errors import BatchGenerationError, InvalidRequestError
 from auto_model.loops import CutStream
-from auto_model.options import GenerationOptions, parse_queries
+from auto_model.options import GenerationOptions, call_options, parse_queries
 from auto_model.prompting import (
     PROMPT_FORMATS,
     AssembledPrompt,
     Message,
     assemble,
-    strip_markers,
 )
 from auto_model.results import Candidate, GenerationResult, ResultCallback
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
@@ -129,8 +128,7 @@ class AutoModel:
         self.model_name = model_name or constants.default_model()
         if not is_whole(replicas, 1):
             raise InvalidRequestError(f"replicas must be an integer >= 1, got {replicas!r}.")
-        self._reward_source = _check_reward_model(reward_model)
-        self._reward: Any = None
+        reward_source = check_reward_model(reward_model)  # checked before anything loads
         # The model, the artifacts and the pool are checked before the (slow) engine load, so a
         # wrong name or a bad file fails in about a second.
         choice = choose_backend(self.model_name, backend, base_url, open_ai_model)
@@ -145,7 +143,7 @@ class AutoModel:
         self._answer_check: tuple[PromptArtifact | None, AnswerCheck | None] = (None, None)
         self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
         #: the engine: local ones run one batch at a time (threads and coroutines queue on its lock)
-        self.engine = Engine(start_backend(
+        self.engine = Engine(reward=reward_source, backend=start_backend(
             choice, self.model_name, num_gpus=num_gpus, cuda_visible_devices=cuda_visible_devices, dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, timeout=timeout,
             prompt_format=prompt_format, api_key=api_key, replicas=replicas, ray_address=ray_address, **engine_kwargs,
@@ -178,74 +176,23 @@ class AutoModel:
     @property
     def reward(self) -> Any:
         """The reward that picks the best of ``best_of`` answers (loaded on first use), or None."""
-        if self._reward is None and self._reward_source is not None:
-            with self._retriever_lock:
-                if self._reward is None:
-                    source = self._reward_source
-                    if isinstance(source, (str, os.PathLike)):
-                        from auto_model.rewards.reward_model import RewardModelReward
-
-                        source = RewardModelReward(source)
-                    self._reward = source
-        return self._reward
+        return self.engine.reward
 
     @reward.setter
     def reward(self, reward: str | os.PathLike[str] | Any) -> None:
         """Choose ``best_of`` answers with this reward: a folder from ``auto-model-rm train``, any
         reward with ``.score(items)`` (e.g. :class:`~auto_model.rewards.metrics.MetricReward`), or None."""
-        source = _check_reward_model(reward)
-        with self._retriever_lock:
-            if source is not self._reward_source and source != self._reward_source:  # the same one stays loaded
-                self._reward_source, self._reward = source, None
+        self.engine.reward = reward
 
     @property
     def reward_id(self) -> str | None:
-        """What names :attr:`reward` in request caches: a reward model folder by the SHA-256 of its
-        ``reward_model.json`` (a retrained model is another reward), another reward by its type."""
-        source = self._reward_source
-        if source is None:
-            return None
-        if isinstance(source, (str, os.PathLike)):
-            import hashlib
-            from pathlib import Path
-
-            digest = hashlib.sha256((Path(source) / "reward_model.json").read_bytes()).hexdigest()[:16]
-            return f"rm:{digest}"
-        return type(source).__name__
+        """What names :attr:`reward` in request caches (:attr:`Engine.reward_id`)."""
+        return self.engine.reward_id
 
     def rerank(self, queries: Sequence[str], outcomes: Sequence[Outcome]) -> list[Outcome]:
         """For each query's outcome that carries several samples (a request with ``best_of`` > 1),
-        the best sample by :attr:`reward`, with every sample's score on ``.scores``; all samples of
-        all queries are scored in one call. Other outcomes come back unchanged."""
-        from auto_model.rewards.base import RewardItem, best_index
-
-        if len(queries) != len(outcomes):
-            raise InvalidRequestError(f"rerank needs one query per outcome, got {len(queries)} and {len(outcomes)}.")
-        owners = [i for i, o in enumerate(outcomes) if isinstance(o, Completion) and o.samples]
-        if not owners:
-            return list(outcomes)
-        self._check_best_of(max(len(o.samples) for o in outcomes if isinstance(o, Completion)))
-        items = [
-            RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason, looped=s.looped)
-            for i in owners
-            for s in outcomes[i].samples  # type: ignore[union-attr]
-        ]
-        scores = iter(self.reward.score(items))
-        out = list(outcomes)
-        for i in owners:
-            completion = outcomes[i]
-            assert isinstance(completion, Completion)
-            values = tuple(next(scores).reward for _ in completion.samples)
-            best = best_index(values)
-            chosen = completion.samples[best]
-            out[i] = replace(
-                chosen,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                samples=completion.samples,
-                scores=values,
-            )
-        return out
+        the best sample by :attr:`reward` (:meth:`Engine.rerank`)."""
+        return self.engine.rerank(queries, outcomes)
 
     @property
     def prompt_artifact(self) -> PromptArtifact:
@@ -306,7 +253,7 @@ class AutoModel:
     def examples_for(self, route: str | None, options: GenerationOptions | None = None) -> int:
         """How many examples a request down ``route`` gets with these options: none without
         ``optimized_icl``, else ``num_optimized_icl``, else the artifact's number for the route."""
-        options = options or _DEFAULTS
+        options = options or GenerationOptions()
         if not options.optimized_icl:
             return 0
         if options.num_optimized_icl is not None:
@@ -334,7 +281,9 @@ class AutoModel:
         ``prompt_format`` assembles them in another format than the engine's (:attr:`prompt_format`):
         ``"base"`` gives the plain text a completions endpoint takes, ``"messages"`` the chat messages."""
         single, queries = parse_queries(user_query)
-        options = _options(options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl))
+        options = call_options(
+            options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
+        )
         if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
             raise InvalidRequestError(
                 f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}."
@@ -360,7 +309,9 @@ class AutoModel:
         OpenAI's chat API does and this SDK does not read: ``tool`` and ``developer`` turns,
         assistant ``tool_calls``, multi-part ``content`` (its text parts are what is retrieved on)
         and any other field of a message; they reach the server unchanged."""
-        options = _options(options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl))
+        options = call_options(
+            options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
+        )
         return self._chat_prompt(messages, options, system_messages)
 
     def format_chats(
@@ -374,7 +325,7 @@ class AutoModel:
         and their examples retrieved in one batch (one embedding call), in order."""
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise InvalidRequestError("conversations must be a non-empty list of message lists.")
-        return self._chat_prompts(conversations, _options(options, ()), system_messages)
+        return self._chat_prompts(conversations, call_options(options, ()), system_messages)
 
     def _chat_prompt(self, messages: Any, options: GenerationOptions, system_messages: str) -> AssembledPrompt:
         return self._chat_prompts([messages], options, system_messages)[0]
@@ -462,13 +413,13 @@ class AutoModel:
             GenerationError: a single query failed (a subclass says how: timeout, HTTP status, ...).
         """
         single, queries = parse_queries(user_query)
-        options = _options(
+        options = call_options(
             options,
             (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self._check_best_of(options.best_of)
+        self.engine.check_best_of(options.best_of)
         callback = None
         if on_completion is not None:
 
@@ -524,7 +475,7 @@ class AutoModel:
         if not isinstance(user_query, str):
             raise InvalidRequestError("stream() takes one query string; use generate() for a list.")
         _, queries = parse_queries(user_query)
-        options = _options(
+        options = call_options(
             options,
             (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
             (temperature, top_p, max_new_tokens, stop),
@@ -568,13 +519,13 @@ class AutoModel:
                 ignored).
             (the rest as in :meth:`generate`)
         """
-        options = _options(
+        options = call_options(
             options,
             (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl),
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self._check_best_of(options.best_of)
+        self.engine.check_best_of(options.best_of)
         if stream and options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream.")
         prompt = self._chat_prompt(messages, options, system_messages)
@@ -591,14 +542,6 @@ class AutoModel:
         if kwargs.get("stream"):
             raise InvalidRequestError("achat() does not stream; use chat(..., stream=True) in a thread.")
         return await asyncio.to_thread(self.chat, messages, *args, **kwargs)
-
-    def _check_best_of(self, n: int) -> None:
-        """Several answers to choose from need a reward to choose with."""
-        if n > 1 and self._reward_source is None:
-            raise InvalidRequestError(
-                f"best_of={n} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
-                "(a folder from auto-model-rm train)."
-            )
 
     def decoding_for(self, route: str | None = None) -> dict[str, Any]:
         """The decoding settings of the artifact that this engine applies to a request down ``route``
@@ -744,7 +687,7 @@ class AutoModel:
         ``on_completion`` calls come once the batch is scored."""
         requests = list(requests)
         sampled = any(r.sampling.n > 1 for r in requests)
-        self._check_best_of(max((r.sampling.n for r in requests), default=1))
+        self.engine.check_best_of(max((r.sampling.n for r in requests), default=1))
         cuts = [r.sampling.cut_loops for r in requests]
         finished: dict[int, Outcome] = {}  # answers cleaned and checked as they came
 
@@ -859,52 +802,3 @@ class AutoModel:
             f"AutoModel(model_name={self.model_name!r}, backend={self.backend_name!r}, "
             f"prompt={self.prompt_artifact.model_id!r}/{self.prompt_artifact.method}, icl_pool={len(self.icl_pool)})"
         )
-
-
-_DEFAULTS = GenerationOptions()
-
-
-def _options(
-    options: GenerationOptions | None,
-    prompt_arguments: tuple[Any, ...],
-    sampling_arguments: tuple[Any, ...] = (),
-    sampling_kwargs: dict[str, Any] | None = None,
-) -> GenerationOptions:
-    """The request's options: ``options`` as given, or built from the seed's individual arguments
-    (in the seed's order: the prompt ones, then the sampling ones). Both at once is refused unless
-    the individual ones are all left at their defaults."""
-    arguments = dict(zip(_ARGUMENT_NAMES, (*prompt_arguments, *sampling_arguments), strict=False))
-    if options is None:
-        return GenerationOptions.from_arguments(**arguments, sampling_kwargs=sampling_kwargs)
-    if not isinstance(options, GenerationOptions):
-        raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)]
-    given += list(sampling_kwargs or ())
-    if given:
-        raise InvalidRequestError(
-            f"Pass either options= or {', '.join(given)}, not both: set them in the options "
-            f"(dataclasses.replace(options, {given[0]}=...))."
-        )
-    return options
-
-
-def _check_reward_model(source: Any) -> Any:
-    """``reward_model`` checked before any engine loads: None, a reward model folder (from
-    ``auto-model-rm train``), or any object with the reward interface's ``score``."""
-    if source is None:
-        return None
-    if isinstance(source, (str, os.PathLike)):
-        from auto_model.rewards.reward_model import check_reward_model_folder
-
-        return check_reward_model_folder(source)
-    if not callable(getattr(source, "score", None)):
-        raise InvalidRequestError(
-            f"reward_model must be a folder from auto-model-rm train or a reward with .score(items), got "
-            f"{type(source).__name__}."
-        )
-    return source
-
-
-#: The per-request arguments of generate, stream and chat, in the seed's order.
-_ARGUMENT_NAMES = ("user_specified_system_prompt", "optimized_prompt", "optimized_icl", "num_optimized_icl",
-                   "temperature", "top_p", "max_new_tokens", "stop")  # fmt: skip

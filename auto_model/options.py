@@ -185,4 +185,34 @@ def parse_queries(user_query: Any) -> tuple[bool, list[str]]:
     return single, queries
 
 
-__all__ = ["GenerationOptions", "parse_queries"]
+#: The per-request arguments of :meth:`AutoModel.generate`, ``stream`` and ``chat``, in the seed's order.
+ARGUMENT_NAMES = ("user_specified_system_prompt", "optimized_prompt", "optimized_icl", "num_optimized_icl",
+                  "temperature", "top_p", "max_new_tokens", "stop")  # fmt: skip
+_DEFAULTS = GenerationOptions()
+
+
+def call_options(
+    options: GenerationOptions | None,
+    prompt_arguments: tuple[Any, ...],
+    sampling_arguments: tuple[Any, ...] = (),
+    sampling_kwargs: dict[str, Any] | None = None,
+) -> GenerationOptions:
+    """A call's options: ``options`` as given, or built from the seed's individual arguments (in
+    the seed's order, :data:`ARGUMENT_NAMES`: the prompt ones, then the sampling ones). Both at
+    once is refused unless the individual ones are all left at their defaults."""
+    arguments = dict(zip(ARGUMENT_NAMES, (*prompt_arguments, *sampling_arguments), strict=False))
+    if options is None:
+        return GenerationOptions.from_arguments(**arguments, sampling_kwargs=sampling_kwargs)
+    if not isinstance(options, GenerationOptions):
+        raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
+    given = [name for name, value in arguments.items() if value != getattr(_DEFAULTS, name)]
+    given += list(sampling_kwargs or ())
+    if given:
+        raise InvalidRequestError(
+            f"Pass either options= or {', '.join(given)}, not both: set them in the options "
+            f"(dataclasses.replace(options, {given[0]}=...))."
+        )
+    return options
+
+
+__all__ = ["ARGUMENT_NAMES", "GenerationOptions", "call_options", "parse_queries"]
