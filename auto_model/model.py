@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 from auto_model import constants
-from auto_model.answer_check import AnswerCheck, CheckedStream, check_completions
-from auto_model.artifacts import PromptArtifact, prompt_for_model, with_decoding
+from auto_model.aligner import Aligner
+from auto_model.answer_check import AnswerCheck, CheckedStream
+from auto_model.artifacts import PromptArtifact, prompt_for_model
 from auto_model.backends.base import (
     DECODING_SETTINGS,
     Backend,
@@ -22,7 +21,6 @@ from auto_model.backends.base import (
     Outcome,
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, is_whole
-from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
 from auto_model.engine import Engine, answer_chunks, check_reward_model, choose_backend, clean_outcome, start_backend
 from auto_model.errors import BatchGenerationError, InvalidRequestError
 from auto_model.loops import CutStream
@@ -31,11 +29,10 @@ from auto_model.prompting import (
     PROMPT_FORMATS,
     AssembledPrompt,
     Message,
-    assemble,
 )
 from auto_model.results import Candidate, GenerationResult, ResultCallback
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
-from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings, conversation_text
+from auto_model.routing import Route, RoutedRetriever
 
 logger = logging.getLogger(__name__)
 #: A streamed answer: its text chunks; ``looped`` (cut where it began to loop) and, when checked,
@@ -133,15 +130,13 @@ class AutoModel:
         # wrong name or a bad file fails in about a second.
         choice = choose_backend(self.model_name, backend, base_url, open_ai_model)
         self.backend_name = choice.name
-        self._prompt_artifact: PromptArtifact = prompt_for_model(self.model_name, prompt_path)
-        self._base_pool = load_icl_pool(icl_path)
-        self._own_pool = icl_path is not None  # your own pool is used as it is; artifacts edit the packaged one
-        self.icl_pool: list[ICLExample] = self._edited_pool(self._prompt_artifact)
-        self.embedding_model = embedding_model or constants.default_embedding_model()
-        self._retriever: ICLRetriever | None = None
-        self._router: RoutedRetriever | None = None
-        self._answer_check: tuple[PromptArtifact | None, AnswerCheck | None] = (None, None)
-        self._retriever_lock = threading.Lock()  # concurrent first calls build one retriever
+        #: everything a request gets before the engine: the artifact, the pool, the router
+        self.aligner = Aligner(
+            prompt_for_model(self.model_name, prompt_path),
+            load_icl_pool(icl_path),
+            own_pool=icl_path is not None,  # your own pool is used as it is; artifacts edit the packaged one
+            embedding_model=embedding_model or constants.default_embedding_model(),
+        )
         #: the engine: local ones run one batch at a time (threads and coroutines queue on its lock)
         self.engine = Engine(reward=reward_source, backend=start_backend(
             choice, self.model_name, num_gpus=num_gpus, cuda_visible_devices=cuda_visible_devices, dtype=dtype,
@@ -149,29 +144,30 @@ class AutoModel:
             prompt_format=prompt_format, api_key=api_key, replicas=replicas, ray_address=ray_address, **engine_kwargs,
         ))  # fmt: skip
         self.backend: Backend = self.engine.backend
-        self._left_out: set[str] = set()  # artifact decoding settings this engine lacks, logged once
+        self.aligner.backend = self.backend
 
     # -- what is injected --------------------------------------------------------------------
 
     @property
     def retriever(self) -> ICLRetriever:
         """The ICL retriever over this model's pool (built on first use, once, also under concurrent calls)."""
-        if self._retriever is None:
-            with self._retriever_lock:
-                if self._retriever is None:
-                    self._retriever = ICLRetriever(self.icl_pool, self.embedding_model)
-        return self._retriever
+        return self.aligner.retriever
 
     @retriever.setter
     def retriever(self, retriever: ICLRetriever) -> None:
         """Retrieve examples with this retriever (your own pool, embedder or index settings); its
         pool becomes the model's ``icl_pool``."""
-        if not isinstance(retriever, ICLRetriever):
-            raise InvalidRequestError(f"retriever must be an ICLRetriever, got {type(retriever).__name__}.")
-        with self._retriever_lock:
-            self._retriever = retriever
-            self._router = None
-            self.icl_pool = self._base_pool = list(retriever.pool)
+        self.aligner.retriever = retriever
+
+    @property
+    def icl_pool(self) -> list[ICLExample]:
+        """The examples requests retrieve from: the packaged pool with the artifact's edits, or your own."""
+        return self.aligner.icl_pool
+
+    @property
+    def embedding_model(self) -> str:
+        """The sentence-transformers model of retrieval and routing."""
+        return self.aligner.embedding_model
 
     @property
     def reward(self) -> Any:
@@ -197,35 +193,19 @@ class AutoModel:
     @property
     def prompt_artifact(self) -> PromptArtifact:
         """The prompt artifact this model's requests are aligned with (its prompts and routing)."""
-        return self._prompt_artifact
+        return self.aligner.prompt_artifact
 
     @prompt_artifact.setter
     def prompt_artifact(self, artifact: PromptArtifact) -> None:
         """Align requests with another artifact (e.g. ``load_prompt_artifact(path)``); its routing
         settings take effect with the next request."""
-        if not isinstance(artifact, PromptArtifact):
-            raise InvalidRequestError(f"prompt_artifact must be a PromptArtifact, got {type(artifact).__name__}.")
-        with self._retriever_lock:
-            edited = self._edited_pool(artifact)
-            if edited != self.icl_pool:  # the artifact's pool differs: its examples are retrieved from now on
-                self.icl_pool, self._retriever = edited, None
-            self._prompt_artifact = artifact
-            self._router = None
-
-    def _edited_pool(self, artifact: PromptArtifact) -> list[ICLExample]:
-        """The pool requests retrieve from: the packaged pool with the artifact's edits, or your own."""
-        return list(self._base_pool) if self._own_pool else artifact.edit_pool(self._base_pool)
+        self.aligner.prompt_artifact = artifact
 
     @property
     def router(self) -> RoutedRetriever:
         """Routes requests and retrieves their examples (:mod:`auto_model.routing`), over
         :attr:`retriever`, with the routing settings of the prompt artifact."""
-        retriever = self.retriever
-        with self._retriever_lock:
-            if self._router is None or self._router.retriever is not retriever:
-                settings = self.prompt_artifact.routing
-                self._router = RoutedRetriever(retriever, RoutingSettings.from_dict(settings) if settings else None)
-            return self._router
+        return self.aligner.router
 
     def route(self, user_query: str | Sequence[str]) -> Route | list[Route]:
         """The route :meth:`generate` would give a query (or each of a list), without generating."""
@@ -242,23 +222,12 @@ class AutoModel:
         self, user_specified_system_prompt: str | None = None, optimized_prompt: bool = True
     ) -> str | None:
         """The system prompt a request gets: the user's if given, else the optimized one if enabled."""
-        if user_specified_system_prompt is not None:
-            if not isinstance(user_specified_system_prompt, str):
-                raise InvalidRequestError("user_specified_system_prompt must be a string or None.")
-            if optimized_prompt:
-                logger.debug("A user-specified system prompt replaces the optimized prompt")
-            return user_specified_system_prompt
-        return self.prompt_artifact.system_prompt if optimized_prompt else None
+        return self.aligner.system_prompt(user_specified_system_prompt, optimized_prompt)
 
     def examples_for(self, route: str | None, options: GenerationOptions | None = None) -> int:
         """How many examples a request down ``route`` gets with these options: none without
         ``optimized_icl``, else ``num_optimized_icl``, else the artifact's number for the route."""
-        options = options or GenerationOptions()
-        if not options.optimized_icl:
-            return 0
-        if options.num_optimized_icl is not None:
-            return options.num_optimized_icl
-        return self.prompt_artifact.examples_for(route)
+        return self.aligner.examples_for(route, options)
 
     def retrieve(self, queries: Sequence[str], k: int, route: str | None = None) -> list[list[ICLExample]]:
         """The ``k`` examples each query gets in :meth:`generate`: the most similar ones of its
@@ -288,7 +257,7 @@ class AutoModel:
             raise InvalidRequestError(
                 f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}."
             )
-        prompts = self._assemble(queries, options, fmt=prompt_format)
+        prompts = self.aligner.prompts(queries, options, fmt=prompt_format)
         return prompts[0] if single else prompts
 
     def format_chat(
@@ -312,7 +281,7 @@ class AutoModel:
         options = call_options(
             options, (user_specified_system_prompt, optimized_prompt, optimized_icl, num_optimized_icl)
         )
-        return self._chat_prompt(messages, options, system_messages)
+        return self.aligner.chat_prompts([messages], options, system_messages)[0]
 
     def format_chats(
         self,
@@ -323,33 +292,7 @@ class AutoModel:
     ) -> list[AssembledPrompt]:
         """:meth:`format_chat` for several conversations at once: their last user turns are routed
         and their examples retrieved in one batch (one embedding call), in order."""
-        if not isinstance(conversations, (list, tuple)) or not conversations:
-            raise InvalidRequestError("conversations must be a non-empty list of message lists.")
-        return self._chat_prompts(conversations, call_options(options, ()), system_messages)
-
-    def _chat_prompt(self, messages: Any, options: GenerationOptions, system_messages: str) -> AssembledPrompt:
-        return self._chat_prompts([messages], options, system_messages)[0]
-
-    def _chat_prompts(
-        self, conversations: Sequence[Any], options: GenerationOptions, system_messages: str
-    ) -> list[AssembledPrompt]:
-        if system_messages not in SYSTEM_MESSAGE_MODES:
-            raise InvalidRequestError(
-                f"system_messages must be one of {', '.join(SYSTEM_MESSAGE_MODES)}, got {system_messages!r}."
-            )
-        parsed = [parse_conversation(m, open_format=self.prompt_format == "messages") for m in conversations]
-        own = [system if system_messages == "replace" else None for system, _, _ in parsed]
-        if options.user_specified_system_prompt is not None and any(s is not None for s in own):
-            raise InvalidRequestError(
-                "Pass the system prompt either as a system message or as user_specified_system_prompt, not both."
-            )
-        return self._assemble(
-            [last for _, _, last in parsed],
-            options,
-            [turns for _, turns, _ in parsed],
-            systems=own,
-            suffixes=[system if system_messages == "prepend" else None for system, _, _ in parsed],
-        )
+        return self.aligner.chat_prompts(conversations, call_options(options, ()), system_messages)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -427,7 +370,7 @@ class AutoModel:
                 done = outcome if isinstance(outcome, BaseException) else self._result(outcome, True, requests[i])
                 on_completion(i, done)
 
-        requests = [self._request(p, options) for p in self._assemble(queries, options)]
+        requests = [self.aligner.request(p, options) for p in self.aligner.prompts(queries, options)]
         outcomes = self.run_requests(requests, callback)
         results = [
             o if isinstance(o, BaseException) else self._result(o, return_details, r)
@@ -483,8 +426,8 @@ class AutoModel:
         )
         if options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream; use generate().")
-        prompt = self._assemble(queries, options)[0]
-        return self._stream(self._request(prompt, options))
+        prompt = self.aligner.prompts(queries, options)[0]
+        return self._stream(self.aligner.request(prompt, options))
 
     def chat(
         self,
@@ -528,8 +471,8 @@ class AutoModel:
         self.engine.check_best_of(options.best_of)
         if stream and options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream.")
-        prompt = self._chat_prompt(messages, options, system_messages)
-        request = self._request(prompt, options)
+        prompt = self.aligner.chat_prompts([messages], options, system_messages)[0]
+        request = self.aligner.request(prompt, options)
         if stream:
             return self._stream(request)
         outcome = self.run_requests([request])[0]
@@ -546,55 +489,19 @@ class AutoModel:
     def decoding_for(self, route: str | None = None) -> dict[str, Any]:
         """The decoding settings of the artifact that this engine applies to a request down ``route``
         (with ``optimized_decoding``, under the request's own sampling arguments)."""
-        return with_decoding({}, self.prompt_artifact.decoding_for(route), self.backend.decoding_settings)[0]
+        return self.aligner.decoding_for(route)
 
     @property
     def answer_check(self) -> AnswerCheck | None:
         """The answer check of the artifact (:mod:`auto_model.answer_check`), or None where it has
         none or its classifier was trained on another embedding model than the retriever's."""
-        artifact = self.prompt_artifact
-        if self._answer_check[0] is not artifact:
-            found = AnswerCheck.from_dict(artifact.answer_check) if artifact.answer_check else None
-            if found is not None and not found.fits(self.embedding_model):
-                logger.warning("The artifact's answer check was trained on other embeddings than %s: answers are not "
-                               "checked", self.embedding_model)  # fmt: skip
-                found = None
-            self._answer_check = (artifact, found)
-        return self._answer_check[1]
+        return self.aligner.answer_check
 
     def answer_scores(self, answers: Sequence[str], queries: Sequence[str | None] | None = None) -> list[float]:
         """The answer check's score of each answer, read beside the request it answers (``queries``:
         one per answer); at or above its ``threshold`` an answer is replaced. InvalidRequestError
         where the artifact has no answer check."""
-        check = self.answer_check
-        if check is None:
-            raise InvalidRequestError(
-                "This model's prompt artifact has no answer check (see auto-model-train answer-check)."
-            )
-        return check.scores(list(answers), self.retriever.embed, queries)
-
-    def _checked(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome]) -> list[Outcome]:
-        """The outcomes with each checked answer scored, and replaced by the refusal where the check blocks it."""
-        check = self.answer_check
-        if check is None or not any(r.check_answer for r in requests):
-            return outcomes
-        routes = [r.route.name if r.route else None for r in requests]
-        return check_completions(check, outcomes, [r.query for r in requests], [r.check_answer for r in requests],
-                                 self.retriever.embed, routes)  # fmt: skip
-
-    def _request(self, prompt: AssembledPrompt, options: GenerationOptions) -> GenerationRequest:
-        sampling = options.sampling()
-        if options.optimized_decoding:
-            settings = self.prompt_artifact.decoding_for(prompt.route.name if prompt.route else options.route)
-            extra, left_out = with_decoding(sampling.extra, settings, self.backend.decoding_settings)
-            for name in set(left_out) - self._left_out:  # said once per setting
-                self._left_out.add(name)
-                logger.debug("The %s engine has no %s: the artifact's setting is left out", self.backend_name, name)
-            sampling = replace(sampling, extra=extra)
-        stop = tuple(dict.fromkeys(sampling.stop + prompt.stop))
-        check = options.check_answers and self.answer_check is not None and options.json_schema is None
-        return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query,
-                                 check_answer=check)  # fmt: skip
+        return self.aligner.answer_scores(answers, queries)
 
     def _stream(self, request: GenerationRequest, window: int | None = None) -> AnswerStream:
         """The engine's chunks without the answer's leading white space and ``<START>`` marker (as
@@ -602,20 +509,20 @@ class AutoModel:
         with the answer check released only once checked (every ``window`` characters): closing
         the engine's stream stops the generation there."""
         chunks = CutStream(answer_chunks(self.engine.chunks(request)), request.sampling.cut_loops)
-        check = self.answer_check if request.check_answer else None
+        check = self.aligner.answer_check if request.check_answer else None
         if check is None:
             return chunks
         route = request.route.name if request.route else None
-        return CheckedStream(chunks, check, lambda text: self.answer_scores([text], [request.query])[0], window, route)
+        return CheckedStream(
+            chunks, check, lambda text: self.aligner.answer_scores([text], [request.query])[0], window, route
+        )
 
     # -- building blocks for tools built on the SDK (the trainer, evaluation) ------------------
 
     @property
     def prompt_format(self) -> str:
         """The assembly format this model's engine takes: ``"base"``, ``"chat"`` or ``"messages"``."""
-        if self.backend.prompt_style != "chat":
-            return "base"
-        return "messages" if self.backend.supports_chat else "chat"
+        return self.aligner.prompt_format
 
     def build_request(
         self,
@@ -627,22 +534,14 @@ class AutoModel:
         """One engine request assembled exactly as :meth:`generate` assembles it, with the given
         system prompt and examples (no lookup, no retrieval: the prompt and example fields of
         ``options`` are not read, its sampling fields are)."""
-        if not isinstance(options, GenerationOptions):
-            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-        prompt = assemble(system_prompt, examples, query, format=self.prompt_format, tokenizer=self.backend.tokenizer)  # type: ignore[arg-type]
-        if not isinstance(query, str):
-            last = parse_conversation(query, open_format=True)[2]  # validated before its turns are read
-            query = conversation_text(last, earlier_user_turns(query))
-        return self._request(replace(prompt, query=query), options)
+        return self.aligner.build_request(system_prompt, examples, query, options)
 
     def build_requests(self, user_query: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
         """The engine requests :meth:`generate` sends for these queries, routed and assembled the
         same way (the prompt, the examples and the sampling all from ``options``); each request's
         route is on ``request.route``."""
         _, queries = parse_queries(user_query)
-        if not isinstance(options, GenerationOptions):
-            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-        return [self._request(p, options) for p in self._assemble(queries, options)]
+        return self.aligner.requests(queries, options)
 
     def build_chat_request(
         self, messages: Sequence[Message], options: GenerationOptions, system_messages: str = "replace"
@@ -651,20 +550,14 @@ class AutoModel:
         prompt, the examples and the sampling all from ``options``; ``system_messages`` as in
         :meth:`chat`); its route is on ``request.route``. Requests of several conversations can go to
         the engine in one call with :meth:`run_requests`."""
-        if not isinstance(options, GenerationOptions):
-            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-        return self._request(self._chat_prompt(messages, options, system_messages), options)
+        return self.aligner.chat_requests([messages], options, system_messages)[0]
 
     def build_chat_requests(
         self, conversations: Sequence[Sequence[Message]], options: GenerationOptions, system_messages: str = "replace"
     ) -> list[GenerationRequest]:
         """:meth:`build_chat_request` for several conversations at once: their last user turns are
         routed and their examples retrieved in one batch, in order."""
-        if not isinstance(options, GenerationOptions):
-            raise InvalidRequestError(f"options must be a GenerationOptions, got {type(options).__name__}.")
-        if not isinstance(conversations, (list, tuple)) or not conversations:
-            raise InvalidRequestError("conversations must be a non-empty list of message lists.")
-        return [self._request(p, options) for p in self._chat_prompts(conversations, options, system_messages)]
+        return self.aligner.chat_requests(conversations, options, system_messages)
 
     def stream_request(self, request: GenerationRequest, window: int | None = None) -> AnswerStream:
         """Stream one prepared request (from :meth:`build_request`, :meth:`build_requests` or
@@ -692,7 +585,7 @@ class AutoModel:
         finished: dict[int, Outcome] = {}  # answers cleaned and checked as they came
 
         def callback(i: int, outcome: Outcome) -> None:
-            finished[i] = self._checked([requests[i]], [clean_outcome(outcome, cuts[i])])[0]
+            finished[i] = self.aligner.check([requests[i]], [clean_outcome(outcome, cuts[i])])[0]
             on_completion(i, finished[i])  # type: ignore[misc]
 
         raw = self.engine.run(requests, None if on_completion is None or sampled else callback)
@@ -701,7 +594,7 @@ class AutoModel:
             outcomes = self.rerank([r.query or "" for r in requests], outcomes)
         rest = [i for i in range(len(requests)) if i not in finished]
         for i, outcome in zip(
-            rest, self._checked([requests[i] for i in rest], [outcomes[i] for i in rest]), strict=True
+            rest, self.aligner.check([requests[i] for i in rest], [outcomes[i] for i in rest]), strict=True
         ):
             outcomes[i] = finished[i] = outcome
         if sampled and on_completion is not None:
@@ -733,50 +626,6 @@ class AutoModel:
             {k: v for k, v in request.sampling.extra.items() if k in DECODING_SETTINGS},
             completion.answer_score,
         )
-
-    def _assemble(
-        self,
-        queries: list[str],
-        options: GenerationOptions,
-        conversations: list[list[Message]] | None = None,
-        *,
-        fmt: Any = None,
-        systems: Sequence[str | None] | None = None,
-        suffixes: Sequence[str | None] | None = None,
-    ) -> list[AssembledPrompt]:
-        """The prompts of ``queries`` (or of ``conversations``, whose last user turns they are): each
-        query's route and examples, in one batch. ``systems``: a conversation's own system text, which
-        replaces the optimized prompt; ``suffixes``: text put after the system prompt."""
-        options.check_pool(len(self.icl_pool))  # before anything is embedded
-        k = {route: self.examples_for(route, options) for route in ROUTES}
-        systems = systems or [None] * len(queries)
-        suffixes = suffixes or [None] * len(queries)
-        own_prompt = [s is not None or options.user_specified_system_prompt is not None for s in systems]
-        routed_prompt = options.optimized_prompt and not all(own_prompt) and bool(self.prompt_artifact.routes)
-        earlier = None if conversations is None else [earlier_user_turns(c) for c in conversations]
-        if any(k.values()) or routed_prompt:  # the route picks the examples, or the prompt
-            routes, examples = self.router.search(queries, k, options.route, earlier=earlier)
-        else:
-            routes, examples = [Route(options.route or EVERYDAY) for _ in queries], [[] for _ in queries]
-        fmt = fmt or self.prompt_format  # servers take messages; local engines get them rendered with the template
-        turns: list[Any] = queries if conversations is None else conversations
-        tokenizer = self.backend.tokenizer
-        prompts = []
-        for i, (query, turn, ex, route, own, suffix) in enumerate(
-            zip(queries, turns, examples, routes, systems, suffixes, strict=True)
-        ):
-            if own is not None:
-                system: str | None = own
-            elif options.user_specified_system_prompt is not None or not options.optimized_prompt:
-                system = self.system_prompt(options.user_specified_system_prompt, options.optimized_prompt)
-            else:
-                system = self.prompt_artifact.prompt_for(route.name)
-            if suffix:
-                system = f"{system.rstrip()}\n\n{suffix}" if system and system.strip() else suffix
-            prompt = assemble(system, ex, turn, format=fmt, tokenizer=tokenizer)
-            # What the answer check (and a reranker) reads the answer beside: every user turn.
-            prompts.append(replace(prompt, route=route, query=conversation_text(query, earlier[i] if earlier else ())))
-        return prompts
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Per replica of a replicated engine (``replicas=``, several ``base_url``): requests answered,
