@@ -238,7 +238,7 @@ class Aligner:
             extra, left_out = with_decoding(sampling.extra, settings, self.backend.decoding_settings)
             for name in set(left_out) - self._left_out:  # said once per setting
                 self._left_out.add(name)
-                logger.debug("The engine has no %s: the artifact's setting is left out", name)
+                logger.debug("The %s engine has no %s: the artifact's setting is left out", self.backend.name, name)
             sampling = replace(sampling, extra=extra)
         stop = tuple(dict.fromkeys(sampling.stop + prompt.stop))
         check = options.check_answers and self.answer_check is not None and options.json_schema is None

@@ -112,7 +112,7 @@ def _engine_applies_decoding(model, tmp_path, caplog, lacking=None):
     tuned_artifact = replace(own, decoding=decoding, route_decoding={}, route_examples={})  # 3 examples, as RAW
     model.prompt_artifact = load_prompt_artifact(save_prompt_artifact(tuned_artifact, tmp_path / "tuned.json"))
     try:
-        with caplog.at_level(logging.DEBUG, logger="auto_model.model"):
+        with caplog.at_level(logging.DEBUG, logger="auto_model.aligner"):
             tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, cut_loops=False)
             model.generate(FLOWERS, temperature=0, max_new_tokens=4, cut_loops=False)
         plain = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, **RAW)
