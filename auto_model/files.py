@@ -33,6 +33,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
+def _lines(path: Path, unreadable: type[Exception]) -> list[tuple[int, str]]:
+    """(line number, line) for each non-blank line of a text file; ``unreadable`` (an error class)
+    when it cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise unreadable(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
 def read_query_rows(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file of queries.
 
@@ -44,13 +54,7 @@ def read_query_rows(path: str | os.PathLike[str], *, skip_bad: bool = False) -> 
     from auto_model.errors import ArtifactError
 
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in _lines(path, ArtifactError):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -74,14 +78,8 @@ def read_jsonl_rows(path: str | os.PathLike[str], fields: Sequence[str]) -> list
     from auto_model.errors import ArtifactError, InvalidRequestError
 
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in _lines(path, InvalidRequestError):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
