@@ -58,27 +58,28 @@ def is_whole(value: Any, low: int | None = None, high: int | None = None) -> boo
     return (low is None or number >= low) and (high is None or number <= high)
 
 
-def _env(name: str) -> str | None:
+def env_value(name: str) -> str | None:
+    """A variable's value, or None when it is unset or empty."""
     value = os.environ.get(name)
     return value if value not in (None, "") else None
 
 
 def cache_dir() -> Path:
     """Root cache folder for auto_model (created on demand by callers)."""
-    explicit = _env("AUTO_MODEL_CACHE")
+    explicit = env_value("AUTO_MODEL_CACHE")
     if explicit:
         return Path(explicit).expanduser()
-    xdg = _env("XDG_CACHE_HOME")
+    xdg = env_value("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "auto_model"
 
 
 def default_model() -> str:
-    return _env("AUTO_MODEL_DEFAULT_MODEL") or DEFAULT_MODEL
+    return env_value("AUTO_MODEL_DEFAULT_MODEL") or DEFAULT_MODEL
 
 
 def default_embedding_model() -> str:
-    return _env("AUTO_MODEL_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL
+    return env_value("AUTO_MODEL_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL
 
 
 def _is_true(value: str | None) -> bool:
@@ -90,20 +91,15 @@ def _is_true(value: str | None) -> bool:
 
 
 def offline() -> bool:
-    return _is_true(_env("AUTO_MODEL_OFFLINE") or _env("HF_HUB_OFFLINE"))
+    return _is_true(env_value("AUTO_MODEL_OFFLINE") or env_value("HF_HUB_OFFLINE"))
 
 
 def env_list(name: str) -> list[str]:
     """A comma-separated variable (``AUTO_MODEL_API_KEYS``, ``AUTO_MODEL_UNCHECKED_KEYS``) as its
     items, each stripped, empty ones dropped."""
-    return [item.strip() for item in (_env(name) or "").split(",") if item.strip()]
-
-
-def env_value(name: str) -> str | None:
-    """A variable's value, or None when it is unset or empty."""
-    return _env(name)
+    return [item.strip() for item in (env_value(name) or "").split(",") if item.strip()]
 
 
 def debug() -> bool:
     """Command lines print full tracebacks instead of one line (``AUTO_MODEL_DEBUG=1``)."""
-    return _is_true(_env("AUTO_MODEL_DEBUG"))
+    return _is_true(env_value("AUTO_MODEL_DEBUG"))

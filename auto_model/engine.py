@@ -163,9 +163,11 @@ class Engine:
     reward that picks the best of several sampled answers (``best_of``)."""
 
     def __init__(self, backend: Backend, reward: Any = None):
+        """``reward``: what :func:`check_reward_model` returned (the caller checks it before the
+        backend starts, so that a bad folder fails before a slow load), or None."""
         self.backend = backend
         self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
-        self._reward_source = check_reward_model(reward)
+        self._reward_source = reward
         self._reward: Any = None
         self._reward_lock = threading.Lock()  # concurrent first calls load one reward model
 

@@ -370,7 +370,7 @@ class AutoModel:
                 done = outcome if isinstance(outcome, BaseException) else self._result(outcome, True, requests[i])
                 on_completion(i, done)
 
-        requests = [self.aligner.request(p, options) for p in self.aligner.prompts(queries, options)]
+        requests = self.aligner.requests(queries, options)
         outcomes = self.run_requests(requests, callback)
         results = [
             o if isinstance(o, BaseException) else self._result(o, return_details, r)
@@ -426,8 +426,7 @@ class AutoModel:
         )
         if options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream; use generate().")
-        prompt = self.aligner.prompts(queries, options)[0]
-        return self._stream(self.aligner.request(prompt, options))
+        return self._stream(self.aligner.requests(queries, options)[0])
 
     def chat(
         self,
@@ -471,8 +470,7 @@ class AutoModel:
         self.engine.check_best_of(options.best_of)
         if stream and options.best_of > 1:
             raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream.")
-        prompt = self.aligner.chat_prompts([messages], options, system_messages)[0]
-        request = self.aligner.request(prompt, options)
+        request = self.aligner.chat_requests([messages], options, system_messages)[0]
         if stream:
             return self._stream(request)
         outcome = self.run_requests([request])[0]
