@@ -20,13 +20,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from auto_model.answer_check import AnswerCheck, check_completions
+from auto_model.answer_check import AnswerCheck, CheckedStream, check_completions
 from auto_model.artifacts import PromptArtifact, with_decoding
 from auto_model.backends.base import Backend, GenerationRequest, Outcome
 from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
 from auto_model.errors import InvalidRequestError
-from auto_model.options import GenerationOptions
-from auto_model.prompting import AssembledPrompt, Message, assemble
+from auto_model.loops import CutStream
+from auto_model.options import GenerationOptions, parse_queries
+from auto_model.prompting import PROMPT_FORMATS, AssembledPrompt, Message, assemble
 from auto_model.retrieval import ICLExample, ICLRetriever
 from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings, conversation_text
 
@@ -172,6 +173,8 @@ class Aligner:
         """The prompts of ``queries`` (or of ``conversations``, whose last user turns they are): each
         query's route and examples, in one batch. ``systems``: a conversation's own system text, which
         replaces the optimized prompt; ``suffixes``: text put after the system prompt."""
+        if fmt is not None and fmt not in PROMPT_FORMATS:
+            raise InvalidRequestError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}.")
         options.check_pool(len(self.icl_pool))  # before anything is embedded
         k = {route: self.examples_for(route, options) for route in ROUTES}
         systems = systems or [None] * len(queries)
@@ -245,10 +248,11 @@ class Aligner:
         return GenerationRequest(prompt.prompt, replace(sampling, stop=stop), route=prompt.route, query=prompt.query,
                                  check_answer=check)  # fmt: skip
 
-    def requests(self, queries: list[str], options: GenerationOptions) -> list[GenerationRequest]:
-        """The engine requests of queries, routed and assembled in one batch."""
+    def requests(self, queries: str | Sequence[str], options: GenerationOptions) -> list[GenerationRequest]:
+        """The engine requests of a query or a list of queries (each checked), routed and assembled in
+        one batch; each request's route is on ``request.route``."""
         options = _check_options(options)
-        return [self.request(p, options) for p in self.prompts(queries, options)]
+        return [self.request(p, options) for p in self.prompts(parse_queries(queries)[1], options)]
 
     def chat_requests(
         self, conversations: Sequence[Sequence[Message]], options: GenerationOptions, system_messages: str = "replace"
@@ -307,6 +311,18 @@ class Aligner:
         routes = [r.route.name if r.route else None for r in requests]
         return check_completions(check, outcomes, [r.query for r in requests], [r.check_answer for r in requests],
                                  self.retriever.embed, routes)  # fmt: skip
+
+    def check_stream(
+        self, chunks: CutStream, request: GenerationRequest, window: int | None = None
+    ) -> CutStream | CheckedStream:
+        """A streamed answer (an engine's :meth:`~auto_model.engine.Engine.stream`) released only
+        once checked, every ``window`` characters (default: the artifact's), where the request's
+        answer is checked; else ``chunks`` as they are."""
+        check = self.answer_check if request.check_answer else None
+        if check is None:
+            return chunks
+        route = request.route.name if request.route else None
+        return CheckedStream(chunks, check, lambda text: self.answer_scores([text], [request.query])[0], window, route)
 
 
 __all__ = ["Aligner"]

@@ -17,18 +17,27 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
-from auto_model.backends.base import Backend, Completion, CompletionCallback, GenerationRequest, Outcome
+from auto_model.backends.base import (
+    DECODING_SETTINGS,
+    Backend,
+    Completion,
+    CompletionCallback,
+    GenerationRequest,
+    Outcome,
+)
+from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
-from auto_model.loops import cut_loop
+from auto_model.loops import CutStream, cut_loop
 from auto_model.prompting import START, strip_markers
 from auto_model.resolve import resolve_model
+from auto_model.results import Candidate, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +66,16 @@ class BackendChoice:
 
 
 def choose_backend(
-    model_name: str, backend: str = "auto", base_url: str | Sequence[str] | None = None, open_ai_model: bool = False
+    model_name: str,
+    backend: str = "auto",
+    base_url: str | Sequence[str] | None = None,
+    open_ai_model: bool = False,
+    replicas: int = 1,
 ) -> BackendChoice:
     """The backend for ``model_name`` (``backend="auto"`` picks by the name and ``base_url``); a
-    local model's name is resolved here, so a wrong one fails in about a second."""
+    local model's name (and ``replicas``) is checked here, so a wrong one fails in about a second."""
+    if not is_whole(replicas, 1):
+        raise InvalidRequestError(f"replicas must be an integer >= 1, got {replicas!r}.")
     urls = base_urls(base_url)
     name = resolve_backend_name(backend, model_name, open_ai_model=open_ai_model, base_url=urls[0] if urls else None)
     cls = get_backend_class(name)
@@ -162,10 +177,12 @@ class Engine:
     """A started backend, the lock its batches queue on (none for a thread-safe backend), and the
     reward that picks the best of several sampled answers (``best_of``)."""
 
-    def __init__(self, backend: Backend, reward: Any = None):
+    def __init__(self, backend: Backend, reward: Any = None, name: str | None = None):
         """``reward``: what :func:`check_reward_model` returned (the caller checks it before the
-        backend starts, so that a bad folder fails before a slow load), or None."""
+        backend starts, so that a bad folder fails before a slow load), or None; ``name``: the
+        backend's name as chosen (:attr:`BackendChoice.name`; default the backend's own)."""
         self.backend = backend
+        self.name = name or backend.name
         self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
         self._reward_source = reward
         self._reward: Any = None
@@ -204,8 +221,10 @@ class Engine:
             return f"rm:{digest}"
         return type(source).__name__
 
-    def check_best_of(self, n: int) -> None:
-        """Several answers to choose from need a reward to choose with."""
+    def check_best_of(self, n: int, streaming: bool = False) -> None:
+        """Several answers to choose from need a reward to choose with, and finished answers."""
+        if n > 1 and streaming:
+            raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream; use generate().")
         if n > 1 and self._reward_source is None:
             raise InvalidRequestError(
                 f"best_of={n} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
@@ -251,6 +270,65 @@ class Engine:
         with self._lock:
             return self.backend.generate(requests, on_completion=callback)
 
+    def answers(
+        self,
+        requests: Sequence[GenerationRequest],
+        check: Callable[[list[GenerationRequest], list[Outcome]], list[Outcome]],
+        on_completion: CompletionCallback | None = None,
+    ) -> list[Outcome]:
+        """Run prepared requests in one batch; each one's answer as the SDK returns it: cleaned
+        (:func:`clean_outcome`), the best of several samples by :attr:`reward` (:meth:`rerank`, every
+        sample of the batch scored in one call) and passed through ``check`` (the answer check:
+        ``check(requests, outcomes)`` gives the outcomes to return). ``on_completion(index, outcome)``
+        as each finishes; for a batch with samples, once the batch is scored."""
+        requests = list(requests)
+        sampled = any(r.sampling.n > 1 for r in requests)
+        self.check_best_of(max((r.sampling.n for r in requests), default=1))
+        cuts = [r.sampling.cut_loops for r in requests]
+        finished: dict[int, Outcome] = {}  # answers cleaned and checked as they came
+
+        def callback(i: int, outcome: Outcome) -> None:
+            finished[i] = check([requests[i]], [clean_outcome(outcome, cuts[i])])[0]
+            on_completion(i, finished[i])  # type: ignore[misc]
+
+        raw = self.run(requests, None if on_completion is None or sampled else callback)
+        outcomes = [clean_outcome(c, cut) for c, cut in zip(raw, cuts, strict=True)]
+        if sampled:
+            outcomes = self.rerank([r.query or "" for r in requests], outcomes)
+        rest = [i for i in range(len(requests)) if i not in finished]
+        for i, outcome in zip(rest, check([requests[i] for i in rest], [outcomes[i] for i in rest]), strict=True):
+            outcomes[i] = finished[i] = outcome
+        if sampled and on_completion is not None:
+            for i, outcome in enumerate(outcomes):
+                on_completion(i, outcome)
+        return [finished[i] for i in range(len(requests))]
+
+    def stream(self, request: GenerationRequest) -> CutStream:
+        """One request's answer in text chunks (:meth:`chunks`) as the SDK streams it: without the
+        leading white space and ``<START>`` marker, ended where it starts to loop with the request's
+        ``cut_loops``; closing it stops the generation."""
+        return CutStream(answer_chunks(self.chunks(request)), request.sampling.cut_loops)
+
+    def result(self, completion: Completion, request: GenerationRequest) -> GenerationResult:
+        """A finished request's :class:`~auto_model.results.GenerationResult`."""
+        route = request.route
+        scores = completion.scores or [None] * len(completion.samples)
+        return GenerationResult(
+            completion.text,
+            completion.finish_reason,
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            self.name,
+            self.backend.model_id,
+            completion.latency_s,
+            route.name if route else None,
+            route.score if route else None,
+            tuple(Candidate(s.text, v, s.finish_reason) for s, v in zip(completion.samples, scores, strict=True)),
+            completion.looped,
+            {k: v for k, v in request.sampling.extra.items() if k in DECODING_SETTINGS},
+            completion.answer_score,
+        )
+
     def chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the
         engine generates, never while the caller holds a chunk: a caller that stops reading does not
@@ -286,6 +364,12 @@ class Engine:
                 yield item
         finally:
             stop.set()
+
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Per replica of a replicated backend: what it answered and whether it is still there (empty
+        for a single engine)."""
+        stats = getattr(self.backend, "stats", None)
+        return stats() if callable(stats) else []
 
     def close(self) -> None:
         """Release the engine."""

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from auto_model.errors import BatchGenerationError
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -62,8 +64,23 @@ class Candidate:
     finish_reason: str
 
 
+def gathered(results: list[Any], single: bool, return_exceptions: bool = False) -> Any:
+    """What ``generate`` returns of its results (each a result or the exception its request failed
+    with): for one query its result, or its exception raised; for a list the list, or
+    :class:`~auto_model.errors.BatchGenerationError` carrying every result and error where some
+    failed (unless ``return_exceptions``: then the exceptions stand in their slots)."""
+    if single:
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        return results[0]
+    errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+    if errors and not return_exceptions:
+        raise BatchGenerationError([None if i in errors else r for i, r in enumerate(results)], errors)
+    return results
+
+
 #: ``on_completion(index, result)``: a finished request's :class:`GenerationResult`, or its exception.
 ResultCallback = Callable[[int, Any], None]
 
 
-__all__ = ["Candidate", "GenerationResult", "ResultCallback"]
+__all__ = ["Candidate", "GenerationResult", "ResultCallback", "gathered"]

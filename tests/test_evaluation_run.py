@@ -122,7 +122,7 @@ def test_the_answer_loop_runs_on_its_own_cached_and_without_a_judge(smol, tmp_pa
         done = answer()
         assert [(a.config, a.item.id) for a in done.answers] == [(c.name, i.id) for c in configs for i in items]
         assert all(a.text and a.judgement is None for a in done.answers)
-        assert done.system_prompts["plain"] is None and done.system_prompts["icl"] == smol.system_prompt()
+        assert done.system_prompts["plain"] is None and done.system_prompts["icl"] == smol.aligner.system_prompt()
         # A forced route; a .json artifact replaces the model's own, routes and all, for its configuration only.
         forced = [a for a in done.answers if a.config == "forced"]
         assert {a.route for a in forced} == {"safety"}

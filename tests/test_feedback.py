@@ -161,7 +161,8 @@ def test_pg_keeps_new_prompts_from_the_real_model_and_a_rerun_comes_from_the_cac
     # Progress: the cached requests at once, then each answer as the engine reports it.
     role = Role("pg", smol, RequestCache(tmp_path / "requests.sqlite"), Usage())
     greedy = GenerationOptions(temperature=0, max_new_tokens=2)
-    requests = [smol.build_request(None, [], q, greedy) for q in ("Name a fruit.", "Name a colour.", "Name a tree.")]
+    build = smol.aligner.build_request
+    requests = [build(None, [], q, greedy) for q in ("Name a fruit.", "Name a colour.", "Name a tree.")]
     role.run(requests[:1])
     seen: list[int] = []
     role.run(requests, progress=seen.append)
@@ -224,8 +225,8 @@ def test_responses_of_two_configurations_in_one_engine_call_each_then_their_comp
     assert all(r["problem"] == response_problem(r["response"]) for r in rows)
     assert sum(records[careful]["counts"].values()) == 2
     # The careful demonstrations are in the prompt, with the instruction as its system prompt.
-    request = smol.build_request(load_demos("careful").instruction, load_demos("careful").dialogues[:3], prompts[0],
-                                 options)  # fmt: skip
+    careful = load_demos("careful")
+    request = smol.aligner.build_request(careful.instruction, careful.dialogues[:3], prompts[0], options)
     assert "landlord" in request.prompt and "compound interest" not in request.prompt  # three dialogues of six
     assert "Dialogues between a person and a careful" in request.prompt
     for name, record in records.items():

@@ -152,3 +152,20 @@ def test_layers_point_down_and_nothing_reaches_into_privates():
         if any(part.startswith("_") and part != "__future__" for part in name.split("."))
     ]
     assert private_imports == []
+
+
+def test_the_facade_is_an_aligner_and_an_engine_small_enough_to_read():
+    """AutoModel delegates to its aligner and its engine: its class stays within 400 lines, and it
+    no longer carries the aligner's request builders twice (singular and plural)."""
+    import inspect
+
+    from auto_model import AutoModel
+    from auto_model.aligner import Aligner
+    from auto_model.engine import Engine
+
+    lines, _ = inspect.getsourcelines(AutoModel)
+    assert len(lines) <= 400, f"AutoModel is {len(lines)} lines"
+    twins = {"build_request", "build_requests", "build_chat_request", "build_chat_requests", "format_chats"}
+    assert twins.isdisjoint(vars(AutoModel))
+    assert {"requests", "chat_requests", "build_request", "check_stream"} <= set(vars(Aligner))
+    assert {"answers", "stream", "result", "rerank"} <= set(vars(Engine))

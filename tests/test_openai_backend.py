@@ -30,7 +30,7 @@ def served(vllm_server):
 
 
 def test_chat_completions_match_the_offline_engine(served, smol_vllm):
-    assert served.backend_name == "openai" and served.prompt_style == "chat"
+    assert served.backend_name == "openai" and served.backend.prompt_style == "chat"
     prompt = served.format_prompt(QUERIES[1]).prompt
     system = served.prompt_artifact.prompt_for(served.route(QUERIES[1]).name)
     assert isinstance(prompt, list) and prompt[0] == {"role": "system", "content": system}
@@ -44,11 +44,11 @@ def test_chat_completions_match_the_offline_engine(served, smol_vllm):
 
 def test_base_completions_match_the_offline_engine(vllm_server, smol_vllm):
     base = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="base")
-    assert base.prompt_style == "base"
+    assert base.backend.prompt_style == "base"
     prompt = base.format_prompt("Name three prime numbers.", num_optimized_icl=2)
     assert isinstance(prompt.prompt, str) and prompt.prompt.endswith("# Answer:\n<START>\n")
     remote = base.generate("Name three prime numbers.", num_optimized_icl=2, return_details=True, **GREEDY)
-    settings = base.decoding_for(prompt.route.name)  # the route's decoding settings, which the server got too
+    settings = base.aligner.decoding_for(prompt.route.name)  # the route's decoding settings, which the server got too
     local = smol_vllm.backend.generate(
         [
             GenerationRequest(

@@ -51,7 +51,7 @@ GREEDY = dict(temperature=0, max_new_tokens=8, optimized_icl=False)
 
 def test_base_url_routes_auto_to_openai_with_chat_messages(fault):
     model = client(fault)
-    assert model.backend_name == "openai" and model.prompt_style == "chat"
+    assert model.backend_name == "openai" and model.backend.prompt_style == "chat"
     assert model.generate("hello", **GREEDY) == "echo: hello"
     details = model.generate("hello", return_details=True, **GREEDY)
     assert (details.finish_reason, details.prompt_tokens, details.completion_tokens) == ("stop", 7, 3)
@@ -151,7 +151,7 @@ def test_agenerate_runs_concurrently_on_a_server(fault):
 
 def test_base_format_uses_completions(fault):
     model = client(fault, prompt_format="base")
-    assert model.prompt_style == "base"
+    assert model.backend.prompt_style == "base"
     prompt = model.format_prompt("what now", optimized_icl=False).prompt
     assert isinstance(prompt, str) and prompt.endswith("<START>\n")
     # FaultServer keys a base-format prompt by its open query.

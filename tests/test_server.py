@@ -242,7 +242,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(smol, runn
         metrics = httpx.get(f"{url}/metrics").text
     options = GenerationOptions(temperature=0, top_p=1.0, max_new_tokens=2, num_optimized_icl=0, optimized_icl=False)
     for query, reply in zip(queries, replies, strict=True):
-        prompt = smol.build_chat_request([{"role": "user", "content": query}], options, "prepend").prompt
+        prompt = smol.aligner.chat_requests([[{"role": "user", "content": query}]], options, "prepend")[0].prompt
         assert reply.usage.prompt_tokens == len(encode_prompt(smol.backend.tokenizer, prompt, "chat"))  # its own
         assert reply.choices[0].message.content
     count = next(line.split()[1] for line in metrics.splitlines() if line.startswith("auto_model_batch_size_count"))
@@ -256,7 +256,7 @@ def test_a_client_that_leaves_a_stream_frees_the_engine(served, smol):
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{served}/v1/chat/completions", headers=headers, json=body) as response:
         assert response.headers["x-auto-model-route"] == "everyday"
-        assert response.headers["x-auto-model-examples"] == str(smol.examples_for("everyday"))
+        assert response.headers["x-auto-model-examples"] == str(smol.aligner.examples_for("everyday"))
         next(response.iter_lines())  # the stream has started; the client leaves
     quick = client(served).chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=2

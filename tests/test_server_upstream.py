@@ -223,7 +223,8 @@ def test_in_front_of_a_real_vllm_server(vllm_server, running):
     with running(create_app(facade, served_name="smol", upstream=Upstream(vllm_server))) as url:
         proxied = client(url).chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=24)
         prepared = facade.format_chat(messages, system_messages="prepend")
-        aligned, decoding = prepared.prompt, facade.decoding_for(prepared.route.name)  # the route's settings too
+        aligned = prepared.prompt
+        decoding = facade.aligner.decoding_for(prepared.route.name)  # the route's settings too
         plain = direct.chat.completions.create(model=DEFAULT_MODEL, messages=aligned, temperature=0, max_tokens=24,
                                                extra_body=decoding)  # fmt: skip
         # The answer is the one vLLM gives to the aligned prompt (system prompt + examples + the query).
@@ -249,7 +250,7 @@ def test_in_front_of_a_real_vllm_server(vllm_server, running):
                 return reply.choices[0].text
 
         text = facade.format_prompt("Name a colour.", prompt_format="base")
-        settings = facade.decoding_for(text.route.name)
+        settings = facade.aligner.decoding_for(text.route.name)
         base = direct.completions.create(model=DEFAULT_MODEL, prompt=text.prompt, temperature=0, max_tokens=16,
                                          stop=list(text.stop), extra_body=settings)  # fmt: skip
         assert asyncio.run(ask()) == base.choices[0].text

@@ -95,7 +95,7 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
     assert artifact.provenance["judged_by_itself"] is True
     assert artifact.text == tree["result"]["prompt"]
     model = AutoModel(backend="transformers", prompt_path=out / "optimized_prompt.json")
-    assert model.system_prompt() == artifact.text
+    assert model.aligner.system_prompt() == artifact.text
     assert model.format_prompt("Hi", optimized_icl=False).prompt.startswith(f"<|im_start|>system\n{artifact.text}")
 
     # A rerun of the finished run answers everything from the request cache: no new requests.

@@ -73,10 +73,11 @@ def test_a_batch_of_16_is_one_engine_call_equal_to_direct_vllm(smol_vllm):
     prompts = smol_vllm.format_prompt(QUERIES)
     # ... and the decoding settings of each request's route (the artifact's), which it says it applied
     params = [
-        vllm.SamplingParams(temperature=0, max_tokens=24, **smol_vllm.decoding_for(p.route.name)) for p in prompts
+        vllm.SamplingParams(temperature=0, max_tokens=24, **smol_vllm.aligner.decoding_for(p.route.name))
+        for p in prompts
     ]
     direct = smol_vllm.backend.llm.generate([p.prompt for p in prompts], params, use_tqdm=False)
-    assert [a.decoding for a in answers] == [smol_vllm.decoding_for(p.route.name) for p in prompts]
+    assert [a.decoding for a in answers] == [smol_vllm.aligner.decoding_for(p.route.name) for p in prompts]
     assert [a.text for a in answers] == [d.outputs[0].text.strip() for d in direct]
     assert [a.prompt_tokens for a in answers] == [len(d.prompt_token_ids) for d in direct]
     assert answers[1].text.lower().startswith("sorry, but i can't help")  # the injected prompt and examples at work
@@ -90,7 +91,7 @@ def test_engine_configuration_reaches_vllm(smol_vllm):
     assert str(config.model_config.dtype) == "torch.float32"
     assert config.model_config.enforce_eager is True  # an engine kwarg, passed through unchanged
     assert smol_vllm.backend.weights.startswith(os.environ["AUTO_MODEL_CACHE"])  # GGUF materialised in the cache
-    assert smol_vllm.prompt_style == "chat"
+    assert smol_vllm.backend.prompt_style == "chat"
 
 
 def test_num_gpus_is_tensor_parallel_size_checked_by_vllm(smol_folder):

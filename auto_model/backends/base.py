@@ -69,7 +69,7 @@ class Completion:
         samples: for a request that asked for ``n`` > 1 answers, all n (this completion is the
             first, with ``completion_tokens`` the total over the n); empty otherwise.
         scores: the reward of each sample, in the same order, once a reward model has scored them
-            (:meth:`~auto_model.AutoModel.rerank`); this completion is then the best one.
+            (:meth:`~auto_model.engine.Engine.rerank`); this completion is then the best one.
         looped: the answer was cut where it started to repeat itself (``finish_reason`` is then
             ``"stop"``; see :mod:`auto_model.loops`).
         answer_score: the answer check's score of the answer (None: not checked); an answer it

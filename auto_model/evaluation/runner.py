@@ -396,7 +396,7 @@ def answer_configs(
                 model.reward = config.reward_model
                 if config.icl_path or own_retriever is not None:  # this configuration's pool, or the model's own
                     own_retriever = own_retriever or model.retriever
-                    model.retriever = (ICLRetriever(load_icl_pool(config.icl_path), model.embedding_model)
+                    model.retriever = (ICLRetriever(load_icl_pool(config.icl_path), model.aligner.embedding_model)
                                        if config.icl_path else own_retriever)  # fmt: skip
                 asked = replace(config.sampling(max_new_tokens), user_specified_system_prompt=custom,
                                 optimized_prompt=config.optimized_prompt, optimized_icl=k != 0, num_optimized_icl=k,
@@ -404,7 +404,7 @@ def answer_configs(
                                 cut_loops=config.cut_loops, check_answers=config.check_answers)  # fmt: skip
                 # Routed and assembled exactly as generate() does it.
                 requests = _requests(model, items, queries, asked)
-                done.system_prompts[config.name] = model.system_prompt(custom, config.optimized_prompt)
+                done.system_prompts[config.name] = model.aligner.system_prompt(custom, config.optimized_prompt)
                 t0 = time.perf_counter()
                 outcomes = role.run(requests)  # cached chunk by chunk (Role.chunk_size)
                 progress(f"{config.name}: {len(items)} answers in {time.perf_counter() - t0:.1f} s")
@@ -440,9 +440,9 @@ def _requests(model: Any, items: Sequence[EvalItem], queries: list[str], options
     single = [i for i in range(len(items)) if i not in talks]
     out: dict[int, Any] = {}
     if single:
-        out.update(zip(single, model.build_requests([queries[i] for i in single], options), strict=True))
+        out.update(zip(single, model.aligner.requests([queries[i] for i in single], options), strict=True))
     if talks:
-        out.update(zip(talks, model.build_chat_requests(list(talks.values()), options), strict=True))
+        out.update(zip(talks, model.aligner.chat_requests(list(talks.values()), options), strict=True))
     return [out[i] for i in range(len(items))]
 
 

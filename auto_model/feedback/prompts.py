@@ -133,7 +133,7 @@ def generate_prompts(
     dropped: Counter[str] = Counter()
     rng = random.Random(seed)
     record: dict[str, Any] = {}
-    messages = model.prompt_format == "messages"
+    messages = model.aligner.prompt_format == "messages"
     for round_no in range(max_rounds):
         needed = num_generation - len(kept)
         # Twice the prompts still needed: on the embedded model a fifth were too similar to keep.
@@ -143,7 +143,7 @@ def generate_prompts(
             text = request_text(seeds.instruction, rng.sample(seeds.prompts, sample_size))
             s = replace(options, seed=seed * 1_000_003 + round_no * 1_000 + i)
             if messages:
-                requests.append(model.build_request(None, [], text, s))
+                requests.append(model.aligner.build_request(None, [], text, s))
             else:
                 requests.append(GenerationRequest(text, s.sampling()))
         for outcome in run(requests):

@@ -10,8 +10,8 @@ A demonstration file is a few dialogues, as the original wrote them::
 
 Two ship with the package (:func:`shipped_demos`): ``careful`` (helpful, honest and harmless
 answers) and ``plain`` (short, flat, weaker ones). A configuration's requests are assembled by the
-SDK's one prompt builder (:meth:`AutoModel.build_request`): the instruction as the system prompt and
-the first ``n_shot`` dialogues as in-context examples, in the model's own format. All prompts of a
+SDK's one prompt builder (:meth:`~auto_model.aligner.Aligner.build_request`): the instruction as
+the system prompt and the first ``n_shot`` dialogues as in-context examples, in the model's own format. All prompts of a
 configuration go to the engine in one call (:meth:`AutoModel.run_requests`).
 """
 
@@ -110,7 +110,8 @@ def generate_responses(
         raise InvalidRequestError("No prompts to answer.")
     given = [options.stop] if isinstance(options.stop, str) else list(options.stop or [])
     options = replace(options, stop=list(dict.fromkeys([*STOP_AT, *given])))
-    requests = [model.build_request(demos.instruction, demos.dialogues[:n_shot], prompt, options) for prompt in prompts]
+    build = model.aligner.build_request
+    requests = [build(demos.instruction, demos.dialogues[:n_shot], prompt, options) for prompt in prompts]
     rows: list[dict[str, Any]] = []
     for prompt, outcome in zip(prompts, (run or model.run_requests)(requests), strict=True):
         if isinstance(outcome, BaseException):

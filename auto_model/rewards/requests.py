@@ -198,7 +198,7 @@ class Role:
         """
         requests = []
         prefills = [prefill] * len(prompts) if prefill is None or isinstance(prefill, str) else list(prefill)
-        text_prompts = self.model.prompt_format != "messages"
+        text_prompts = self.model.aligner.prompt_format != "messages"
         settings = [options] * len(prompts) if isinstance(options, GenerationOptions) else list(options)
         if len(settings) != len(prompts):
             raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
@@ -207,7 +207,7 @@ class Role:
             # and the model's artifact does not choose its decoding.
             plain = replace(settings[i], cut_loops=False, optimized_decoding=False, check_answers=False)
             s = plain if seeds is None else replace(plain, seed=seeds[i])
-            request = self.model.build_request(None, [], [{"role": "user", "content": text}], s)
+            request = self.model.aligner.build_request(None, [], [{"role": "user", "content": text}], s)
             if text_prompts and prefills[i]:
                 request = replace(request, prompt=request.prompt + prefills[i])
             requests.append(request)
@@ -228,7 +228,7 @@ class Role:
     def answer_each(self, items: Sequence[tuple[str | None, str, Sequence[Any], GenerationOptions]]) -> list[Outcome]:
         """Answers to several ``(system prompt, query, examples, options)``, each assembled as in
         inference with the examples given, in one batch."""
-        return self.run([self.model.build_request(p, examples, q, o) for p, q, examples, o in items])
+        return self.run([self.model.aligner.build_request(p, examples, q, o) for p, q, examples, o in items])
 
     def examples(self, query: str, k: int, route: str | None = None) -> list[Any]:
         """The ``k`` examples inference retrieves for ``query`` (down ``route``, or its own)."""

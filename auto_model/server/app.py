@@ -15,9 +15,9 @@ Two modes, one app:
   or bypass the alignment (``echo``, ``chat_template``, ...) cannot be added. The model's name is
   mapped (served name to upstream name and back).
 
-Either way the alignment is assembled by the facade's public request path —
-:meth:`AutoModel.build_chat_requests` / :meth:`AutoModel.build_requests` in-process,
-:meth:`AutoModel.format_chats` / :meth:`AutoModel.format_prompt` for an upstream, batched over the
+Either way the alignment is assembled by the facade's public request path — its aligner's
+``chat_requests`` / ``requests`` in-process, ``chat_prompts`` / :meth:`AutoModel.format_prompt`
+for an upstream, batched over the
 requests that arrive together — so a request gets the model's optimized system prompt and the
 examples retrieved for its last user turn exactly as ``generate`` and ``chat`` give them.
 ``POST /v1/completions`` aligns each prompt as a query (in the ``base`` text format for an
@@ -321,7 +321,7 @@ def create_app(
     def examples_for(options: GenerationOptions, routes: list[str]) -> str:
         """The examples each request gets (comma-separated, like the routes)."""
         named: list[str | None] = list(routes) or [None]
-        return ",".join(str(model.examples_for(r, options)) for r in named)
+        return ",".join(str(model.aligner.examples_for(r, options)) for r in named)
 
     def alignment_headers(
         options: GenerationOptions,
@@ -648,7 +648,7 @@ def create_app(
         n = payload.get("n") or 1
         chat = path == "chat/completions"
         if options.optimized_decoding:
-            for key, value in model.decoding_for(routes[0] if len(set(routes)) == 1 else None).items():
+            for key, value in model.aligner.decoding_for(routes[0] if len(set(routes)) == 1 else None).items():
                 if payload.get(key) is None:
                     payload[key] = value
         decoding = {k: payload[k] for k in DECODING_SETTINGS if payload.get(k) is not None}
@@ -717,7 +717,7 @@ def create_app(
 
     def best_choices(data: dict[str, Any], queries: list[Any], n: int, k: int, chat: bool) -> list[Any]:
         """The upstream's choices, ``k`` per answer (prompt-major, as OpenAI orders them), reduced to
-        the best of each ``k`` by the reward (:meth:`AutoModel.rerank`), renumbered."""
+        the best of each ``k`` by the reward (:meth:`Engine.rerank <auto_model.engine.Engine.rerank>`), renumbered."""
         choices = data.get("choices")
         if not isinstance(choices, list) or len(choices) != len(queries) * n * k:
             raise UpstreamError(502, {"error": {"message": f"The upstream answered with {len(choices or [])} choices "
@@ -732,12 +732,12 @@ def create_app(
 
         sampled = [Completion(text(g[0]), "stop", 0, 0, samples=tuple(Completion(text(c), "stop", 0, 0) for c in g))
                    for g in groups]  # fmt: skip
-        best = model.rerank([queries[g // n] or "" for g in range(len(groups))], sampled)
+        best = model.engine.rerank([queries[g // n] or "" for g in range(len(groups))], sampled)
         picks = [best_index(chosen.scores) for chosen in best]
         return [{**group[pick], "index": g} for g, (group, pick) in enumerate(zip(groups, picks, strict=True))]
 
     def check_choices(data: dict[str, Any], chat: bool, routes: list[str], n: int, queries: list[Any]) -> None:
-        """An upstream's answers checked (:meth:`AutoModel.answer_scores`); each one the check blocks
+        """An upstream's answers checked (:meth:`~auto_model.aligner.Aligner.answer_scores`); each one the check blocks
         is replaced by its refusal, ``finish_reason`` ``content_filter``."""
         check = model.answer_check
         holders: list[tuple[dict[str, Any], dict[str, Any], str]] = []
@@ -749,7 +749,7 @@ def create_app(
         if check is None or not holders:
             return
         asked = [asked_of(choice_index(c), n, queries, routes) for c, _, _ in holders]
-        scores = model.answer_scores([text for _, _, text in holders], [query for query, _ in asked])
+        scores = model.aligner.answer_scores([text for _, _, text in holders], [query for query, _ in asked])
         for (choice, holder, text), score, (_, route) in zip(holders, scores, asked, strict=True):
             checks_run.labels(route).inc()
             if check.replaces(text, score, route):
@@ -771,7 +771,7 @@ def create_app(
             if index not in counted:
                 counted.add(index)
                 checks_run.labels(route).inc()
-            score = model.answer_scores([text], [query])[0]
+            score = model.aligner.answer_scores([text], [query])[0]
             if check.replaces(text, score, route):
                 replaced.labels(route).inc()
                 return False
@@ -840,11 +840,10 @@ def create_app(
 
 def _align(model: Any, items: list[tuple[str, Any, GenerationOptions]], client_system: str, engine: bool) -> list[Any]:
     """A batch of requests, aligned, in order. For the in-process ``engine``, ``("chat", messages,
-    options)`` gets :meth:`AutoModel.build_chat_requests`'s request and ``("text", prompts, options)``
-    the list of :meth:`AutoModel.build_requests`'s; for an upstream, :meth:`AutoModel.format_chats`'s
-    prompt and the list of :meth:`AutoModel.format_prompt`'s base-format prompts. Items with the same
-    options are aligned in one call; a batch with a bad item is aligned item by item, so that the bad
-    one alone fails."""
+    options)`` gets the aligner's ``chat_requests`` request and ``("text", prompts, options)`` the
+    list of its ``requests``; for an upstream, the aligner's ``chat_prompts`` prompt and the list of
+    :meth:`AutoModel.format_prompt`'s base-format prompts. Items with the same options are aligned in
+    one call; a batch with a bad item is aligned item by item, so that the bad one alone fails."""
     groups: dict[tuple[str, str], list[int]] = {}
     for i, (kind, _, options) in enumerate(items):
         groups.setdefault((kind, repr(options)), []).append(i)
@@ -854,12 +853,12 @@ def _align(model: Any, items: list[tuple[str, Any, GenerationOptions]], client_s
         kind, options = items[indices[0]][0], items[indices[0]][2]
         conversations = [items[i][1] for i in indices]
         if kind == "chat" and engine:
-            return model.build_chat_requests(conversations, options, client_system)
+            return model.aligner.chat_requests(conversations, options, client_system)
         if kind == "chat":
-            return model.format_chats(conversations, options=options, system_messages=client_system)
+            return model.aligner.chat_prompts(conversations, options, client_system)
         flat = [p for i in indices for p in items[i][1]]
         if engine:
-            prompts = model.build_requests(flat, options)
+            prompts = model.aligner.requests(flat, options)
         else:
             prompts = model.format_prompt(flat, options=options, prompt_format="base")
         out, at = [], 0

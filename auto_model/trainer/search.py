@@ -579,7 +579,7 @@ class BeamSearch:
         if self._bank_index is None:
             from auto_model.retrieval import ICLRetriever
 
-            self._bank_index = ICLRetriever(list(self.bank.values()), self.base.model.embedding_model)
+            self._bank_index = ICLRetriever(list(self.bank.values()), self.base.model.aligner.embedding_model)
         found = self._bank_index.search_embedded(self._bank_index.embed(list(queries)), per_query)
         return list(dict.fromkeys(ex.query for row in found for _, ex in row))
 
@@ -691,8 +691,8 @@ class BeamSearch:
 
             edited = replace(model.prompt_artifact, pool_drop=state.drop, pool_add=self.added(state))
             settings = model.prompt_artifact.routing
-            self._routers[key] = RoutedRetriever(ICLRetriever(edited.edit_pool(model.icl_pool), model.embedding_model),
-                                                 RoutingSettings.from_dict(settings) if settings else None)  # fmt: skip
+            pool = ICLRetriever(edited.edit_pool(model.icl_pool), model.aligner.embedding_model)
+            self._routers[key] = RoutedRetriever(pool, RoutingSettings.from_dict(settings) if settings else None)
         return self._routers[key].search([query], k, self.config.route)[1][0]
 
     # -- reports -----------------------------------------------------------------------------
