@@ -22,7 +22,7 @@ from typing import Any
 
 from auto_model.answer_check import AnswerCheck, CheckedStream, check_completions
 from auto_model.artifacts import PromptArtifact, with_decoding
-from auto_model.backends.base import Backend, GenerationRequest, Outcome
+from auto_model.backends.base import Backend, GenerationRequest, Outcome, PromptTarget
 from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import CutStream
@@ -46,8 +46,9 @@ class Aligner:
     Args:
         artifact: the prompt artifact requests are aligned with.
         pool: the example pool (the packaged one, which the artifact edits, or your own).
-        backend: the engine the requests are for (its prompt style, tokenizer and decoding settings);
-            None until it has started (set :attr:`backend` then).
+        backend: the engine the requests are for (its prompt style, tokenizer and decoding settings),
+            or a :class:`~auto_model.backends.base.PromptTarget` saying the same of an engine this
+            process does not run (a served model); None until it has started (set :attr:`backend`).
         own_pool: ``pool`` is your own: it is used as it is, not edited by the artifact.
         embedding_model: the sentence-transformers model of retrieval and routing.
     """
@@ -56,7 +57,7 @@ class Aligner:
         self,
         artifact: PromptArtifact,
         pool: Sequence[ICLExample],
-        backend: Backend | None = None,
+        backend: Backend | PromptTarget | None = None,
         *,
         own_pool: bool = False,
         embedding_model: str,

@@ -12,15 +12,12 @@ returns (markers stripped, loops cut).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from auto_model.backends import get_backend_class, has_gpu, resolve_backend_name
@@ -38,6 +35,7 @@ from auto_model.loops import CutStream, cut_loop
 from auto_model.prompting import START, strip_markers
 from auto_model.resolve import resolve_model
 from auto_model.results import Candidate, GenerationResult
+from auto_model.rewards.best_of import BestOf
 
 logger = logging.getLogger(__name__)
 
@@ -156,114 +154,17 @@ class _Failure:
     error: BaseException
 
 
-def check_reward_model(source: Any) -> Any:
-    """``reward_model`` checked before any engine loads: None, a reward model folder (from
-    ``auto-model-rm train``), or any object with the reward interface's ``score``."""
-    if source is None:
-        return None
-    if isinstance(source, (str, os.PathLike)):
-        from auto_model.rewards.reward_model import check_reward_model_folder
-
-        return check_reward_model_folder(source)
-    if not callable(getattr(source, "score", None)):
-        raise InvalidRequestError(
-            f"reward_model must be a folder from auto-model-rm train or a reward with .score(items), got "
-            f"{type(source).__name__}."
-        )
-    return source
-
-
 class Engine:
     """A started backend, the lock its batches queue on (none for a thread-safe backend), and the
-    reward that picks the best of several sampled answers (``best_of``)."""
+    reward that picks the best of several sampled answers (:attr:`best_of`)."""
 
-    def __init__(self, backend: Backend, reward: Any = None, name: str | None = None):
-        """``reward``: what :func:`check_reward_model` returned (the caller checks it before the
-        backend starts, so that a bad folder fails before a slow load), or None; ``name``: the
-        backend's name as chosen (:attr:`BackendChoice.name`; default the backend's own)."""
+    def __init__(self, backend: Backend, best_of: BestOf | None = None, name: str | None = None):
+        """``best_of``: the reward that picks the best of several samples (default: none);
+        ``name``: the backend's name as chosen (:attr:`BackendChoice.name`; default the backend's own)."""
         self.backend = backend
         self.name = name or backend.name
+        self.best_of = best_of or BestOf()
         self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
-        self._reward_source = reward
-        self._reward: Any = None
-        self._reward_lock = threading.Lock()  # concurrent first calls load one reward model
-
-    @property
-    def reward(self) -> Any:
-        """The reward that picks the best of ``best_of`` answers (loaded on first use), or None."""
-        if self._reward is None and self._reward_source is not None:
-            with self._reward_lock:
-                if self._reward is None:
-                    source = self._reward_source
-                    if isinstance(source, (str, os.PathLike)):
-                        from auto_model.rewards.reward_model import RewardModelReward
-
-                        source = RewardModelReward(source)
-                    self._reward = source
-        return self._reward
-
-    @reward.setter
-    def reward(self, reward: str | os.PathLike[str] | Any) -> None:
-        source = check_reward_model(reward)
-        with self._reward_lock:
-            if source is not self._reward_source and source != self._reward_source:  # the same one stays loaded
-                self._reward_source, self._reward = source, None
-
-    @property
-    def reward_id(self) -> str | None:
-        """What names :attr:`reward` in request caches: a reward model folder by the SHA-256 of its
-        ``reward_model.json`` (a retrained model is another reward), another reward by its type."""
-        source = self._reward_source
-        if source is None:
-            return None
-        if isinstance(source, (str, os.PathLike)):
-            digest = hashlib.sha256((Path(source) / "reward_model.json").read_bytes()).hexdigest()[:16]
-            return f"rm:{digest}"
-        return type(source).__name__
-
-    def check_best_of(self, n: int, streaming: bool = False) -> None:
-        """Several answers to choose from need a reward to choose with, and finished answers."""
-        if n > 1 and streaming:
-            raise InvalidRequestError("best_of chooses among finished answers, so it cannot stream; use generate().")
-        if n > 1 and self._reward_source is None:
-            raise InvalidRequestError(
-                f"best_of={n} needs a reward model to choose with: AutoModel(..., reward_model=PATH) "
-                "(a folder from auto-model-rm train)."
-            )
-
-    def rerank(self, queries: Sequence[str], outcomes: Sequence[Outcome]) -> list[Outcome]:
-        """For each query's outcome that carries several samples (a request with ``best_of`` > 1),
-        the best sample by :attr:`reward`, with every sample's score on ``.scores``; all samples of
-        all queries are scored in one call. Other outcomes come back unchanged."""
-        from auto_model.rewards.base import RewardItem, best_index
-
-        if len(queries) != len(outcomes):
-            raise InvalidRequestError(f"rerank needs one query per outcome, got {len(queries)} and {len(outcomes)}.")
-        owners = [i for i, o in enumerate(outcomes) if isinstance(o, Completion) and o.samples]
-        if not owners:
-            return list(outcomes)
-        self.check_best_of(max(len(o.samples) for o in outcomes if isinstance(o, Completion)))
-        items = [
-            RewardItem(queries[i], strip_markers(s.text), finish_reason=s.finish_reason, looped=s.looped)
-            for i in owners
-            for s in outcomes[i].samples  # type: ignore[union-attr]
-        ]
-        scores = iter(self.reward.score(items))
-        out = list(outcomes)
-        for i in owners:
-            completion = outcomes[i]
-            assert isinstance(completion, Completion)
-            values = tuple(next(scores).reward for _ in completion.samples)
-            best = best_index(values)
-            chosen = completion.samples[best]
-            out[i] = replace(
-                chosen,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                samples=completion.samples,
-                scores=values,
-            )
-        return out
 
     def run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         """The engine's outcome of each request (one batch; ``callback`` as each one finishes)."""
@@ -277,13 +178,13 @@ class Engine:
         on_completion: CompletionCallback | None = None,
     ) -> list[Outcome]:
         """Run prepared requests in one batch; each one's answer as the SDK returns it: cleaned
-        (:func:`clean_outcome`), the best of several samples by :attr:`reward` (:meth:`rerank`, every
-        sample of the batch scored in one call) and passed through ``check`` (the answer check:
+        (:func:`clean_outcome`), the best of several samples by :attr:`best_of` (every sample of the
+        batch scored in one call) and passed through ``check`` (the answer check:
         ``check(requests, outcomes)`` gives the outcomes to return). ``on_completion(index, outcome)``
         as each finishes; for a batch with samples, once the batch is scored."""
         requests = list(requests)
         sampled = any(r.sampling.n > 1 for r in requests)
-        self.check_best_of(max((r.sampling.n for r in requests), default=1))
+        self.best_of.check(max((r.sampling.n for r in requests), default=1))
         cuts = [r.sampling.cut_loops for r in requests]
         finished: dict[int, Outcome] = {}  # answers cleaned and checked as they came
 
@@ -294,7 +195,7 @@ class Engine:
         raw = self.run(requests, None if on_completion is None or sampled else callback)
         outcomes = [clean_outcome(c, cut) for c, cut in zip(raw, cuts, strict=True)]
         if sampled:
-            outcomes = self.rerank([r.query or "" for r in requests], outcomes)
+            outcomes = self.best_of.rerank([r.query or "" for r in requests], outcomes)
         rest = [i for i in range(len(requests)) if i not in finished]
         for i, outcome in zip(rest, check([requests[i] for i in rest], [outcomes[i] for i in rest]), strict=True):
             outcomes[i] = finished[i] = outcome
@@ -423,7 +324,6 @@ __all__ = [
     "Engine",
     "answer_chunks",
     "base_urls",
-    "check_reward_model",
     "choose_backend",
     "clean_outcome",
     "start_backend",

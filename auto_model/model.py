@@ -19,7 +19,7 @@ from auto_model.backends.base import (
     Outcome,
 )
 from auto_model.constants import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
-from auto_model.engine import Engine, check_reward_model, choose_backend, start_backend
+from auto_model.engine import Engine, choose_backend, start_backend
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import CutStream
 from auto_model.options import GenerationOptions, call_options, parse_queries
@@ -29,6 +29,7 @@ from auto_model.prompting import (
 )
 from auto_model.results import Candidate, GenerationResult, ResultCallback, gathered
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
+from auto_model.rewards.best_of import BestOf, check_reward_model
 from auto_model.routing import Route, RoutedRetriever
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class AutoModel:
     ):
         self.model_name = model_name or constants.default_model()
         # The reward, the model, the artifacts and the pool are checked before the (slow) engine load.
-        reward_source = check_reward_model(reward_model)
+        self.best_of = BestOf(check_reward_model(reward_model))
         choice = choose_backend(self.model_name, backend, base_url, open_ai_model, replicas)
         self.backend_name = choice.name
         #: everything a request gets before the engine: the artifact, the pool, the router
@@ -131,7 +132,7 @@ class AutoModel:
             embedding_model=embedding_model or constants.default_embedding_model(),
         )
         #: the engine: local ones run one batch at a time (threads and coroutines queue on its lock)
-        self.engine = Engine(name=choice.name, reward=reward_source, backend=start_backend(
+        self.engine = Engine(name=choice.name, best_of=self.best_of, backend=start_backend(
             choice, self.model_name, num_gpus=num_gpus, cuda_visible_devices=cuda_visible_devices, dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, timeout=timeout,
             prompt_format=prompt_format, api_key=api_key, replicas=replicas, ray_address=ray_address, **engine_kwargs,
@@ -160,13 +161,13 @@ class AutoModel:
     @property
     def reward(self) -> Any:
         """The reward that picks the best of ``best_of`` answers (loaded on first use), or None."""
-        return self.engine.reward
+        return self.best_of.reward
 
     @reward.setter
     def reward(self, reward: str | os.PathLike[str] | Any) -> None:
         """Choose ``best_of`` answers with this reward: a folder from ``auto-model-rm train``, any
         reward with ``.score(items)`` (e.g. :class:`~auto_model.rewards.metrics.MetricReward`), or None."""
-        self.engine.reward = reward
+        self.best_of.reward = reward
 
     @property
     def prompt_artifact(self) -> PromptArtifact:
@@ -297,7 +298,7 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self.engine.check_best_of(options.best_of)
+        self.best_of.check(options.best_of)
         callback = None
         if on_completion is not None:
 
@@ -348,7 +349,7 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self.engine.check_best_of(options.best_of, streaming=True)
+        self.best_of.check(options.best_of, streaming=True)
         return self.stream_request(self.aligner.requests(user_query, options)[0])
 
     def chat(
@@ -386,7 +387,7 @@ class AutoModel:
             (temperature, top_p, max_new_tokens, stop),
             sampling_kwargs,
         )
-        self.engine.check_best_of(options.best_of, streaming=stream)
+        self.best_of.check(options.best_of, streaming=stream)
         request = self.aligner.chat_requests([messages], options, system_messages)[0]
         if stream:
             return self.stream_request(request)

@@ -142,3 +142,25 @@ def test_generate_best_of_on_the_command_line(small_rm, tmp_path, capsys):
     assert main(args) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(row["candidates"]) == 2 and row["answer"] == max(row["candidates"], key=lambda c: c["score"])["text"]
+
+
+def test_a_request_cache_keys_sampled_requests_by_the_reward_that_chose(smol, small_rm, tmp_path):
+    """A cached best-of answer is the choice of one reward: another reward model is another key."""
+    from auto_model.options import GenerationOptions
+    from auto_model.rewards.requests import RequestCache, Role, Usage
+
+    cache = RequestCache(tmp_path / "requests.sqlite")
+    role = Role("answer", smol, cache, Usage())
+    one = smol.aligner.requests(QUERIES, GenerationOptions(temperature=0.9, max_new_tokens=8))
+    sampled = smol.aligner.requests(QUERIES, GenerationOptions(temperature=0.9, max_new_tokens=8, best_of=3))
+    before = role.cache_keys(one + sampled)
+    smol.reward = small_rm.output
+    try:
+        after = role.cache_keys(one + sampled)
+        chooser = smol.best_of.reward_id
+        assert chooser.startswith("rm:") and f'"{chooser}"' in after[2][1]
+    finally:
+        smol.reward = None
+    assert after[:2] == before[:2]  # one answer per request: no reward chooses
+    assert all(a[0] != b[0] for a, b in zip(after[2:], before[2:], strict=True))
+    cache.close()

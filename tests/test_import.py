@@ -162,10 +162,11 @@ def test_the_facade_is_an_aligner_and_an_engine_small_enough_to_read():
     from auto_model import AutoModel
     from auto_model.aligner import Aligner
     from auto_model.engine import Engine
+    from auto_model.rewards.best_of import BestOf
 
     lines, _ = inspect.getsourcelines(AutoModel)
     assert len(lines) <= 400, f"AutoModel is {len(lines)} lines"
     twins = {"build_request", "build_requests", "build_chat_request", "build_chat_requests", "format_chats"}
     assert twins.isdisjoint(vars(AutoModel))
     assert {"requests", "chat_requests", "build_request", "check_stream"} <= set(vars(Aligner))
-    assert {"answers", "stream", "result", "rerank"} <= set(vars(Engine))
+    assert {"answers", "stream", "result"} <= set(vars(Engine)) and {"check", "rerank"} <= set(vars(BestOf))

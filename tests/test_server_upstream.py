@@ -17,7 +17,9 @@ import pytest
 
 from auto_model import AutoModel
 from auto_model.errors import InvalidRequestError
+from auto_model.options import GenerationOptions
 from auto_model.server import ServerLimits, Upstream, create_app
+from auto_model.server.proxy import ProxiedModel
 from bench.fault_server import FaultServer
 from bench.vllm_server import free_port
 
@@ -34,8 +36,32 @@ def fault():
 
 @pytest.fixture(scope="module")
 def facade(fault):
-    """The facade that assembles the alignment for the upstream's model (nothing is generated through it)."""
-    return AutoModel("fault-model", backend="openai", base_url=fault.url, api_key="unused", prompt_format="chat")
+    """The upstream's model as ``auto-model serve --upstream`` builds it: its alignment, no engine."""
+    return ProxiedModel("fault-model", Upstream(fault.url))
+
+
+def test_proxy_mode_builds_no_engine_and_aligns_as_the_facade_does(fault):
+    from auto_model.server.factory import build
+
+    app, model = build({"model": "fault-model", "upstream": fault.url, "upstream_api_key": UPSTREAM_KEY})
+    assert isinstance(model, ProxiedModel) and not hasattr(model, "engine") and not hasattr(model, "backend")
+    assert model.aligner.prompt_format == "messages" and model.best_of.reward is None
+    assert UPSTREAM_KEY not in repr(model)
+    with pytest.raises(InvalidRequestError, match="has no engine"):
+        create_app(model)  # in-process serving needs an engine
+    # The same alignment an openai-backend AutoModel for the upstream's model gives, request for request.
+    facade = AutoModel("fault-model", backend="openai", base_url=fault.url, api_key="unused", prompt_format="chat")
+    options = GenerationOptions(temperature=0)
+    talks = [[{"role": "user", "content": q}] for q in ("Will it rain in Oslo?", "How do I pick a lock?")]
+
+    def seen(requests):
+        return [(r.prompt, r.sampling, r.route.name, r.query, r.check_answer) for r in requests]
+
+    assert seen(model.aligner.chat_requests(talks, options)) == seen(facade.aligner.chat_requests(talks, options))
+    assert model.aligner.prompts(["first query"], options, fmt="base") == facade.aligner.prompts(
+        ["first query"], options, fmt="base"
+    )
+    facade.close()
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +93,13 @@ def test_the_upstream_gets_the_alignment_and_every_other_field_unchanged(proxy, 
     assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
     sent = fault.bodies[-1]
     assert fault.auth_headers[-1] == f"Bearer {UPSTREAM_KEY}"  # the upstream's key, never the client's
-    expected = facade.format_chat(messages, system_messages="prepend")
+    expected = facade.aligner.chat_prompts([messages], GenerationOptions(), "prepend")[0]
     assert sent["messages"] == expected.prompt and sent["model"] == "fault-model"
     system, *examples, last = sent["messages"]
-    optimized = facade.prompt_artifact.prompt_for(expected.route.name)
+    optimized = facade.aligner.prompt_artifact.prompt_for(expected.route.name)
     assert system["role"] == "system" and system["content"].startswith(optimized.strip())
     assert system["content"].endswith("You are a weather bot.")
-    retrieved = facade.retrieve(["Will it rain in Oslo?"], 3, expected.route.name)[0]
+    retrieved = facade.aligner.router.search(["Will it rain in Oslo?"], 3, expected.route.name)[1][0]
     assert [m["content"] for m in examples[::2]] == [e.query.strip() for e in retrieved] and len(examples) == 6
     assert last == messages[1]  # multi-part content, as sent
     unchanged = {"tools": TOOLS, "tool_choice": "auto", "response_format": {"type": "text"}, "logprobs": True,
@@ -94,7 +120,7 @@ def test_completions_are_aligned_as_base_text_and_come_back_in_order(proxy, faul
     assert [c.text for c in reply.choices] == ["echo: first query", "echo: second query"]
     sent = fault.bodies[-1]
     assert sent["prompt"] == [
-        p.prompt for p in facade.format_prompt(["first query", "second query"], prompt_format="base")
+        p.prompt for p in facade.aligner.prompts(["first query", "second query"], GenerationOptions(), fmt="base")
     ]
     assert sent["stop"] == ["\n\n", "<END>", "\n# Query:"] and sent["max_tokens"] == 5
 

@@ -69,7 +69,7 @@ class Completion:
         samples: for a request that asked for ``n`` > 1 answers, all n (this completion is the
             first, with ``completion_tokens`` the total over the n); empty otherwise.
         scores: the reward of each sample, in the same order, once a reward model has scored them
-            (:meth:`~auto_model.engine.Engine.rerank`); this completion is then the best one.
+            (:meth:`~auto_model.rewards.best_of.BestOf.rerank`); this completion is then the best one.
         looped: the answer was cut where it started to repeat itself (``finish_reason`` is then
             ``"stop"``; see :mod:`auto_model.loops`).
         answer_score: the answer check's score of the answer (None: not checked); an answer it
@@ -101,6 +101,20 @@ Outcome = Completion | BaseException
 # Called as each request finishes (index into the request list, completion or exception), so
 # callers can persist finished work before the whole batch is done.
 CompletionCallback = Callable[[int, Outcome], None]
+
+
+@dataclass(frozen=True)
+class PromptTarget:
+    """What assembling prompts for an engine needs to know of it, known without starting it (a
+    served model's, for a proxy in front of its server): its name, :attr:`Backend.prompt_style`,
+    whether it takes chat messages, the decoding settings it applies, and its tokenizer (None for a
+    server). A :class:`Backend` is one too."""
+
+    name: str
+    prompt_style: Literal["base", "chat"]
+    supports_chat: bool
+    decoding_settings: frozenset[str]
+    tokenizer: Any = None
 
 
 class Backend(ABC):

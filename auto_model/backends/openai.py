@@ -34,6 +34,7 @@ from auto_model.backends.base import (
     FinishReason,
     GenerationRequest,
     Outcome,
+    PromptTarget,
     SamplingParams,
     StopCutter,
     check_one_sample,
@@ -73,6 +74,20 @@ _OPENAI_DECODING = frozenset({"frequency_penalty", "presence_penalty"})
 
 def _is_loopback(url: str | None) -> bool:
     return bool(url) and (urlparse(url).hostname or "") in _LOOPBACK
+
+
+def server_target(model_name: str, base_url: str | None, prompt_format: str = "auto") -> PromptTarget:
+    """How prompts are assembled for ``model_name`` served at ``base_url`` (None: the OpenAI API):
+    chat messages, unless ``prompt_format`` is ``"base"`` (or ``"auto"`` picks it for a packaged base
+    model); the decoding settings it takes."""
+    from auto_model.resolve import find_packaged
+
+    packaged = find_packaged(model_name)
+    style = choose_prompt_style(prompt_format, True, packaged.chat if packaged else None, model_name)
+    # OpenAI's API takes its own two penalties; compatible servers (vLLM, SGLang, TGI) also repetition_penalty.
+    official = (urlparse(base_url).hostname or "").endswith("openai.com") if base_url else True
+    decoding = _OPENAI_DECODING if official else _OPENAI_DECODING | {"repetition_penalty"}
+    return PromptTarget(OpenAIBackend.name, style, OpenAIBackend.supports_chat, decoding)
 
 
 class OpenAIBackend(Backend):
@@ -143,14 +158,8 @@ class OpenAIBackend(Backend):
         self.client: Any = openai.OpenAI(
             api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries, **client_kwargs
         )
-        from auto_model.resolve import find_packaged
-
-        packaged = find_packaged(self.model_id)
-        self.prompt_style = choose_prompt_style(prompt_format, True, packaged.chat if packaged else None, self.model_id)
-        self.tokenizer = None
-        # OpenAI's API takes its own two penalties; compatible servers (vLLM, SGLang, TGI) also repetition_penalty.
-        official = (urlparse(self.base_url).hostname or "").endswith("openai.com") if self.base_url else True
-        self.decoding_settings = _OPENAI_DECODING if official else _OPENAI_DECODING | {"repetition_penalty"}
+        target = server_target(self.model_id, self.base_url, prompt_format)
+        self.prompt_style, self.tokenizer, self.decoding_settings = target.prompt_style, None, target.decoding_settings
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIBackend(model_id={self.model_id!r}, base_url={self.base_url!r})"

@@ -239,6 +239,18 @@ class Role:
         """The decoding settings the model's engine applies."""
         return frozenset(self.model.backend.decoding_settings)
 
+    def cache_keys(self, requests: Sequence[GenerationRequest]) -> list[tuple[str, str]]:
+        """Each request's cache key (and the text it hashes): the model and engine, the request, the
+        reward that picks among its samples (if any) and the answer check (if any)."""
+        model_id, backend = self.model.backend.model_id, self.model.backend_name
+        best_of = getattr(self.model, "best_of", None)  # the reward that picks among samples, if any
+        reward = None if best_of is None else best_of.reward_id
+        check = getattr(self.model, "answer_check", None)
+        check_id = (
+            None if check is None else hashlib.sha256(json.dumps(check.to_dict(), sort_keys=True).encode()).hexdigest()
+        )
+        return [RequestCache.key(model_id, backend, r, reward, check_id) for r in requests]
+
     def run(
         self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
     ) -> list[Outcome]:
@@ -246,13 +258,7 @@ class Role:
 
         ``progress(n)`` is told of ``n`` more finished requests: the cached ones at once, then each
         answer as the engine reports it (e.g. a progress bar's ``update``)."""
-        model_id, backend = self.model.backend.model_id, self.model.backend_name
-        reward = getattr(self.model, "reward_id", None)
-        check = getattr(self.model, "answer_check", None)
-        check_id = (
-            None if check is None else hashlib.sha256(json.dumps(check.to_dict(), sort_keys=True).encode()).hexdigest()
-        )
-        keys = [RequestCache.key(model_id, backend, r, reward, check_id) for r in requests]
+        keys = self.cache_keys(requests)
         results: list[Outcome | None] = [self.cache.get(k) for k, _ in keys]
         stats = self.usage.roles.setdefault(self.name, RoleUsage())
         stats.cached += sum(r is not None for r in results)

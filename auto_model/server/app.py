@@ -16,8 +16,8 @@ Two modes, one app:
   mapped (served name to upstream name and back).
 
 Either way the alignment is assembled by the facade's public request path — its aligner's
-``chat_requests`` / ``requests`` in-process, ``chat_prompts`` / :meth:`AutoModel.format_prompt`
-for an upstream, batched over the
+``chat_requests`` / ``requests`` in-process, ``chat_prompts`` / ``prompts`` (base format) for an
+upstream, batched over the
 requests that arrive together — so a request gets the model's optimized system prompt and the
 examples retrieved for its last user turn exactly as ``generate`` and ``chat`` give them.
 ``POST /v1/completions`` aligns each prompt as a query (in the ``base`` text format for an
@@ -83,7 +83,7 @@ from auto_model.constants import is_whole
 from auto_model.conversations import SYSTEM_MESSAGE_MODES
 from auto_model.errors import AutoModelError, InvalidRequestError
 from auto_model.loops import cut_loop
-from auto_model.options import GenerationOptions
+from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
@@ -157,16 +157,18 @@ def create_app(
     key_policies: Any = (),
 ) -> Any:
     """The FastAPI app that serves ``model`` (an :class:`~auto_model.AutoModel`) as ``served_name``
-    (default: its model name), in-process, or in front of ``upstream`` (then ``model`` is the facade
-    that assembles the alignment: an openai-backend :class:`~auto_model.AutoModel` for the upstream's
-    model). ``best_of`` > 1: each sampled, non-streaming answer is the best of that many samples by
-    the model's reward (:attr:`AutoModel.reward`). ``unchecked_keys``: the keys whose requests may
-    turn the answer check off; ``check_window``: characters of a streamed answer between checks
-    (default: the artifact's); ``hosts``: the names a server without keys answers to besides the
-    loopback ones (:mod:`auto_model.server.security`); ``forward_fields``: request fields an
-    upstream gets besides :data:`~auto_model.server.protocol.FORWARDED`; ``metrics_key``: the key
-    ``/metrics`` needs (with ``api_keys``, any of them works too; without either it is open);
-    ``key_policies``: keys with what each may do (:class:`~auto_model.server.security.KeyPolicy`),
+    (default: its model name), in-process, or in front of ``upstream`` (then ``model`` holds the
+    alignment only: a :class:`~auto_model.server.proxy.ProxiedModel`, which loads no engine; an
+    ``AutoModel`` does too). Either way the server reads ``model.aligner``, ``model.best_of`` and
+    ``model.model_name``, and in-process ``run_requests`` and ``stream_request``. ``best_of`` > 1:
+    each sampled, non-streaming answer is the best of that many samples by the model's reward (its
+    ``best_of``). ``unchecked_keys``: the keys whose requests may turn the answer check off;
+    ``check_window``: characters of a streamed answer between checks (default: the artifact's);
+    ``hosts``: the names a server without keys answers to besides the loopback ones
+    (:mod:`auto_model.server.security`); ``forward_fields``: request fields an upstream gets besides
+    :data:`~auto_model.server.protocol.FORWARDED`; ``metrics_key``: the key ``/metrics`` needs (with
+    ``api_keys``, any of them works too; without either it is open); ``key_policies``: keys with
+    what each may do (:class:`~auto_model.server.security.KeyPolicy`),
     besides ``api_keys``."""
     if client_system not in CLIENT_SYSTEM_MODES:
         raise InvalidRequestError(
@@ -180,10 +182,14 @@ def create_app(
         raise InvalidRequestError("api_keys must be a list of keys, not one string.")
     if not is_whole(best_of, 1, MAX_N):
         raise InvalidRequestError(f"best_of must be an integer from 1 to {MAX_N}, got {best_of!r}.")
-    if best_of > 1 and model.reward is None:
+    if best_of > 1 and model.best_of.reward is None:
         raise InvalidRequestError(f"best_of={best_of} needs a reward model: serve with --reward-model PATH.")
     if upstream is not None and not isinstance(upstream, Upstream):
         raise InvalidRequestError(f"upstream must be an Upstream, got {type(upstream).__name__}.")
+    if upstream is None and not callable(getattr(model, "run_requests", None)):
+        raise InvalidRequestError(
+            f"{type(model).__name__} has no engine: serve an AutoModel in-process, or pass the upstream that generates."
+        )
     limits = limits or ServerLimits()
     forwarded = check_forward_fields(forward_fields)
     name = served_name or model.model_name
@@ -224,9 +230,11 @@ def create_app(
     align_thread = ThreadPoolExecutor(1, thread_name_prefix="auto-model-align")
     aligner = MicroBatcher(lambda items: _align(model, items, client_system, engine=upstream is None), window=0.0,
                            max_batch=64, executor=align_thread)  # fmt: skip
-    # The engine's batches wait past their window for requests still being aligned.
-    batcher = MicroBatcher(model.run_requests, window=limits.batch_window, max_batch=limits.max_batch,
-                           on_batch=batch_sizes.observe, expecting=lambda: state["preparing"])  # fmt: skip
+    # The engine's batches wait past their window for requests still being aligned (in-process only).
+    batcher = None if upstream else MicroBatcher(
+        model.run_requests, window=limits.batch_window, max_batch=limits.max_batch, on_batch=batch_sizes.observe,
+        expecting=lambda: state["preparing"],
+    )  # fmt: skip
     capacity = (limits.max_concurrency if upstream else limits.max_batch) + limits.max_queue
     upstream_slots: asyncio.Semaphore | None = None
 
@@ -243,7 +251,8 @@ def create_app(
         try:
             yield
         finally:
-            await batcher.close()
+            if batcher is not None:
+                await batcher.close()
             await aligner.close()
             align_thread.shutdown(wait=False)
             if state["client"] is not None:
@@ -332,7 +341,7 @@ def create_app(
     ) -> dict[str, str]:
         """The alignment's headers, and ``Server-Timing`` (milliseconds: ``align``, the routing and example
         retrieval; ``engine`` or ``upstream``, until its answer, or a stream's start)."""
-        artifact = model.prompt_artifact.model_id if options.optimized_prompt else None
+        artifact = model.aligner.prompt_artifact.model_id if options.optimized_prompt else None
         headers = {
             "x-auto-model-artifact": str(artifact or "none"),
             "x-auto-model-examples": examples_for(options, routes),
@@ -377,7 +386,7 @@ def create_app(
     def checks_of(options: GenerationOptions) -> list[str]:
         """The checks a request's answers get: ``answer`` (the answer check) and ``loop`` (the loop cut)."""
         found = []
-        if options.check_answers and model.answer_check is not None:
+        if options.check_answers and model.aligner.answer_check is not None:
             found.append("answer")
         if options.cut_loops:
             found.append("loop")
@@ -529,6 +538,7 @@ def create_app(
     async def run_batched(request: Request, prepared: list[Any], ready: Any) -> list[Any]:
         queue_depth.inc(len(prepared))
         try:
+            assert batcher is not None  # in-process only
             futures = [batcher.enqueue(p) for p in prepared]
             ready()
             return list(await guarded(request, asyncio.gather(*futures)))
@@ -717,7 +727,7 @@ def create_app(
 
     def best_choices(data: dict[str, Any], queries: list[Any], n: int, k: int, chat: bool) -> list[Any]:
         """The upstream's choices, ``k`` per answer (prompt-major, as OpenAI orders them), reduced to
-        the best of each ``k`` by the reward (:meth:`Engine.rerank <auto_model.engine.Engine.rerank>`), renumbered."""
+        the best of each ``k`` by the reward (:meth:`~auto_model.rewards.best_of.BestOf.rerank`), renumbered."""
         choices = data.get("choices")
         if not isinstance(choices, list) or len(choices) != len(queries) * n * k:
             raise UpstreamError(502, {"error": {"message": f"The upstream answered with {len(choices or [])} choices "
@@ -732,14 +742,14 @@ def create_app(
 
         sampled = [Completion(text(g[0]), "stop", 0, 0, samples=tuple(Completion(text(c), "stop", 0, 0) for c in g))
                    for g in groups]  # fmt: skip
-        best = model.engine.rerank([queries[g // n] or "" for g in range(len(groups))], sampled)
+        best = model.best_of.rerank([queries[g // n] or "" for g in range(len(groups))], sampled)
         picks = [best_index(chosen.scores) for chosen in best]
         return [{**group[pick], "index": g} for g, (group, pick) in enumerate(zip(groups, picks, strict=True))]
 
     def check_choices(data: dict[str, Any], chat: bool, routes: list[str], n: int, queries: list[Any]) -> None:
         """An upstream's answers checked (:meth:`~auto_model.aligner.Aligner.answer_scores`); each one the check blocks
         is replaced by its refusal, ``finish_reason`` ``content_filter``."""
-        check = model.answer_check
+        check = model.aligner.answer_check
         holders: list[tuple[dict[str, Any], dict[str, Any], str]] = []
         for choice in data.get("choices") or []:
             holder = choice.get("message") if chat and isinstance(choice, dict) else choice
@@ -761,7 +771,7 @@ def create_app(
                      queries: list[Any]) -> StreamAnswerCheck | None:  # fmt: skip
         """The answer check of an upstream's stream, in windows (``check_window``, or the artifact's),
         counted per answer by route; None when the request's answers are not checked."""
-        check = model.answer_check
+        check = model.aligner.answer_check
         if check is None or "answer" not in checks_of(options):
             return None
         counted: set[int] = set()
@@ -842,7 +852,7 @@ def _align(model: Any, items: list[tuple[str, Any, GenerationOptions]], client_s
     """A batch of requests, aligned, in order. For the in-process ``engine``, ``("chat", messages,
     options)`` gets the aligner's ``chat_requests`` request and ``("text", prompts, options)`` the
     list of its ``requests``; for an upstream, the aligner's ``chat_prompts`` prompt and the list of
-    :meth:`AutoModel.format_prompt`'s base-format prompts. Items with the same options are aligned in
+    its base-format ``prompts``. Items with the same options are aligned in
     one call; a batch with a bad item is aligned item by item, so that the bad one alone fails."""
     groups: dict[tuple[str, str], list[int]] = {}
     for i, (kind, _, options) in enumerate(items):
@@ -860,7 +870,7 @@ def _align(model: Any, items: list[tuple[str, Any, GenerationOptions]], client_s
         if engine:
             prompts = model.aligner.requests(flat, options)
         else:
-            prompts = model.format_prompt(flat, options=options, prompt_format="base")
+            prompts = model.aligner.prompts(parse_queries(flat)[1], options, fmt="base")
         out, at = [], 0
         for i in indices:
             out.append(prompts[at : at + len(items[i][1])])

@@ -3,7 +3,8 @@
 
 The server keeps no state about a client between requests, so workers (or replicas on several
 machines behind a load balancer) need nothing shared. In-process, each worker loads its own engine;
-in front of an upstream, a worker costs the embedder only, which runs on one CPU thread there.
+in front of an upstream, a worker builds no engine (:class:`~auto_model.server.proxy.ProxiedModel`)
+and costs the embedder only, which runs on one CPU thread there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from auto_model import constants
 from auto_model.model import AutoModel
 from auto_model.server.app import ServerLimits, create_app
+from auto_model.server.proxy import ProxiedModel
 from auto_model.server.security import load_key_file
 from auto_model.server.upstream import Upstream
 
@@ -22,7 +24,7 @@ from auto_model.server.upstream import Upstream
 OPTIONS_ENV = "AUTO_MODEL_SERVE_OPTIONS"
 
 
-def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
+def build(options: dict[str, Any]) -> tuple[Any, AutoModel | ProxiedModel]:
     """The app and the model for these options (the names of ``auto-model serve``'s flags)."""
     limits = ServerLimits(**options.get("limits", {}))
     upstream = None
@@ -34,12 +36,9 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel]:
         import torch
 
         torch.set_num_threads(1)
-        model = AutoModel(
+        model: AutoModel | ProxiedModel = ProxiedModel(
             options["model"],
-            backend="openai",
-            base_url=upstream.base_url,
-            api_key=upstream.api_key or "unused",
-            prompt_format="chat",
+            upstream,
             prompt_path=options.get("prompt_path"),
             icl_path=options.get("icl_path"),
             reward_model=options.get("reward_model"),
