@@ -29,7 +29,8 @@ from auto_model.loops import CutStream
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import PROMPT_FORMATS, AssembledPrompt, Message, assemble
 from auto_model.retrieval import ICLExample, ICLRetriever
-from auto_model.routing import EVERYDAY, ROUTES, Route, RoutedRetriever, RoutingSettings, conversation_text
+from auto_model.router import RoutedRetriever
+from auto_model.routing import EVERYDAY, ROUTES, Route, RoutingSettings, conversation_text
 
 logger = logging.getLogger(__name__)
 

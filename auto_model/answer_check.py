@@ -5,9 +5,9 @@ and a small model then often complies. The answer check reads what the model wro
 request it answers (for a conversation, its user turns, one per line: what the SDK sets as a
 request's ``query``). Its score is the mix of two logistic regressions trained on answers
 (``auto-model-train answer-check``): one over the request's and the answer's sentence embeddings
-side by side (the retriever's MiniLM, :class:`~auto_model.routing.SafetyClassifier` with twice the
+side by side (the retriever's MiniLM, :class:`~auto_model.classifiers.SafetyClassifier` with twice the
 embedding's dimensions) and one over the words and word pairs of the request and the answer
-(:class:`~auto_model.routing.LexicalClassifier`), each ``weight`` of the score. At or above
+(:class:`~auto_model.classifiers.LexicalClassifier`), each ``weight`` of the score. At or above
 ``threshold`` the answer is replaced by ``refusal`` and its ``finish_reason`` is
 ``"content_filter"`` (the OpenAI value), unless it already opens by declining
 (:func:`~auto_model.rewards.proxies.refusal_kind`): a refusal keeps its own safe alternative. A
@@ -35,11 +35,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from auto_model.backends.base import Completion, Outcome
+from auto_model.classifiers import LexicalClassifier, SafetyClassifier
 from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import ChunkStream
 from auto_model.rewards.proxies import refusal_kind
-from auto_model.routing import ROUTES, LexicalClassifier, SafetyClassifier
+from auto_model.routing import ROUTES
 
 logger = logging.getLogger(__name__)
 

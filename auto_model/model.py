@@ -30,7 +30,8 @@ from auto_model.prompting import (
 from auto_model.results import Candidate, GenerationResult, ResultCallback, gathered
 from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 from auto_model.rewards.best_of import BestOf, check_reward_model
-from auto_model.routing import Route, RoutedRetriever
+from auto_model.router import RoutedRetriever
+from auto_model.routing import Route
 
 logger = logging.getLogger(__name__)
 #: A streamed answer: its text chunks; ``looped`` (cut where it began to loop) and, when checked,

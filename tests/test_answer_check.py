@@ -10,8 +10,8 @@ import pytest
 
 from auto_model.answer_check import CONTENT_FILTER, DEFAULT_REFUSAL, AnswerCheck, CheckedStream
 from auto_model.artifacts import PROMPT_FORMAT, PROMPT_FORMAT_V3, load_prompt_artifact, save_prompt_artifact
+from auto_model.classifiers import LexicalClassifier
 from auto_model.errors import ArtifactError, InvalidRequestError
-from auto_model.routing import LexicalClassifier
 
 #: A check that blocks answers that say "flower" or "flowers" (words alone: no embedder needed).
 FLOWERS = AnswerCheck(0.5, lexical=LexicalClassifier({"flower": (1.0, 12.0), "flowers": (1.0, 12.0)}, -6.0))

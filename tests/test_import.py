@@ -71,11 +71,12 @@ def _imports(path):
 LAYERS = (
     ("errors",),
     ("constants", "files", "logs"),
-    ("resolve", "prompting", "loops", "rewording", "viewer"),
+    ("resolve", "prompting", "loops", "rewording", "classifiers", "viewer"),
     ("conversations", "results"),
     ("backends",),
     ("retrieval",),
     ("routing",),
+    ("router",),
     ("options",),
     ("rewards",),
     ("engine",),

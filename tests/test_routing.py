@@ -17,19 +17,18 @@ from auto_model.artifacts import (
     load_prompt_artifact,
     save_prompt_artifact,
 )
+from auto_model.classifiers import LexicalClassifier, SafetyClassifier
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.options import GenerationOptions
 from auto_model.retrieval import ICLExample, ICLRetriever
 from auto_model.rewards.proxies import refusal_kind
 from auto_model.rewording import plain_forms
+from auto_model.router import RoutedRetriever
 from auto_model.routing import (
     EVERYDAY,
     SAFETY,
-    LexicalClassifier,
     Route,
-    RoutedRetriever,
     RoutingSettings,
-    SafetyClassifier,
     calibrate_threshold,
     check_route,
     decide,

@@ -412,8 +412,8 @@ def test_an_upstream_stream_is_checked_in_windows_and_ends_with_the_refusal(vllm
     from dataclasses import replace
 
     from auto_model.answer_check import CONTENT_FILTER, AnswerCheck
+    from auto_model.classifiers import LexicalClassifier
     from auto_model.constants import DEFAULT_MODEL
-    from auto_model.routing import LexicalClassifier
 
     flowers = AnswerCheck(0.5, lexical=LexicalClassifier({"flower": (1.0, 12.0), "flowers": (1.0, 12.0)}, -6.0))
     facade = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")

@@ -1,12 +1,12 @@
 """Train the routing classifier: ``auto-model-train router``.
 
-The classifier (:class:`~auto_model.routing.SafetyClassifier`) is a logistic regression over the
+The classifier (:class:`~auto_model.classifiers.SafetyClassifier`) is a logistic regression over the
 retriever's sentence embeddings, fitted with scikit-learn on the routing set
 (:func:`auto_model.routing.routing_set`): the pool's queries labelled by their tags, the routing
 queries (``data/train/routing.jsonl``: ``{"query": ..., "label": "harmful" | "safe"}``) and the
 labelled training queries.
 
-A second, lexical classifier (:class:`~auto_model.routing.LexicalClassifier`: a logistic regression
+A second, lexical classifier (:class:`~auto_model.classifiers.LexicalClassifier`: a logistic regression
 over the queries' TF-IDF words and word pairs, with scikit-learn's ``TfidfVectorizer``) is fitted
 on the same queries when it gets a weight. The request's safety score mixes the classifiers'
 probabilities (each its ``weight``) with the vote of the nearest labelled queries (the rest).

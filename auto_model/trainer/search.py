@@ -687,7 +687,8 @@ class BeamSearch:
         key = (state.drop, state.add)
         if key not in self._routers:
             from auto_model.retrieval import ICLRetriever
-            from auto_model.routing import RoutedRetriever, RoutingSettings
+            from auto_model.router import RoutedRetriever
+            from auto_model.routing import RoutingSettings
 
             edited = replace(model.prompt_artifact, pool_drop=state.drop, pool_add=self.added(state))
             settings = model.prompt_artifact.routing

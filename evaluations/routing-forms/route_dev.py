@@ -15,7 +15,8 @@ from collections import defaultdict
 from auto_model.artifacts import load_prompt_artifact
 from auto_model.evaluation.eval_set import load_eval_set
 from auto_model.retrieval import ICLRetriever, load_icl_pool
-from auto_model.routing import RoutedRetriever, RoutingSettings
+from auto_model.router import RoutedRetriever
+from auto_model.routing import RoutingSettings
 
 
 def main() -> None:
