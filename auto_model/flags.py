@@ -18,8 +18,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from auto_model import constants
 from auto_model.constants import FALSE_WORDS, TRUE_WORDS, parse_bool
-from auto_model.errors import InvalidRequestError
+from auto_model.errors import AutoModelError, InvalidRequestError
 
 
 def bool_arg(value: str) -> bool:
@@ -163,3 +164,42 @@ __all__ = [
     "replica_options",
     "with_replicas",
 ]
+
+
+def add_best_of(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--best-of N`` (``what`` it does here) and the ``--reward-model`` that chooses."""
+    parser.add_argument("--best-of", type=int, default=1, metavar="N", help=f"{what} (default 1)")
+    parser.add_argument("--reward-model", default=None, help="reward model folder (auto-model-rm train) for --best-of")
+
+
+def check_best_of(best_of: int, reward_model: str | None) -> None:
+    """``--best-of`` and ``--reward-model``, checked before any engine loads."""
+    if best_of < 1:
+        raise InvalidRequestError(f"--best-of must be >= 1, got {best_of}.")
+    if best_of > 1 and not reward_model:
+        raise InvalidRequestError(f"--best-of {best_of} needs --reward-model PATH (a folder from auto-model-rm train).")
+    if reward_model:
+        from auto_model.rewards.reward_model import check_reward_model_folder
+
+        check_reward_model_folder(reward_model, "--reward-model")
+
+
+def run_reporting_errors(
+    prog: str,
+    body: Callable[[], int],
+    *,
+    expected: tuple[type[BaseException], ...] = (AutoModelError,),
+    interrupted: str = "interrupted",
+) -> int:
+    """Run a command; known errors print one line and exit 2 (``AUTO_MODEL_DEBUG=1``: the traceback)."""
+    debug = constants.debug()
+    try:
+        return body()
+    except expected as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130

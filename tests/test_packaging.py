@@ -52,7 +52,7 @@ def test_wheel_ships_artifacts_and_loads_them_from_site_packages(tmp_path):
         "auto-model-train = auto_model.trainer.cli:main",
         "auto-model-eval = auto_model.evaluation.cli:main",
         "auto-model-feedback = auto_model.feedback.cli:main",
-        "auto-model-rm = auto_model.rm_cli:main",
+        "auto-model-rm = auto_model.cli.rm:main",
     ):
         assert script in scripts, script
 

@@ -180,7 +180,7 @@ def _render_only(output: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from auto_model.cli import run_reporting_errors
+    from auto_model.flags import run_reporting_errors
     from auto_model.logs import configure_cli_logging
 
     args = _parser().parse_args(argv)

@@ -209,7 +209,7 @@ def _comparisons(output_dir: Path, rubric: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from auto_model.cli import run_reporting_errors
+    from auto_model.flags import run_reporting_errors
 
     parser = _parser()
     args = parser.parse_args(argv)

@@ -736,7 +736,7 @@ def visualize(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from auto_model.cli import run_reporting_errors
+    from auto_model.flags import run_reporting_errors
 
     def body() -> int:
         given = list(sys.argv[1:] if argv is None else argv)

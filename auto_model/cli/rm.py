@@ -24,7 +24,7 @@ from typing import Any
 
 from auto_model.errors import InvalidRequestError
 from auto_model.files import read_jsonl_rows
-from auto_model.flags import ArgumentParser
+from auto_model.flags import ArgumentParser, run_reporting_errors
 
 
 def _parser() -> ArgumentParser:
@@ -144,8 +144,6 @@ def _refusals(args: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from auto_model.cli import run_reporting_errors
-
     args = _parser().parse_args(argv)
     command = {"train": _train, "score": _score, "eval": _eval, "refusals": _refusals}[args.command]
     return run_reporting_errors("auto-model-rm", lambda: command(args))
