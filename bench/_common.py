@@ -193,7 +193,7 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        from auto_model.backends.vllm import cpu_flags, cpu_has_native_bf16
+        from auto_model.backends.vllm_config import cpu_flags, cpu_has_native_bf16
 
         flags = cpu_flags(text) or set()
         info["simd"] = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"

@@ -1,7 +1,7 @@
 """A real vLLM OpenAI-compatible server for a local model folder on 127.0.0.1, started and stopped
 the same way by the tests (the ``vllm_server`` fixture) and the benchmarks (``cold_start``).
 
-The KV cache is sized by the SDK's own rule (:func:`auto_model.backends.vllm.model_kv_cache_bytes`),
+The KV cache is sized by the SDK's own rule (:func:`auto_model.backends.vllm_config.model_kv_cache_bytes`),
 so the server takes memory sized to the model like the in-process engine does.
 """
 
@@ -36,7 +36,7 @@ class VLLMServer:
         max_model_len: int = 2048,
         env: dict[str, str] | None = None,
     ):
-        from auto_model.backends.vllm import model_kv_cache_bytes
+        from auto_model.backends.vllm_config import model_kv_cache_bytes
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"

@@ -96,7 +96,7 @@ def test_the_callers_settings_win_and_an_engines_missing_ones_are_left_out():
 def test_the_output_penalty_lowers_only_tokens_already_in_the_answer():
     import torch
 
-    from auto_model.backends.transformers import OutputPenalty
+    from auto_model.backends.transformers_sampling import OutputPenalty
 
     ids = torch.tensor([[5, 6, 7, 7, 8], [5, 6, 1, 2, 2]])  # the prompt is the first two tokens
     scores = torch.zeros(2, 10)

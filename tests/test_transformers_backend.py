@@ -149,7 +149,7 @@ def test_seeded_requests_share_one_batch_and_each_answer_depends_on_its_seed_alo
 def test_the_row_sampler_draws_from_the_tempered_nucleus():
     import torch
 
-    from auto_model.backends.transformers import RowSeededSampler
+    from auto_model.backends.transformers_sampling import RowSeededSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     temperature, top_p = 0.8, 0.9

@@ -12,7 +12,7 @@ import pytest
 
 from auto_model import AutoModel
 from auto_model.backends import Completion, GenerationRequest, SamplingParams
-from auto_model.backends.vllm import apply_cuda_visible_devices, engine_arguments
+from auto_model.backends.vllm_config import apply_cuda_visible_devices, engine_arguments
 from auto_model.errors import InvalidRequestError
 
 pytestmark = pytest.mark.vllm
@@ -266,7 +266,7 @@ def test_chat_turns_on_vllm(smol_vllm):
 
 def test_cpu_flags_and_auto_dtype_on_cpus():
     from auto_model.backends.base import cpu_dtype
-    from auto_model.backends.vllm import cpu_has_native_bf16
+    from auto_model.backends.vllm_config import cpu_has_native_bf16
 
     x86_plain = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx512_bf16\n"
     x86_bf16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n"
@@ -280,11 +280,7 @@ def test_cpu_flags_and_auto_dtype_on_cpus():
 
 
 def test_cpu_kv_cache_is_sized_from_the_model_not_the_ram(smol_folder):
-    from auto_model.backends.vllm import (
-        CPU_KV_CACHE_CAP,
-        cpu_kv_cache_bytes,
-        model_kv_cache_bytes,
-    )
+    from auto_model.backends.vllm_config import CPU_KV_CACHE_CAP, cpu_kv_cache_bytes, model_kv_cache_bytes
 
     # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims, keys and values.
     per_token_fp32 = 2 * 30 * 3 * 64 * 4
