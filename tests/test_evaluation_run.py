@@ -13,9 +13,9 @@ import pytest
 from auto_model.constants import DEFAULT_MODEL
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.evaluation import cli as eval_cli
+from auto_model.evaluation.configs import EvalConfig, load_config_file, parse_config_spec
 from auto_model.evaluation.eval_set import EvalItem, load_eval_set, take
 from auto_model.evaluation.report import pairwise, summarize
-from auto_model.evaluation.runner import EvalConfig, load_config_file, parse_config_spec
 from auto_model.rewards.proxies import loops
 
 REGULAR = ("Helpfulness", "Clarity", "Factuality", "Depth", "Engagement")
@@ -292,7 +292,7 @@ def test_config_specs_and_files(tmp_path):
     assert (best.best_of, best.sampling(64).temperature, best.sampling(64).seed, best.sampling(64).best_of) == (
         4, 0.7, 0, 4)  # fmt: skip
     assert parse_config_spec("x: icl=1").sampling(64).temperature == 0  # greedy unless it samples
-    from auto_model.evaluation.runner import check_configs
+    from auto_model.evaluation.configs import check_configs
 
     with pytest.raises(ArtifactError):  # a missing pool fails before any engine loads
         check_configs([parse_config_spec(f"x: icl=3; icl_path={tmp_path / 'none.json'}")], 64)

@@ -265,7 +265,7 @@ def test_one_integer_check_for_every_count_and_the_environment_lists(monkeypatch
 
 def test_one_boolean_parser_for_flags_specs_and_the_environment(monkeypatch):
     from auto_model import constants
-    from auto_model.evaluation.runner import parse_config_spec
+    from auto_model.evaluation.configs import parse_config_spec
     from auto_model.flags import ArgumentParser, parse_bool
 
     for word, value in (("Yes", True), ("on", True), ("1", True), ("FALSE", False), ("off", False), ("0", False)):

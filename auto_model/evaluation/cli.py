@@ -90,15 +90,10 @@ def _parser() -> ArgumentParser:
 def _run(args: argparse.Namespace, model_factory: Any = None) -> int:
     """The command; ``model_factory`` (default :class:`AutoModel`) builds the engines."""
     from auto_model import AutoModel, constants
+    from auto_model.evaluation.configs import default_configs, load_config_file, parse_config_spec
     from auto_model.evaluation.eval_set import load_eval_set, take
     from auto_model.evaluation.report import build_report, render_markdown, write_report
-    from auto_model.evaluation.runner import (
-        JudgeSettings,
-        default_configs,
-        load_config_file,
-        parse_config_spec,
-        run_evaluation,
-    )
+    from auto_model.evaluation.runner import JudgeSettings, run_evaluation
 
     if args.render_only:
         return _render_only(args.output)
