@@ -39,7 +39,8 @@ def _search(
     from auto_model.rewards.judge import Judge
     from auto_model.rewards.requests import RequestCache, Role, Usage
     from auto_model.trainer.cli import ORIGINAL_DEFAULT_PROMPT
-    from auto_model.trainer.search import ROLES, BeamSearch, SearchConfig
+    from auto_model.trainer.search import BeamSearch
+    from auto_model.trainer.tree import ROLES, SearchConfig
 
     forget_prompts(model)  # the second run asks what the first asked: no prefill reused across runs
     cache = RequestCache(log_dir / "cache" / "requests.sqlite")

@@ -26,7 +26,8 @@ from auto_model.rewards.combine import (
 )
 from auto_model.rewards.metrics import MetricReward
 from auto_model.trainer.icl import optimize_pool
-from auto_model.trainer.search import BeamSearch, SearchConfig
+from auto_model.trainer.search import BeamSearch
+from auto_model.trainer.tree import SearchConfig
 
 
 class ScriptedReward:

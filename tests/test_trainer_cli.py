@@ -173,7 +173,8 @@ def test_an_engine_outage_stops_the_run_resumable_from_the_last_good_level(vllm_
 def test_a_checkpoint_saved_during_an_outage_by_an_older_version_resumes(finished_run, tmp_path):
     # Older versions checkpointed a level in which every base request failed: an empty beam that
     # made --resume fail. Such a checkpoint is rolled back to the last level with answers.
-    from auto_model.trainer.search import BeamSearch, SearchConfig
+    from auto_model.trainer.search import BeamSearch
+    from auto_model.trainer.tree import SearchConfig
 
     state = json.loads((finished_run / "algo_output" / "checkpoint.json").read_text())
     broken = dict(

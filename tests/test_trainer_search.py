@@ -29,12 +29,8 @@ from auto_model.trainer.data import (
     load_training_queries,
     sample_training_queries,
 )
-from auto_model.trainer.search import (
-    BeamSearch,
-    SearchConfig,
-    action_seed,
-    parse_prompt_reply,
-)
+from auto_model.trainer.search import BeamSearch
+from auto_model.trainer.tree import SearchConfig, action_seed, parse_prompt_reply
 
 
 class ScriptedRole:

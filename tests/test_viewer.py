@@ -11,7 +11,8 @@ import re
 from auto_model.backends.base import Completion
 from auto_model.rewards.base import ItemScore
 from auto_model.trainer.cli import main
-from auto_model.trainer.search import BeamSearch, SearchConfig
+from auto_model.trainer.search import BeamSearch
+from auto_model.trainer.tree import SearchConfig
 from auto_model.viewer import tree_html
 from tests.conftest import open_offline_page
 

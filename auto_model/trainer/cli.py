@@ -208,9 +208,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
 
 
 def search_config(args: argparse.Namespace, k: int) -> Any:
-    """The :class:`~auto_model.trainer.search.SearchConfig` of the parsed flags, with ``k`` examples
+    """The :class:`~auto_model.trainer.tree.SearchConfig` of the parsed flags, with ``k`` examples
     per request (checked when made: a bad flag is a typed error naming it)."""
-    from auto_model.trainer.search import SearchConfig
+    from auto_model.trainer.tree import SearchConfig
 
     return SearchConfig(
         depth=args.depth,
@@ -362,7 +362,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         RoleUsage,
         Usage,
     )
-    from auto_model.trainer.search import ROLES
+    from auto_model.trainer.tree import ROLES
 
     if command == "router":
         return _run_router(args)

@@ -24,7 +24,7 @@ from auto_model.options import GenerationOptions
 from auto_model.prompting import format_answer, strip_markers
 from auto_model.retrieval import ICLExample, save_icl_pool
 from auto_model.rewards.base import Reward, RewardItem, Score, all_at_least, has_rationales, reward_scale, score_record
-from auto_model.trainer.search import action_seed, clip, feedback_lines, parse_prompt_reply, template
+from auto_model.trainer.tree import action_seed, clip, feedback_lines, parse_prompt_reply, template
 
 logger = logging.getLogger(__name__)
 
