@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -250,6 +250,49 @@ def shorten_moves(candidate: Candidate, retrieved: Sequence[str], short: Collect
     ]
 
 
+class ExampleSources:
+    """Where the example moves find examples to add: the ``bank`` (by query; the ones nearest to a
+    level's queries, by the model's embedder) and the shorter versions of the route's pool examples
+    (:func:`shortened`, with ``shorten`` on). ``model()`` gives the model (its pool and embedder),
+    asked only when one of them is needed; each source is built once, on first use."""
+
+    def __init__(self, bank: Sequence[Any], route: str | None, shorten: bool, model: Callable[[], Any]):
+        self.route, self.shorten, self._model = route, shorten, model
+        self.bank = {ex.query: ex for ex in bank}
+        self._bank_index: Any = None
+        self._shortened: dict[str, Any] | None = None
+
+    def short(self) -> dict[str, Any]:
+        """The shorter versions of the route's pool examples, by query (none unless ``shorten``)."""
+        if self._shortened is None:
+            from auto_model.routing import example_route
+
+            self._shortened = {}
+            if self.shorten:
+                for example in self._model().icl_pool:
+                    short = shortened(example)
+                    if short is not None and self.route in (None, example_route(example)):
+                        self._shortened[example.query] = short
+        return self._shortened
+
+    def added(self, candidate: Candidate) -> tuple[Any, ...]:
+        """The examples ``candidate`` adds to the pool (its ``add`` queries): shorter versions of pool
+        examples and the bank's."""
+        short = self.short()
+        return tuple(short[q] if q in short else self.bank[q] for q in candidate.add)
+
+    def near(self, queries: Sequence[str], per_query: int = 2) -> list[str]:
+        """The bank's examples nearest to ``queries``: the ones an added example would be retrieved for."""
+        if not self.bank:
+            return []
+        if self._bank_index is None:
+            from auto_model.retrieval import ICLRetriever
+
+            self._bank_index = ICLRetriever(list(self.bank.values()), self._model().aligner.embedding_model)
+        found = self._bank_index.search_embedded(self._bank_index.embed(list(queries)), per_query)
+        return list(dict.fromkeys(ex.query for row in found for _, ex in row))
+
+
 def pick(moves: Sequence[Move], n: int, rng: random.Random) -> list[Move]:
     """``n`` of ``moves`` (all of them if there are no more), seeded: each pick first draws a kind of
     change (the note's first word: ``added``, ``dropped``, a setting's name, ...), then one move of
@@ -320,6 +363,7 @@ def load_example_bank(path: str | Path, route: str) -> list[Any]:
 
 
 __all__ = [
+    "ExampleSources",
     "MOVES",
     "DECODING_GRID",
     "Candidate",

@@ -19,17 +19,17 @@ candidates:
 
 Besides the rewrite, ``moves`` may let a candidate change without a writer model
 (:mod:`auto_model.trainer.moves`): its decoding settings, its examples (how many, and which: the
-pool's or a bank's; or a shorter version of a pool example's answer) and its prompt's sentences.
-A candidate is then a route's whole state
-(:class:`~auto_model.trainer.moves.Candidate`), answered with its own settings and examples. A
-level may answer ``queries_per_level`` training queries (the reward is the mean over them), and
-``token_cost`` takes that much reward per 1,000 prompt tokens a request pays, so that the injected
-context earns its cost.
+pool's or a bank's; or a shorter version of a pool example's answer) and its prompt's sentences. A
+candidate is then a route's whole state (:class:`~auto_model.trainer.moves.Candidate`), answered
+with its own settings and examples. A level may answer ``queries_per_level`` training queries (the
+reward is the mean over them), and ``token_cost`` takes that much reward per 1,000 prompt tokens a
+request pays, so that the injected context earns its cost.
 
 A path ends after ``depth`` levels (plus its extensions) or when the training queries run out. The
 result is the last candidate of the best finished path. After every level the whole tree is written
 atomically to a checkpoint, so a killed run resumes where it stopped; with the request cache, the
-interrupted level costs nothing it already paid for.
+interrupted level costs nothing it already paid for. The tree's parts (settings, nodes, summaries)
+are :mod:`auto_model.trainer.tree`.
 """
 
 from __future__ import annotations
@@ -51,43 +51,35 @@ from auto_model.rewards.base import (
     RewardItem,
     Score,
     all_at_least,
-    has_rationales,
     reward_scale,
     score_from_record,
     score_record,
 )
 from auto_model.trainer.moves import (
     Candidate,
+    ExampleSources,
     Move,
     decoding_moves,
     example_moves,
     pick,
     sentence_moves,
     shorten_moves,
-    shortened,
 )
 from auto_model.trainer.tree import (
+    CHECKPOINT_FORMAT,
     Node,
     SearchConfig,
     action_seed,
-    clip,
-    feedback_lines,
+    as_saved,
     level_summary,
     mean_score,
     parse_prompt_reply,
+    rewrite_request,
     summary_table,
-    template,
     trace,
 )
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "auto_model.drpo_checkpoint/v1"
-
-
-def _as_saved(data: Any) -> Any:
-    """``data`` as it comes back from JSON (tuples as lists)."""
-    return json.loads(json.dumps(data))
 
 
 class BeamSearch:
@@ -118,11 +110,9 @@ class BeamSearch:
         self.initial = initial or Candidate(initial_prompt, examples=config.k)
         if self.initial.prompt != initial_prompt:
             raise ValueError("the initial candidate's prompt must be the initial prompt.")
-        self.bank = {ex.query: ex for ex in bank}
+        self.sources = ExampleSources(bank, config.route, "shorten" in config.moves, lambda: base.model)
         self.guidelines = list(guidelines)
         self._routers: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
-        self._bank_index: Any = None
-        self._shortened: dict[str, Any] | None = None
         self.queries = list(queries)
         self.harmful = list(harmful) if harmful is not None else [None] * len(self.queries)
         if len(self.harmful) != len(self.queries):
@@ -140,10 +130,10 @@ class BeamSearch:
     def state(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": _as_saved(asdict(self.config)),
+            "config": as_saved(asdict(self.config)),
             "queries": self.queries,
             "initial_prompt": self.initial_prompt,
-            "initial": _as_saved(asdict(self.initial)),
+            "initial": as_saved(asdict(self.initial)),
             "level": self.level,
             "beam": self.beam,
             "finished": self.finished,
@@ -163,8 +153,8 @@ class BeamSearch:
         if (
             data["queries"] != self.queries
             or data["initial_prompt"] != self.initial_prompt
-            or data.get("initial", _as_saved(asdict(self.initial))) != _as_saved(asdict(self.initial))
-            or _as_saved({**asdict(SearchConfig()), **data["config"]}) != _as_saved(asdict(self.config))
+            or data.get("initial", as_saved(asdict(self.initial))) != as_saved(asdict(self.initial))
+            or as_saved({**asdict(SearchConfig()), **data["config"]}) != as_saved(asdict(self.config))
         ):
             raise ValueError(
                 f"{self.checkpoint_path} belongs to a run with other settings, training queries or initial prompt; "
@@ -369,9 +359,9 @@ class BeamSearch:
                 if retrieved is None:
                     retrieved = [ex.query for q in queries for ex in self._examples(state, q)]
                 if kind == "examples":  # and the bank's examples nearest to the level's queries
-                    options = example_moves(state, retrieved, self._bank_near(queries), self.config.min_examples)
+                    options = example_moves(state, retrieved, self.sources.near(queries), self.config.min_examples)
                 else:
-                    options = shorten_moves(state, retrieved, self.short_examples())
+                    options = shorten_moves(state, retrieved, self.sources.short())
             elif kind == "sentences":
                 options = sentence_moves(state, self.guidelines)
             else:
@@ -379,37 +369,9 @@ class BeamSearch:
             made += pick(options, self.config.n_actions, rng)
         return made
 
-    def short_examples(self) -> dict[str, Any]:
-        """The shorter versions of the route's pool examples that the ``shorten`` move adds, by
-        query (:func:`~auto_model.trainer.moves.shortened`; none unless the move is on)."""
-        if self._shortened is None:
-            from auto_model.routing import example_route
-
-            self._shortened = {}
-            if "shorten" in self.config.moves:
-                for example in self.base.model.icl_pool:
-                    short = shortened(example)
-                    if short is not None and self.config.route in (None, example_route(example)):
-                        self._shortened[example.query] = short
-        return self._shortened
-
     def added(self, state: Candidate) -> tuple[Any, ...]:
-        """The examples ``state`` adds to the pool (its ``add`` queries): the shorter versions of pool
-        examples (:meth:`short_examples`) and the bank's."""
-        short = self.short_examples()
-        return tuple(short[q] if q in short else self.bank[q] for q in state.add)
-
-    def _bank_near(self, queries: Sequence[str], per_query: int = 2) -> list[str]:
-        """The bank's examples nearest to ``queries`` (by the model's embedder): the ones an added
-        example would be retrieved for."""
-        if not self.bank:
-            return []
-        if self._bank_index is None:
-            from auto_model.retrieval import ICLRetriever
-
-            self._bank_index = ICLRetriever(list(self.bank.values()), self.base.model.aligner.embedding_model)
-        found = self._bank_index.search_embedded(self._bank_index.embed(list(queries)), per_query)
-        return list(dict.fromkeys(ex.query for row in found for _, ex in row))
+        """The examples ``state`` adds to the pool: shorter versions of pool examples and the bank's."""
+        return self.sources.added(state)
 
     def _rewrites(self, to_rewrite: list[tuple[Node, Score]]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
         """The optimizer's usable rewrites of each parent's prompt, and why the others were dropped;
@@ -444,36 +406,9 @@ class BeamSearch:
         return rewrites, rejected
 
     def rewrite_request(self, parent: Node, score: Score) -> str:
-        """The optimizer's request for rewrites of ``parent``'s prompt: the reward's reasons, or,
-        where it gives none, a contrast with the best- and worst-scoring answers of the level."""
-        scale = reward_scale(self.reward)
-        if has_rationales(score):
-            return template("optimize_prompt").substitute(
-                system_prompt=parent.prompt,
-                query=parent.query,
-                answer=parent.answer or "",
-                scale=f"from {scale[0]:g} to {scale[1]:g}" if scale else "(higher is better)",
-                feedback=feedback_lines(score, scale),
-            )
+        """The optimizer's request for rewrites of ``parent``'s prompt (:func:`.tree.rewrite_request`)."""
         level = [n for n in self.nodes if n.level == parent.level and n.reward is not None and n.answer is not None]
-        best = max(level, key=lambda n: (n.reward or 0.0, -n.id))
-        worst = min(level, key=lambda n: (n.reward or 0.0, n.id))
-        if best.answer == worst.answer:
-            comparison = "No other answer to this query has been scored yet."
-        else:
-            comparison = (
-                f"The same query was answered under {len(level)} system prompts. The best-scoring answer "
-                f"({best.reward:.3g}):\n<answer>\n{clip(best.answer or '')}\n</answer>\n\nThe worst-scoring answer "
-                f"({worst.reward:.3g}):\n<answer>\n{clip(worst.answer or '')}\n</answer>"
-            )
-        return template("optimize_prompt_contrastive").substitute(
-            system_prompt=parent.prompt,
-            query=parent.query,
-            answer=parent.answer or "",
-            score=f"{score.reward:.3g}",
-            feedback=feedback_lines(score, scale),
-            comparison=comparison,
-        )
+        return rewrite_request(parent, score, level, reward_scale(self.reward))
 
     def _optimizer_sampling(self) -> GenerationOptions:
         return GenerationOptions(

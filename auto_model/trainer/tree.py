@@ -7,6 +7,7 @@ per-node seeds, and the tree summed up per level (:func:`level_summary`) and alo
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
@@ -18,7 +19,7 @@ from typing import Any
 
 from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
-from auto_model.rewards.base import ItemScore, Score
+from auto_model.rewards.base import ItemScore, Score, has_rationales
 from auto_model.routing import check_route
 from auto_model.trainer.moves import MAX_EXAMPLES, MOVES
 
@@ -190,10 +191,51 @@ def clip(text: str, limit: int = 1200) -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
 
 
+#: The format of a search's checkpoint (the whole tree, written after every level).
+CHECKPOINT_FORMAT = "auto_model.drpo_checkpoint/v1"
+
+
+def as_saved(data: Any) -> Any:
+    """``data`` as it comes back from JSON (tuples as lists): what a checkpoint is compared with."""
+    return json.loads(json.dumps(data))
+
+
 def action_seed(seed: int, node_id: int, action: int) -> int:
     """A reproducible sampling seed per (run seed, node, action)."""
     digest = hashlib.sha256(f"{seed}:{node_id}:{action}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def rewrite_request(parent: Node, score: Score, level: Sequence[Node], scale: tuple[float, float] | None) -> str:
+    """The optimizer's request for rewrites of ``parent``'s prompt: the reward's reasons, or, where it
+    gives none, a contrast with the best- and worst-scoring answers of its ``level`` (the level's
+    scored, answered nodes); ``scale``: the reward's range, where it has one."""
+    if has_rationales(score):
+        return template("optimize_prompt").substitute(
+            system_prompt=parent.prompt,
+            query=parent.query,
+            answer=parent.answer or "",
+            scale=f"from {scale[0]:g} to {scale[1]:g}" if scale else "(higher is better)",
+            feedback=feedback_lines(score, scale),
+        )
+    best = max(level, key=lambda n: (n.reward or 0.0, -n.id))
+    worst = min(level, key=lambda n: (n.reward or 0.0, n.id))
+    if best.answer == worst.answer:
+        comparison = "No other answer to this query has been scored yet."
+    else:
+        comparison = (
+            f"The same query was answered under {len(level)} system prompts. The best-scoring answer "
+            f"({best.reward:.3g}):\n<answer>\n{clip(best.answer or '')}\n</answer>\n\nThe worst-scoring answer "
+            f"({worst.reward:.3g}):\n<answer>\n{clip(worst.answer or '')}\n</answer>"
+        )
+    return template("optimize_prompt_contrastive").substitute(
+        system_prompt=parent.prompt,
+        query=parent.query,
+        answer=parent.answer or "",
+        score=f"{score.reward:.3g}",
+        feedback=feedback_lines(score, scale),
+        comparison=comparison,
+    )
 
 
 def level_summary(nodes: Sequence[Node], levels: int, kept: set[int]) -> list[dict[str, Any]]:
