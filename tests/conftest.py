@@ -163,7 +163,7 @@ def small_rm(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
 
     from rm_data import TRAIN_ARGS, comparisons
 
-    from auto_model.rm_cli import main
+    from auto_model.cli.rm import main
 
     root = tmp_path_factory.mktemp("small_rm")
     data, output = comparisons(root / "comparison.json"), root / "rm"
