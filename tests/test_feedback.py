@@ -225,8 +225,8 @@ def test_responses_of_two_configurations_in_one_engine_call_each_then_their_comp
     assert all(r["problem"] == response_problem(r["response"]) for r in rows)
     assert sum(records[careful]["counts"].values()) == 2
     # The careful demonstrations are in the prompt, with the instruction as its system prompt.
-    careful = load_demos("careful")
-    request = smol.aligner.build_request(careful.instruction, careful.dialogues[:3], prompts[0], options)
+    demos = load_demos("careful")
+    request = smol.aligner.build_request(demos.instruction, demos.dialogues[:3], prompts[0], options)
     assert "landlord" in request.prompt and "compound interest" not in request.prompt  # three dialogues of six
     assert "Dialogues between a person and a careful" in request.prompt
     for name, record in records.items():
