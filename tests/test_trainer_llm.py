@@ -84,9 +84,11 @@ def test_cache_keys_of_unconstrained_requests_do_not_name_a_schema(tmp_path):
 
 def test_ask_takes_one_sampling_setting_per_prompt(tmp_path):
     engine = FakeEngineModel()
-    engine.prompt_format = "text"
-    engine.build_request = lambda system, examples, messages, options: GenerationRequest(
-        messages[0]["content"], options.sampling()
+    engine.aligner = SimpleNamespace(  # the aligner's part a role reads: the format and the request builder
+        prompt_format="text",
+        build_request=lambda system, examples, messages, options: GenerationRequest(
+            messages[0]["content"], options.sampling()
+        ),
     )
     seen = []
     run = engine.run_requests
