@@ -8,9 +8,9 @@ import json
 import pytest
 from rm_data import GOOD, comparisons
 
+from auto_model.cli.rm import main
 from auto_model.errors import ArtifactError, InvalidRequestError
 from auto_model.feedback.reward_model import RM_FORMAT, RewardModel, read_comparisons, split
-from auto_model.cli.rm import main
 
 
 def test_the_split_is_by_prompt_stable_and_bad_files_are_typed_errors(tmp_path):
