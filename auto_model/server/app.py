@@ -60,7 +60,6 @@ import asyncio
 import hmac
 import json
 import math
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -82,11 +81,19 @@ from auto_model.backends.base import DECODING_SETTINGS, Completion, check_decodi
 from auto_model.constants import is_whole
 from auto_model.conversations import SYSTEM_MESSAGE_MODES
 from auto_model.errors import AutoModelError, InvalidRequestError
-from auto_model.loops import cut_loop
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import BASE_STOP
 from auto_model.rewards.base import best_index
 from auto_model.server.batching import MicroBatcher
+from auto_model.server.events import (
+    chat_deltas,
+    chat_event,
+    completion_event,
+    cut_choices,
+    loop_mark,
+    pump_events,
+    text_pieces,
+)
 from auto_model.server.protocol import (
     MAX_N,
     BodyError,
@@ -557,15 +564,15 @@ def create_app(
             decoding = applied_decoding([prepared])
             if body.get("stream"):
                 chunks = model.stream_request(prepared, check_window)
-                events = (_chat_event(reply_id, now, name, *event) for event in _deltas(chunks, counted(route)))
+                events = (chat_event(reply_id, now, name, *event) for event in chat_deltas(chunks, counted(route)))
                 headers = alignment_headers(options, route, decoding, checks_of_request(prepared), align=align)
-                return streaming(request, _pump(events, chunks.close), headers)
+                return streaming(request, pump_events(events, chunks.close), headers)
             started = time.perf_counter()
             done = await run_batched(request, [prepared] * n, ready)
             engine = time.perf_counter() - started
         count_checks(route, done)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                    "logprobs": None, **_loop_cut(c.looped)} for i, c in enumerate(done)]  # fmt: skip
+                    "logprobs": None, **loop_mark(c.looped)} for i, c in enumerate(done)]  # fmt: skip
         reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
         headers = alignment_headers(options, route, decoding, checks_of_request(prepared), align=align, engine=engine)
@@ -585,15 +592,17 @@ def create_app(
             decoding = applied_decoding(prepared)
             if body.get("stream"):
                 chunks = model.stream_request(prepared[0], check_window)
-                events = (_completion_event(reply_id, now, name, *event) for event in _texts(chunks, counted(routes)))
+                events = (
+                    completion_event(reply_id, now, name, *event) for event in text_pieces(chunks, counted(routes))
+                )
                 headers = alignment_headers(options, routes, decoding, checks_of_request(prepared[0]), align=align)
-                return streaming(request, _pump(events, chunks.close), headers)
+                return streaming(request, pump_events(events, chunks.close), headers)
             started = time.perf_counter()
             done = await run_batched(request, [p for p in prepared for _ in range(n)], ready)
             engine = time.perf_counter() - started
         count_checks([r for r in routes for _ in range(n)], done)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None,
-                    **_loop_cut(c.looped)} for i, c in enumerate(done)]  # fmt: skip
+                    **loop_mark(c.looped)} for i, c in enumerate(done)]  # fmt: skip
         prompt_tokens = sum(c.prompt_tokens for c in done[::n])
         reply = {"id": reply_id, "object": "text_completion", "created": now, "model": name, "choices": choices,
                  "usage": usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
@@ -692,7 +701,7 @@ def create_app(
             data["choices"] = await anyio.to_thread.run_sync(best_choices, data, queries, n, options.best_of,
                                                              chat)  # fmt: skip
         if options.cut_loops:
-            _cut_choices(data, chat)
+            cut_choices(data, chat)
         if "answer" in checks_of(options):
             await anyio.to_thread.run_sync(check_choices, data, chat, routes, n, queries)
         counts = data.get("usage")
@@ -903,102 +912,3 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _cut_choices(data: dict[str, Any], chat: bool) -> None:
-    """An upstream's answers cut where they start to loop (:func:`~auto_model.loops.cut_loop`)."""
-    for choice in data.get("choices") or []:
-        holder = choice.get("message") if chat and isinstance(choice, dict) else choice
-        text = holder.get("content" if chat else "text") if isinstance(holder, dict) else None
-        if isinstance(text, str):
-            cut, looped = cut_loop(text)
-            if looped:
-                holder["content" if chat else "text"] = cut  # type: ignore[index]
-                choice.update(finish_reason="stop", **_loop_cut(True))
-
-
-def _loop_cut(looped: bool) -> dict[str, str]:
-    """A choice's mark that its answer was cut where it started to repeat itself (vLLM's servers name
-    what ended an answer ``stop_reason``; ``finish_reason`` stays ``"stop"``)."""
-    return {"stop_reason": "loop"} if looped else {}
-
-
-def _finish(chunks: Any) -> str:
-    """How a streamed answer ended: ``content_filter`` when the answer check replaced its rest."""
-    return CONTENT_FILTER if getattr(chunks, "filtered", False) else "stop"
-
-
-def _deltas(chunks: Any, ended: Any = None) -> Iterator[tuple[dict[str, Any], str | None, dict[str, str]]]:
-    yield {"role": "assistant", "content": ""}, None, {}
-    for text in chunks:
-        if text:
-            yield {"content": text}, None, {}
-    if ended is not None:
-        ended(chunks)
-    yield {}, _finish(chunks), _loop_cut(chunks.looped)
-
-
-def _texts(chunks: Any, ended: Any = None) -> Iterator[tuple[str, str | None, dict[str, str]]]:
-    for text in chunks:
-        if text:
-            yield text, None, {}
-    if ended is not None:
-        ended(chunks)
-    yield "", _finish(chunks), _loop_cut(chunks.looped)
-
-
-def _chat_event(
-    reply_id: str, created: int, name: str, delta: dict[str, Any], finish: str | None, extra: dict[str, str]
-) -> str:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
-    chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [choice]}
-    return f"data: {json.dumps(chunk)}\n\n"
-
-
-def _completion_event(
-    reply_id: str, created: int, name: str, text: str, finish: str | None, extra: dict[str, str]
-) -> str:
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None, **extra}
-    chunk = {"id": reply_id, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
-    return f"data: {json.dumps(chunk)}\n\n"
-
-
-async def _pump(events: Iterator[str], close: Any) -> AsyncIterator[str]:
-    """A blocking event iterator (over an engine's stream) consumed by a thread of its own. When the
-    consumer stops (the client disconnected), the thread stops at the next chunk and calls ``close``
-    (the engine stream's), which stops the generation."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    stop = threading.Event()
-    done = object()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed (the server stopped)
-            stop.set()
-
-    def pump() -> None:
-        try:
-            for event in events:
-                if stop.is_set():
-                    break
-                put(event)
-        except BaseException as exc:  # reaches the client as an error event
-            put(exc)
-        finally:
-            close()
-            put(done)
-
-    threading.Thread(target=pump, name="auto-model-serve-stream", daemon=True).start()
-    try:
-        while (item := await queue.get()) is not done:
-            if isinstance(item, BaseException):
-                kind = "invalid_request_error" if isinstance(item, InvalidRequestError) else "server_error"
-                error = {"error": {"message": str(item), "type": kind, "param": None, "code": None}}
-                yield f"data: {json.dumps(error)}\n\n"
-                return
-            yield item
-        yield "data: [DONE]\n\n"
-    finally:
-        stop.set()
