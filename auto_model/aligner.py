@@ -15,20 +15,22 @@ style, the tokenizer and the decoding settings the engine has.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from auto_model import constants
 from auto_model.answer_check import AnswerCheck, CheckedStream, check_completions
-from auto_model.artifacts import PromptArtifact, with_decoding
+from auto_model.artifacts import PromptArtifact, prompt_for_model, with_decoding
 from auto_model.backends.base import Backend, GenerationRequest, Outcome, PromptTarget
 from auto_model.conversations import SYSTEM_MESSAGE_MODES, earlier_user_turns, parse_conversation
 from auto_model.errors import InvalidRequestError
 from auto_model.loops import CutStream
 from auto_model.options import GenerationOptions, parse_queries
 from auto_model.prompting import PROMPT_FORMATS, AssembledPrompt, Message, assemble
-from auto_model.retrieval import ICLExample, ICLRetriever
+from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
 from auto_model.router import RoutedRetriever
 from auto_model.routing import EVERYDAY, ROUTES, Route, RoutingSettings, conversation_text
 
@@ -76,6 +78,27 @@ class Aligner:
         self._answer_check: tuple[PromptArtifact | None, AnswerCheck | None] = (None, None)
         self._lock = threading.Lock()  # concurrent first calls build one retriever
         self._left_out: set[str] = set()  # artifact decoding settings this engine lacks, logged once
+
+    @classmethod
+    def for_model(
+        cls,
+        model_name: str,
+        prompt_path: str | os.PathLike[str] | None = None,
+        icl_path: str | os.PathLike[str] | None = None,
+        embedding_model: str | None = None,
+        backend: Backend | PromptTarget | None = None,
+    ) -> Aligner:
+        """The aligner of ``model_name``: its packaged artifact (or ``prompt_path``), the packaged pool
+        with the artifact's edits (or your own ``icl_path``, used as it is) and the embedder of
+        retrieval and routing (default all-MiniLM-L6-v2). Files are read and checked here, before
+        any engine loads."""
+        return cls(
+            prompt_for_model(model_name, prompt_path),
+            load_icl_pool(icl_path),
+            backend,
+            own_pool=icl_path is not None,
+            embedding_model=embedding_model or constants.default_embedding_model(),
+        )
 
     # -- what is injected --------------------------------------------------------------------
 

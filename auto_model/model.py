@@ -11,7 +11,7 @@ from typing import Any
 from auto_model import constants
 from auto_model.aligner import Aligner
 from auto_model.answer_check import AnswerCheck, CheckedStream
-from auto_model.artifacts import PromptArtifact, prompt_for_model
+from auto_model.artifacts import PromptArtifact
 from auto_model.backends.base import (
     Backend,
     CompletionCallback,
@@ -28,7 +28,7 @@ from auto_model.prompting import (
     Message,
 )
 from auto_model.results import Candidate, GenerationResult, ResultCallback, gathered
-from auto_model.retrieval import ICLExample, ICLRetriever, load_icl_pool
+from auto_model.retrieval import ICLExample, ICLRetriever
 from auto_model.rewards.best_of import BestOf, check_reward_model
 from auto_model.router import RoutedRetriever
 from auto_model.routing import Route
@@ -126,12 +126,7 @@ class AutoModel:
         choice = choose_backend(self.model_name, backend, base_url, open_ai_model, replicas)
         self.backend_name = choice.name
         #: everything a request gets before the engine: the artifact, the pool, the router
-        self.aligner = Aligner(
-            prompt_for_model(self.model_name, prompt_path),
-            load_icl_pool(icl_path),
-            own_pool=icl_path is not None,  # your own pool is used as it is; artifacts edit the packaged one
-            embedding_model=embedding_model or constants.default_embedding_model(),
-        )
+        self.aligner = Aligner.for_model(self.model_name, prompt_path, icl_path, embedding_model)
         #: the engine: local ones run one batch at a time (threads and coroutines queue on its lock)
         self.engine = Engine(name=choice.name, best_of=self.best_of, backend=start_backend(
             choice, self.model_name, num_gpus=num_gpus, cuda_visible_devices=cuda_visible_devices, dtype=dtype,

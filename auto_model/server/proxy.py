@@ -14,11 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from auto_model import constants
 from auto_model.aligner import Aligner
-from auto_model.artifacts import prompt_for_model
 from auto_model.backends.openai import server_target
-from auto_model.retrieval import load_icl_pool
 from auto_model.rewards.best_of import BestOf, check_reward_model
 from auto_model.server.upstream import Upstream
 
@@ -47,13 +44,8 @@ class ProxiedModel:
     ):
         self.model_name = model_name
         self.best_of = BestOf(check_reward_model(reward_model))
-        self.aligner = Aligner(
-            prompt_for_model(model_name, prompt_path),
-            load_icl_pool(icl_path),
-            server_target(model_name, upstream.base_url, prompt_format),
-            own_pool=icl_path is not None,
-            embedding_model=embedding_model or constants.default_embedding_model(),
-        )
+        target = server_target(model_name, upstream.base_url, prompt_format)
+        self.aligner = Aligner.for_model(model_name, prompt_path, icl_path, embedding_model, target)
 
     def close(self) -> None:
         """Nothing to release: no engine, no connection (the server owns its upstream client)."""
