@@ -29,7 +29,7 @@ from auto_model.prompting import (
 )
 from auto_model.results import Candidate, GenerationResult, ResultCallback, gathered
 from auto_model.retrieval import ICLExample, ICLRetriever
-from auto_model.rewards.best_of import BestOf, check_reward_model
+from auto_model.rewards.best_of import BestOf
 from auto_model.router import RoutedRetriever
 from auto_model.routing import Route
 
@@ -122,7 +122,7 @@ class AutoModel:
     ):
         self.model_name = model_name or constants.default_model()
         # The reward, the model, the artifacts and the pool are checked before the (slow) engine load.
-        self.best_of = BestOf(check_reward_model(reward_model))
+        self.best_of = BestOf(reward_model)
         choice = choose_backend(self.model_name, backend, base_url, open_ai_model, replicas)
         self.backend_name = choice.name
         #: everything a request gets before the engine: the artifact, the pool, the router

@@ -42,9 +42,9 @@ class BestOf:
     """The reward that picks the best of several sampled answers, or none."""
 
     def __init__(self, reward: Any = None):
-        """``reward``: what :func:`check_reward_model` returned (checked by the caller before a slow
-        engine load, so that a bad folder fails first), or None."""
-        self._source = reward
+        """``reward``: a reward model folder, any reward with ``score``, or None; checked here
+        (:func:`check_reward_model`), so a bad folder fails before any engine loads."""
+        self._source = check_reward_model(reward)
         self._reward: Any = None
         self._lock = threading.Lock()  # concurrent first calls load one reward model
 

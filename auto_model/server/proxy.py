@@ -16,7 +16,7 @@ from typing import Any
 
 from auto_model.aligner import Aligner
 from auto_model.backends.openai import server_target
-from auto_model.rewards.best_of import BestOf, check_reward_model
+from auto_model.rewards.best_of import BestOf
 from auto_model.server.upstream import Upstream
 
 
@@ -43,7 +43,7 @@ class ProxiedModel:
         prompt_format: str = "chat",
     ):
         self.model_name = model_name
-        self.best_of = BestOf(check_reward_model(reward_model))
+        self.best_of = BestOf(reward_model)
         target = server_target(model_name, upstream.base_url, prompt_format)
         self.aligner = Aligner.for_model(model_name, prompt_path, icl_path, embedding_model, target)
 
