@@ -121,8 +121,9 @@ def add_replica_flags(parser: argparse.ArgumentParser, what: str = "the local en
     )
 
 
-def replica_options(args: argparse.Namespace, backend: str | None = None) -> dict[str, Any]:
-    """The ``AutoModel`` arguments of :func:`add_replica_flags` (none for one replica); ``backend``
+def replica_options(args: Any, backend: str | None = None) -> dict[str, Any]:
+    """The ``AutoModel`` arguments of :func:`add_replica_flags` (none for one replica) from parsed
+    arguments or a config with ``replicas`` and ``ray_address``; ``backend``
     ``"openai"``: a served model, whose replicas are its URLs (``--ray-address`` does not apply)."""
     if args.replicas < 1:
         raise InvalidRequestError(f"--replicas must be >= 1, got {args.replicas}.")

@@ -38,7 +38,7 @@ def _search(
 ) -> tuple[Any, Any, float, list[int]]:
     from auto_model.rewards.judge import Judge
     from auto_model.rewards.requests import RequestCache, Role, Usage
-    from auto_model.trainer.cli import ORIGINAL_DEFAULT_PROMPT
+    from auto_model.trainer.config import ORIGINAL_DEFAULT_PROMPT
     from auto_model.trainer.search import BeamSearch
     from auto_model.trainer.tree import ROLES, SearchConfig
 

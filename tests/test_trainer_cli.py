@@ -235,12 +235,18 @@ def test_the_original_snake_case_flags_and_config_keys_still_work(tmp_path):
     kebab = ["icl", "--base-model-name", "m", "--is-gpt", "yes", "--max-new-tokens", "64", "--ret-icl", "off"]
     snake = ["icl", "--base_model_name", "m", "--is_GPT", "yes", "--max_new_tokens=64", "--ret_icl", "off"]
     assert parse_args(kebab) == parse_args(snake)
-    command, args = parse_args(snake)
-    assert command == "icl" and args.is_gpt is True and args.max_new_tokens == 64 and args.ret_icl is False
-    assert parse_args([])[0] == "prompt"
+    args, dry_run = parse_args(snake)
+    assert args.stage == "icl" and not dry_run and args.is_gpt is True and args.max_new_tokens == 64 and args.ret_icl is False
+    assert parse_args([])[0].stage == "prompt" and parse_args(["--dry-run"])[1] is True
+    # One flag per setting of the run's config, and its defaults are the config's.
+    from auto_model.trainer.cli import parser
+    from auto_model.trainer.config import DRPOConfig, field_names
+
+    assert set(vars(parser().parse_args([]))) == {*field_names(), "config", "dry_run"}
+    assert parse_args([])[0] == DRPOConfig()
     config = tmp_path / "run.toml"
     config.write_text('is_GPT = "true"\nmax-new-tokens = 32\nbeam_size = 3\n')
-    _, args = parse_args(["--config", str(config), "--beam-size", "1"])
+    args, _ = parse_args(["--config", str(config), "--beam-size", "1"])
     assert (args.is_gpt, args.max_new_tokens, args.beam_size) == (True, 32, 1)  # the command line wins
 
 
@@ -375,14 +381,29 @@ def test_a_reward_model_and_a_metric_drive_the_search_without_a_judge(small_rm, 
 
 
 def test_a_route_prompt_is_trained_on_the_route_queries_answered_down_the_route(tmp_path):
+    # Through the Python entry point: the config the command line builds, run by DRPO.
     from auto_model.artifacts import prompt_for_model
     from auto_model.constants import default_model
+    from auto_model.errors import InvalidRequestError
+    from auto_model.trainer import DRPO, DRPOConfig
+    from auto_model.trainer.config import ORIGINAL_DEFAULT_PROMPT
+
     from auto_model.trainer.data import load_training_queries
 
     run, out = tmp_path / "run", tmp_path / "safety.json"
-    args = [*SMALL, "--depth", "1", "--num-training-examples", "1", "--route", "safety", "--k", "2"]
-    assert main([*args, "--log-dir", str(run), "--output", str(out)]) == 0
+    small = dict(backend="transformers", dtype="float32", beam_size=2, n_actions=2, max_new_tokens=24,
+                 judge_max_new_tokens=48, disable_tqdm=True, seed=3)  # fmt: skip
+    config = DRPOConfig(**small, depth=1, num_training_examples=1, route="safety", log_dir=str(run), output=str(out))
+    with pytest.raises(InvalidRequestError, match="--depth must be >= 1"):  # checked when made, as the flags are
+        DRPOConfig(**small, depth=0)
+    drpo = DRPO(config)
+    result = drpo.run()
     own = prompt_for_model(default_model())
+    assert result.output == out and str(out) in result.summary and "level  candidates" in str(result.table)
+    # The run's own config says what it used (the route's prompt and examples); the caller's is unchanged.
+    assert (drpo.config.initial_system_prompt, drpo.config.k) == (own.prompt_for("safety"), own.examples_for("safety"))
+    assert (config.initial_system_prompt, config.k, config.base_model_name) == (ORIGINAL_DEFAULT_PROMPT, None, None)
+    assert drpo.usage.snapshot()["run"]["base"]["calls"] > 0
     tree = json.loads((run / "algo_output" / "output.json").read_text())
     root = tree["nodes"][0]
     harmful = {r["query"] for r in load_training_queries() if r.get("category") == "harmful"}

@@ -57,7 +57,7 @@ def test_role_sends_chunks_and_a_crash_keeps_the_finished_ones(tmp_path):
 def test_batch_size_one_sends_one_request_per_engine_call(tmp_path):
     from auto_model.trainer.cli import parse_args
 
-    _, args = parse_args(["--batch-size", "1"])
+    args, _ = parse_args(["--batch-size", "1"])
     cache = RequestCache(tmp_path / "c.sqlite")
     engine = FakeEngineModel()
     Role("answer", engine, cache, Usage(roles={"answer": RoleUsage()}), chunk_size=args.batch_size).run(_requests(3))

@@ -162,3 +162,72 @@ def fit_router(
         },
     )
     return classifier, lexical, round(chosen, 4)
+
+
+def train_router(config: Any) -> Any:
+    """The router stage of a :class:`~auto_model.trainer.config.DRPOConfig`: fit the routing
+    classifier and write the artifact that carries it (no engine is loaded). Returns the
+    :class:`~auto_model.trainer.drpo.TrainResult`."""
+    from pathlib import Path
+
+    from auto_model.artifacts import prompt_for_model, save_prompt_artifact
+    from auto_model.retrieval import ICLRetriever, load_icl_pool
+    from auto_model.routing import packaged_form_file, packaged_routing_files, read_labelled_queries, routing_set
+    from auto_model.trainer.drpo import TrainResult
+
+    c = config
+    if c.route_threshold is not None and not 0 <= c.route_threshold <= 1:
+        raise InvalidRequestError(f"--route-threshold must be in [0, 1], got {c.route_threshold}.")
+    if (c.routing_data or c.data_dir or c.icl_path) and c.classifier_weight + c.lexical_weight < 1:
+        raise InvalidRequestError(
+            "A mixed safety score is calibrated with the vote of the packaged routing set, which requests meet at "
+            "run time; with --routing-data, --data-dir or --icl-path, the classifiers must make up the whole score: "
+            "pass --classifier-weight and --lexical-weight that add up to 1 (e.g. --classifier-weight 1 "
+            "--lexical-weight 0)."
+        )
+    artifact = prompt_for_model(c.base_model_name, c.prompt_path)
+    pool = load_icl_pool(c.icl_path)
+    routing_file, train_file = packaged_routing_files()
+    if c.data_dir is not None:
+        train_file = Path(c.data_dir).expanduser()
+        train_file = train_file / "train.jsonl" if train_file.is_dir() else train_file
+    items = routing_set(pool, [c.routing_data or routing_file, train_file])
+    voters = [True] * len(items)
+    if not c.no_form_data:
+        known = {item.query for item in items}
+        forms = [f for f in read_labelled_queries(c.form_data or packaged_form_file()) if f.query not in known]
+        items, voters = items + forms, voters + [False] * len(forms)
+    retriever = ICLRetriever(pool)
+    queries = [item.query for item in items]
+    old = RoutingSettings.from_dict(artifact.routing) if artifact.routing else RoutingSettings()
+    classifier, lexical, threshold = fit_router(
+        queries,
+        [item.harmful for item in items],
+        retriever.embed(queries),
+        retriever.embedding_model,
+        c=c.router_c,
+        weight=c.classifier_weight,
+        lexical_weight=c.lexical_weight,
+        lexical_c=c.lexical_c,
+        neighbours=old.neighbours,
+        temperature=old.temperature,
+        max_false_positive=c.max_false_positive,
+        threshold=c.route_threshold,
+        seed=c.seed,
+        voters=voters,
+        groups=[item.group or item.query for item in items],
+    )
+    # The vote that the classifier is mixed with is the one it was calibrated with: the routing set's.
+    whole = classifier.weight + (lexical.weight if lexical is not None else 0.0) >= 1 - 1e-9
+    vote_set = old.vote_set if whole else "labelled"
+    routing = replace(old, threshold=threshold, vote_set=vote_set, classifier=classifier, lexical=lexical).to_dict()
+    output = Path(c.output) if c.output else Path(c.log_dir) / "optimized_prompt.json"
+    save_prompt_artifact(replace(artifact, routing=routing, source=None), output)
+    p = classifier.provenance
+    summary = (
+        f"router: {p['queries']} queries ({p['harmful']} harmful), classifier weight {classifier.weight}, "
+        f"lexical weight {lexical.weight if lexical is not None else 0}, "
+        f"threshold {threshold}; cross-validated: {p['cv_recall']:.1%} of harmful queries to safety, "
+        f"{p['cv_false_positive']:.1%} of the others -> {output}"
+    )
+    return TrainResult(output, summary)
