@@ -1,0 +1,188 @@
+"""In-process mode of ``auto-model serve``: the model's own engine answers.
+
+Concurrent requests are served in batches (:mod:`auto_model.server.batching`): those that arrive
+within ``batch_window`` seconds of each other, or while the engine is busy, go to the engine in one
+call of at most ``max_batch`` requests; a batch waits past its window for requests still being
+aligned. What the engine cannot do (``tools``, ``response_format``, ``logprobs``, ...) is refused
+with a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from auto_model.backends.base import DECODING_SETTINGS, check_decoding
+from auto_model.options import GenerationOptions
+from auto_model.server.batching import MicroBatcher
+from auto_model.server.events import chat_deltas, chat_event, completion_event, loop_mark, pump_events, text_pieces
+from auto_model.server.gateway import Gateway, Refused
+
+#: The decoding settings a client may send (they win over the artifact's).
+PENALTIES = ("frequency_penalty", "presence_penalty", "repetition_penalty")
+#: Request fields the in-process engine honours (and ``user``, accepted and ignored).
+CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stream",
+               "stream_options", "seed", "n", "user", "auto_model", *PENALTIES}  # fmt: skip
+COMPLETION_FIELDS = {"model", "prompt", "temperature", "top_p", "max_tokens", "stop", "stream", "stream_options",
+                     "seed", "n", "user", "auto_model", *PENALTIES}  # fmt: skip
+
+
+class LocalMode:
+    """The endpoints answered by ``gateway.model``'s engine (its ``run_requests`` and ``stream_request``)."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = g = gateway
+        self.model = g.model
+        self.preparing_now = 0
+        self.batcher = MicroBatcher(
+            g.model.run_requests, window=g.limits.batch_window, max_batch=g.limits.max_batch,
+            on_batch=g.metrics.batch_sizes.observe, expecting=lambda: self.preparing_now,
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        """Nothing to open: the engine loaded before the app was made."""
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    async def health(self) -> str | None:
+        return None  # the engine loaded before the app was made
+
+    async def chat(self, request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
+        g = self.gateway
+        _fields_supported(body, CHAT_FIELDS)
+        n = _count_n(body)
+        messages = body["messages"]  # a non-empty list (protocol)
+        options = self._with_sampling(body, options, "max_completion_tokens", "max_tokens")
+        reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        with self._preparing() as ready:
+            prepared, align = await g.aligned("chat", messages, options)
+            route = [prepared.route.name] if prepared.route else []
+            decoding = _applied_decoding([prepared])
+            checks = _checks_of_request(prepared)
+            if body.get("stream"):
+                chunks = self.model.stream_request(prepared, g.check_window)
+                events = (chat_event(reply_id, now, g.name, *e) for e in chat_deltas(chunks, g.counted(route)))
+                headers = g.alignment_headers(options, route, decoding, checks, align=align)
+                return g.streaming(request, pump_events(events, chunks.close), headers)
+            started = time.perf_counter()
+            done = await self._run_batched(request, [prepared] * n, ready)
+            engine = time.perf_counter() - started
+        g.count_checks(route, done)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                    "logprobs": None, **loop_mark(c.looped)} for i, c in enumerate(done)]  # fmt: skip
+        reply = {"id": reply_id, "object": "chat.completion", "created": now, "model": g.name, "choices": choices,
+                 "usage": g.usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
+        headers = g.alignment_headers(options, route, decoding, checks, align=align, engine=engine)
+        return JSONResponse(reply, headers=headers)
+
+    async def completions(self, request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
+        g = self.gateway
+        _fields_supported(body, COMPLETION_FIELDS)
+        n = _count_n(body)
+        prompts = g.prompts_of(body)
+        options = self._with_sampling(body, options, "max_tokens")
+        reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream") and len(prompts) != 1:
+            raise Refused(400, "Stream one prompt at a time from this server's in-process engine.", param="prompt")
+        with self._preparing() as ready:
+            prepared, align = await g.aligned("text", prompts, options)
+            routes = [p.route.name for p in prepared if p.route]
+            decoding = _applied_decoding(prepared)
+            checks = _checks_of_request(prepared[0])
+            if body.get("stream"):
+                chunks = self.model.stream_request(prepared[0], g.check_window)
+                events = (completion_event(reply_id, now, g.name, *e) for e in text_pieces(chunks, g.counted(routes)))
+                headers = g.alignment_headers(options, routes, decoding, checks, align=align)
+                return g.streaming(request, pump_events(events, chunks.close), headers)
+            started = time.perf_counter()
+            done = await self._run_batched(request, [p for p in prepared for _ in range(n)], ready)
+            engine = time.perf_counter() - started
+        g.count_checks([r for r in routes for _ in range(n)], done)
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None,
+                    **loop_mark(c.looped)} for i, c in enumerate(done)]  # fmt: skip
+        prompt_tokens = sum(c.prompt_tokens for c in done[::n])
+        reply = {"id": reply_id, "object": "text_completion", "created": now, "model": g.name, "choices": choices,
+                 "usage": g.usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
+        headers = g.alignment_headers(options, routes, decoding, checks, align=align, engine=engine)
+        return JSONResponse(reply, headers=headers)
+
+    def _with_sampling(self, body: dict[str, Any], options: GenerationOptions, *limit_fields: str) -> GenerationOptions:
+        # The sampling values are checked where every request's are (GenerationOptions, check_decoding): a 400.
+        g = self.gateway
+        penalties = check_decoding({k: body[k] for k in PENALTIES if body.get(k) is not None}, "the request")
+        return replace(
+            options,
+            best_of=g.sampled_best_of(body),
+            temperature=1.0 if body.get("temperature") is None else body["temperature"],
+            top_p=1.0 if body.get("top_p") is None else body["top_p"],
+            max_new_tokens=g.max_tokens_of(body, *limit_fields) or min(512, g.limits.max_tokens),
+            stop=body.get("stop"),
+            seed=body.get("seed"),
+            extra=penalties,
+        )
+
+    @contextmanager
+    def _preparing(self) -> Iterator[Any]:
+        """Counts a request as on its way to the engine until ``ready()`` (or the end of the block)."""
+        counted = [True]
+        self.preparing_now += 1
+
+        def ready() -> None:
+            if counted[0]:
+                counted[0] = False
+                self.preparing_now -= 1
+
+        try:
+            yield ready
+        finally:
+            ready()
+
+    async def _run_batched(self, request: Request, prepared: list[Any], ready: Any) -> list[Any]:
+        depth = self.gateway.metrics.queue_depth
+        depth.inc(len(prepared))
+        try:
+            futures = [self.batcher.enqueue(p) for p in prepared]
+            ready()
+            return list(await self.gateway.guarded(request, asyncio.gather(*futures)))
+        finally:
+            depth.dec(len(prepared))
+
+
+def _fields_supported(body: dict[str, Any], supported: set[str]) -> None:
+    for field in body:
+        if field not in supported:
+            raise Refused(400, f"'{field}' is not supported by this server's in-process engine; leave it out.",
+                          param=field)  # fmt: skip
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise Refused(400, "'stream_options' must be an object.", param="stream_options")
+    if stream_options.get("include_usage"):
+        raise Refused(400, "'stream_options.include_usage' is not supported by this server's in-process engine; "
+                      "the non-streaming response carries 'usage'.", param="stream_options")  # fmt: skip
+
+
+def _count_n(body: dict[str, Any]) -> int:
+    n = body.get("n") or 1  # 1 to MAX_N (protocol)
+    if n > 1 and body.get("stream"):
+        raise Refused(400, "'n' must be 1 when streaming from this server's in-process engine.", param="n")
+    return int(n)
+
+
+def _checks_of_request(prepared: Any) -> list[str]:
+    """The checks an engine request's answer gets."""
+    return (["answer"] if prepared.check_answer else []) + (["loop"] if prepared.sampling.cut_loops else [])
+
+
+def _applied_decoding(prepared: list[Any]) -> dict[str, Any]:
+    """The decoding settings the engine applies to these requests (shared by all of them)."""
+    sets = [{k: v for k, v in p.sampling.extra.items() if k in DECODING_SETTINGS} for p in prepared]
+    return sets[0] if all(d == sets[0] for d in sets) else {}
