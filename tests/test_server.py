@@ -468,7 +468,9 @@ def test_a_slow_body_gets_a_408_and_a_stream_ends_at_the_request_timeout(smol, r
     one client could hold a place (and, streaming, the engine) for as long as it liked."""
     import socket
 
-    limits = ServerLimits(body_timeout=0.5, request_timeout=3.0)  # the next request needs ~2 s (see below)
+    # The request after the stream needs 1.3-2.7 s here (see below): 5 s leaves it room on a slow day, while
+    # a stream whose generation went on (2,000 tokens, over a minute) would still hold it past its timeout.
+    limits = ServerLimits(body_timeout=0.5, request_timeout=5.0)
     with running(create_app(smol, served_name="smol", limits=limits)) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
