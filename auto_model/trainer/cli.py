@@ -23,8 +23,6 @@ from auto_model.flags import ArgumentParser, add_replica_flags, bool_arg
 from auto_model.trainer.config import ORIGINAL_DEFAULT_PROMPT, DRPOConfig, redacted
 from auto_model.trainer.drpo import DRPO
 
-logger = logging.getLogger("auto_model.trainer")
-
 __all__ = ["ORIGINAL_DEFAULT_PROMPT", "main", "parse_args", "parser", "redacted", "run"]
 
 
@@ -197,12 +195,10 @@ def run(config: DRPOConfig, dry_run: bool = False) -> int:
     root.addHandler(console)
     try:
         result = drpo.run()
-    except BudgetExhausted as exc:
-        logger.warning("%s", exc)
+    except BudgetExhausted as exc:  # logged by the run (log.txt and the console)
         print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
         return 3
     except EngineOutageError as exc:
-        logger.error("%s", exc)
         print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
         return 4
     finally:

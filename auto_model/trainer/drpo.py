@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from auto_model.artifacts import PromptArtifact, save_prompt_artifact
-from auto_model.errors import InvalidRequestError
+from auto_model.errors import EngineOutageError, InvalidRequestError
 from auto_model.files import atomic_write_text
 from auto_model.flags import replica_options
 from auto_model.rewards.base import reward_failures
@@ -74,7 +74,7 @@ class DRPO:
         """Run the stage; a log folder holding a run is continued only with ``resume``."""
         from auto_model.rewards.combine import build_reward
         from auto_model.rewards.judge import Judge
-        from auto_model.rewards.requests import RequestCache, RoleUsage, Usage
+        from auto_model.rewards.requests import BudgetExhausted, RequestCache, RoleUsage, Usage
         from auto_model.trainer.tree import ROLES
 
         c = self.config
@@ -112,6 +112,12 @@ class DRPO:
             if c.stage == "icl":
                 return self._icl(roles, reward, out_dir)
             return self._prompt(roles, reward, out_dir, started)
+        except BudgetExhausted as exc:  # in log.txt too: why the run stopped
+            logger.warning("%s", exc)
+            raise
+        except EngineOutageError as exc:
+            logger.error("%s", exc)
+            raise
         finally:
             atomic_write_text(usage_path, json.dumps(usage.snapshot(), indent=2) + "\n")
             cache.close()
