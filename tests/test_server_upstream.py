@@ -41,9 +41,15 @@ def facade(fault):
 
 
 def test_proxy_mode_builds_no_engine_and_aligns_as_the_facade_does(fault):
+    import torch
+
     from auto_model.server.factory import build
 
+    threads = torch.get_num_threads()
     app, model = build({"model": "fault-model", "upstream": fault.url, "upstream_api_key": UPSTREAM_KEY})
+    # Building leaves the process's torch threads alone (the serving process sets its own): it set them
+    # to 1 for the whole test session, whose later engines then generated on one core.
+    assert torch.get_num_threads() == threads
     assert isinstance(model, ProxiedModel) and not hasattr(model, "engine") and not hasattr(model, "backend")
     assert model.aligner.prompt_format == "messages" and model.best_of.reward is None
     assert UPSTREAM_KEY not in repr(model)

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from auto_model.server import ServerLimits, Upstream
-        from auto_model.server.factory import OPTIONS_ENV, build
+        from auto_model.server.factory import OPTIONS_ENV, build, prepare_process
         from auto_model.server.protocol import check_forward_fields
         from auto_model.server.security import check_key, load_key_file
     except ImportError as exc:
@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.run("auto_model.server.factory:app_from_env", factory=True, workers=args.workers, host=args.host,
                     port=args.port, log_level="warning")  # fmt: skip
         return 0
+    prepare_process(options)
     app, model = build({**options, "api_keys": keys, "unchecked_keys": unchecked,
                         "upstream_api_key": upstream_key, "metrics_key": metrics_key})  # fmt: skip
     try:
