@@ -195,6 +195,9 @@ def run(config: DRPOConfig, dry_run: bool = False) -> int:
     root.addHandler(console)
     try:
         result = drpo.run()
+        if result.table:
+            print(result.table, file=sys.stderr)
+        print(result.summary)
     except BudgetExhausted as exc:  # logged by the run (log.txt and the console)
         print(f"auto-model-train: stopped: {exc}", file=sys.stderr)
         return 3
@@ -206,9 +209,6 @@ def run(config: DRPOConfig, dry_run: bool = False) -> int:
         if drpo.usage is not None:
             print("\nusage of the run (calls sent to engines; cached answers reused):\n" + drpo.usage.table(),
                   file=sys.stderr)  # fmt: skip
-    if result.table:
-        print(result.table, file=sys.stderr)
-    print(result.summary)
     return 0
 
 
