@@ -84,16 +84,16 @@ class Gateway:
         # The alignment of concurrent requests is batched (one embedding call for the queries that arrived
         # while the last batch was being aligned), on one thread of its own.
         self._align_thread = ThreadPoolExecutor(1, thread_name_prefix="auto-model-align")
-        self._aligner = MicroBatcher(lambda items: align_batch(self.model, items, self.client_system, self.engine),
+        self._alignments = MicroBatcher(lambda items: align_batch(self.model, items, self.client_system, self.engine),
                                      window=0.0, max_batch=64, executor=self._align_thread)  # fmt: skip
 
     async def start(self) -> None:
         # The embedder's first use, on the alignment thread: measured, a thread other than the one that
         # first ran it embeds a lone query about 40% slower.
-        await self._aligner.submit(("text", ["warm-up"], GenerationOptions()))
+        await self._alignments.submit(("text", ["warm-up"], GenerationOptions()))
 
     async def close(self) -> None:
-        await self._aligner.close()
+        await self._alignments.close()
         self._align_thread.shutdown(wait=False)
 
     # -- who may ask, and what ---------------------------------------------------------------
@@ -263,7 +263,7 @@ class Gateway:
     async def aligned(self, kind: str, what: Any, options: GenerationOptions) -> tuple[Any, float]:
         """The request aligned (:func:`align_batch`), and the seconds it took, waiting included."""
         started = time.perf_counter()
-        result = await self._aligner.submit((kind, what, options))
+        result = await self._alignments.submit((kind, what, options))
         return result, time.perf_counter() - started
 
     def streaming(self, request: Request, events: Any, headers: dict[str, str]) -> StreamingResponse:

@@ -20,6 +20,7 @@ from typing import Any
 from auto_model import constants
 from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
+from auto_model.flags import kebab
 from auto_model.logs import redact_url
 
 ORIGINAL_DEFAULT_PROMPT = "You are a helpful assistant."
@@ -109,7 +110,7 @@ class DRPOConfig:
             raise InvalidRequestError(f"--logging-level must be one of {', '.join(LOGGING_LEVELS)}.")
         for name in ("num_training_examples", "num_gpus", "num_iters", "batch_size", "replicas"):
             if not is_whole(getattr(self, name), 1):
-                raise InvalidRequestError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}.")
+                raise InvalidRequestError(f"{kebab('--' + name)} must be >= 1, got {getattr(self, name)}.")
         if self.max_calls is not None and not is_whole(self.max_calls, 0):
             raise InvalidRequestError(f"--max-calls must be >= 0, got {self.max_calls}.")
         moves = self.moves.split(",") if isinstance(self.moves, str) else self.moves
@@ -142,24 +143,9 @@ class DRPOConfig:
         per request (checked when made: a bad setting is a typed error naming its flag)."""
         from auto_model.trainer.tree import SearchConfig
 
-        return SearchConfig(
-            depth=self.depth,
-            beam_size=self.beam_size,
-            n_actions=self.n_actions,
-            max_depth_increase=self.max_depth_increase,
-            temperature=self.temperature,
-            skip_threshold=self.skip_threshold,
-            ret_icl=self.ret_icl,
-            k=k,
-            max_new_tokens=self.max_new_tokens,
-            optimizer_max_new_tokens=self.judge_max_new_tokens,
-            seed=self.seed,
-            route=self.route,
-            moves=tuple(self.moves),
-            queries_per_level=self.queries_per_level,
-            token_cost=self.token_cost,
-            min_examples=self.min_examples,
-        )
+        # Every search setting is the config's field of the same name, but for these two.
+        same = {f.name: getattr(self, f.name) for f in fields(SearchConfig) if f.name in _FIELDS}
+        return SearchConfig(**{**same, "k": k, "optimizer_max_new_tokens": self.judge_max_new_tokens})
 
     def resolved(self) -> DRPOConfig:
         """This config with the defaults that depend on other settings filled in: the judge's models
@@ -208,13 +194,12 @@ class DRPOConfig:
                 "optimize": rewrites}  # fmt: skip
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def field_names() -> list[str]:
     """The settings' names, in order (each is also the parser's destination of its flag)."""
     return [f.name for f in fields(DRPOConfig)]
+
+
+_FIELDS = frozenset(field_names())
 
 
 def is_secret_name(name: str) -> bool:

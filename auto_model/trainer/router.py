@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auto_model.errors import InvalidRequestError
 from auto_model.routing import (
@@ -32,6 +32,10 @@ from auto_model.routing import (
     calibrate_threshold,
     safety_score,
 )
+
+if TYPE_CHECKING:
+    from auto_model.trainer.config import DRPOConfig
+    from auto_model.trainer.drpo import TrainResult
 
 
 def fit_router(
@@ -164,8 +168,8 @@ def fit_router(
     return classifier, lexical, round(chosen, 4)
 
 
-def train_router(config: Any) -> Any:
-    """The router stage of a :class:`~auto_model.trainer.config.DRPOConfig`: fit the routing
+def train_router(config: DRPOConfig) -> TrainResult:
+    """The router stage of a resolved :class:`~auto_model.trainer.config.DRPOConfig`: fit the routing
     classifier and write the artifact that carries it (no engine is loaded). Returns the
     :class:`~auto_model.trainer.drpo.TrainResult`."""
     from pathlib import Path
@@ -176,6 +180,7 @@ def train_router(config: Any) -> Any:
     from auto_model.trainer.drpo import TrainResult
 
     c = config
+    assert c.base_model_name is not None and c.log_dir is not None, "a resolved config (DRPO resolves it)"
     if c.route_threshold is not None and not 0 <= c.route_threshold <= 1:
         raise InvalidRequestError(f"--route-threshold must be in [0, 1], got {c.route_threshold}.")
     if (c.routing_data or c.data_dir or c.icl_path) and c.classifier_weight + c.lexical_weight < 1:
