@@ -22,8 +22,8 @@ HELDOUT = ROOT / "auto_model" / "data" / "eval" / "heldout.jsonl"
 #: than the showcase's "same question" bar (0.85): a held-out query must not even share its scenario.
 TOO_CLOSE = 0.75
 #: every held-out split: later data and added examples stay apart from each
-HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "heldout8", "everyday",
-            "everyday2")  # fmt: skip
+HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "heldout8", "heldout9",
+            "everyday", "everyday2")  # fmt: skip
 
 
 class _Embeddings:
@@ -334,11 +334,12 @@ def every_text(pool, embedder):
     return np.array(names), embedder.encode(texts, normalize_embeddings=True, batch_size=128)
 
 
-@pytest.mark.parametrize("split", ["heldout7", "heldout8"])
-def test_splits_7_and_8_pair_every_request_with_a_reworded_form_and_are_held_out(split, every_text):
+@pytest.mark.parametrize("split", ["heldout7", "heldout8", "heldout9"])
+def test_splits_7_to_9_pair_every_request_with_a_reworded_form_and_are_held_out(split, every_text):
     """``heldout7.jsonl`` is the next look at reworded requests (written after split 5's fourth look,
     before any change it will measure), ``heldout8.jsonl`` the one after (written after split 7's
-    third look, before the next change for reworded requests): 60 harmful and 60 ordinary requests
+    third look, before the next change for reworded requests), ``heldout9.jsonl`` the one after that
+    (written after split 8's first look): 60 harmful and 60 ordinary requests
     (half of these only alarming-sounding), each plain and in one reworded form, 12 of each form per
     kind, in scenarios apart from every data file and split."""
     data = ROOT / "auto_model" / "data"
