@@ -28,6 +28,7 @@ from auto_model.backends.base import (
     CompletionCallback,
     GenerationRequest,
     Outcome,
+    StreamEnd,
 )
 from auto_model.constants import is_whole
 from auto_model.errors import InvalidRequestError
@@ -166,6 +167,18 @@ class Engine:
         self.best_of = best_of or BestOf()
         self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
 
+    @property
+    def continuous_batching(self) -> bool:
+        """Whether each request joins the running batch as it comes (vLLM's asynchronous engine): the
+        caller sends requests one by one, side by side, instead of gathering batches."""
+        return bool(self.backend.continuous_batching)
+
+    @property
+    def running(self) -> int | None:
+        """Requests in the engine now, where the engine counts them (None elsewhere)."""
+        count = getattr(self.backend, "running", None)
+        return count if isinstance(count, int) else None
+
     def run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         """The engine's outcome of each request (one batch; ``callback`` as each one finishes)."""
         with self._lock:
@@ -207,8 +220,10 @@ class Engine:
     def stream(self, request: GenerationRequest) -> CutStream:
         """One request's answer in text chunks (:meth:`chunks`) as the SDK streams it: without the
         leading white space and ``<START>`` marker, ended where it starts to loop with the request's
-        ``cut_loops``; closing it stops the generation."""
-        return CutStream(answer_chunks(self.chunks(request)), request.sampling.cut_loops)
+        ``cut_loops``; closing it stops the generation. Once it is over, its ``end`` (a
+        :class:`~auto_model.backends.base.StreamEnd`) says how the engine ended the answer."""
+        end = StreamEnd()
+        return CutStream(answer_chunks(self.chunks(request, end)), request.sampling.cut_loops, end=end)
 
     def result(self, completion: Completion, request: GenerationRequest) -> GenerationResult:
         """A finished request's :class:`~auto_model.results.GenerationResult`."""
@@ -230,10 +245,12 @@ class Engine:
             completion.answer_score,
         )
 
-    def chunks(self, request: GenerationRequest) -> Generator[str, None, None]:
+    def chunks(self, request: GenerationRequest, end: StreamEnd | None = None) -> Generator[str, None, None]:
         """The engine's stream, produced by a worker thread that holds the engine lock while the
         engine generates, never while the caller holds a chunk: a caller that stops reading does not
-        keep other requests waiting, and one that closes the stream stops the generation."""
+        keep other requests waiting, and one that closes the stream stops the generation. ``end``
+        is filled in by the engine as the stream ends. (An engine that batches continuously is
+        thread-safe: it has no lock, and its streams run side by side.)"""
         chunks: queue.Queue[Any] = queue.Queue()
         stop = threading.Event()
         done = object()
@@ -241,7 +258,7 @@ class Engine:
         def produce() -> None:
             try:
                 with self._lock:
-                    engine = self.backend.stream(request)
+                    engine = self.backend.stream(request, end)
                     try:
                         for chunk in engine:
                             chunks.put(chunk)

@@ -65,6 +65,11 @@ _state_lock = threading.Lock()
 _engine_level = logging.WARNING
 
 
+def engine_log_level() -> int:
+    """The level the engines' own loggers (vLLM's, transformers') log at."""
+    return _engine_level
+
+
 def set_engine_log_level(level: int) -> None:
     """Set how loud engine libraries may be (the CLIs' ``-v``), now and for engines loaded later."""
     global _engine_level

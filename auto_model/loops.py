@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Generator, Iterator
+from typing import Any
 
 #: units of fewer words never count as a loop ("Yes.", "}", "Step 1:")
 MIN_UNIT_WORDS = 3
@@ -275,8 +276,11 @@ class ChunkStream:
     """Text chunks made from an engine's stream (``chunks``) by :meth:`_run`; closing it closes
     ``chunks`` (the generation stops). The streams the SDK returns build on it."""
 
-    def __init__(self, chunks: Iterator[str]):
+    def __init__(self, chunks: Iterator[str], end: Any = None):
         self._chunks = chunks
+        #: how the engine ended the answer (a :class:`~auto_model.backends.base.StreamEnd`, filled in
+        #: once the stream is over; None where the stream does not come from an engine)
+        self.end = end if end is not None else getattr(chunks, "end", None)
         self._pieces = self._run()
 
     def _run(self) -> Generator[str, None, None]:  # pragma: no cover - each stream has its own
@@ -303,9 +307,9 @@ class CutStream(ChunkStream):
     it closes ``chunks`` (an engine's stream: the generation stops). Once it has ended,
     :attr:`looped` says whether it was cut."""
 
-    def __init__(self, chunks: Iterator[str], cut_loops: bool = True):
+    def __init__(self, chunks: Iterator[str], cut_loops: bool = True, end: Any = None):
         self._guard = LoopGuard() if cut_loops else None
-        super().__init__(chunks)
+        super().__init__(chunks, end)
 
     @property
     def looped(self) -> bool:

@@ -333,9 +333,9 @@ class AutoModel:
         """Yield the answer to one query in text chunks as it is generated.
 
         The chunks join to the answer ``generate`` gives (without trailing white space trimmed).
-        transformers and openai stream token by token; the offline vllm engine has no token stream
-        and yields the whole answer as one chunk (serve the model with vLLM's OpenAI server and use
-        the openai backend to stream from vLLM).
+        transformers, openai and vLLM's asynchronous engine (``backend="vllm-async"``) stream token by
+        token; the offline vllm engine has no token stream and yields the whole answer as one chunk.
+        Where the answer check is on, text is released a window at a time, once checked.
         """
         if not isinstance(user_query, str):
             raise InvalidRequestError("stream() takes one query string; use generate() for a list.")

@@ -59,7 +59,8 @@ def test_streaming_and_async_give_the_same_answer(served):
         model="smol", messages=messages, temperature=0, max_tokens=24, stream=True
     )
     chunks = list(stream)
-    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason  # the engine's, not always "stop"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
     async def ask() -> str:
@@ -68,6 +69,29 @@ def test_streaming_and_async_give_the_same_answer(served):
             return reply.choices[0].message.content or ""
 
     assert asyncio.run(ask()) == whole.choices[0].message.content
+
+
+def test_a_stream_says_how_it_ended_and_what_it_cost(served):
+    """The engine's own finish reason ends a stream (``length`` at ``max_tokens``), and a client that
+    asks for ``stream_options.include_usage`` gets the engine's token counts in a last event."""
+    messages = [{"role": "user", "content": "Tell me about the moon."}]
+    whole = client(served).chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=3)
+    chunks = list(
+        client(served).chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=3, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert whole.choices[0].finish_reason == "length"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (whole.usage.prompt_tokens, 3)
+    plain = list(
+        client(served).chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=3, stream=True
+        )
+    )
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
 
 
 def test_models_health_and_openai_style_errors(served):

@@ -31,7 +31,7 @@ def _chat(smol, text):
 def test_registry_and_auto_resolution(monkeypatch):
     from auto_model.backends import REGISTRY, BackendSpec
 
-    assert available_backends() == ["openai", "transformers", "vllm"]
+    assert available_backends() == ["openai", "transformers", "vllm", "vllm-async"]
     # The test environment has vLLM installed, so "auto" prefers it for local models ...
     assert resolve_backend_name("auto", "HuggingFaceTB/SmolLM2-135M-Instruct") == "vllm"
     # ... OpenAI model names, open_ai_model=True and a base_url go to the openai backend ...
@@ -40,6 +40,7 @@ def test_registry_and_auto_resolution(monkeypatch):
     assert resolve_backend_name("auto", "my-served-model", base_url="http://127.0.0.1:8000/v1") == "openai"
     assert resolve_backend_name("Transformers", "x") == "transformers"
     assert get_backend_class("transformers").name == "transformers"
+    assert get_backend_class("vllm-async").continuous_batching and not get_backend_class("vllm").continuous_batching
     # ... and without vLLM, transformers is the fallback.
     monkeypatch.setitem(REGISTRY, "vllm", BackendSpec("vllm", "x:y", "vllm", ("auto_model_no_such_engine",)))
     assert resolve_backend_name("auto", "HuggingFaceTB/SmolLM2-135M-Instruct") == "transformers"
@@ -49,8 +50,8 @@ def test_registry_and_auto_resolution(monkeypatch):
 def test_resolver_errors_list_valid_backends(backend):
     with pytest.raises(UnknownBackendError) as info:
         resolve_backend_name(backend, "x")
-    assert "Valid backends: auto, openai, transformers, vllm." in str(info.value)
-    assert info.value.valid == ["auto", "openai", "transformers", "vllm"]
+    assert "Valid backends: auto, openai, transformers, vllm, vllm-async." in str(info.value)
+    assert info.value.valid == ["auto", "openai", "transformers", "vllm", "vllm-async"]
 
 
 def test_missing_engine_names_the_extra(monkeypatch):

@@ -36,6 +36,7 @@ REGISTRY: dict[str, BackendSpec] = {
             "transformers", "auto_model.backends.transformers:TransformersBackend", "hf", ("torch", "transformers")
         ),
         BackendSpec("vllm", "auto_model.backends.vllm:VLLMBackend", "vllm", ("vllm",)),
+        BackendSpec("vllm-async", "auto_model.backends.vllm_async:AsyncVLLMBackend", "vllm", ("vllm",)),
         BackendSpec("openai", "auto_model.backends.openai:OpenAIBackend", "openai", ("openai",)),
     )
 }

@@ -95,6 +95,23 @@ def with_samples(samples: Sequence[Completion]) -> Completion:
     return replace(samples[0], completion_tokens=sum(s.completion_tokens for s in samples), samples=tuple(samples))
 
 
+@dataclass
+class StreamEnd:
+    """How a streamed answer ended, filled in by the engine when the stream is over (None where the
+    engine does not say): ``finish_reason`` (``"stop"`` or ``"length"``), the prompt's tokens and the
+    tokens generated. Pass one to :meth:`Backend.stream`; read it once the stream is exhausted."""
+
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def fill(self, completion: Completion) -> None:
+        """Take what ``completion`` says (a backend that streams its finished answer as one chunk)."""
+        self.finish_reason = completion.finish_reason
+        self.prompt_tokens = completion.prompt_tokens
+        self.completion_tokens = completion.completion_tokens
+
+
 #: What a backend returns per request: the completion, or the exception that request failed with.
 Outcome = Completion | BaseException
 
@@ -129,6 +146,8 @@ class Backend(ABC):
     remote: ClassVar[bool] = False
     #: ``generate`` may be called from several threads at once
     thread_safe: ClassVar[bool] = False
+    #: a request joins the engine's running batch as it comes (no caller needs to gather a batch first)
+    continuous_batching: ClassVar[bool] = False
     supports_chat: ClassVar[bool] = False  # accepts chat-message prompts (``"messages"`` format)
     #: honours ``SamplingParams.json_schema`` (constrained decoding); others reject such a request
     supports_json_schema: ClassVar[bool] = False
@@ -157,8 +176,9 @@ class Backend(ABC):
         takes the whole engine down is raised.
         """
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """Yield the answer to one request in text chunks.
+    def stream(self, request: GenerationRequest, end: StreamEnd | None = None) -> Iterator[str]:
+        """Yield the answer to one request in text chunks; once they are over, ``end`` (if given)
+        says how the answer ended and what it cost.
 
         The default yields the whole answer as one chunk once it is done; engines that can
         stream token by token override this.
@@ -166,6 +186,8 @@ class Backend(ABC):
         outcome = self.generate([request])[0]
         if isinstance(outcome, BaseException):
             raise outcome
+        if end is not None:
+            end.fill(outcome)
         if outcome.text:
             yield outcome.text
 

@@ -37,6 +37,7 @@ from auto_model.backends.base import (
     PromptTarget,
     SamplingParams,
     StopCutter,
+    StreamEnd,
     check_one_sample,
     choose_prompt_style,
     cut_at_stop,
@@ -320,15 +321,21 @@ class OpenAIBackend(Backend):
                 )
             return self._pool
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
+    def stream(self, request: GenerationRequest, end: StreamEnd | None = None) -> Iterator[str]:
         kind, args = self._arguments(request)
         stream = self._call(kind, {**args, "stream": True})
         cutter = StopCutter(request.sampling.stop)
         try:
             for chunk in stream:
+                usage = getattr(chunk, "usage", None)
+                if end is not None and usage is not None:  # sent by servers that count a stream's tokens
+                    end.prompt_tokens = getattr(usage, "prompt_tokens", None)
+                    end.completion_tokens = getattr(usage, "completion_tokens", None)
                 if not getattr(chunk, "choices", None):
                     continue
                 choice = chunk.choices[0]
+                if end is not None and getattr(choice, "finish_reason", None) in ("stop", "length"):
+                    end.finish_reason = choice.finish_reason
                 piece = (choice.delta.content if kind == "chat" else choice.text) or ""
                 out = cutter.feed(piece)
                 if out:
@@ -348,6 +355,8 @@ class OpenAIBackend(Backend):
         tail = cutter.flush()
         if tail:
             yield tail
+        if end is not None and cutter.stopped:
+            end.finish_reason = "stop"  # ended at one of the request's stop strings
 
     def close(self) -> None:
         pool, self._pool = getattr(self, "_pool", None), None

@@ -26,6 +26,7 @@ from auto_model.backends.base import (
     Outcome,
     SamplingParams,
     StopCutter,
+    StreamEnd,
     check_one_sample,
     choose_prompt_style,
     cpu_dtype,
@@ -289,18 +290,19 @@ class TransformersBackend(Backend):
         except GenerationError as exc:
             return exc
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
+    def stream(self, request: GenerationRequest, end: StreamEnd | None = None) -> Iterator[str]:
         """Yield text as tokens are generated (a background thread runs ``model.generate``)."""
         from transformers import TextIteratorStreamer
 
         ids = self._checked_encode(0, request)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        finished: list[Completion] = []
         cancelled = threading.Event()
 
         def run() -> None:
             try:
-                self._generate_batch([ids], request.sampling, streamer=streamer, cancelled=cancelled)
+                finished.extend(self._generate_batch([ids], request.sampling, streamer=streamer, cancelled=cancelled))
             except BaseException as exc:  # surfaced in the caller's thread below
                 failure.append(exc)
                 streamer.on_finalized_text("", stream_end=True)
@@ -321,6 +323,8 @@ class TransformersBackend(Backend):
             worker.join()
         if failure:
             raise failure[0]
+        if end is not None and finished:
+            end.fill(finished[0])
 
     def _checked_encode(self, i: int, req: GenerationRequest) -> list[int]:
         if not isinstance(req.prompt, str):

@@ -75,7 +75,7 @@ def _without_vllm_deprecations() -> Iterator[None]:
 
 
 @contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
+def scoped_environment(variables: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the block only (vLLM reads some settings from the environment
     while an engine starts); the process's environment is as it was afterwards."""
     saved = {name: os.environ.get(name) for name in variables}
@@ -143,6 +143,8 @@ class VLLMBackend(Backend):
     """
 
     name = "vllm"
+    #: on a CPU, run vLLM's engine in this process (see :meth:`_cpu_engine_arguments`)
+    engine_in_process_on_cpu = True
     supports_chat = False  # chat is rendered with the model's template by the SDK, then generated
     supports_json_schema = True
     decoding_settings = frozenset({"repetition_penalty", "frequency_penalty", "presence_penalty"})
@@ -223,16 +225,20 @@ class VLLMBackend(Backend):
                 drop_records("vllm", "Attempted to load weight %s with dtype", "does not officially support disabling"),
                 engine_progress_bars(),
                 _without_vllm_deprecations(),
-                _environment(self._start_environment),
+                scoped_environment(self._start_environment),
             ):
-                self.llm = vllm.LLM(**self.engine_args)
+                self.context_length = self._start_engine()
         except (ValueError, TypeError) as exc:  # vLLM validates its configuration with these
             raise InvalidRequestError(f"vLLM rejected the engine arguments: {exc}") from exc
-        self.context_length = self.llm.llm_engine.vllm_config.model_config.max_model_len
-        self._lock = threading.Lock()  # vllm.LLM is not thread-safe
         logger.info(
             "Loaded %s with vLLM (%s prompts, context %d)", source.model_id, self.prompt_style, self.context_length
         )
+
+    def _start_engine(self) -> int:
+        """Start the engine (``vllm.LLM``); its context length."""
+        self.llm = self._vllm.LLM(**self.engine_args)
+        self._lock = threading.Lock()  # vllm.LLM is not thread-safe
+        return int(self.llm.llm_engine.vllm_config.model_config.max_model_len)
 
     def _cpu_engine_arguments(self, cuda_visible_devices: Any, engine_kwargs: dict[str, Any]) -> None:
         """What differs on a CPU: the dtype, eager execution, a KV cache sized to the model, one process."""
@@ -248,7 +254,7 @@ class VLLMBackend(Backend):
                 "from the model; pass kv_cache_memory_bytes= to set it)",
                 fraction,
             )
-        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ and self.engine_in_process_on_cpu:
             # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
             # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64). vLLM reads
             # the choice from the environment while the engine starts, and only then.
@@ -339,22 +345,9 @@ class VLLMBackend(Backend):
         params: list[Any] = []
         for i, req in enumerate(requests):
             try:
-                if not isinstance(req.prompt, str):
-                    raise InvalidRequestError(
-                        f"Request {i}: the vllm backend takes rendered text prompts, not message lists."
-                    )
-                seed = req.sampling.seed
-                if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it would stop the engine
-                    raise InvalidRequestError(f"Request {i}: seed {seed} is not a 64-bit signed integer.")
-                ids = self._encode(req.prompt)
-                if len(ids) + req.sampling.max_new_tokens > self.context_length:
-                    raise InvalidRequestError(
-                        f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
-                        f"max_model_len {self.context_length}; shorten the query, lower max_new_tokens or "
-                        "num_optimized_icl."
-                    )
-                params.append(self._sampling_params(req.sampling))
-                prompts.append({"prompt_token_ids": ids})  # vLLM's TokensPrompt (a TypedDict)
+                prompt, param = self._prepare(i, req)
+                params.append(param)
+                prompts.append(prompt)
                 ready.append(i)
             except InvalidRequestError as exc:  # this request alone is bad; the others still run
                 results[i] = exc
@@ -380,6 +373,23 @@ class VLLMBackend(Backend):
             for i, outcome in enumerate(results):
                 on_completion(i, outcome)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _prepare(self, i: int, req: GenerationRequest) -> tuple[dict[str, Any], Any]:
+        """Request ``i``'s prompt (vLLM's ``TokensPrompt``) and sampling parameters; an
+        :class:`InvalidRequestError` for a request vLLM cannot take (the others still run)."""
+        if not isinstance(req.prompt, str):
+            raise InvalidRequestError(f"Request {i}: the vllm backend takes rendered text prompts, not message lists.")
+        seed = req.sampling.seed
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it would stop the engine
+            raise InvalidRequestError(f"Request {i}: seed {seed} is not a 64-bit signed integer.")
+        ids = self._encode(req.prompt)
+        if len(ids) + req.sampling.max_new_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"Request {i}: {len(ids)} prompt tokens + max_new_tokens={req.sampling.max_new_tokens} exceed "
+                f"max_model_len {self.context_length}; shorten the query, lower max_new_tokens or "
+                "num_optimized_icl."
+            )
+        return {"prompt_token_ids": ids}, self._sampling_params(req.sampling)
 
     @staticmethod
     def _completion(output: Any, sampling: SamplingParams, latency: float) -> Completion:

@@ -33,7 +33,12 @@ def add_parser(sub: Any) -> None:
     serve.add_argument(
         "--model", default=None, help=f"model name, folder or .gguf file (default: {constants.DEFAULT_MODEL})"
     )
-    serve.add_argument("--backend", default="auto", help="in-process engine: auto, vllm or transformers")
+    serve.add_argument(
+        "--backend",
+        default="auto",
+        help="in-process engine: auto (vllm-async where vLLM is installed, else transformers), vllm-async "
+        "(continuous batching, token streaming), vllm (the offline engine, micro-batched) or transformers",
+    )
     serve.add_argument("--dtype", default="auto")
     serve.add_argument("--prompt-path", default=None, help="prompt artifact (.json) or plain-text prompt (.txt)")
     serve.add_argument("--icl-path", default=None, help="ICL pool JSON to retrieve examples from")
@@ -188,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port must be in 1..65535, got {args.port}.")
     if args.icl is not None and args.icl < 0:
         raise InvalidRequestError(f"--icl must be >= 0, got {args.icl}.")
-    if args.backend not in ("auto", "vllm", "transformers"):
-        raise InvalidRequestError(f"--backend must be auto, vllm or transformers, got {args.backend!r}.")
+    if args.backend not in ("auto", "vllm-async", "vllm", "transformers"):
+        raise InvalidRequestError(f"--backend must be auto, vllm-async, vllm or transformers, got {args.backend!r}.")
     GenerationOptions(num_optimized_icl=args.icl).check_pool(len(load_icl_pool(args.icl_path)))
     limits = {
         "max_body_bytes": args.max_body_bytes,

@@ -37,8 +37,32 @@ def loop_mark(looped: bool) -> dict[str, str]:
 
 
 def finish_reason_of(chunks: Any) -> str:
-    """How a streamed answer ended: ``content_filter`` when the answer check replaced its rest."""
-    return CONTENT_FILTER if getattr(chunks, "filtered", False) else "stop"
+    """How a streamed answer ended: ``content_filter`` when the answer check replaced its rest,
+    ``stop`` when it was cut where it looped, else what the engine says (its stream's ``end``:
+    ``length`` at ``max_tokens``), ``stop`` where it says nothing."""
+    if getattr(chunks, "filtered", False):
+        return CONTENT_FILTER
+    end = getattr(chunks, "end", None)
+    if getattr(chunks, "looped", False) or end is None or end.finish_reason is None:
+        return "stop"
+    return str(end.finish_reason)
+
+
+def stream_usage(chunks: Any) -> dict[str, int] | None:
+    """The ``usage`` of a streamed answer, from its engine's count (None where the engine gave none)."""
+    end = getattr(chunks, "end", None)
+    if end is None or end.prompt_tokens is None or end.completion_tokens is None:
+        return None
+    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
+            "total_tokens": end.prompt_tokens + end.completion_tokens}  # fmt: skip
+
+
+def usage_event(reply_id: str, created: int, name: str, chat: bool, usage: dict[str, int]) -> str:
+    """The last event of a stream whose client asked for ``stream_options.include_usage``: no
+    choices, the usage of the whole answer (as OpenAI's API and vLLM's server send it)."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    chunk = {"id": reply_id, "object": kind, "created": created, "model": name, "choices": [], "usage": usage}
+    return f"data: {json.dumps(chunk)}\n\n"
 
 
 def chat_deltas(chunks: Any, ended: Any = None) -> Iterator[tuple[dict[str, Any], str | None, dict[str, str]]]:

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from auto_model import constants
+from auto_model.backends import resolve_backend_name
 from auto_model.model import AutoModel
 from auto_model.server.app import ServerLimits, create_app
 from auto_model.server.proxy import ProxiedModel
@@ -36,6 +37,16 @@ def prepare_process(options: dict[str, Any]) -> None:
         torch.set_num_threads(1)
 
 
+def serving_backend(backend: str, model: str | None) -> str:
+    """The in-process engine ``auto-model serve`` starts: where ``backend="auto"`` would pick vLLM,
+    vLLM's asynchronous engine (``vllm-async``: continuous batching, token streaming), as vLLM's own
+    server runs; any backend named is that one."""
+    if backend.strip().lower() != "auto":
+        return backend
+    name = resolve_backend_name("auto", model or constants.DEFAULT_MODEL)
+    return "vllm-async" if name == "vllm" else name
+
+
 def build(options: dict[str, Any]) -> tuple[Any, AutoModel | ProxiedModel]:
     """The app and the model for these options (the names of ``auto-model serve``'s flags)."""
     limits = ServerLimits(**options.get("limits", {}))
@@ -53,7 +64,7 @@ def build(options: dict[str, Any]) -> tuple[Any, AutoModel | ProxiedModel]:
         model = AutoModel(
             options.get("model"),
             dtype=options.get("dtype", "auto"),
-            backend=options.get("backend", "auto"),
+            backend=serving_backend(options.get("backend", "auto"), options.get("model")),
             prompt_path=options.get("prompt_path"),
             icl_path=options.get("icl_path"),
             reward_model=options.get("reward_model"),

