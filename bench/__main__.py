@@ -25,7 +25,8 @@ from pathlib import Path
 from auto_model.flags import ArgumentParser
 
 BENCHMARKS = ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start", "default_path",
-              "server_proxy", "server_batching", "best_of", "replicas", "alignment_tax")  # fmt: skip
+              "server_proxy", "server_batching", "server_streaming", "best_of", "replicas",
+              "alignment_tax")  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.jsonl"
 

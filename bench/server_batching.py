@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument(
-        "--backend", default="auto", help="the in-process engine: auto (as auto-model serve), vllm or transformers"
+        "--backend", default="auto", help="the engine: auto (the SDK's: vllm where installed), vllm or transformers"
     )
     p.set_defaults(reps=2)
     args = p.parse_args(argv)

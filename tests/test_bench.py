@@ -16,7 +16,7 @@ def test_every_benchmark_starts():
         [sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "smoke: 12 of 12 benchmarks start" in out.stdout
+    assert "smoke: 13 of 13 benchmarks start" in out.stdout
     for name in (
         "batch_engine",
         "batch_loop",
@@ -25,6 +25,7 @@ def test_every_benchmark_starts():
         "trainer",
         "cold_start",
         "default_path",
+        "server_streaming",
         "best_of",
         "replicas",
         "alignment_tax",
