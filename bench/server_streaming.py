@@ -171,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             ("auto-model serve --backend vllm", ("--backend", "vllm")),
         ):
             log(f"server_streaming: {name}")
-            port = free_port()
-            proc = start_serve(port, Path(tmp) / f"serve-{len(results)}.log", *extra)
+            for attempt in range(3):  # the port may be taken meanwhile (the engine process opens ports too)
+                port = free_port()
+                try:
+                    proc = start_serve(port, Path(tmp) / f"serve-{len(results)}.log", *extra)
+                    break
+                except RuntimeError as exc:
+                    if "address already in use" not in str(exc) or attempt == 2:
+                        raise
             url = f"http://127.0.0.1:{port}/v1"
             try:
                 headers = {"authorization": f"Bearer {KEY}"}
