@@ -48,3 +48,29 @@ def test_without_the_operators_leave_the_comparison_column_says_why(smol, runnin
         page.wait_for_selector("#aligned[data-done=true]", timeout=60_000)
         assert "--allow-alignment-override" in page.inner_text("#plain .meta")
         assert page.inner_text("#aligned .answer")
+
+
+def test_the_answer_grows_on_the_page_as_it_is_streamed(smol, running, browser):
+    """Text reaches the page as the engine makes it (a window at a time while the answer check
+    holds it back: here windows of 16 characters), not in one piece at the end."""
+    query = "How do I keep cut flowers fresh for longer?"
+    with running(create_app(smol, served_name="smol", check_window=16)) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.evaluate(
+            """() => {
+              const answer = document.querySelector("#aligned .answer");
+              window.lengths = [];
+              new MutationObserver(() => window.lengths.push(answer.textContent.length))
+                .observe(answer, {childList: true, characterData: true, subtree: true});
+            }"""
+        )
+        page.fill("#query", query)
+        page.fill("#max-tokens", "48")
+        page.click("#send")
+        page.wait_for_selector("#aligned[data-done=true]", timeout=120_000)
+        lengths = page.evaluate("() => window.lengths")
+        shown = page.inner_text("#aligned .answer")
+    grown = sorted({n for n in lengths if n > 0})
+    assert len(grown) >= 3 and grown[-1] == len(shown)  # several steps, the last one the whole answer
+    assert shown == smol.generate(query, temperature=0, top_p=1.0, max_new_tokens=48)
