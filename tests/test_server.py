@@ -142,6 +142,8 @@ def test_metrics_count_requests_statuses_and_tokens_without_keys_or_text(served)
     completion = 'auto_model_tokens_total{kind="completion"}'
     assert value(after.text, ok) == value(before, ok) + 1 and value(after.text, missing) == value(before, missing) + 1
     assert value(after.text, completion) == value(before, completion) + reply.usage.completion_tokens
+    waited = "auto_model_queue_wait_seconds_count"  # the request waited for its micro-batch, once
+    assert value(after.text, waited) == value(before, waited) + 1
     assert 'auto_model_request_seconds_count{endpoint="chat.completions"}' in after.text
     listed = 'auto_model_requests_total{endpoint="models",status="200"}'
     client(served).models.list()

@@ -79,6 +79,8 @@ def test_a_stream_arrives_token_by_token_with_usage_and_the_real_finish_reason(s
     first = [line for line in metrics.splitlines() if line.startswith("auto_model_time_to_first_token_seconds_count")]
     between = [line for line in metrics.splitlines() if line.startswith("auto_model_inter_token_latency_seconds_count")]
     assert float(first[0].split()[-1]) >= 2 and float(between[0].split()[-1]) >= len(pieces) - 1
+    waited = [line for line in metrics.splitlines() if line.startswith("auto_model_queue_wait_seconds_count")]
+    assert float(waited[0].split()[-1]) >= 1  # the non-streamed request, handed to the engine once
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(served, engine):

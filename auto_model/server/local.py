@@ -60,7 +60,7 @@ class LocalMode:
         self.continuous = bool(g.model.engine.continuous_batching)
         self.threads = ThreadPoolExecutor(max_workers=max(1, g.limits.max_queue), thread_name_prefix="auto-model-serve")
         self.batcher = MicroBatcher(
-            g.model.run_requests, window=g.limits.batch_window, max_batch=g.limits.max_batch,
+            self._run_batch, window=g.limits.batch_window, max_batch=g.limits.max_batch,
             on_batch=g.metrics.batch_sizes.observe, expecting=lambda: self.preparing_now,
         )  # fmt: skip
 
@@ -184,19 +184,28 @@ class LocalMode:
         depth = self.gateway.metrics.queue_depth
         depth.inc(len(prepared))
         try:
+            queued = time.perf_counter()
             if self.continuous:  # the engine batches: the request's answers join its running batch now
                 loop = asyncio.get_running_loop()
                 ready()
-                done = loop.run_in_executor(self.threads, self._run_now, prepared)
+                done = loop.run_in_executor(self.threads, self._run_now, prepared, queued)
                 return list(await self.gateway.guarded(request, done))
-            futures = [self.batcher.enqueue(p) for p in prepared]
+            futures = [self.batcher.enqueue((p, queued)) for p in prepared]
             ready()
             return list(await self.gateway.guarded(request, asyncio.gather(*futures)))
         finally:
             depth.dec(len(prepared))
 
-    def _run_now(self, prepared: list[Any]) -> list[Any]:
+    def _run_batch(self, items: list[tuple[Any, float]]) -> list[Any]:
+        """One micro-batch in one engine call (each item: an engine request and when it was queued)."""
+        started = time.perf_counter()
+        for _, queued in items:
+            self.gateway.metrics.queue_wait.observe(started - queued)
+        return self.model.run_requests([request for request, _ in items])
+
+    def _run_now(self, prepared: list[Any], queued: float) -> list[Any]:
         """The answers of one request (its ``n`` of them), each a result; the first error is raised."""
+        self.gateway.metrics.queue_wait.observe(time.perf_counter() - queued)
         outcomes = self.model.run_requests(prepared)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

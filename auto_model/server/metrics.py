@@ -33,6 +33,10 @@ class ServerMetrics:
         self.between_tokens = Histogram("auto_model_inter_token_latency_seconds", "In-process streams: seconds "
                                         "between two pieces of text sent.", registry=registry,
                                         buckets=_SECONDS)  # fmt: skip
+        self.queue_wait = Histogram("auto_model_queue_wait_seconds", "In-process: seconds a request waited before "
+                                    "the engine got it (for its micro-batch to start, or for a thread to hand it to "
+                                    "an engine that batches continuously).", registry=registry,
+                                    buckets=_SECONDS)  # fmt: skip
         self.batch_sizes = Histogram("auto_model_batch_size", "Requests per in-process engine call.",
                                      registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
 
