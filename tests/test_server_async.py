@@ -83,7 +83,7 @@ def test_a_stream_arrives_token_by_token_with_usage_and_the_real_finish_reason(s
     assert float(waited[0].split()[-1]) >= 1  # the non-streamed request, handed to the engine once
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(served, engine):
+def test_a_stream_shares_the_engine_and_a_client_that_leaves_frees_its_slot_at_once(served, engine):
     stream = client(served).chat.completions.create(
         model="smol", messages=chat("Tell me a very long story about a lighthouse."), temperature=0,
         max_tokens=1500, stream=True, extra_body=UNCHECKED,
@@ -94,7 +94,14 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(served, engine):
         if read == 3:
             break
     assert engine.engine.running == 1
-    stream.close()  # the client leaves after three pieces of a 1500-token answer
+    # A stream does not hold the engine: a short request sent meanwhile is answered while it goes on.
+    started = time.monotonic()
+    short = client(served).chat.completions.create(
+        model="smol", messages=chat("Name a colour."), temperature=0, max_tokens=8, extra_body=UNCHECKED
+    )
+    assert short.choices[0].message.content and time.monotonic() - started < 10
+    assert engine.engine.running == 1  # the long answer is still being made
+    stream.close()  # the client leaves after a few pieces of a 1500-token answer
     deadline = time.monotonic() + 10
     while engine.engine.running and time.monotonic() < deadline:
         time.sleep(0.05)
