@@ -258,5 +258,39 @@ def forget_prompts(model: Any) -> None:
         raise RuntimeError("vLLM could not empty its prefix cache")
 
 
+def start_serve(flags: Sequence[str], port: int, log_path: Path, *, timeout: float = 180,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    """``auto-model serve FLAGS --port PORT`` as users start it (a process of its own, its output in
+    ``log_path``); returns once ``/health`` is 200 (RuntimeError with the log's tail if it exits or
+    is not ready within ``timeout`` seconds)."""
+    import httpx
+
+    cli = Path(sys.executable).with_name("auto-model")
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([str(cli), "serve", *flags, "--port", str(port)], stdout=log_file,
+                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"auto-model serve exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"auto-model serve did not become ready in {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Ask a process to stop; kill it if it has not within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

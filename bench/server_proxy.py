@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import Ratio, Record, finish, log, median, parser, queries, smoke_done
+from bench._common import Ratio, Record, finish, log, median, parser, queries, smoke_done, start_serve, stop_process
 from bench.fault_server import start_process
 from bench.vllm_server import free_port
 
@@ -37,33 +37,8 @@ THROUGHPUT_TARGET = 0.95
 def start_proxy(upstream: str, port: int, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     """``auto-model serve --upstream`` on 127.0.0.1:port (with ``extra`` flags); returns once ``/health``
     is 200."""
-    import httpx
-
-    cli = Path(sys.executable).with_name("auto-model")
-    command = [str(cli), "serve", "--upstream", upstream, "--model", "fault-model", "--port", str(port),
-               "--max-concurrency", "128", *extra]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the proxy exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the proxy did not become ready in 180 s")
-
-
-def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    flags = ["--upstream", upstream, "--model", "fault-model", "--max-concurrency", "128", *extra]
+    return start_serve(flags, port, log_path)
 
 
 def prompt_only_artifact(path: Path) -> Path:
@@ -167,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                          throughput(proxy, qs[: args.burst], level)) for _ in range(args.reps)]  # fmt: skip
                 rates[level] = (median([r[0] for r in reps]), median([r[1][0] for r in reps]))
                 waits[level] = median([r[1][1] or 0.0 for r in reps])
-            stop_proxy(proxy_proc)
+            stop_process(proxy_proc)
             log("server_proxy: throughput at 16 in flight, the prompt alone (no embedding)")
             artifact = prompt_only_artifact(Path(tmp) / "prompt-only.json")
             proxy_proc = start_proxy(server.base_url, port, Path(tmp) / "proxy-prompt.log", "--prompt-path",
@@ -176,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                            throughput(proxy, qs[: args.burst], 16)[0]) for _ in range(args.reps)]  # fmt: skip
             plain = (median([r[0] for r in plain_reps]), median([r[1] for r in plain_reps]))
         finally:
-            stop_proxy(proxy_proc)
+            stop_process(proxy_proc)
             server.stop()
     p50_direct, p50_proxy, p50_align = median(direct_s) * 1e3, median(proxy_s) * 1e3, median(align_s) * 1e3
     added = p50_proxy - p50_direct

@@ -24,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import Ratio, Record, finish, log, median, parser, queries, smoke_done
+from bench._common import Ratio, Record, finish, log, median, parser, queries, smoke_done, start_serve, stop_process
 from bench.vllm_server import VLLMServer, free_port
 
 THROUGHPUT_TARGET = 0.95
@@ -39,38 +38,6 @@ TTFT_TARGET = 1.1
 KEY = "sk-bench-streaming-0001"
 #: what the measured requests switch off in ``auto-model serve`` (vLLM's server has none of it)
 PLAIN = {"check_answers": False, "cut_loops": False, "optimized_decoding": False}
-
-
-def start_serve(port: int, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """``auto-model serve`` on 127.0.0.1:port (with ``extra`` flags); returns once ``/health`` is 200."""
-    import httpx
-
-    cli = Path(sys.executable).with_name("auto-model")
-    command = [str(cli), "serve", "--port", str(port), "--api-key", KEY, "--unchecked-key", KEY,
-               "--allow-alignment-override", "--max-queue", "1024", "--dtype", "float32", *extra]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"auto-model serve exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("auto-model serve did not become ready in 300 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def aligned_conversations(questions: list[str], base_url: str) -> list[tuple[list[dict[str, str]], list[str]]]:
@@ -154,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
              "max_tokens": args.new_tokens, "stream": True, "stream_options": {"include_usage": True},
              "auto_model": PLAIN} for q in questions]  # fmt: skip
     results: dict[str, dict[int, tuple[float, float, int]]] = {}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with tempfile.TemporaryDirectory() as tmp:
         log("server_streaming: vLLM's OpenAI server")
         vllm_server = VLLMServer(folder, DEFAULT_MODEL, Path(tmp) / "vllm.log", dtype="float32")
@@ -174,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             for attempt in range(3):  # the port may be taken meanwhile (the engine process opens ports too)
                 port = free_port()
                 try:
-                    proc = start_serve(port, Path(tmp) / f"serve-{len(results)}.log", *extra)
+                    flags = ["--api-key", KEY, "--unchecked-key", KEY, "--allow-alignment-override", "--max-queue",
+                             "1024", "--dtype", "float32", *extra]  # fmt: skip
+                    proc = start_serve(flags, port, Path(tmp) / f"serve-{len(results)}.log", timeout=300, env=env)
                     break
                 except RuntimeError as exc:
                     if "address already in use" not in str(exc) or attempt == 2:
@@ -185,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 load(url, ours[:8], 4, headers)  # warm-up: the retriever's index, the paths
                 results[name] = {n: load(url, ours[: 2 * n], n, headers) for n in args.clients}
             finally:
-                stop(proc)
+                stop_process(proc, timeout=30)
     names = list(results)
     rows = [[name, n, *results[name][n]] for name in names for n in args.clients]
     vllm_name, async_name, batched_name = names
