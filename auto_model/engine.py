@@ -179,6 +179,12 @@ class Engine:
         count = getattr(self.backend, "running", None)
         return count if isinstance(count, int) else None
 
+    def cancelled_by(self, event: threading.Event) -> Any:
+        """A block whose requests (sent from this thread) the engine aborts once ``event`` is set, where
+        it can abort them (vLLM's asynchronous engine); elsewhere they run to the end."""
+        cancellable = getattr(self.backend, "cancelled_by", None)
+        return cancellable(event) if callable(cancellable) else nullcontext()
+
     def run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         """The engine's outcome of each request (one batch; ``callback`` as each one finishes)."""
         with self._lock:

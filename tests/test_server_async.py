@@ -102,7 +102,7 @@ def test_a_stream_shares_the_engine_and_a_client_that_leaves_frees_its_slot_at_o
     assert short.choices[0].message.content and time.monotonic() - started < 10
     assert engine.engine.running == 1  # the long answer is still being made
     stream.close()  # the client leaves after a few pieces of a 1500-token answer
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 4  # the whole answer takes about 15 s here (about 320 tokens)
     while engine.engine.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.engine.running == 0  # aborted in the engine, long before the answer could have finished
@@ -111,6 +111,17 @@ def test_a_stream_shares_the_engine_and_a_client_that_leaves_frees_its_slot_at_o
         model="smol", messages=chat("Say hello."), temperature=0, max_tokens=8, extra_body=UNCHECKED
     )
     assert reply.choices[0].message.content and time.monotonic() - started < 10
+
+
+def test_a_client_that_leaves_before_its_answer_has_it_aborted_in_the_engine(served, engine):
+    body = {"model": "smol", "messages": chat("Tell me a very long story about a dragon."), "temperature": 0,
+            "max_tokens": 1500, **UNCHECKED}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after a second and leaves
+        httpx.post(f"{served}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=1)
+    deadline = time.monotonic() + 4  # the whole answer takes about 15 s here (about 320 tokens)
+    while engine.engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.engine.running == 0  # aborted, long before 1500 tokens could have been made
 
 
 def test_32_concurrent_streams_complete_each_with_its_own_answer(served):

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 from auto_model.backends.base import (
@@ -96,7 +97,19 @@ class AsyncVLLMBackend(VLLMBackend):
             if quiet_engine:
                 tame_vllm_logging()
         self.running = 0  # requests in the engine now (submitted, not finished)
+        self._local = threading.local()  # per calling thread: the event that cancels its requests
         return int(self.llm.vllm_config.model_config.max_model_len)
+
+    @contextmanager
+    def cancelled_by(self, event: threading.Event) -> Iterator[None]:
+        """The requests this thread sends in the block are aborted in the engine once ``event`` is set
+        (a server's client has left); each one still running then fails with a :class:`GenerationError`."""
+        previous = getattr(self._local, "event", None)
+        self._local.event = event
+        try:
+            yield
+        finally:
+            self._local.event = previous
 
     def _run_loop(self) -> None:
         # vLLM asks for prompts it has rendered itself; ours are the SDK's, tokenized as the offline engine's are.
@@ -144,20 +157,31 @@ class AsyncVLLMBackend(VLLMBackend):
                     on_completion(i, exc)
                 continue
             running[self._submit(self._final(prompt, self._params(param, "FINAL_ONLY"), req))] = i
+        cancel: threading.Event | None = getattr(self._local, "event", None)
+        pending = set(running)
         try:
-            for future in concurrent.futures.as_completed(running):
-                i = running[future]
-                try:
-                    results[i] = future.result()
-                except GenerationError as exc:
-                    results[i] = GenerationError(f"Request {i}: {exc}")
-                except Exception as exc:
-                    raise self._outage(exc) from exc
-                if on_completion is not None:
-                    on_completion(i, results[i])  # type: ignore[arg-type]
+            while pending:
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=None if cancel is None else 0.05, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                finished: list[tuple[int, concurrent.futures.Future[Any] | None]] = [(running[f], f) for f in done]
+                if cancel is not None and cancel.is_set():
+                    finished += [(running[future], None) for future in pending]
+                    pending = set()
+                for i, future in sorted(finished, key=lambda pair: pair[0]):
+                    try:
+                        if future is None:
+                            raise GenerationError("its client left; it was aborted in the engine.")
+                        results[i] = future.result()
+                    except GenerationError as exc:
+                        results[i] = GenerationError(f"Request {i}: {exc}")
+                    except Exception as exc:
+                        raise self._outage(exc) from exc
+                    if on_completion is not None:
+                        on_completion(i, results[i])  # type: ignore[arg-type]
         finally:
             for future in running:
-                future.cancel()  # an error above: the others are aborted in the engine
+                future.cancel()  # cancelled, or an error above: the others are aborted in the engine
         return results  # type: ignore[return-value]
 
     def stream(self, request: GenerationRequest, end: StreamEnd | None = None) -> Iterator[str]:

@@ -13,6 +13,7 @@ with a 400 that names the field.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -188,8 +189,12 @@ class LocalMode:
             if self.continuous:  # the engine batches: the request's answers join its running batch now
                 loop = asyncio.get_running_loop()
                 ready()
-                done = loop.run_in_executor(self.threads, self._run_now, prepared, queued)
-                return list(await self.gateway.guarded(request, done))
+                cancel = threading.Event()
+                done = loop.run_in_executor(self.threads, self._run_now, prepared, queued, cancel)
+                try:
+                    return list(await self.gateway.guarded(request, done))
+                finally:
+                    cancel.set()  # the client left or the time is up: the engine drops what is left
             futures = [self.batcher.enqueue((p, queued)) for p in prepared]
             ready()
             return list(await self.gateway.guarded(request, asyncio.gather(*futures)))
@@ -203,10 +208,12 @@ class LocalMode:
             self.gateway.metrics.queue_wait.observe(started - queued)
         return self.model.run_requests([request for request, _ in items])
 
-    def _run_now(self, prepared: list[Any], queued: float) -> list[Any]:
-        """The answers of one request (its ``n`` of them), each a result; the first error is raised."""
+    def _run_now(self, prepared: list[Any], queued: float, cancel: threading.Event) -> list[Any]:
+        """The answers of one request (its ``n`` of them), each a result; the first error is raised.
+        Once ``cancel`` is set, the engine aborts them."""
         self.gateway.metrics.queue_wait.observe(time.perf_counter() - queued)
-        outcomes = self.model.run_requests(prepared)
+        with self.model.engine.cancelled_by(cancel):
+            outcomes = self.model.run_requests(prepared)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
