@@ -158,3 +158,8 @@ def test_the_sdk_streams_and_batches_on_the_asynchronous_engine(engine, smol_vll
     assert answers == smol_vllm.generate(questions, max_new_tokens=24, temperature=0)
     stream = engine.stream(questions[1], max_new_tokens=24, temperature=0)
     assert "".join(stream) == answers[1]
+
+    async def each() -> list[str]:  # coroutines side by side join the one running batch
+        return list(await asyncio.gather(*(engine.agenerate(q, max_new_tokens=24, temperature=0) for q in questions)))
+
+    assert asyncio.run(each()) == answers
