@@ -48,15 +48,6 @@ def finish_reason_of(chunks: Any) -> str:
     return str(end.finish_reason)
 
 
-def stream_usage(chunks: Any) -> dict[str, int] | None:
-    """The ``usage`` of a streamed answer, from its engine's count (None where the engine gave none)."""
-    end = getattr(chunks, "end", None)
-    if end is None or end.prompt_tokens is None or end.completion_tokens is None:
-        return None
-    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
-            "total_tokens": end.prompt_tokens + end.completion_tokens}  # fmt: skip
-
-
 def usage_event(reply_id: str, created: int, name: str, chat: bool, usage: dict[str, int]) -> str:
     """The last event of a stream whose client asked for ``stream_options.include_usage``: no
     choices, the usage of the whole answer (as OpenAI's API and vLLM's server send it)."""

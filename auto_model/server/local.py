@@ -34,7 +34,6 @@ from auto_model.server.events import (
     completion_event,
     loop_mark,
     pump_events,
-    stream_usage,
     text_pieces,
     usage_event,
 )
@@ -90,11 +89,8 @@ class LocalMode:
             checks = _checks_of_request(prepared)
             if body.get("stream"):
                 chunks = self.model.stream_request(prepared, g.check_window)
-                timed = TimedChunks(chunks, arrived, g.metrics)
-                deltas = (chat_event(reply_id, now, g.name, *e) for e in chat_deltas(timed, g.counted(route)))
-                events = self._with_usage(deltas, chunks, body, lambda u: usage_event(reply_id, now, g.name, True, u))
                 headers = g.alignment_headers(options, route, decoding, checks, align=align)
-                return g.streaming(request, pump_events(events, chunks.close), headers)
+                return self._streamed(request, chunks, True, (reply_id, now, arrived), body, route, headers)
             started = time.perf_counter()
             done = await self._run_batched(request, [prepared] * n, ready)
             engine = time.perf_counter() - started
@@ -123,11 +119,8 @@ class LocalMode:
             checks = _checks_of_request(prepared[0])
             if body.get("stream"):
                 chunks = self.model.stream_request(prepared[0], g.check_window)
-                timed = TimedChunks(chunks, arrived, g.metrics)
-                texts = (completion_event(reply_id, now, g.name, *e) for e in text_pieces(timed, g.counted(routes)))
-                events = self._with_usage(texts, chunks, body, lambda u: usage_event(reply_id, now, g.name, False, u))
                 headers = g.alignment_headers(options, routes, decoding, checks, align=align)
-                return g.streaming(request, pump_events(events, chunks.close), headers)
+                return self._streamed(request, chunks, False, (reply_id, now, arrived), body, routes, headers)
             started = time.perf_counter()
             done = await self._run_batched(request, [p for p in prepared for _ in range(n)], ready)
             engine = time.perf_counter() - started
@@ -140,15 +133,31 @@ class LocalMode:
         headers = g.alignment_headers(options, routes, decoding, checks, align=align, engine=engine)
         return JSONResponse(reply, headers=headers)
 
-    def _with_usage(self, events: Iterator[str], chunks: Any, body: dict[str, Any], event: Any) -> Iterator[str]:
+    def _streamed(self, request: Request, chunks: Any, chat: bool, reply: tuple[str, int, float], body: dict[str, Any],
+                  routes: list[str], headers: dict[str, str]) -> Any:  # fmt: skip
+        """The streamed response of an engine stream: its chunks timed as they go (``reply``: the reply's
+        id, its creation time and when the request arrived), then its usage."""
+        g = self.gateway
+        reply_id, now, arrived = reply
+        timed = TimedChunks(chunks, arrived, g.metrics)
+        if chat:
+            events = (chat_event(reply_id, now, g.name, *e) for e in chat_deltas(timed, g.counted(routes)))
+        else:
+            events = (completion_event(reply_id, now, g.name, *e) for e in text_pieces(timed, g.counted(routes)))
+        wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+        return g.streaming(request, pump_events(self._with_usage(events, chunks, chat, reply, wanted), chunks.close),
+                           headers)  # fmt: skip
+
+    def _with_usage(self, events: Iterator[str], chunks: Any, chat: bool, reply: tuple[str, int, float],
+                    wanted: bool) -> Iterator[str]:  # fmt: skip
         """A stream's events, its tokens counted once it ends (the engine's count, in ``/metrics``),
         and a last event with its ``usage`` where the client asked (``stream_options.include_usage``)."""
         yield from events
-        usage = stream_usage(chunks)
-        if usage is not None:
-            counted = self.gateway.usage(usage["prompt_tokens"], usage["completion_tokens"])
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield event(counted)
+        end = chunks.end
+        if end is not None and end.prompt_tokens is not None and end.completion_tokens is not None:
+            usage = self.gateway.usage(end.prompt_tokens, end.completion_tokens)
+            if wanted:
+                yield usage_event(reply[0], reply[1], self.gateway.name, chat, usage)
 
     def _with_sampling(self, body: dict[str, Any], options: GenerationOptions, *limit_fields: str) -> GenerationOptions:
         # The sampling values are checked where every request's are (GenerationOptions, check_decoding): a 400.
