@@ -4,14 +4,16 @@ the reward that picks the best of several sampled answers.
 :func:`choose_backend` resolves which backend serves a model and checks the model's name (fast:
 nothing loads); :func:`start_backend` starts it (slow: weights, a server connection, replicas).
 :class:`Engine` runs requests on it: local engines take one batch at a time (threads and
-coroutines queue on its lock), and :meth:`Engine.chunks` is the one streaming pump, a worker thread
-that holds the lock while the engine generates and never while the caller holds a chunk.
+coroutines take :class:`Turns` on it, first come first served), and :meth:`Engine.chunks` is the one
+streaming pump, a worker thread that has the engine's turn while the engine generates, never while
+the caller holds a chunk, and lets the requests that wait go first between two chunks.
 :func:`answer_chunks` and :func:`clean_outcome` turn what an engine wrote into the answer the SDK
 returns (markers stripped, loops cut).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -155,9 +157,62 @@ class _Failure:
     error: BaseException
 
 
+class Turns:
+    """A lock taken in the order it was asked for, whose holder may let those waiting go first.
+
+    A local engine runs one batch at a time; a stream generates a chunk at a time. Between two chunks
+    the stream :meth:`passes <pass_turn>`: the batches and streams that asked before it then run (one
+    turn each), and it goes on after them. So a long stream never holds the engine for its whole
+    answer, and two streams take turns chunk by chunk."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._holder: int | None = None  # the thread that has the turn
+
+    def __enter__(self) -> Turns:
+        with self._changed:
+            self._wait_turn()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            if self._holder == threading.get_ident():  # (not where a pass_turn was interrupted)
+                self._holder = None
+                self._changed.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """How many are waiting for a turn."""
+        return len(self._queue)
+
+    def pass_turn(self) -> None:
+        """Let everyone waiting now go first, then take the turn back (at once when no one waits).
+        Call it only while holding the turn."""
+        with self._changed:
+            if self._queue:
+                self._holder = None
+                self._changed.notify_all()
+                self._wait_turn()
+
+    def _wait_turn(self) -> None:  # with self._changed held
+        me = object()
+        self._queue.append(me)
+        try:
+            while self._holder is not None or self._queue[0] is not me:
+                self._changed.wait()
+        except BaseException:  # interrupted while waiting: leave the queue, let the next one in
+            self._queue.remove(me)
+            self._changed.notify_all()
+            raise
+        self._queue.popleft()
+        self._holder = threading.get_ident()
+        self._changed.notify_all()
+
+
 class Engine:
-    """A started backend, the lock its batches queue on (none for a thread-safe backend), and the
-    reward that picks the best of several sampled answers (:attr:`best_of`)."""
+    """A started backend, the :class:`Turns` its batches and streams take (none for a thread-safe
+    backend), and the reward that picks the best of several sampled answers (:attr:`best_of`)."""
 
     def __init__(self, backend: Backend, best_of: BestOf | None = None, name: str | None = None):
         """``best_of``: the reward that picks the best of several samples (default: none);
@@ -165,7 +220,7 @@ class Engine:
         self.backend = backend
         self.name = name or backend.name
         self.best_of = best_of or BestOf()
-        self._lock: Any = nullcontext() if backend.thread_safe else threading.Lock()
+        self._turns: Turns | None = None if backend.thread_safe else Turns()
 
     @property
     def continuous_batching(self) -> bool:
@@ -187,7 +242,7 @@ class Engine:
 
     def run(self, requests: list[GenerationRequest], callback: CompletionCallback | None = None) -> list[Outcome]:
         """The engine's outcome of each request (one batch; ``callback`` as each one finishes)."""
-        with self._lock:
+        with self._turns or nullcontext():
             return self.backend.generate(requests, on_completion=callback)
 
     def answers(
@@ -252,24 +307,28 @@ class Engine:
         )
 
     def chunks(self, request: GenerationRequest, end: StreamEnd | None = None) -> Generator[str, None, None]:
-        """The engine's stream, produced by a worker thread that holds the engine lock while the
+        """The engine's stream, produced by a worker thread that has the engine's turn while the
         engine generates, never while the caller holds a chunk: a caller that stops reading does not
-        keep other requests waiting, and one that closes the stream stops the generation. ``end``
-        is filled in by the engine as the stream ends. (An engine that batches continuously is
-        thread-safe: it has no lock, and its streams run side by side.)"""
+        keep other requests waiting, and one that closes the stream stops the generation. Between two
+        chunks, the requests waiting for the engine go first (:meth:`Turns.pass_turn`; the engine's
+        stream makes no text while it waits), so a long answer shares the engine with the others.
+        ``end`` is filled in by the engine as the stream ends. (An engine that batches continuously
+        is thread-safe: it takes no turns, and its streams run side by side.)"""
         chunks: queue.Queue[Any] = queue.Queue()
         stop = threading.Event()
         done = object()
 
         def produce() -> None:
             try:
-                with self._lock:
+                with self._turns or nullcontext():
                     engine = self.backend.stream(request, end)
                     try:
                         for chunk in engine:
                             chunks.put(chunk)
                             if stop.is_set():
                                 break
+                            if self._turns is not None:
+                                self._turns.pass_turn()
                     finally:
                         close = getattr(engine, "close", None)
                         if callable(close):
@@ -345,6 +404,7 @@ def clean_outcome(outcome: Outcome, cut_loops: bool) -> Outcome:
 __all__ = [
     "BackendChoice",
     "Engine",
+    "Turns",
     "answer_chunks",
     "base_urls",
     "choose_backend",

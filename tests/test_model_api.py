@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -71,8 +72,11 @@ def test_closing_a_stream_stops_the_generation(smol, monkeypatch):
     first = [next(chunks), next(chunks)]
     assert all(first)
     chunks.close()
-    smol.generate("Hi", temperature=0, max_new_tokens=1)  # queued behind whatever the stream still runs
-    assert len(made) == 2 and made[0] < 100, made
+    smol.generate("Hi", temperature=0, max_new_tokens=1)  # before or after the stream's next token
+    deadline = time.monotonic() + 30
+    while len(made) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(made)[0] == 1 and sorted(made)[1] < 100, made  # "Hi", and the stream stopped early
 
 
 def test_a_stream_left_unread_does_not_hold_the_engine(smol):
@@ -86,6 +90,52 @@ def test_a_stream_left_unread_does_not_hold_the_engine(smol):
     other.join(timeout=120)
     assert not other.is_alive() and answers and answers[0]
     assert "".join(chunks)  # the rest of the stream is still there to read
+
+
+LONG = {"temperature": 0, "max_new_tokens": 60, "min_new_tokens": 60, "check_answers": False, "cut_loops": False}
+
+
+def test_a_long_stream_shares_the_engine_with_the_requests_that_come_meanwhile(smol):
+    import threading
+
+    story = "Tell me a long story about a dragon."
+    alone, quick_alone = "".join(smol.stream(story, **LONG)), smol.generate("Name a fruit.", **GREEDY)
+    chunks = smol.stream(story, **LONG)
+    read = [next(chunks)]
+    answered: list[tuple[str, int]] = []  # the quick answer, and how many chunks the stream had given then
+    other = threading.Thread(target=lambda: answered.append((smol.generate("Name a fruit.", **GREEDY), len(read))))
+    other.start()
+    read.extend(chunks)  # read as fast as it comes
+    other.join()
+    assert len(read) > 20 and answered[0][0] == quick_alone
+    # Answered between two chunks, not after the stream's 60 tokens (it had given a handful then).
+    assert answered[0][1] < len(read) // 2, (answered[0][1], len(read))
+    assert "".join(read) == alone  # paused and resumed, the stream gives the answer it gives alone
+
+
+def test_two_streams_take_turns_and_each_gives_its_own_answer(smol):
+    import threading
+
+    queries = ["Tell me a long story about a dragon.", "Describe the sea in many words."]
+    alone = ["".join(smol.stream(q, **LONG)) for q in queries]
+    order: list[int] = []
+    texts: list[list[str]] = [[], []]
+
+    def read(i: int) -> None:
+        for chunk in smol.stream(queries[i], **LONG):
+            texts[i].append(chunk)
+            order.append(i)
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in (0, 1)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert ["".join(t) for t in texts] == alone
+    # Interleaved: neither stream gave all its chunks before the other's first one.
+    first = {i: order.index(i) for i in (0, 1)}
+    last = {i: len(order) - 1 - order[::-1].index(i) for i in (0, 1)}
+    assert first[1] < last[0] and first[0] < last[1], order
 
 
 def test_chat_injects_prompt_and_examples_once_before_the_turns(smol):

@@ -292,6 +292,42 @@ def test_a_client_that_leaves_a_stream_frees_the_engine(served, smol):
     assert time.perf_counter() - started < 10
 
 
+def test_a_long_stream_shares_the_in_process_engine(smol, running):
+    """A short request sent while a long answer streams is answered between two of its chunks (a
+    stream held the transformers engine for its whole answer)."""
+    import threading
+
+    app = create_app(smol, served_name="smol", api_keys=[KEY], unchecked_keys=[KEY], allow_alignment_override=True)
+    asked = [{"role": "user", "content": "Write a very long essay about the history of the sea."}]
+    essay = {"model": "smol", "messages": asked,
+             "max_tokens": 200, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+             "auto_model": {"cut_loops": False, "check_answers": False}}  # fmt: skip
+    events: list[dict] = []
+    writing = threading.Event()
+
+    def read(url: str) -> None:
+        headers = {"authorization": f"Bearer {KEY}"}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers=headers, json=essay, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[len("data: ") :]))
+                    if any(c["delta"].get("content") for c in events[-1]["choices"]):
+                        writing.set()
+
+    with running(app) as url:
+        reader = threading.Thread(target=read, args=(url,))
+        reader.start()
+        assert writing.wait(60)  # the engine is writing the essay
+        quick = client(url).chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=2
+        )
+        seen_then = len(events)
+        reader.join(120)
+    assert quick.choices[0].message.content
+    assert events[-1]["usage"]["completion_tokens"] == 200  # the essay ran to its end
+    assert seen_then < len(events) // 2, (seen_then, len(events))
+
+
 def test_serve_refuses_an_open_public_address_before_loading_anything(capsys, monkeypatch):
     monkeypatch.delenv("AUTO_MODEL_API_KEYS", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 2

@@ -301,3 +301,49 @@ def test_a_long_stop_string_costs_no_more_than_a_short_one(smol):
     assert answers[0].text == answers[1].text == free.text  # stops that never occur change nothing
     if "3" in free.text:
         assert "3" not in answers[2].text and answers[2].finish_reason == "stop"
+
+
+def test_turns_are_taken_in_the_order_asked_and_passed_to_those_waiting():
+    import threading
+    import time
+
+    from auto_model.engine import Turns
+
+    turns, order = Turns(), []
+
+    def take(name: str) -> None:
+        with turns:
+            order.append(name)
+
+    with turns:
+        turns.pass_turn()  # no one waits: the turn stays
+        workers = []
+        for name in ("a", "b", "c"):
+            workers.append(threading.Thread(target=take, args=(name,)))
+            workers[-1].start()
+            while turns.waiting < len(workers):  # each asks in turn
+                time.sleep(0.01)
+        order.append("holder")
+        turns.pass_turn()  # those waiting go first, in the order they asked
+        order.append("holder again")
+    for worker in workers:
+        worker.join(10)
+    assert order == ["holder", "a", "b", "c", "holder again"] and turns.waiting == 0
+
+
+def test_a_seeded_stream_keeps_its_draws_while_other_requests_sample(smol):
+    """A stream on transformers' own sampler (``top_k``) draws from torch's generator; while it waits
+    for its turn, another request's draws must not move it."""
+    import threading
+
+    prompt = _chat(smol, "Invent a story about a cat.")
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=30, seed=11, extra={"top_k": 40, "min_new_tokens": 30})
+    alone = "".join(smol.engine.chunks(GenerationRequest(prompt, sampling)))
+    others = SamplingParams(temperature=1.0, max_new_tokens=8, extra={"top_k": 40})  # unseeded: draws from torch's
+    chunks = smol.engine.chunks(GenerationRequest(prompt, sampling))
+    read = [next(chunks)]
+    other = threading.Thread(target=lambda: smol.engine.run([GenerationRequest(_chat(smol, "Hi"), others)] * 2))
+    other.start()
+    read.extend(chunks)
+    other.join()
+    assert "".join(read) == alone

@@ -39,9 +39,11 @@ from auto_model.backends.transformers_sampling import (
     AnswerStop,
     OutputPenalty,
     RowSeededSampler,
+    global_seed,
     sample_seed,
     samples_per_row,
     sampling_key,
+    turn_taking_streamer,
 )
 from auto_model.errors import (
     GenerationError,
@@ -291,14 +293,13 @@ class TransformersBackend(Backend):
             return exc
 
     def stream(self, request: GenerationRequest, end: StreamEnd | None = None) -> Iterator[str]:
-        """Yield text as tokens are generated (a background thread runs ``model.generate``)."""
-        from transformers import TextIteratorStreamer
-
+        """Yield text as tokens are generated (a background thread runs ``model.generate``, a token
+        at a time while this generator is read: between two chunks it stands still)."""
         ids = self._checked_encode(0, request)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+        streamer = turn_taking_streamer(self.tokenizer, cancelled, keep_rng=global_seed(request.sampling) is not None)
         failure: list[BaseException] = []
         finished: list[Completion] = []
-        cancelled = threading.Event()
 
         def run() -> None:
             try:
@@ -320,6 +321,7 @@ class TransformersBackend(Backend):
                 yield tail
         finally:
             cancelled.set()  # a caller that stops reading stops the generation at the next token
+            streamer.stop()
             worker.join()
         if failure:
             raise failure[0]
@@ -413,12 +415,12 @@ class TransformersBackend(Backend):
             criteria.append(AnswerStop(self.tokenizer, width, len(rows), sampling.stop, sampling.cut_loops))
         if criteria:
             kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList(criteria)
-        global_seed = None if own_sampler or sampling.temperature == 0 else sampling.seed
-        rng = torch.random.fork_rng(devices=[]) if global_seed is not None else nullcontext()
+        seed = global_seed(sampling)
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
         try:
             with rng, torch.inference_mode():
-                if global_seed is not None:
-                    torch.manual_seed(global_seed)  # inside fork_rng: the caller's RNG state is restored
+                if seed is not None:
+                    torch.manual_seed(seed)  # inside fork_rng: the caller's RNG state is restored
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GenerationError(f"transformers generation failed: {exc}") from exc

@@ -7,8 +7,10 @@ into one call (:func:`sampling_key`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,12 @@ _SAMPLER_ARGUMENTS = frozenset(
 def samples_per_row(sampling: SamplingParams) -> bool:
     """Whether a sampled request goes through :class:`RowSeededSampler` (batched whatever its seed)."""
     return sampling.temperature > 0 and not _SAMPLER_ARGUMENTS & set(sampling.extra)
+
+
+def global_seed(sampling: SamplingParams) -> int | None:
+    """The seed torch's own generator is set to for a request's ``generate`` call: its seed where it
+    samples with transformers' sampler (see :func:`samples_per_row`), else None."""
+    return None if sampling.temperature == 0 or samples_per_row(sampling) else sampling.seed
 
 
 class RowSeededSampler:
@@ -107,6 +115,54 @@ class AnswerStop:
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
+def turn_taking_streamer(tokenizer: Any, cancelled: threading.Event, keep_rng: bool = False) -> Any:
+    """A ``TextIteratorStreamer`` (the answer only, special tokens skipped) for a ``generate`` call
+    that makes each token only while the streamer's reader waits for one: once a token's text is
+    out, generation stands still until the reader asks for the next. So an engine that lets other
+    requests go first between two chunks of a stream (:class:`auto_model.engine.Turns`) runs them
+    while the stream waits, never beside it. A wait ends early once ``cancelled`` is set, or at
+    :meth:`stop` (the reader has left). ``keep_rng``: the call draws from torch's own generator
+    (:func:`global_seed`); it gets its generator's state back after each wait, whatever the
+    requests that ran meanwhile drew."""
+    return _turn_taking_class()(tokenizer, cancelled, keep_rng)
+
+
+@functools.cache
+def _turn_taking_class() -> type:
+    import torch
+    from transformers import TextIteratorStreamer
+
+    class TurnTakingStreamer(TextIteratorStreamer):
+        def __init__(self, tokenizer: Any, cancelled: threading.Event, keep_rng: bool):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.cancelled, self.keep_rng = cancelled, keep_rng
+            self.asked = threading.Semaphore(0)
+            self.read = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:  # the generating thread
+            super().on_finalized_text(text, stream_end)
+            if stream_end:
+                return
+            state = torch.get_rng_state() if self.keep_rng else None
+            while not self.asked.acquire(timeout=0.5) and not self.cancelled.is_set():
+                pass
+            if state is not None:
+                torch.set_rng_state(state)
+
+        def __next__(self) -> str:  # the reader's thread
+            if self.read:
+                self.asked.release()  # the reader asks for the next token
+            text: str = super().__next__()
+            self.read = True
+            return text
+
+        def stop(self) -> None:
+            """The reader has left: generation no longer waits for it."""
+            self.asked.release()
+
+    return TurnTakingStreamer
+
+
 def sample_seed(seed: int, j: int) -> int:
     """The seed of a request's ``j``-th sample: its own seed for the first, then derived from it."""
     if j == 0:
@@ -136,7 +192,9 @@ __all__ = [
     "AnswerStop",
     "OutputPenalty",
     "RowSeededSampler",
+    "global_seed",
     "sample_seed",
     "samples_per_row",
     "sampling_key",
+    "turn_taking_streamer",
 ]
