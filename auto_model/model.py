@@ -127,7 +127,8 @@ class AutoModel:
         self.backend_name = choice.name
         #: everything a request gets before the engine: the artifact, the pool, the router
         self.aligner = Aligner.for_model(self.model_name, prompt_path, icl_path, embedding_model)
-        #: the engine: local ones run one batch at a time (threads and coroutines queue on its lock)
+        #: the engine: local ones run one batch at a time (threads and coroutines take turns on it, and a
+        #: stream lets those waiting go first between two chunks)
         self.engine = Engine(name=choice.name, best_of=self.best_of, backend=start_backend(
             choice, self.model_name, num_gpus=num_gpus, cuda_visible_devices=cuda_visible_devices, dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, timeout=timeout,
