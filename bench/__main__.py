@@ -5,7 +5,7 @@ JSON record to ``bench/results.jsonl``. When every benchmark of a full run has f
 ``BENCHMARKS.md`` and ``bench/throughput.png`` are rewritten from this run's records. A benchmark
 that fails is reported and the others still run (exit status 1).
 
-    python -m bench                      # all twelve
+    python -m bench                      # all of them
     python -m bench --only overhead      # one (comma-separated for several); BENCHMARKS.md is kept
     python -m bench --only cold_start --update   # one, then BENCHMARKS.md from each benchmark's newest record
     python -m bench --smoke              # check that each one starts (seconds; used by the tests)
@@ -26,7 +26,7 @@ from auto_model.flags import ArgumentParser
 
 BENCHMARKS = ("batch_engine", "batch_loop", "overhead", "openai_concurrency", "trainer", "cold_start", "default_path",
               "server_proxy", "server_batching", "server_streaming", "best_of", "replicas",
-              "alignment_tax")  # fmt: skip
+              "alignment_tax", "stream_sharing")  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.jsonl"
 

@@ -16,7 +16,7 @@ def test_every_benchmark_starts():
         [sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "smoke: 13 of 13 benchmarks start" in out.stdout
+    assert "smoke: 14 of 14 benchmarks start" in out.stdout
     for name in (
         "batch_engine",
         "batch_loop",
@@ -29,6 +29,7 @@ def test_every_benchmark_starts():
         "best_of",
         "replicas",
         "alignment_tax",
+        "stream_sharing",
     ):
         assert f"=== {name}: exit 0" in out.stdout
     # The one benchmark that needs no model runs in miniature against its 50 ms server.
