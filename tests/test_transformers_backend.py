@@ -342,8 +342,15 @@ def test_a_seeded_stream_keeps_its_draws_while_other_requests_sample(smol):
     others = SamplingParams(temperature=1.0, max_new_tokens=8, extra={"top_k": 40})  # unseeded: draws from torch's
     chunks = smol.engine.chunks(GenerationRequest(prompt, sampling))
     read = [next(chunks)]
-    other = threading.Thread(target=lambda: smol.engine.run([GenerationRequest(_chat(smol, "Hi"), others)] * 2))
+    ran_at: list[int] = []  # how many chunks the stream had given when the other request was done
+
+    def other_request() -> None:
+        smol.engine.run([GenerationRequest(_chat(smol, "Hi"), others)] * 2)
+        ran_at.append(len(read))
+
+    other = threading.Thread(target=other_request)
     other.start()
     read.extend(chunks)
     other.join()
+    assert ran_at[0] < len(read) - 5, (ran_at, len(read))  # it ran between the stream's chunks
     assert "".join(read) == alone
