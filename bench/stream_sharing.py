@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from bench._common import Ratio, Record, finish, log, median, parser, smoke_done
+from bench._common import Ratio, Record, finish, log, median, parser, smoke_done, timed
 
 SHORT_TARGET = 2.0
 STREAM_TARGET = 1.25
@@ -47,28 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     short = {**plain, "max_new_tokens": args.short_tokens}
     long = {**plain, "max_new_tokens": args.long_tokens, "min_new_tokens": args.long_tokens}
 
-    def short_alone() -> float:
-        t0 = time.perf_counter()
-        model.generate(SHORT, **short)
-        return time.perf_counter() - t0
-
-    def stream_alone() -> float:
-        t0 = time.perf_counter()
-        "".join(model.stream(LONG, **long))
-        return time.perf_counter() - t0
+    def ask() -> float:
+        return timed(lambda: model.generate(SHORT, **short))[1]
 
     def together() -> tuple[float, float]:
         took: list[float] = []
-
-        def ask() -> None:
-            t0 = time.perf_counter()
-            model.generate(SHORT, **short)
-            took.append(time.perf_counter() - t0)
-
         t0 = time.perf_counter()
         chunks = model.stream(LONG, **long)
         next(chunks)
-        other = threading.Thread(target=ask)
+        other = threading.Thread(target=lambda: took.append(ask()))
         other.start()
         "".join(chunks)
         streamed = time.perf_counter() - t0
@@ -79,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     model.generate(SHORT, **short)
     times: dict[str, list[float]] = {"short": [], "stream": [], "short beside": [], "stream beside": []}
     for rep in range(args.reps):
-        times["short"].append(short_alone())
-        times["stream"].append(stream_alone())
+        times["short"].append(ask())
+        times["stream"].append(timed(lambda: "".join(model.stream(LONG, **long)))[1])
         beside, streamed = together()
         times["short beside"].append(beside)
         times["stream beside"].append(streamed)
