@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,13 +46,55 @@ def fresh_env(isolated_env: Path) -> dict[str, str]:
     return {k: v for k, v in SESSION_ENV.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
+class Launched:
+    """A command started at once in a process of its own, its output gathered by a thread; :meth:`result`
+    waits for it. A module starts its fresh-process runs this way as it begins, so that they run beside
+    its in-process tests (each one mostly imports and loads on one core)."""
+
+    def __init__(self, argv: list[str], *, timeout: float = 400, **popen: Any):
+        import subprocess
+        import threading
+
+        self.argv = argv
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+        self._output = ("", "")
+        self._thread = threading.Thread(target=self._gather, args=(timeout,), daemon=True)
+        self._thread.start()
+
+    def _gather(self, timeout: float) -> None:
+        import subprocess
+
+        try:
+            self._output = self._proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._output = self._proc.communicate()
+
+    def result(self) -> Any:
+        """The finished run (``subprocess.CompletedProcess``; killed after ``timeout`` seconds)."""
+        import subprocess
+
+        self._thread.join()
+        return subprocess.CompletedProcess(self.argv, self._proc.returncode, *self._output)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._thread.join()
+
+
+def collected(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether a test of the requesting module that is part of this run uses ``fixture``."""
+    return any(item.module is request.module and fixture in item.fixturenames for item in request.session.items)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(isolated_env: Path) -> Path:
     return isolated_env
 
 
 @pytest.fixture(scope="session")
-def smol():
+def smol(smol_folder: Path):
     """The embedded default model (SmolLM2-135M-Instruct) on the real transformers engine.
 
     (``backend="auto"`` would pick vLLM, which the test environment also has.)"""
@@ -62,9 +105,64 @@ def smol():
     model.close()
 
 
+class EarlyStarts:
+    """The session's slowest set-up, started in the background as the session begins, so that it
+    overlaps the tests that run meanwhile: the embedded GGUF materialised into a folder (in a process of
+    its own, off this one's interpreter lock), then the real vLLM OpenAI server on that folder (about
+    40 s on 2 cores) when a collected test uses ``vllm_server``. The fixtures below wait for it."""
+
+    MATERIALIZE = (
+        "from auto_model.constants import DEFAULT_MODEL\n"
+        "from auto_model.resolve import materialize_gguf, resolve_model\n"
+        "print(materialize_gguf(resolve_model(DEFAULT_MODEL).path))\n"
+    )
+
+    def __init__(self, log_path: Path, needed: set[str]):
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.log_path = log_path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-starts")
+        self.folder: Future[Path] | None = (
+            self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server"} else None
+        )
+        self.server: Future[Any] | None = self._pool.submit(self._serve) if "vllm_server" in needed else None
+
+    def _materialize(self) -> Path:
+        import subprocess
+        import sys
+
+        run = subprocess.run([sys.executable, "-c", self.MATERIALIZE], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return Path(run.stdout.strip().splitlines()[-1])
+
+    def _serve(self):
+        from auto_model.constants import DEFAULT_MODEL
+        from bench.vllm_server import VLLMServer
+
+        assert self.folder is not None
+        server = VLLMServer(self.folder.result(), DEFAULT_MODEL, self.log_path, dtype="float32", env=dict(os.environ))
+        server.start(timeout=240)
+        return server
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.server is not None and self.server.exception() is None:
+            self.server.result().stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_starts(request: pytest.FixtureRequest, isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
+    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    early = EarlyStarts(tmp_path_factory.mktemp("vllm_server") / "server.log", needed)
+    yield early
+    early.close()
+
+
 @pytest.fixture(scope="session")
-def smol_folder(isolated_env: Path) -> Path:
+def smol_folder(early_starts: EarlyStarts) -> Path:
     """The embedded SmolLM2 GGUF, materialised once into a plain HF folder (what vLLM loads)."""
+    if early_starts.folder is not None:
+        return early_starts.folder.result()
     from auto_model.constants import DEFAULT_MODEL
     from auto_model.resolve import materialize_gguf, resolve_model
 
@@ -82,21 +180,15 @@ def smol_vllm(smol_folder: Path):
 
 
 @pytest.fixture(scope="session")
-def vllm_server(smol_folder: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A real vLLM OpenAI-compatible server for SmolLM2 on 127.0.0.1; yields its base URL."""
-    from auto_model.constants import DEFAULT_MODEL
-    from bench.vllm_server import VLLMServer
-
-    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    server = VLLMServer(smol_folder, DEFAULT_MODEL, log_path, dtype="float32", env=dict(os.environ))
+def vllm_server(early_starts: EarlyStarts) -> str:
+    """A real vLLM OpenAI-compatible server for SmolLM2 on 127.0.0.1 (started early, stopped at the
+    session's end); its base URL."""
+    if early_starts.server is None:  # asked for by name only (``request.getfixturevalue``)
+        pytest.fail("vllm_server is started only for tests that name it as a fixture")
     try:
-        server.start(timeout=240)
+        return early_starts.server.result().url
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Launched, collected
 
 from auto_model import GenerationOptions, InvalidRequestError, ModelNotFoundError
 from auto_model.backends import CLI_TRANSFORMERS_MAX_TOKENS, choose_cli_backend
@@ -35,27 +36,75 @@ sys.exit(code)
 """
 
 
-def run_cli(
-    *argv: str, env: dict[str, str] | None = None, timeout: float = 400
-) -> tuple[subprocess.CompletedProcess[str], float, list[str]]:
+def start_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 400) -> Launched:
     from conftest import (
         SESSION_ENV,  # a user's fresh process: none of what in-process engines wrote into os.environ
     )
 
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _CLI, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**SESSION_ENV, **(env or {})},
-    )
-    elapsed = time.perf_counter() - t0
+    return Launched([sys.executable, "-c", _CLI, *argv], cwd=ROOT, env={**SESSION_ENV, **(env or {})}, timeout=timeout)
+
+
+def cli_result(launched: Launched) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """The finished run (its stderr without the modules line) and the heavy modules it imported."""
+    proc = launched.result()
     modules_line = [line for line in proc.stderr.splitlines() if line.startswith("MODULES ")]
     modules = json.loads(modules_line[-1][len("MODULES ") :]) if modules_line else []
     proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("MODULES "))
-    return proc, elapsed, modules
+    return proc, modules
+
+
+def run_cli(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 400
+) -> tuple[subprocess.CompletedProcess[str], float, list[str]]:
+    t0 = time.perf_counter()
+    proc, modules = cli_result(start_cli(*argv, env=env, timeout=timeout))
+    return proc, time.perf_counter() - t0, modules
+
+
+QUIET_QUERIES = ["How do I keep cut flowers fresh for longer?", "Name a fruit."]
+#: A fresh process with deprecation warnings as errors.
+STRICT_WARNINGS = (
+    "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+    "warnings.simplefilter('error', FutureWarning)\n"
+    "from auto_model import AutoModel\n"
+    "m = AutoModel(backend='transformers')\n"
+    "print(m.generate('Name a fruit.', temperature=0, max_new_tokens=4) != '')\n"
+    "print(len(m.generate(['Name a fruit.', 'Name a tree.'], temperature=0, max_new_tokens=4)))\n"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_processes(request, smol_folder):
+    """The module's engine runs in fresh processes, started as the module begins so that they run
+    beside its in-process tests; each test waits for its own (a run no collected test uses is not started)."""
+    wanted = {
+        "quiet_run": lambda: start_cli("generate", *QUIET_QUERIES, "--temperature", "0", "--max-new-tokens", "150"),
+        "verbose_run": lambda: start_cli(
+            "-v", "generate", "Name a fruit.", "--temperature", "0", "--max-new-tokens", "8"
+        ),  # fmt: skip
+        "strict_warnings_run": lambda: Launched(
+            [sys.executable, "-c", STRICT_WARNINGS], cwd=ROOT, env=dict(os.environ), timeout=300
+        ),  # fmt: skip
+    }
+    started = {name: start() for name, start in wanted.items() if collected(request, name)}
+    yield started
+    for launched in started.values():
+        launched.stop()
+
+
+@pytest.fixture(scope="module")
+def quiet_run(fresh_processes):
+    return cli_result(fresh_processes["quiet_run"])
+
+
+@pytest.fixture(scope="module")
+def verbose_run(fresh_processes):
+    return cli_result(fresh_processes["verbose_run"])
+
+
+@pytest.fixture(scope="module")
+def strict_warnings_run(fresh_processes):
+    return fresh_processes["strict_warnings_run"].result()
 
 
 @pytest.mark.parametrize(
@@ -123,22 +172,21 @@ def test_offline_a_hub_id_loads_from_the_hub_cache(smol_folder, tmp_path, monkey
 
 
 @pytest.mark.vllm
-def test_stdout_holds_the_answers_alone_and_stderr_stays_quiet():
+def test_stdout_holds_the_answers_alone_and_stderr_stays_quiet(quiet_run):
     # Two queries of 150 tokens: over the transformers budget, so the command line starts vLLM.
-    queries = ["How do I keep cut flowers fresh for longer?", "Name a fruit."]
-    proc, _, modules = run_cli("generate", *queries, "--temperature", "0", "--max-new-tokens", "150")
+    proc, modules = quiet_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vllm" in modules
     lines = proc.stdout.splitlines()
-    assert [line[4:] for line in lines if line.startswith(">>> ")] == queries
+    assert [line[4:] for line in lines if line.startswith(">>> ")] == QUIET_QUERIES
     assert not [line for line in lines if _LOG_LINE.search(line)]
     # stderr: no info lines, no progress bars, no deprecation notes; vLLM's C++ NUMA note is all that may remain.
     noise = [line for line in proc.stderr.splitlines() if line.strip() and "NUMA binding" not in line]
     assert noise == []
 
 
-def test_verbose_brings_the_engine_logs_back_on_stderr_only():
-    proc, _, modules = run_cli("-v", "generate", "Name a fruit.", "--temperature", "0", "--max-new-tokens", "8")
+def test_verbose_brings_the_engine_logs_back_on_stderr_only(verbose_run):
+    proc, modules = verbose_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "transformers" in modules and "vllm" not in modules  # 8 tokens: the small-job engine
     assert [line for line in proc.stdout.splitlines() if line.startswith(">>> ")] == [">>> Name a fruit."]
@@ -289,18 +337,10 @@ def test_engine_progress_bars_are_restored():
     assert hf_logging.is_progress_bar_enabled() and gguf_reader.tqdm is bar
 
 
-def test_no_deprecation_warnings_from_the_sdks_own_calls(smol_folder):
+def test_no_deprecation_warnings_from_the_sdks_own_calls(strict_warnings_run):
     # A fresh process with deprecation warnings as errors: the SDK's calls into sentence-transformers,
     # transformers and torch (embedding, tracing, loading) raise none.
-    code = (
-        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-        "warnings.simplefilter('error', FutureWarning)\n"
-        "from auto_model import AutoModel\n"
-        "m = AutoModel(backend='transformers')\n"
-        "print(m.generate('Name a fruit.', temperature=0, max_new_tokens=4) != '')\n"
-        "print(len(m.generate(['Name a fruit.', 'Name a tree.'], temperature=0, max_new_tokens=4)))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = strict_warnings_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "2"]
     assert "deprecated" not in proc.stderr.lower()

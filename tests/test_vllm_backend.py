@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
+from conftest import Launched, collected
 
 from auto_model import AutoModel
 from auto_model.backends import Completion, GenerationRequest, SamplingParams
@@ -100,10 +100,15 @@ def test_num_gpus_is_tensor_parallel_size_checked_by_vllm(smol_folder):
         AutoModel(backend="vllm", num_gpus=2, dtype="float32", max_model_len=512, enforce_eager=True)
 
 
-def run_script(source: str, path, env: dict[str, str], *args: str):
-    """Runs a script in a process of its own; returns the JSON it printed after "RESULT ", and its stderr."""
+def start_script(source: str, path, env: dict[str, str], *args: str) -> Launched:
+    """Starts a script in a process of its own (see :func:`script_result`)."""
     path.write_text(source)
-    proc = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=400)
+    return Launched([sys.executable, str(path), *args], env=env, timeout=400)
+
+
+def script_result(launched: Launched):
+    """The JSON a script printed after "RESULT ", and its stderr."""
+    proc = launched.result()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :]), proc.stderr
@@ -117,21 +122,40 @@ if __name__ == "__main__":
     model = AutoModel(backend="vllm", num_gpus=3, distributed_executor_backend="mp", dtype="float32",
                       max_model_len=1024, enforce_eager=True)
     parallel = model.backend.config.parallel_config
-    answers = model.generate(json.loads(sys.argv[1]), temperature=0, max_new_tokens=12, num_optimized_icl=1)
+    answers = model.generate(json.loads(sys.argv[1]), temperature=0, max_new_tokens=6, num_optimized_icl=1)
     print("RESULT " + json.dumps([parallel.tensor_parallel_size, parallel.distributed_executor_backend, answers]))
     model.close()
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_processes(request, smol_folder, tmp_path_factory, fresh_env):
+    """The module's engines in fresh processes (vLLM reads its environment once per process), started
+    as the module begins so that they run beside its in-process tests; each test waits for its own:
+    the seed's snippet (``seed_run``) and three-way tensor parallelism (``tp_run``). Three CPU workers
+    on a two-core machine run unbound, one thread each (bound to cores, two workers shared one core
+    and started and ran at half speed: 60-80 s here against about 45)."""
+    folder, started = tmp_path_factory.mktemp("scripts"), {}
+    if collected(request, "seed_run"):
+        started["seed"] = start_script(SEED_SCRIPT, folder / "seed.py", fresh_env)
+    if collected(request, "tp_run"):
+        env = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+        started["tp"] = start_script(TP_SCRIPT, folder / "tp3.py", env, json.dumps(QUERIES[:3]))
+    yield started
+    for launched in started.values():
+        launched.stop()
+
+
+@pytest.fixture(scope="module")
+def tp_run(fresh_processes):
+    return script_result(fresh_processes["tp"])
+
+
 @pytest.mark.slow
-def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tmp_path, fresh_env):
-    # vLLM reads its environment once per process, so the multi-worker engine gets a process of its
-    # own; three CPU workers on a two-core machine are each bound to a core explicitly.
-    env = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
-    queries = QUERIES[:3]
-    (tp, executor, answers), _ = run_script(TP_SCRIPT, tmp_path / "tp3.py", env, json.dumps(queries))
+def test_three_way_tensor_parallel_with_mp_executor_matches_one(smol_vllm, tp_run):
+    (tp, executor, answers), _ = tp_run
     assert (tp, executor) == (3, "mp")
-    assert answers == smol_vllm.generate(queries, temperature=0, max_new_tokens=12, num_optimized_icl=1)
+    assert answers == smol_vllm.generate(QUERIES[:3], temperature=0, max_new_tokens=6, num_optimized_icl=1)
 
 
 def test_engine_arguments_mapping():
@@ -335,11 +359,11 @@ print("RESULT " + json.dumps(result))
 
 
 @pytest.fixture(scope="module")
-def seed_run(smol_folder, tmp_path_factory, fresh_env):
+def seed_run(fresh_processes):
     """The seed's snippet in a user's fresh process (one engine start serves three tests): what it
     reports, its stderr; then the engine is shut down under the model and one more batch is asked.
     A process of its own: a second vLLM engine in the test process would tear down the shared one's state."""
-    return run_script(SEED_SCRIPT, tmp_path_factory.mktemp("seed") / "seed.py", fresh_env)
+    return script_result(fresh_processes["seed"])
 
 
 def test_the_seed_snippet_runs_on_cpu_sized_to_the_model(seed_run):
