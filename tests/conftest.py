@@ -107,9 +107,10 @@ def smol(smol_folder: Path):
 
 class EarlyStarts:
     """The session's slowest set-up, started in the background as the session begins, so that it
-    overlaps the tests that run meanwhile: the embedded GGUF materialised into a folder (in a process of
-    its own, off this one's interpreter lock), then the real vLLM OpenAI server on that folder (about
-    40 s on 2 cores) when a collected test uses ``vllm_server``. The fixtures below wait for it."""
+    overlaps the tests that run meanwhile (each part only where a collected test uses it): the embedded
+    GGUF materialised into a folder (in a process of its own, off this one's interpreter lock); then the
+    real vLLM OpenAI server on that folder (``vllm_server``, about 40 s on 2 cores) and the first, killed
+    run of the reward model's training (``small_rm``). The fixtures below wait for their part."""
 
     MATERIALIZE = (
         "from auto_model.constants import DEFAULT_MODEL\n"
@@ -117,15 +118,19 @@ class EarlyStarts:
         "print(materialize_gguf(resolve_model(DEFAULT_MODEL).path))\n"
     )
 
-    def __init__(self, log_path: Path, needed: set[str]):
+    def __init__(self, log_path: Path, rm_root: Path, needed: set[str]):
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.log_path = log_path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-starts")
+        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early-starts")
         self.folder: Future[Path] | None = (
-            self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server"} else None
+            self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server", "small_rm"} else None
         )
         self.server: Future[Any] | None = self._pool.submit(self._serve) if "vllm_server" in needed else None
+        self.rm_root = rm_root
+        self.rm_killed: Future[bool] | None = (
+            self._pool.submit(self._train_rm_until_killed) if "small_rm" in needed else None
+        )
 
     def _materialize(self) -> Path:
         import subprocess
@@ -144,6 +149,32 @@ class EarlyStarts:
         server.start(timeout=240)
         return server
 
+    def _train_rm_until_killed(self) -> bool:
+        """The first part of ``small_rm``: ``auto-model-rm train`` killed (SIGKILL) after its first
+        checkpoint; whether the killed run left a finished model behind."""
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        from rm_data import TRAIN_ARGS, comparisons
+
+        assert self.folder is not None
+        self.folder.result()  # the run loads the embedded model: materialised once, not twice at the same time
+        data, output = comparisons(self.rm_root / "comparison.json"), self.rm_root / "rm"
+        cli = Path(sys.executable).with_name("auto-model-rm")
+        args = ["train", "--data", str(data), "--output", str(output), *TRAIN_ARGS]
+        run = subprocess.Popen([str(cli), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "AUTO_MODEL_DEBUG": "1"})  # fmt: skip
+        deadline = time.monotonic() + 180
+        while not (output / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists():
+            assert run.poll() is None, run.stderr.read().decode() if run.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint in 180 s"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
+        run.wait()
+        return (output / "reward_model.json").exists()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self.server is not None and self.server.exception() is None:
@@ -153,7 +184,8 @@ class EarlyStarts:
 @pytest.fixture(scope="session", autouse=True)
 def early_starts(request: pytest.FixtureRequest, isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
-    early = EarlyStarts(tmp_path_factory.mktemp("vllm_server") / "server.log", needed)
+    log_path, rm_root = tmp_path_factory.mktemp("vllm_server") / "server.log", tmp_path_factory.mktemp("small_rm")
+    early = EarlyStarts(log_path, rm_root, needed)
     yield early
     early.close()
 
@@ -239,38 +271,26 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_rm(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
+def small_rm(early_starts: EarlyStarts):
     """A reward model trained on the embedded model (``auto-model-rm train``, 2 steps, 1 layer): the run
-    is killed (SIGKILL) after its first checkpoint and resumed with ``--resume``. Returns what that
-    went through (for ``tests/test_reward_model.py``) and the finished folder (``.output``), which the
-    tests of rewards and best-of-n score with."""
+    is killed (SIGKILL) after its first checkpoint (started as the session begins: ``EarlyStarts``) and
+    resumed here with ``--resume``. Returns what that went through (for ``tests/test_reward_model.py``)
+    and the finished folder (``.output``), which the tests of rewards and best-of-n score with."""
     import contextlib
     import io
     import json
-    import signal
-    import subprocess
-    import sys
-    import time
     from types import SimpleNamespace
 
-    from rm_data import TRAIN_ARGS, comparisons
+    from rm_data import TRAIN_ARGS
 
     from auto_model.cli.rm import main
 
-    root = tmp_path_factory.mktemp("small_rm")
-    data, output = comparisons(root / "comparison.json"), root / "rm"
+    if early_starts.rm_killed is None:
+        pytest.fail("small_rm is started only for tests that name it as a fixture")
+    killed_left_a_model = early_starts.rm_killed.result()
+    root = early_starts.rm_root
+    data, output = root / "comparison.json", root / "rm"
     args = ["train", "--data", str(data), "--output", str(output), *TRAIN_ARGS]
-    cli = Path(sys.executable).with_name("auto-model-rm")
-    run = subprocess.Popen([str(cli), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           env={**os.environ, "AUTO_MODEL_DEBUG": "1"})  # fmt: skip
-    deadline = time.monotonic() + 180
-    while not (output / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists():
-        assert run.poll() is None, run.stderr.read().decode() if run.stderr else ""
-        assert time.monotonic() < deadline, "no checkpoint in 180 s"
-        time.sleep(0.2)
-    run.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
-    run.wait()
-    killed_left_a_model = (output / "reward_model.json").exists()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([*args, "--resume"])
