@@ -328,7 +328,7 @@ def materialize_gguf(gguf_path: str | os.PathLike[str]) -> Path:
                 )
             # save_pretrained refuses a model that still carries its GGUF quantizer; the tensors are
             # already de-quantised, so the quantizer is only bookkeeping at this point.
-            model.hf_quantizer = None  # type: ignore[assignment]
+            model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)

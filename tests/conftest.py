@@ -83,6 +83,16 @@ class Launched:
         self._thread.join()
 
 
+@pytest.fixture(scope="session")
+def finish_later():
+    """``finish_later(launched)``: a clean-up command that need not hold up the next test (stopping a
+    cluster); the session waits for each before it ends."""
+    pending: list[Launched] = []
+    yield pending.append
+    for launched in pending:
+        launched.result()
+
+
 def collected(request: pytest.FixtureRequest, fixture: str) -> bool:
     """Whether a test of the requesting module that is part of this run uses ``fixture``."""
     return any(item.module is request.module and fixture in item.fixturenames for item in request.session.items)

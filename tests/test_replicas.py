@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Launched
 
 from auto_model import AutoModel
 from auto_model.backends import has_gpu
@@ -44,7 +45,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(isolated_env, tmp_path_factory):
+def cluster(isolated_env, tmp_path_factory, finish_later):
     """The two commands of docs/backends.md, head then worker, one CPU each; yields the head's address.
 
     (``ray stop`` at the end stops every Ray process of this user on the machine, as it does for users.)"""
@@ -61,7 +62,7 @@ def cluster(isolated_env, tmp_path_factory):
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], **quiet)
+        finish_later(Launched([str(BIN / "ray"), "stop", "--force"], timeout=120))  # about 8 s: beside the next tests
 
 
 def test_the_batch_commands_pass_their_replica_flags_to_every_local_engine(capsys):
