@@ -104,11 +104,16 @@ def test_a_gguf_file_is_parsed_once_within_the_block():
 
     from auto_model.resolve import gguf_parsed_once, gguf_special_token_flags
 
-    original = gguf.GGUFReader
+    original, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
     path = resolve_model("smollm2").path
     with gguf_parsed_once():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(path) is first  # transformers reads the tokenizer, config and weights from it
         flags = gguf_special_token_flags(Path(path))
-    assert gguf.GGUFReader is original  # put back after the block
+        # The table of tensor names, which transformers asks for once per module of the model.
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is names
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not names
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (original, original_names)  # put back after the block
     assert flags == gguf_special_token_flags(Path(path))
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is not names
