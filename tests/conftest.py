@@ -95,7 +95,10 @@ def finish_later():
 
 def collected(request: pytest.FixtureRequest, fixture: str) -> bool:
     """Whether a test of the requesting module that is part of this run uses ``fixture``."""
-    return any(item.module is request.module and fixture in item.fixturenames for item in request.session.items)
+    return any(
+        getattr(item, "module", None) is request.module and fixture in getattr(item, "fixturenames", ())
+        for item in request.session.items
+    )
 
 
 @pytest.fixture(scope="session")
