@@ -73,10 +73,12 @@ STRICT_WARNINGS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def fresh_processes(request, smol_folder):
-    """The module's engine runs in fresh processes, started as the module begins so that they run
-    beside its in-process tests; each test waits for its own (a run no collected test uses is not started)."""
+    """The module's engine runs in fresh processes, all started when the first test that needs one
+    begins (after the tests that time a command line alone), so that they run beside each other and
+    the module's in-process tests; each test waits for its own (a run no collected test uses is not
+    started)."""
     wanted = {
         "quiet_run": lambda: start_cli("generate", *QUIET_QUERIES, "--temperature", "0", "--max-new-tokens", "150"),
         "verbose_run": lambda: start_cli(
