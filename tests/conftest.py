@@ -93,6 +93,14 @@ def finish_later():
         launched.result()
 
 
+def launch_collected(request: pytest.FixtureRequest, starts: dict[str, Any]) -> dict[str, Launched]:
+    """Starts each run of ``starts`` (fixture name -> a function that returns a :class:`Launched`) that a
+    collected test of the requesting module uses; those still running when the fixture ends are stopped."""
+    started = {name: start() for name, start in starts.items() if collected(request, name)}
+    request.addfinalizer(lambda: [launched.stop() for launched in started.values()])
+    return started
+
+
 def collected(request: pytest.FixtureRequest, fixture: str) -> bool:
     """Whether a test of the requesting module that is part of this run uses ``fixture``."""
     return any(

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Launched, collected
+from conftest import Launched, launch_collected
 
 from auto_model import GenerationOptions, InvalidRequestError, ModelNotFoundError
 from auto_model.backends import CLI_TRANSFORMERS_MAX_TOKENS, choose_cli_backend
@@ -79,19 +79,18 @@ def fresh_processes(request, smol_folder):
     begins (after the tests that time a command line alone), so that they run beside each other and
     the module's in-process tests; each test waits for its own (a run no collected test uses is not
     started)."""
-    wanted = {
-        "quiet_run": lambda: start_cli("generate", *QUIET_QUERIES, "--temperature", "0", "--max-new-tokens", "150"),
-        "verbose_run": lambda: start_cli(
-            "-v", "generate", "Name a fruit.", "--temperature", "0", "--max-new-tokens", "8"
-        ),  # fmt: skip
-        "strict_warnings_run": lambda: Launched(
-            [sys.executable, "-c", STRICT_WARNINGS], cwd=ROOT, env=dict(os.environ), timeout=300
-        ),  # fmt: skip
-    }
-    started = {name: start() for name, start in wanted.items() if collected(request, name)}
-    yield started
-    for launched in started.values():
-        launched.stop()
+    return launch_collected(
+        request,
+        {
+            "quiet_run": lambda: start_cli("generate", *QUIET_QUERIES, "--temperature", "0", "--max-new-tokens", "150"),
+            "verbose_run": lambda: start_cli(
+                "-v", "generate", "Name a fruit.", "--temperature", "0", "--max-new-tokens", "8"
+            ),
+            "strict_warnings_run": lambda: Launched(
+                [sys.executable, "-c", STRICT_WARNINGS], cwd=ROOT, env=dict(os.environ), timeout=300
+            ),
+        },
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from conftest import Launched, collected
+from conftest import Launched, launch_collected
 
 from auto_model import AutoModel
 from auto_model.backends import Completion, GenerationRequest, SamplingParams
@@ -135,20 +135,17 @@ def fresh_processes(request, smol_folder, tmp_path_factory, fresh_env):
     the seed's snippet (``seed_run``) and three-way tensor parallelism (``tp_run``). Three CPU workers
     on a two-core machine run unbound, one thread each (bound to cores, two workers shared one core
     and started and ran at half speed: 60-80 s here against about 45)."""
-    folder, started = tmp_path_factory.mktemp("scripts"), {}
-    if collected(request, "seed_run"):
-        started["seed"] = start_script(SEED_SCRIPT, folder / "seed.py", fresh_env)
-    if collected(request, "tp_run"):
-        env = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
-        started["tp"] = start_script(TP_SCRIPT, folder / "tp3.py", env, json.dumps(QUERIES[:3]))
-    yield started
-    for launched in started.values():
-        launched.stop()
+    folder = tmp_path_factory.mktemp("scripts")
+    unbound = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    return launch_collected(request, {
+        "seed_run": lambda: start_script(SEED_SCRIPT, folder / "seed.py", fresh_env),
+        "tp_run": lambda: start_script(TP_SCRIPT, folder / "tp3.py", unbound, json.dumps(QUERIES[:3])),
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def tp_run(fresh_processes):
-    return script_result(fresh_processes["tp"])
+    return script_result(fresh_processes["tp_run"])
 
 
 @pytest.mark.slow
@@ -363,7 +360,7 @@ def seed_run(fresh_processes):
     """The seed's snippet in a user's fresh process (one engine start serves three tests): what it
     reports, its stderr; then the engine is shut down under the model and one more batch is asked.
     A process of its own: a second vLLM engine in the test process would tear down the shared one's state."""
-    return script_result(fresh_processes["seed"])
+    return script_result(fresh_processes["seed_run"])
 
 
 def test_the_seed_snippet_runs_on_cpu_sized_to_the_model(seed_run):
