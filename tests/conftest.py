@@ -149,7 +149,7 @@ class EarlyStarts:
         )
         self.server: Future[Any] | None = self._pool.submit(self._serve) if "vllm_server" in needed else None
         self.rm_root = rm_root
-        self.rm_killed: Future[bool] | None = (
+        self.rm_killed: Future[Any] | None = (
             self._pool.submit(self._train_rm_until_killed) if "small_rm" in needed else None
         )
 
@@ -170,13 +170,14 @@ class EarlyStarts:
         server.start(timeout=240)
         return server
 
-    def _train_rm_until_killed(self) -> bool:
+    def _train_rm_until_killed(self) -> Any:
         """The first part of ``small_rm``: ``auto-model-rm train`` killed (SIGKILL) after its first
-        checkpoint; whether the killed run left a finished model behind."""
+        checkpoint. Its data, output folder and arguments, and whether it left a finished model behind."""
         import signal
         import subprocess
         import sys
         import time
+        from types import SimpleNamespace
 
         from rm_data import TRAIN_ARGS, comparisons
 
@@ -194,7 +195,8 @@ class EarlyStarts:
             time.sleep(0.2)
         run.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
         run.wait()
-        return (output / "reward_model.json").exists()
+        return SimpleNamespace(data=data, output=output, args=args,
+                               killed_left_a_model=(output / "reward_model.json").exists())  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -300,24 +302,18 @@ def small_rm(early_starts: EarlyStarts):
     import contextlib
     import io
     import json
-    from types import SimpleNamespace
-
-    from rm_data import TRAIN_ARGS
 
     from auto_model.cli.rm import main
 
     if early_starts.rm_killed is None:
         pytest.fail("small_rm is started only for tests that name it as a fixture")
-    killed_left_a_model = early_starts.rm_killed.result()
-    root = early_starts.rm_root
-    data, output = root / "comparison.json", root / "rm"
-    args = ["train", "--data", str(data), "--output", str(output), *TRAIN_ARGS]
+    run = early_starts.rm_killed.result()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*args, "--resume"])
+        code = main([*run.args, "--resume"])
     assert code == 0, err.getvalue()[-2000:]
-    return SimpleNamespace(data=data, output=output, args=args, killed_left_a_model=killed_left_a_model,
-                           summary=json.loads(out.getvalue()))  # fmt: skip
+    run.summary = json.loads(out.getvalue())
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Launched, launch_collected
+from conftest import SESSION_ENV, Launched, launch_collected
 
 from auto_model import GenerationOptions, InvalidRequestError, ModelNotFoundError
 from auto_model.backends import CLI_TRANSFORMERS_MAX_TOKENS, choose_cli_backend
@@ -37,10 +37,7 @@ sys.exit(code)
 
 
 def start_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 400) -> Launched:
-    from conftest import (
-        SESSION_ENV,  # a user's fresh process: none of what in-process engines wrote into os.environ
-    )
-
+    # SESSION_ENV: a user's fresh process, without what in-process engines wrote into os.environ.
     return Launched([sys.executable, "-c", _CLI, *argv], cwd=ROOT, env={**SESSION_ENV, **(env or {})}, timeout=timeout)
 
 
@@ -86,9 +83,7 @@ def fresh_processes(request, smol_folder):
             "verbose_run": lambda: start_cli(
                 "-v", "generate", "Name a fruit.", "--temperature", "0", "--max-new-tokens", "8"
             ),
-            "strict_warnings_run": lambda: Launched(
-                [sys.executable, "-c", STRICT_WARNINGS], cwd=ROOT, env=dict(os.environ), timeout=300
-            ),
+            "strict_warnings_run": lambda: Launched([sys.executable, "-c", STRICT_WARNINGS], cwd=ROOT, timeout=300),
         },
     )
 
