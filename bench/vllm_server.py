@@ -35,9 +35,15 @@ class VLLMServer:
         dtype: str = "float32",
         max_model_len: int = 2048,
         env: dict[str, str] | None = None,
+        kv_cache_bytes: int | None = None,
     ):
-        from auto_model.backends.vllm_config import model_kv_cache_bytes
+        """``kv_cache_bytes``: the KV cache, where the caller has sized it already (default: sized
+        here by :func:`~auto_model.backends.vllm_config.model_kv_cache_bytes`, which reads the
+        model's configuration with transformers)."""
+        if kv_cache_bytes is None:
+            from auto_model.backends.vllm_config import model_kv_cache_bytes
 
+            kv_cache_bytes = model_kv_cache_bytes(str(folder), dtype, max_model_len)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
@@ -51,7 +57,7 @@ class VLLMServer:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
             "--served-model-name", served_name, "--dtype", dtype, "--enforce-eager",
             "--max-model-len", str(max_model_len),
-            "--kv-cache-memory-bytes", str(model_kv_cache_bytes(str(folder), dtype, max_model_len)),
+            "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None

@@ -131,12 +131,19 @@ class EarlyStarts:
     overlaps the tests that run meanwhile (each part only where a collected test uses it): the embedded
     GGUF materialised into a folder (in a process of its own, off this one's interpreter lock); then the
     real vLLM OpenAI server on that folder (``vllm_server``, about 40 s on 2 cores) and the first, killed
-    run of the reward model's training (``small_rm``). The fixtures below wait for their part."""
+    run of the reward model's training (``small_rm``). The fixtures below wait for their part.
+
+    Nothing here imports transformers in this process: its lazy attributes are not safe to resolve
+    from two threads at once, and the ``smol`` fixture loads it as soon as the folder is there (the
+    server's KV cache is sized in the materialising process)."""
 
     MATERIALIZE = (
+        "from auto_model.backends.vllm_config import model_kv_cache_bytes\n"
         "from auto_model.constants import DEFAULT_MODEL\n"
         "from auto_model.resolve import materialize_gguf, resolve_model\n"
-        "print(materialize_gguf(resolve_model(DEFAULT_MODEL).path))\n"
+        "folder = materialize_gguf(resolve_model(DEFAULT_MODEL).path)\n"
+        "print(model_kv_cache_bytes(str(folder), 'float32', 2048))\n"
+        "print(folder)\n"
     )
 
     def __init__(self, log_path: Path, rm_root: Path, needed: set[str]):
@@ -144,6 +151,7 @@ class EarlyStarts:
 
         self.log_path = log_path
         self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early-starts")
+        self.kv_cache_bytes: int | None = None  # the server's, sized where the folder is made
         self.folder: Future[Path] | None = (
             self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server", "small_rm"} else None
         )
@@ -159,14 +167,18 @@ class EarlyStarts:
 
         run = subprocess.run([sys.executable, "-c", self.MATERIALIZE], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        return Path(run.stdout.strip().splitlines()[-1])
+        kv_cache_bytes, folder = run.stdout.strip().splitlines()[-2:]
+        self.kv_cache_bytes = int(kv_cache_bytes)
+        return Path(folder)
 
     def _serve(self):
         from auto_model.constants import DEFAULT_MODEL
         from bench.vllm_server import VLLMServer
 
         assert self.folder is not None
-        server = VLLMServer(self.folder.result(), DEFAULT_MODEL, self.log_path, dtype="float32", env=dict(os.environ))
+        folder = self.folder.result()
+        server = VLLMServer(folder, DEFAULT_MODEL, self.log_path, dtype="float32", env=dict(os.environ),
+                            kv_cache_bytes=self.kv_cache_bytes)  # fmt: skip
         server.start(timeout=240)
         return server
 
