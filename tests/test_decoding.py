@@ -33,6 +33,8 @@ from auto_model.routing import EVERYDAY, SAFETY
 FLOWERS = "How do I keep cut flowers fresh for longer?"
 LOOPING = {"optimized_decoding": False, "num_optimized_icl": 3}
 RAW = {"cut_loops": False, **LOOPING}
+#: long enough for FLOWERS's loop (it begins about 20 tokens in and is seen about 50 tokens in), no longer
+LOOP_TOKENS = 80
 
 
 def test_v3_artifacts_round_trip_and_older_ones_load_unchanged(tmp_path):
@@ -140,15 +142,15 @@ def test_vllm_applies_an_artifacts_decoding_and_leaves_out_what_it_lacks(smol_vl
 
 
 def _stops_the_loop(model, engine_stops: bool):
-    raw = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **RAW)
+    raw = model.generate(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, return_details=True, **RAW)
     cut_text, looped = cut_loop(raw.text)
     assert looped, "the model no longer loops on this query; pick one it loops on"
-    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **LOOPING)
+    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, return_details=True, **LOOPING)
     assert cut.looped and cut.finish_reason == "stop" and cut.text == cut_text
     assert not raw.looped and raw.text.startswith(cut.text)
     if engine_stops:  # the engine stopped generating soon after the loop began, not at the limit
         assert cut.completion_tokens < raw.completion_tokens
-    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, **LOOPING))
+    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, **LOOPING))
     assert streamed.rstrip() == cut.text
     return raw, cut
 
@@ -244,17 +246,17 @@ def test_an_openai_compatible_server_gets_the_decoding_settings_and_its_loops_ar
 
     model = AutoModel(DEFAULT_MODEL, backend="openai", base_url=vllm_server, prompt_format="chat")
     assert "repetition_penalty" in model.backend.decoding_settings  # a server that is not OpenAI's own
-    raw = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **RAW)
+    raw = model.generate(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, return_details=True, **RAW)
     cut_text, looped = cut_loop(raw.text)
     assert looped
-    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, **LOOPING)
+    cut = model.generate(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, return_details=True, **LOOPING)
     assert cut.looped and cut.text == cut_text and cut.completion_tokens == raw.completion_tokens  # cut once back
-    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=160, **LOOPING))
+    streamed = "".join(model.stream(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, **LOOPING))
     assert streamed.rstrip() == cut_text
     model.prompt_artifact = replace(
         model.prompt_artifact, decoding={"frequency_penalty": 1.0, "repetition_penalty": 1.1}, route_decoding={}
     )
-    tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=160, return_details=True, cut_loops=False)
+    tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=LOOP_TOKENS, return_details=True, cut_loops=False)
     assert tuned.decoding == {"frequency_penalty": 1.0, "repetition_penalty": 1.1}
     assert tuned.text != raw.text  # the server applied them
     model.close()
