@@ -38,6 +38,25 @@ if TYPE_CHECKING:
     from auto_model.trainer.drpo import TrainResult
 
 
+def check_router_settings(
+    c: float, weight: float, lexical_weight: float, lexical_c: float, max_false_positive: float
+) -> None:
+    """InvalidRequestError naming the flag for a router setting out of its range (before any query is embedded)."""
+    if not c > 0:
+        raise InvalidRequestError(f"--router-c must be > 0, got {c}.")
+    if not 0 < weight <= 1:
+        raise InvalidRequestError(f"--classifier-weight must be in (0, 1], got {weight}.")
+    if not 0 <= lexical_weight < 1 or weight + lexical_weight > 1 + 1e-9:
+        raise InvalidRequestError(
+            f"--lexical-weight must be in [0, 1) and add up to at most 1 with --classifier-weight, "
+            f"got {lexical_weight}."
+        )
+    if not lexical_c > 0:
+        raise InvalidRequestError(f"--lexical-c must be > 0, got {lexical_c}.")
+    if not 0 <= max_false_positive < 1:
+        raise InvalidRequestError(f"--max-false-positive must be in [0, 1), got {max_false_positive}.")
+
+
 def fit_router(
     queries: Sequence[str],
     harmful: Sequence[bool],
@@ -79,19 +98,7 @@ def fit_router(
     positives = int(labels.sum())
     if min(positives, len(labels) - positives) < folds:
         raise InvalidRequestError(f"The router needs at least {folds} harmful and {folds} other queries.")
-    if not c > 0:
-        raise InvalidRequestError(f"--router-c must be > 0, got {c}.")
-    if not 0 < weight <= 1:
-        raise InvalidRequestError(f"--classifier-weight must be in (0, 1], got {weight}.")
-    if not 0 <= lexical_weight < 1 or weight + lexical_weight > 1 + 1e-9:
-        raise InvalidRequestError(
-            f"--lexical-weight must be in [0, 1) and add up to at most 1 with --classifier-weight, "
-            f"got {lexical_weight}."
-        )
-    if not lexical_c > 0:
-        raise InvalidRequestError(f"--lexical-c must be > 0, got {lexical_c}.")
-    if not 0 <= max_false_positive < 1:
-        raise InvalidRequestError(f"--max-false-positive must be in [0, 1), got {max_false_positive}.")
+    check_router_settings(c, weight, lexical_weight, lexical_c, max_false_positive)
 
     def model(strength: float = c) -> Any:
         return LogisticRegression(C=strength, class_weight="balanced", max_iter=5000)
@@ -183,6 +190,7 @@ def train_router(config: DRPOConfig) -> TrainResult:
     assert c.base_model_name is not None and c.log_dir is not None, "a resolved config (DRPO resolves it)"
     if c.route_threshold is not None and not 0 <= c.route_threshold <= 1:
         raise InvalidRequestError(f"--route-threshold must be in [0, 1], got {c.route_threshold}.")
+    check_router_settings(c.router_c, c.classifier_weight, c.lexical_weight, c.lexical_c, c.max_false_positive)
     if (c.routing_data or c.data_dir or c.icl_path) and c.classifier_weight + c.lexical_weight < 1:
         raise InvalidRequestError(
             "A mixed safety score is calibrated with the vote of the packaged routing set, which requests meet at "
