@@ -134,9 +134,7 @@ class EarlyStarts:
     run of the reward model's training (``small_rm``); and, at the lowest CPU priority, Gemma's GGUF
     materialised for ``gemma_folder`` (about 25 CPU-seconds on one core, 262k-token vocabulary): it runs
     in the moments both cores would idle (tests waiting on timeouts, on Ray, on a subprocess), not in
-    the test that loads Gemma; the same way, the router's training on the packaged routing set
-    (``trained_router``: ``auto-model-train router``, about 25 CPU-seconds). The fixtures below wait
-    for their part.
+    the test that loads Gemma. The fixtures below wait for their part.
 
     Nothing here imports transformers in this process: its lazy attributes are not safe to resolve
     from two threads at once, and the ``smol`` fixture loads it as soon as the folder is there (the
@@ -156,11 +154,11 @@ class EarlyStarts:
         "print(materialize_gguf(resolve_model('google/gemma-3-270m').path))\n"
     )
 
-    def __init__(self, log_path: Path, rm_root: Path, needed: set[str], router_root: Path):
+    def __init__(self, log_path: Path, rm_root: Path, needed: set[str]):
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.log_path = log_path
-        self._pool = ThreadPoolExecutor(max_workers=5, thread_name_prefix="early-starts")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="early-starts")
         self.kv_cache_bytes: int | None = None  # the server's, sized where the folder is made
         self.folder: Future[Path] | None = (
             self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server", "small_rm"} else None
@@ -173,8 +171,6 @@ class EarlyStarts:
         self.gemma: Future[Path] | None = (
             self._pool.submit(self._materialize, self.GEMMA) if "gemma_folder" in needed else None
         )
-        self.router_root = router_root
-        self.router: Future[Any] | None = self._pool.submit(self._train_router) if "trained_router" in needed else None
 
     def _materialize(self, snippet: str | None = None) -> Path:
         """Run ``snippet`` (default: SmolLM2's, which also sizes the server's KV cache); the folder it printed."""
@@ -228,20 +224,6 @@ class EarlyStarts:
         return SimpleNamespace(data=data, output=output, args=args,
                                killed_left_a_model=(output / "reward_model.json").exists())  # fmt: skip
 
-    def _train_router(self) -> Any:
-        """``auto-model-train router`` on the packaged routing set, at the lowest CPU priority: its
-        exit status, what it printed, and the artifact it wrote."""
-        import subprocess
-        import sys
-        from types import SimpleNamespace
-
-        output = self.router_root / "routed.json"
-        cli = Path(sys.executable).with_name("auto-model-train")
-        argv = [str(cli), "router", "--output", str(output), "--max-false-positive", "0.05",
-                "--log-dir", str(self.router_root)]  # fmt: skip
-        run = subprocess.run(["nice", "-n", "19", *argv], capture_output=True, text=True, timeout=900)
-        return SimpleNamespace(returncode=run.returncode, out=run.stdout, err=run.stderr, output=output)
-
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self.server is not None and self.server.exception() is None:
@@ -252,7 +234,7 @@ class EarlyStarts:
 def early_starts(request: pytest.FixtureRequest, isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     log_path, rm_root = tmp_path_factory.mktemp("vllm_server") / "server.log", tmp_path_factory.mktemp("small_rm")
-    early = EarlyStarts(log_path, rm_root, needed, tmp_path_factory.mktemp("router"))
+    early = EarlyStarts(log_path, rm_root, needed)
     yield early
     early.close()
 
@@ -277,15 +259,6 @@ def gemma_folder(early_starts: EarlyStarts) -> Path:
     from auto_model.resolve import materialize_gguf, resolve_model
 
     return materialize_gguf(resolve_model("google/gemma-3-270m").path)
-
-
-@pytest.fixture(scope="session")
-def trained_router(early_starts: EarlyStarts) -> Any:
-    """``auto-model-train router --max-false-positive 0.05`` on the packaged routing set, run in the
-    background from the session's start at the lowest priority: ``returncode``, ``out``, ``err``, ``output``."""
-    if early_starts.router is None:
-        pytest.fail("trained_router is started only for tests that name it as a fixture")
-    return early_starts.router.result()
 
 
 @pytest.fixture(scope="session")

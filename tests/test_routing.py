@@ -349,18 +349,18 @@ def test_the_lexical_classifier_scores_requests_alone_or_mixed_with_the_vote(smo
         smol.retriever, smol.prompt_artifact = retriever, artifact
 
 
-def test_the_router_is_trained_from_labelled_queries_into_an_artifact(trained_router, tmp_path, capsys):
+def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, capsys):
     from auto_model.artifacts import prompt_for_model
     from auto_model.constants import default_model
     from auto_model.trainer.cli import main
 
     routing = read_labelled_queries(packaged_routing_files()[0])
     assert sum(q.harmful for q in routing) >= 100 and sum(not q.harmful for q in routing) >= 100
-    # auto-model-train router --output OUT --max-false-positive 0.05 (run in the background: conftest.py)
-    assert trained_router.returncode == 0, trained_router.err[-3000:]
-    assert "queries" in trained_router.out and "cross-validated" in trained_router.out
     out = tmp_path / "routed.json"
-    artifact = load_prompt_artifact(trained_router.output)
+    assert main(["router", "--output", str(out), "--max-false-positive", "0.05", "--log-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "queries" in printed and "cross-validated" in printed
+    artifact = load_prompt_artifact(out)
     settings = RoutingSettings.from_dict(artifact.routing)
     classifier = settings.classifier
     assert classifier is not None and len(classifier.weights) == 384 and classifier.weight == 0.25
