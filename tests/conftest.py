@@ -131,10 +131,7 @@ class EarlyStarts:
     overlaps the tests that run meanwhile (each part only where a collected test uses it): the embedded
     GGUF materialised into a folder (in a process of its own, off this one's interpreter lock); then the
     real vLLM OpenAI server on that folder (``vllm_server``, about 40 s on 2 cores) and the first, killed
-    run of the reward model's training (``small_rm``); and, at the lowest CPU priority, Gemma's GGUF
-    materialised for ``gemma_folder`` (about 25 CPU-seconds on one core, 262k-token vocabulary): it runs
-    in the moments both cores would idle (tests waiting on timeouts, on Ray, on a subprocess), not in
-    the test that loads Gemma. The fixtures below wait for their part.
+    run of the reward model's training (``small_rm``). The fixtures below wait for their part.
 
     Nothing here imports transformers in this process: its lazy attributes are not safe to resolve
     from two threads at once, and the ``smol`` fixture loads it as soon as the folder is there (the
@@ -148,17 +145,12 @@ class EarlyStarts:
         "print(model_kv_cache_bytes(str(folder), 'float32', 2048))\n"
         "print(folder)\n"
     )
-    GEMMA = (
-        "import os; os.nice(19)\n"
-        "from auto_model.resolve import materialize_gguf, resolve_model\n"
-        "print(materialize_gguf(resolve_model('google/gemma-3-270m').path))\n"
-    )
 
     def __init__(self, log_path: Path, rm_root: Path, needed: set[str]):
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.log_path = log_path
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="early-starts")
+        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early-starts")
         self.kv_cache_bytes: int | None = None  # the server's, sized where the folder is made
         self.folder: Future[Path] | None = (
             self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server", "small_rm"} else None
@@ -168,22 +160,16 @@ class EarlyStarts:
         self.rm_killed: Future[Any] | None = (
             self._pool.submit(self._train_rm_until_killed) if "small_rm" in needed else None
         )
-        self.gemma: Future[Path] | None = (
-            self._pool.submit(self._materialize, self.GEMMA) if "gemma_folder" in needed else None
-        )
 
-    def _materialize(self, snippet: str | None = None) -> Path:
-        """Run ``snippet`` (default: SmolLM2's, which also sizes the server's KV cache); the folder it printed."""
+    def _materialize(self) -> Path:
         import subprocess
         import sys
 
-        run = subprocess.run([sys.executable, "-c", snippet or self.MATERIALIZE], capture_output=True, text=True,
-                             timeout=900)  # fmt: skip
+        run = subprocess.run([sys.executable, "-c", self.MATERIALIZE], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        printed = run.stdout.strip().splitlines()
-        if snippet is None:
-            self.kv_cache_bytes = int(printed[-2])
-        return Path(printed[-1])
+        kv_cache_bytes, folder = run.stdout.strip().splitlines()[-2:]
+        self.kv_cache_bytes = int(kv_cache_bytes)
+        return Path(folder)
 
     def _serve(self):
         from auto_model.constants import DEFAULT_MODEL
@@ -248,17 +234,6 @@ def smol_folder(early_starts: EarlyStarts) -> Path:
     from auto_model.resolve import materialize_gguf, resolve_model
 
     return materialize_gguf(resolve_model(DEFAULT_MODEL).path)
-
-
-@pytest.fixture(scope="session")
-def gemma_folder(early_starts: EarlyStarts) -> Path:
-    """Gemma-3-270M's packaged GGUF, materialised once into a plain HF folder (in the background, at
-    the lowest priority, from the session's start): a transformers engine for it then loads in seconds."""
-    if early_starts.gemma is not None:
-        return early_starts.gemma.result()
-    from auto_model.resolve import materialize_gguf, resolve_model
-
-    return materialize_gguf(resolve_model("google/gemma-3-270m").path)
 
 
 @pytest.fixture(scope="session")

@@ -227,7 +227,7 @@ def test_direct_gguf_load_matches_materialised_folder(smol):
 
 
 @pytest.mark.slow
-def test_base_model_gets_base_format(gemma_folder):
+def test_base_model_gets_base_format(cache_dir):
     from auto_model import AutoModel
 
     gemma = AutoModel("google/gemma-3-270m", backend="transformers", dtype="float32")
