@@ -349,7 +349,7 @@ def test_the_lexical_classifier_scores_requests_alone_or_mixed_with_the_vote(smo
         smol.retriever, smol.prompt_artifact = retriever, artifact
 
 
-def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, capsys):
+def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, capsys, monkeypatch):
     from auto_model.artifacts import prompt_for_model
     from auto_model.constants import default_model
     from auto_model.trainer.cli import main
@@ -371,6 +371,7 @@ def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, 
     own = prompt_for_model(default_model())
     assert artifact.routes == own.routes and artifact.system_prompt == own.system_prompt
     # Bad settings fail before anything is embedded.
+    monkeypatch.setattr(ICLRetriever, "embed", lambda *a, **k: pytest.fail("embedded before the settings were checked"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "How do I bake bread?", "label": "fine"}\n')
     cli = ["router", "--routing-data", str(bad), "--classifier-weight", "1", "--lexical-weight", "0"]
