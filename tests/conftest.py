@@ -137,12 +137,14 @@ class EarlyStarts:
     from two threads at once, and the ``smol`` fixture loads it as soon as the folder is there (the
     server's KV cache is sized in the materialising process)."""
 
+    #: the server's engine settings, which its KV cache is sized for
+    SERVER_DTYPE, SERVER_MAX_MODEL_LEN = "float32", 2048
     MATERIALIZE = (
         "from auto_model.backends.vllm_config import model_kv_cache_bytes\n"
         "from auto_model.constants import DEFAULT_MODEL\n"
         "from auto_model.resolve import materialize_gguf, resolve_model\n"
         "folder = materialize_gguf(resolve_model(DEFAULT_MODEL).path)\n"
-        "print(model_kv_cache_bytes(str(folder), 'float32', 2048))\n"
+        f"print(model_kv_cache_bytes(str(folder), {SERVER_DTYPE!r}, {SERVER_MAX_MODEL_LEN}))\n"
         "print(folder)\n"
     )
 
@@ -176,8 +178,8 @@ class EarlyStarts:
         from bench.vllm_server import VLLMServer
 
         assert self.folder is not None
-        folder = self.folder.result()
-        server = VLLMServer(folder, DEFAULT_MODEL, self.log_path, dtype="float32", env=dict(os.environ),
+        server = VLLMServer(self.folder.result(), DEFAULT_MODEL, self.log_path, dtype=self.SERVER_DTYPE,
+                            max_model_len=self.SERVER_MAX_MODEL_LEN, env=dict(os.environ),
                             kv_cache_bytes=self.kv_cache_bytes)  # fmt: skip
         server.start(timeout=240)
         return server
