@@ -186,8 +186,7 @@ class EarlyStarts:
 
         assert self.folder is not None
         server = VLLMServer(self.folder.result(), DEFAULT_MODEL, self.log_path, dtype=self.SERVER_DTYPE,
-                            max_model_len=self.SERVER_MAX_MODEL_LEN, env=dict(os.environ),
-                            kv_cache_bytes=self.kv_cache_bytes)  # fmt: skip
+                            max_model_len=self.SERVER_MAX_MODEL_LEN, kv_cache_bytes=self.kv_cache_bytes)  # fmt: skip
         server.start(timeout=240)
         return server
 
