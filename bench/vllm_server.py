@@ -47,12 +47,18 @@ class VLLMServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
-        self.env = {k: v for k, v in (env or os.environ).items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        self.env = dict(env) if env is not None else dict(os.environ)
         # On CPU, vLLM keeps a core per worker for its scheduler process, which polls for the worker's
         # results the whole time a request runs: on 2 cores the model got one core and the other
         # spun. Without the reservation its worker computes on both (160 greedy tokens on SmolLM2:
         # 8.6 s and 17.4 CPU-seconds -> 5.8-6.1 s and 11.5-12.1). Set it in ``env`` to keep vLLM's.
         self.env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        # And the engine process computes itself (vLLM's "uni" executor) instead of sending each step to a
+        # worker process: the two busy-waited on each other (sched_yield, a second after every message),
+        # about 100 CPU-seconds over the test suite; 8 requests of 100 tokens on 2 cores: 37.9 s and
+        # 75.7 CPU-seconds -> 30.5 s and 60.9, ready in 21.5 s instead of 33.5, idle 0.06 CPU-seconds in
+        # 5 s instead of 1.03. (What the SDK's vllm-async backend does on CPUs.) Set it in ``env`` to keep vLLM's.
+        self.env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
             "--served-model-name", served_name, "--dtype", dtype, "--enforce-eager",

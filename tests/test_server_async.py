@@ -5,6 +5,7 @@ continuous batching and token streaming, with the real ``openai`` client against
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
@@ -25,9 +26,18 @@ def engine(smol_folder):
     """SmolLM2 on vLLM's asynchronous engine, float32 (greedy answers compare exactly)."""
     from auto_model import AutoModel
 
-    model = AutoModel(backend="vllm-async", dtype="float32", max_model_len=2048, enforce_eager=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")  # as in a user's process: the SDK chooses
+        model = AutoModel(backend="vllm-async", dtype="float32", max_model_len=2048, enforce_eager=True)
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # set only while the engine started
     yield model
     model.close()
+
+
+def test_on_cpu_the_engine_process_computes_itself(engine):
+    # vLLM's multiprocess mode would add a worker process, and the engine process and the worker
+    # busy-wait on each other: the engine process runs the model itself ("uni" executor).
+    assert engine.backend.llm.vllm_config.parallel_config.distributed_executor_backend == "uni"
 
 
 @pytest.fixture(scope="module")

@@ -143,8 +143,8 @@ class VLLMBackend(Backend):
     """
 
     name = "vllm"
-    #: on a CPU, run vLLM's engine in this process (see :meth:`_cpu_engine_arguments`)
-    engine_in_process_on_cpu = True
+    #: on a CPU, where vLLM's engine runs (see :meth:`_cpu_engine_arguments`): in this process
+    cpu_engine_place = "in this process"
     supports_chat = False  # chat is rendered with the model's template by the SDK, then generated
     supports_json_schema = True
     decoding_settings = frozenset({"repetition_penalty", "frequency_penalty", "presence_penalty"})
@@ -254,14 +254,18 @@ class VLLMBackend(Backend):
                 "from the model; pass kv_cache_memory_bytes= to set it)",
                 fraction,
             )
-        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ and self.engine_in_process_on_cpu:
-            # vLLM's separate engine process busy-waits on a whole core; on CPUs that core is
-            # taken from the model (measured on 2 cores: 47 vs. 24 tokens/s at batch 64). vLLM reads
-            # the choice from the environment while the engine starts, and only then.
+        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+            # vLLM's multiprocess mode on CPUs puts the model in a worker process of its own, and the
+            # processes busy-wait on each other (sched_yield for a second after every message): on
+            # CPUs the waiting takes cores from the model (measured on 2 cores: 47 vs. 24 tokens/s at
+            # batch 64). Without it the engine computes itself: in this process for vllm.LLM, in its
+            # one engine process for the asynchronous engine. vLLM reads the choice from the
+            # environment while the engine starts, and only then.
             self._start_environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             logger.info(
-                "vLLM on CPU: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it "
-                "starts); set VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's engine process"
+                "vLLM on CPU: the engine runs %s (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it starts); set "
+                "VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's worker processes",
+                self.cpu_engine_place,
             )
         args["dtype"] = engine_dtype(args["dtype"])
         if "enable_chunked_prefill" not in engine_kwargs:

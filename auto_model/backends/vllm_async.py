@@ -54,13 +54,15 @@ class AsyncVLLMBackend(VLLMBackend):
     """Local generation with vLLM's asynchronous engine (continuous batching, token streaming).
 
     Takes the arguments of :class:`~auto_model.backends.vllm.VLLMBackend`. On a CPU the engine runs
-    in vLLM's engine process (as under vLLM's own server), not in this one.
+    in vLLM's engine process (as under vLLM's own server), not in this one, and computes there
+    itself rather than in a worker process of its own (see ``_cpu_engine_arguments``).
     """
 
     name = "vllm-async"
     thread_safe = True
     continuous_batching = True
-    engine_in_process_on_cpu = False  # AsyncLLM always runs its engine in a process of its own
+    #: AsyncLLM always runs its engine in a process of its own; on a CPU the model runs there too
+    cpu_engine_place = "in its engine process, which computes itself (no worker process)"
 
     def _start_engine(self) -> int:
         from vllm.engine.arg_utils import AsyncEngineArgs
