@@ -139,6 +139,29 @@ def load_embedder(name: str | None = None, *, device: str | None = None) -> Any:
         return SentenceTransformer(source.path, device=device or "cpu", trust_remote_code=False)
 
 
+#: The embedders this process's retrievers share, by name and device, while any of them holds one.
+_SHARED_EMBEDDERS: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
+_SHARED_EMBEDDERS_LOCK = threading.Lock()
+
+
+def shared_embedder(name: str | None = None, *, device: str | None = None) -> Any:
+    """The embedder that this process's retrievers use for ``name`` on ``device``: loaded with
+    :func:`load_embedder` once, then shared while any retriever holds it, and with it the work
+    done per embedder (the traced single-query encoder, the routing set's embeddings). A second
+    model in a process no longer loads and traces its own (about 2 s on 2 cores). Treat it as
+    read-only; a model of your own to change comes from :func:`load_embedder`."""
+    key = (name or constants.default_embedding_model(), device or "cpu")
+    with _SHARED_EMBEDDERS_LOCK:
+        found = _SHARED_EMBEDDERS.get(key)
+        if found is None:
+            found = load_embedder(key[0], device=key[1])
+            try:
+                _SHARED_EMBEDDERS[key] = found
+            except TypeError:  # an embedder that cannot be weakly referenced: not shared
+                pass
+    return found
+
+
 class SingleTextEncoder:
     """Embeds one text at a time with a traced, frozen copy of a sentence-transformers model (CPU).
 
@@ -182,7 +205,11 @@ class SingleTextEncoder:
                 drop_records("transformers", "was set in the config but it is unrecognized"),
             ):
                 warnings.simplefilter("ignore")  # the tracer's notes on shapes it treats as constants
-                traced = torch.jit.trace(Wrapped().eval(), tuple(sample[k] for k in keys), strict=False)
+                # check_trace=False: the tracer's own check runs the model again on the sample; the
+                # comparison below, on two texts of other lengths, is the one that counts.
+                traced = torch.jit.trace(
+                    Wrapped().eval(), tuple(sample[k] for k in keys), strict=False, check_trace=False
+                )
                 self._frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         except Exception as exc:  # any model the tracer cannot handle
             raise RuntimeError(f"the embedder cannot be traced: {type(exc).__name__}: {exc}") from exc
@@ -278,7 +305,7 @@ class ICLRetriever:
         if self._embedder is None:
             with self._build_lock:
                 if self._embedder is None:
-                    self._embedder = load_embedder(self.embedding_model)
+                    self._embedder = shared_embedder(self.embedding_model)
         return self._embedder
 
     def __len__(self) -> int:
@@ -454,4 +481,5 @@ __all__ = [
     "packaged_pool_path",
     "parse_icl_pool",
     "save_icl_pool",
+    "shared_embedder",
 ]

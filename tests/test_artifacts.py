@@ -28,6 +28,24 @@ def test_every_packaged_artifact_is_valid_and_versioned():
         assert a.source and a.source.endswith(".json")
 
 
+def test_the_packaged_artifacts_are_read_once_and_again_when_a_file_changes():
+    import os
+    from importlib import resources
+
+    first, second = packaged_artifacts(), packaged_artifacts()
+    assert first is not second and all(a is b for a, b in zip(first, second, strict=True))
+    first.clear()  # the caller's list: the next call still has them all
+    assert [a.model_id for a in packaged_artifacts()] == [a.model_id for a in second]
+    path = resources.files("auto_model").joinpath("optimized_prompts", "default.json")
+    stat = os.stat(path)
+    try:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        again = packaged_artifacts()
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert all(a is not b and a == b for a, b in zip(again, second, strict=True))
+
+
 def test_default_is_curated():
     d = default_artifact()
     assert d.model_id == "default" and d.method == "curated"

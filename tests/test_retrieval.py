@@ -147,6 +147,21 @@ def test_second_process_does_not_reembed(pool, embedder, tmp_path):
     assert result == {"from_cache": True, "encoded": [1], "top": "What is the capital of Australia?"}
 
 
+def test_the_models_of_a_process_share_one_embedder_and_its_traced_encoder(pool, embedder):
+    from auto_model import AutoModel
+    from auto_model.retrieval import load_embedder, shared_embedder
+
+    # Models behind a server (no engine here): each one's retriever, and one made apart.
+    first = AutoModel("HuggingFaceTB/SmolLM2-135M-Instruct", base_url="http://127.0.0.1:9/v1")
+    second = AutoModel("HuggingFaceTB/SmolLM2-135M-Instruct", base_url="http://127.0.0.1:9/v1")
+    apart = ICLRetriever(pool, cache_dir=False)
+    shared = first.retriever.embedder
+    assert second.retriever.embedder is shared and apart.embedder is shared and shared_embedder() is shared
+    assert first.retriever.single_encoder() is second.retriever.single_encoder() is not None
+    # A model of your own, to change as you like, is not the shared one.
+    assert load_embedder() is not shared and embedder is not shared
+
+
 def test_corrupt_cache_is_rebuilt(pool, embedder, tmp_path):
     r = ICLRetriever(pool, embedder=embedder, cache_dir=tmp_path)
     np.save(tmp_path / f"{r.cache_key()}.npy", np.zeros((3, 384), dtype="float32"))
@@ -277,7 +292,7 @@ def test_32_concurrent_first_calls_embed_the_pool_once(monkeypatch, tmp_path, em
         loads.append(1)
         return CountingEmbedder()
 
-    monkeypatch.setattr(retrieval, "load_embedder", load)
+    monkeypatch.setattr(retrieval, "shared_embedder", load)
     # A model behind a server: its requests take no engine lock, so nothing serialises the first calls.
     model = AutoModel("HuggingFaceTB/SmolLM2-135M-Instruct", base_url="http://127.0.0.1:9/v1")
     barrier = threading.Barrier(32)
