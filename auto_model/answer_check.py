@@ -28,10 +28,13 @@ function the SDK passes (the retriever's).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Final
 
 from auto_model.backends.base import Completion, Outcome
@@ -129,6 +132,12 @@ class AnswerCheck:
         if self.lexical is not None:
             data["lexical"] = self.lexical.to_dict()
         return data
+
+    @cached_property
+    def digest(self) -> str:
+        """The SHA-256 of :meth:`to_dict` (keys sorted): what caches of checked answers are keyed by.
+        Computed once (a lexical classifier holds thousands of terms)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def fits(self, embedding_model: str) -> bool:
         """Whether its embedding classifier (if any) was trained on ``embedding_model``'s embeddings."""

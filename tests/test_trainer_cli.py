@@ -8,10 +8,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import collected
 
 from auto_model import AutoModel
 from auto_model.artifacts import load_prompt_artifact
@@ -45,6 +47,54 @@ def usage(run: Path) -> dict:
 def cache_rows(run: Path) -> int:
     with sqlite3.connect(run / "cache" / "requests.sqlite") as db:
         return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+
+class KilledMidSearch:
+    """``auto-model-train`` (SMALL, depth 2) in a process of its own, SIGKILLed inside its second
+    level: some of that level's requests are done, the level is not. :meth:`result` waits for it."""
+
+    def __init__(self, run: Path):
+        self.run = run
+        command = [sys.executable, "-m", "auto_model.trainer.cli", *SMALL, "--depth", "2", "--log-dir", str(run)]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.killed_mid_search = False
+        self._watcher = threading.Thread(target=self._kill_inside_the_second_level, daemon=True)
+        self._watcher.start()
+
+    def _kill_inside_the_second_level(self) -> None:
+        checkpoint = self.run / "algo_output" / "checkpoint.json"
+        deadline, rows_at_checkpoint = time.monotonic() + 300, None
+        try:
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                if rows_at_checkpoint is None and checkpoint.exists():
+                    if json.loads(checkpoint.read_text())["level"] >= 1:
+                        rows_at_checkpoint = cache_rows(self.run)
+                if rows_at_checkpoint is not None and cache_rows(self.run) > rows_at_checkpoint:
+                    break  # inside the second level: some of its requests are done, the level is not
+                time.sleep(0.05)
+            self.killed_mid_search = self.proc.poll() is None
+            self.proc.send_signal(signal.SIGKILL)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+
+    def result(self) -> KilledMidSearch:
+        self._watcher.join()
+        return self
+
+
+@pytest.fixture(scope="module", autouse=True)
+def killed_run(request, tmp_path_factory):
+    """The run killed mid-search, started as the module begins, so that it runs beside the
+    uninterrupted run (``finished_run``) it is compared with; the test waits for it."""
+    if not collected(request, "killed_run"):
+        yield None
+        return
+    killed = KilledMidSearch(tmp_path_factory.mktemp("drpo_killed") / "killed")
+    yield killed
+    killed.proc.kill()
+    killed.result()
 
 
 @pytest.fixture(scope="module")
@@ -103,28 +153,12 @@ def test_end_to_end_writes_every_output_and_the_artifact_is_what_automodel_uses(
     assert usage(run)["process"]["total"]["calls"] == 0
 
 
-def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_run, tmp_path):
+def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_run, killed_run):
     whole = finished_run
     expected = load_prompt_artifact(whole / "algo_output" / "optimized_prompt.json").text
 
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "auto_model.trainer.cli", *SMALL, "--depth", "2", "--log-dir", str(killed)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed / "algo_output" / "checkpoint.json"
-    deadline, rows_at_checkpoint = time.monotonic() + 300, None
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if rows_at_checkpoint is None and checkpoint.exists() and json.loads(checkpoint.read_text())["level"] >= 1:
-                rows_at_checkpoint = cache_rows(killed)
-            if rows_at_checkpoint is not None and cache_rows(killed) > rows_at_checkpoint:
-                break  # inside the second level: some of its requests are done, the level is not
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed mid-search"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    assert killed_run.result().killed_mid_search, "the run ended before it could be killed mid-search"
+    killed = killed_run.run
     done_before = cache_rows(killed)
     assert not (killed / "algo_output" / "optimized_prompt.json").exists()
 

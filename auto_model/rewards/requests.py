@@ -246,9 +246,7 @@ class Role:
         best_of = getattr(self.model, "best_of", None)  # the reward that picks among samples, if any
         reward = None if best_of is None else best_of.reward_id
         check = getattr(self.model, "answer_check", None)
-        check_id = (
-            None if check is None else hashlib.sha256(json.dumps(check.to_dict(), sort_keys=True).encode()).hexdigest()
-        )
+        check_id = None if check is None else check.digest
         return [RequestCache.key(model_id, backend, r, reward, check_id) for r in requests]
 
     def run(
