@@ -264,7 +264,7 @@ class VLLMBackend(Backend):
             self._start_environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             logger.info(
                 "vLLM on CPU: the engine runs %s (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it starts); set "
-                "VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's worker processes",
+                "VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep vLLM's own processes",
                 self.cpu_engine_place,
             )
         args["dtype"] = engine_dtype(args["dtype"])
