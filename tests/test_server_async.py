@@ -173,3 +173,25 @@ def test_the_sdk_streams_and_batches_on_the_asynchronous_engine(engine, smol_vll
         return list(await asyncio.gather(*(engine.agenerate(q, max_new_tokens=24, temperature=0) for q in questions)))
 
     assert asyncio.run(each()) == answers
+
+
+def test_a_serve_process_stopped_with_sigterm_closes_its_engine_process(smol_folder, tmp_path, fresh_env):
+    # A supervisor stops a server with SIGTERM: uvicorn shuts down, then the engine is closed. Before, the
+    # signal ended the process first, and vLLM's engine process lived on (2.3 GB, polling a core).
+    import psutil
+
+    from bench._common import start_serve
+    from bench.vllm_server import free_port
+
+    port = free_port()
+    proc = start_serve(["--backend", "vllm-async", "--dtype", "float32"], port,
+                       tmp_path / "serve.log", timeout=300, env=fresh_env)  # fmt: skip
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("EngineCore" in child.name() for child in children)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143  # SIGTERM, after the engine was closed
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == []
+    finally:
+        proc.kill()
