@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import collected
+from conftest import launch_collected
 
 from auto_model import AutoModel
 from auto_model.artifacts import load_prompt_artifact
@@ -73,28 +72,30 @@ class KilledMidSearch:
                     break  # inside the second level: some of its requests are done, the level is not
                 time.sleep(0.05)
             self.killed_mid_search = self.proc.poll() is None
-            self.proc.send_signal(signal.SIGKILL)
         finally:
             if self.proc.poll() is None:
-                self.proc.kill()
+                self.proc.kill()  # SIGKILL, a crash: nothing is cleaned up
             self.proc.wait()
 
     def result(self) -> KilledMidSearch:
         self._watcher.join()
         return self
 
+    def stop(self) -> None:
+        self.proc.kill()
+        self.result()
+
 
 @pytest.fixture(scope="module", autouse=True)
-def killed_run(request, tmp_path_factory):
-    """The run killed mid-search, started as the module begins, so that it runs beside the
-    uninterrupted run (``finished_run``) it is compared with; the test waits for it."""
-    if not collected(request, "killed_run"):
-        yield None
-        return
-    killed = KilledMidSearch(tmp_path_factory.mktemp("drpo_killed") / "killed")
-    yield killed
-    killed.proc.kill()
-    killed.result()
+def fresh_processes(request, tmp_path_factory):
+    """The run killed mid-search (``killed_run``), started as the module begins, so that it runs
+    beside the uninterrupted run (``finished_run``) it is compared with."""
+    return launch_collected(request, {"killed_run": lambda: KilledMidSearch(tmp_path_factory.mktemp("drpo") / "k")})
+
+
+@pytest.fixture(scope="module")
+def killed_run(fresh_processes):
+    return fresh_processes["killed_run"].result()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_killed_mid_search_then_resumed_ends_like_an_uninterrupted_run(finished_
     whole = finished_run
     expected = load_prompt_artifact(whole / "algo_output" / "optimized_prompt.json").text
 
-    assert killed_run.result().killed_mid_search, "the run ended before it could be killed mid-search"
+    assert killed_run.killed_mid_search, "the run ended before it could be killed mid-search"
     killed = killed_run.run
     done_before = cache_rows(killed)
     assert not (killed / "algo_output" / "optimized_prompt.json").exists()
