@@ -251,11 +251,15 @@ def engine_generate(llm: Any, prompts: Sequence[Any], new_tokens: int) -> int:
 
 
 def forget_prompts(model: Any) -> None:
-    """Empty a vLLM engine's prefix cache, so that a timed run does not reuse the prompts an earlier
-    run computed (within a run, the shared system prompt is still computed once, as in real use)."""
+    """Empty an engine's prefix cache (vLLM's, or the transformers engine's), so that a timed run does
+    not reuse the prompts an earlier run computed (within a run, the shared system prompt is still
+    computed once, as in real use)."""
     llm = getattr(model.backend, "llm", None)
     if llm is not None and not llm.reset_prefix_cache():
         raise RuntimeError("vLLM could not empty its prefix cache")
+    kept = getattr(model.backend, "prefix_cache", None)
+    if kept is not None:
+        kept.clear()
 
 
 def start_serve(flags: Sequence[str], port: int, log_path: Path, *, timeout: float = 180,

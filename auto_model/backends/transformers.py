@@ -35,6 +35,7 @@ from auto_model.backends.base import (
     encode_prompt,
     with_samples,
 )
+from auto_model.backends.transformers_prefix import PrefixCache, supports_prefix_cache
 from auto_model.backends.transformers_sampling import (
     AnswerStop,
     OutputPenalty,
@@ -83,6 +84,9 @@ class TransformersBackend(Backend):
         batch_size: requests per forward batch.
         materialize_gguf: convert GGUF once to a cached folder (fast reloads) instead of
             de-quantising it on every load.
+        enable_prefix_caching: keep the KV cache of recent prompts and reuse the beginning that
+            requests share (the route's system prompt), as vLLM does; on by default. See
+            :mod:`auto_model.backends.transformers_prefix`.
         trust_remote_code: run code shipped with a Hub model; off unless you ask.
         **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` unchanged.
     """
@@ -109,6 +113,7 @@ class TransformersBackend(Backend):
         prompt_format: str = "auto",
         batch_size: int = 8,
         materialize_gguf: bool = True,
+        enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
         **from_pretrained_kwargs: Any,
     ):
@@ -153,6 +158,9 @@ class TransformersBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = self._eos_ids()
+        self.prefix_cache = (
+            PrefixCache(self.model) if enable_prefix_caching and supports_prefix_cache(self.model) else None
+        )
         self.context_length = max_model_len or getattr(self.model.config, "max_position_embeddings", None)
         self.prompt_style = choose_prompt_style(
             prompt_format, bool(getattr(self.tokenizer, "chat_template", None)), source.chat, source.model_id
@@ -259,31 +267,42 @@ class TransformersBackend(Backend):
         groups: dict[str, list[int]] = {}
         for i in encoded:
             groups.setdefault(sampling_key(requests[i].sampling), []).append(i)
-        for indices in groups.values():
-            indices.sort(key=lambda i: len(encoded[i]))
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                t0 = time.perf_counter()
-                try:
-                    outs: list[Outcome] = list(
-                        self._generate_batch(
-                            [encoded[i] for i in chunk],
-                            requests[chunk[0]].sampling,
-                            seeds=[requests[i].sampling.seed for i in chunk],
-                        )
+        chunks = [chunk for indices in groups.values() for chunk in self._batches(indices, encoded)]
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            try:
+                outs: list[Outcome] = list(
+                    self._generate_batch(
+                        [encoded[i] for i in chunk],
+                        requests[chunk[0]].sampling,
+                        seeds=[requests[i].sampling.seed for i in chunk],
                     )
-                except GenerationError as exc:  # one bad row fails the batch: each request again, alone
-                    outs = [exc] if len(chunk) == 1 else [self._alone(encoded[i], requests[i]) for i in chunk]
-                latency = time.perf_counter() - t0
-                for i, outcome in zip(chunk, outs, strict=True):
-                    if isinstance(outcome, Completion):
-                        outcome = replace(
-                            outcome,
-                            latency_s=latency,
-                            samples=tuple(replace(s, latency_s=latency) for s in outcome.samples),
-                        )
-                    finish(i, outcome)
+                )
+            except GenerationError as exc:  # one bad row fails the batch: each request again, alone
+                outs = [exc] if len(chunk) == 1 else [self._alone(encoded[i], requests[i]) for i in chunk]
+            latency = time.perf_counter() - t0
+            for i, outcome in zip(chunk, outs, strict=True):
+                if isinstance(outcome, Completion):
+                    outcome = replace(
+                        outcome,
+                        latency_s=latency,
+                        samples=tuple(replace(s, latency_s=latency) for s in outcome.samples),
+                    )
+                finish(i, outcome)
         return [r for r in results if r is not None]
+
+    def _batches(self, indices: list[int], encoded: dict[int, list[int]]) -> list[list[int]]:
+        """``indices`` cut into batches: neighbours in length, so that padding stays small; with the
+        prefix cache, requests that begin alike (the same system prompt) are batched together first."""
+        by_length = sorted(indices, key=lambda i: len(encoded[i]))
+        families = [by_length]
+        if self.prefix_cache is not None:
+            families = self.prefix_cache.families([encoded[i] for i in by_length], by_length)
+        return [
+            family[start : start + self.batch_size]
+            for family in families
+            for start in range(0, len(family), self.batch_size)
+        ]
 
     def _alone(self, ids: list[int], request: GenerationRequest) -> Outcome:
         """One request in a batch of its own: its completion, or the error it fails with."""
@@ -372,13 +391,17 @@ class TransformersBackend(Backend):
         rows = [ids for ids in batch for _ in range(n)]
         width = max(len(ids) for ids in rows)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
         kwargs: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": pad,
             "eos_token_id": sorted(self.eos_ids) or None,
         }
+        # The beginning the rows share comes from the prefix cache (see transformers_prefix): each
+        # row is that beginning, its padding, then its own tokens. Without it, padding comes first.
+        shared, kwargs["past_key_values"] = self._shared_beginning(rows)
+        layout = [(ids[:shared], [pad] * (width - len(ids)), ids[shared:]) for ids in rows]
+        input_ids = torch.tensor([a + b + c for a, b, c in layout], device=self.device)
+        attention = torch.tensor([[1] * len(a) + [0] * len(b) + [1] * len(c) for a, b, c in layout], device=self.device)
         seeds = list(seeds) if seeds is not None else [sampling.seed] * len(batch)
         own_sampler = samples_per_row(sampling)
         if sampling.temperature == 0:
@@ -429,6 +452,15 @@ class TransformersBackend(Backend):
             samples = [self._completion(row[width:].tolist(), len(ids), sampling) for row in out[r * n : (r + 1) * n]]
             completions.append(with_samples(samples))
         return completions
+
+    def _shared_beginning(self, rows: list[list[int]]) -> tuple[int, Any]:
+        """The prefix cache's ``(shared tokens, cache)`` for ``rows``; ``(0, None)`` when it is off."""
+        if self.prefix_cache is None:
+            return 0, None
+        try:
+            return self.prefix_cache.for_rows(rows)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise GenerationError(f"transformers generation failed: {exc}") from exc
 
     def _completion(self, generated: list[int], prompt_tokens: int, sampling: SamplingParams) -> Completion:
         pad = self.tokenizer.pad_token_id
