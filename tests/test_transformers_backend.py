@@ -232,6 +232,7 @@ def test_base_model_gets_base_format(cache_dir):
 
     gemma = AutoModel("google/gemma-3-270m", backend="transformers", dtype="float32")
     assert gemma.backend.prompt_style == "base"
+    assert gemma.backend.prefix_cache is None  # its sliding-window layers keep only their window
     assert gemma.prompt_artifact.model_id == "google/gemma-3-270m"  # its own artifact
     p = gemma.format_prompt("What is the capital of France?", num_optimized_icl=1)
     assert p.prompt.endswith("# Query:\nWhat is the capital of France?\n\n# Answer:\n<START>\n") and "<END>" in p.stop

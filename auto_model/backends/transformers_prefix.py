@@ -48,8 +48,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def supports_prefix_cache(model: Any) -> bool:
-    """Whether every layer of ``model``'s cache is a growing attention cache that can be cut and
-    repeated (not a fixed-size, linear-attention or encoder-decoder one)."""
+    """Whether every layer of ``model``'s cache is a plain growing attention cache that can be cut and
+    repeated: not a sliding-window one (Gemma 3's local layers keep only their window, and its greedy
+    answers changed with the cache: 5 of 16 the same), a fixed-size, linear-attention or
+    encoder-decoder one. Other models run without the prefix cache."""
     try:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
@@ -62,7 +64,7 @@ def supports_prefix_cache(model: Any) -> bool:
         layers = DynamicCache(config=config).layers
     except Exception:  # a config the cache cannot read
         return False
-    return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 class PrefixCache:
