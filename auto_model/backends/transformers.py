@@ -2,7 +2,9 @@
 
 Loads a local Hugging Face folder, a GGUF file (materialised once into a plain folder in the
 cache, see :func:`auto_model.resolve.materialize_gguf`) or a Hub id. A batch is generated in
-micro-batches of similar length with left padding; temperature 0 is greedy decoding.
+micro-batches of similar length (requests that begin alike together), the beginning they share
+taken from the prefix cache (:mod:`auto_model.backends.transformers_prefix`); temperature 0 is
+greedy decoding.
 """
 
 from __future__ import annotations
