@@ -93,3 +93,25 @@ def test_n_samples_of_one_request_share_its_prompt(smol, cache):
     first = smol.backend.generate([GenerationRequest(prompt, sampling)])[0]
     assert cache.computed_tokens - computed == len(encode(smol, prompt)) - 1  # once, not three times
     assert len(first.samples) == 3
+
+
+def test_closing_the_engine_lets_its_model_and_kept_prompts_go(smol_folder):
+    import gc
+    import weakref
+
+    from auto_model.backends import get_backend_class
+    from auto_model.resolve import resolve_model
+
+    backend = get_backend_class("transformers")(resolve_model(str(smol_folder)), dtype="float32")
+    system = "You are a careful assistant who answers in one short sentence and never makes things up."
+    prompt = backend.tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    backend.generate([GenerationRequest(prompt, SamplingParams(temperature=0, max_new_tokens=2))])
+    assert backend.prefix_cache.kept_tokens > 16
+    model, kept = weakref.ref(backend.model), weakref.ref(backend.prefix_cache)
+    backend.close()
+    gc.collect()
+    assert model() is None and kept() is None

@@ -480,4 +480,4 @@ class TransformersBackend(Backend):
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=n)
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.prefix_cache = None  # the cache holds the model and its KV
