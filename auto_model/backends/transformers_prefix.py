@@ -99,6 +99,7 @@ class PrefixCache:
 
     @property
     def kept_tokens(self) -> int:
+        """Tokens of KV kept, over all kept prompts (at most ``max_tokens``)."""
         return sum(len(key) for key in self._kept)
 
     def for_rows(self, rows: Sequence[Sequence[int]]) -> tuple[int, Any]:
@@ -181,4 +182,11 @@ class PrefixCache:
             self._kept.clear()
 
 
-__all__ = ["MAX_KEPT_TOKENS", "MIN_SHARED_TOKENS", "PrefixCache", "common_prefix", "supports_prefix_cache"]
+__all__ = [
+    "FAMILY_TOKENS",
+    "MAX_KEPT_TOKENS",
+    "MIN_SHARED_TOKENS",
+    "PrefixCache",
+    "common_prefix",
+    "supports_prefix_cache",
+]
