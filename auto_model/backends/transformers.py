@@ -398,12 +398,6 @@ class TransformersBackend(Backend):
             "pad_token_id": pad,
             "eos_token_id": sorted(self.eos_ids) or None,
         }
-        # The beginning the rows share comes from the prefix cache (see transformers_prefix): each
-        # row is that beginning, its padding, then its own tokens. Without it, padding comes first.
-        shared, kwargs["past_key_values"] = self._shared_beginning(rows)
-        layout = [(ids[:shared], [pad] * (width - len(ids)), ids[shared:]) for ids in rows]
-        input_ids = torch.tensor([a + b + c for a, b, c in layout], device=self.device)
-        attention = torch.tensor([[1] * len(a) + [0] * len(b) + [1] * len(c) for a, b, c in layout], device=self.device)
         seeds = list(seeds) if seeds is not None else [sampling.seed] * len(batch)
         own_sampler = samples_per_row(sampling)
         if sampling.temperature == 0:
@@ -444,9 +438,18 @@ class TransformersBackend(Backend):
         rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
         try:
             with rng, torch.inference_mode():
+                # The beginning the rows share comes from the prefix cache (see transformers_prefix): each
+                # row is that beginning, its padding, then its own tokens. Without it, padding comes first.
+                shared, cache = self.prefix_cache.for_rows(rows) if self.prefix_cache else (0, None)
+                layout = [(ids[:shared], [pad] * (width - len(ids)), ids[shared:]) for ids in rows]
+                input_ids = torch.tensor([a + b + c for a, b, c in layout], device=self.device)
+                mask = [[1] * len(a) + [0] * len(b) + [1] * len(c) for a, b, c in layout]
+                attention = torch.tensor(mask, device=self.device)
                 if seed is not None:
                     torch.manual_seed(seed)  # inside fork_rng: the caller's RNG state is restored
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention, past_key_values=cache, **kwargs
+                )
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GenerationError(f"transformers generation failed: {exc}") from exc
         completions = []
@@ -454,15 +457,6 @@ class TransformersBackend(Backend):
             samples = [self._completion(row[width:].tolist(), len(ids), sampling) for row in out[r * n : (r + 1) * n]]
             completions.append(with_samples(samples))
         return completions
-
-    def _shared_beginning(self, rows: list[list[int]]) -> tuple[int, Any]:
-        """The prefix cache's ``(shared tokens, cache)`` for ``rows``; ``(0, None)`` when it is off."""
-        if self.prefix_cache is None:
-            return 0, None
-        try:
-            return self.prefix_cache.for_rows(rows)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise GenerationError(f"transformers generation failed: {exc}") from exc
 
     def _completion(self, generated: list[int], prompt_tokens: int, sampling: SamplingParams) -> Completion:
         pad = self.tokenizer.pad_token_id
