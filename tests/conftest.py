@@ -116,6 +116,99 @@ def collected(request: pytest.FixtureRequest, fixture: str) -> bool:
     )
 
 
+# -- Two workers (pytest-xdist) ---------------------------------------------------------------------
+# The suite runs in two processes, which keep both cores busy (one process used about 1.5 of them).
+# Modules are shared out whole (``--dist loadfile``), the slowest first, except that the modules that
+# use the vLLM OpenAI server (or the reward model trained beside it as the session starts) are one
+# unit of work that one worker runs: the server starts once. Each worker starts the in-process
+# engines its tests use. ``-n 0`` runs everything in this process, in file order.
+
+#: the modules with a test that uses ``vllm_server`` or ``small_rm``. The scheduler sees test ids
+#: only, so they are named here, and collection fails when a module that uses one is missing.
+SERVER_MODULES = ("test_best_of.py", "test_decoding.py", "test_evaluation_run.py", "test_feedback.py",
+                  "test_openai_backend.py", "test_reward_model.py", "test_samples.py", "test_server_upstream.py",
+                  "test_trainer_cli.py")  # fmt: skip
+SERVER_FIXTURES = frozenset({"vllm_server", "small_rm"})
+#: modules that take a minute or more, slowest first: handed out first, so that the workers end together
+SLOW_MODULES = ("test_server.py", "test_vllm_backend.py", "test_default_path.py", "test_server_async.py",
+                "test_transformers_backend.py", "test_routing.py", "test_model_api.py", "test_heldout.py",
+                "test_replicas.py", "test_trainer_moves.py", "test_bench.py", "test_answer_check.py")  # fmt: skip
+
+_SETTING_UP: list[pytest.Item] = []  # the test whose fixtures are being set up
+
+
+def _distributed(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")  # set in an xdist worker
+
+
+def work_unit(module: str) -> str:
+    """What one worker runs together (``module``: a test id's file part): the server's modules, else the module."""
+    return "the vLLM server's modules" if module.rsplit("/", 1)[-1] in SERVER_MODULES else module
+
+
+def _uses(item: pytest.Item) -> set[str]:
+    return set(getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = sorted({item.path.name for item in items if SERVER_FIXTURES & _uses(item)} - set(SERVER_MODULES))
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(missing)} to SERVER_MODULES")
+    if _distributed(config):
+        # The server's modules first (their unit is the longest), those that do not use it first (it
+        # starts meanwhile); then the slowest modules; the rest in file order. Every worker sorts the
+        # same collection the same way.
+        server = {item.path.name for item in items if "vllm_server" in _uses(item)}
+
+        def rank(item: pytest.Item) -> tuple[int, int]:
+            name = item.path.name
+            if name in SERVER_MODULES:
+                return 0, int(name in server)
+            return (1, SLOW_MODULES.index(name)) if name in SLOW_MODULES else (2, 0)
+
+        items.sort(key=rank)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _SETTING_UP[:] = [item]
+
+
+def needed_by_this_worker() -> set[str]:
+    """The fixtures that the tests of the running test's unit of work use (without workers: every test's)."""
+    if not _SETTING_UP:
+        return set()
+    item = _SETTING_UP[0]
+    if not _distributed(item.config):
+        return {name for other in item.session.items for name in _uses(other)}
+    unit = work_unit(item.nodeid.split("::", 1)[0])
+    return {name for other in item.session.items if work_unit(other.nodeid.split("::", 1)[0]) == unit
+            for name in _uses(other)}  # fmt: skip
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: two workers, or one on a single core (each worker loads its own engines, so more
+    workers cost memory; ``-n N`` or ``PYTEST_XDIST_AUTO_NUM_WORKERS`` sets another number)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist reads it
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, with the server's modules as one unit (see :data:`SERVER_MODULES`)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ServerModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(super()._split_scope(nodeid))
+
+    return ServerModulesTogether(config, log)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(isolated_env: Path) -> Path:
     return isolated_env
@@ -135,7 +228,8 @@ def smol(smol_folder: Path):
 
 class EarlyStarts:
     """The session's slowest set-up, started in the background as the session begins, so that it
-    overlaps the tests that run meanwhile (each part only where a collected test uses it): the embedded
+    overlaps the tests that run meanwhile (each part only where a test this process runs uses it:
+    :func:`needed_by_this_worker`; a part a later group of tests needs starts with it): the embedded
     GGUF materialised into a folder (in a process of its own, off this one's interpreter lock); then the
     real vLLM OpenAI server on that folder (``vllm_server``, about 40 s on 2 cores) and the first, killed
     run of the reward model's training (``small_rm``). The fixtures below wait for their part.
@@ -155,20 +249,28 @@ class EarlyStarts:
         "print(folder)\n"
     )
 
-    def __init__(self, log_path: Path, rm_root: Path, needed: set[str]):
+    def __init__(self, log_path: Path, rm_root: Path):
+        import threading
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.log_path = log_path
-        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early-starts")
-        self.kv_cache_bytes: int | None = None  # the server's, sized where the folder is made
-        self.folder: Future[Path] | None = (
-            self._pool.submit(self._materialize) if needed & {"smol_folder", "vllm_server", "small_rm"} else None
-        )
-        self.server: Future[Any] | None = self._pool.submit(self._serve) if "vllm_server" in needed else None
         self.rm_root = rm_root
-        self.rm_killed: Future[Any] | None = (
-            self._pool.submit(self._train_rm_until_killed) if "small_rm" in needed else None
-        )
+        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early-starts")
+        self._lock = threading.Lock()
+        self.kv_cache_bytes: int | None = None  # the server's, sized where the folder is made
+        self.folder: Future[Path] | None = None
+        self.server: Future[Any] | None = None
+        self.rm_killed: Future[Any] | None = None
+
+    def start(self, needed: set[str]) -> None:
+        """Starts each part that a fixture in ``needed`` waits for and that is not started yet."""
+        with self._lock:
+            if self.folder is None and needed & {"smol_folder", "vllm_server", "small_rm"}:
+                self.folder = self._pool.submit(self._materialize)
+            if self.server is None and "vllm_server" in needed:
+                self.server = self._pool.submit(self._serve)
+            if self.rm_killed is None and "small_rm" in needed:
+                self.rm_killed = self._pool.submit(self._train_rm_until_killed)
 
     def _materialize(self) -> Path:
         import subprocess
@@ -225,10 +327,10 @@ class EarlyStarts:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def early_starts(request: pytest.FixtureRequest, isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
-    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+def early_starts(isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path, rm_root = tmp_path_factory.mktemp("vllm_server") / "server.log", tmp_path_factory.mktemp("small_rm")
-    early = EarlyStarts(log_path, rm_root, needed)
+    early = EarlyStarts(log_path, rm_root)
+    early.start(needed_by_this_worker())
     yield early
     early.close()
 
@@ -236,6 +338,7 @@ def early_starts(request: pytest.FixtureRequest, isolated_env: Path, tmp_path_fa
 @pytest.fixture(scope="session")
 def smol_folder(early_starts: EarlyStarts) -> Path:
     """The embedded SmolLM2 GGUF, materialised once into a plain HF folder (what vLLM loads)."""
+    early_starts.start(needed_by_this_worker())
     if early_starts.folder is not None:
         return early_starts.folder.result()
     from auto_model.constants import DEFAULT_MODEL
@@ -258,6 +361,7 @@ def smol_vllm(smol_folder: Path):
 def vllm_server(early_starts: EarlyStarts) -> str:
     """A real vLLM OpenAI-compatible server for SmolLM2 on 127.0.0.1 (started early, stopped at the
     session's end); its base URL."""
+    early_starts.start(needed_by_this_worker())
     if early_starts.server is None:  # asked for by name only (``request.getfixturevalue``)
         pytest.fail("vllm_server is started only for tests that name it as a fixture")
     try:
@@ -325,6 +429,7 @@ def small_rm(early_starts: EarlyStarts):
 
     from auto_model.cli.rm import main
 
+    early_starts.start(needed_by_this_worker())
     if early_starts.rm_killed is None:
         pytest.fail("small_rm is started only for tests that name it as a fixture")
     run = early_starts.rm_killed.result()

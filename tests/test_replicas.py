@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,12 +47,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(isolated_env, tmp_path_factory, finish_later):
+def cluster(isolated_env, finish_later):
     """The two commands of docs/backends.md, head then worker, one CPU each; yields the head's address.
 
     (``ray stop`` at the end stops every Ray process of this user on the machine, as it does for users.)"""
     head = f"{ray.util.get_node_ip_address()}:{_free_port()}"
-    temp = tmp_path_factory.mktemp("ray")
+    # Ray's socket paths must fit in 107 bytes: a short folder of its own, not the test's temp folder.
+    temp = Path(tempfile.mkdtemp(prefix="ray-"))
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, "timeout": 120}
     try:
         for argv in (["--head", f"--port={head.rsplit(':', 1)[1]}", f"--temp-dir={temp}",
@@ -62,7 +65,9 @@ def cluster(isolated_env, tmp_path_factory, finish_later):
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        finish_later(Launched([str(BIN / "ray"), "stop", "--force"], timeout=120))  # about 8 s: beside the next tests
+        # About 8 s, beside the next tests; then its folder goes.
+        stop = f"{shlex.quote(str(BIN / 'ray'))} stop --force; rm -rf {shlex.quote(str(temp))}"
+        finish_later(Launched(["sh", "-c", stop], timeout=120))
 
 
 def test_the_batch_commands_pass_their_replica_flags_to_every_local_engine(capsys):
