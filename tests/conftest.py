@@ -192,7 +192,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     workers cost memory; ``-n N`` or ``PYTEST_XDIST_AUTO_NUM_WORKERS`` sets another number)."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist reads it
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(2, cores))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -227,8 +228,8 @@ def smol(smol_folder: Path):
 
 
 class EarlyStarts:
-    """The session's slowest set-up, started in the background as the session begins, so that it
-    overlaps the tests that run meanwhile (each part only where a test this process runs uses it:
+    """The session's slowest set-up, started in the background as this process's first test begins,
+    so that it overlaps the tests that run meanwhile (each part only where a test this process runs uses it:
     :func:`needed_by_this_worker`; a part a later group of tests needs starts with it): the embedded
     GGUF materialised into a folder (in a process of its own, off this one's interpreter lock); then the
     real vLLM OpenAI server on that folder (``vllm_server``, about 40 s on 2 cores) and the first, killed
