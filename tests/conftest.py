@@ -141,8 +141,9 @@ def _distributed(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")  # set in an xdist worker
 
 
-def work_unit(module: str) -> str:
-    """What one worker runs together (``module``: a test id's file part): the server's modules, else the module."""
+def work_unit(nodeid: str) -> str:
+    """What one worker runs together with the test ``nodeid``: the server's modules, else its module."""
+    module = nodeid.split("::", 1)[0]
     return "the vLLM server's modules" if module.rsplit("/", 1)[-1] in SERVER_MODULES else module
 
 
@@ -181,9 +182,8 @@ def needed_by_this_worker() -> set[str]:
     item = _SETTING_UP[0]
     if not _distributed(item.config):
         return {name for other in item.session.items for name in _uses(other)}
-    unit = work_unit(item.nodeid.split("::", 1)[0])
-    return {name for other in item.session.items if work_unit(other.nodeid.split("::", 1)[0]) == unit
-            for name in _uses(other)}  # fmt: skip
+    unit = work_unit(item.nodeid)
+    return {name for other in item.session.items if work_unit(other.nodeid) == unit for name in _uses(other)}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -205,7 +205,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class ServerModulesTogether(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return work_unit(super()._split_scope(nodeid))
+            return work_unit(nodeid)
 
     return ServerModulesTogether(config, log)
 
