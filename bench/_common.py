@@ -179,7 +179,14 @@ def finish(record: Record, args: argparse.Namespace) -> int:
     return 0
 
 
-def smoke_done(name: str, plan: str) -> int:
+def smoke_done(name: str, plan: str, needs: tuple[str, ...] = ()) -> int:
+    """The smoke run's line: the benchmark's plan, once the packages in ``needs`` are found installed
+    (found, not imported: each import of an engine costs seconds, and the tests import them anyway)."""
+    import importlib.util
+
+    missing = [module for module in needs if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"{name} needs {', '.join(missing)} (make venv installs them)")
     print(f"{name}: starts (smoke): {plan}")
     return 0
 

@@ -40,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     qs = queries(args.queries)
     if args.smoke:
-        import vllm  # noqa: F401  (the engine this benchmark needs is importable)
-
-        return smoke_done("batch_engine", f"{len(qs)} queries x {args.new_tokens} tokens, SDK vs. vllm.LLM.generate")
+        plan = f"{len(qs)} queries x {args.new_tokens} tokens, SDK vs. vllm.LLM.generate"
+        return smoke_done("batch_engine", plan, needs=("vllm",))
 
     model = load_vllm(args.dtype, enforce_eager=True)
     llm = model.backend.llm

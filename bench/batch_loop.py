@@ -67,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.smoke:
-        import transformers  # noqa: F401
-        import vllm  # noqa: F401
-
-        return smoke_done("batch_loop", f"{len(qs)} queries one by one vs. batched on {backends}, sweep {sweep}")
+        plan = f"{len(qs)} queries one by one vs. batched on {backends}, sweep {sweep}"
+        return smoke_done("batch_loop", plan, needs=("transformers", "vllm"))
 
     rows: list[list[Any]] = []
     ratios: list[Ratio] = []

@@ -74,12 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     qs = queries(args.queries)
     if args.smoke:
-        import importlib.util
-
-        missing = [m for m in ("trl", "vllm") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise SystemExit(f"best_of needs {', '.join(missing)} (make venv installs them)")
-        return smoke_done("best_of", f"{len(qs)} queries x {args.new_tokens} tokens: n=1, best of 4 and 8, 4 x n=1")
+        plan = f"{len(qs)} queries x {args.new_tokens} tokens: n=1, best of 4 and 8, 4 x n=1"
+        return smoke_done("best_of", plan, needs=("trl", "vllm"))
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.reward_model:

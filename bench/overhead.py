@@ -156,12 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     qs = queries(args.queries)
     if args.smoke:
-        import faiss  # noqa: F401
-        import sentence_transformers  # noqa: F401
-
-        return smoke_done(
-            "overhead", f"{len(qs)} queries x {args.rounds} rounds, packaged pool and {args.synthetic:,} synthetic"
-        )
+        plan = f"{len(qs)} queries x {args.rounds} rounds, packaged pool and {args.synthetic:,} synthetic"
+        return smoke_done("overhead", plan, needs=("faiss", "sentence_transformers"))
 
     from auto_model import AutoModel
 

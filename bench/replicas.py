@@ -28,11 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     qs = queries(args.queries)
     if args.smoke:
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            raise SystemExit('replicas needs ray: pip install "auto-model[ray]" (make venv installs it)')
-        return smoke_done("replicas", f"{len(qs)} queries x {args.new_tokens} tokens: 1 and 2 replicas on 2 nodes")
+        plan = f"{len(qs)} queries x {args.new_tokens} tokens: 1 and 2 replicas on 2 nodes"
+        return smoke_done("replicas", plan, needs=("ray",))
 
     import ray
     from ray.cluster_utils import Cluster

@@ -34,10 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     qs = queries(args.queries)
     if args.smoke:
-        import fastapi  # noqa: F401  (the serve extra is installed)
-        import uvicorn  # noqa: F401
-
-        return smoke_done("server_batching", f"{len(qs)} queries x {args.new_tokens} tokens, served vs. the engine")
+        plan = f"{len(qs)} queries x {args.new_tokens} tokens, served vs. the engine"
+        return smoke_done("server_batching", plan, needs=("fastapi", "uvicorn"))
 
     import httpx
     import uvicorn

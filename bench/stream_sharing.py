@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-tokens", type=int, default=150)
     args = p.parse_args(argv)
     if args.smoke:
-        import transformers  # noqa: F401  (the engine this benchmark needs is importable)
-
         plan = f"{args.short_tokens}-token request beside a {args.long_tokens}-token stream, transformers"
-        return smoke_done("stream_sharing", plan)
+        return smoke_done("stream_sharing", plan, needs=("transformers",))
 
     from auto_model import AutoModel
 

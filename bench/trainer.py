@@ -92,11 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     queries = [r["query"] for r in sample_training_queries(load_training_queries(None), args.depth, 42)]
     if args.smoke:
-        import vllm  # noqa: F401
-
-        return smoke_done(
-            "trainer", f"depth {args.depth}, beam {args.beam}, {args.actions} actions, {len(queries)} queries"
-        )
+        plan = f"depth {args.depth}, beam {args.beam}, {args.actions} actions, {len(queries)} queries"
+        return smoke_done("trainer", plan, needs=("vllm",))
 
     model = load_vllm()
     rows: list[list[Any]] = []
