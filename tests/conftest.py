@@ -231,7 +231,8 @@ class EarlyStarts:
     """The session's slowest set-up, started in the background as this process's first test begins,
     so that it overlaps the tests that run meanwhile (each part only where a test this process runs uses it:
     :func:`needed_by_this_worker`; a part a later group of tests needs starts with it): the embedded
-    GGUF materialised into a folder (in a process of its own, off this one's interpreter lock); then the
+    GGUF materialised into a folder (in a process of its own, off this one's interpreter lock; with
+    workers, once for the run: see :meth:`_materialize`); then the
     real vLLM OpenAI server on that folder (``vllm_server``, about 40 s on 2 cores) and the first, killed
     run of the reward model's training (``small_rm``). The fixtures below wait for their part.
 
@@ -250,12 +251,13 @@ class EarlyStarts:
         "print(folder)\n"
     )
 
-    def __init__(self, log_path: Path, rm_root: Path):
+    def __init__(self, log_path: Path, rm_root: Path, shared: Path | None = None):
         import threading
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.log_path = log_path
         self.rm_root = rm_root
+        self.shared = shared  # a folder the run's workers share (None without workers)
         self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early-starts")
         self._lock = threading.Lock()
         self.kv_cache_bytes: int | None = None  # the server's, sized where the folder is made
@@ -274,14 +276,42 @@ class EarlyStarts:
                 self.rm_killed = self._pool.submit(self._train_rm_until_killed)
 
     def _materialize(self) -> Path:
+        """The folder in this process's cache. With workers, the first one materialises it into the
+        run's shared folder and each worker links its cache's copy there (the same 12 CPU-seconds once,
+        not once per worker); the rest of each worker's cache stays its own."""
+        if self.shared is None:
+            self.kv_cache_bytes, folder = self._run_materialize(None)
+            return folder
+        import fcntl
+        import json
+
+        from auto_model.constants import cache_dir
+
+        self.shared.mkdir(exist_ok=True)
+        with open(self.shared / "materialize.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait for the first one's folder
+            record = self.shared / "materialized.json"
+            if not record.exists():
+                kv_cache_bytes, made = self._run_materialize(self.shared / "auto_model_cache")
+                record.write_text(json.dumps([kv_cache_bytes, str(made)]))
+            self.kv_cache_bytes, made = json.loads(record.read_text())
+        folder = cache_dir() / "models" / Path(made).name
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.symlink_to(made, target_is_directory=True)
+        return folder
+
+    def _run_materialize(self, cache: Path | None) -> tuple[int, Path]:
+        """Materialises in a fresh process (into ``cache``, else this process's cache): the server's KV
+        cache size and the folder."""
         import subprocess
         import sys
 
-        run = subprocess.run([sys.executable, "-c", self.MATERIALIZE], capture_output=True, text=True, timeout=600)
+        env = {**os.environ, **({"AUTO_MODEL_CACHE": str(cache)} if cache else {})}
+        run = subprocess.run([sys.executable, "-c", self.MATERIALIZE], capture_output=True, text=True, timeout=600,
+                             env=env)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
         kv_cache_bytes, folder = run.stdout.strip().splitlines()[-2:]
-        self.kv_cache_bytes = int(kv_cache_bytes)
-        return Path(folder)
+        return int(kv_cache_bytes), Path(folder)
 
     def _serve(self):
         from auto_model.constants import DEFAULT_MODEL
@@ -328,9 +358,11 @@ class EarlyStarts:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def early_starts(isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
+def early_starts(request: pytest.FixtureRequest, isolated_env: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path, rm_root = tmp_path_factory.mktemp("vllm_server") / "server.log", tmp_path_factory.mktemp("small_rm")
-    early = EarlyStarts(log_path, rm_root)
+    # A worker's temp folder is popen-gwN inside the run's own folder, which the workers share.
+    shared = tmp_path_factory.getbasetemp().parent / "shared" if _distributed(request.config) else None
+    early = EarlyStarts(log_path, rm_root, shared)
     early.start(needed_by_this_worker())
     yield early
     early.close()
