@@ -101,6 +101,7 @@ def test_normalised_lookup():
 
 def test_a_gguf_file_is_parsed_once_within_the_block():
     import gguf
+    import numpy as np
 
     from auto_model.resolve import gguf_parsed_once, gguf_special_token_flags
 
@@ -117,3 +118,12 @@ def test_a_gguf_file_is_parsed_once_within_the_block():
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (original, original_names)  # put back after the block
     assert flags == gguf_special_token_flags(Path(path))
     assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is not names
+    # The shared reader parses over a plain array (not numpy's memmap) and reads what gguf's own reads.
+    own = original(path)
+    assert type(first.data) is np.ndarray and isinstance(own.data, np.memmap)
+    assert list(first.fields) == list(own.fields)
+    assert all(first.fields[name].contents() == own.fields[name].contents() for name in own.fields)
+    assert [(t.name, t.tensor_type, t.shape.tolist()) for t in first.tensors] == [
+        (t.name, t.tensor_type, t.shape.tolist()) for t in own.tensors
+    ]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(first.tensors, own.tensors, strict=True))
