@@ -277,8 +277,8 @@ class EarlyStarts:
 
     def _materialize(self) -> Path:
         """The folder in this process's cache. With workers, the first one materialises it into the
-        run's shared folder and each worker links its cache's copy there (the same 12 CPU-seconds once,
-        not once per worker); the rest of each worker's cache stays its own."""
+        run's shared folder and each worker links its cache's copy there (one conversion, not one per
+        worker); the rest of each worker's cache stays its own."""
         if self.shared is None:
             self.kv_cache_bytes, folder = self._run_materialize(None)
             return folder
