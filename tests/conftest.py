@@ -285,17 +285,18 @@ class EarlyStarts:
         import fcntl
         import json
 
-        from auto_model.constants import cache_dir
+        from auto_model import constants
 
         self.shared.mkdir(exist_ok=True)
         with open(self.shared / "materialize.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait for the first one's folder
             record = self.shared / "materialized.json"
-            if not record.exists():
-                kv_cache_bytes, made = self._run_materialize(self.shared / "auto_model_cache")
-                record.write_text(json.dumps([kv_cache_bytes, str(made)]))
-            self.kv_cache_bytes, made = json.loads(record.read_text())
-        folder = cache_dir() / "models" / Path(made).name
+            if record.exists():
+                self.kv_cache_bytes, made = json.loads(record.read_text())
+            else:
+                self.kv_cache_bytes, made = self._run_materialize(self.shared / "auto_model_cache")
+                record.write_text(json.dumps([self.kv_cache_bytes, str(made)]))
+        folder = constants.cache_dir() / "models" / Path(made).name
         folder.parent.mkdir(parents=True, exist_ok=True)
         folder.symlink_to(made, target_is_directory=True)
         return folder
@@ -306,7 +307,7 @@ class EarlyStarts:
         import subprocess
         import sys
 
-        env = {**os.environ, **({"AUTO_MODEL_CACHE": str(cache)} if cache else {})}
+        env = None if cache is None else {**os.environ, "AUTO_MODEL_CACHE": str(cache)}
         run = subprocess.run([sys.executable, "-c", self.MATERIALIZE], capture_output=True, text=True, timeout=600,
                              env=env)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
