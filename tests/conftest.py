@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +130,8 @@ SERVER_MODULES = ("test_best_of.py", "test_decoding.py", "test_evaluation_run.py
                   "test_openai_backend.py", "test_reward_model.py", "test_samples.py", "test_server_upstream.py",
                   "test_trainer_cli.py")  # fmt: skip
 SERVER_FIXTURES = frozenset({"vllm_server", "small_rm"})
+#: the modules that share the session's embeddings of the data files (:class:`EmbeddedOnce`)
+EMBEDDING_MODULES = ("test_routing.py", "test_heldout.py")
 #: modules that take a minute or more, slowest first: handed out first, so that the workers end together
 SLOW_MODULES = ("test_server.py", "test_vllm_backend.py", "test_default_path.py", "test_server_async.py",
                 "test_transformers_backend.py", "test_routing.py", "test_model_api.py", "test_heldout.py",
@@ -142,9 +145,13 @@ def _distributed(config: pytest.Config) -> bool:
 
 
 def work_unit(nodeid: str) -> str:
-    """What one worker runs together with the test ``nodeid``: the server's modules, else its module."""
+    """What one worker runs together with the test ``nodeid``: the server's modules, the modules that
+    embed every data file (:class:`EmbeddedOnce`), else its module."""
     module = nodeid.split("::", 1)[0]
-    return "the vLLM server's modules" if module.rsplit("/", 1)[-1] in SERVER_MODULES else module
+    name = module.rsplit("/", 1)[-1]
+    if name in SERVER_MODULES:
+        return "the vLLM server's modules"
+    return "the modules that embed the data files" if name in EMBEDDING_MODULES else module
 
 
 def _uses(item: pytest.Item) -> set[str]:
@@ -404,12 +411,47 @@ def vllm_server(early_starts: EarlyStarts) -> str:
         pytest.fail(str(exc))
 
 
-@pytest.fixture(scope="session")
-def embedder():
-    """The real all-MiniLM-L6-v2 sentence-transformers model, from its PyPI package."""
+@functools.cache
+def _minilm() -> Any:
     from auto_model.retrieval import load_embedder
 
     return load_embedder()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real all-MiniLM-L6-v2 sentence-transformers model, from its PyPI package."""
+    return _minilm()
+
+
+class EmbeddedOnce:
+    """The session's MiniLM, each distinct text embedded once in this process: test_heldout compares
+    the data files with each other many times over, and the router's training (test_routing) embeds
+    the routing files among them again. One worker runs both modules (:func:`work_unit`)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.cache: dict[str, Any] = {}
+
+    def encode(self, texts: list[str], normalize_embeddings: bool = False, batch_size: int = 128, **kwargs: Any) -> Any:
+        import numpy as np
+
+        # What the SDK and the tests ask for: normalised vectors, as an array, without a progress bar.
+        assert normalize_embeddings and isinstance(texts, list)
+        assert kwargs.get("convert_to_numpy", True) and not kwargs.get("show_progress_bar", False)
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if missing:
+            vectors = self.model.encode(missing, normalize_embeddings=True, batch_size=batch_size)
+            self.cache.update(zip(missing, vectors, strict=True))
+        return np.stack([self.cache[t] for t in texts])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+@pytest.fixture(scope="session")
+def embedded_once() -> EmbeddedOnce:
+    return EmbeddedOnce(_minilm())  # the session's model (test_heldout's ``embedder`` is this fixture)
 
 
 @pytest.fixture(scope="module")

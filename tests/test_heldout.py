@@ -26,28 +26,10 @@ HELD_OUT = ("heldout", "heldout2", "heldout3", "heldout4", "heldout5", "heldout6
             "everyday", "everyday2")  # fmt: skip
 
 
-class _Embeddings:
-    """The session's MiniLM, each distinct text embedded once for the whole module (the checks below
-    compare the same files many times over; embedding them again was most of this module's time)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.cache: dict = {}
-
-    def encode(self, texts: list[str], normalize_embeddings: bool = True, batch_size: int = 128):
-        import numpy as np
-
-        assert normalize_embeddings and isinstance(texts, list)
-        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if missing:
-            vectors = self.model.encode(missing, normalize_embeddings=True, batch_size=batch_size)
-            self.cache.update(zip(missing, vectors, strict=True))
-        return np.stack([self.cache[t] for t in texts])
-
-
 @pytest.fixture(scope="module")
-def embedder(embedder):
-    return _Embeddings(embedder)
+def embedder(embedded_once):
+    """Each distinct text embedded once (the checks below compare the same files many times over)."""
+    return embedded_once
 
 
 def _queries(path: Path) -> list[str]:

@@ -349,11 +349,14 @@ def test_the_lexical_classifier_scores_requests_alone_or_mixed_with_the_vote(smo
         smol.retriever, smol.prompt_artifact = retriever, artifact
 
 
-def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, capsys, monkeypatch):
+def test_the_router_is_trained_from_labelled_queries_into_an_artifact(tmp_path, capsys, monkeypatch, embedded_once):
+    from auto_model import retrieval
     from auto_model.artifacts import prompt_for_model
     from auto_model.constants import default_model
     from auto_model.trainer.cli import main
 
+    # The real MiniLM, each text embedded once in this process (test_heldout embeds these files too).
+    monkeypatch.setattr(retrieval, "shared_embedder", lambda *args, **kwargs: embedded_once)
     routing = read_labelled_queries(packaged_routing_files()[0])
     assert sum(q.harmful for q in routing) >= 100 and sum(not q.harmful for q in routing) >= 100
     out = tmp_path / "routed.json"
