@@ -115,10 +115,10 @@ def _engine_applies_decoding(model, tmp_path, caplog, lacking=None):
     model.prompt_artifact = load_prompt_artifact(save_prompt_artifact(tuned_artifact, tmp_path / "tuned.json"))
     try:
         with caplog.at_level(logging.DEBUG, logger="auto_model.aligner"):
-            tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, cut_loops=False)
+            tuned = model.generate(FLOWERS, temperature=0, max_new_tokens=24, return_details=True, cut_loops=False)
             model.generate(FLOWERS, temperature=0, max_new_tokens=4, cut_loops=False)
-        plain = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, **RAW)
-        mine = model.generate(FLOWERS, temperature=0, max_new_tokens=48, return_details=True, cut_loops=False,
+        plain = model.generate(FLOWERS, temperature=0, max_new_tokens=24, return_details=True, **RAW)
+        mine = model.generate(FLOWERS, temperature=0, max_new_tokens=24, return_details=True, cut_loops=False,
                               frequency_penalty=0.0)  # fmt: skip
     finally:
         model.prompt_artifact = own

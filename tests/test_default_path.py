@@ -272,9 +272,9 @@ def test_greedy_answers_do_not_depend_on_the_batch_on_vllm_in_float32(smol_vllm)
     ]
     assert str(smol_vllm.backend.config.model_config.dtype) == "torch.float32"  # the CPU's "auto"
     assert [smol_vllm.format_prompt(q) for q in queries] == smol_vllm.format_prompt(queries)
-    alone = [smol_vllm.generate(q, temperature=0, max_new_tokens=48) for q in queries]
-    assert smol_vllm.generate(queries, temperature=0, max_new_tokens=48) == alone
-    assert smol_vllm.generate(queries[:3], temperature=0, max_new_tokens=48) == alone[:3]
+    alone = [smol_vllm.generate(q, temperature=0, max_new_tokens=32) for q in queries]
+    assert smol_vllm.generate(queries, temperature=0, max_new_tokens=32) == alone
+    assert smol_vllm.generate(queries[:3], temperature=0, max_new_tokens=32) == alone[:3]
 
 
 def test_engine_notes_are_dropped_and_the_users_vllm_logging_is_left_alone(monkeypatch, capsys):
