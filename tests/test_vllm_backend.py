@@ -64,7 +64,7 @@ def test_a_batch_of_16_is_one_engine_call_equal_to_direct_vllm(smol_vllm):
 
     with EngineCalls(smol_vllm.backend.llm) as engine:
         # Unchecked: the engine's own answers (the answer check may replace one with its refusal).
-        answers = smol_vllm.generate(QUERIES, temperature=0, max_new_tokens=24, return_details=True,
+        answers = smol_vllm.generate(QUERIES, temperature=0, max_new_tokens=12, return_details=True,
                                      check_answers=False)  # fmt: skip
     assert engine.calls == [("generate", 16)]
     assert all(a.backend == "vllm" and a.completion_tokens > 0 for a in answers)
@@ -73,7 +73,7 @@ def test_a_batch_of_16_is_one_engine_call_equal_to_direct_vllm(smol_vllm):
     prompts = smol_vllm.format_prompt(QUERIES)
     # ... and the decoding settings of each request's route (the artifact's), which it says it applied
     params = [
-        vllm.SamplingParams(temperature=0, max_tokens=24, **smol_vllm.aligner.decoding_for(p.route.name))
+        vllm.SamplingParams(temperature=0, max_tokens=12, **smol_vllm.aligner.decoding_for(p.route.name))
         for p in prompts
     ]
     direct = smol_vllm.backend.llm.generate([p.prompt for p in prompts], params, use_tqdm=False)
