@@ -121,8 +121,9 @@ def collected(request: pytest.FixtureRequest, fixture: str) -> bool:
 # The suite runs in two processes, which keep both cores busy (one process used about 1.5 of them).
 # Modules are shared out whole (``--dist loadfile``), the slowest first, except that the modules that
 # use the vLLM OpenAI server (or the reward model trained beside it as the session starts) are one
-# unit of work that one worker runs: the server starts once. Each worker starts the in-process
-# engines its tests use. ``-n 0`` runs everything in this process, in file order.
+# unit of work that one worker runs: the server starts once. test_routing and test_heldout are another
+# unit: they share one process's embeddings of the data files (:class:`EmbeddedOnce`). Each worker
+# starts the in-process engines its tests use. ``-n 0`` runs everything in this process, in file order.
 
 #: the modules with a test that uses ``vllm_server`` or ``small_rm``. The scheduler sees test ids
 #: only, so they are named here, and collection fails when a module that uses one is missing.
@@ -205,7 +206,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadfile``, with the server's modules as one unit (see :data:`SERVER_MODULES`)."""
+    """``--dist loadfile``, with the units of :func:`work_unit` (the server's modules, the embedding ones)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling

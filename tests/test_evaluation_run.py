@@ -168,7 +168,7 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
         "--judge-attempts",
         "2",
         "--judge-max-new-tokens",
-        "24",  # SmolLM2's judgements are unreadable at 120 tokens too (12 of 12): the same path, a fifth of the cost
+        "24",  # SmolLM2's judgements are unreadable at 120 tokens too (12 of 12): same path, 2/5 of the tokens
     ]
     built = []
 
