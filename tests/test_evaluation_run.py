@@ -166,7 +166,7 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
         "--judge-dtype",
         "float32",
         "--judge-attempts",
-        "2",
+        "1",  # asking again is the trainer's tests' (tests/test_trainer_cli.py, up to 3 attempts)
         "--judge-max-new-tokens",
         "24",  # SmolLM2's judgements are unreadable at 120 tokens too (12 of 12): same path, 2/5 of the tokens
     ]
@@ -194,7 +194,7 @@ def test_eval_end_to_end_on_the_real_tiny_model_and_rerun_is_free(smol_vllm, tmp
     assert len(records) == 12 and {r["config"] for r in records} == {"alone", "prompt+2icl"}
     for r in records:
         assert r["answer"] is not None and r["finish_reason"] in {"stop", "length"} and r["completion_tokens"] >= 1
-        assert r["judge"] is not None and r["judge"]["attempts"] in {1, 2}
+        assert r["judge"] is not None and r["judge"]["attempts"] == 1
         if r["judge"]["scores"] is None:
             assert r["judge"]["error"]  # a failure is recorded, never a score
         else:
