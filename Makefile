@@ -48,11 +48,11 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
 		echo "make: could not install chromium; the playground's browser test will say so" >&2
 
-# Lint, format check and type check first (seconds), then the tests.
+# Lint and format check first (a second), then the tests; the type check (mypy) is one of them
+# (tests/test_types.py), run on one core beside the other worker's tests.
 test: venv browser
 	@$(BIN)/ruff check --quiet auto_model bench tests
 	@$(BIN)/ruff format --check --quiet auto_model bench tests
-	@$(BIN)/mypy --no-error-summary
 	$(BIN)/python -m pytest
 
 # Benchmarks (not part of `make test`): about 40 minutes on 2 CPU cores; rewrites BENCHMARKS.md.

@@ -133,10 +133,12 @@ SERVER_MODULES = ("test_best_of.py", "test_decoding.py", "test_evaluation_run.py
 SERVER_FIXTURES = frozenset({"vllm_server", "small_rm"})
 #: the modules that share the session's embeddings of the data files (:class:`EmbeddedOnce`)
 EMBEDDING_MODULES = ("test_routing.py", "test_heldout.py")
-#: modules that take a minute or more, slowest first: handed out first, so that the workers end together
+#: modules handed out first, slowest first, so that the workers end together: those that take a minute
+#: or more, then the type check (about 25 s on one core)
 SLOW_MODULES = ("test_server.py", "test_vllm_backend.py", "test_default_path.py", "test_server_async.py",
                 "test_transformers_backend.py", "test_routing.py", "test_model_api.py", "test_heldout.py",
-                "test_replicas.py", "test_trainer_moves.py", "test_bench.py", "test_answer_check.py")  # fmt: skip
+                "test_replicas.py", "test_trainer_moves.py", "test_bench.py", "test_answer_check.py",
+                "test_types.py")  # fmt: skip
 
 _SETTING_UP: list[pytest.Item] = []  # the test whose fixtures are being set up
 
