@@ -324,13 +324,21 @@ class EarlyStarts:
         kv_cache_bytes, folder = run.stdout.strip().splitlines()[-2:]
         return int(kv_cache_bytes), Path(folder)
 
+    #: The server computes on one thread, on whichever core is free. It answers while the workers' own
+    #: tests keep a core busy, and on two threads vLLM's CPU attention kernel spins while it waits for the
+    #: thread that lost its core (perf: a third of the process's samples). 80 greedy tokens with the other
+    #: core busy: 9.4 s and 9.2 CPU-seconds on two threads, 4.6 s and 4.5 on one (4.5 s against 3.4 on
+    #: an idle machine). The server's answers are the same: greedy on float32 either way.
+    SERVER_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
     def _serve(self):
         from auto_model.constants import DEFAULT_MODEL
         from bench.vllm_server import VLLMServer
 
         assert self.folder is not None
         server = VLLMServer(self.folder.result(), DEFAULT_MODEL, self.log_path, dtype=self.SERVER_DTYPE,
-                            max_model_len=self.SERVER_MAX_MODEL_LEN, kv_cache_bytes=self.kv_cache_bytes)  # fmt: skip
+                            max_model_len=self.SERVER_MAX_MODEL_LEN, kv_cache_bytes=self.kv_cache_bytes,
+                            env={**os.environ, **self.SERVER_ENV})  # fmt: skip
         server.start(timeout=240)
         return server
 
