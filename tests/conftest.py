@@ -17,6 +17,19 @@ import pytest
 # test_transformers_backend 213.9 -> 201.5 s (292 -> 247). A developer's own setting is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# With workers (pytest-xdist), every engine computes on one thread, unbound: the two workers' tests, the
+# vLLM server and the processes they start share two cores, and on two threads vLLM's CPU attention
+# kernel spins while it waits for a thread that lost its core to another process (perf: a third of
+# the process's samples). 80 greedy tokens on vLLM with the other core busy: 9.4 s and 9.2 CPU-seconds
+# on two threads, 4.6 s and 4.5 on one (idle: 3.4 s and 4.9 against 4.5 and 4.6). transformers takes
+# the same CPU either way with the other core busy. ``make test`` from fresh clones, an hour apart:
+# 17:12 and 1,853 user CPU-seconds before, 13:23 and 1,434 after. A developer's own settings are kept;
+# a user's fresh process (``fresh_env``, ``SESSION_ENV``) does not get them.
+WORKER_THREADS = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+SET_FOR_WORKERS = [name for name in WORKER_THREADS if name not in os.environ]
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # read before torch loads
+    os.environ.update({name: WORKER_THREADS[name] for name in SET_FOR_WORKERS})
+
 HEAVY_MODULES = ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "openai", "ray")
 
 
@@ -38,7 +51,7 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
         mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         SESSION_ENV.clear()
-        SESSION_ENV.update(os.environ)
+        SESSION_ENV.update({k: v for k, v in os.environ.items() if k not in SET_FOR_WORKERS})
         yield cache
 
 
@@ -324,21 +337,13 @@ class EarlyStarts:
         kv_cache_bytes, folder = run.stdout.strip().splitlines()[-2:]
         return int(kv_cache_bytes), Path(folder)
 
-    #: The server computes on one thread, on whichever core is free. It answers while the workers' own
-    #: tests keep a core busy, and on two threads vLLM's CPU attention kernel spins while it waits for the
-    #: thread that lost its core (perf: a third of the process's samples). 80 greedy tokens with the other
-    #: core busy: 9.4 s and 9.2 CPU-seconds on two threads, 4.6 s and 4.5 on one (4.5 s against 3.4 on
-    #: an idle machine). The server's answers are the same: greedy on float32 either way.
-    SERVER_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-
     def _serve(self):
         from auto_model.constants import DEFAULT_MODEL
         from bench.vllm_server import VLLMServer
 
         assert self.folder is not None
         server = VLLMServer(self.folder.result(), DEFAULT_MODEL, self.log_path, dtype=self.SERVER_DTYPE,
-                            max_model_len=self.SERVER_MAX_MODEL_LEN, kv_cache_bytes=self.kv_cache_bytes,
-                            env={**os.environ, **self.SERVER_ENV})  # fmt: skip
+                            max_model_len=self.SERVER_MAX_MODEL_LEN, kv_cache_bytes=self.kv_cache_bytes)  # fmt: skip
         server.start(timeout=240)
         return server
 
