@@ -26,8 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # 17:12 and 1,853 user CPU-seconds before, 13:23 and 1,434 after. A developer's own settings are kept;
 # a user's fresh process (``fresh_env``, ``SESSION_ENV``) does not get them.
 WORKER_THREADS = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-SET_FOR_WORKERS = [name for name in WORKER_THREADS if name not in os.environ]
+SET_FOR_WORKERS: list[str] = []  # the names set here, which a user's fresh process does not get
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # read before torch loads
+    SET_FOR_WORKERS = [name for name in WORKER_THREADS if name not in os.environ]
     os.environ.update({name: WORKER_THREADS[name] for name in SET_FOR_WORKERS})
 
 HEAVY_MODULES = ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "openai", "ray")

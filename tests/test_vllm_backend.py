@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from conftest import Launched, launch_collected
+from conftest import WORKER_THREADS, Launched, launch_collected
 
 from auto_model import AutoModel
 from auto_model.backends import Completion, GenerationRequest, SamplingParams
@@ -136,7 +136,7 @@ def fresh_processes(request, smol_folder, tmp_path_factory, fresh_env):
     on a two-core machine run unbound, one thread each (bound to cores, two workers shared one core
     and started and ran at half speed: 60-80 s here against about 45)."""
     folder = tmp_path_factory.mktemp("scripts")
-    unbound = {**fresh_env, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    unbound = {**fresh_env, **WORKER_THREADS}
     return launch_collected(request, {
         "seed_run": lambda: start_script(SEED_SCRIPT, folder / "seed.py", fresh_env),
         "tp_run": lambda: start_script(TP_SCRIPT, folder / "tp3.py", unbound, json.dumps(QUERIES[:3])),
