@@ -20,9 +20,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # With workers (pytest-xdist), every engine computes on one thread, unbound: the two workers' tests, the
 # vLLM server and the processes they start share two cores, and on two threads vLLM's CPU attention
 # kernel spins while it waits for a thread that lost its core to another process (perf: a third of
-# the process's samples). 80 greedy tokens on vLLM with the other core busy: 9.4 s and 9.2 CPU-seconds
-# on two threads, 4.6 s and 4.5 on one (idle: 3.4 s and 4.9 against 4.5 and 4.6). transformers takes
-# the same CPU either way with the other core busy. ``make test`` from fresh clones, an hour apart:
+# the process's samples). 80 greedy tokens with the other core busy: on the vLLM server 9.4 s and 9.2
+# CPU-seconds on two threads, 4.6 s and 4.5 on one (idle: 3.4 s and 4.9 against 4.5 and 4.6); on the
+# in-process engine 8.6-13.9 CPU-seconds against 4.7-5.6. transformers takes the same CPU either way
+# with the other core busy. ``make test`` from fresh clones, an hour apart:
 # 17:12 and 1,853 user CPU-seconds before, 13:23 and 1,434 after. A developer's own settings are kept;
 # a user's fresh process (``fresh_env``, ``SESSION_ENV``) does not get them.
 WORKER_THREADS = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
